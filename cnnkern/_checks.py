@@ -1,0 +1,72 @@
+"""Input validation for the public ops, in one place, with the same words for every backend.
+
+Each check raises ``TypeError`` (wrong kind of thing, wrong dtype) or ``ValueError`` (wrong shape,
+device or value) with a message that names the argument and the values involved. Nothing is
+broadcast or converted in silence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fmt_dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def tensor(op: str, name: str, t, ndim: int | None = None) -> None:
+    """``t`` is a floating-point tensor (of ``ndim`` dimensions when given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating-point tensor (float16, bfloat16, float32 or "
+                        f"float64), got dtype {_fmt_dtype(t.dtype)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got {t.dim()}-D with shape {tuple(t.shape)}")
+
+
+def same_dtype_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in ``others`` (``None`` skipped) has ``ref``'s dtype and device."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} has dtype {_fmt_dtype(t.dtype)} but {ref_name} has dtype "
+                            f"{_fmt_dtype(ref.dtype)}; convert one of them (no implicit promotion)")
+        if t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def flag(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def option_a_stride(op: str, x: torch.Tensor, shortcut: torch.Tensor) -> int:
+    """The stride that maps ``shortcut`` (N, Cs, Hs, Ws) onto ``x`` (N, C, H, W) as ResNet's
+    option-A shortcut (subsample by the stride, zero-pad channels), or 1 for the identity.
+
+    The stride is the smallest s >= 1 with ceil(Hs/s) == H and ceil(Ws/s) == W: the output size of
+    a stride-s convolution with "same"-style padding (3x3/pad 1, 1x1/pad 0) over Hs x Ws.
+    """
+    n, c, h, w = x.shape
+    ns, cs, hs, ws = shortcut.shape
+    if ns != n:
+        raise ValueError(f"{op}: shortcut has batch size {ns} but x has {n} "
+                         f"(shortcut {tuple(shortcut.shape)}, x {tuple(x.shape)})")
+    if cs > c:
+        raise ValueError(f"{op}: shortcut has {cs} channels, more than x's {c}: an option-A shortcut can "
+                         f"only be zero-padded up to x's channels (shortcut {tuple(shortcut.shape)}, "
+                         f"x {tuple(x.shape)}); use a projection (1x1 conv) shortcut instead")
+    if (hs, ws) == (h, w):
+        return 1
+    if h > 0 and w > 0:
+        for s in range(2, max(hs, ws) + 1):
+            if -(-hs // s) == h and -(-ws // s) == w:
+                return s
+    raise ValueError(f"{op}: no option-A stride maps the shortcut's spatial size {hs}x{ws} onto x's {h}x{w}: "
+                     f"need an integer s with ceil({hs}/s) == {h} and ceil({ws}/s) == {w} "
+                     f"(shortcut {tuple(shortcut.shape)}, x {tuple(x.shape)})")

@@ -1,0 +1,8 @@
+"""torch.library registrations of cnnkern's ops (one module per op).
+
+``cnnkern._backend`` is imported first: it loads ``cnnkern._C``, whose schemas the Python fake
+implementations below attach to.
+"""
+
+from .. import _backend  # noqa: F401  (loads cnnkern._C before any registration)
+from . import residual_add  # noqa: F401

@@ -1,0 +1,29 @@
+"""Pure-PyTorch versions of every cnnkern op: the ``"torch"`` backend and the tests' oracle.
+
+These are written for clarity, not speed, from PyTorch's own differentiable ops, so PyTorch's
+autograd (not cnnkern's backward formulas) differentiates them: the tests compare cnnkern's
+gradients against these.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def option_a_shortcut(shortcut: torch.Tensor, channels: int, stride: int) -> torch.Tensor:
+    """ResNet's option-A shortcut: ``shortcut[:, :, ::stride, ::stride]`` zero-padded in channels
+    up to ``channels`` (the shortcut's channels first, the zeros after)."""
+    sub = shortcut[:, :, ::stride, ::stride]
+    extra = channels - shortcut.shape[1]
+    if extra:
+        sub = F.pad(sub, (0, 0, 0, 0, 0, extra))
+    return sub
+
+
+def residual_add(x: torch.Tensor, shortcut: torch.Tensor, relu: bool = True, stride: int = 1) -> torch.Tensor:
+    """``[relu](x + A(shortcut))`` with ``A`` the identity or the option-A mapping."""
+    if shortcut.shape != x.shape:
+        shortcut = option_a_shortcut(shortcut, x.shape[1], stride)
+    y = x + shortcut
+    return torch.relu(y) if relu else y

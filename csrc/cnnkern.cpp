@@ -1,0 +1,38 @@
+// cnnkern._C: the operator schemas of every CUDA C++ kernel, in one place, and the Python module.
+//
+// The kernels themselves live in csrc/cuda/*.cu and register their CUDA implementations with
+// TORCH_LIBRARY_IMPL(cnnkern, CUDA, m) at the bottom of each file. Fake (meta) implementations and
+// autograd are registered from Python (cnnkern/ops/). This file deliberately avoids
+// torch/extension.h and pybind11: the module needs no Python bindings, only the registrations that
+// run when the shared library is loaded.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(cnnkern, m) {
+  // residual add: out = [relu](x + pad_channels(shortcut[:, :, ::stride, ::stride]))
+  m.def("residual_add_cuda(Tensor x, Tensor shortcut, int stride, bool relu) -> Tensor");
+  // grad of relu at the output: grad_out where out > 0, else 0 (PyTorch's threshold_backward rule)
+  m.def("residual_add_backward_cuda(Tensor grad_out, Tensor out) -> Tensor");
+  // adjoint of the option-A mapping: scatter grad (x's shape) back into the shortcut's shape
+  m.def("residual_add_shortcut_backward_cuda(Tensor grad, int[] shortcut_size, int stride, bool channels_last) -> Tensor");
+}
+
+#ifndef CNNKERN_CUDA_ARCHS
+#define CNNKERN_CUDA_ARCHS "sm_80,sm_90,compute_90"
+#endif
+
+static struct PyModuleDef cnnkern_module = {
+    PyModuleDef_HEAD_INIT, "_C",
+    "cnnkern CUDA C++ kernels; the ops are registered under torch.ops.cnnkern when this module is imported.",
+    -1, nullptr,
+};
+
+extern "C" PyObject* PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&cnnkern_module);
+  if (mod == nullptr) return nullptr;
+  if (PyModule_AddStringConstant(mod, "cuda_archs", CNNKERN_CUDA_ARCHS) < 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
+}
