@@ -51,7 +51,8 @@ NVCC_ARCH_FLAGS = [
 
 def _extensions():
     if os.environ.get("CNNKERN_SKIP_CUDA_BUILD", "0") not in ("", "0"):
-        _say("CNNKERN_SKIP_CUDA_BUILD is set: building no CUDA extension; the 'cuda' backend will be unavailable.")
+        _say("CNNKERN_SKIP_CUDA_BUILD is set: not compiling cnnkern._C (one already built in place, "
+             "cnnkern/_C*.so, is still used; without it the 'cuda' backend is unavailable).")
         return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CUDAExtension

@@ -28,9 +28,14 @@ _FLAT_BLOCK, _FLAT_WARPS = 4096, 8
 _STRIDED_BLOCK, _STRIDED_WARPS = 1024, 4
 
 
+def _acc(dtype: torch.dtype):
+    """Compute type: fp32 for fp16/bf16/fp32 (PyTorch's opmath), fp64 for fp64."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 @triton.jit
 def _flat_kernel(a_ptr, b_ptr, out_ptr, numel, RELU_GRAD: tl.constexpr, RELU: tl.constexpr,
-                 BLOCK: tl.constexpr, INT64: tl.constexpr):
+                 ACC: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr):
     # RELU_GRAD=False: out = [relu](a + b)        (a = x, b = shortcut)
     # RELU_GRAD=True:  out = 0 if b <= 0 else a   (a = grad_out, b = out; threshold_backward)
     pid = tl.program_id(0)
@@ -40,8 +45,8 @@ def _flat_kernel(a_ptr, b_ptr, out_ptr, numel, RELU_GRAD: tl.constexpr, RELU: tl
         start = pid * BLOCK
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
-    a = tl.load(a_ptr + offs, mask=mask).to(tl.float32)
-    b = tl.load(b_ptr + offs, mask=mask).to(tl.float32)
+    a = tl.load(a_ptr + offs, mask=mask).to(ACC)
+    b = tl.load(b_ptr + offs, mask=mask).to(ACC)
     if RELU_GRAD:
         y = tl.where(b <= 0.0, 0.0, a)
     else:
@@ -74,14 +79,15 @@ def _decompose(e, C, H, W, CHANNELS_LAST: tl.constexpr):
 @triton.jit
 def _strided_kernel(x_ptr, s_ptr, out_ptr, numel, C, H, W, Cs,
                     sxn, sxc, sxh, sxw, ssn, ssc, ssh, ssw,
-                    CHANNELS_LAST: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
+                    CHANNELS_LAST: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK: tl.constexpr):
     # ssh and ssw are the shortcut's H/W strides premultiplied by the option-A stride, so mapped
     # shortcut element (n, c, h, w) sits at n*ssn + c*ssc + h*ssh + w*ssw (valid for c < Cs).
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     n, c, h, w = _decompose(offs, C, H, W, CHANNELS_LAST)
-    x = tl.load(x_ptr + (n * sxn + c * sxc + h * sxh + w * sxw), mask=mask).to(tl.float32)
-    s = tl.load(s_ptr + (n * ssn + c * ssc + h * ssh + w * ssw), mask=mask & (c < Cs), other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + (n * sxn + c * sxc + h * sxh + w * sxw), mask=mask).to(ACC)
+    s = tl.load(s_ptr + (n * ssn + c * ssc + h * ssh + w * ssw), mask=mask & (c < Cs), other=0.0).to(ACC)
     y = x + s
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)
@@ -118,7 +124,7 @@ def _same_dense(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _launch_flat(a, b, out, relu_grad: bool, relu: bool) -> None:
     numel = out.numel()
     grid = (triton.cdiv(numel, _FLAT_BLOCK),)
-    _flat_kernel[grid](a, b, out, numel, RELU_GRAD=relu_grad, RELU=relu, BLOCK=_FLAT_BLOCK,
+    _flat_kernel[grid](a, b, out, numel, RELU_GRAD=relu_grad, RELU=relu, ACC=_acc(out.dtype), BLOCK=_FLAT_BLOCK,
                        INT64=numel + _FLAT_BLOCK > _INT32_MAX, num_warps=_FLAT_WARPS)
 
 
@@ -139,7 +145,7 @@ def residual_add_forward(x: torch.Tensor, shortcut: torch.Tensor, out: torch.Ten
     numel = out.numel()
     grid = (triton.cdiv(numel, _STRIDED_BLOCK),)
     _strided_kernel[grid](x, shortcut, out, numel, C, H, W, shortcut.shape[1], *x.stride(),
-                          ssn, ssc, ssh * stride, ssw * stride, CHANNELS_LAST=cl, RELU=relu,
+                          ssn, ssc, ssh * stride, ssw * stride, CHANNELS_LAST=cl, RELU=relu, ACC=_acc(out.dtype),
                           BLOCK=_STRIDED_BLOCK, num_warps=_STRIDED_WARPS)
 
 

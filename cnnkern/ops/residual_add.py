@@ -146,8 +146,8 @@ def _shortcut_bwd_setup(ctx, inputs, output):
 def _shortcut_bwd_backward(ctx, gg):
     # The adjoint of the adjoint is A itself: A(gg) = residual_add(zeros, gg) without ReLU.
     dtype, device, cl = ctx.like
-    zeros = torch.zeros(ctx.grad_shape, dtype=dtype, device=device,
-                        memory_format=torch.channels_last if cl else torch.contiguous_format)
+    zeros = torch.empty(ctx.grad_shape, dtype=dtype, device=device,
+                        memory_format=torch.channels_last if cl else torch.contiguous_format).zero_()
     return residual_add(zeros, gg, ctx.stride, False, ctx.backend), None, None, None, None
 
 

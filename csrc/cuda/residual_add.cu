@@ -13,6 +13,7 @@
 //   shortcut_backward_kernel   the adjoint of A: grad of the shortcut, zero where A did not sample.
 // All index arithmetic is int64: tensors beyond 2^31 elements are handled.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -23,17 +24,20 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Elementwise ops compute in A = at::opmath_type<T>: float for half/bf16/float, double for double.
 struct AddOp {
   bool relu;
-  __device__ __forceinline__ float operator()(float a, float b) const {
-    const float y = a + b;
-    return (relu && y < 0.f) ? 0.f : y;  // `y < 0` keeps NaN, as torch.relu does
+  template <typename A>
+  __device__ __forceinline__ A operator()(A a, A b) const {
+    const A y = a + b;
+    return (relu && y < A(0)) ? A(0) : y;  // `y < 0` keeps NaN, as torch.relu does
   }
 };
 
 struct ReluGradOp {  // a = grad_out, b = out
-  __device__ __forceinline__ float operator()(float g, float out) const {
-    return out <= 0.f ? 0.f : g;  // threshold_backward(grad, out, 0)
+  template <typename A>
+  __device__ __forceinline__ A operator()(A g, A out) const {
+    return out <= A(0) ? A(0) : g;  // threshold_backward(grad, out, 0)
   }
 };
 
@@ -42,6 +46,7 @@ template <typename T, int VEC, typename Op>
 __global__ void flat_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out,
                             int64_t n, Op op) {
   using V = Vec<T, VEC>;
+  using A = at::opmath_type<T>;
   const int64_t nvec = n / VEC;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -51,12 +56,12 @@ __global__ void flat_kernel(const T* __restrict__ a, const T* __restrict__ b, T*
     V vo;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      vo.v[k] = static_cast<T>(op(static_cast<float>(va.v[k]), static_cast<float>(vb.v[k])));
+      vo.v[k] = static_cast<T>(op(static_cast<A>(va.v[k]), static_cast<A>(vb.v[k])));
     }
     reinterpret_cast<V*>(out)[i] = vo;
   }
   for (int64_t i = nvec * VEC + tid; i < n; i += step) {  // tail (< VEC elements)
-    out[i] = static_cast<T>(op(static_cast<float>(a[i]), static_cast<float>(b[i])));
+    out[i] = static_cast<T>(op(static_cast<A>(a[i]), static_cast<A>(b[i])));
   }
 }
 
@@ -91,6 +96,7 @@ template <typename T, int VEC, bool CHANNELS_LAST, bool RELU>
 __global__ void strided_kernel(const T* __restrict__ x, const T* __restrict__ s, T* __restrict__ out,
                                int64_t numel, Geometry g) {
   using V = Vec<T, VEC>;
+  using A = at::opmath_type<T>;
   const int64_t nvec = numel / VEC;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec; i += step) {
@@ -112,12 +118,12 @@ __global__ void strided_kernel(const T* __restrict__ x, const T* __restrict__ s,
       }
     } else {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) vs.v[k] = static_cast<T>(0.f);
+      for (int k = 0; k < VEC; ++k) vs.v[k] = static_cast<T>(A(0));
     }
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float y = static_cast<float>(vx.v[k]) + static_cast<float>(vs.v[k]);
-      vo.v[k] = static_cast<T>((RELU && y < 0.f) ? 0.f : y);
+      const A y = static_cast<A>(vx.v[k]) + static_cast<A>(vs.v[k]);
+      vo.v[k] = static_cast<T>((RELU && y < A(0)) ? A(0) : y);
     }
     reinterpret_cast<V*>(out)[i] = vo;
   }
@@ -133,7 +139,7 @@ __global__ void shortcut_backward_kernel(const T* __restrict__ grad, T* __restri
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += step) {
     int64_t n, c, h, w;
     decompose<CHANNELS_LAST>(i, g, n, c, h, w);
-    T v = static_cast<T>(0.f);
+    T v = static_cast<T>(at::opmath_type<T>(0));
     if (h % stride == 0 && w % stride == 0) {
       v = grad[n * g.sx[0] + c * g.sx[1] + (h / stride) * g.sx[2] + (w / stride) * g.sx[3]];
     }

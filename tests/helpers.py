@@ -1,0 +1,82 @@
+"""Shared test helpers: per-dtype tolerances, float64 comparison by relative error norm, random
+inputs in every layout the ops claim, and the backends a test can run here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cnnkern
+from cnnkern import _backend
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Relative error norm ||out - ref|| / ||ref|| against a float64 reference. fp32 elementwise ops
+# round once (~6e-8 per element); fp16/bf16 round to 11/8 bits (~5e-4 / ~4e-3 per element).
+REL_TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-2,
+}
+
+# Dtypes each device can test: the Triton interpreter gives wrong results for bf16 (a known
+# Triton limitation), so bf16 runs only on a GPU.
+DTYPES = [torch.float32, torch.float16, torch.float64] + ([torch.bfloat16] if HAS_CUDA else [])
+
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| computed in float64 (0 when both are zero)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    den = ref.norm().item()
+    num = (out - ref).norm().item()
+    return num / den if den > 0 else num
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output") -> None:
+    """Shape, finiteness (where the reference is finite) and relative error norm within REL_TOL."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    finite = torch.isfinite(ref)
+    bad = finite & ~torch.isfinite(out.detach().double())
+    assert not bad.any(), f"{what}: {int(bad.sum())} non-finite elements where the reference is finite " \
+                          f"(an unwritten, NaN-poisoned element?)"
+    err = rel_err(out, ref)
+    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3e} > {REL_TOL[dtype]:.0e} for {dtype}"
+
+
+def make(shape, dtype, device, layout="contiguous", requires_grad=False) -> torch.Tensor:
+    """Fresh random normal values (never zeros) with the given logical shape and memory layout:
+    "contiguous" (NCHW), "channels_last" (NHWC), or "strided" (a non-contiguous view: every other
+    element of a tensor twice as wide, with H and W swapped in memory)."""
+    n, c, h, w = shape
+    if layout == "contiguous":
+        t = torch.randn(shape, dtype=torch.float64, device=device).to(dtype)
+    elif layout == "channels_last":
+        t = torch.randn(shape, dtype=torch.float64, device=device).to(dtype).to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        base = torch.randn((n, c, w, 2 * h), dtype=torch.float64, device=device).to(dtype)
+        t = base[..., ::2].transpose(2, 3)
+        assert t.shape == shape and not t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last)
+    else:
+        raise ValueError(layout)
+    return t.requires_grad_(requires_grad)
+
+
+def backends_for(device: torch.device) -> list:
+    """pytest params for every backend, skipped (with the reason) where it cannot run."""
+    params = []
+    for name in ("torch", "triton", "cuda"):
+        reason = _backend.unavailable_reason(name, device)
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        if device.type == "cuda" or name == "cuda":
+            marks.append(pytest.mark.gpu)
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+__all__ = ["HAS_CUDA", "DEVICE", "REL_TOL", "DTYPES", "LAYOUTS", "rel_err", "assert_rel_close", "make",
+           "backends_for", "cnnkern"]
