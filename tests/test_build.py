@@ -1,0 +1,110 @@
+"""The build: the CUDA extension is compiled for sm_80 and sm_90 (+ PTX) without a GPU, its kernels
+do not spill, its ops are registered for the CUDA dispatch key, and cnnkern imports without it."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cnnkern
+from cnnkern import _backend, _inspect
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLKIT = shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")
+needs_ext = pytest.mark.skipif(not _backend.has_extension(), reason="cnnkern._C not built")
+
+CUDA_OPS = ["residual_add_cuda", "residual_add_backward_cuda", "residual_add_shortcut_backward_cuda"]
+
+
+@pytest.mark.skipif(not (os.environ.get("CI") and TOOLKIT), reason="enforced in CI, where a toolkit is present")
+def test_ci_builds_the_extension():
+    assert _backend.has_extension(), _backend._C_ERROR
+
+
+@needs_ext
+def test_extension_holds_sm80_sm90_and_ptx():
+    code = _inspect.embedded_code(_inspect.extension_path())
+    assert {"sm_80", "sm_90"} <= set(code["elf"]), code
+    assert "sm_90" in code["ptx"], code
+    assert _backend._C.cuda_archs == "sm_80,sm_90,compute_90"
+
+
+@needs_ext
+def test_no_kernel_spills_or_uses_a_stack():
+    rows = _inspect.resource_usage(_inspect.extension_path())
+    kernels = [r for r in rows if "residual_add" in r.name or "kernel" in r.name]
+    assert len(kernels) >= 8, f"expected the residual-add kernels in the dump, got {len(kernels)}"
+    bad = [r for r in rows if r.local or r.stack]
+    assert not bad, f"kernels with spills / stack frames: {bad}"
+    assert max(r.registers for r in rows) <= 64  # memory-bound kernels: keep occupancy high
+
+
+@needs_ext
+@pytest.mark.parametrize("op", CUDA_OPS)
+def test_cuda_ops_are_registered_for_the_cuda_key(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cnnkern::{op}", "CUDA")
+    assert hasattr(torch.ops.cnnkern, op)
+    # and they have fake implementations (for torch.compile / opcheck)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        x = torch.empty(2, 8, 4, 4, device="cuda" if torch.cuda.is_available() else "meta")
+        s = torch.empty(2, 4, 8, 8, device=x.device)
+        if op == "residual_add_cuda":
+            out = torch.ops.cnnkern.residual_add_cuda(x, s, 2, True)
+            assert out.shape == x.shape
+        elif op == "residual_add_backward_cuda":
+            assert torch.ops.cnnkern.residual_add_backward_cuda(x, x).shape == x.shape
+        else:
+            gs = torch.ops.cnnkern.residual_add_shortcut_backward_cuda(x, [2, 4, 8, 8], 2, True)
+            assert gs.shape == (2, 4, 8, 8) and gs.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_ext
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-tensor error")
+def test_cuda_op_with_cpu_tensors_is_a_clear_error():
+    x = torch.randn(1, 2, 2, 2)
+    with pytest.raises(NotImplementedError, match="residual_add_cuda"):
+        torch.ops.cnnkern.residual_add_cuda(x, x, 1, True)
+
+
+def test_import_without_the_extension():
+    """A tree without cnnkern._C (no toolkit at build time) still imports; "cuda" is then absent
+    and explicitly asking for it says how to build it."""
+    code = (
+        "import importlib.abc, sys\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'cnnkern._C':\n"
+        "            raise ImportError('hidden for the test')\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "import torch, cnnkern\n"
+        "assert 'cuda' not in cnnkern.available_backends()\n"
+        "x = torch.ones(1, 2, 2, 2)\n"
+        "assert torch.equal(cnnkern.functional.residual_add(x, x), 2 * x)\n"
+        "try:\n"
+        "    cnnkern.functional.residual_add(x, x, backend='cuda')\n"
+        "except cnnkern.BackendUnavailableError as e:\n"
+        "    print(e)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "backend 'cuda' is unavailable" in res.stdout
+    assert "pip install --no-build-isolation" in res.stdout
+
+
+def test_setup_without_toolkit_says_so_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_HOME"}
+    env["CUDA_HOME"] = str(tmp_path / "no-cuda")  # a toolkit location with no nvcc
+    env["PATH"] = "/usr/bin:/bin"
+    res = subprocess.run([sys.executable, "setup.py", "--name"], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("cnnkern setup:")]
+    assert len(lines) == 1 and "no CUDA toolkit found" in lines[0], res.stderr
+    assert res.stdout.strip() == "cnnkern"
+
+
+def test_version():
+    assert cnnkern.__version__ == "0.1.0"
