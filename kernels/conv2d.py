@@ -1,0 +1,419 @@
+"""2-D convolution in Triton: implicit-GEMM forward, grad-input (dgrad) and grad-weight (wgrad).
+
+Notation (per group g of ``groups``): input x (N, C, H, W), weight w (K, Cg, R, S), output
+y (N, K, P, Q), Cg = C / groups, Kg = K / groups. Every tensor is addressed through its four
+strides, so NCHW, channels_last (NHWC) and other strided layouts all work; channels_last makes the
+channel reduction unit-stride (contiguous vector loads), which is the fast path.
+
+Forward, as a GEMM: rows m = (n, p, q) (M = N*P*Q output pixels), columns k (Kg), reduction
+over (r, s, c). The A tile is gathered on the fly from x (implicit im2col: row m, reduction index
+(r, s, c) reads x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw], zero outside the image), B is the
+weight. Two kernels:
+
+* ``_fwd_kernel``: the reduction loop walks (r, s) and, inside, channel blocks of BLOCK_C; the
+  loop is flattened into one so Triton can pipeline it. A 1x1 convolution is the plain GEMM
+  special case (R = S = 1: one (r, s) step, channel blocks only).
+* ``_fwd_small_c_kernel``: for small Cg (the first layers, C = 3), a BLOCK_C of 16 would waste
+  most of each tensor-core step on padding; this kernel flattens (r, s, c) into one reduction
+  index and gathers BLOCK_K of them per step (11x11x3 = 363 -> 12 steps of 32).
+
+dgrad (grad_x = conv_transpose(grad_y, w)) is the same implicit GEMM with rows = input pixels
+(n, h, w) and reduction over (r, s, k): grad_y[n, k, p, q] contributes where
+h = p*sh - ph + r*dh, i.e. p = (h + ph - r*dh) / sh when that divides exactly; for stride > 1 the
+non-dividing taps are masked, so no zero-inserted grad_y is ever materialised.
+
+wgrad (grad_w[k, c, r, s] = sum over (n, p, q) of grad_y * x) reduces over all M output pixels:
+the M range is split into SPLIT chunks (split-K) written as fp32 partials to a workspace that
+the launcher sums in a fixed order, so the result is deterministic (no atomics). The bias
+gradient (sum of grad_y over n, p, q) is folded into the same pass.
+
+All launchers take preallocated outputs. Offsets that scale with the batch index are int64, so
+a tensor may exceed 2^31 elements as long as one image (C*H*W) and the weight stay below it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+_INT32_MAX = 2**31 - 1
+
+
+def _configs(big):
+    """Autotuning space on a GPU; one small fixed configuration under the interpreter (it ignores
+    warps and stages, and smaller tiles keep numpy fast)."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_C": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for (bm, bn, bc, w, s) in big]
+
+
+# Tiles for sm_80/sm_90: 128x128 and 128x64 tiles with 4 stages are the wgmma/mma sweet spot for
+# 16-bit inputs; the 64-wide ones serve the small-K and small-M layers (late ResNet stages, batch 1).
+_FWD_CONFIGS = _configs([
+    (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (64, 32, 32, 2, 5),
+])
+_SMALL_C_CONFIGS = [triton.Config({"BLOCK_M": c.kwargs["BLOCK_M"], "BLOCK_N": c.kwargs["BLOCK_N"],
+                                   "BLOCK_K": max(32, c.kwargs["BLOCK_C"]), "GROUP_M": c.kwargs["GROUP_M"]},
+                                  num_warps=c.num_warps, num_stages=c.num_stages) for c in _FWD_CONFIGS[:5]]
+_CONV_KEY = ["M", "Kg", "Cg", "R", "S", "IS_CL_X"]
+
+
+@triton.jit
+def _tile_ids(M, Ncols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped ordering: GROUP_M row tiles share each column tile while it is hot in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(Ncols, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _mma(a, b, acc, ACC: tl.constexpr, PREC: tl.constexpr):
+    # fp32 inputs: TF32 or IEEE as PyTorch's conv would (PREC); 16-bit: fp32 accumulation;
+    # fp64: fp64 accumulation.
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PREC)
+    else:
+        return tl.dot(a, b, acc, out_dtype=ACC)
+
+
+@triton.jit
+def _epilogue(acc, b_ptr, y_ptr, n, p, q, offs_k, mask_m, mask_k, syn, syk, syp, syq,
+              HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(acc.dtype)
+        acc = acc + bias[None, :]
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)
+    row = n.to(tl.int64) * syn + p * syp + q * syq
+    ptrs = y_ptr + row[:, None] + offs_k.to(tl.int64)[None, :] * syk
+    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_CONV_KEY)
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+                M, H, W, P, Q, Cg, Kg,
+                sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
+                sh, sw, ph, pw, dh, dw,
+                R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
+                HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
+    g = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < Kg
+    # output pixel (n, p, q) of each row; its receptive field starts at (ih0, iw0)
+    n = offs_m // (P * Q)
+    pq = offs_m % (P * Q)
+    p = pq // Q
+    q = pq % Q
+    ih0 = p * sh - ph
+    iw0 = q * sw - pw
+    x_row = x_ptr + n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc  # [BLOCK_M] pointers
+    k_glob = g * Kg + offs_n
+    w_col = w_ptr + k_glob.to(tl.int64) * swk                          # [BLOCK_N] pointers
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    c_blocks = tl.cdiv(Cg, BLOCK_C)
+    for it in range(0, R * S * c_blocks):
+        rs = it // c_blocks
+        c0 = (it % c_blocks) * BLOCK_C
+        r = rs // S
+        s = rs % S
+        ih = ih0 + r * dh
+        iw = iw0 + s * dw
+        inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < Cg
+        a = tl.load(x_row[:, None] + (ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
+                    mask=inside[:, None] & mask_c[None, :], other=0.0)
+        b = tl.load(w_col[None, :] + (offs_c * swc)[:, None] + (r * swr + s * sws),
+                    mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc = _mma(a, b, acc, ACC, PREC)
+    _epilogue(acc, b_ptr, y_ptr, n, p, q, k_glob, mask_m, mask_n, syn, syk, syp, syq, HAS_BIAS, RELU)
+
+
+@triton.autotune(configs=_SMALL_C_CONFIGS if not INTERPRET else [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)],
+    key=_CONV_KEY)
+@triton.jit
+def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+                        M, H, W, P, Q, Cg, Kg,
+                        sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
+                        sh, sw, ph, pw, dh, dw,
+                        R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    g = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < Kg
+    n = offs_m // (P * Q)
+    pq = offs_m % (P * Q)
+    p = pq // Q
+    q = pq % Q
+    ih0 = p * sh - ph
+    iw0 = q * sw - pw
+    x_row = x_ptr + n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc
+    k_glob = g * Kg + offs_n
+    w_col = w_ptr + k_glob.to(tl.int64) * swk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    RSC = R * S * Cg
+    for k0 in range(0, RSC, BLOCK_K):
+        # reduction index t = (r*S + s)*Cg + c, channel fastest
+        t = k0 + tl.arange(0, BLOCK_K)
+        mask_t = t < RSC
+        c = t % Cg
+        rs = t // Cg
+        r = rs // S
+        s = rs % S
+        ih = ih0[:, None] + (r * dh)[None, :]
+        iw = iw0[:, None] + (s * dw)[None, :]
+        inside = mask_m[:, None] & mask_t[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_row[:, None] + ih * sxh + iw * sxw + (c * sxc)[None, :], mask=inside, other=0.0)
+        b = tl.load(w_col[None, :] + (c * swc + r * swr + s * sws)[:, None],
+                    mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+        acc = _mma(a, b, acc, ACC, PREC)
+    _epilogue(acc, b_ptr, y_ptr, n, p, q, k_glob, mask_m, mask_n, syn, syk, syp, syq, HAS_BIAS, RELU)
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["M", "Kg", "Cg", "R", "S", "IS_CL_X"])
+@triton.jit
+def _dgrad_kernel(gy_ptr, w_ptr, gx_ptr,
+                  M, H, W, P, Q, Cg, Kg,
+                  sgn, sgk, sgp, sgq, swk, swc, swr, sws, sxn, sxc, sxh, sxw,
+                  sh, sw, ph, pw, dh, dw,
+                  R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
+                  ACC: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
+    # GEMM: rows m = input pixels (n, h, w) (M = N*H*W), columns c (Cg), reduction over (r, s, k)
+    # in blocks of BLOCK_C output channels (the name is shared with the forward's configs).
+    g = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(M, Cg, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_c = offs_c < Cg
+    n = offs_m // (H * W)
+    hw = offs_m % (H * W)
+    h = hw // W
+    w = hw % W
+    gy_row = gy_ptr + n.to(tl.int64) * sgn + (g * Kg).to(tl.int64) * sgk
+    c_glob = g * Cg + offs_c
+    w_col = w_ptr + (g * Kg).to(tl.int64) * swk + offs_c * swc
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    k_blocks = tl.cdiv(Kg, BLOCK_C)
+    for it in range(0, R * S * k_blocks):
+        rs = it // k_blocks
+        k0 = (it % k_blocks) * BLOCK_C
+        r = rs // S
+        s = rs % S
+        # tap (r, s) of output pixel (p, q) reads input (h, w) iff h = p*sh - ph + r*dh
+        hp = h + ph - r * dh
+        wq = w + pw - s * dw
+        p = hp // sh
+        q = wq // sw
+        hit = mask_m & (hp >= 0) & (wq >= 0) & (hp % sh == 0) & (wq % sw == 0) & (p < P) & (q < Q)
+        offs_k = k0 + tl.arange(0, BLOCK_C)
+        mask_k = offs_k < Kg
+        a = tl.load(gy_row[:, None] + (p * sgp + q * sgq)[:, None] + offs_k[None, :] * sgk,
+                    mask=hit[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_col[None, :] + (offs_k.to(tl.int64) * swk)[:, None] + (r * swr + s * sws),
+                    mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+        acc = _mma(a, b, acc, ACC, PREC)
+    row = n.to(tl.int64) * sxn + h * sxh + w * sxw
+    ptrs = gx_ptr + row[:, None] + c_glob.to(tl.int64)[None, :] * sxc
+    tl.store(ptrs, acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _wgrad_kernel(gy_ptr, x_ptr, ws_ptr, wsb_ptr,
+                  M, H, W, P, Q, Cg, Kg, K, m_per_split,
+                  sgn, sgk, sgp, sgq, sxn, sxc, sxh, sxw,
+                  sh, sw, ph, pw, dh, dw,
+                  R: tl.constexpr, S: tl.constexpr, WITH_BIAS: tl.constexpr, ACC: tl.constexpr,
+                  PREC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Program (tile of Kg x Cg, tap (r, s) of group g, split j) reduces output pixels
+    # [j*m_per_split, (j+1)*m_per_split): acc[k, c] += sum_m gy[m, k] * x_at_tap[m, c].
+    # Workspace: ws[j, g*Kg + k, c, r, s] (fp32/fp64, contiguous); wsb[j, g*Kg + k] for the bias.
+    pid_kc = tl.program_id(0)
+    grs = tl.program_id(1)
+    j = tl.program_id(2)
+    num_c = tl.cdiv(Cg, BLOCK_C)
+    pid_k = pid_kc // num_c
+    pid_c = pid_kc % num_c
+    g = grs // (R * S)
+    rs = grs % (R * S)
+    r = rs // S
+    s = rs % S
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_k = offs_k < Kg
+    mask_c = offs_c < Cg
+    # one program per (k tile, split) also sums grad_y for the bias: the one at tap 0, c tile 0
+    do_bias = (rs == 0) & (pid_c == 0)
+
+    acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=ACC)
+    bacc = tl.zeros((BLOCK_K,), dtype=ACC)
+    m_start = j * m_per_split
+    m_end = tl.minimum(m_start + m_per_split, M)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        n = offs_m // (P * Q)
+        pq = offs_m % (P * Q)
+        p = pq // Q
+        q = pq % Q
+        ih = p * sh - ph + r * dh
+        iw = q * sw - pw + s * dw
+        inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        gy = tl.load(gy_ptr + (n.to(tl.int64) * sgn + p * sgp + q * sgq)[:, None]
+                     + ((g * Kg + offs_k).to(tl.int64) * sgk)[None, :],
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)          # [BLOCK_M, BLOCK_K]
+        xv = tl.load(x_ptr + (n.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None]
+                     + ((g * Cg + offs_c).to(tl.int64) * sxc)[None, :],
+                     mask=inside[:, None] & mask_c[None, :], other=0.0)          # [BLOCK_M, BLOCK_C]
+        acc = _mma(tl.trans(gy), xv, acc, ACC, PREC)
+        if WITH_BIAS:
+            if do_bias:
+                bacc += tl.sum(gy.to(ACC), axis=0)
+    k_glob = (g * Kg + offs_k).to(tl.int64)
+    base = j.to(tl.int64) * K * Cg * R * S
+    ptrs = ws_ptr + base + (k_glob * (Cg * R * S))[:, None] + (offs_c * (R * S) + rs)[None, :]
+    tl.store(ptrs, acc, mask=mask_k[:, None] & mask_c[None, :])
+    if WITH_BIAS:
+        tl.store(wsb_ptr + j.to(tl.int64) * K + k_glob, bacc, mask=mask_k & do_bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _check_int32_extent(name: str, t: torch.Tensor) -> None:
+    # Offsets within one image (or the weight) are int32; only the batch stride is scaled in int64.
+    per_item = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:])) + 1
+    if per_item > _INT32_MAX:
+        raise ValueError(f"conv2d: one item of {name} spans {per_item} elements, more than 2^31-1; "
+                         "the Triton conv kernels index within an item in int32")
+
+
+def _is_cl(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.stride(1) == 1 and t.shape[1] > 1
+
+
+def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool, precision: str,
+                   small_c: bool | None = None) -> None:
+    """y = [relu](conv2d(x, w, bias)) with ``padding = (top, left)`` (y's shape fixes the rest).
+
+    x: (N, C, H, W), w: (K, C/groups, R, S), bias: (K,) or None, y: (N, K, P, Q) preallocated;
+    all any strides, one dtype. ``precision``: "tf32" or "ieee" for fp32 inputs.
+    ``small_c``: force (True/False) the small-channel kernel; None picks it for C/groups < 16.
+    """
+    N, C, H, W = x.shape
+    K, Cg, R, S = w.shape
+    _, _, P, Q = y.shape
+    M = N * P * Q
+    if M == 0 or K == 0:
+        return
+    for name, t in (("input", x), ("weight", w), ("output", y)):
+        _check_int32_extent(name, t)
+    Kg = K // groups
+    if small_c is None:
+        small_c = Cg < 16
+    kernel = _fwd_small_c_kernel if small_c else _fwd_kernel
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]), groups)  # noqa: E731
+    kernel[grid](x, w, bias if bias is not None else w, y, M, H, W, P, Q, Cg, Kg,
+                 *x.stride(), *w.stride(), *y.stride(), stride[0], stride[1], padding[0], padding[1],
+                 dilation[0], dilation[1], R=R, S=S, IS_CL_X=_is_cl(x), HAS_BIAS=bias is not None, RELU=relu,
+                 ACC=_acc(x.dtype), PREC=precision)
+
+
+def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precision: str) -> None:
+    """grad_x (N, C, H, W, preallocated, any strides) from grad_y (N, K, P, Q) and w."""
+    N, C, H, W = gx.shape
+    K, Cg, R, S = w.shape
+    _, _, P, Q = gy.shape
+    M = N * H * W
+    if M == 0 or C == 0:
+        return
+    if K == 0 or P == 0 or Q == 0:
+        gx.zero_()
+        return
+    for name, t in (("grad_output", gy), ("weight", w), ("grad_input", gx)):
+        _check_int32_extent(name, t)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups)  # noqa: E731
+    _dgrad_kernel[grid](gy, w, gx, M, H, W, P, Q, Cg, K // groups,
+                        *gy.stride(), *w.stride(), *gx.stride(), stride[0], stride[1], padding[0], padding[1],
+                        dilation[0], dilation[1], R=R, S=S, IS_CL_X=_is_cl(gx), ACC=_acc(gx.dtype), PREC=precision)
+
+
+_WGRAD_TILE = (32, 32, 32) if INTERPRET else (64, 64, 64)  # BLOCK_K, BLOCK_C, BLOCK_M
+
+
+def _num_splits(M: int, tiles: int, device: torch.device) -> int:
+    """How many chunks the N*P*Q reduction of wgrad is split into: enough programs to fill the GPU
+    about twice, no chunk shorter than 4 M-blocks. Depends only on the shape and the device, so
+    the summation order (and the result) is the same run to run."""
+    block_m = _WGRAD_TILE[2]
+    if INTERPRET:
+        target = 4  # exercise the split path in tests, cheaply
+    else:
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, triton.cdiv(target, max(tiles, 1)))
+    return max(1, min(want, triton.cdiv(M, 4 * block_m)))
+
+
+def conv2d_backward_weight(gy, x, gw, gb, stride, padding, dilation, groups, precision: str) -> None:
+    """grad_w (K, C/groups, R, S) and, when ``gb`` is given, grad_bias (K,), both preallocated,
+    from grad_y (N, K, P, Q) and x (N, C, H, W). Deterministic: split-K partials are summed by the
+    launcher in a fixed order."""
+    N, C, H, W = x.shape
+    K, Cg, R, S = gw.shape
+    _, _, P, Q = gy.shape
+    M = N * P * Q
+    if gw.numel() == 0 and (gb is None or gb.numel() == 0):
+        return
+    for name, t in (("grad_output", gy), ("input", x)):
+        _check_int32_extent(name, t)
+    Kg = K // groups
+    acc_dtype = torch.float64 if gw.dtype == torch.float64 else torch.float32
+    BK, BC, BM = _WGRAD_TILE
+    tiles = triton.cdiv(Kg, BK) * triton.cdiv(Cg, BC) * R * S * groups
+    splits = _num_splits(M, tiles, x.device) if M else 1
+    m_per_split = triton.cdiv(max(M, 1), splits)
+    ws = torch.zeros((splits, K, Cg, R, S), dtype=acc_dtype, device=x.device)
+    wsb = torch.zeros((splits, K), dtype=acc_dtype, device=x.device)
+    if M:
+        grid = (triton.cdiv(Kg, BK) * triton.cdiv(Cg, BC), groups * R * S, splits)
+        _wgrad_kernel[grid](gy, x, ws, wsb, M, H, W, P, Q, Cg, Kg, K, m_per_split,
+                            *gy.stride(), *x.stride(), stride[0], stride[1], padding[0], padding[1],
+                            dilation[0], dilation[1], R=R, S=S, WITH_BIAS=gb is not None,
+                            ACC=_acc(gw.dtype), PREC=precision, BLOCK_K=BK, BLOCK_C=BC, BLOCK_M=BM,
+                            num_warps=4, num_stages=1 if INTERPRET else 3)
+    gw.copy_(ws.sum(0))
+    if gb is not None:
+        gb.copy_(wsb.sum(0))
+
+
+__all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight"]
