@@ -26,11 +26,13 @@ import torch
 BACKENDS = ("auto", "triton", "cuda", "torch")
 GPU_BACKENDS = ("cuda", "triton")
 
-# Order in which "auto" tries the GPU backends, per op. No GPU measurement has decided these yet
-# (see README, status table): until benchmarks/results says otherwise, the hand-written CUDA kernel
-# is preferred where it is built, and Triton otherwise.
+# The GPU backends that have kernels for each op, in the order "auto" tries them. No GPU
+# measurement has decided these yet (see README, status table): until benchmarks/results says
+# otherwise, the hand-written CUDA kernel is preferred where it is built, and Triton otherwise.
+# A GPU backend not listed for an op has no kernel for it; "torch" serves every op.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "residual_add": ("cuda", "triton"),
+    "conv2d": ("triton",),
 }
 
 _ENV_VAR = "CNNKERN_BACKEND"
@@ -174,6 +176,9 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
             if unavailable_reason(cand, device) is None:
                 return cand
         return "torch"
+    if name in GPU_BACKENDS and name not in AUTO_ORDER.get(op, GPU_BACKENDS):
+        have = ", ".join(repr(b) for b in (*AUTO_ORDER.get(op, ()), "torch"))
+        raise BackendUnavailableError(f"{op}: backend {name!r} has no kernel for this op yet; it has: {have}")
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend {name!r} is unavailable: {reason}")

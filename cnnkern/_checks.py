@@ -70,3 +70,63 @@ def option_a_stride(op: str, x: torch.Tensor, shortcut: torch.Tensor) -> int:
     raise ValueError(f"{op}: no option-A stride maps the shortcut's spatial size {hs}x{ws} onto x's {h}x{w}: "
                      f"need an integer s with ceil({hs}/s) == {h} and ceil({ws}/s) == {w} "
                      f"(shortcut {tuple(shortcut.shape)}, x {tuple(x.shape)})")
+
+
+def _pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a pair."""
+    vals = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    ok = isinstance(vals, (tuple, list)) and len(vals) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in vals)
+    if not ok:
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    if min(vals) < minimum:
+        what = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{op}: {name} must be {what}, got {value!r}")
+    return int(vals[0]), int(vals[1])
+
+
+def conv_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups):
+    """Validates a conv2d call (x already 4-D) and returns (stride, padding, dilation) with
+    padding as [top, left, bottom, right]."""
+    tensor(op, "weight", weight, ndim=4)
+    same_dtype_device(op, "input", x, weight=weight)
+    if bias is not None:
+        tensor(op, "bias", bias, ndim=1)
+        same_dtype_device(op, "input", x, bias=bias)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    n, c, h, w = x.shape
+    k, cg, r, s = weight.shape
+    if c % groups or k % groups:
+        raise ValueError(f"{op}: groups={groups} must divide both the input channels ({c}) and the output "
+                         f"channels ({k}) (input {tuple(x.shape)}, weight {tuple(weight.shape)})")
+    if cg != c // groups:
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} expects {cg * groups} input channels with "
+                         f"groups={groups}, but input {tuple(x.shape)} has {c}")
+    if bias is not None and bias.shape[0] != k:
+        raise ValueError(f"{op}: bias has {bias.shape[0]} elements but weight {tuple(weight.shape)} has {k} "
+                         "output channels")
+    if min(r, s) < 1:
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} has an empty kernel")
+    stride = _pair(op, "stride", stride, 1)
+    dilation = _pair(op, "dilation", dilation, 1)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pad = [0, 0, 0, 0]
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"{op}: padding='same' is not supported for strided convolutions "
+                                 f"(stride={stride}), as in PyTorch")
+            th, tw = dilation[0] * (r - 1), dilation[1] * (s - 1)
+            pad = [th // 2, tw // 2, th - th // 2, tw - tw // 2]
+        else:
+            raise ValueError(f"{op}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    else:
+        ph, pw = _pair(op, "padding", padding, 0)
+        pad = [ph, pw, ph, pw]
+    eff_h, eff_w = dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1
+    if eff_h > h + pad[0] + pad[2] or eff_w > w + pad[1] + pad[3]:
+        raise ValueError(f"{op}: the kernel ({eff_h}x{eff_w} with dilation {dilation}) is larger than the padded "
+                         f"input ({h + pad[0] + pad[2]}x{w + pad[1] + pad[3]}; input {tuple(x.shape)}, "
+                         f"padding {padding!r})")
+    return list(stride), pad, list(dilation)

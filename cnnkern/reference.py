@@ -27,3 +27,9 @@ def residual_add(x: torch.Tensor, shortcut: torch.Tensor, relu: bool = True, str
         shortcut = option_a_shortcut(shortcut, x.shape[1], stride)
     y = x + shortcut
     return torch.relu(y) if relu else y
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation=None):
+    """``torch.nn.functional.conv2d`` followed by the optional activation (None or "relu")."""
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return torch.relu(y) if activation == "relu" else y

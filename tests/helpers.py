@@ -64,11 +64,14 @@ def make(shape, dtype, device, layout="contiguous", requires_grad=False) -> torc
     return t.requires_grad_(requires_grad)
 
 
-def backends_for(device: torch.device) -> list:
-    """pytest params for every backend, skipped (with the reason) where it cannot run."""
+def backends_for(device: torch.device, op: str | None = None) -> list:
+    """pytest params for every backend, skipped (with the reason) where it cannot run or, given
+    ``op``, has no kernel for that op."""
     params = []
     for name in ("torch", "triton", "cuda"):
         reason = _backend.unavailable_reason(name, device)
+        if op is not None and name != "torch" and name not in _backend.AUTO_ORDER.get(op, ()):
+            reason = f"no {name} kernel for {op} yet"
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         if device.type == "cuda" or name == "cuda":
             marks.append(pytest.mark.gpu)

@@ -1,0 +1,131 @@
+"""torch.library registration of 2-D convolution: schema, fake implementation, autograd, routing.
+
+Ops (``cnnkern`` namespace); ``padding`` is always ``[top, left, bottom, right]`` (so "same" with
+an even kernel, which pads asymmetrically, needs no padded copy of the input) and ``precision`` is
+``"tf32"`` or ``"ieee"`` (how fp32 inputs multiply; ignored for other dtypes):
+
+* ``conv2d(x, w, bias?, stride, padding, dilation, groups, relu, precision, backend) -> y``
+* ``conv2d_backward_input(grad, w, input_size, stride, padding, dilation, groups,
+  channels_last, precision, backend) -> grad_x``
+* ``conv2d_backward_weight(grad, x, weight_size, stride, padding, dilation, groups, bias,
+  channels_last, precision, backend) -> (grad_w, grad_bias)``; grad_bias is empty when ``bias``
+  is false.
+
+Only the Triton backend has convolution kernels so far (cnnkern/_backend.py: OP_BACKENDS).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import new_output, output_channels_last
+
+
+def _kernels():
+    from cnnkern.kernels import conv2d as k  # on first use: see cnnkern/ops/residual_add.py
+    return k
+
+
+def output_size(x_shape, w_shape, stride, padding, dilation) -> list[int]:
+    """(N, K, P, Q) of a convolution; padding = [top, left, bottom, right]."""
+    n, _, h, w = x_shape
+    k, _, r, s = w_shape
+    p = (h + padding[0] + padding[2] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + padding[1] + padding[3] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return [n, k, p, q]
+
+
+def _y_channels_last(x: torch.Tensor, w: torch.Tensor) -> bool:
+    # PyTorch's conv rule: channels_last when the input or the weight is channels_last.
+    return output_channels_last(x) or output_channels_last(w)
+
+
+def _check_backend(backend: str) -> None:
+    if backend != "triton":
+        raise ValueError(f"cnnkern::conv2d: no {backend!r} kernel (only 'triton' is implemented)")
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("cnnkern::conv2d", mutates_args=())
+def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
+           dilation: list[int], groups: int, relu: bool, precision: str, backend: str) -> torch.Tensor:
+    _check_backend(backend)
+    y = new_output(output_size(x.shape, w.shape, stride, padding, dilation), x, _y_channels_last(x, w))
+    _kernels().conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, relu, precision)
+    return y
+
+
+@conv2d.register_fake
+def _(x, w, bias, stride, padding, dilation, groups, relu, precision, backend):
+    return new_output(output_size(x.shape, w.shape, stride, padding, dilation), x, _y_channels_last(x, w))
+
+
+# ---------------------------------------------------------------------------------------------
+# backward ops
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("cnnkern::conv2d_backward_input", mutates_args=())
+def conv2d_backward_input(grad: torch.Tensor, w: torch.Tensor, input_size: list[int], stride: list[int],
+                          padding: list[int], dilation: list[int], groups: int, channels_last: bool,
+                          precision: str, backend: str) -> torch.Tensor:
+    _check_backend(backend)
+    gx = new_output(input_size, grad, channels_last)
+    _kernels().conv2d_backward_input(grad, w, gx, stride, padding[:2], dilation, groups, precision)
+    return gx
+
+
+@conv2d_backward_input.register_fake
+def _(grad, w, input_size, stride, padding, dilation, groups, channels_last, precision, backend):
+    return new_output(input_size, grad, channels_last)
+
+
+@torch.library.custom_op("cnnkern::conv2d_backward_weight", mutates_args=())
+def conv2d_backward_weight(grad: torch.Tensor, x: torch.Tensor, weight_size: list[int], stride: list[int],
+                           padding: list[int], dilation: list[int], groups: int, bias: bool,
+                           channels_last: bool, precision: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_backend(backend)
+    gw = new_output(weight_size, grad, channels_last)
+    gb = new_output([weight_size[0] if bias else 0], grad, False)
+    _kernels().conv2d_backward_weight(grad, x, gw, gb if bias else None, stride, padding[:2], dilation, groups,
+                                      precision)
+    return gw, gb
+
+
+@conv2d_backward_weight.register_fake
+def _(grad, x, weight_size, stride, padding, dilation, groups, bias, channels_last, precision, backend):
+    return new_output(weight_size, grad, channels_last), new_output([weight_size[0] if bias else 0], grad, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    x, w, bias, stride, padding, dilation, groups, relu, precision, backend = inputs
+    ctx.save_for_backward(x, w, output if relu else None)
+    ctx.has_bias = bias is not None
+    ctx.args = (stride, padding, dilation, groups)
+    ctx.precision, ctx.backend = precision, backend
+    ctx.x_cl, ctx.w_cl = output_channels_last(x), output_channels_last(w)
+
+
+def _backward(ctx, grad):
+    x, w, y = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.args
+    if y is not None:
+        # The fused ReLU's derivative: grad where y > 0. cnnkern::residual_add_backward is exactly
+        # that elementwise kernel (PyTorch's threshold_backward), so it is reused here.
+        grad = torch.ops.cnnkern.residual_add_backward(grad, y, ctx.backend)
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = conv2d_backward_input(grad, w, list(x.shape), stride, padding, dilation, groups, ctx.x_cl,
+                                   ctx.precision, ctx.backend)
+    if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+        gw, gb = conv2d_backward_weight(grad, x, list(w.shape), stride, padding, dilation, groups, ctx.has_bias,
+                                        ctx.w_cl, ctx.precision, ctx.backend)
+        gw = gw if ctx.needs_input_grad[1] else None
+        gb = gb if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return gx, gw, gb, None, None, None, None, None, None, None
+
+
+conv2d.register_autograd(_backward, setup_context=_setup_context)

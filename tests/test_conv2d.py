@@ -1,0 +1,281 @@
+"""conv2d: forward and the three gradients against float64 PyTorch, for every conv layer family of
+AlexNet, VGG, GoogLeNet and ResNet at reduced spatial size, in every backend that can run here;
+layouts, dtypes, groups, dilation, "same" padding, the fused ReLU; registration; bad input."""
+
+import pytest
+import torch
+from helpers import DEVICE, HAS_CUDA, LAYOUTS, assert_rel_close, backends_for, make
+
+import cnnkern
+from cnnkern import functional as F
+
+# name: (input shape, out channels, kernel, stride, padding, dilation, groups) -- why it is here
+FAMILIES = {
+    "alexnet_11x11s4": ((1, 3, 19, 19), 8, 11, 4, 2, 1, 1),       # AlexNet CONV1, C=3: small-C kernel
+    "first_7x7s2": ((2, 3, 12, 11), 8, 7, 2, 3, 1, 1),            # GoogLeNet/ResNet conv1, C=3, odd W
+    "vgg_first_3x3": ((2, 3, 6, 6), 8, 3, 1, 1, 1, 1),            # VGG conv1_1, C=3
+    "5x5s1p2": ((2, 16, 7, 7), 12, 5, 1, 2, 1, 1),                # GoogLeNet 5x5 branch, AlexNet CONV2
+    "3x3s1p1": ((2, 16, 7, 7), 24, 3, 1, 1, 1, 1),                # VGG / ResNet body
+    "3x3s2p1": ((2, 16, 8, 8), 24, 3, 2, 1, 1, 1),                # ResNet stage entry (B/C, v1.5)
+    "1x1s1": ((2, 32, 5, 5), 16, 1, 1, 0, 1, 1),                  # bottleneck / Inception reduce: a GEMM
+    "1x1s2": ((2, 32, 8, 8), 16, 1, 2, 0, 1, 1),                  # ResNet projection shortcut
+    "odd_3x3": ((1, 17, 9, 7), 19, 3, 1, 1, 1, 1),                # channel counts off every block size
+    "dilated": ((1, 16, 9, 9), 8, 3, 1, 2, 2, 1),                 # dilation 2
+    "groups2": ((2, 16, 6, 6), 8, 3, 1, 1, 1, 2),                 # AlexNet's two-GPU split
+    "groups4": ((2, 16, 6, 5), 8, 3, 2, 1, 1, 4),
+    "rect": ((2, 8, 6, 9), 8, (3, 5), (2, 1), (1, 2), 1, 1),      # non-square kernel, stride, padding
+    "same_even": ((1, 8, 6, 6), 8, 4, 1, "same", 1, 1),           # asymmetric "same" padding
+}
+BACKENDS = backends_for(DEVICE, "conv2d")
+GRAD_DTYPES = [torch.float32, torch.float16, torch.float64]
+
+
+def _inputs(name, dtype, layout, requires_grad=False, bias=True):
+    xs, k, ks, stride, pad, dil, groups = FAMILIES[name]
+    ks = (ks, ks) if isinstance(ks, int) else ks
+    x = make(xs, dtype, DEVICE, layout, requires_grad)
+    w = make((k, xs[1] // groups, *ks), dtype, DEVICE, layout, requires_grad)
+    # scale like a trained layer (Kaiming): keeps fp16 activations far from overflow
+    with torch.no_grad():
+        w.mul_((xs[1] // groups * ks[0] * ks[1]) ** -0.5)
+    b = make((1, 1, 1, k), dtype, DEVICE).reshape(k).requires_grad_(requires_grad) if bias else None
+    return x, w, b, dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+
+
+def _ref(x, w, b, kw, activation=None):
+    d = lambda t: None if t is None else t.detach().double().requires_grad_(t.requires_grad)  # noqa: E731
+    xr, wr, br = d(x), d(w), d(b)
+    return xr, wr, br, cnnkern.reference.conv2d(xr, wr, br, activation=activation, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_forward(backend, dtype, layout, family):
+    x, w, b, kw = _inputs(family, dtype, layout, bias=len(family) % 2 == 0 or layout == "contiguous")
+    out = F.conv2d(x, w, b, **kw, backend=backend)
+    _, _, _, ref = _ref(x, w, b, kw)
+    assert out.dtype == dtype
+    assert_rel_close(out, ref, dtype)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def _check_grads(backend, dtype, layout, family, activation=None):
+    x, w, b, kw = _inputs(family, dtype, layout, requires_grad=True)
+    out = F.conv2d(x, w, b, **kw, activation=activation, backend=backend)
+    g = make(tuple(out.shape), dtype, DEVICE)
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), g)
+    xr, wr, br, ref = _ref(x, w, b, kw, activation)
+    rgx, rgw, rgb = torch.autograd.grad(ref, (xr, wr, br), g.double())
+    assert_rel_close(out, ref, dtype)
+    assert_rel_close(gx, rgx, dtype, "grad input")
+    assert_rel_close(gw, rgw, dtype, "grad weight")
+    assert_rel_close(gb, rgb, dtype, "grad bias")
+    assert gx.dtype == gw.dtype == gb.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gradients_fp32_layouts(backend, layout, family):
+    _check_grads(backend, torch.float32, layout, family)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gradients_fp16_fp64(backend, dtype, family):
+    _check_grads(backend, dtype, "contiguous", family)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["alexnet_11x11s4", "3x3s2p1", "1x1s1", "groups2"])
+def test_fused_relu(backend, family):
+    _check_grads(backend, torch.float32, "channels_last", family, activation="relu")
+
+
+@pytest.mark.parametrize("small_c", [True, False], ids=["small_c_kernel", "main_kernel"])
+@pytest.mark.parametrize("family", ["first_7x7s2", "3x3s2p1", "groups4", "rect"])
+def test_both_forward_kernels_on_the_same_layer(small_c, family):
+    """Each forward kernel is correct on layers the dispatcher would give the other one."""
+    if cnnkern._backend.unavailable_reason("triton", DEVICE):
+        pytest.skip("Triton unavailable")
+    from cnnkern.kernels import conv2d as kc
+
+    x, w, b, kw = _inputs(family, torch.float32, "channels_last")
+    stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
+                                                 kw["groups"])
+    _, _, _, ref = _ref(x, w, b, kw)
+    y = torch.full(ref.shape, float("nan"), dtype=x.dtype, device=DEVICE)
+    kc.conv2d_forward(x, w, b, y, stride, pad[:2], dil, kw["groups"], False, "ieee", small_c=small_c)
+    assert_rel_close(y, ref, torch.float32)
+
+
+def test_unbatched_input_and_empty_batch():
+    x, w, b, kw = _inputs("3x3s1p1", torch.float32, "contiguous")
+    out = F.conv2d(x[0], w, b, **kw, backend="triton")
+    assert out.shape == (24, 7, 7)
+    assert_rel_close(out, _ref(x[:1], w, b, kw)[3][0], torch.float32)
+    empty = torch.randn(0, 16, 7, 7, device=DEVICE, requires_grad=True)
+    out = F.conv2d(empty, w, b, **kw, backend="triton")
+    assert out.shape == (0, 24, 7, 7)
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape
+
+
+def test_deterministic_gradients():
+    """Two backward passes give bitwise-equal gradients (split-K partials summed in a fixed order)."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            torch.manual_seed(1)
+            x, w, b, kw = _inputs("3x3s2p1", torch.float32, "channels_last", requires_grad=True)
+            F.conv2d(x, w, b, **kw, backend="triton").square().sum().backward()
+            grads.append((x.grad, w.grad, b.grad))
+        for a, c in zip(*grads):
+            assert torch.equal(a, c)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+# ------------------------------------------------------------------------------------------------
+# modules and registration
+# ------------------------------------------------------------------------------------------------
+def test_module_is_a_drop_in_for_torch_conv2d():
+    ref = torch.nn.Conv2d(16, 24, 3, stride=2, padding=1, bias=True).to(DEVICE)
+    m = cnnkern.nn.Conv2d(16, 24, 3, stride=2, padding=1, bias=True, backend="triton").to(DEVICE)
+    assert isinstance(m, torch.nn.Conv2d)
+    assert m.state_dict().keys() == ref.state_dict().keys()
+    m.load_state_dict(ref.state_dict())
+    x = make((2, 16, 8, 8), torch.float32, DEVICE, "channels_last")
+    assert_rel_close(m(x), ref(x.double().float()).double(), torch.float32)
+    shared = cnnkern.nn.Conv2d.from_torch(ref, activation="relu", backend="triton")
+    assert shared.weight is ref.weight and shared.bias is ref.bias
+    assert_rel_close(shared(x), torch.relu(ref(x)).double(), torch.float32)
+    assert "activation='relu'" in repr(shared)
+    with pytest.raises(ValueError, match="padding_mode='reflect' is not supported"):
+        cnnkern.nn.Conv2d(3, 8, 3, padding_mode="reflect")
+
+
+TRITON_OK = cnnkern._backend.unavailable_reason("triton", DEVICE) is None
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="Triton unavailable")
+@pytest.mark.parametrize("family", ["3x3s2p1", "first_7x7s2", "same_even"])
+def test_opcheck(family):
+    x, w, b, kw = _inputs(family, torch.float32, "channels_last", requires_grad=True)
+    stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
+                                                 kw["groups"])
+    ops = torch.ops.cnnkern
+    args = (x, w, b, stride, pad, dil, kw["groups"], True, "ieee", "triton")
+    torch.library.opcheck(ops.conv2d.default, args)
+    y = ops.conv2d(*args).detach()
+    g = torch.randn_like(y)
+    torch.library.opcheck(ops.conv2d_backward_input.default,
+                          (g, w.detach(), list(x.shape), stride, pad, dil, kw["groups"], True, "ieee", "triton"))
+    torch.library.opcheck(ops.conv2d_backward_weight.default,
+                          (g, x.detach(), list(w.shape), stride, pad, dil, kw["groups"], True, True, "ieee", "triton"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TRITON_OK, reason="Triton unavailable")
+def test_torch_compile_fullgraph_resnet_block():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = cnnkern.nn.Conv2d(8, 8, 3, padding=1, activation="relu", backend="triton")
+            self.conv2 = cnnkern.nn.Conv2d(8, 8, 3, padding=1, backend="triton")
+            self.join = cnnkern.nn.ResidualAdd(backend="triton")
+
+        def forward(self, x):
+            return self.join(self.conv2(self.conv1(x)), x)
+
+    torch._dynamo.reset()
+    m = Block().to(DEVICE)
+    x = make((2, 8, 5, 5), torch.float32, DEVICE, "channels_last")
+    want = torch.relu(m.conv2._conv_forward(torch.relu(m.conv1._conv_forward(x, m.conv1.weight, m.conv1.bias)),
+                                            m.conv2.weight, m.conv2.bias) + x)
+    got = torch.compile(m, fullgraph=True)(x)
+    assert_rel_close(got, want.double(), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(shape).to(dtype)
+
+
+BAD = [
+    # (input, weight, kwargs, exception, message fragment)
+    (_t(1, 4, 5, 5).int(), _t(8, 4, 3, 3), {}, TypeError, "input must be a floating-point tensor"),
+    (_t(4, 5), _t(8, 4, 3, 3), {}, ValueError, "input must be 4-D (N, C, H, W) or 3-D (C, H, W), got 2-D"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3), {}, ValueError, "weight must be 4-D, got 3-D"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3, dtype=torch.float64), {}, TypeError,
+     "weight has dtype float64 but input has dtype float32"),
+    (_t(1, 4, 5, 5), _t(8, 3, 3, 3), {}, ValueError, "expects 3 input channels with groups=1, but input"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"bias": _t(7)}, ValueError, "bias has 7 elements but weight"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"bias": _t(8, 1)}, ValueError, "bias must be 1-D, got 2-D"),
+    (_t(1, 6, 5, 5), _t(8, 2, 3, 3), {"groups": 3}, ValueError, "groups=3 must divide both"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"groups": 0}, ValueError, "groups must be a positive int, got 0"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"stride": 0}, ValueError, "stride must be positive, got 0"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"dilation": (1, -1)}, ValueError, "dilation must be positive"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"padding": -1}, ValueError, "padding must be non-negative, got -1"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"padding": (1, 2, 3)}, TypeError, "padding must be an int or a pair"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"padding": "full"}, ValueError, "padding must be an int, a pair, 'same'"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"padding": "same", "stride": 2}, ValueError,
+     "padding='same' is not supported for strided"),
+    (_t(1, 4, 2, 2), _t(8, 4, 5, 5), {}, ValueError, "is larger than the padded input (2x2"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"activation": "gelu"}, ValueError, "activation must be None or 'relu'"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"backend": "cuda"}, cnnkern.BackendUnavailableError,
+     "backend 'cuda' has no kernel for this op yet"),
+]
+
+
+@pytest.mark.parametrize("x,w,kwargs,exc,msg", BAD, ids=[b[-1][:40] for b in BAD])
+def test_bad_input(x, w, kwargs, exc, msg):
+    with pytest.raises(exc) as info:
+        F.conv2d(x, w, **kwargs)
+    assert msg in str(info.value)
+    assert str(info.value).startswith("conv2d:")
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: bf16 and TF32 against cuDNN
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_16bit_channels_last_vs_cudnn(family, dtype):
+    _check_grads("triton", dtype, "channels_last", family)
+    x, w, b, kw = _inputs(family, dtype, "channels_last")
+    torch.backends.cudnn.benchmark = True
+    cudnn = torch.nn.functional.conv2d(x, w, b, **kw)
+    ours = F.conv2d(x, w, b, **kw, backend="triton")
+    _, _, _, ref = _ref(x, w, b, kw)
+    # no worse than cuDNN's own error against float64, within a small factor
+    from helpers import rel_err
+    assert rel_err(ours, ref) <= 2 * rel_err(cudnn, ref) + 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family", ["3x3s1p1", "1x1s2", "alexnet_11x11s4"])
+def test_gpu_tf32_follows_cudnn_setting(family):
+    x, w, b, kw = _inputs(family, torch.float32, "contiguous")
+    _, _, _, ref = _ref(x, w, b, kw)
+    from helpers import rel_err
+    old = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        tf32 = rel_err(F.conv2d(x, w, b, **kw, backend="triton"), ref)
+        assert tf32 < 3e-3
+        torch.backends.cudnn.allow_tf32 = False
+        ieee = rel_err(F.conv2d(x, w, b, **kw, backend="triton"), ref)
+        assert ieee < 1e-5
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
