@@ -81,3 +81,203 @@ def resource_usage(path: str) -> list[KernelResources]:
             rows.append(KernelResources(arch, m.group(1), int(fields.get("REG", 0)), int(fields.get("STACK", 0)),
                                         int(fields.get("SHARED", 0)), int(fields.get("LOCAL", 0))))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels, compiled ahead of time for a GPU architecture on a machine without a GPU
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TritonSpec:
+    """One Triton kernel specialised the way a real call specialises it.
+
+    ``ones`` are integer arguments equal to 1 at run time (Triton specialises those: unit strides
+    of channels_last tensors), ``div16`` the ones divisible by 16 (every pointer is assumed
+    16-byte aligned, as PyTorch's allocator gives). ``gate``: a main kernel, which must use the
+    architecture's tensor-core instructions (wgmma on sm_90, mma on sm_80) with no spills.
+    """
+
+    label: str
+    module: str
+    kernel: str
+    dtype: str
+    constexprs: dict
+    ones: tuple = ()
+    div16: tuple = ()
+    configs: list | None = None  # [(kwargs, num_warps, num_stages)]; None: the autotuner's
+    gate: bool = False
+
+
+def _conv_specs():
+    import triton.language as tl
+
+    strides16 = ("sxn", "sxh", "sxw", "swk", "swr", "sws", "syn", "syp", "syq", "Cg", "Kg")
+    fwd = dict(R=3, S=3, IS_CL_X=True, HAS_BIAS=True, RELU=True, ACC=tl.float32, PREC="ieee")
+    return [
+        TritonSpec("conv2d forward 3x3, bf16 NHWC", "conv2d", "_fwd_kernel", "bf16", fwd,
+                   ones=("sxc", "swc", "syk"), div16=strides16, gate=True),
+        TritonSpec("conv2d forward 1x1 (GEMM), bf16 NHWC", "conv2d", "_fwd_1x1_kernel", "bf16",
+                   {**fwd, "R": 1, "S": 1}, ones=("sxc", "swc", "syk", "swr", "sws", "sh", "sw"), div16=strides16,
+                   gate=True),
+        TritonSpec("conv2d forward 7x7 C=3, bf16 NHWC", "conv2d", "_fwd_small_c_kernel", "bf16",
+                   {**fwd, "R": 7, "S": 7}, ones=("sxc", "swc", "syk"), div16=("sxn", "syn", "syp", "syq", "Kg"),
+                   gate=True),
+        TritonSpec("conv2d dgrad 3x3, bf16 NHWC", "conv2d", "_dgrad_kernel", "bf16",
+                   dict(R=3, S=3, IS_CL_X=True, ACC=tl.float32, PREC="ieee"),
+                   ones=("sgk", "swc", "sxc"), div16=("sgn", "sgp", "sgq", "swk", "swr", "sws", "sxn", "sxh",
+                                                      "sxw", "Cg", "Kg")),
+        TritonSpec("conv2d wgrad 3x3, bf16 NHWC", "conv2d", "_wgrad_kernel", "bf16",
+                   dict(R=3, S=3, WITH_BIAS=True, ACC=tl.float32, PREC="ieee"),
+                   ones=("sgk", "sxc"), div16=("sgn", "sgp", "sgq", "sxn", "sxh", "sxw", "Cg", "Kg", "K"),
+                   configs=[({"BLOCK_K": 64, "BLOCK_C": 64, "BLOCK_M": 64}, 4, 3)]),
+        TritonSpec("residual_add flat, bf16", "residual_add", "_flat_kernel", "bf16",
+                   dict(RELU_GRAD=False, RELU=True, ACC=tl.float32, INT64=False), div16=("numel",),
+                   configs=[({"BLOCK": 4096}, 8, 1)]),
+    ]
+
+
+def triton_specs() -> list[TritonSpec]:
+    return _conv_specs()
+
+
+def _triton_fn(spec: TritonSpec):
+    import importlib
+
+    mod = importlib.import_module(f"cnnkern.kernels.{spec.module}")
+    obj = getattr(mod, spec.kernel)
+    configs = spec.configs
+    if configs is None:  # an Autotuner: its configurations
+        configs = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in obj.configs]
+        obj = obj.fn
+    return obj, configs
+
+
+@dataclass
+class TritonReport:
+    label: str
+    arch: int
+    config: str
+    registers: int
+    stack: int
+    local: int
+    shared: int        # bytes of shared memory Triton allocates (pipelining buffers)
+    wgmma: int         # wgmma.mma_async instructions in the PTX (sm_90 tensor cores)
+    mma: int           # mma.sync instructions (sm_80 tensor cores)
+    gate: bool
+
+    @property
+    def ok(self) -> bool:
+        """No spills, and for a gated kernel the architecture's tensor-core instructions."""
+        tc = self.wgmma if self.arch >= 90 else self.mma
+        return self.stack == 0 and self.local == 0 and (tc > 0 or not self.gate)
+
+
+def compile_triton(spec: TritonSpec, arch: int) -> list[TritonReport]:
+    """Compiles every configuration of ``spec`` for sm_``arch`` (no GPU needed) and reads back the
+    resources ptxas assigned."""
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cnnkern import kernels
+
+    if kernels.INTERPRET:
+        raise RuntimeError("cnnkern.kernels was imported under TRITON_INTERPRET=1: the kernels are interpreted "
+                           "functions and cannot be compiled; run the inspection without TRITON_INTERPRET")
+    fn, configs = _triton_fn(spec)
+    names = fn.arg_names
+    reports = []
+    for kwargs, warps, stages in configs:
+        const = {**spec.constexprs, **kwargs, **{o: 1 for o in spec.ones}}
+        sig = {p: "constexpr" if p in const else (f"*{spec.dtype}" if p.endswith("_ptr") else "i32") for p in names}
+        div = [p for p in names if p not in const and (p.endswith("_ptr") or p in spec.div16)]
+        src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                        attrs={(names.index(p),): [["tt.divisibility", 16]] for p in div})
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            res = resource_usage(f.name)[0]
+        ptx = k.asm["ptx"]
+        cfg = " ".join(f"{a}={b}" for a, b in kwargs.items()) + f" warps={warps} stages={stages}"
+        reports.append(TritonReport(spec.label, arch, cfg, res.registers, res.stack, res.local,
+                                    int(getattr(k.metadata, "shared", 0)), ptx.count("wgmma.mma_async"),
+                                    ptx.count("mma.sync"), spec.gate))
+    return reports
+
+
+# ---------------------------------------------------------------------------------------------
+# `cnnkern inspect`
+# ---------------------------------------------------------------------------------------------
+def _demangle(name: str) -> str:
+    try:
+        out = subprocess.run(["c++filt", name], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return name
+    if not out:
+        return name
+    out = out.replace("(anonymous namespace)::", "").removeprefix("void ")
+    return out.split("(")[0]  # drop the parameter list
+
+
+def report(archs=(90, 80), triton_kernels: bool = True, cuda_kernels: bool = True) -> dict:
+    """Everything ``cnnkern inspect`` shows, as plain data."""
+    out: dict = {"cuda": None, "triton": []}
+    path = extension_path()
+    if cuda_kernels and path is not None and cuobjdump() is not None:
+        out["cuda"] = {
+            "path": path,
+            "code": embedded_code(path),
+            "kernels": [dict(arch=r.arch, name=_demangle(r.name), registers=r.registers, stack=r.stack,
+                             shared=r.shared, local=r.local) for r in resource_usage(path)],
+        }
+    if triton_kernels:
+        for spec in triton_specs():
+            for arch in archs:
+                out["triton"] += [dict(r.__dict__, ok=r.ok) for r in compile_triton(spec, arch)]
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="cnnkern inspect", description=(
+        "Static inspection without a GPU: the ptxas resource usage of every CUDA C++ kernel in "
+        "cnnkern._C, and every Triton kernel compiled ahead of time for sm_90 and sm_80 (registers, "
+        "spills, shared memory, tensor-core instructions). Exits 1 if a kernel spills or a main "
+        "kernel does not use the architecture's tensor cores."))
+    ap.add_argument("--arch", default="90,80", help="comma-separated SM versions for the Triton kernels")
+    ap.add_argument("--no-triton", action="store_true")
+    ap.add_argument("--no-cuda", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    args = ap.parse_args(argv)
+    data = report(tuple(int(a) for a in args.arch.split(",")), not args.no_triton, not args.no_cuda)
+    bad = [r for r in data["triton"] if not r["ok"]]
+    cuda = data["cuda"]
+    if cuda:
+        bad += [k for k in cuda["kernels"] if k["local"] or k["stack"]]
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 1 if bad else 0
+    if cuda:
+        print(f"cnnkern._C: {cuda['path']}")
+        print(f"  machine code: {', '.join(cuda['code']['elf'])}; PTX: {', '.join(cuda['code']['ptx'])}")
+        print(f"  {'arch':6} {'regs':>4} {'stack':>5} {'spill':>5} {'smem':>6}  kernel")
+        for k in cuda["kernels"]:
+            print(f"  {k['arch']:6} {k['registers']:4d} {k['stack']:5d} {k['local']:5d} {k['shared']:6d}  {k['name']}")
+    elif not args.no_cuda:
+        print(f"cnnkern._C: not loaded ({_backend._C_ERROR})" if _backend._C is None else "cuobjdump not found")
+    if data["triton"]:
+        print(f"\nTriton kernels (compiled ahead of time; no GPU needed)\n"
+              f"  {'ok':2} {'arch':4} {'regs':>4} {'stack':>5} {'smem':>6} {'wgmma':>5} {'mma':>4}  kernel / config")
+        for r in data["triton"]:
+            print(f"  {'ok' if r['ok'] else '!!':2} sm{r['arch']:<2} {r['registers']:4d} {r['stack']:5d} {r['shared']:6d} "
+                  f"{r['wgmma']:5d} {r['mma']:4d}  {r['label']} [{r['config']}]")
+    print(f"\n{len(bad)} problem(s)" if bad else "\nno spills; every main kernel uses the tensor cores")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,8 +11,9 @@ over (r, s, c). The A tile is gathered on the fly from x (implicit im2col: row m
 weight. Two kernels:
 
 * ``_fwd_kernel``: the reduction loop walks (r, s) and, inside, channel blocks of BLOCK_C; the
-  loop is flattened into one so Triton can pipeline it. A 1x1 convolution is the plain GEMM
-  special case (R = S = 1: one (r, s) step, channel blocks only).
+  loop is flattened into one so Triton can pipeline it.
+* ``_fwd_1x1_kernel``: an unpadded 1x1 convolution (bottlenecks, Inception reductions, stride-2
+  projections) is a plain GEMM over channels; no tap loop, no boundary masks.
 * ``_fwd_small_c_kernel``: for small Cg (the first layers, C = 3), a BLOCK_C of 16 would waste
   most of each tensor-core step on padding; this kernel flattens (r, s, c) into one reduction
   index and gathers BLOCK_K of them per step (11x11x3 = 363 -> 12 steps of 32).
@@ -42,24 +43,26 @@ from . import INTERPRET
 _INT32_MAX = 2**31 - 1
 
 
-def _configs(big):
-    """Autotuning space on a GPU; one small fixed configuration under the interpreter (it ignores
-    warps and stages, and smaller tiles keep numpy fast)."""
+def _configs(space, k_name="BLOCK_C"):
+    """Autotuning space on a GPU: (BLOCK_M, BLOCK_N, reduction block, warps, stages) tuples. One
+    small fixed configuration under the interpreter (it ignores warps and stages, and small tiles
+    keep numpy fast)."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_C": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for (bm, bn, bc, w, s) in big]
+        space = [(32, 32, 32 if k_name == "BLOCK_K" else 16, 4, 1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, k_name: bk, "GROUP_M": 8 if not INTERPRET else 4},
+                          num_warps=w, num_stages=st) for (bm, bn, bk, w, st) in space]
 
 
-# Tiles for sm_80/sm_90: 128x128 and 128x64 tiles with 4 stages are the wgmma/mma sweet spot for
-# 16-bit inputs; the 64-wide ones serve the small-K and small-M layers (late ResNet stages, batch 1).
-_FWD_CONFIGS = _configs([
-    (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (64, 32, 32, 2, 5),
-])
-_SMALL_C_CONFIGS = [triton.Config({"BLOCK_M": c.kwargs["BLOCK_M"], "BLOCK_N": c.kwargs["BLOCK_N"],
-                                   "BLOCK_K": max(32, c.kwargs["BLOCK_C"]), "GROUP_M": c.kwargs["GROUP_M"]},
-                                  num_warps=c.num_warps, num_stages=c.num_stages) for c in _FWD_CONFIGS[:5]]
+# The spaces below keep only tiles that compile without spills for both sm_80 and sm_90 with
+# bf16/fp16 NHWC inputs and use wgmma on sm_90 (checked by `cnnkern inspect` and
+# tests/test_inspect.py). 128x128 and 128x64 tiles with 3-4 stages are the tensor-core sweet spot;
+# the 64-wide ones serve small-K and small-M layers (late ResNet stages, batch 1).
+_FWD_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                         (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)])
+_GEMM_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 8, 4),
+                          (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)])
+_SMALL_C_CONFIGS = _configs([(64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 8, 3)], k_name="BLOCK_K")
+_DGRAD_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4)])
 _CONV_KEY = ["M", "Kg", "Cg", "R", "S", "IS_CL_X"]
 
 
@@ -146,9 +149,45 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     _epilogue(acc, b_ptr, y_ptr, n, p, q, k_glob, mask_m, mask_n, syn, syk, syp, syq, HAS_BIAS, RELU)
 
 
-@triton.autotune(configs=_SMALL_C_CONFIGS if not INTERPRET else [
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)],
-    key=_CONV_KEY)
+@triton.autotune(configs=_GEMM_CONFIGS, key=_CONV_KEY)
+@triton.jit
+def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+                    M, H, W, P, Q, Cg, Kg,
+                    sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
+                    sh, sw, ph, pw, dh, dw,
+                    R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
+    # A 1x1 convolution without padding is a plain GEMM: row m = (n, p, q) reads the C channels
+    # of input pixel (p*sh, q*sw), always inside the image. The launcher folds the stride into
+    # sxh/sxw (sh = sw = 1 here), so the A and B tiles just advance by BLOCK_C channels per step.
+    g = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < Kg
+    n = offs_m // (P * Q)
+    pq = offs_m % (P * Q)
+    p = pq // Q
+    q = pq % Q
+    k_glob = g * Kg + offs_n
+    offs_c = tl.arange(0, BLOCK_C)
+    a_ptrs = (x_ptr + (n.to(tl.int64) * sxn + p * sxh + q * sxw + (g * Cg).to(tl.int64) * sxc)[:, None]
+              + (offs_c * sxc)[None, :])
+    b_ptrs = w_ptr + (k_glob.to(tl.int64) * swk)[None, :] + (offs_c * swc)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for c0 in range(0, Cg, BLOCK_C):
+        mask_c = (c0 + offs_c) < Cg
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc = _mma(a, b, acc, ACC, PREC)
+        a_ptrs += BLOCK_C * sxc
+        b_ptrs += BLOCK_C * swc
+    _epilogue(acc, b_ptr, y_ptr, n, p, q, k_glob, mask_m, mask_n, syn, syk, syp, syq, HAS_BIAS, RELU)
+
+
+@triton.autotune(configs=_SMALL_C_CONFIGS, key=_CONV_KEY)
 @triton.jit
 def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                         M, H, W, P, Q, Cg, Kg,
@@ -194,7 +233,7 @@ def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     _epilogue(acc, b_ptr, y_ptr, n, p, q, k_glob, mask_m, mask_n, syn, syk, syp, syq, HAS_BIAS, RELU)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["M", "Kg", "Cg", "R", "S", "IS_CL_X"])
+@triton.autotune(configs=_DGRAD_CONFIGS, key=_CONV_KEY)
 @triton.jit
 def _dgrad_kernel(gy_ptr, w_ptr, gx_ptr,
                   M, H, W, P, Q, Cg, Kg,
@@ -323,12 +362,13 @@ def _is_cl(t: torch.Tensor) -> bool:
 
 
 def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool, precision: str,
-                   small_c: bool | None = None) -> None:
+                   kernel: str | None = None) -> None:
     """y = [relu](conv2d(x, w, bias)) with ``padding = (top, left)`` (y's shape fixes the rest).
 
     x: (N, C, H, W), w: (K, C/groups, R, S), bias: (K,) or None, y: (N, K, P, Q) preallocated;
     all any strides, one dtype. ``precision``: "tf32" or "ieee" for fp32 inputs.
-    ``small_c``: force (True/False) the small-channel kernel; None picks it for C/groups < 16.
+    ``kernel``: force "main", "small_c" or "1x1" (tests); None picks: "1x1" for an unpadded 1x1
+    convolution, "small_c" for C/groups < 16, "main" otherwise.
     """
     N, C, H, W = x.shape
     K, Cg, R, S = w.shape
@@ -339,14 +379,18 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
     for name, t in (("input", x), ("weight", w), ("output", y)):
         _check_int32_extent(name, t)
     Kg = K // groups
-    if small_c is None:
-        small_c = Cg < 16
-    kernel = _fwd_small_c_kernel if small_c else _fwd_kernel
+    if kernel is None:
+        kernel = "1x1" if (R, S) == (1, 1) and tuple(padding) == (0, 0) else "small_c" if Cg < 16 else "main"
+    sxn, sxc, sxh, sxw = x.stride()
+    if kernel == "1x1":  # fold the stride into the input strides: row (n, p, q) reads pixel (p*sh, q*sw)
+        fn, sxh, sxw, stride = _fwd_1x1_kernel, sxh * stride[0], sxw * stride[1], (1, 1)
+    else:
+        fn = {"main": _fwd_kernel, "small_c": _fwd_small_c_kernel}[kernel]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]), groups)  # noqa: E731
-    kernel[grid](x, w, bias if bias is not None else w, y, M, H, W, P, Q, Cg, Kg,
-                 *x.stride(), *w.stride(), *y.stride(), stride[0], stride[1], padding[0], padding[1],
-                 dilation[0], dilation[1], R=R, S=S, IS_CL_X=_is_cl(x), HAS_BIAS=bias is not None, RELU=relu,
-                 ACC=_acc(x.dtype), PREC=precision)
+    fn[grid](x, w, bias if bias is not None else w, y, M, H, W, P, Q, Cg, Kg,
+             sxn, sxc, sxh, sxw, *w.stride(), *y.stride(), stride[0], stride[1], padding[0], padding[1],
+             dilation[0], dilation[1], R=R, S=S, IS_CL_X=_is_cl(x), HAS_BIAS=bias is not None, RELU=relu,
+             ACC=_acc(x.dtype), PREC=precision)
 
 
 def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precision: str) -> None:

@@ -96,10 +96,12 @@ def test_fused_relu(backend, family):
     _check_grads(backend, torch.float32, "channels_last", family, activation="relu")
 
 
-@pytest.mark.parametrize("small_c", [True, False], ids=["small_c_kernel", "main_kernel"])
-@pytest.mark.parametrize("family", ["first_7x7s2", "3x3s2p1", "groups4", "rect"])
-def test_both_forward_kernels_on_the_same_layer(small_c, family):
-    """Each forward kernel is correct on layers the dispatcher would give the other one."""
+@pytest.mark.parametrize("kernel", ["small_c", "main", "1x1"])
+@pytest.mark.parametrize("family", ["first_7x7s2", "3x3s2p1", "groups4", "rect", "1x1s2"])
+def test_every_forward_kernel_on_the_same_layer(kernel, family):
+    """Each forward kernel is correct on layers the dispatcher would give another one."""
+    if kernel == "1x1" and family != "1x1s2":
+        pytest.skip("the 1x1 kernel serves unpadded 1x1 convolutions only")
     if cnnkern._backend.unavailable_reason("triton", DEVICE):
         pytest.skip("Triton unavailable")
     from cnnkern.kernels import conv2d as kc
@@ -109,7 +111,7 @@ def test_both_forward_kernels_on_the_same_layer(small_c, family):
                                                  kw["groups"])
     _, _, _, ref = _ref(x, w, b, kw)
     y = torch.full(ref.shape, float("nan"), dtype=x.dtype, device=DEVICE)
-    kc.conv2d_forward(x, w, b, y, stride, pad[:2], dil, kw["groups"], False, "ieee", small_c=small_c)
+    kc.conv2d_forward(x, w, b, y, stride, pad[:2], dil, kw["groups"], False, "ieee", kernel=kernel)
     assert_rel_close(y, ref, torch.float32)
 
 
