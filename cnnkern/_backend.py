@@ -33,6 +33,7 @@ GPU_BACKENDS = ("cuda", "triton")
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "residual_add": ("cuda", "triton"),
     "conv2d": ("triton",),
+    "conv_bn_relu": ("triton",),
 }
 
 _ENV_VAR = "CNNKERN_BACKEND"

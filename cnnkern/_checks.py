@@ -130,3 +130,18 @@ def conv_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias, stride, padd
                          f"input ({h + pad[0] + pad[2]}x{w + pad[1] + pad[3]}; input {tuple(x.shape)}, "
                          f"padding {padding!r})")
     return list(stride), pad, list(dilation)
+
+
+def bn_args(op: str, x: torch.Tensor, channels: int, **tensors) -> None:
+    """BatchNorm tensors (running_mean, running_var, bn_weight, bn_bias; None allowed): floating
+    (K,) vectors on x's device. Their dtype may differ from x's (fp32 statistics for fp16 inputs,
+    as PyTorch allows)."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        tensor(op, name, t, ndim=1)
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but input is on {x.device}")
+        if t.shape[0] != channels:
+            raise ValueError(f"{op}: {name} has {t.shape[0]} elements but the convolution has {channels} output "
+                             "channels")

@@ -111,7 +111,7 @@ def _conv_specs():
     import triton.language as tl
 
     strides16 = ("sxn", "sxh", "sxw", "swk", "swr", "sws", "syn", "syp", "syq", "Cg", "Kg")
-    fwd = dict(R=3, S=3, IS_CL_X=True, HAS_BIAS=True, RELU=True, ACC=tl.float32, PREC="ieee")
+    fwd = dict(R=3, S=3, IS_CL_X=True, HAS_BIAS=True, RELU=True, STATS=False, ACC=tl.float32, PREC="ieee")
     return [
         TritonSpec("conv2d forward 3x3, bf16 NHWC", "conv2d", "_fwd_kernel", "bf16", fwd,
                    ones=("sxc", "swc", "syk"), div16=strides16, gate=True),

@@ -12,7 +12,7 @@ import torch
 from . import _backend, _checks, reference
 from . import ops as _ops  # noqa: F401  (registers torch.ops.cnnkern.*)
 
-__all__ = ["conv2d", "residual_add"]
+__all__ = ["conv2d", "conv_bn_relu", "residual_add"]
 
 
 def residual_add(x: torch.Tensor, shortcut: torch.Tensor, relu: bool = True, backend: str | None = None) -> torch.Tensor:
@@ -76,20 +76,106 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         weight and bias (Triton backward kernels; the weight gradient is deterministic).
     """
     op = "conv2d"
-    _checks.tensor(op, "input", input)
-    if input.dim() not in (3, 4):
-        raise ValueError(f"{op}: input must be 4-D (N, C, H, W) or 3-D (C, H, W), got {input.dim()}-D with shape "
-                         f"{tuple(input.shape)}")
+    x = _batched(op, input)
     if activation not in (None, "relu"):
         raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
-    unbatched = input.dim() == 3
-    x = input.unsqueeze(0) if unbatched else input
     stride_, pad, dilation_ = _checks.conv_args(op, x, weight, bias, stride, padding, dilation, groups)
     name = _backend.resolve(op, backend, x.device)
     if name == "torch":
         y = reference.conv2d(x, weight, bias, stride, padding, dilation, groups, activation)
     else:
-        tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32
         y = torch.ops.cnnkern.conv2d(x, weight, bias, stride_, pad, dilation_, groups, activation == "relu",
-                                     "tf32" if tf32 else "ieee", name)
-    return y.squeeze(0) if unbatched else y
+                                     _precision(x), name)
+    return y.squeeze(0) if input.dim() == 3 else y
+
+
+def _batched(op: str, input: torch.Tensor) -> torch.Tensor:
+    _checks.tensor(op, "input", input)
+    if input.dim() not in (3, 4):
+        raise ValueError(f"{op}: input must be 4-D (N, C, H, W) or 3-D (C, H, W), got {input.dim()}-D with shape "
+                         f"{tuple(input.shape)}")
+    return input.unsqueeze(0) if input.dim() == 3 else input
+
+
+def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                 bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, training: bool = False,
+                 momentum: float | None = 0.1, eps: float = 1e-5, stride=1, padding=0, dilation=1, groups: int = 1,
+                 relu: bool = True, *, backend: str | None = None) -> torch.Tensor:
+    """``relu(batch_norm(conv2d(input, weight, bias), ...))`` with PyTorch's BatchNorm semantics.
+
+    Args:
+        input, weight, bias, stride, padding, dilation, groups: as :func:`conv2d`.
+        running_mean, running_var: (K,) running statistics, or None (then the batch statistics
+            are used in eval too, as PyTorch does). Updated in place in training with
+            ``momentum`` (the variance update uses the unbiased batch variance).
+        bn_weight, bn_bias: (K,) affine parameters (gamma, beta) or None.
+        training: normalise with the batch statistics (biased variance) and update the running
+            ones; otherwise use the running statistics.
+        momentum: a float in [0, 1]. PyTorch's ``momentum=None`` (cumulative average) needs the
+            batch count, which only the module keeps: use :class:`cnnkern.nn.ConvBNReLU2d`.
+        eps: added to the variance.
+        relu: apply the ReLU.
+        backend: "auto" | "triton" | "torch", or None for the default.
+
+    Eval runs one convolution with BatchNorm folded into its weights and bias and the ReLU in its
+    epilogue. Training runs the convolution with per-channel statistics computed in its
+    epilogue (no extra pass over its output), then one normalise + ReLU pass; the backward fuses
+    BatchNorm's two reductions into one pass and reuses the convolution's backward kernels.
+    """
+    op = "conv_bn_relu"
+    x = _batched(op, input)
+    stride_, pad, dilation_ = _checks.conv_args(op, x, weight, bias, stride, padding, dilation, groups)
+    k = weight.shape[0]
+    _checks.bn_args(op, x, k, running_mean=running_mean, running_var=running_var, bn_weight=bn_weight,
+                    bn_bias=bn_bias)
+    _checks.flag(op, "training", training)
+    _checks.flag(op, "relu", relu)
+    if momentum is None:
+        raise ValueError(f"{op}: momentum=None (a cumulative moving average) needs the number of batches seen; "
+                         "use cnnkern.nn.ConvBNReLU2d, which tracks it, or pass momentum=1/num_batches")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must both be tensors or both be None")
+    batch_stats = training or running_mean is None
+    if batch_stats:
+        _, _, p, q = _ops.conv2d.output_size(x.shape, weight.shape, stride_, pad, dilation_)
+        if x.shape[0] * p * q <= 1:
+            raise ValueError(f"{op}: expected more than 1 value per channel when training, got output of "
+                             f"{x.shape[0] * p * q} value(s) per channel (input {tuple(input.shape)})")
+    name = _backend.resolve(op, backend, x.device)
+    if name == "torch":
+        y = reference.conv_bn_relu(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, batch_stats,
+                                   momentum, eps, stride, padding, dilation, groups, relu)
+    elif batch_stats:
+        y, _, mean, _, var = torch.ops.cnnkern.conv_bn_relu_train(x, weight, bias, bn_weight, bn_bias, float(eps),
+                                                                 stride_, pad, dilation_, groups, relu,
+                                                                 _precision(x), name)
+        if training and running_mean is not None:
+            count = x.shape[0] * y.shape[2] * y.shape[3]
+            torch.ops.cnnkern.bn_update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
+                                                      count, float(momentum))
+    else:
+        w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
+        y = torch.ops.cnnkern.conv2d(x, w, b, stride_, pad, dilation_, groups, relu, _precision(x), name)
+    return y.squeeze(0) if input.dim() == 3 else y
+
+
+def fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):
+    """Inference BatchNorm folded into the convolution: ``w' = w * s``, ``b' = beta + (b - mean) * s``
+    with ``s = gamma / sqrt(var + eps)`` per output channel, computed in fp32 (fp64 for fp64) and
+    returned in the weight's dtype. Differentiable (plain PyTorch ops)."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    s = torch.rsqrt(running_var.to(acc) + eps)
+    if bn_weight is not None:
+        s = s * bn_weight.to(acc)
+    b = -running_mean.to(acc) if bias is None else bias.to(acc) - running_mean.to(acc)
+    b = b * s
+    if bn_bias is not None:
+        b = b + bn_bias.to(acc)
+    w = (weight.to(acc) * s.view(-1, 1, 1, 1)).to(weight.dtype)
+    return w, b.to(weight.dtype)
+
+
+def _precision(x: torch.Tensor) -> str:
+    """How fp32 inputs multiply: TF32 exactly when PyTorch's conv would."""
+    return "tf32" if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32 else "ieee"

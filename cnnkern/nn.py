@@ -6,7 +6,7 @@ import torch
 
 from . import functional as F
 
-__all__ = ["Conv2d", "ResidualAdd"]
+__all__ = ["Conv2d", "ConvBNReLU2d", "ResidualAdd"]
 
 
 class ResidualAdd(torch.nn.Module):
@@ -76,3 +76,81 @@ class Conv2d(torch.nn.Conv2d):
         if self.activation:
             s += f", activation={self.activation!r}"
         return s + (f", backend={self.backend!r}" if self.backend else "")
+
+
+class ConvBNReLU2d(torch.nn.Module):
+    """Convolution -> BatchNorm2d -> ReLU as one fused layer.
+
+    Submodules ``conv`` (a ``torch.nn.Conv2d``) and ``bn`` (a ``torch.nn.BatchNorm2d``), so the
+    state_dict keys are those of torchvision's ``BasicConv2d`` (``conv.weight``, ``bn.weight``,
+    ``bn.bias``, ``bn.running_mean``, ``bn.running_var``, ``bn.num_batches_tracked``) and its
+    weights load unchanged.
+
+    Training: batch statistics from the convolution's epilogue, running statistics updated as
+    ``torch.nn.BatchNorm2d`` does (``momentum=None``: cumulative average over
+    ``num_batches_tracked``). Eval: BatchNorm folded into the convolution's weights and bias (cached
+    while no parameter or statistic changes; recomputed, differentiably, when autograd records),
+    one kernel with the ReLU in its epilogue.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=False, eps=1e-5, momentum=0.1, relu=True, *, backend=None, device=None, dtype=None):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                                    device=device, dtype=dtype)
+        self.bn = torch.nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        self.relu = relu
+        self.backend = backend
+        self._folded = None  # (key, weight, bias) of the last eval-mode fold
+
+    @classmethod
+    def from_modules(cls, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: bool = True, *,
+                     backend=None) -> "ConvBNReLU2d":
+        """A fused layer built on existing modules (their parameters and buffers are shared)."""
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"ConvBNReLU2d.from_modules: conv.padding_mode={conv.padding_mode!r} is not supported, "
+                             "only 'zeros'")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"ConvBNReLU2d.from_modules: bn has {bn.num_features} features but conv has "
+                             f"{conv.out_channels} output channels")
+        new = cls.__new__(cls)
+        torch.nn.Module.__init__(new)
+        new.conv, new.bn, new.relu, new.backend, new._folded = conv, bn, relu, backend, None
+        return new
+
+    def _fold_key(self):
+        ts = [self.conv.weight, self.conv.bias, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var]
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in ts), self.bn.eps
+
+    def _eval_weights(self):
+        conv, bn = self.conv, self.bn
+        args = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
+        if recording or torch.compiler.is_compiling():
+            return F.fold_bn(*args)
+        key = self._fold_key()
+        if self._folded is None or self._folded[0] != key:
+            with torch.no_grad():
+                self._folded = (key, *F.fold_bn(*args))
+        return self._folded[1], self._folded[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.conv, self.bn
+        if bn.training or bn.running_mean is None:
+            momentum = bn.momentum
+            if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                if momentum is None:  # cumulative moving average, as torch.nn.BatchNorm2d
+                    momentum = 1.0 / float(bn.num_batches_tracked)
+            training = bn.training
+            return F.conv_bn_relu(x, conv.weight, conv.bias, bn.running_mean if training else None,
+                                  bn.running_var if training else None, bn.weight, bn.bias, training=True,
+                                  momentum=0.0 if momentum is None else momentum, eps=bn.eps, stride=conv.stride,
+                                  padding=conv.padding, dilation=conv.dilation, groups=conv.groups, relu=self.relu,
+                                  backend=self.backend)
+        w, b = self._eval_weights()
+        return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups,
+                        activation="relu" if self.relu else None, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}" + (f", backend={self.backend!r}" if self.backend else "")

@@ -33,3 +33,12 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, acti
     """``torch.nn.functional.conv2d`` followed by the optional activation (None or "relu")."""
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return torch.relu(y) if activation == "relu" else y
+
+
+def conv_bn_relu(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, training=False, momentum=0.1,
+                 eps=1e-5, stride=1, padding=0, dilation=1, groups=1, relu=True):
+    """``relu(batch_norm(conv2d(x)))`` with PyTorch's BatchNorm semantics (running statistics
+    updated in place in training)."""
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return torch.relu(y) if relu else y

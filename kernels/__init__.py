@@ -12,4 +12,4 @@ import os
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
-from . import residual_add  # noqa: E402,F401
+from . import conv2d, conv_bn_relu, residual_add  # noqa: E402,F401

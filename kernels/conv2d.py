@@ -91,11 +91,25 @@ def _mma(a, b, acc, ACC: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, b_ptr, y_ptr, n, p, q, offs_k, mask_m, mask_k, syn, syk, syp, syq,
-              HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
+def _epilogue(acc, b_ptr, y_ptr, st_ptr, pid_m, K, n, p, q, offs_k, mask_m, mask_k, syn, syk, syp, syq,
+              HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr):
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(acc.dtype)
         acc = acc + bias[None, :]
+    if STATS:
+        # BatchNorm statistics of this tile, per output channel: count, mean and M2 (sum of squared
+        # deviations from the tile's own mean). The host merges the tiles with Chan et al.'s
+        # pairwise formula, which, unlike E[y^2] - E[y]^2, loses nothing to cancellation when the
+        # batch is large or the mean is far from zero. st[pid_m, 0:3, k] = (count, mean, M2).
+        rows = tl.where(mask_m, 1.0, 0.0).to(acc.dtype)
+        cnt = tl.sum(rows, axis=0)
+        mean = tl.sum(acc * rows[:, None], axis=0) / cnt
+        dev = (acc - mean[None, :]) * rows[:, None]
+        m2 = tl.sum(dev * dev, axis=0)
+        st = st_ptr + pid_m.to(tl.int64) * 3 * K + offs_k
+        tl.store(st, tl.zeros_like(mean) + cnt, mask=mask_k)
+        tl.store(st + K, mean, mask=mask_k)
+        tl.store(st + 2 * K, m2, mask=mask_k)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)
     row = n.to(tl.int64) * syn + p * syp + q * syq
@@ -105,12 +119,13 @@ def _epilogue(acc, b_ptr, y_ptr, n, p, q, offs_k, mask_m, mask_k, syn, syk, syp,
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_CONV_KEY)
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
                 M, H, W, P, Q, Cg, Kg,
                 sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
                 sh, sw, ph, pw, dh, dw,
                 R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
-                HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
+                PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
     g = tl.program_id(1)
     pid_m, pid_n = _tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
@@ -146,17 +161,19 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
         b = tl.load(w_col[None, :] + (offs_c * swc)[:, None] + (r * swr + s * sws),
                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         acc = _mma(a, b, acc, ACC, PREC)
-    _epilogue(acc, b_ptr, y_ptr, n, p, q, k_glob, mask_m, mask_n, syn, syk, syp, syq, HAS_BIAS, RELU)
+    _epilogue(acc, b_ptr, y_ptr, st_ptr, pid_m, Kg * tl.num_programs(1), n, p, q, k_glob, mask_m, mask_n,
+              syn, syk, syp, syq, HAS_BIAS, RELU, STATS)
 
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=_CONV_KEY)
 @triton.jit
-def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
                     M, H, W, P, Q, Cg, Kg,
                     sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
                     sh, sw, ph, pw, dh, dw,
                     R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
+                PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
     # A 1x1 convolution without padding is a plain GEMM: row m = (n, p, q) reads the C channels
     # of input pixel (p*sh, q*sw), always inside the image. The launcher folds the stride into
@@ -184,17 +201,19 @@ def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
         acc = _mma(a, b, acc, ACC, PREC)
         a_ptrs += BLOCK_C * sxc
         b_ptrs += BLOCK_C * swc
-    _epilogue(acc, b_ptr, y_ptr, n, p, q, k_glob, mask_m, mask_n, syn, syk, syp, syq, HAS_BIAS, RELU)
+    _epilogue(acc, b_ptr, y_ptr, st_ptr, pid_m, Kg * tl.num_programs(1), n, p, q, k_glob, mask_m, mask_n,
+              syn, syk, syp, syq, HAS_BIAS, RELU, STATS)
 
 
 @triton.autotune(configs=_SMALL_C_CONFIGS, key=_CONV_KEY)
 @triton.jit
-def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
                         M, H, W, P, Q, Cg, Kg,
                         sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
                         sh, sw, ph, pw, dh, dw,
                         R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
+                PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
     g = tl.program_id(1)
@@ -230,7 +249,8 @@ def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
         b = tl.load(w_col[None, :] + (c * swc + r * swr + s * sws)[:, None],
                     mask=mask_t[:, None] & mask_n[None, :], other=0.0)
         acc = _mma(a, b, acc, ACC, PREC)
-    _epilogue(acc, b_ptr, y_ptr, n, p, q, k_glob, mask_m, mask_n, syn, syk, syp, syq, HAS_BIAS, RELU)
+    _epilogue(acc, b_ptr, y_ptr, st_ptr, pid_m, Kg * tl.num_programs(1), n, p, q, k_glob, mask_m, mask_n,
+              syn, syk, syp, syq, HAS_BIAS, RELU, STATS)
 
 
 @triton.autotune(configs=_DGRAD_CONFIGS, key=_CONV_KEY)
@@ -361,14 +381,22 @@ def _is_cl(t: torch.Tensor) -> bool:
     return t.dim() == 4 and t.stride(1) == 1 and t.shape[1] > 1
 
 
+def stats_rows(M: int) -> int:
+    """Rows of the statistics workspace for a forward pass with ``stats``: one per M-tile of the
+    smallest BLOCK_M any configuration uses (rows a larger tile leaves unwritten stay zero: count 0)."""
+    return triton.cdiv(M, 32)
+
+
 def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool, precision: str,
-                   kernel: str | None = None) -> None:
+                   kernel: str | None = None, stats: torch.Tensor | None = None) -> None:
     """y = [relu](conv2d(x, w, bias)) with ``padding = (top, left)`` (y's shape fixes the rest).
 
     x: (N, C, H, W), w: (K, C/groups, R, S), bias: (K,) or None, y: (N, K, P, Q) preallocated;
     all any strides, one dtype. ``precision``: "tf32" or "ieee" for fp32 inputs.
     ``kernel``: force "main", "small_c" or "1x1" (tests); None picks: "1x1" for an unpadded 1x1
     convolution, "small_c" for C/groups < 16, "main" otherwise.
+    ``stats``: a zeroed (stats_rows(M), 3, K) fp32 (fp64 for fp64) workspace that receives, per
+    M-tile and output channel, the (count, mean, M2) of y before the activation (BatchNorm).
     """
     N, C, H, W = x.shape
     K, Cg, R, S = w.shape
@@ -387,10 +415,10 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
     else:
         fn = {"main": _fwd_kernel, "small_c": _fwd_small_c_kernel}[kernel]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]), groups)  # noqa: E731
-    fn[grid](x, w, bias if bias is not None else w, y, M, H, W, P, Q, Cg, Kg,
+    fn[grid](x, w, bias if bias is not None else w, y, stats if stats is not None else y, M, H, W, P, Q, Cg, Kg,
              sxn, sxc, sxh, sxw, *w.stride(), *y.stride(), stride[0], stride[1], padding[0], padding[1],
              dilation[0], dilation[1], R=R, S=S, IS_CL_X=_is_cl(x), HAS_BIAS=bias is not None, RELU=relu,
-             ACC=_acc(x.dtype), PREC=precision)
+             STATS=stats is not None, ACC=_acc(x.dtype), PREC=precision)
 
 
 def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precision: str) -> None:

@@ -5,4 +5,4 @@ implementations below attach to.
 """
 
 from .. import _backend  # noqa: F401  (loads cnnkern._C before any registration)
-from . import conv2d, residual_add  # noqa: F401
+from . import conv2d, conv_bn_relu, residual_add  # noqa: F401

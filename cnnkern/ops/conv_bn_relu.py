@@ -1,0 +1,138 @@
+"""torch.library registration of the training-mode fused convolution + BatchNorm + ReLU.
+
+(Inference needs no op of its own: cnnkern.functional folds BatchNorm into the convolution's
+weights and bias and runs one ``cnnkern::conv2d`` with the ReLU in its epilogue.)
+
+Ops (``cnnkern`` namespace; conv arguments as in cnnkern/ops/conv2d.py):
+
+* ``conv_bn_relu_train(x, w, bias?, bn_weight?, bn_bias?, eps, stride, padding, dilation, groups,
+  relu, precision, backend) -> (out, y, mean, invstd, var)``: the convolution writes y and its
+  per-tile statistics (no second pass over y), the statistics are merged into the batch mean and
+  biased variance, and one pass writes out = [relu](BN(y)). ``y``, ``mean`` and ``invstd`` are
+  kept for the backward.
+* ``bn_update_running_stats(running_mean!, running_var!, mean, var, count, momentum)``: the
+  in-place running-statistics update (unbiased variance, PyTorch's rule). A separate op because
+  an op that mutates its inputs cannot carry an autograd formula.
+* ``conv_bn_relu_backward(grad, out?, y, mean, invstd, bn_weight?, backend) -> (dy, dgamma, dbeta)``:
+  ReLU mask and BatchNorm backward (both reductions in one pass); the convolution's own backward
+  ops then turn dy into the input, weight and bias gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import in_layout, new_output
+from .conv2d import _check_backend, _y_channels_last, conv2d_backward_input, conv2d_backward_weight, output_size
+
+
+def _kernels():
+    from cnnkern.kernels import conv2d as kc
+    from cnnkern.kernels import conv_bn_relu as kb  # on first use: see cnnkern/ops/residual_add.py
+    return kc, kb
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _affine(t: torch.Tensor | None, k: int, fill: float, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t is not None else torch.full((k,), fill, dtype=dtype, device=like.device)
+
+
+@torch.library.custom_op("cnnkern::conv_bn_relu_train", mutates_args=())
+def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bn_weight: torch.Tensor | None,
+                       bn_bias: torch.Tensor | None, eps: float, stride: list[int], padding: list[int],
+                       dilation: list[int], groups: int, relu: bool, precision: str,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_backend(backend)
+    kc, kb = _kernels()
+    shape = output_size(x.shape, w.shape, stride, padding, dilation)
+    cl = _y_channels_last(x, w)
+    y = new_output(shape, x, cl)
+    n_, k, p, q = shape
+    acc_t = _acc_dtype(x)
+    stats = torch.zeros((kc.stats_rows(n_ * p * q), 3, k), dtype=acc_t, device=x.device)
+    kc.conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, False, precision, stats=stats)
+    _, mean, var = kb.merge_stats(stats)
+    invstd = torch.rsqrt(var + eps)
+    scale = _affine(bn_weight, k, 1.0, x, acc_t) * invstd
+    shift = _affine(bn_bias, k, 0.0, x, acc_t) - mean * scale
+    out = new_output(shape, x, cl)
+    kb.bn_apply(y, out, scale, shift, relu)
+    return out, y, mean, invstd, var
+
+
+@conv_bn_relu_train.register_fake
+def _(x, w, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups, relu, precision, backend):
+    shape = output_size(x.shape, w.shape, stride, padding, dilation)
+    cl = _y_channels_last(x, w)
+    stat = x.new_empty((shape[1],), dtype=_acc_dtype(x))
+    return new_output(shape, x, cl), new_output(shape, x, cl), stat, stat.clone(), stat.clone()
+
+
+@torch.library.custom_op("cnnkern::bn_update_running_stats", mutates_args=("running_mean", "running_var"))
+def bn_update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                            var: torch.Tensor, count: int, momentum: float) -> None:
+    # running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+
+
+@bn_update_running_stats.register_fake
+def _(running_mean, running_var, mean, var, count, momentum):
+    return None
+
+
+@torch.library.custom_op("cnnkern::conv_bn_relu_backward", mutates_args=())
+def conv_bn_relu_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, mean: torch.Tensor,
+                          invstd: torch.Tensor, bn_weight: torch.Tensor | None,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_backend(backend)
+    _, kb = _kernels()
+    cl = _y_channels_last(y, y)
+    grad = in_layout(grad, cl)  # the kernels read grad, out and y through one dense layout
+    dy = new_output(y.shape, y, cl)
+    gamma = _affine(bn_weight, y.shape[1], 1.0, y, mean.dtype)
+    sg, sgx = kb.bn_backward(grad, out, y, dy, mean, invstd, gamma)
+    pdt = bn_weight.dtype if bn_weight is not None else y.dtype
+    return dy, sgx.to(pdt), sg.to(pdt)
+
+
+@conv_bn_relu_backward.register_fake
+def _(grad, out, y, mean, invstd, bn_weight, backend):
+    pdt = bn_weight.dtype if bn_weight is not None else y.dtype
+    k = y.shape[1]
+    return new_output(y.shape, y, _y_channels_last(y, y)), y.new_empty((k,), dtype=pdt), y.new_empty((k,), dtype=pdt)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups, relu, precision, backend = inputs
+    out, y, mean, invstd, _ = output
+    ctx.save_for_backward(x, w, y, out if relu else None, mean, invstd, bn_weight)
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.has = (bias is not None, bn_weight is not None, bn_bias is not None)
+    ctx.precision, ctx.backend = precision, backend
+    ctx.layouts = (_y_channels_last(x, x), _y_channels_last(w, w))
+
+
+def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_invstd, _grad_var):
+    x, w, y, out, mean, invstd, bn_weight = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    has_bias, has_gamma, has_beta = ctx.has
+    need = ctx.needs_input_grad
+    dy, dgamma, dbeta = conv_bn_relu_backward(grad_out, out, y, mean, invstd, bn_weight, ctx.backend)
+    gx = gw = gb = None
+    if need[0]:
+        gx = conv2d_backward_input(dy, w, list(x.shape), stride, padding, dilation, groups, ctx.layouts[0],
+                                   ctx.precision, ctx.backend)
+    if need[1] or (has_bias and need[2]):
+        gw, gb = conv2d_backward_weight(dy, x, list(w.shape), stride, padding, dilation, groups, has_bias,
+                                        ctx.layouts[1], ctx.precision, ctx.backend)
+        gw = gw if need[1] else None
+        gb = gb if has_bias and need[2] else None
+    return (gx, gw, gb, dgamma if has_gamma and need[3] else None, dbeta if has_beta and need[4] else None,
+            *([None] * 8))
+
+
+conv_bn_relu_train.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,184 @@
+"""conv_bn_relu / ConvBNReLU2d against a float64 nn.Sequential(Conv2d, BatchNorm2d, ReLU) with the same
+parameters: several training steps (outputs, every gradient, running statistics after each step),
+eval (folded BatchNorm), momentum=None, relu on/off, layouts, dtypes; registration; bad input."""
+
+import copy
+
+import pytest
+import torch
+from helpers import DEVICE, assert_rel_close, backends_for, make
+from test_conv2d import FAMILIES
+
+import cnnkern
+from cnnkern import functional as F
+
+BACKENDS = backends_for(DEVICE, "conv_bn_relu")
+FUSED_FAMILIES = ["3x3s1p1", "3x3s2p1", "1x1s1", "1x1s2", "first_7x7s2", "groups2", "same_even"]
+
+
+def _pair(family, dtype, relu=True, momentum=0.1, backend=None):
+    xs, k, ks, stride, pad, dil, groups = FAMILIES[family]
+    ours = cnnkern.nn.ConvBNReLU2d(xs[1], k, ks, stride, pad, dil, groups, bias=False, momentum=momentum, relu=relu,
+                                   backend=backend).to(DEVICE)
+    with torch.no_grad():  # non-trivial affine parameters and running statistics
+        ours.bn.weight.uniform_(0.5, 1.5)
+        ours.bn.bias.uniform_(-0.5, 0.5)
+        ours.bn.running_mean.uniform_(-0.2, 0.2)
+        ours.bn.running_var.uniform_(0.5, 1.5)
+    ref = torch.nn.Sequential(copy.deepcopy(ours.conv), copy.deepcopy(ours.bn),
+                              torch.nn.ReLU() if relu else torch.nn.Identity()).double()
+    ours = ours.to(dtype)
+    return ours, ref, xs
+
+
+def _params(ours, ref):
+    return [(ours.conv.weight, ref[0].weight), (ours.bn.weight, ref[1].weight), (ours.bn.bias, ref[1].bias)]
+
+
+def _train_steps(backend, family, dtype, layout, relu=True, momentum=0.1, steps=3):
+    ours, ref, xs = _pair(family, dtype, relu, momentum, backend)
+    ours.train()
+    ref.train()
+    for step in range(steps):
+        x = make(xs, dtype, DEVICE, layout, requires_grad=True)
+        xr = x.detach().double().requires_grad_()
+        out = ours(x)
+        want = ref(xr)
+        assert_rel_close(out, want, dtype, f"step {step} output")
+        g = make(tuple(out.shape), dtype, DEVICE)
+        ours.zero_grad()
+        ref.zero_grad()
+        out.backward(g)
+        want.backward(g.double())
+        assert_rel_close(x.grad, xr.grad, dtype, f"step {step} grad input")
+        for name, (a, b) in zip(["conv.weight", "bn.weight", "bn.bias"], _params(ours, ref)):
+            assert_rel_close(a.grad, b.grad, dtype, f"step {step} grad {name}")
+        # the module was cast to dtype, running statistics included
+        assert_rel_close(ours.bn.running_mean, ref[1].running_mean, dtype, f"step {step} running_mean")
+        assert_rel_close(ours.bn.running_var, ref[1].running_var, dtype, f"step {step} running_var")
+        assert int(ours.bn.num_batches_tracked) == int(ref[1].num_batches_tracked) == step + 1
+        with torch.no_grad():  # an optimizer step, so the next step sees new weights (the same in both)
+            for a, b in _params(ours, ref):
+                a.sub_(0.1 * a.grad)
+                b.copy_(a)
+    ours.eval()
+    ref.eval()
+    x = make(xs, dtype, DEVICE, layout)
+    with torch.no_grad():
+        assert_rel_close(ours(x), ref(x.double()), dtype, "eval output")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_training_steps_fp32(backend, layout, family):
+    _train_steps(backend, family, torch.float32, layout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("family", ["3x3s2p1", "1x1s1"])
+def test_training_steps_fp16_fp64(backend, dtype, family):
+    _train_steps(backend, family, dtype, "channels_last" if dtype == torch.float16 else "strided")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_momentum_none_and_no_relu(backend):
+    _train_steps(backend, "3x3s1p1", torch.float32, "channels_last", relu=False, momentum=None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_running_stats_uses_batch_statistics_in_eval(backend):
+    ours, ref, xs = _pair("3x3s1p1", torch.float32, backend=backend)
+    ours.bn = torch.nn.BatchNorm2d(ours.bn.num_features, track_running_stats=False).to(DEVICE)
+    ref[1] = copy.deepcopy(ours.bn).double()
+    ours.eval()
+    ref.eval()
+    x = make(xs, torch.float32, DEVICE, "channels_last")
+    assert_rel_close(ours(x), ref(x.double()), torch.float32)
+
+
+def test_eval_fold_is_cached_and_never_stale():
+    ours, ref, xs = _pair("3x3s1p1", torch.float32, backend="triton")
+    ours.eval()
+    ref.eval()
+    x = make(xs, torch.float32, DEVICE)
+    with torch.no_grad():
+        ours(x)
+        first = ours._folded
+        ours(x)
+        assert ours._folded is first  # nothing changed: the fold is reused
+        for m in (ours.bn, ref[1]):
+            m.running_var.mul_(2.0)  # an in-place change bumps the version: refold
+        assert_rel_close(ours(x), ref(x.double()), torch.float32)
+        assert ours._folded is not first
+    # with autograd recording, the fold is recomputed differentiably
+    out = ours(x)
+    out.sum().backward()
+    assert ours.bn.weight.grad is not None and ours.conv.weight.grad is not None
+
+
+def test_state_dict_matches_torchvision_basicconv2d_and_from_modules():
+    m = cnnkern.nn.ConvBNReLU2d(16, 32, 3, padding=1)
+    assert list(m.state_dict()) == ["conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+                                    "bn.num_batches_tracked"]
+    conv, bn = torch.nn.Conv2d(16, 32, 3, padding=1, bias=False), torch.nn.BatchNorm2d(32)
+    fused = cnnkern.nn.ConvBNReLU2d.from_modules(conv, bn, relu=False)
+    assert fused.conv.weight is conv.weight and fused.bn.running_mean is bn.running_mean
+    assert "relu=False" in repr(fused)
+    with pytest.raises(ValueError, match="bn has 16 features but conv has 32"):
+        cnnkern.nn.ConvBNReLU2d.from_modules(conv, torch.nn.BatchNorm2d(16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_value_per_channel_in_training_is_an_error(backend):
+    m = cnnkern.nn.ConvBNReLU2d(4, 8, 3, backend=backend).to(DEVICE).train()
+    with pytest.raises(ValueError, match="more than 1 value per channel when training"):
+        m(torch.randn(1, 4, 3, 3, device=DEVICE))
+    m.eval()
+    assert m(torch.randn(1, 4, 3, 3, device=DEVICE)).shape == (1, 8, 1, 1)
+
+
+TRITON_OK = cnnkern._backend.unavailable_reason("triton", DEVICE) is None
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="Triton unavailable")
+def test_opcheck():
+    x = make((2, 8, 5, 5), torch.float32, DEVICE, "channels_last", requires_grad=True)
+    w = make((16, 8, 3, 3), torch.float32, DEVICE, requires_grad=True)
+    gamma = torch.rand(16, device=DEVICE, requires_grad=True)
+    beta = torch.randn(16, device=DEVICE, requires_grad=True)
+    ops = torch.ops.cnnkern
+    args = (x, w, None, gamma, beta, 1e-5, [1, 1], [1, 1, 1, 1], [1, 1], 1, True, "ieee", "triton")
+    torch.library.opcheck(ops.conv_bn_relu_train.default, args)
+    out, y, mean, invstd, var = ops.conv_bn_relu_train(*args)
+    g = torch.randn_like(out)
+    torch.library.opcheck(ops.conv_bn_relu_backward.default,
+                          (g, out.detach(), y.detach(), mean.detach(), invstd.detach(), gamma.detach(), "triton"))
+    rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
+    torch.library.opcheck(ops.bn_update_running_stats.default, (rm, rv, mean.detach(), var.detach(), 50, 0.1))
+
+
+def _t(*shape):
+    return torch.randn(shape)
+
+
+BAD = [
+    ({"running_mean": _t(7)}, ValueError, "running_mean has 7 elements but the convolution has 8 output channels"),
+    ({"running_var": None}, ValueError, "running_mean and running_var must both be tensors or both be None"),
+    ({"bn_weight": _t(8, 1)}, ValueError, "bn_weight must be 1-D, got 2-D"),
+    ({"bn_bias": _t(8).long()}, TypeError, "bn_bias must be a floating-point tensor"),
+    ({"momentum": None}, ValueError, "momentum=None (a cumulative moving average) needs the number of batches"),
+    ({"training": 1}, TypeError, "training must be a bool, got int"),
+    ({"backend": "cuda"}, cnnkern.BackendUnavailableError, "backend 'cuda' has no kernel for this op yet"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", BAD, ids=[b[-1][:40] for b in BAD])
+def test_bad_input(kwargs, exc, msg):
+    args = dict(running_mean=_t(8), running_var=_t(8).abs(), bn_weight=_t(8), bn_bias=_t(8))
+    args.update(kwargs)
+    with pytest.raises(exc) as info:
+        F.conv_bn_relu(_t(2, 4, 5, 5), _t(8, 4, 3, 3), None, args.pop("running_mean"), args.pop("running_var"),
+                       args.pop("bn_weight"), args.pop("bn_bias"), **args)
+    assert msg in str(info.value)
