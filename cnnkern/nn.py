@@ -6,7 +6,7 @@ import torch
 
 from . import functional as F
 
-__all__ = ["Conv2d", "ConvBNReLU2d", "ResidualAdd"]
+__all__ = ["Conv2d", "ConvBNReLU2d", "ResidualAdd", "Sequential", "conv_bn_forward"]
 
 
 class ResidualAdd(torch.nn.Module):
@@ -101,7 +101,6 @@ class ConvBNReLU2d(torch.nn.Module):
         self.bn = torch.nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
         self.relu = relu
         self.backend = backend
-        self._folded = None  # (key, weight, bias) of the last eval-mode fold
 
     @classmethod
     def from_modules(cls, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: bool = True, *,
@@ -115,42 +114,93 @@ class ConvBNReLU2d(torch.nn.Module):
                              f"{conv.out_channels} output channels")
         new = cls.__new__(cls)
         torch.nn.Module.__init__(new)
-        new.conv, new.bn, new.relu, new.backend, new._folded = conv, bn, relu, backend, None
+        new.conv, new.bn, new.relu, new.backend = conv, bn, relu, backend
         return new
 
-    def _fold_key(self):
-        ts = [self.conv.weight, self.conv.bias, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var]
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in ts), self.bn.eps
-
-    def _eval_weights(self):
-        conv, bn = self.conv, self.bn
-        args = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-        recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
-        if recording or torch.compiler.is_compiling():
-            return F.fold_bn(*args)
-        key = self._fold_key()
-        if self._folded is None or self._folded[0] != key:
-            with torch.no_grad():
-                self._folded = (key, *F.fold_bn(*args))
-        return self._folded[1], self._folded[2]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv, bn = self.conv, self.bn
-        if bn.training or bn.running_mean is None:
-            momentum = bn.momentum
-            if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-                if momentum is None:  # cumulative moving average, as torch.nn.BatchNorm2d
-                    momentum = 1.0 / float(bn.num_batches_tracked)
-            training = bn.training
-            return F.conv_bn_relu(x, conv.weight, conv.bias, bn.running_mean if training else None,
-                                  bn.running_var if training else None, bn.weight, bn.bias, training=True,
-                                  momentum=0.0 if momentum is None else momentum, eps=bn.eps, stride=conv.stride,
-                                  padding=conv.padding, dilation=conv.dilation, groups=conv.groups, relu=self.relu,
-                                  backend=self.backend)
-        w, b = self._eval_weights()
-        return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups,
-                        activation="relu" if self.relu else None, backend=self.backend)
+        return conv_bn_forward(self.conv, self.bn, x, relu=self.relu, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}" + (f", backend={self.backend!r}" if self.backend else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv2d [-> BatchNorm2d] [-> ReLU] on existing torch modules: the engine behind ConvBNReLU2d,
+# cnnkern.nn.Sequential, the models and cnnkern.convert.
+# ---------------------------------------------------------------------------------------------
+_FOLD_ATTR = "_cnnkern_folded"  # plain attribute on the BatchNorm module: (key, weight, bias)
+
+
+def _fold_key(conv, bn):
+    ts = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in ts), bn.eps
+
+
+def _eval_weights(conv, bn):
+    """BatchNorm folded into conv's weight and bias. Cached on the BatchNorm module while no
+    parameter or statistic changes (any in-place change bumps a version counter); recomputed,
+    differentiably, whenever autograd records or torch.compile traces."""
+    args = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
+    if recording or torch.compiler.is_compiling():
+        return F.fold_bn(*args)
+    key = _fold_key(conv, bn)
+    cached = bn.__dict__.get(_FOLD_ATTR)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, *F.fold_bn(*args))
+        bn.__dict__[_FOLD_ATTR] = cached
+    return cached[1], cached[2]
+
+
+def conv_bn_forward(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, x: torch.Tensor, relu: bool = True,
+                    backend: str | None = None) -> torch.Tensor:
+    """``[relu](bn(conv(x)))`` (``bn`` may be None) on cnnkern's kernels, with exactly the module
+    semantics of ``torch.nn.Conv2d`` and ``torch.nn.BatchNorm2d`` (training flag, running
+    statistics, ``momentum=None``, ``num_batches_tracked``, ``track_running_stats=False``)."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"cnnkern: Conv2d with padding_mode={conv.padding_mode!r} is not supported, only 'zeros'")
+    if bn is None:
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                        activation="relu" if relu else None, backend=backend)
+    if bn.training or bn.running_mean is None:
+        momentum = bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as torch.nn.BatchNorm2d
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        update = bn.training
+        return F.conv_bn_relu(x, conv.weight, conv.bias, bn.running_mean if update else None,
+                              bn.running_var if update else None, bn.weight, bn.bias, training=True,
+                              momentum=0.0 if momentum is None else momentum, eps=bn.eps, stride=conv.stride,
+                              padding=conv.padding, dilation=conv.dilation, groups=conv.groups, relu=relu,
+                              backend=backend)
+    w, b = _eval_weights(conv, bn)
+    return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups,
+                    activation="relu" if relu else None, backend=backend)
+
+
+class Sequential(torch.nn.Sequential):
+    """``torch.nn.Sequential`` that runs every ``Conv2d [-> BatchNorm2d] [-> ReLU]`` run of its
+    children as one fused cnnkern layer (the same children, so the same state_dict keys as the
+    torch model it mirrors, e.g. torchvision's VGG ``features``). Other children run as usual."""
+
+    def __init__(self, *args, backend: str | None = None):
+        super().__init__(*args)
+        self.backend = backend
+
+    def forward(self, x):
+        mods = list(self._modules.values())
+        i = 0
+        while i < len(mods):
+            m = mods[i]
+            if isinstance(m, torch.nn.Conv2d) and m.padding_mode == "zeros" and not getattr(m, "activation", None):
+                bn = mods[i + 1] if i + 1 < len(mods) and isinstance(mods[i + 1], torch.nn.BatchNorm2d) else None
+                j = i + 1 + (bn is not None)
+                relu = j < len(mods) and isinstance(mods[j], torch.nn.ReLU)
+                x = conv_bn_forward(m, bn, x, relu=relu, backend=getattr(m, "backend", None) or self.backend)
+                i = j + relu
+            else:
+                x = m(x)
+                i += 1
+        return x

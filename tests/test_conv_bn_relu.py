@@ -105,13 +105,13 @@ def test_eval_fold_is_cached_and_never_stale():
     x = make(xs, torch.float32, DEVICE)
     with torch.no_grad():
         ours(x)
-        first = ours._folded
+        first = ours.bn._cnnkern_folded
         ours(x)
-        assert ours._folded is first  # nothing changed: the fold is reused
+        assert ours.bn._cnnkern_folded is first  # nothing changed: the fold is reused
         for m in (ours.bn, ref[1]):
             m.running_var.mul_(2.0)  # an in-place change bumps the version: refold
         assert_rel_close(ours(x), ref(x.double()), torch.float32)
-        assert ours._folded is not first
+        assert ours.bn._cnnkern_folded is not first
     # with autograd recording, the fold is recomputed differentiably
     out = ours(x)
     out.sum().backward()
