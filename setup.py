@@ -86,7 +86,7 @@ setup(
     version="0.1.0",
     description="Triton and CUDA C++ kernels for the layers of classic CNNs (AlexNet, VGG, GoogLeNet, ResNet)",
     python_requires=">=3.10",
-    packages=["cnnkern", "cnnkern.ops", "cnnkern.kernels", "cnnkern.benchmarks"],
+    packages=["cnnkern", "cnnkern.ops", "cnnkern.models", "cnnkern.kernels", "cnnkern.benchmarks"],
     package_dir={"cnnkern.kernels": "kernels", "cnnkern.benchmarks": "benchmarks"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

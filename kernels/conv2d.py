@@ -44,13 +44,28 @@ _INT32_MAX = 2**31 - 1
 
 
 def _configs(space, k_name="BLOCK_C"):
-    """Autotuning space on a GPU: (BLOCK_M, BLOCK_N, reduction block, warps, stages) tuples. One
-    small fixed configuration under the interpreter (it ignores warps and stages, and small tiles
-    keep numpy fast)."""
+    """Autotuning space on a GPU: (BLOCK_M, BLOCK_N, reduction block, warps, stages) tuples.
+
+    Under the interpreter (which ignores warps and stages and pays per program and per loop step,
+    not per element) two fixed tiles, of which ``_interpreter_pick`` keeps exactly one, so
+    nothing is ever benchmarked: a small one that gives the tests' small layers several tiles and
+    reduction steps, and a wide one for full-width networks (hundreds of channels)."""
     if INTERPRET:
-        space = [(32, 32, 32 if k_name == "BLOCK_K" else 16, 4, 1)]
+        space = [(32, 32, 32 if k_name == "BLOCK_K" else 16, 4, 1), (32, 128, 128, 4, 1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, k_name: bk, "GROUP_M": 8 if not INTERPRET else 4},
                           num_warps=w, num_stages=st) for (bm, bn, bk, w, st) in space]
+
+
+def _interpreter_pick(configs, named_args, **kwargs):
+    # early_config_prune: on a GPU every configuration stays (the autotuner times them once per
+    # key); under the interpreter the wide tile serves layers with >= 64 channels on both sides.
+    if not INTERPRET:
+        return configs
+    wide = min(named_args["Cg"], named_args["Kg"]) >= 64
+    return [configs[1] if wide else configs[0]]
+
+
+_PRUNE = {"early_config_prune": _interpreter_pick}
 
 
 # The spaces below keep only tiles that compile without spills for both sm_80 and sm_90 with
@@ -117,7 +132,7 @@ def _epilogue(acc, b_ptr, y_ptr, st_ptr, pid_m, K, n, p, q, offs_k, mask_m, mask
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_CONV_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_CONV_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
                 M, H, W, P, Q, Cg, Kg,
@@ -165,7 +180,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
               syn, syk, syp, syq, HAS_BIAS, RELU, STATS)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=_CONV_KEY)
+@triton.autotune(configs=_GEMM_CONFIGS, key=_CONV_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
                     M, H, W, P, Q, Cg, Kg,
@@ -205,7 +220,7 @@ def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
               syn, syk, syp, syq, HAS_BIAS, RELU, STATS)
 
 
-@triton.autotune(configs=_SMALL_C_CONFIGS, key=_CONV_KEY)
+@triton.autotune(configs=_SMALL_C_CONFIGS, key=_CONV_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
                         M, H, W, P, Q, Cg, Kg,
@@ -253,7 +268,7 @@ def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
               syn, syk, syp, syq, HAS_BIAS, RELU, STATS)
 
 
-@triton.autotune(configs=_DGRAD_CONFIGS, key=_CONV_KEY)
+@triton.autotune(configs=_DGRAD_CONFIGS, key=_CONV_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _dgrad_kernel(gy_ptr, w_ptr, gx_ptr,
                   M, H, W, P, Q, Cg, Kg,
@@ -440,14 +455,17 @@ def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precisio
                         dilation[0], dilation[1], R=R, S=S, IS_CL_X=_is_cl(gx), ACC=_acc(gx.dtype), PREC=precision)
 
 
-_WGRAD_TILE = (32, 32, 32) if INTERPRET else (64, 64, 64)  # BLOCK_K, BLOCK_C, BLOCK_M
+def _wgrad_tile(Kg: int, Cg: int) -> tuple[int, int, int]:
+    """(BLOCK_K, BLOCK_C, BLOCK_M) of the wgrad kernel (see _interpreter_pick for the interpreter)."""
+    if not INTERPRET:
+        return 64, 64, 64
+    return (128, 128, 32) if min(Kg, Cg) >= 64 else (32, 32, 32)
 
 
-def _num_splits(M: int, tiles: int, device: torch.device) -> int:
+def _num_splits(M: int, tiles: int, block_m: int, device: torch.device) -> int:
     """How many chunks the N*P*Q reduction of wgrad is split into: enough programs to fill the GPU
     about twice, no chunk shorter than 4 M-blocks. Depends only on the shape and the device, so
     the summation order (and the result) is the same run to run."""
-    block_m = _WGRAD_TILE[2]
     if INTERPRET:
         target = 4  # exercise the split path in tests, cheaply
     else:
@@ -470,9 +488,9 @@ def conv2d_backward_weight(gy, x, gw, gb, stride, padding, dilation, groups, pre
         _check_int32_extent(name, t)
     Kg = K // groups
     acc_dtype = torch.float64 if gw.dtype == torch.float64 else torch.float32
-    BK, BC, BM = _WGRAD_TILE
+    BK, BC, BM = _wgrad_tile(Kg, Cg)
     tiles = triton.cdiv(Kg, BK) * triton.cdiv(Cg, BC) * R * S * groups
-    splits = _num_splits(M, tiles, x.device) if M else 1
+    splits = _num_splits(M, tiles, BM, x.device) if M else 1
     m_per_split = triton.cdiv(max(M, 1), splits)
     ws = torch.zeros((splits, K, Cg, R, S), dtype=acc_dtype, device=x.device)
     wsb = torch.zeros((splits, K), dtype=acc_dtype, device=x.device)
