@@ -32,6 +32,7 @@ GPU_BACKENDS = ("cuda", "triton")
 # A GPU backend not listed for an op has no kernel for it; "torch" serves every op.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "residual_add": ("cuda", "triton"),
+    "local_response_norm": ("cuda", "triton"),
     "conv2d": ("triton",),
     "conv_bn_relu": ("triton",),
 }

@@ -145,3 +145,25 @@ def bn_args(op: str, x: torch.Tensor, channels: int, **tensors) -> None:
         if t.shape[0] != channels:
             raise ValueError(f"{op}: {name} has {t.shape[0]} elements but the convolution has {channels} output "
                              "channels")
+
+
+def lrn_args(op: str, input, size, alpha, beta, k) -> tuple[int, float, float, float]:
+    """Local Response Normalization: ``input`` a floating tensor of 3 or more dimensions, ``size``
+    a positive int, ``alpha``, ``beta``, ``k`` real numbers (any value PyTorch accepts). Returns
+    (size, alpha, beta, k) as (int, float, float, float)."""
+    tensor(op, "input", input)
+    if input.dim() < 3:
+        raise ValueError(f"{op}: input must have 3 or more dimensions (N, C, *), got {input.dim()}-D with shape "
+                         f"{tuple(input.shape)}")
+    import numbers
+
+    if not isinstance(size, numbers.Integral) or isinstance(size, bool):
+        raise TypeError(f"{op}: size must be an int, got {type(size).__name__} {size!r}")
+    if size < 1:
+        raise ValueError(f"{op}: size must be >= 1, got {size}")
+    vals = []
+    for name, v in (("alpha", alpha), ("beta", beta), ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__} {v!r}")
+        vals.append(float(v))
+    return (int(size), *vals)

@@ -12,7 +12,7 @@ import torch
 from . import _backend, _checks, reference
 from . import ops as _ops  # noqa: F401  (registers torch.ops.cnnkern.*)
 
-__all__ = ["conv2d", "conv_bn_relu", "residual_add"]
+__all__ = ["conv2d", "conv_bn_relu", "residual_add", "local_response_norm"]
 
 
 def residual_add(x: torch.Tensor, shortcut: torch.Tensor, relu: bool = True, backend: str | None = None) -> torch.Tensor:
@@ -179,3 +179,53 @@ def fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):
 def _precision(x: torch.Tensor) -> str:
     """How fp32 inputs multiply: TF32 exactly when PyTorch's conv would."""
     return "tf32" if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, *,
+                        backend: str | None = None) -> torch.Tensor:
+    """Local Response Normalization across channels, with exactly the semantics of
+    ``torch.nn.functional.local_response_norm``::
+
+        out[n, c, ...] = input[n, c, ...] * (k + alpha / size * sum_{j in window(c)} input[n, j, ...]^2) ** -beta
+
+    where ``window(c) = [c - size // 2, c + (size - 1) // 2]``, clipped to the existing channels (for
+    an even ``size`` the window holds one more channel before ``c`` than after it, as PyTorch's).
+
+    Note that alpha is divided by ``size`` (PyTorch, Caffe and cuDNN do this); the AlexNet paper
+    (Krizhevsky et al., 2012, section 3.3) does not: its ``b = a / (k + alpha * sum a^2) ** beta``
+    with k=2, n=5, alpha=1e-4, beta=0.75 is, in this convention, ``size=5, alpha=5 * 1e-4 = 5e-4,
+    beta=0.75, k=2`` (``alpha_torch = n * alpha_paper``)::
+
+        >>> y = cnnkern.functional.local_response_norm(x, 5, alpha=5e-4, beta=0.75, k=2.0)  # AlexNet's LRN
+
+    Args:
+        input: (N, C, *) with at least 3 dimensions, float16, bfloat16, float32 or float64, any
+            layout (NCHW, channels_last, strided views). 3-D (N, C, L) and 5-D+ inputs are
+            normalised across dim 1 like 4-D ones (they are viewed as (N, C, A, B) first).
+        size: positive int, the number of channels in the window.
+        alpha, beta, k: real numbers (any values PyTorch accepts).
+        backend: ``"auto" | "triton" | "cuda" | "torch"``, or None for the current default.
+
+    Returns:
+        input's shape and dtype; channels_last when the input is, contiguous otherwise (kernel
+        backends). Differentiable with respect to ``input`` (once: double backward is not
+        supported by the kernel backends). The kernels compute in fp32 (fp64 for fp64 inputs)
+        with one read and one write of the tensor in the forward and one pass in the backward.
+    """
+    op = "local_response_norm"
+    size, alpha, beta, k = _checks.lrn_args(op, input, size, alpha, beta, k)
+    name = _backend.resolve(op, backend, input.device)
+    if name == "torch":
+        return reference.local_response_norm(input, size, alpha, beta, k)
+    shape = input.shape
+    if input.dim() == 3:      # (N, C, L) -> (N, C, L, 1), a view
+        x = input.unsqueeze(-1)
+    elif input.dim() == 4:
+        x = input
+    else:                     # (N, C, D1, ..., Dm) -> (N, C, D1*...*D(m-1), Dm), a view when the dims merge
+        inner = 1
+        for d in shape[2:-1]:
+            inner *= d
+        x = input.reshape(shape[0], shape[1], inner, shape[-1])
+    y = torch.ops.cnnkern.local_response_norm(x, size, alpha, beta, k, name)
+    return y if input.dim() == 4 else y.reshape(shape)

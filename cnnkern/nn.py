@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from . import _backend
 from . import functional as F
 
-__all__ = ["Conv2d", "ConvBNReLU2d", "ResidualAdd", "Sequential", "conv_bn_forward"]
+__all__ = ["Conv2d", "ConvBNReLU2d", "ResidualAdd", "Sequential", "conv_bn_forward", "LocalResponseNorm"]
 
 
 class ResidualAdd(torch.nn.Module):
@@ -30,6 +31,29 @@ class ResidualAdd(torch.nn.Module):
 
     def extra_repr(self) -> str:
         s = f"relu={self.relu}"
+        return s + (f", backend={self.backend!r}" if self.backend else "")
+
+
+class LocalResponseNorm(torch.nn.LocalResponseNorm):
+    """Drop-in ``torch.nn.LocalResponseNorm`` on cnnkern's kernels: same constructor, attributes
+    and semantics (alpha divided by ``size``; see :func:`cnnkern.functional.local_response_norm`
+    for the AlexNet paper's constants: ``LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)``),
+    plus one keyword-only option.
+
+    Args:
+        backend: pin this layer to a backend (None: the current default).
+    """
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, *,
+                 backend: str | None = None):
+        super().__init__(size, alpha, beta, k)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.local_response_norm(input, self.size, self.alpha, self.beta, self.k, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
         return s + (f", backend={self.backend!r}" if self.backend else "")
 
 
@@ -175,6 +199,11 @@ def conv_bn_forward(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, x: t
                               momentum=0.0 if momentum is None else momentum, eps=bn.eps, stride=conv.stride,
                               padding=conv.padding, dilation=conv.dilation, groups=conv.groups, relu=relu,
                               backend=backend)
+    if _backend.resolve("conv_bn_relu", backend, x.device) == "torch":
+        # the reference keeps conv and BatchNorm apart (and so does cnnkern.summary's trace)
+        return F.conv_bn_relu(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                              training=False, eps=bn.eps, stride=conv.stride, padding=conv.padding,
+                              dilation=conv.dilation, groups=conv.groups, relu=relu, backend="torch")
     w, b = _eval_weights(conv, bn)
     return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups,
                     activation="relu" if relu else None, backend=backend)

@@ -42,3 +42,13 @@ def conv_bn_relu(x, weight, bias, running_mean, running_var, bn_weight, bn_bias,
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     return torch.relu(y) if relu else y
+
+
+def local_response_norm(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
+                        k: float = 1.0) -> torch.Tensor:
+    """``torch.nn.functional.local_response_norm`` itself (alpha divided by size; the window
+    holds size//2 channels before and (size-1)//2 after each channel). On the CPU, where
+    PyTorch's avg_pool3d has no float16/bfloat16 kernel, 4-D+ half inputs compute in float32."""
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16) and x.dim() > 3:
+        return F.local_response_norm(x.float(), size, alpha, beta, k).to(x.dtype)
+    return F.local_response_norm(x, size, alpha, beta, k)

@@ -15,6 +15,10 @@ TORCH_LIBRARY_FRAGMENT(cnnkern, m) {
   m.def("residual_add_backward_cuda(Tensor grad_out, Tensor out) -> Tensor");
   // adjoint of the option-A mapping: scatter grad (x's shape) back into the shortcut's shape
   m.def("residual_add_shortcut_backward_cuda(Tensor grad, int[] shortcut_size, int stride, bool channels_last) -> Tensor");
+  // local response normalization across channels (PyTorch's: alpha divided by size), 4-D x
+  m.def("local_response_norm_cuda(Tensor x, int size, float alpha, float beta, float k) -> Tensor");
+  // its input gradient, one pass (scale recomputed, not saved)
+  m.def("local_response_norm_backward_cuda(Tensor grad_out, Tensor x, int size, float alpha, float beta, float k) -> Tensor");
 }
 
 #ifndef CNNKERN_CUDA_ARCHS

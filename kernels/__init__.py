@@ -13,3 +13,4 @@ import os
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 from . import conv2d, conv_bn_relu, residual_add  # noqa: E402,F401
+from . import local_response_norm  # noqa: E402,F401

@@ -132,6 +132,19 @@ def _epilogue(acc, b_ptr, y_ptr, st_ptr, pid_m, K, n, p, q, offs_k, mask_m, mask
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
+@triton.jit
+def _out_tile(M, P, Q, Kg, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # The forward kernels' output tile: rows m = output pixels (n, p, q), columns = output
+    # channels of group g (program axis 1); k_glob indexes the full K.
+    g = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = offs_m // (P * Q)
+    pq = offs_m % (P * Q)
+    return g, pid_m, n, pq // Q, pq % Q, offs_m < M, offs_n < Kg, g * Kg + offs_n
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_CONV_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
@@ -142,21 +155,11 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
                 HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
                 PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
-    g = tl.program_id(1)
-    pid_m, pid_n = _tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < Kg
-    # output pixel (n, p, q) of each row; its receptive field starts at (ih0, iw0)
-    n = offs_m // (P * Q)
-    pq = offs_m % (P * Q)
-    p = pq // Q
-    q = pq % Q
+    g, pid_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+    # the receptive field of row (n, p, q) starts at (ih0, iw0)
     ih0 = p * sh - ph
     iw0 = q * sw - pw
     x_row = x_ptr + n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc  # [BLOCK_M] pointers
-    k_glob = g * Kg + offs_n
     w_col = w_ptr + k_glob.to(tl.int64) * swk                          # [BLOCK_N] pointers
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -193,17 +196,7 @@ def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
     # A 1x1 convolution without padding is a plain GEMM: row m = (n, p, q) reads the C channels
     # of input pixel (p*sh, q*sw), always inside the image. The launcher folds the stride into
     # sxh/sxw (sh = sw = 1 here), so the A and B tiles just advance by BLOCK_C channels per step.
-    g = tl.program_id(1)
-    pid_m, pid_n = _tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < Kg
-    n = offs_m // (P * Q)
-    pq = offs_m % (P * Q)
-    p = pq // Q
-    q = pq % Q
-    k_glob = g * Kg + offs_n
+    g, pid_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, BLOCK_M, BLOCK_N, GROUP_M)
     offs_c = tl.arange(0, BLOCK_C)
     a_ptrs = (x_ptr + (n.to(tl.int64) * sxn + p * sxh + q * sxw + (g * Cg).to(tl.int64) * sxc)[:, None]
               + (offs_c * sxc)[None, :])
@@ -231,20 +224,10 @@ def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
                 PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
-    g = tl.program_id(1)
-    pid_m, pid_n = _tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < Kg
-    n = offs_m // (P * Q)
-    pq = offs_m % (P * Q)
-    p = pq // Q
-    q = pq % Q
+    g, pid_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, BLOCK_M, BLOCK_N, GROUP_M)
     ih0 = p * sh - ph
     iw0 = q * sw - pw
     x_row = x_ptr + n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc
-    k_glob = g * Kg + offs_n
     w_col = w_ptr + k_glob.to(tl.int64) * swk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)

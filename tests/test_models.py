@@ -31,6 +31,7 @@ def _randomise_bn(*models):
 
 
 TORCHVISION_PAIRS = {
+    "alexnet": (lambda: M.alexnet(variant="torchvision"), lambda: tv.models.alexnet()),
     "resnet18": (lambda: M.resnet18(), lambda: tv.models.resnet18()),
     "resnet34": (lambda: M.resnet34(), lambda: tv.models.resnet34()),
     "resnet50": (lambda: M.resnet50(), lambda: tv.models.resnet50()),
@@ -146,6 +147,7 @@ def test_googlenet_variants():
 # the networks on the Triton kernels, training mode, forward + backward, against the torch backend
 # ------------------------------------------------------------------------------------------------
 SMALL = {  # as small as each architecture allows (training BatchNorm needs > 1 value per channel)
+    "alexnet_paper": (M.alexnet, (2, 3, 67, 67)),  # LRN with the paper's constants; 67: POOL3 still 1x1
     "cifar_resnet20": (lambda: M.cifar_resnet(20), (2, 3, 16, 16)),  # option A shortcuts
     "resnet18": (M.resnet18, (2, 3, 32, 32)),
     "resnet50": (M.resnet50, (2, 3, 32, 32)),

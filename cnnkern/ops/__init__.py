@@ -6,3 +6,4 @@ implementations below attach to.
 
 from .. import _backend  # noqa: F401  (loads cnnkern._C before any registration)
 from . import conv2d, conv_bn_relu, residual_add  # noqa: F401
+from . import local_response_norm  # noqa: F401

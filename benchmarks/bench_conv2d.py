@@ -1,0 +1,175 @@
+"""Benchmark of the convolution against cuDNN, on every distinct conv layer of the networks.
+
+Layers come from the models themselves (cnnkern.summary.conv_layers on ResNet-50, VGG-16,
+GoogLeNet and, when it exists, AlexNet), at batch 1 and 32. Providers: ``"torch"`` (the baseline:
+``torch.nn.functional.conv2d``, cuDNN with ``cudnn.benchmark=True``, same dtype, layout and TF32
+setting) and cnnkern's GPU backends with a convolution kernel. Layouts: bf16 and fp16 in
+channels_last, fp32 in NCHW (TF32 as PyTorch's default ``cudnn.allow_tf32`` says). Directions:
+forward, forward+backward (input, weight and bias gradients), and the forward with the fused
+bias+ReLU epilogue against cuDNN's conv followed by a separate ReLU ("+relu" cases).
+
+FLOPs: 2*N*K*P*Q*(C/groups)*R*S per forward; forward+backward is three times that (dgrad and
+wgrad each cost one forward).
+
+    python -m cnnkern.benchmarks.bench_conv2d [--dtypes bfloat16] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import cnnkern
+from cnnkern import models
+from cnnkern.functional import conv2d
+from cnnkern.summary import conv_layers
+
+from . import harness
+
+OP = "conv2d"
+NETWORKS = {  # name -> (factory, input size per image)
+    "resnet50": (lambda: models.resnet50(), (3, 224, 224)),
+    "vgg16": (lambda: models.vgg16(), (3, 224, 224)),
+    "googlenet": (lambda: models.googlenet(variant="paper"), (3, 224, 224)),
+}
+if hasattr(models, "alexnet"):
+    NETWORKS["alexnet"] = (lambda: models.alexnet(variant="paper"), (3, 227, 227))
+
+
+@dataclass(frozen=True)
+class Layer:
+    network: str
+    name: str
+    x_shape: tuple
+    w_shape: tuple
+    stride: tuple
+    padding: object
+    dilation: tuple
+    groups: int
+    macs: int  # N*K*P*Q*(C/groups)*R*S, from cnnkern.summary
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    @property
+    def shape(self) -> str:
+        n, c, h, w = self.x_shape
+        k, _, r, s = self.w_shape
+        return f"N{n} C{c} {h}x{w} K{k} {r}x{s}/{self.stride[0]}" + (f" g{self.groups}" if self.groups > 1 else "")
+
+
+def network_layers(batches=(1, 32), networks=None, table=None, followed_by_bn=False) -> list[Layer]:
+    """Every distinct convolution of the networks (``table``: name -> (factory, input size),
+    default NETWORKS), at each batch size, taken from the models."""
+    table = table or NETWORKS
+    out = []
+    for net in networks or table:
+        factory, size = table[net]
+        model = factory()
+        for n in batches:
+            for r in conv_layers(model, (n, *size), followed_by_bn):
+                c = r.conv
+                k = r.output_shape[1]
+                w_shape = (k, r.input_shape[1] // c["groups"], *c["kernel"])
+                out.append(Layer(net, r.name, r.input_shape, w_shape, tuple(c["stride"]), c["padding"],
+                                 tuple(c["dilation"]), c["groups"], r.macs))
+    return out
+
+
+def _providers(requested) -> list[str]:
+    gpu = [b for b in cnnkern._backend.AUTO_ORDER[OP] if b in cnnkern.available_backends()]
+    if requested is None:
+        return ["torch", *gpu]
+    missing = [p for p in requested if p != "torch" and p not in gpu]
+    if missing:
+        raise ValueError(f"provider(s) {missing} cannot run {OP} here (available: {', '.join(gpu) or 'none'})")
+    return ["torch", *[p for p in requested if p != "torch"]]
+
+
+def _check(got, want, what):
+    # A kernel that is fast because it is wrong must not produce a figure: compare with cuDNN's
+    # result, relative to its norm (cuDNN and ours accumulate in different orders).
+    err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+    if not err < 2e-2:
+        raise AssertionError(f"{OP} benchmark: {what} differs from cuDNN by {err:.2e} (relative norm); not timing it")
+
+
+def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False, progress: bool = True,
+        device: torch.device | str = "cuda", networks=None, layers=None) -> list[harness.Result]:
+    """Time every layer, dtype, direction and provider. ``quick``: ResNet-50 at batch 32 only, the
+    forward and the fused epilogue, with shorter timing budgets. ``layers`` replaces the networks'
+    layer list (the tests drive the loop on CPU with a few tiny layers)."""
+    providers = _providers(providers)
+    if layers is None:
+        layers = network_layers((32,), ["resnet50"]) if quick else network_layers(networks=networks)
+    directions = ("fwd", "fwd+relu") if quick else ("fwd", "fwd+relu", "fwd+bwd")
+    budget = dict(warmup_ms=10, rep_ms=40) if quick else dict(warmup_ms=25, rep_ms=100)
+    device = torch.device(device)
+    records: list[harness.Result] = []
+    bar = harness.progress_bar(len(layers) * len(dtypes) * len(directions) * len(providers), OP, progress)
+    for layer in layers:
+        for dname in dtypes:
+            dtype = getattr(torch, dname)
+            fmt = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
+            layout = "NCHW" if fmt is torch.contiguous_format else "NHWC"
+            x = torch.randn(layer.x_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+            w = (torch.randn(layer.w_shape, dtype=dtype, device=device) * (layer.w_shape[1] * layer.w_shape[2] *
+                                                                           layer.w_shape[3]) ** -0.5)
+            w = w.contiguous(memory_format=fmt)
+            b = torch.randn(layer.w_shape[0], dtype=dtype, device=device)
+            args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+            for direction in directions:
+                case = f"{layer.network} {layer.name}" + (" +bias+relu" if direction == "fwd+relu" else "")
+                common = dict(op=OP, case=case, shape=layer.shape, dtype=dname, layout=layout)
+                fns = {}
+                for p in providers:
+                    if direction == "fwd+relu":
+                        fns[p] = ((lambda: torch.relu(torch.nn.functional.conv2d(x, w, b, **args))) if p == "torch"
+                                  else (lambda p=p: conv2d(x, w, b, **args, activation="relu", backend=p)))
+                    elif p == "torch":
+                        fns[p] = lambda: torch.nn.functional.conv2d(x, w, b, **args)
+                    else:
+                        fns[p] = lambda p=p: conv2d(x, w, b, **args, backend=p)
+                flops = layer.flops
+                leaves = []
+                if direction == "fwd+bwd":
+                    xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
+                    leaves = [xg, wg, bg]
+                    g = torch.randn_like(torch.nn.functional.conv2d(x, w, b, **args))
+                    fwd = {p: ((lambda: torch.nn.functional.conv2d(xg, wg, bg, **args)) if p == "torch"
+                               else (lambda p=p: conv2d(xg, wg, bg, **args, backend=p))) for p in providers}
+                    fns = {p: (lambda f=f: f().backward(g)) for p, f in fwd.items()}
+                    flops *= 3
+                    for p in providers[1:]:
+                        fwd[p]().backward(g)
+                        got = [t.grad for t in leaves]
+                        for t in leaves:
+                            t.grad = None
+                        fwd["torch"]().backward(g)
+                        want = [t.grad for t in leaves]
+                        for t in leaves:
+                            t.grad = None
+                        for nm, a, c in zip(("grad input", "grad weight", "grad bias"), got, want):
+                            _check(a, c, f"{p} {nm}, {case} {dname}")
+                else:
+                    want = fns["torch"]()
+                    for p in providers[1:]:
+                        _check(fns[p](), want, f"{p} {direction}, {case} {dname}")
+                for p, fn in fns.items():
+                    bar.set_postfix_str(f"{case} {dname} {direction} {p}")
+                    t = harness.time_fn(fn, grad_to_none=leaves or None, **budget)
+                    records.append(harness.Result.from_timing(t, provider=p, direction="fwd" if direction != "fwd+bwd"
+                                                              else "fwd+bwd", flops=flops, **common))
+                    bar.update()
+    bar.close()
+    return records
+
+
+def main(argv=None) -> int:
+    return harness.bench_main(OP, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

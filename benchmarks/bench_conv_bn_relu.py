@@ -1,0 +1,120 @@
+"""Benchmark of the fused conv -> BatchNorm -> ReLU against PyTorch eager (cuDNN conv + BN + ReLU).
+
+Layers: every distinct convolution followed by a BatchNorm in ResNet-50 and VGG-16-BN (taken from
+the models), at batch 32, bf16 channels_last. Directions: inference (eval: BatchNorm folded, one
+cnnkern kernel) as "fwd", and a training step (train-mode forward + backward of input, weight and
+BatchNorm parameters) as "fwd+bwd". Providers: ``"torch"`` (``nn.Sequential(Conv2d, BatchNorm2d,
+ReLU)`` in eager mode, the baseline), cnnkern's GPU backends with the fused op, and, when asked
+for, ``"compile"``: ``torch.compile`` of the same three modules (one compilation per layer and
+mode, so it is opt-in: ``run(providers=["torch", "triton", "compile"])``).
+
+FLOPs are the convolution's (2*N*K*P*Q*(C/groups)*R*S; x3 for forward+backward).
+
+    python -m cnnkern.benchmarks.bench_conv_bn_relu [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import cnnkern
+from cnnkern import models
+
+from . import harness
+from .bench_conv2d import network_layers
+
+OP = "conv_bn_relu"
+NETWORKS = {
+    "resnet50": (lambda: models.resnet50(), (3, 224, 224)),
+    "vgg16_bn": (lambda: models.vgg16(batch_norm=True), (3, 224, 224)),
+}
+
+
+def _providers(requested) -> list[str]:
+    gpu = [b for b in cnnkern._backend.AUTO_ORDER[OP] if b in cnnkern.available_backends()]
+    if requested is None:
+        return ["torch", *gpu]
+    missing = [p for p in requested if p not in ("torch", "compile") and p not in gpu]
+    if missing:
+        raise ValueError(f"provider(s) {missing} cannot run {OP} here (available: torch, compile, {', '.join(gpu)})")
+    return ["torch", *[p for p in requested if p != "torch"]]
+
+
+def _reference(layer, dtype, device) -> torch.nn.Sequential:
+    conv = torch.nn.Conv2d(layer.x_shape[1], layer.w_shape[0], layer.w_shape[2:], layer.stride, layer.padding,
+                           layer.dilation, layer.groups, bias=False)
+    bn = torch.nn.BatchNorm2d(layer.w_shape[0])
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.1, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+    return torch.nn.Sequential(conv, bn, torch.nn.ReLU()).to(device, dtype).to(memory_format=torch.channels_last)
+
+
+def _module(ref: torch.nn.Sequential, provider: str) -> torch.nn.Module:
+    """The provider's version of ``ref``, with a copy of its parameters and statistics."""
+    if provider == "torch":
+        return ref
+    if provider == "compile":
+        return torch.compile(copy.deepcopy(ref))
+    return cnnkern.nn.ConvBNReLU2d.from_modules(copy.deepcopy(ref[0]), copy.deepcopy(ref[1]), backend=provider)
+
+
+def run(providers=None, dtypes=("bfloat16",), quick: bool = False, progress: bool = True,
+        device: torch.device | str = "cuda", batch: int = 32, layers=None) -> list[harness.Result]:
+    """Time every conv-BN(-ReLU) layer in inference and in a training step. ``quick``: ResNet-50
+    only, shorter timing budgets. ``layers`` replaces the networks' layer list (tests)."""
+    providers = _providers(providers)
+    if layers is None:
+        nets = ["resnet50"] if quick else list(NETWORKS)
+        layers = network_layers((batch,), nets, NETWORKS, followed_by_bn=True)
+    budget = dict(warmup_ms=10, rep_ms=40) if quick else dict(warmup_ms=25, rep_ms=100)
+    device = torch.device(device)
+    records: list[harness.Result] = []
+    bar = harness.progress_bar(len(layers) * len(dtypes) * 2 * len(providers), OP, progress)
+    for layer in layers:
+        for dname in dtypes:
+            dtype = getattr(torch, dname)
+            x = torch.randn(layer.x_shape, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+            common = dict(op=OP, case=f"{layer.network} {layer.name}", shape=layer.shape, dtype=dname, layout="NHWC")
+            ref = _reference(layer, dtype, device)
+            mods = {p: _module(ref, p) for p in providers}
+            # inference
+            with torch.no_grad():
+                for m in mods.values():
+                    m.eval()
+                want = mods["torch"](x)
+                for p in providers[1:]:
+                    got = mods[p](x)
+                    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+                    if not err < 2e-2:
+                        raise AssertionError(f"{OP} benchmark: {p} inference differs from eager by {err:.2e}")
+                for p, m in mods.items():
+                    bar.set_postfix_str(f"{common['case']} eval {p}")
+                    t = harness.time_fn(lambda m=m: m(x), **budget)
+                    records.append(harness.Result.from_timing(t, provider=p, direction="fwd", flops=layer.flops,
+                                                              **common))
+                    bar.update()
+            # training step
+            xg = x.detach().requires_grad_()
+            for m in mods.values():
+                m.train()
+            g = torch.randn_like(mods["torch"](xg))
+            for p, m in mods.items():
+                params = [xg, *m.parameters()]
+                bar.set_postfix_str(f"{common['case']} train {p}")
+                t = harness.time_fn(lambda m=m: m(xg).backward(g), grad_to_none=params, **budget)
+                records.append(harness.Result.from_timing(t, provider=p, direction="fwd+bwd", flops=3 * layer.flops,
+                                                          **common))
+                bar.update()
+    bar.close()
+    return records
+
+
+def main(argv=None) -> int:
+    return harness.bench_main(OP, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,514 @@
+"""Benchmark harness: timing, the device's measured ceilings, environment metadata, result records,
+JSON results and text tables. One ``bench_<op>.py`` per op builds its cases on top of this.
+
+Every figure is a GPU time from ``triton.testing.do_bench`` (median and p20/p80 of many runs, L2
+flushed before each run), or from ``do_bench_cudagraph`` for kernels so short that launch overhead
+would otherwise be timed. Throughput is derived from a per-op formula for the bytes (or FLOPs) the
+operation needs, and set against ceilings measured on the same device in the same process (device
+copy bandwidth, bf16 matmul rate), not against datasheet numbers.
+
+Results go to ``benchmarks/results/<gpu-slug>-<YYYY-MM-DD>/<op>.json`` with the environment (GPU,
+versions, TF32 settings, commit) and the ceilings, so a committed file says what produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import glob
+import importlib
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+# Ops that have a benchmark module; each module has ``run(providers, dtypes, quick, progress)``
+# returning a list of :class:`Result` (timings only: :func:`finalize` derives the rest).
+OPS = {
+    "residual_add": "cnnkern.benchmarks.bench_residual_add",
+    "conv2d": "cnnkern.benchmarks.bench_conv2d",
+    "conv_bn_relu": "cnnkern.benchmarks.bench_conv_bn_relu",
+    "local_response_norm": "cnnkern.benchmarks.bench_local_response_norm",
+}
+
+BASELINE = "torch"  # PyTorch eager / cuDNN: the provider every speedup is measured against
+WIDE_SPREAD = 0.1   # (p80 - p20) / median above this marks a timing as noisy
+# Benchmarks live in <repo>/benchmarks; realpath so that a symlinked package (cnnkern/benchmarks ->
+# ../benchmarks, used on machines where the package is not pip-installed) still finds the repo.
+HERE = os.path.dirname(os.path.realpath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
+REPO_ROOT = os.path.dirname(HERE)
+SCHEMA = 1
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------
+def time_fn(fn, *, warmup_ms: float = 25, rep_ms: float = 100, cudagraph: bool = False,
+            grad_to_none: list[torch.Tensor] | None = None) -> dict:
+    """GPU time of ``fn()`` in milliseconds.
+
+    Args:
+        fn: a callable that launches work on the current CUDA stream.
+        warmup_ms, rep_ms: time budgets for the warm-up and the timed runs (Triton's units).
+        cudagraph: capture ``rep_ms`` worth of calls in one CUDA graph and replay it
+            (``triton.testing.do_bench_cudagraph``): no launch overhead and no L2 flush, for
+            kernels of a few microseconds. Otherwise ``do_bench``: one event pair per call, L2
+            flushed before each.
+        grad_to_none: tensors whose ``.grad`` is reset before each call, so a timed backward pass
+            writes fresh gradients instead of accumulating into old ones (an extra add).
+
+    Returns:
+        ``{"median_ms", "p20_ms", "p80_ms", "wide_spread", "timer"}``; ``wide_spread`` is True when
+        (p80 - p20) / median > 0.1; ``timer`` is "cudagraph" or "do_bench".
+    """
+    import triton.testing
+
+    # Only arguments that triton 3.6 (the GPU machine's) and 3.8 both accept.
+    quantiles = [0.5, 0.2, 0.8]
+    if cudagraph and hasattr(triton.testing, "do_bench_cudagraph"):
+        median, p20, p80 = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, grad_to_none=grad_to_none,
+                                                             quantiles=quantiles)
+        timer = "cudagraph"
+    else:
+        median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                                                   quantiles=quantiles)
+        timer = "do_bench"
+    return {"median_ms": float(median), "p20_ms": float(p20), "p80_ms": float(p80),
+            "wide_spread": is_wide_spread(median, p20, p80), "timer": timer}
+
+
+def is_wide_spread(median: float, p20: float, p80: float) -> bool:
+    """True when the p20-p80 band is wider than 10% of the median (a noisy measurement)."""
+    return median > 0 and (p80 - p20) / median > WIDE_SPREAD
+
+
+# ------------------------------------------------------------------------------------------------
+# ceilings
+# ------------------------------------------------------------------------------------------------
+def _copy_gbps(device: torch.device) -> float:
+    # Device copy: 1 GiB of bf16 (far beyond any L2), fewer bytes on a GPU with little free memory.
+    # A copy reads and writes every byte: 2 * nbytes moved.
+    free, _ = torch.cuda.mem_get_info(device)
+    nbytes = min(1 << 30, (free // 4) & ~0xFFFF)
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), rep_ms=200)
+    return 2 * nbytes / (t["median_ms"] * 1e6)
+
+
+def _matmul_tflops(device: torch.device) -> float:
+    # Dense bf16 GEMM, 8192^3: large enough to reach the tensor cores' sustained rate.
+    n = 8192
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    c = torch.empty(n, n, dtype=torch.bfloat16, device=device)
+    t = time_fn(lambda: torch.mm(a, b, out=c), rep_ms=200)
+    return 2 * n**3 / (t["median_ms"] * 1e9)
+
+
+@functools.lru_cache(maxsize=None)
+def _ceilings(index: int) -> tuple[float, float]:
+    device = torch.device("cuda", index)
+    with torch.cuda.device(device):
+        copy_gbps = _copy_gbps(device)
+        tflops = _matmul_tflops(device)
+        torch.cuda.empty_cache()  # give the 2 GiB back to the benchmarks that follow
+    return copy_gbps, tflops
+
+
+def measure_ceilings(device: torch.device | str | int | None = None) -> dict:
+    """The device's measured ceilings, once per process and device.
+
+    Returns:
+        ``{"copy_GBps": float, "bf16_matmul_TFLOPs": float}``: the median rate of a 1 GiB bf16
+        device-to-device ``copy_`` (bytes = read + write) and of an 8192^3 bf16 ``torch.mm``.
+    """
+    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    copy_gbps, tflops = _ceilings(index)
+    return {"copy_GBps": copy_gbps, "bf16_matmul_TFLOPs": tflops}
+
+
+# ------------------------------------------------------------------------------------------------
+# environment
+# ------------------------------------------------------------------------------------------------
+def git_commit(root: str = REPO_ROOT) -> str:
+    """``git rev-parse HEAD`` of ``root`` plus "-dirty" when ``git status --porcelain`` lists
+    anything; ``CNNKERN_GIT_COMMIT`` when set (for a copy of the tree without .git, e.g. on a GPU
+    machine); "unknown" when neither works."""
+    forced = os.environ.get("CNNKERN_GIT_COMMIT", "").strip()
+    if forced:
+        return forced
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", root, "status", "--porcelain"], capture_output=True, text=True,
+                                timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if status else "") if head else "unknown"
+
+
+def environment() -> dict:
+    """What produced a measurement: GPU, versions, numerics settings, commit, host and time.
+
+    Keys: gpu_name, sm_count, compute_capability, gpu_memory_GiB (None without CUDA), torch,
+    triton, cuda, cudnn, python, allow_tf32_matmul, allow_tf32_cudnn, cudnn_benchmark, commit,
+    hostname, timestamp_utc (ISO 8601), extension_loaded, extension_archs.
+    """
+    from cnnkern import _backend
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {"gpu_name": None, "sm_count": None, "compute_capability": None, "gpu_memory_GiB": None}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env.update(gpu_name=props.name, sm_count=props.multi_processor_count,
+                   compute_capability=f"{props.major}.{props.minor}",
+                   gpu_memory_GiB=round(props.total_memory / 2**30, 1))
+    env.update(
+        torch=torch.__version__,
+        triton=triton_version,
+        cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        python=platform.python_version(),
+        allow_tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32),
+        allow_tf32_cudnn=bool(torch.backends.cudnn.allow_tf32),
+        cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+        commit=git_commit(),
+        hostname=socket.gethostname(),
+        timestamp_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        extension_loaded=_backend.has_extension(),
+        extension_archs=getattr(_backend._C, "cuda_archs", None),
+    )
+    return env
+
+
+# ------------------------------------------------------------------------------------------------
+# records
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    """One timing of one provider on one case.
+
+    ``bytes`` / ``flops`` are what the operation needs (each op's formula, in its bench module);
+    :func:`finalize` turns them into ``gbps`` / ``tflops``, the fraction of the matching ceiling
+    and the speedup over the ``"torch"`` record of the same case, dtype, layout and direction.
+    """
+
+    op: str
+    case: str
+    shape: str          # e.g. "32x256x56x56", or "x 128x32x16x16, s 128x16x32x32"
+    dtype: str          # "bfloat16" | "float16" | "float32"
+    layout: str         # "NCHW" | "NHWC" (channels_last)
+    provider: str       # "torch" (PyTorch eager / cuDNN) | "triton" | "cuda"
+    direction: str      # "fwd" | "fwd+bwd"
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    wide_spread: bool = False
+    timer: str = "do_bench"
+    bytes: int | None = None
+    flops: int | None = None
+    gbps: float | None = None
+    tflops: float | None = None
+    ceiling_fraction: float | None = None
+    speedup: float | None = None
+
+    @classmethod
+    def from_timing(cls, timing: dict, **fields) -> Result:
+        """A record from :func:`time_fn`'s dict plus the descriptive fields."""
+        return cls(median_ms=timing["median_ms"], p20_ms=timing["p20_ms"], p80_ms=timing["p80_ms"],
+                   wide_spread=timing["wide_spread"], timer=timing["timer"], **fields)
+
+    def key(self) -> tuple:
+        """What makes two records comparable: the same work, differing only in provider."""
+        return self.op, self.case, self.dtype, self.layout, self.direction
+
+
+def _as_result(r) -> Result:
+    if isinstance(r, Result):
+        return r
+    known = {f.name for f in dataclasses.fields(Result)}
+    return Result(**{k: v for k, v in r.items() if k in known})
+
+
+def finalize(records: list[Result], ceilings: dict | None) -> list[Result]:
+    """Fill in the derived fields, in place, once every provider of every case has run.
+
+    GB/s = bytes / median time; TFLOP/s = flops / median time. ``ceiling_fraction`` is TFLOP/s over
+    the measured bf16 matmul rate for ops with a FLOP count, else GB/s over the measured copy
+    bandwidth. ``speedup`` = baseline median / this median (the baseline's own is 1.0).
+    """
+    base = {r.key(): r.median_ms for r in records if r.provider == BASELINE}
+    for r in records:
+        if r.median_ms > 0:
+            if r.bytes is not None:
+                r.gbps = r.bytes / (r.median_ms * 1e6)
+            if r.flops is not None:
+                r.tflops = r.flops / (r.median_ms * 1e9)
+        if ceilings:
+            if r.tflops is not None and ceilings.get("bf16_matmul_TFLOPs"):
+                r.ceiling_fraction = r.tflops / ceilings["bf16_matmul_TFLOPs"]
+            elif r.gbps is not None and ceilings.get("copy_GBps"):
+                r.ceiling_fraction = r.gbps / ceilings["copy_GBps"]
+        b = base.get(r.key())
+        r.speedup = b / r.median_ms if b is not None and r.median_ms > 0 else None
+    return records
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON results
+# ------------------------------------------------------------------------------------------------
+def slug(text: str) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def default_out_dir(env: dict) -> str:
+    """``benchmarks/results/<gpu-name-slug>-<YYYY-MM-DD>`` for the run described by ``env``."""
+    day = (env.get("timestamp_utc") or "")[:10] or datetime.date.today().isoformat()
+    return os.path.join(RESULTS_DIR, f"{slug(env.get('gpu_name') or 'no-gpu')}-{day}")
+
+
+def write_results(records: list[Result], env: dict, ceilings: dict | None, out_dir: str | None = None) -> str:
+    """Write one op's records, with ``env`` and ``ceilings``, to ``<out_dir>/<op>.json``.
+
+    Args:
+        records: finalized records, all of one op.
+        env: :func:`environment`'s dict. ceilings: :func:`measure_ceilings`'s dict.
+        out_dir: default :func:`default_out_dir` (under benchmarks/results/).
+
+    Returns:
+        The path written.
+    """
+    ops = {r.op for r in records}
+    if len(ops) != 1:
+        raise ValueError(f"write_results takes the records of exactly one op, got {sorted(ops) or 'none'}")
+    (op,) = ops
+    out_dir = out_dir or default_out_dir(env)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{op}.json")
+    data = {"schema": SCHEMA, "op": op, "env": env, "ceilings": ceilings,
+            "results": [dataclasses.asdict(r) for r in records]}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    return path
+
+
+def latest_results(results_dir: str | None = None, op: str | None = None) -> tuple[str, dict] | None:
+    """The most recent results file under ``results_dir`` (default benchmarks/results/), by the
+    timestamp recorded inside it, optionally only files of ``op``.
+
+    Returns:
+        ``(path, data)`` with ``data`` the parsed JSON (keys op, env, ceilings, results), or None
+        when there is none. Files that are not cnnkern results are skipped.
+    """
+    results_dir = results_dir or RESULTS_DIR
+    best = None
+    for path in glob.glob(os.path.join(results_dir, "**", "*.json"), recursive=True):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            stamp = data["env"]["timestamp_utc"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not isinstance(stamp, str) or not isinstance(data.get("results"), list):
+            continue
+        if op is not None and data.get("op") != op:
+            continue
+        if best is None or stamp > best[0]:
+            best = (stamp, path, data)
+    return None if best is None else (best[1], best[2])
+
+
+# ------------------------------------------------------------------------------------------------
+# text table
+# ------------------------------------------------------------------------------------------------
+_SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
+
+
+def format_table(records) -> str:
+    """An aligned text table of records (:class:`Result` or their JSON dicts), one row each.
+
+    Columns: case, shape, dtype, layout, direction, provider, median ms (``~`` marks a p20-p80
+    spread wider than 10% of the median), p20-p80 ms, GB/s or TFLOP/s, % of the measured
+    ceiling, speedup over the torch baseline, and the timer ("graph" for CUDA-graph timings).
+    """
+    rows = [("case", "shape", "dtype", "layout", "dir", "provider", "median ms", "p20-p80 ms", "throughput",
+             "% ceil", "speedup", "timer")]
+    prev = None
+    spacer = []
+    for r in map(_as_result, records):
+        if prev is not None and (r.case, r.dtype, r.layout) != prev:
+            spacer.append(len(rows))
+        prev = (r.case, r.dtype, r.layout)
+        if r.tflops is not None:
+            rate = f"{r.tflops:.1f} TFLOP/s"
+        elif r.gbps is not None:
+            rate = f"{r.gbps:.0f} GB/s"
+        else:
+            rate = "-"
+        rows.append((
+            r.case, r.shape, _SHORT_DTYPE.get(r.dtype, r.dtype), r.layout, r.direction, r.provider,
+            ("~" if r.wide_spread else "") + f"{r.median_ms:#.4g}",
+            f"{r.p20_ms:#.4g}-{r.p80_ms:#.4g}",
+            rate,
+            "-" if r.ceiling_fraction is None else f"{100 * r.ceiling_fraction:.1f}%",
+            "-" if r.speedup is None else f"{r.speedup:.2f}x",
+            "graph" if r.timer == "cudagraph" else "",
+        ))
+    right = {6, 7, 8, 9, 10}  # numbers right-aligned
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        if n in spacer:
+            lines.append("")
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("-" * len(lines[-1]))
+    if any(_as_result(r).wide_spread for r in records):
+        lines.append("~ : p20-p80 spread above 10% of the median (noisy timing)")
+    return "\n".join(lines)
+
+
+def describe_run(data: dict) -> str:
+    """One line naming the device, date, commit and ceilings of a results file's ``data``."""
+    env, ceil = data.get("env", {}), data.get("ceilings") or {}
+    parts = [f"{env.get('gpu_name') or 'unknown GPU'}",
+             f"{env.get('timestamp_utc', '?')}",
+             f"commit {env.get('commit', 'unknown')}",
+             f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}"]
+    if ceil:
+        parts.append(f"ceilings: copy {ceil.get('copy_GBps', 0):.0f} GB/s, "
+                     f"bf16 matmul {ceil.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s")
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# progress
+# ------------------------------------------------------------------------------------------------
+class _PlainProgress:
+    """tqdm's interface subset used here, for machines without tqdm: a line on stderr at most
+    every 10 s with the count and an ETA from the mean time per step so far."""
+
+    def __init__(self, total: int, desc: str):
+        import time
+
+        self._time = time.monotonic
+        self.total, self.desc, self.n = total, desc, 0
+        self.start = self.last = self._time()
+        self.postfix = ""
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self._time()
+        if now - self.last >= 10 or self.n == self.total:
+            eta = (now - self.start) / self.n * (self.total - self.n)
+            print(f"{self.desc}: {self.n}/{self.total}, ETA {int(eta) // 60}m{int(eta) % 60:02d}s  {self.postfix}",
+                  file=sys.stderr, flush=True)
+            self.last = now
+
+    def close(self) -> None:
+        pass
+
+
+class _NoProgress(_PlainProgress):
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    """A tqdm progress bar with an ETA on stderr (a plain-line fallback where tqdm is not
+    installed; a silent one when ``enabled`` is False)."""
+    if not enabled:
+        return _NoProgress(total, desc)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _PlainProgress(total, desc)
+    return tqdm(total=total, desc=desc, unit="timing", file=sys.stderr, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# running benchmark modules
+# ------------------------------------------------------------------------------------------------
+def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None = None,
+            progress: bool = True, echo=print) -> list[str]:
+    """Measure the ceilings, run each op's benchmark module, print its table, write its JSON.
+
+    Needs a CUDA device. Sets ``torch.backends.cudnn.benchmark = True`` for the baselines.
+
+    Args:
+        ops: op names from :data:`OPS` (default: all).
+        dtypes: dtype names passed to every module (default: each module's own).
+        quick: fewer cases and shorter timings.
+        out_dir: where the JSON goes (default :func:`default_out_dir`).
+        progress: show a progress bar (stderr).
+        echo: where the text goes.
+
+    Returns:
+        The JSON paths written.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("run_ops needs a CUDA device")
+    ops = list(OPS) if ops is None else list(ops)
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        raise ValueError(f"no benchmark for {', '.join(unknown)}; known: {', '.join(OPS)}")
+    torch.backends.cudnn.benchmark = True
+    env = environment()
+    echo(f"device: {env['gpu_name']} ({env['sm_count']} SMs, sm_{env['compute_capability'].replace('.', '')}); "
+         f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
+         f"commit {env['commit']}; cnnkern._C {'loaded' if env['extension_loaded'] else 'not loaded'}")
+    echo("measuring ceilings (1 GiB bf16 copy, 8192^3 bf16 matmul) ...")
+    ceilings = measure_ceilings()
+    echo(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
+    paths = []
+    for op in ops:
+        module = importlib.import_module(OPS[op])
+        kwargs = {"quick": quick, "progress": progress}
+        if dtypes:
+            kwargs["dtypes"] = tuple(dtypes)
+        records = finalize(module.run(**kwargs), ceilings)
+        echo(f"\n{op}")
+        echo(format_table(records))
+        path = write_results(records, env, ceilings, out_dir)
+        echo(f"wrote {path}")
+        paths.append(path)
+    return paths
+
+
+def bench_main(op: str, argv=None) -> int:
+    """``python -m cnnkern.benchmarks.bench_<op>``: run one op's benchmark (see :func:`run_ops`)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=f"python -m {OPS[op]}", description=f"Benchmark {op} against PyTorch eager.")
+    ap.add_argument("--dtypes", help="comma-separated, e.g. bfloat16,float16,float32")
+    ap.add_argument("--quick", action="store_true", help="fewer cases, shorter timings")
+    ap.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>-<date>)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"no CUDA GPU: the {op} benchmark needs one (nothing measured); "
+              "`cnnkern bench` shows the latest committed GPU results")
+        return 0
+    run_ops([op], dtypes=args.dtypes.split(",") if args.dtypes else None, quick=args.quick, out_dir=args.out,
+            progress=not args.no_progress)
+    return 0

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Validate cnnkern on a bare GPU machine: build, tests, self-check, benchmarks, static checks.
+#
+#   scripts/gpu_validate.sh OUTDIR
+#
+# For a machine whose python3 already has torch, triton, ninja and pytest (no network: nothing is
+# downloaded; the stack may be older than CI's, e.g. Python 3.12, torch 2.11, triton 3.6). Every
+# step logs to OUTDIR/<step>.log and the script goes on past a failing step; a summary at the end
+# lists each step's status and duration, and the exit status is 1 if any step failed.
+#
+# Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda), MAX_JOBS (nvcc
+# jobs), CNNKERN_GIT_COMMIT (the commit to record in the results when this tree has no .git),
+# STEPS (a space-separated subset of the optional steps, to split a run across several sessions:
+# pytest-gpu pytest-all selfcheck bench ptxas inspect; default all of them). The first steps,
+# nvidia-smi, versions, build (incremental) and importable, always run.
+#
+# OUTDIR receives: nvidia-smi/versions/build/... logs, junit XML of the test runs, the benchmark
+# JSON (OUTDIR/results/ and a copy in OUTDIR/), ptxas.txt (per-kernel resource usage of cnnkern._C)
+# and summary.txt. Commit the JSON under the benchmarks/results/ directory printed in the summary.
+set -uo pipefail
+
+if [ $# -ne 1 ]; then
+  echo "usage: $0 OUTDIR" >&2
+  exit 2
+fi
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$1"
+out="$(cd "$1" && pwd)"
+cd "$root"
+
+PY="${PYTHON:-python3}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"  # torch would otherwise guess /usr/local (no libcudart)
+
+steps=()
+failed=0
+summary="$out/summary.txt"
+: > "$summary"
+
+# step NAME CMD...: run CMD with its output in OUTDIR/NAME.log; record status and duration.
+step() {
+  local name="$1"
+  shift
+  local log="$out/$name.log" t0=$SECONDS rc
+  printf '[gpu_validate] %-12s ... ' "$name"
+  "$@" > "$log" 2>&1
+  rc=$?
+  local line
+  line="$(printf '%-12s %-6s %4ds  %s' "$name" "$([ $rc -eq 0 ] && echo ok || echo FAIL:$rc)" $((SECONDS - t0)) "$log")"
+  steps+=("$line")
+  [ $rc -eq 0 ] || failed=1
+  echo "$([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc), last lines of $log:")  ($((SECONDS - t0)) s)"
+  [ $rc -eq 0 ] || tail -n 15 "$log" | sed 's/^/    /'
+  return 0
+}
+
+versions() {
+  "$PY" - <<'EOF'
+import platform, shutil, subprocess, sys
+import torch
+print("python", platform.python_version(), sys.executable)
+print("torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as exc:
+    print("triton: not importable:", exc)
+for mod in ("ninja", "pytest", "tqdm", "setuptools", "wheel"):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, "__version__", "present"))
+    except ImportError:
+        print(mod, "absent")
+print("CUDA available:", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("GPU", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")
+EOF
+  echo "CUDA_HOME=$CUDA_HOME"
+  "$CUDA_HOME/bin/nvcc" --version || command -v nvcc
+}
+
+build() {
+  # Incremental ninja build of cnnkern/_C*.so, in place, with this machine's torch.
+  "$PY" setup.py build_ext --inplace
+}
+
+# cnnkern.kernels and cnnkern.benchmarks are the top-level kernels/ and benchmarks/ directories,
+# mapped by setup.py's package_dir: a plain PYTHONPATH does not see them. An offline editable
+# install maps them; where that fails (no wheel package, old pip), symlinks inside the tree do.
+importable() {
+  local probe='import cnnkern, cnnkern.kernels, cnnkern.benchmarks.harness, cnnkern.cli; print("cnnkern from", cnnkern.__file__, "| _C loaded:", cnnkern._backend.has_extension())'
+  echo "== offline editable install"
+  if CNNKERN_SKIP_CUDA_BUILD=1 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . \
+      && (cd / && "$PY" -c "$probe"); then
+    echo "mode: editable install"
+    echo editable > "$out/.import_mode"
+    return 0
+  fi
+  echo "== editable install unusable: symlinks cnnkern/kernels -> ../kernels, cnnkern/benchmarks -> ../benchmarks + PYTHONPATH"
+  for pkg in kernels benchmarks; do
+    if [ ! -e "cnnkern/$pkg" ]; then
+      ln -s "../$pkg" "cnnkern/$pkg" || return 1
+    fi
+  done
+  (cd / && PYTHONPATH="$root" "$PY" -c "$probe") || return 1
+  echo "mode: PYTHONPATH + symlinks (do not commit cnnkern/kernels or cnnkern/benchmarks)"
+  echo symlinks > "$out/.import_mode"
+}
+
+pytest_gpu() { "$PY" -m pytest -m gpu -q -ra --junitxml="$out/pytest-gpu.xml"; }
+pytest_all() { "$PY" -m pytest -q -ra --junitxml="$out/pytest-all.xml"; }
+selfcheck() { "$PY" -m cnnkern.selfcheck; }
+
+bench() {
+  "$PY" -m cnnkern.cli bench --out "$out/results" --no-progress || return $?
+  cp "$out"/results/*.json "$out/"
+}
+
+ptxas() {
+  local so tool
+  so="$(ls cnnkern/_C*.so 2>/dev/null | head -n 1)"
+  [ -n "$so" ] || { echo "no cnnkern/_C*.so: the build step did not produce the extension"; return 1; }
+  # CUDA_HOME's, PATH's, or the one inside Triton's wheel (cnnkern._inspect looks in that order)
+  tool="$("$PY" -c 'from cnnkern._inspect import cuobjdump; print(cuobjdump() or "")')"
+  [ -n "$tool" ] || { echo "cuobjdump not found (CUDA_HOME/bin, PATH, Triton's backends/nvidia/bin)"; return 1; }
+  "$tool" --dump-resource-usage "$so" > "$out/ptxas.txt" || return 1
+  echo "$so -> $out/ptxas.txt"
+  grep -c "Function" "$out/ptxas.txt" | sed 's/^/kernels listed: /'
+}
+
+inspect() { "$PY" -m cnnkern._inspect; }
+
+selected="${STEPS:-pytest-gpu pytest-all selfcheck bench ptxas inspect}"
+optional() {  # optional NAME FUNCTION: run the step if STEPS selects it
+  case " $selected " in *" $1 "*) step "$1" "$2" ;; esac
+}
+
+step nvidia-smi nvidia-smi
+step versions versions
+step build build
+step importable importable
+if [ "$(cat "$out/.import_mode" 2>/dev/null)" = symlinks ]; then
+  export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+fi
+optional pytest-gpu pytest_gpu
+optional pytest-all pytest_all
+optional selfcheck selfcheck
+optional bench bench
+optional ptxas ptxas
+optional inspect inspect
+
+commit_dir="$("$PY" -c 'import os; from cnnkern.benchmarks import harness as h; print(os.path.relpath(h.default_out_dir(h.environment()), h.REPO_ROOT))' 2>/dev/null)"
+{
+  echo "cnnkern GPU validation, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(hostname)"
+  for line in "${steps[@]}"; do echo "  $line"; done
+  echo
+  if ls "$out"/results/*.json > /dev/null 2>&1; then
+    echo "benchmark JSON: $out/*.json (commit it as ${commit_dir:-benchmarks/results/<gpu>-<date>}/)"
+  fi
+  if [ $failed -eq 0 ]; then echo "all steps passed"; else echo "SOME STEPS FAILED"; fi
+} | tee "$summary"
+exit $failed

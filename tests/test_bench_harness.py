@@ -1,0 +1,180 @@
+"""The benchmark harness without a GPU: environment metadata, derived figures (GB/s, fraction of
+the ceiling, speedup), the JSON round trip, the text table, and residual add's bytes formula."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from cnnkern.benchmarks import bench_residual_add, harness
+
+ENV_KEYS = {"gpu_name", "sm_count", "compute_capability", "gpu_memory_GiB", "torch", "triton", "cuda", "cudnn",
+            "python", "allow_tf32_matmul", "allow_tf32_cudnn", "cudnn_benchmark", "commit", "hostname",
+            "timestamp_utc", "extension_loaded", "extension_archs"}
+
+
+def _rec(provider, median, case="c1", direction="fwd", p20=None, p80=None, nbytes=3 * 2**30):
+    return harness.Result(op="residual_add", case=case, shape="32x256x56x56", dtype="bfloat16", layout="NHWC",
+                          provider=provider, direction=direction, median_ms=median,
+                          p20_ms=median * 0.99 if p20 is None else p20, p80_ms=median * 1.01 if p80 is None else p80,
+                          wide_spread=harness.is_wide_spread(median, median * 0.99 if p20 is None else p20,
+                                                             median * 1.01 if p80 is None else p80),
+                          bytes=nbytes)
+
+
+def test_environment_has_every_key():
+    env = harness.environment()
+    assert ENV_KEYS <= set(env), ENV_KEYS - set(env)
+    assert env["torch"] and env["python"].count(".") == 2
+    assert env["timestamp_utc"].endswith("Z") and len(env["timestamp_utc"]) == 20
+    assert isinstance(env["allow_tf32_cudnn"], bool) and isinstance(env["extension_loaded"], bool)
+    # a commit hash (maybe "-dirty") in this checkout, or "unknown" without git
+    assert env["commit"] == "unknown" or len(env["commit"].split("-")[0]) == 40
+
+
+def test_git_commit_override(monkeypatch):
+    monkeypatch.setenv("CNNKERN_GIT_COMMIT", "abc123")
+    assert harness.environment()["commit"] == "abc123"
+    monkeypatch.delenv("CNNKERN_GIT_COMMIT")
+    assert harness.git_commit("/nonexistent-dir") == "unknown"
+
+
+def test_wide_spread_threshold():
+    assert not harness.is_wide_spread(1.0, 0.96, 1.05)  # 9% band
+    assert harness.is_wide_spread(1.0, 0.90, 1.11)      # 21% band
+
+
+def test_finalize_derives_rates_fractions_and_speedups():
+    recs = [_rec("torch", 2.0), _rec("triton", 1.0), _rec("cuda", 0.8),
+            _rec("triton", 4.0, direction="fwd+bwd")]  # no baseline for this key: no speedup
+    harness.finalize(recs, {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 800.0})
+    torch_r, triton_r, cuda_r, lone = recs
+    assert triton_r.gbps == pytest.approx(3 * 2**30 / 1e6)  # bytes / (1 ms) in GB/s
+    assert triton_r.ceiling_fraction == pytest.approx(triton_r.gbps / 3000.0)
+    assert (torch_r.speedup, triton_r.speedup, cuda_r.speedup) == pytest.approx((1.0, 2.0, 2.5))
+    assert lone.speedup is None
+    flop = harness.Result(op="conv2d", case="k", shape="s", dtype="bfloat16", layout="NHWC", provider="triton",
+                          direction="fwd", median_ms=2.0, p20_ms=2.0, p80_ms=2.0, flops=10**12)
+    harness.finalize([flop], {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 800.0})
+    assert flop.tflops == pytest.approx(500.0) and flop.ceiling_fraction == pytest.approx(500 / 800)
+
+
+def test_write_and_latest_results_round_trip(tmp_path):
+    env_old = dict(harness.environment(), gpu_name="NVIDIA H100 80GB HBM3", timestamp_utc="2025-01-02T03:04:05Z")
+    env_new = dict(env_old, timestamp_utc="2025-03-04T05:06:07Z")
+    ceilings = {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 800.0}
+    old = harness.finalize([_rec("torch", 2.0), _rec("triton", 1.5)], ceilings)
+    new = harness.finalize([_rec("torch", 2.0), _rec("triton", 1.0)], ceilings)
+
+    p_old = harness.write_results(old, env_old, ceilings, str(tmp_path / "a"))
+    # the default directory name: <gpu slug>-<date>
+    assert os.path.basename(harness.default_out_dir(env_new)) == "nvidia-h100-80gb-hbm3-2025-03-04"
+    p_new = harness.write_results(new, env_new, ceilings, str(tmp_path / "b"))
+    assert os.path.basename(p_new) == "residual_add.json"
+    (tmp_path / "b" / "notes.json").write_text(json.dumps({"not": "a result"}))  # skipped, not an error
+
+    path, data = harness.latest_results(str(tmp_path))
+    assert path == p_new and p_old != p_new
+    assert data["env"]["timestamp_utc"] == "2025-03-04T05:06:07Z"
+    assert data["ceilings"] == ceilings
+    assert [r["speedup"] for r in data["results"]] == pytest.approx([1.0, 2.0])
+    assert harness.latest_results(str(tmp_path), op="conv2d") is None
+    assert harness.latest_results(str(tmp_path / "empty")) is None
+
+
+def test_write_results_refuses_mixed_ops(tmp_path):
+    a = _rec("torch", 1.0)
+    b = _rec("torch", 1.0)
+    b.op = "conv2d"
+    with pytest.raises(ValueError, match="exactly one op"):
+        harness.write_results([a, b], harness.environment(), None, str(tmp_path))
+
+
+def test_format_table_lists_providers_and_marks_wide_spreads():
+    recs = harness.finalize([_rec("torch", 2.0), _rec("triton", 1.0, p20=0.8, p80=1.3), _rec("cuda", 0.9)],
+                            {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 800.0})
+    table = harness.format_table(recs)
+    lines = table.splitlines()
+    body = {line.split()[5]: line for line in lines[2:5]}  # provider column
+    assert set(body) == {"torch", "triton", "cuda"}
+    assert "~1.000 " in body["triton"] and "~" not in body["torch"] and "~" not in body["cuda"]
+    assert "2.00x" in body["triton"] and "1.00x" in body["torch"]
+    assert "GB/s" in body["cuda"] and "%" in body["cuda"]
+    assert "noisy" in lines[-1]
+    # the same table from the JSON form of the records
+    assert harness.format_table([vars(r) for r in recs]) == table
+    # columns line up: every row is as wide as the header's rule
+    assert len({len(line) for line in lines[2:5]}) <= 2
+
+
+def test_option_a_bytes_formula():
+    # CIFAR ResNet 16 -> 32 channels: x (128, 32, 16, 16), shortcut (128, 16, 32, 32), bf16.
+    x, s, b = (128, 32, 16, 16), (128, 16, 32, 32), 2
+    e = 128 * 32 * 16 * 16
+    used = 128 * 16 * 16 * 16  # only the 16 shortcut channels at the sampled 16x16 positions are read
+    fwd = bench_residual_add.required_bytes(x, s, b, "fwd")
+    assert fwd == (e + used + e) * b == 5 * 2**20
+    # backward: read grad_out and the saved output, write grad_x and the whole shortcut gradient
+    both = bench_residual_add.required_bytes(x, s, b, "fwd+bwd")
+    assert both - fwd == (3 * e + 128 * 16 * 32 * 32) * b
+    # identity: three tensors forward, four more backward
+    assert bench_residual_add.required_bytes(x, x, 4, "fwd") == 3 * e * 4
+    assert bench_residual_add.required_bytes(x, x, 4, "fwd+bwd") == 7 * e * 4
+    with pytest.raises(ValueError):
+        bench_residual_add.required_bytes(x, x, 4, "bwd")
+
+
+def test_cases_cover_the_brief():
+    shapes = {(c.x_shape, c.s_shape, c.layout) for c in bench_residual_add.CASES}
+    assert ((32, 256, 56, 56), None, "NHWC") in shapes
+    big = [c for c in bench_residual_add.CASES if c.name == "large"]
+    assert {c.layout for c in big} == {"NCHW", "NHWC"}
+    assert all(2 * c.x_shape[0] * c.x_shape[1] * c.x_shape[2] * c.x_shape[3] >= 64 * 2**20 for c in big)
+    for c in bench_residual_add.CASES:
+        if c.s_shape is not None:  # option A: the stride maps the shortcut onto x
+            assert -(-c.s_shape[2] // c.stride) == c.x_shape[2] and c.s_shape[1] < c.x_shape[1]
+
+
+def test_bench_module_without_gpu_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("runs the benchmark on a GPU machine")
+    assert bench_residual_add.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "no CUDA GPU" in out
+
+
+def test_run_checks_then_times_every_provider_and_direction(monkeypatch):
+    """The benchmark loop on tiny CPU cases (Triton's interpreter) with a fake timer: every provider
+    and direction is recorded, after its result matched the torch baseline."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path of the loop; on a GPU the real benchmark runs")
+    Case = bench_residual_add.Case
+    tiny = [Case("identity", (2, 8, 4, 4), None, True), Case("option A", (2, 8, 3, 3), (2, 4, 6, 5), False, 2)]
+    monkeypatch.setattr(bench_residual_add, "CASES", tiny)
+    calls = []
+
+    def fake_time(fn, *, cudagraph=False, grad_to_none=None, **budget):
+        fn()
+        calls.append((cudagraph, grad_to_none is not None))
+        return {"median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.2, "wide_spread": True,
+                "timer": "cudagraph" if cudagraph else "do_bench"}
+
+    monkeypatch.setattr(harness, "time_fn", fake_time)
+    recs = bench_residual_add.run(providers=["triton"], dtypes=("float32", "float16"), progress=False, device="cpu")
+    assert len(recs) == 2 * 2 * 2 * 2  # cases x dtypes x directions x (torch, triton)
+    assert {(r.provider, r.direction) for r in recs} == {(p, d) for p in ("torch", "triton") for d in ("fwd", "fwd+bwd")}
+    # tiny forward cases use CUDA graphs; backward timings reset the leaves' gradients each run
+    assert all(c == (True, False) for c, r in zip(calls, recs) if r.direction == "fwd")
+    assert all(c == (False, True) for c, r in zip(calls, recs) if r.direction == "fwd+bwd")
+    opt_a = next(r for r in recs if r.case == "option A" and r.dtype == "float16" and r.direction == "fwd")
+    assert opt_a.bytes == (2 * 8 * 9 * 2 + 2 * 4 * 9) * 2 and opt_a.shape == "x 2x8x3x3, s 2x4x6x5"
+
+
+def test_run_refuses_a_wrong_kernel(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path of the loop")
+    monkeypatch.setattr(bench_residual_add, "CASES", [bench_residual_add.Case("identity", (2, 8, 4, 4), None, True)])
+    monkeypatch.setattr(bench_residual_add, "residual_add", lambda x, s, relu, backend: x + s)  # no ReLU
+    with pytest.raises(AssertionError, match="triton forward.*disagrees with the torch baseline"):
+        bench_residual_add.run(providers=["triton"], dtypes=("float32",), progress=False, device="cpu")
