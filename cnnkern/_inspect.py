@@ -105,6 +105,7 @@ class TritonSpec:
     div16: tuple = ()
     configs: list | None = None  # [(kwargs, num_warps, num_stages)]; None: the autotuner's
     gate: bool = False
+    floats: tuple = ()  # fp32 scalar arguments (everything else not a pointer is i32)
 
 
 def _conv_specs():
@@ -135,8 +136,21 @@ def _conv_specs():
     ]
 
 
+def _lrn_specs():
+    import triton.language as tl
+
+    scalars = ("k_hi", "k_lo", "an_hi", "an_lo", "nb_hi", "nb_lo", "nb1_hi", "nb1_lo", "cf_hi", "cf_lo")
+    # NCHW, fp32 accumulation; BLOCK/num_warps as kernels/local_response_norm.py's _block picks them
+    return [
+        TritonSpec("local_response_norm forward, bf16 NCHW", "local_response_norm", "_fwd_kernel", "bf16",
+                   dict(X_FLAT=True, ACC=tl.float32), floats=scalars, configs=[({"BLOCK": 512}, 4, 1)]),
+        TritonSpec("local_response_norm backward, bf16 NCHW", "local_response_norm", "_bwd_kernel", "bf16",
+                   dict(X_FLAT=True, G_FLAT=True, ACC=tl.float32), floats=scalars, configs=[({"BLOCK": 256}, 4, 1)]),
+    ]
+
+
 def triton_specs() -> list[TritonSpec]:
-    return _conv_specs()
+    return _conv_specs() + _lrn_specs()
 
 
 def _triton_fn(spec: TritonSpec):
@@ -190,7 +204,8 @@ def compile_triton(spec: TritonSpec, arch: int) -> list[TritonReport]:
     reports = []
     for kwargs, warps, stages in configs:
         const = {**spec.constexprs, **kwargs, **{o: 1 for o in spec.ones}}
-        sig = {p: "constexpr" if p in const else (f"*{spec.dtype}" if p.endswith("_ptr") else "i32") for p in names}
+        sig = {p: "constexpr" if p in const else (f"*{spec.dtype}" if p.endswith("_ptr") else
+                                                  "fp32" if p in spec.floats else "i32") for p in names}
         div = [p for p in names if p not in const and (p.endswith("_ptr") or p in spec.div16)]
         src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                         attrs={(names.index(p),): [["tt.divisibility", 16]] for p in div})
