@@ -17,10 +17,13 @@ from ._backend import (  # noqa: F401
     use_backend,
 )
 from . import functional, nn  # noqa: F401,E402
+from . import models  # noqa: F401,E402
+from .convert import convert  # noqa: E402
+from .summary import summary  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "available_backends", "get_backend", "set_backend",
-    "use_backend", "functional", "nn",
+    "use_backend", "functional", "nn", "models", "convert", "summary",
 ]
