@@ -123,6 +123,9 @@ def main(argv=None) -> int:
 
     sub.add_parser("inspect", add_help=False, help="ptxas usage of cnnkern._C; Triton kernels compiled for sm_90/sm_80")
 
+    sub.add_parser("train", add_help=False, help="train a network on the bundled digits (torchrun for DDP); "
+                   "see `cnnkern train --help`")
+
     sm = sub.add_parser("summary", help="per-layer shapes, parameters, MACs and activation memory of a network",
                         description="Per-layer summary of one of cnnkern.models' networks (no GPU, no memory: "
                         "the model runs on the meta device).")
@@ -138,6 +141,9 @@ def main(argv=None) -> int:
     if args.command == "inspect":
         from cnnkern import _inspect
         return _inspect.main(rest)
+    if args.command == "train":
+        from cnnkern import train
+        return train.main(rest)
     if args.command == "summary":
         if rest:
             ap.error(f"unrecognized arguments: {' '.join(rest)}")
