@@ -182,3 +182,12 @@ def test_bad_input(kwargs, exc, msg):
         F.conv_bn_relu(_t(2, 4, 5, 5), _t(8, 4, 3, 3), None, args.pop("running_mean"), args.pop("running_var"),
                        args.pop("bn_weight"), args.pop("bn_bias"), **args)
     assert msg in str(info.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_gpu_bf16_training_steps(family):
+    """bf16 channels_last on the GPU (the interpreter cannot run bf16): outputs, gradients and running
+    statistics over several training steps against the float64 reference."""
+    _train_steps("triton", family, torch.bfloat16, "channels_last")
