@@ -43,6 +43,9 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)  # kept for torchvision's module tree; fused into the convs
         self.conv2 = _conv(planes, planes, 3)
         self.bn2 = nn.BatchNorm2d(planes)
+        self._shortcut(downsample, stride, shortcut, backend)
+
+    def _shortcut(self, downsample, stride, shortcut, backend):
         self.downsample = downsample
         self.stride = stride
         self.shortcut = shortcut
@@ -51,11 +54,16 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         out = cnn.conv_bn_forward(self.conv1, self.bn1, x, relu=True, backend=self.backend)
-        if self.shortcut is None:  # plain network
-            return cnn.conv_bn_forward(self.conv2, self.bn2, out, relu=True, backend=self.backend)
-        out = cnn.conv_bn_forward(self.conv2, self.bn2, out, relu=False, backend=self.backend)
+        return self._finish(self.conv2, self.bn2, out, x)
+
+    def _finish(self, conv, bn, out, x):
+        """The block's last conv-BN: with its own ReLU in a plain network, else joined with the shortcut
+        (option A's subsample + zero-pad happens inside the residual add)."""
+        if self.shortcut is None:
+            return cnn.conv_bn_forward(conv, bn, out, relu=True, backend=self.backend)
+        out = cnn.conv_bn_forward(conv, bn, out, relu=False, backend=self.backend)
         identity = x if self.downsample is None else self._project(x)
-        return self.join(out, identity)  # option A's subsample + zero-pad happens inside
+        return self.join(out, identity)
 
     def _project(self, x):
         conv, bn = self.downsample[0], self.downsample[1]
@@ -77,20 +85,12 @@ class Bottleneck(BasicBlock):
         self.conv3 = _conv(planes, planes * 4, 1)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
-        self.shortcut = shortcut
-        self.backend = backend
-        self.join = cnn.ResidualAdd(relu=True, backend=backend)
+        self._shortcut(downsample, stride, shortcut, backend)
 
     def forward(self, x):
         out = cnn.conv_bn_forward(self.conv1, self.bn1, x, relu=True, backend=self.backend)
         out = cnn.conv_bn_forward(self.conv2, self.bn2, out, relu=True, backend=self.backend)
-        if self.shortcut is None:
-            return cnn.conv_bn_forward(self.conv3, self.bn3, out, relu=True, backend=self.backend)
-        out = cnn.conv_bn_forward(self.conv3, self.bn3, out, relu=False, backend=self.backend)
-        identity = x if self.downsample is None else self._project(x)
-        return self.join(out, identity)
+        return self._finish(self.conv3, self.bn3, out, x)
 
 
 class ResNet(nn.Module):
