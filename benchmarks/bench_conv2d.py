@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-import cnnkern
 from cnnkern import models
 from cnnkern.functional import conv2d
 from cnnkern.summary import conv_layers
@@ -78,16 +77,6 @@ def network_layers(batches=(1, 32), networks=None, table=None, followed_by_bn=Fa
     return out
 
 
-def _providers(requested) -> list[str]:
-    gpu = [b for b in cnnkern._backend.AUTO_ORDER[OP] if b in cnnkern.available_backends()]
-    if requested is None:
-        return ["torch", *gpu]
-    missing = [p for p in requested if p != "torch" and p not in gpu]
-    if missing:
-        raise ValueError(f"provider(s) {missing} cannot run {OP} here (available: {', '.join(gpu) or 'none'})")
-    return ["torch", *[p for p in requested if p != "torch"]]
-
-
 def _check(got, want, what):
     # A kernel that is fast because it is wrong must not produce a figure: compare with cuDNN's
     # result, relative to its norm (cuDNN and ours accumulate in different orders).
@@ -101,7 +90,7 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
     """Time every layer, dtype, direction and provider. ``quick``: ResNet-50 at batch 32 only, the
     forward and the fused epilogue, with shorter timing budgets. ``layers`` replaces the networks'
     layer list (the tests drive the loop on CPU with a few tiny layers)."""
-    providers = _providers(providers)
+    providers = harness.providers(OP, providers)
     if layers is None:
         layers = network_layers((32,), ["resnet50"]) if quick else network_layers(networks=networks)
     directions = ("fwd", "fwd+relu") if quick else ("fwd", "fwd+relu", "fwd+bwd")

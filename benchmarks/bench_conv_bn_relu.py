@@ -32,16 +32,6 @@ NETWORKS = {
 }
 
 
-def _providers(requested) -> list[str]:
-    gpu = [b for b in cnnkern._backend.AUTO_ORDER[OP] if b in cnnkern.available_backends()]
-    if requested is None:
-        return ["torch", *gpu]
-    missing = [p for p in requested if p not in ("torch", "compile") and p not in gpu]
-    if missing:
-        raise ValueError(f"provider(s) {missing} cannot run {OP} here (available: torch, compile, {', '.join(gpu)})")
-    return ["torch", *[p for p in requested if p != "torch"]]
-
-
 def _reference(layer, dtype, device) -> torch.nn.Sequential:
     conv = torch.nn.Conv2d(layer.x_shape[1], layer.w_shape[0], layer.w_shape[2:], layer.stride, layer.padding,
                            layer.dilation, layer.groups, bias=False)
@@ -65,7 +55,7 @@ def run(providers=None, dtypes=("bfloat16",), quick: bool = False, progress: boo
         device: torch.device | str = "cuda", batch: int = 32, layers=None) -> list[harness.Result]:
     """Time every conv-BN(-ReLU) layer in inference and in a training step. ``quick``: ResNet-50
     only, shorter timing budgets. ``layers`` replaces the networks' layer list (tests)."""
-    providers = _providers(providers)
+    providers = harness.providers(OP, providers, extra=("compile",))
     if layers is None:
         nets = ["resnet50"] if quick else list(NETWORKS)
         layers = network_layers((batch,), nets, NETWORKS, followed_by_bn=True)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-import cnnkern
 from cnnkern.functional import local_response_norm
 
 from . import harness
@@ -89,20 +88,6 @@ def required_bytes(x_shape, itemsize: int, direction: str) -> int:
     return 5 * e * itemsize
 
 
-def _providers(requested) -> list[str]:
-    gpu = [b for b in ("triton", "cuda") if b in cnnkern.available_backends()]
-    if requested is None:
-        return ["torch", *gpu]
-    bad = [p for p in requested if p not in ("torch", "triton", "cuda")]
-    if bad:
-        raise ValueError(f"unknown provider(s) {bad}; choose from torch, triton, cuda")
-    missing = [p for p in requested if p != "torch" and p not in gpu]
-    if missing:
-        raise ValueError(f"provider(s) {missing} cannot run here (available: {', '.join(gpu) or 'none'})")
-    # The baseline always runs: every speedup is relative to it.
-    return ["torch", *[p for p in requested if p != "torch"]]
-
-
 def _forward(provider: str, x: torch.Tensor):
     if provider == "torch":
         return lambda: torch.nn.functional.local_response_norm(x, SIZE, ALPHA, BETA, K)
@@ -138,7 +123,7 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
     """
     from tqdm.auto import tqdm
 
-    providers = _providers(providers)
+    providers = harness.providers(OP, providers)
     dts = [getattr(torch, d) for d in dtypes]
     cases = QUICK_CASES if quick else CASES
     budget = dict(warmup_ms=10, rep_ms=40) if quick else dict(warmup_ms=25, rep_ms=100)

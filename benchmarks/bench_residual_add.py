@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-import cnnkern
 from cnnkern import reference
 from cnnkern.functional import residual_add
 
@@ -101,20 +100,6 @@ def required_bytes(x_shape, s_shape, itemsize: int, direction: str) -> int:
     return fwd + (3 * e + n * cs * hs * ws) * itemsize
 
 
-def _providers(requested) -> list[str]:
-    gpu = [b for b in ("triton", "cuda") if b in cnnkern.available_backends()]
-    if requested is None:
-        return ["torch", *gpu]
-    bad = [p for p in requested if p not in ("torch", "triton", "cuda")]
-    if bad:
-        raise ValueError(f"unknown provider(s) {bad}; choose from torch, triton, cuda")
-    missing = [p for p in requested if p != "torch" and p not in gpu]
-    if missing:
-        raise ValueError(f"provider(s) {missing} cannot run here (available: {', '.join(gpu) or 'none'})")
-    # The baseline always runs: every speedup is relative to it.
-    return ["torch", *[p for p in requested if p != "torch"]]
-
-
 def _forward(provider: str, x: torch.Tensor, s: torch.Tensor, case: Case):
     if provider != "torch":
         return lambda: residual_add(x, s, relu=True, backend=provider)
@@ -157,7 +142,7 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
         :class:`harness.Result` records with timings and required bytes; pass them through
         :func:`harness.finalize` for GB/s, fraction of the copy ceiling and speedups.
     """
-    providers = _providers(providers)
+    providers = harness.providers(OP, providers)
     dts = [getattr(torch, d) for d in dtypes]
     cases = QUICK_CASES if quick else CASES
     budget = dict(warmup_ms=10, rep_ms=40) if quick else dict(warmup_ms=25, rep_ms=100)

@@ -85,6 +85,25 @@ def time_fn(fn, *, warmup_ms: float = 25, rep_ms: float = 100, cudagraph: bool =
             "wide_spread": is_wide_spread(median, p20, p80), "timer": timer}
 
 
+def providers(op: str, requested=None, extra: tuple = ()) -> list[str]:
+    """The providers a benchmark of ``op`` runs: the ``"torch"`` baseline first (always: every
+    speedup is relative to it), then the requested ones (default: every GPU backend with a kernel
+    for ``op`` that can run here). ``extra``: providers the module adds itself (e.g. "compile")."""
+    import cnnkern
+
+    gpu = [b for b in cnnkern._backend.AUTO_ORDER.get(op, ()) if b in cnnkern.available_backends()]
+    if requested is None:
+        return [BASELINE, *gpu]
+    known = {BASELINE, "triton", "cuda", *extra}
+    bad = [p for p in requested if p not in known]
+    if bad:
+        raise ValueError(f"unknown provider(s) {bad}; choose from {', '.join(sorted(known))}")
+    missing = [p for p in requested if p not in (BASELINE, *extra) and p not in gpu]
+    if missing:
+        raise ValueError(f"provider(s) {missing} cannot run {op} here (available: {', '.join(gpu) or 'none'})")
+    return [BASELINE, *[p for p in requested if p != BASELINE]]
+
+
 def is_wide_spread(median: float, p20: float, p80: float) -> bool:
     """True when the p20-p80 band is wider than 10% of the median (a noisy measurement)."""
     return median > 0 and (p80 - p20) / median > WIDE_SPREAD
