@@ -70,10 +70,8 @@ def has_extension() -> bool:
     return _C is not None
 
 
-def _triton_import_error() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed: pip install triton"
-    return None
+# Looked up once, at import: torch.compile traces resolve() and cannot trace importlib.
+_TRITON_ERROR = None if importlib.util.find_spec("triton") is not None else "Triton is not installed: pip install triton"
 
 
 def interpreter_enabled() -> bool:
@@ -96,9 +94,8 @@ def unavailable_reason(name: str, device: torch.device | str | None = None) -> s
         return None
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "triton":
-        err = _triton_import_error()
-        if err:
-            return err
+        if _TRITON_ERROR:
+            return _TRITON_ERROR
         if dev.type == "cuda":
             return None if torch.cuda.is_available() else "no CUDA device is available to PyTorch"
         if dev.type == "cpu":

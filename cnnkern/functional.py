@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend, _checks, reference
-from . import ops as _ops  # noqa: F401  (registers torch.ops.cnnkern.*)
+from . import ops as _ops  # registers torch.ops.cnnkern.*
 
 __all__ = ["conv2d", "conv_bn_relu", "residual_add", "local_response_norm"]
 
@@ -83,6 +83,8 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     name = _backend.resolve(op, backend, x.device)
     if name == "torch":
         y = reference.conv2d(x, weight, bias, stride, padding, dilation, groups, activation)
+        if _ops._common.output_channels_last(x) or _ops._common.output_channels_last(weight):
+            y = y.contiguous(memory_format=torch.channels_last)  # PyTorch's CUDA fp64 conv returns NCHW
     else:
         y = torch.ops.cnnkern.conv2d(x, weight, bias, stride_, pad, dilation_, groups, activation == "relu",
                                      _precision(x), name)

@@ -172,7 +172,8 @@ def test_large_square_leaves_no_cancellation_error(backend):
     x = make((1, 16, 2, 3), torch.float32, DEVICE)
     x[:, 2] *= 1e4
     out = F.local_response_norm(x, 3, 1.0, 0.75, 0.0, backend=backend)  # k = 0: scale is the bare window sum
-    torch.testing.assert_close(out.double(), _ref(x, 3, 1.0, 0.75, 0.0), rtol=2e-6, atol=0)
+    # 1e-5: a few ulp for the GPU's pow (measured 3.8e-6 on an H100), far below the error it guards against
+    torch.testing.assert_close(out.double(), _ref(x, 3, 1.0, 0.75, 0.0), rtol=1e-5, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter: log2(0), inf * 0

@@ -1,0 +1,77 @@
+"""Where does a cnnkern convolution's time go on a GPU: kernel time or host (launch) time?
+
+For a few ResNet-50 layers (bf16, channels_last, batch 32), against cuDNN in the same run:
+  * eager    -- triton.testing.do_bench median (events around each call, L2 flushed): what a user sees;
+  * graph    -- do_bench_cudagraph median: the kernels alone, no launch cost;
+  * host     -- host microseconds per call when calls are queued back to back (no sync between);
+  * launcher -- host microseconds of cnnkern.kernels.conv2d.conv2d_forward alone (no op dispatch);
+then a cProfile of the public call, so a host-bound path shows where its time is spent.
+
+    python scripts/gpu_overhead.py            # needs a CUDA GPU
+"""
+
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+import triton.testing
+
+from cnnkern import functional as F
+from cnnkern.kernels import conv2d as K
+
+LAYERS = [  # (name, N, C, H, W, K, R, stride, pad)
+    ("layer1.0.conv1", 32, 64, 56, 56, 64, 1, 1, 0),
+    ("layer1.0.conv2", 32, 64, 56, 56, 64, 3, 1, 1),
+    ("layer2.1.conv2", 32, 128, 28, 28, 128, 3, 1, 1),
+    ("layer3.0.conv1", 32, 512, 28, 28, 256, 1, 1, 0),
+    ("layer4.1.conv2", 32, 512, 7, 7, 512, 3, 1, 1),
+]
+
+
+def host_us(fn, n=200):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def main():
+    torch.backends.cudnn.benchmark = True
+    dev = "cuda"
+    print(f"{'layer':16s} {'prov':7s} {'eager ms':>9s} {'graph ms':>9s} {'host us':>8s} {'TFLOP/s graph':>13s}")
+    for name, n, c, h, w_, k, r, s, p in LAYERS:
+        x = torch.randn(n, c, h, w_, device=dev, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        w = (torch.randn(k, c, r, r, device=dev, dtype=torch.bfloat16) * (c * r * r) ** -0.5).to(
+            memory_format=torch.channels_last)
+        ours = lambda: F.conv2d(x, w, stride=s, padding=p, backend="triton")  # noqa: E731
+        cudnn = lambda: torch.nn.functional.conv2d(x, w, stride=s, padding=p)  # noqa: E731
+        y = ours()
+        out_hw = y.shape[2] * y.shape[3]
+        flops = 2 * n * k * out_hw * c * r * r
+        pad = [p, p, p, p]
+        launcher = lambda: K.conv2d_forward(x, w, None, y, [s, s], pad[:2], [1, 1], 1, False, "ieee")  # noqa: E731
+        for prov, fn in (("cudnn", cudnn), ("triton", ours), ("launch", launcher)):
+            fn()
+            eager = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            graph = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+            hu = host_us(fn)
+            print(f"{name:16s} {prov:7s} {eager:9.4f} {graph:9.4f} {hu:8.1f} {flops / graph / 1e9:13.1f}")
+    # where the host time goes, for the last layer
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(200):
+        ours()
+    pr.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+    print(buf.getvalue())
+
+
+if __name__ == "__main__":
+    main()
