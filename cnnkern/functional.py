@@ -48,7 +48,7 @@ def residual_add(x: torch.Tensor, shortcut: torch.Tensor, relu: bool = True, bac
     name = _backend.resolve(op, backend, x.device)
     if name == "torch":
         return reference.residual_add(x, shortcut, relu, stride)
-    return torch.ops.cnnkern.residual_add(x, shortcut, stride, relu, name)
+    return _ops.residual_add.residual_add_call(x, shortcut, stride, relu, name)
 
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
@@ -86,8 +86,8 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         if _ops._common.output_channels_last(x) or _ops._common.output_channels_last(weight):
             y = y.contiguous(memory_format=torch.channels_last)  # PyTorch's CUDA fp64 conv returns NCHW
     else:
-        y = torch.ops.cnnkern.conv2d(x, weight, bias, stride_, pad, dilation_, groups, activation == "relu",
-                                     _precision(x), name)
+        y = _ops.conv2d.conv2d_call(x, weight, bias, stride_, pad, dilation_, groups, activation == "relu",
+                                    _precision(x), name)
     return y.squeeze(0) if input.dim() == 3 else y
 
 
@@ -149,16 +149,15 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         y = reference.conv_bn_relu(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, batch_stats,
                                    momentum, eps, stride, padding, dilation, groups, relu)
     elif batch_stats:
-        y, _, mean, _, var = torch.ops.cnnkern.conv_bn_relu_train(x, weight, bias, bn_weight, bn_bias, float(eps),
-                                                                 stride_, pad, dilation_, groups, relu,
-                                                                 _precision(x), name)
+        y, _, mean, _, var = _ops.conv_bn_relu.conv_bn_relu_train_call(
+            x, weight, bias, bn_weight, bn_bias, float(eps), stride_, pad, dilation_, groups, relu, _precision(x), name)
         if training and running_mean is not None:
             count = x.shape[0] * y.shape[2] * y.shape[3]
-            torch.ops.cnnkern.bn_update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
-                                                      count, float(momentum))
+            _ops.conv_bn_relu.bn_update_running_stats_call(running_mean, running_var, mean.detach(), var.detach(),
+                                                           count, float(momentum))
     else:
         w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
-        y = torch.ops.cnnkern.conv2d(x, w, b, stride_, pad, dilation_, groups, relu, _precision(x), name)
+        y = _ops.conv2d.conv2d_call(x, w, b, stride_, pad, dilation_, groups, relu, _precision(x), name)
     return y.squeeze(0) if input.dim() == 3 else y
 
 
@@ -229,5 +228,5 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
         for d in shape[2:-1]:
             inner *= d
         x = input.reshape(shape[0], shape[1], inner, shape[-1])
-    y = torch.ops.cnnkern.local_response_norm(x, size, alpha, beta, k, name)
+    y = _ops.local_response_norm.local_response_norm_call(x, size, alpha, beta, k, name)
     return y if input.dim() == 4 else y.reshape(shape)

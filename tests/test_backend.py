@@ -100,3 +100,54 @@ def test_missing_extension_message_says_how_to_build(monkeypatch):
     reason = _backend.unavailable_reason("cuda", "cuda")
     assert "not built" in reason and "Build it" in reason
     assert "cuda" not in cnnkern.available_backends()
+
+
+# ------------------------------------------------------------------------------------------------
+# the eager fast path (cnnkern/ops/_common.py: dispatcher) and the op path give the same results
+# ------------------------------------------------------------------------------------------------
+def _conv_and_grads(x, w, b):
+    out = F.conv2d(x, w, b, padding=1, activation="relu", backend="triton")
+    return (out, *torch.autograd.grad(out, (x, w, b), torch.ones_like(out)))
+
+
+def test_eager_path_matches_the_op_path_and_is_taken_for_plain_tensors():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cnnkern.ops import _common
+
+    device = torch.device("cuda" if HAS_CUDA else "cpu")
+    x = make((2, 4, 5, 5), torch.float32, device, "channels_last", requires_grad=True)
+    w = make((6, 4, 3, 3), torch.float32, device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
+    assert _common.eager_ok((x, w, b, [1, 1]))
+    eager = _conv_and_grads(x, w, b)
+
+    class Record(TorchDispatchMode):  # a dispatch mode must see the op: the eager path steps aside
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        assert not _common.eager_ok((x,))
+        via_op = _conv_and_grads(x, w, b)
+    assert any("cnnkern.conv2d." in op for op in rec.ops), rec.ops
+    assert any("cnnkern.conv2d_backward_weight" in op for op in rec.ops), rec.ops
+    for a, o in zip(eager, via_op):
+        assert torch.equal(a, o)
+    assert not _common.eager_ok((torch.empty(1, device="meta"),))
+
+
+def test_eager_path_double_backward_goes_through_the_ops():
+    # residual_add's backward is differentiable (its backward ops carry formulas): with
+    # create_graph the eager path's backward calls the ops, so the second derivative exists.
+    device = torch.device("cuda" if HAS_CUDA else "cpu")
+    x = make((1, 3, 4, 4), torch.float64, device, requires_grad=True)
+    s = make((1, 3, 4, 4), torch.float64, device, requires_grad=True)
+    out = F.residual_add(x, s, relu=True, backend="triton")
+    (gx,) = torch.autograd.grad(out, x, torch.ones_like(out), create_graph=True)
+    assert gx.requires_grad
+    torch.autograd.grad(gx.sum(), s, allow_unused=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import new_output, output_channels_last
+from ._common import custom_op, dispatcher, new_output, output_channels_last, pick
 
 
 def _kernels():
@@ -48,7 +48,7 @@ def _check_backend(backend: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("cnnkern::conv2d", mutates_args=())
+@custom_op("cnnkern::conv2d")
 def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
            dilation: list[int], groups: int, relu: bool, precision: str, backend: str) -> torch.Tensor:
     _check_backend(backend)
@@ -65,7 +65,7 @@ def _(x, w, bias, stride, padding, dilation, groups, relu, precision, backend):
 # ---------------------------------------------------------------------------------------------
 # backward ops
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("cnnkern::conv2d_backward_input", mutates_args=())
+@custom_op("cnnkern::conv2d_backward_input")
 def conv2d_backward_input(grad: torch.Tensor, w: torch.Tensor, input_size: list[int], stride: list[int],
                           padding: list[int], dilation: list[int], groups: int, channels_last: bool,
                           precision: str, backend: str) -> torch.Tensor:
@@ -80,7 +80,7 @@ def _(grad, w, input_size, stride, padding, dilation, groups, channels_last, pre
     return new_output(input_size, grad, channels_last)
 
 
-@torch.library.custom_op("cnnkern::conv2d_backward_weight", mutates_args=())
+@custom_op("cnnkern::conv2d_backward_weight")
 def conv2d_backward_weight(grad: torch.Tensor, x: torch.Tensor, weight_size: list[int], stride: list[int],
                            padding: list[int], dilation: list[int], groups: int, bias: bool,
                            channels_last: bool, precision: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,13 +115,14 @@ def _backward(ctx, grad):
     if y is not None:
         # The fused ReLU's derivative: grad where y > 0. cnnkern::residual_add_backward is exactly
         # that elementwise kernel (PyTorch's threshold_backward), so it is reused here.
-        grad = torch.ops.cnnkern.residual_add_backward(grad, y, ctx.backend)
+        from .residual_add import residual_add_backward
+        grad = pick(residual_add_backward, ctx)(grad, y, ctx.backend)
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
-        gx = conv2d_backward_input(grad, w, list(x.shape), stride, padding, dilation, groups, ctx.x_cl,
+        gx = pick(conv2d_backward_input, ctx)(grad, w, list(x.shape), stride, padding, dilation, groups, ctx.x_cl,
                                    ctx.precision, ctx.backend)
     if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-        gw, gb = conv2d_backward_weight(grad, x, list(w.shape), stride, padding, dilation, groups, ctx.has_bias,
+        gw, gb = pick(conv2d_backward_weight, ctx)(grad, x, list(w.shape), stride, padding, dilation, groups, ctx.has_bias,
                                         ctx.w_cl, ctx.precision, ctx.backend)
         gw = gw if ctx.needs_input_grad[1] else None
         gb = gb if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -129,3 +130,4 @@ def _backward(ctx, grad):
 
 
 conv2d.register_autograd(_backward, setup_context=_setup_context)
+conv2d_call = dispatcher(conv2d, _setup_context, _backward)

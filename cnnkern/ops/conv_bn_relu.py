@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import in_layout, new_output
+from ._common import custom_op, dispatcher, in_layout, new_output, pick
 from .conv2d import _check_backend, _y_channels_last, conv2d_backward_input, conv2d_backward_weight, output_size
 
 
@@ -40,7 +40,7 @@ def _affine(t: torch.Tensor | None, k: int, fill: float, like: torch.Tensor, dty
     return t.to(dtype) if t is not None else torch.full((k,), fill, dtype=dtype, device=like.device)
 
 
-@torch.library.custom_op("cnnkern::conv_bn_relu_train", mutates_args=())
+@custom_op("cnnkern::conv_bn_relu_train")
 def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bn_weight: torch.Tensor | None,
                        bn_bias: torch.Tensor | None, eps: float, stride: list[int], padding: list[int],
                        dilation: list[int], groups: int, relu: bool, precision: str,
@@ -71,7 +71,7 @@ def _(x, w, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups, re
     return new_output(shape, x, cl), new_output(shape, x, cl), stat, stat.clone(), stat.clone()
 
 
-@torch.library.custom_op("cnnkern::bn_update_running_stats", mutates_args=("running_mean", "running_var"))
+@custom_op("cnnkern::bn_update_running_stats", mutates_args=("running_mean", "running_var"))
 def bn_update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
                             var: torch.Tensor, count: int, momentum: float) -> None:
     # running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance
@@ -84,7 +84,7 @@ def _(running_mean, running_var, mean, var, count, momentum):
     return None
 
 
-@torch.library.custom_op("cnnkern::conv_bn_relu_backward", mutates_args=())
+@custom_op("cnnkern::conv_bn_relu_backward")
 def conv_bn_relu_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, mean: torch.Tensor,
                           invstd: torch.Tensor, bn_weight: torch.Tensor | None,
                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,13 +121,13 @@ def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_invstd, _grad_var):
     stride, padding, dilation, groups = ctx.conv
     has_bias, has_gamma, has_beta = ctx.has
     need = ctx.needs_input_grad
-    dy, dgamma, dbeta = conv_bn_relu_backward(grad_out, out, y, mean, invstd, bn_weight, ctx.backend)
+    dy, dgamma, dbeta = pick(conv_bn_relu_backward, ctx)(grad_out, out, y, mean, invstd, bn_weight, ctx.backend)
     gx = gw = gb = None
     if need[0]:
-        gx = conv2d_backward_input(dy, w, list(x.shape), stride, padding, dilation, groups, ctx.layouts[0],
+        gx = pick(conv2d_backward_input, ctx)(dy, w, list(x.shape), stride, padding, dilation, groups, ctx.layouts[0],
                                    ctx.precision, ctx.backend)
     if need[1] or (has_bias and need[2]):
-        gw, gb = conv2d_backward_weight(dy, x, list(w.shape), stride, padding, dilation, groups, has_bias,
+        gw, gb = pick(conv2d_backward_weight, ctx)(dy, x, list(w.shape), stride, padding, dilation, groups, has_bias,
                                         ctx.layouts[1], ctx.precision, ctx.backend)
         gw = gw if need[1] else None
         gb = gb if has_bias and need[2] else None
@@ -136,3 +136,5 @@ def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_invstd, _grad_var):
 
 
 conv_bn_relu_train.register_autograd(_backward, setup_context=_setup_context)
+conv_bn_relu_train_call = dispatcher(conv_bn_relu_train, _setup_context, _backward)
+bn_update_running_stats_call = dispatcher(bn_update_running_stats)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ._common import new_output, output_channels_last
+from ._common import custom_op, dispatcher, new_output, output_channels_last, pick
 
 
 def _kernels():
@@ -35,7 +35,7 @@ def _like(x: torch.Tensor) -> torch.Tensor:
     return new_output(x.shape, x, output_channels_last(x))
 
 
-@torch.library.custom_op("cnnkern::local_response_norm", mutates_args=())
+@custom_op("cnnkern::local_response_norm")
 def local_response_norm(x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
                         backend: str) -> torch.Tensor:
     if backend == "cuda":
@@ -50,7 +50,7 @@ def _(x, size, alpha, beta, k, backend):
     return _like(x)
 
 
-@torch.library.custom_op("cnnkern::local_response_norm_backward", mutates_args=())
+@custom_op("cnnkern::local_response_norm_backward")
 def local_response_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, size: int, alpha: float, beta: float,
                                  k: float, backend: str) -> torch.Tensor:
     if backend == "cuda":
@@ -76,11 +76,12 @@ def _backward(ctx, grad):
     (x,) = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None
-    return local_response_norm_backward(grad, x, *ctx.args), None, None, None, None, None
+    return pick(local_response_norm_backward, ctx)(grad, x, *ctx.args), None, None, None, None, None
 
 
 # The backward op has no autograd formula of its own: double backward through LRN raises.
 local_response_norm.register_autograd(_backward, setup_context=_setup_context)
+local_response_norm_call = dispatcher(local_response_norm, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------

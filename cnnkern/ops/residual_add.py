@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ._common import in_layout, new_output, output_channels_last
+from ._common import custom_op, dispatcher, in_layout, new_output, output_channels_last, pick
 
 
 def _kernels():
@@ -40,7 +40,7 @@ def _shortcut_output(grad: torch.Tensor, shortcut_size, channels_last: bool) -> 
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("cnnkern::residual_add", mutates_args=())
+@custom_op("cnnkern::residual_add")
 def residual_add(x: torch.Tensor, shortcut: torch.Tensor, stride: int, relu: bool, backend: str) -> torch.Tensor:
     if backend == "cuda":
         return _cuda_ops().residual_add_cuda(x, shortcut, stride, relu)
@@ -57,7 +57,7 @@ def _(x, shortcut, stride, relu, backend):
 # ---------------------------------------------------------------------------------------------
 # backward ops
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("cnnkern::residual_add_backward", mutates_args=())
+@custom_op("cnnkern::residual_add_backward")
 def residual_add_backward(grad_out: torch.Tensor, out: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "cuda":
         return _cuda_ops().residual_add_backward_cuda(grad_out, out)
@@ -76,7 +76,7 @@ def _(grad_out, out, backend):
     return new_output(out.shape, out, output_channels_last(out))
 
 
-@torch.library.custom_op("cnnkern::residual_add_shortcut_backward", mutates_args=())
+@custom_op("cnnkern::residual_add_shortcut_backward")
 def residual_add_shortcut_backward(grad: torch.Tensor, shortcut_size: list[int], stride: int,
                                    channels_last: bool, backend: str) -> torch.Tensor:
     if backend == "cuda":
@@ -107,16 +107,17 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     (out,) = ctx.saved_tensors
     # d/d(sum): the ReLU's mask, or the incoming gradient itself when there is no ReLU.
-    grad_sum = grad if out is None else residual_add_backward(grad, out, ctx.backend)
+    grad_sum = grad if out is None else pick(residual_add_backward, ctx)(grad, out, ctx.backend)
     grad_x = grad_sum if ctx.needs_input_grad[0] else None
     grad_shortcut = None
     if ctx.needs_input_grad[1]:
-        grad_shortcut = grad_sum if ctx.identity else residual_add_shortcut_backward(
+        grad_shortcut = grad_sum if ctx.identity else pick(residual_add_shortcut_backward, ctx)(
             grad_sum, ctx.shortcut_size, ctx.stride, ctx.shortcut_channels_last, ctx.backend)
     return grad_x, grad_shortcut, None, None, None
 
 
 residual_add.register_autograd(_backward, setup_context=_setup_context)
+residual_add_call = dispatcher(residual_add, _setup_context, _backward)
 
 
 # The backward ops are differentiable too (double backward): both are linear in their gradient
