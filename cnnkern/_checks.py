@@ -132,14 +132,27 @@ def conv_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias, stride, padd
     return list(stride), pad, list(dilation)
 
 
+def real(op: str, name: str, value) -> float:
+    """A real number (int or float, not bool)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def bn_args(op: str, x: torch.Tensor, channels: int, **tensors) -> None:
     """BatchNorm tensors (running_mean, running_var, bn_weight, bn_bias; None allowed): floating
-    (K,) vectors on x's device. Their dtype may differ from x's (fp32 statistics for fp16 inputs,
-    as PyTorch allows)."""
+    (K,) vectors on x's device, in x's dtype or, for float16/bfloat16 inputs, float32 (fp32
+    parameters and statistics with half activations, as PyTorch's batch_norm accepts under AMP)."""
+    allowed = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
     for name, t in tensors.items():
         if t is None:
             continue
         tensor(op, name, t, ndim=1)
+        if t.dtype not in allowed:
+            raise TypeError(f"{op}: {name} has dtype {_fmt_dtype(t.dtype)} but input has dtype {_fmt_dtype(x.dtype)}; "
+                            f"BatchNorm tensors must be {' or '.join(_fmt_dtype(d) for d in allowed)}")
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but input is on {x.device}")
         if t.shape[0] != channels:

@@ -3,6 +3,12 @@
 Every op validates its arguments (cnnkern/_checks.py), picks a backend (cnnkern/_backend.py:
 ``backend=None`` means the current default, see :func:`cnnkern.set_backend`), and then calls the
 registered op (cnnkern/ops/), or the pure-PyTorch reference for ``backend="torch"``.
+
+Under ``torch.autocast`` the inputs are first cast as PyTorch's autocast would cast the PyTorch op
+each one replaces (cnnkern/ops/_autocast.py: convolutions in the autocast dtype, LRN in fp32,
+residual add promoted to the widest input dtype), for every backend alike. An empty batch (N = 0)
+gives an empty result, forward and backward, as PyTorch does; NaN and Inf propagate as in
+PyTorch.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import torch
 
 from . import _backend, _checks, reference
 from . import ops as _ops  # registers torch.ops.cnnkern.*
+from .ops import _autocast
 
 __all__ = ["conv2d", "conv_bn_relu", "residual_add", "local_response_norm"]
 
@@ -42,6 +49,7 @@ def residual_add(x: torch.Tensor, shortcut: torch.Tensor, relu: bool = True, bac
     op = "residual_add"
     _checks.tensor(op, "x", x, ndim=4)
     _checks.tensor(op, "shortcut", shortcut, ndim=4)
+    x, shortcut = _autocast.cast(op, x.device.type, x, shortcut)  # promotes mixed dtypes under autocast only
     _checks.same_dtype_device(op, "x", x, shortcut=shortcut)
     _checks.flag(op, "relu", relu)
     stride = _checks.option_a_stride(op, x, shortcut)
@@ -77,6 +85,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """
     op = "conv2d"
     x = _batched(op, input)
+    x, weight, bias = _autocast.cast(op, x.device.type, x, weight, bias)
     if activation not in (None, "relu"):
         raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
     stride_, pad, dilation_ = _checks.conv_args(op, x, weight, bias, stride, padding, dilation, groups)
@@ -127,12 +136,16 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """
     op = "conv_bn_relu"
     x = _batched(op, input)
+    x, weight, bias = _autocast.cast(op, x.device.type, x, weight, bias)  # the BatchNorm tensors keep theirs
     stride_, pad, dilation_ = _checks.conv_args(op, x, weight, bias, stride, padding, dilation, groups)
     k = weight.shape[0]
     _checks.bn_args(op, x, k, running_mean=running_mean, running_var=running_var, bn_weight=bn_weight,
                     bn_bias=bn_bias)
     _checks.flag(op, "training", training)
     _checks.flag(op, "relu", relu)
+    _checks.real(op, "eps", eps)
+    if momentum is not None:
+        _checks.real(op, "momentum", momentum)
     if momentum is None:
         raise ValueError(f"{op}: momentum=None (a cumulative moving average) needs the number of batches seen; "
                          "use cnnkern.nn.ConvBNReLU2d, which tracks it, or pass momentum=1/num_batches")
@@ -215,6 +228,7 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
     """
     op = "local_response_norm"
     size, alpha, beta, k = _checks.lrn_args(op, input, size, alpha, beta, k)
+    (input,) = _autocast.cast(op, input.device.type, input)
     name = _backend.resolve(op, backend, input.device)
     if name == "torch":
         return reference.local_response_norm(input, size, alpha, beta, k)

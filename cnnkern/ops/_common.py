@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from . import _autocast
+
 # Test harnesses set CNNKERN_POISON=1: every output a cnnkern op allocates is then filled with NaN
 # before the kernel runs, so an element the kernel forgets to write fails the comparison.
 _POISON = os.environ.get("CNNKERN_POISON", "0") not in ("", "0")
@@ -88,8 +90,13 @@ def eager_ok(args) -> bool:
 
 def dispatcher(op, setup_context=None, backward=None):
     """``call(*args)``: the same result as ``op(*args)`` (positional arguments in the op's schema
-    order), on the eager fast path where :func:`eager_ok` allows it."""
+    order), on the eager fast path where :func:`eager_ok` allows it.
+
+    Under ``torch.autocast`` the fast path is taken only when the arguments are already in the
+    dtypes autocast would give them (cnnkern/functional.py casts first); otherwise the call goes
+    through the op, whose Autocast kernel (cnnkern/ops/_autocast.py) casts them."""
     fn = None
+    amp_name = _autocast.op_name_for(op._name)
     if backward is not None:
         class _Eager(torch.autograd.Function):
             @staticmethod
@@ -107,7 +114,7 @@ def dispatcher(op, setup_context=None, backward=None):
         fn = _Eager
 
     def call(*args):
-        if not eager_ok(args):
+        if not eager_ok(args) or (amp_name is not None and _autocast.pending(amp_name, args)):
             return op(*args)
         if fn is not None and torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
