@@ -152,13 +152,22 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: running_mean and running_var must both be tensors or both be None")
     batch_stats = training or running_mean is None
+    empty = False
     if batch_stats:
         _, _, p, q = _ops.conv2d.output_size(x.shape, weight.shape, stride_, pad, dilation_)
-        if x.shape[0] * p * q <= 1:
+        if x.shape[0] * p * q == 1:  # PyTorch's rule; an empty batch is allowed (below)
             raise ValueError(f"{op}: expected more than 1 value per channel when training, got output of "
                              f"{x.shape[0] * p * q} value(s) per channel (input {tuple(input.shape)})")
+        empty = x.shape[0] * p * q == 0
     name = _backend.resolve(op, backend, x.device)
-    if name == "torch":
+    if empty and name != "torch":
+        # An empty batch, as PyTorch's batch_norm treats it: an empty output, zero gradients for the
+        # parameters, running statistics untouched. BatchNorm folded with neutral statistics gives
+        # exactly that through the one convolution (no statistics of zero values are formed).
+        neutral = (torch.zeros(k, dtype=weight.dtype, device=x.device), torch.ones(k, dtype=weight.dtype, device=x.device))
+        w, b = fold_bn(weight, bias, *neutral, bn_weight, bn_bias, eps)
+        y = _ops.conv2d.conv2d_call(x, w, b, stride_, pad, dilation_, groups, relu, _precision(x), name)
+    elif name == "torch":
         y = reference.conv_bn_relu(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, batch_stats,
                                    momentum, eps, stride, padding, dilation, groups, relu)
     elif batch_stats:
