@@ -3,7 +3,9 @@
 Layers come from the models themselves (cnnkern.summary.conv_layers on ResNet-50, VGG-16,
 GoogLeNet and, when it exists, AlexNet), at batch 1 and 32. Providers: ``"torch"`` (the baseline:
 ``torch.nn.functional.conv2d``, cuDNN with ``cudnn.benchmark=True``, same dtype, layout and TF32
-setting) and cnnkern's GPU backends with a convolution kernel. Layouts: bf16 and fp16 in
+setting), cnnkern's GPU backends with a convolution kernel, and ``"inductor"``: the same
+``F.conv2d`` (and ReLU) under ``torch.compile(mode="max-autotune...")``, see
+:func:`harness.compile_reference`. Layouts: bf16 and fp16 in
 channels_last, fp32 in NCHW (TF32 as PyTorch's default ``cudnn.allow_tf32`` says). Directions:
 forward, forward+backward (input, weight and bias gradients), and the forward with the fused
 bias+ReLU epilogue against cuDNN's conv followed by a separate ReLU ("+relu" cases).
@@ -11,7 +13,7 @@ bias+ReLU epilogue against cuDNN's conv followed by a separate ReLU ("+relu" cas
 FLOPs: 2*N*K*P*Q*(C/groups)*R*S per forward; forward+backward is three times that (dgrad and
 wgrad each cost one forward).
 
-    python -m cnnkern.benchmarks.bench_conv2d [--dtypes bfloat16] [--quick] [--out DIR]
+    python -m cnnkern.benchmarks.bench_conv2d [--dtypes bfloat16] [--quick] [--no-inductor] [--out DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ NETWORKS = {  # name -> (factory, input size per image)
 }
 if hasattr(models, "alexnet"):
     NETWORKS["alexnet"] = (lambda: models.alexnet(variant="paper"), (3, 227, 227))
+NETS = tuple(NETWORKS)  # the --nets names this benchmark takes layers from
+BATCHES = (1, 32)
 
 
 @dataclass(frozen=True)
@@ -85,15 +89,47 @@ def _check(got, want, what):
         raise AssertionError(f"{OP} benchmark: {what} differs from cuDNN by {err:.2e} (relative norm); not timing it")
 
 
-def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False, progress: bool = True,
-        device: torch.device | str = "cuda", networks=None, layers=None) -> list[harness.Result]:
-    """Time every layer, dtype, direction and provider. ``quick``: ResNet-50 at batch 32 only, the
-    forward and the fused epilogue, with shorter timing budgets. ``layers`` replaces the networks'
-    layer list (the tests drive the loop on CPU with a few tiny layers)."""
+def _plan(providers, dtypes, quick, networks, layers, batches):
     providers = harness.providers(OP, providers)
     if layers is None:
-        layers = network_layers((32,), ["resnet50"]) if quick else network_layers(networks=networks)
+        if quick:
+            layers = network_layers(tuple(batches or (32,)), networks or ["resnet50"])
+        else:
+            layers = network_layers(tuple(batches or BATCHES), networks=networks)
     directions = ("fwd", "fwd+relu") if quick else ("fwd", "fwd+relu", "fwd+bwd")
+    return providers, layers, directions
+
+
+def count(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False, networks=None,
+          layers=None, batches=None) -> int:
+    """How many timings :func:`run` makes with these arguments (the suite's progress bar)."""
+    providers, layers, directions = _plan(providers, dtypes, quick, networks, layers, batches)
+    return len(layers) * len(dtypes) * len(directions) * len(providers)
+
+
+def _forward_fn(p, direction, x, w, b, args):
+    """Provider ``p``'s forward on (x, w, b): cuDNN, a cnnkern backend, or the compiled reference."""
+    relu = direction == "fwd+relu"
+
+    def ref(x, w, b):
+        y = torch.nn.functional.conv2d(x, w, b, **args)
+        return torch.relu(y) if relu else y
+
+    if p == harness.BASELINE:
+        return lambda: ref(x, w, b)
+    if p == harness.INDUCTOR:
+        compiled = harness.compile_reference(ref)
+        return lambda: compiled(x, w, b)
+    return lambda: conv2d(x, w, b, **args, activation="relu" if relu else None, backend=p)
+
+
+def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False, progress: bool = True,
+        device: torch.device | str = "cuda", networks=None, layers=None, batches=None) -> list[harness.Result]:
+    """Time every layer, dtype, direction and provider. ``quick``: ResNet-50 at batch 32 only (or
+    ``networks``/``batches`` when given), the forward and the fused epilogue, with shorter timing
+    budgets. ``layers`` replaces the networks' layer list (the tests drive the loop on CPU with a
+    few tiny layers). ``batches``: batch sizes of the network layers (default 1 and 32)."""
+    providers, layers, directions = _plan(providers, dtypes, quick, networks, layers, batches)
     budget = dict(warmup_ms=10, rep_ms=40) if quick else dict(warmup_ms=25, rep_ms=100)
     device = torch.device(device)
     records: list[harness.Result] = []
@@ -112,23 +148,13 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
             for direction in directions:
                 case = f"{layer.network} {layer.name}" + (" +bias+relu" if direction == "fwd+relu" else "")
                 common = dict(op=OP, case=case, shape=layer.shape, dtype=dname, layout=layout)
-                fns = {}
-                for p in providers:
-                    if direction == "fwd+relu":
-                        fns[p] = ((lambda: torch.relu(torch.nn.functional.conv2d(x, w, b, **args))) if p == "torch"
-                                  else (lambda p=p: conv2d(x, w, b, **args, activation="relu", backend=p)))
-                    elif p == "torch":
-                        fns[p] = lambda: torch.nn.functional.conv2d(x, w, b, **args)
-                    else:
-                        fns[p] = lambda p=p: conv2d(x, w, b, **args, backend=p)
                 flops = layer.flops
                 leaves = []
                 if direction == "fwd+bwd":
                     xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
                     leaves = [xg, wg, bg]
                     g = torch.randn_like(torch.nn.functional.conv2d(x, w, b, **args))
-                    fwd = {p: ((lambda: torch.nn.functional.conv2d(xg, wg, bg, **args)) if p == "torch"
-                               else (lambda p=p: conv2d(xg, wg, bg, **args, backend=p))) for p in providers}
+                    fwd = {p: _forward_fn(p, "fwd", xg, wg, bg, args) for p in providers}
                     fns = {p: (lambda f=f: f().backward(g)) for p, f in fwd.items()}
                     flops *= 3
                     for p in providers[1:]:
@@ -143,6 +169,7 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
                         for nm, a, c in zip(("grad input", "grad weight", "grad bias"), got, want):
                             _check(a, c, f"{p} {nm}, {case} {dname}")
                 else:
+                    fns = {p: _forward_fn(p, direction, x, w, b, args) for p in providers}
                     want = fns["torch"]()
                     for p in providers[1:]:
                         _check(fns[p](), want, f"{p} {direction}, {case} {dname}")

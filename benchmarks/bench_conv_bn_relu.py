@@ -1,12 +1,14 @@
 """Benchmark of the fused conv -> BatchNorm -> ReLU against PyTorch eager (cuDNN conv + BN + ReLU).
 
-Layers: every distinct convolution followed by a BatchNorm in ResNet-50 and VGG-16-BN (taken from
-the models), at batch 32, bf16 channels_last. Directions: inference (eval: BatchNorm folded, one
+Layers: every distinct convolution followed by a BatchNorm in ResNet-50, VGG-16-BN and GoogLeNet
+(torchvision's variant, whose BasicConv2d is conv-BN-ReLU), taken from the models, at batch 32;
+bf16 and fp16 in channels_last, fp32 (TF32 as PyTorch's default says) in NCHW. Directions: inference (eval: BatchNorm folded, one
 cnnkern kernel) as "fwd", and a training step (train-mode forward + backward of input, weight and
 BatchNorm parameters) as "fwd+bwd". Providers: ``"torch"`` (``nn.Sequential(Conv2d, BatchNorm2d,
-ReLU)`` in eager mode, the baseline), cnnkern's GPU backends with the fused op, and, when asked
-for, ``"compile"``: ``torch.compile`` of the same three modules (one compilation per layer and
-mode, so it is opt-in: ``run(providers=["torch", "triton", "compile"])``).
+ReLU)`` in eager mode, the baseline), cnnkern's GPU backends with the fused op, ``"inductor"``:
+the same three modules under ``torch.compile(mode="max-autotune...")`` (see
+:func:`harness.compile_reference`), and, when asked for, ``"compile"``: ``torch.compile`` in its
+default mode (``run(providers=["torch", "triton", "compile"])``).
 
 FLOPs are the convolution's (2*N*K*P*Q*(C/groups)*R*S; x3 for forward+backward).
 
@@ -29,17 +31,20 @@ OP = "conv_bn_relu"
 NETWORKS = {
     "resnet50": (lambda: models.resnet50(), (3, 224, 224)),
     "vgg16_bn": (lambda: models.vgg16(batch_norm=True), (3, 224, 224)),
+    "googlenet": (lambda: models.googlenet(variant="torchvision"), (3, 224, 224)),
 }
+# --nets names (the four networks of the seed) -> this benchmark's tables: VGG-16's BN version
+NETS = {"resnet50": "resnet50", "vgg16": "vgg16_bn", "googlenet": "googlenet"}
 
 
-def _reference(layer, dtype, device) -> torch.nn.Sequential:
+def _reference(layer, dtype, device, fmt=torch.channels_last) -> torch.nn.Sequential:
     conv = torch.nn.Conv2d(layer.x_shape[1], layer.w_shape[0], layer.w_shape[2:], layer.stride, layer.padding,
                            layer.dilation, layer.groups, bias=False)
     bn = torch.nn.BatchNorm2d(layer.w_shape[0])
     with torch.no_grad():
         bn.running_mean.uniform_(-0.1, 0.1)
         bn.running_var.uniform_(0.5, 1.5)
-    return torch.nn.Sequential(conv, bn, torch.nn.ReLU()).to(device, dtype).to(memory_format=torch.channels_last)
+    return torch.nn.Sequential(conv, bn, torch.nn.ReLU()).to(device, dtype).to(memory_format=fmt)
 
 
 def _module(ref: torch.nn.Sequential, provider: str) -> torch.nn.Module:
@@ -48,17 +53,36 @@ def _module(ref: torch.nn.Sequential, provider: str) -> torch.nn.Module:
         return ref
     if provider == "compile":
         return torch.compile(copy.deepcopy(ref))
+    if provider == harness.INDUCTOR:
+        return harness.compile_reference(copy.deepcopy(ref))
     return cnnkern.nn.ConvBNReLU2d.from_modules(copy.deepcopy(ref[0]), copy.deepcopy(ref[1]), backend=provider)
 
 
-def run(providers=None, dtypes=("bfloat16",), quick: bool = False, progress: bool = True,
-        device: torch.device | str = "cuda", batch: int = 32, layers=None) -> list[harness.Result]:
-    """Time every conv-BN(-ReLU) layer in inference and in a training step. ``quick``: ResNet-50
-    only, shorter timing budgets. ``layers`` replaces the networks' layer list (tests)."""
+def _plan(providers, quick, networks, layers, batch):
     providers = harness.providers(OP, providers, extra=("compile",))
     if layers is None:
-        nets = ["resnet50"] if quick else list(NETWORKS)
+        nets = [NETS.get(n, n) for n in networks] if networks else (["resnet50"] if quick else list(NETWORKS))
         layers = network_layers((batch,), nets, NETWORKS, followed_by_bn=True)
+    return providers, layers
+
+
+def count(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False, networks=None,
+          layers=None, batches=None) -> int:
+    """How many timings :func:`run` makes with these arguments (the suite's progress bar)."""
+    providers, layers = _plan(providers, quick, networks, layers, (batches or (32,))[-1])
+    return len(layers) * len(dtypes) * 2 * len(providers)
+
+
+def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False, progress: bool = True,
+        device: torch.device | str = "cuda", batch: int = 32, layers=None, networks=None,
+        batches=None) -> list[harness.Result]:
+    """Time every conv-BN(-ReLU) layer in inference and in a training step. ``quick``: ResNet-50
+    only, shorter timing budgets. ``networks``: names from NETS or NETWORKS. ``batches``: the last
+    one replaces ``batch`` (the layers are timed at one batch size). ``layers`` replaces the
+    networks' layer list (tests)."""
+    if batches:
+        batch = batches[-1]
+    providers, layers = _plan(providers, quick, networks, layers, batch)
     budget = dict(warmup_ms=10, rep_ms=40) if quick else dict(warmup_ms=25, rep_ms=100)
     device = torch.device(device)
     records: list[harness.Result] = []
@@ -66,9 +90,11 @@ def run(providers=None, dtypes=("bfloat16",), quick: bool = False, progress: boo
     for layer in layers:
         for dname in dtypes:
             dtype = getattr(torch, dname)
-            x = torch.randn(layer.x_shape, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
-            common = dict(op=OP, case=f"{layer.network} {layer.name}", shape=layer.shape, dtype=dname, layout="NHWC")
-            ref = _reference(layer, dtype, device)
+            fmt = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
+            x = torch.randn(layer.x_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+            common = dict(op=OP, case=f"{layer.network} {layer.name}", shape=layer.shape, dtype=dname,
+                          layout="NCHW" if dtype == torch.float32 else "NHWC")
+            ref = _reference(layer, dtype, device, fmt)
             mods = {p: _module(ref, p) for p in providers}
             # inference
             with torch.no_grad():

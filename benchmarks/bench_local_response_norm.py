@@ -2,8 +2,10 @@
 
 Providers: ``"torch"`` (the baseline: ``torch.nn.functional.local_response_norm`` in eager mode,
 which squares, pads, average-pools over a (size, 1, 1) window, raises to the power and divides:
-several passes over the tensor, forward and backward), and cnnkern's GPU backends that can run
-here (``"triton"``, ``"cuda"``), called through ``cnnkern.functional.local_response_norm``.
+several passes over the tensor, forward and backward), cnnkern's GPU backends that can run
+here (``"triton"``, ``"cuda"``), called through ``cnnkern.functional.local_response_norm``, and
+``"inductor"``: the same PyTorch expression under ``torch.compile(mode="max-autotune...")`` (see
+:func:`harness.compile_reference`), which fuses it.
 
 Cases: AlexNet's two LRN layers at batch 128 (NORM1 after conv1: 96 x 55 x 55; NORM2 after conv2:
 256 x 27 x 27) and one large synthetic tensor (128 MiB in bf16, far beyond L2), each in NCHW and
@@ -16,7 +18,6 @@ PyTorch divides alpha by size), beta 0.75, k 2.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,7 @@ CASES = [
     Case("large", (64, 256, 64, 64), True),
 ]
 QUICK_CASES = [CASES[0], CASES[3], CASES[4]]
+NETS = ("alexnet",)  # the --nets names whose layers these cases are (the large tensor goes along)
 
 
 def required_bytes(x_shape, itemsize: int, direction: str) -> int:
@@ -88,10 +90,22 @@ def required_bytes(x_shape, itemsize: int, direction: str) -> int:
     return 5 * e * itemsize
 
 
+def _reference(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.local_response_norm(x, SIZE, ALPHA, BETA, K)
+
+
 def _forward(provider: str, x: torch.Tensor):
-    if provider == "torch":
-        return lambda: torch.nn.functional.local_response_norm(x, SIZE, ALPHA, BETA, K)
+    if provider == harness.BASELINE:
+        return lambda: _reference(x)
+    if provider == harness.INDUCTOR:
+        compiled = harness.compile_reference(_reference)
+        return lambda: compiled(x)
     return lambda: local_response_norm(x, SIZE, ALPHA, BETA, K, backend=provider)
+
+
+def count(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False) -> int:
+    """How many timings :func:`run` makes with these arguments (the suite's progress bar)."""
+    return len(QUICK_CASES if quick else CASES) * len(dtypes) * 2 * len(harness.providers(OP, providers))
 
 
 def _check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
@@ -110,8 +124,8 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
     """Time every case, dtype, direction and provider on the current CUDA device.
 
     Args:
-        providers: subset of ``"torch" | "triton" | "cuda"`` (default: torch plus every GPU
-            backend available here); the torch baseline always runs.
+        providers: subset of ``"torch" | "triton" | "cuda" | "inductor"`` (default: torch, every
+            GPU backend available here, inductor); the torch baseline always runs.
         dtypes: dtype names: "bfloat16", "float16", "float32".
         quick: three cases (NORM1 NCHW, NORM2 NHWC, the large NCHW tensor) and shorter timing
             budgets.
@@ -121,16 +135,13 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
         :class:`harness.Result` records with timings and required bytes; pass them through
         :func:`harness.finalize` for GB/s, fraction of the copy ceiling and speedups.
     """
-    from tqdm.auto import tqdm
-
     providers = harness.providers(OP, providers)
     dts = [getattr(torch, d) for d in dtypes]
     cases = QUICK_CASES if quick else CASES
     budget = dict(warmup_ms=10, rep_ms=40) if quick else dict(warmup_ms=25, rep_ms=100)
     device = torch.device("cuda")
     records: list[harness.Result] = []
-    bar = tqdm(total=len(cases) * len(dts) * 2 * len(providers), desc=OP, unit="timing", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = harness.progress_bar(len(cases) * len(dts) * 2 * len(providers), OP, progress)
     for case in cases:
         fmt = torch.channels_last if case.channels_last else torch.contiguous_format
         for dtype in dts:

@@ -2,8 +2,10 @@
 
 Providers: ``"torch"`` (the baseline: ``torch.relu(x + shortcut)`` in eager mode; for option A
 ``torch.relu(x + cnnkern.reference.option_a_shortcut(s, C, stride))``, which materialises the
-subsampled, zero-padded shortcut as a user without cnnkern would), and cnnkern's GPU backends
-that can run here (``"triton"``, ``"cuda"``), called through ``cnnkern.functional.residual_add``.
+subsampled, zero-padded shortcut as a user without cnnkern would), cnnkern's GPU backends that
+can run here (``"triton"``, ``"cuda"``), called through ``cnnkern.functional.residual_add``, and
+``"inductor"``: the same expression under ``torch.compile(mode="max-autotune...")`` (see
+:func:`harness.compile_reference`), which fuses it into one kernel.
 
 Cases: ResNet-50's identity joins at batch 32 (channels_last, the layout its convolutions run
 fastest in), one large synthetic tensor (128 MiB in bf16, far beyond L2) in NCHW and
@@ -74,6 +76,7 @@ CASES = [
     Case("cifar option A 32->64", (128, 64, 8, 8), (128, 32, 16, 16), True, 2),
 ]
 QUICK_CASES = [CASES[0], CASES[5], CASES[6]]
+NETS = ("resnet50",)  # the --nets names whose layers these cases are (large and CIFAR go along)
 
 
 def required_bytes(x_shape, s_shape, itemsize: int, direction: str) -> int:
@@ -101,12 +104,24 @@ def required_bytes(x_shape, s_shape, itemsize: int, direction: str) -> int:
 
 
 def _forward(provider: str, x: torch.Tensor, s: torch.Tensor, case: Case):
-    if provider != "torch":
+    if provider not in (harness.BASELINE, harness.INDUCTOR):
         return lambda: residual_add(x, s, relu=True, backend=provider)
-    if case.s_shape is None:
-        return lambda: torch.relu(x + s)
     c = case.x_shape[1]
-    return lambda: torch.relu(x + reference.option_a_shortcut(s, c, case.stride))
+
+    def ref(x, s):
+        if case.s_shape is None:
+            return torch.relu(x + s)
+        return torch.relu(x + reference.option_a_shortcut(s, c, case.stride))
+
+    if provider == harness.INDUCTOR:
+        compiled = harness.compile_reference(ref)
+        return lambda: compiled(x, s)
+    return lambda: ref(x, s)
+
+
+def count(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False) -> int:
+    """How many timings :func:`run` makes with these arguments (the suite's progress bar)."""
+    return len(QUICK_CASES if quick else CASES) * len(dtypes) * 2 * len(harness.providers(OP, providers))
 
 
 def _fwd_bwd(forward, grad: torch.Tensor):
@@ -129,8 +144,8 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
     """Time every case, dtype, direction and provider on ``device``.
 
     Args:
-        providers: subset of ``"torch" | "triton" | "cuda"`` (default: torch plus every GPU
-            backend available here); the torch baseline always runs.
+        providers: subset of ``"torch" | "triton" | "cuda" | "inductor"`` (default: torch, every
+            GPU backend available here, inductor); the torch baseline always runs.
         dtypes: dtype names: "bfloat16", "float16", "float32".
         quick: three cases (one ResNet-50 join, the large NHWC tensor, one option-A join) and
             shorter timing budgets.

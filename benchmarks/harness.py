@@ -36,9 +36,18 @@ OPS = {
     "conv2d": "cnnkern.benchmarks.bench_conv2d",
     "conv_bn_relu": "cnnkern.benchmarks.bench_conv_bn_relu",
     "local_response_norm": "cnnkern.benchmarks.bench_local_response_norm",
+    "models": "cnnkern.benchmarks.bench_models",  # whole networks: images/s, not one op
 }
 
 BASELINE = "torch"  # PyTorch eager / cuDNN: the provider every speedup is measured against
+# The second peer: torch.compile(mode="max-autotune") of the same reference computation (Inductor's
+# autotuned Triton templates, cuDNN/cuBLAS where they win). Per-op benchmarks compile with
+# "max-autotune-no-cudagraphs": the same autotuned kernels, without Inductor wrapping the call in
+# its own CUDA graph. Every provider of an op is then timed the same way (one event pair per call,
+# or one CUDA graph for the tiny cases, whose capture would fail inside Inductor's graph). Whole
+# networks (bench_models) use plain "max-autotune", CUDA graphs included, as a user would.
+INDUCTOR = "inductor"
+INDUCTOR_MODE = "max-autotune-no-cudagraphs"
 WIDE_SPREAD = 0.1   # (p80 - p20) / median above this marks a timing as noisy
 # Benchmarks live in <repo>/benchmarks; realpath so that a symlinked package (cnnkern/benchmarks ->
 # ../benchmarks, used on machines where the package is not pip-installed) still finds the repo.
@@ -85,23 +94,55 @@ def time_fn(fn, *, warmup_ms: float = 25, rep_ms: float = 100, cudagraph: bool =
             "wide_spread": is_wide_spread(median, p20, p80), "timer": timer}
 
 
-def providers(op: str, requested=None, extra: tuple = ()) -> list[str]:
+def providers(op: str, requested=None, extra: tuple = (), inductor: bool = True) -> list[str]:
     """The providers a benchmark of ``op`` runs: the ``"torch"`` baseline first (always: every
     speedup is relative to it), then the requested ones (default: every GPU backend with a kernel
-    for ``op`` that can run here). ``extra``: providers the module adds itself (e.g. "compile")."""
+    for ``op`` that can run here, then ``"inductor"`` unless ``inductor`` is False). ``"inductor"``
+    is :func:`compile_reference` of the baseline's own computation. ``extra``: providers the module
+    adds itself (e.g. "compile")."""
     import cnnkern
 
     gpu = [b for b in cnnkern._backend.AUTO_ORDER.get(op, ()) if b in cnnkern.available_backends()]
     if requested is None:
-        return [BASELINE, *gpu]
-    known = {BASELINE, "triton", "cuda", *extra}
+        return [BASELINE, *gpu, *([INDUCTOR] if inductor else [])]
+    known = {BASELINE, INDUCTOR, "triton", "cuda", *extra}
     bad = [p for p in requested if p not in known]
     if bad:
         raise ValueError(f"unknown provider(s) {bad}; choose from {', '.join(sorted(known))}")
-    missing = [p for p in requested if p not in (BASELINE, *extra) and p not in gpu]
+    missing = [p for p in requested if p not in (BASELINE, INDUCTOR, *extra) and p not in gpu]
     if missing:
         raise ValueError(f"provider(s) {missing} cannot run {op} here (available: {', '.join(gpu) or 'none'})")
-    return [BASELINE, *[p for p in requested if p != BASELINE]]
+    out = [BASELINE]
+    for p in requested:
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def suite_providers(op: str, backends=None, inductor: bool = True) -> list[str]:
+    """The providers of ``op`` in a suite run (``cnnkern bench``): the baseline, those of
+    ``backends`` (default: all) that have a kernel for ``op`` and can run here, then "inductor"
+    when ``inductor``. Unlike :func:`providers`, a backend without a kernel for this op is left
+    out instead of being an error: ``--backends triton,cuda`` means "each where it exists"."""
+    import cnnkern
+
+    gpu = [b for b in cnnkern._backend.AUTO_ORDER.get(op, ()) if b in cnnkern.available_backends()]
+    chosen = gpu if backends is None else [b for b in backends if b in gpu]
+    return [BASELINE, *chosen, *([INDUCTOR] if inductor else [])]
+
+
+def compile_reference(fn, mode: str | None = None):
+    """``torch.compile(fn, mode=INDUCTOR_MODE, dynamic=False)``: the "inductor" provider.
+
+    Dynamo's compile cache is cleared first. Every case of a benchmark compiles a closure with the
+    same code object, and past Dynamo's recompile limit (8) a new shape would silently run eagerly;
+    a reset per case keeps each "inductor" timing a compiled one. Call it once per case, before
+    any of that case's other compiled callables (a reset drops theirs too).
+    """
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return torch.compile(fn, mode=mode or INDUCTOR_MODE, dynamic=False)
 
 
 def is_wide_spread(median: float, p20: float, p80: float) -> bool:
@@ -244,6 +285,9 @@ class Result:
     tflops: float | None = None
     ceiling_fraction: float | None = None
     speedup: float | None = None
+    speedup_inductor: float | None = None  # "inductor" median / this median, where it was measured
+    images: int | None = None               # whole networks: images per timed call (the batch)
+    images_per_s: float | None = None
 
     @classmethod
     def from_timing(cls, timing: dict, **fields) -> Result:
@@ -268,10 +312,15 @@ def finalize(records: list[Result], ceilings: dict | None) -> list[Result]:
 
     GB/s = bytes / median time; TFLOP/s = flops / median time. ``ceiling_fraction`` is TFLOP/s over
     the measured bf16 matmul rate for ops with a FLOP count, else GB/s over the measured copy
-    bandwidth. ``speedup`` = baseline median / this median (the baseline's own is 1.0).
+    bandwidth. ``speedup`` = baseline median / this median (the baseline's own is 1.0);
+    ``speedup_inductor`` the same against the "inductor" record of the same key, where there is
+    one. ``images_per_s`` = images / median time, for records that count images.
     """
     base = {r.key(): r.median_ms for r in records if r.provider == BASELINE}
+    ind = {r.key(): r.median_ms for r in records if r.provider == INDUCTOR}
     for r in records:
+        if r.images is not None and r.median_ms > 0:
+            r.images_per_s = r.images / (r.median_ms * 1e-3)
         if r.median_ms > 0:
             if r.bytes is not None:
                 r.gbps = r.bytes / (r.median_ms * 1e6)
@@ -284,6 +333,8 @@ def finalize(records: list[Result], ceilings: dict | None) -> list[Result]:
                 r.ceiling_fraction = r.gbps / ceilings["copy_GBps"]
         b = base.get(r.key())
         r.speedup = b / r.median_ms if b is not None and r.median_ms > 0 else None
+        i = ind.get(r.key())
+        r.speedup_inductor = i / r.median_ms if i is not None and r.median_ms > 0 else None
     return records
 
 
@@ -363,33 +414,42 @@ def format_table(records) -> str:
     """An aligned text table of records (:class:`Result` or their JSON dicts), one row each.
 
     Columns: case, shape, dtype, layout, direction, provider, median ms (``~`` marks a p20-p80
-    spread wider than 10% of the median), p20-p80 ms, GB/s or TFLOP/s, % of the measured
-    ceiling, speedup over the torch baseline, and the timer ("graph" for CUDA-graph timings).
+    spread wider than 10% of the median), p20-p80 ms, images/s, GB/s or TFLOP/s, % of the
+    measured ceiling, speedup over the torch baseline, speedup over "inductor" (only when some
+    record has one), and the timer ("graph" for CUDA-graph timings).
     """
-    rows = [("case", "shape", "dtype", "layout", "dir", "provider", "median ms", "p20-p80 ms", "throughput",
-             "% ceil", "speedup", "timer")]
+    records = [_as_result(r) for r in records]
+    with_ind = any(r.speedup_inductor is not None for r in records)
+    head = ["case", "shape", "dtype", "layout", "dir", "provider", "median ms", "p20-p80 ms", "throughput",
+            "% ceil", "speedup"] + (["vs inductor"] if with_ind else []) + ["timer"]
+    rows = [tuple(head)]
     prev = None
     spacer = []
-    for r in map(_as_result, records):
+    for r in records:
         if prev is not None and (r.case, r.dtype, r.layout) != prev:
             spacer.append(len(rows))
         prev = (r.case, r.dtype, r.layout)
-        if r.tflops is not None:
+        if r.images_per_s is not None:
+            rate = f"{r.images_per_s:.0f} img/s"
+        elif r.tflops is not None:
             rate = f"{r.tflops:.1f} TFLOP/s"
         elif r.gbps is not None:
             rate = f"{r.gbps:.0f} GB/s"
         else:
             rate = "-"
-        rows.append((
+        row = [
             r.case, r.shape, _SHORT_DTYPE.get(r.dtype, r.dtype), r.layout, r.direction, r.provider,
             ("~" if r.wide_spread else "") + f"{r.median_ms:#.4g}",
             f"{r.p20_ms:#.4g}-{r.p80_ms:#.4g}",
             rate,
             "-" if r.ceiling_fraction is None else f"{100 * r.ceiling_fraction:.1f}%",
             "-" if r.speedup is None else f"{r.speedup:.2f}x",
-            "graph" if r.timer == "cudagraph" else "",
-        ))
-    right = {6, 7, 8, 9, 10}  # numbers right-aligned
+        ]
+        if with_ind:
+            row.append("-" if r.speedup_inductor is None else f"{r.speedup_inductor:.2f}x")
+        row.append("graph" if r.timer == "cudagraph" else "")
+        rows.append(tuple(row))
+    right = set(range(6, len(head) - 1))  # numbers right-aligned
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
@@ -399,7 +459,7 @@ def format_table(records) -> str:
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("-" * len(lines[-1]))
-    if any(_as_result(r).wide_spread for r in records):
+    if any(r.wide_spread for r in records):
         lines.append("~ : p20-p80 spread above 10% of the median (noisy timing)")
     return "\n".join(lines)
 
@@ -453,64 +513,154 @@ class _NoProgress(_PlainProgress):
         self.n += n
 
 
-def progress_bar(total: int, desc: str, enabled: bool = True):
-    """A tqdm progress bar with an ETA on stderr (a plain-line fallback where tqdm is not
-    installed; a silent one when ``enabled`` is False)."""
-    if not enabled:
-        return _NoProgress(total, desc)
+class _SuiteChild:
+    """One module's view of the suite-wide bar: its updates advance the suite's count (and ETA)."""
+
+    def __init__(self, suite, desc: str):
+        self.suite, self.desc = suite, desc
+
+    def set_postfix_str(self, text: str) -> None:
+        self.suite.set_postfix_str(f"{self.desc}: {text}")
+
+    def update(self, n: int = 1) -> None:
+        self.suite.update(n)
+
+    def close(self) -> None:
+        pass
+
+
+_SUITE = None  # the suite-wide bar while run_ops runs several modules
+
+
+def _make_bar(total: int, desc: str, unit: str = "timing"):
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return _PlainProgress(total, desc)
-    return tqdm(total=total, desc=desc, unit="timing", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    """A tqdm progress bar with an ETA on stderr (a plain-line fallback where tqdm is not
+    installed; a silent one when ``enabled`` is False). Inside :func:`run_ops` every module's bar
+    is a view of one suite-wide bar, whose ETA is that of the whole suite."""
+    if not enabled:
+        return _NoProgress(total, desc)
+    if _SUITE is not None:
+        return _SuiteChild(_SUITE, desc)
+    return _make_bar(total, desc)
 
 
 # ------------------------------------------------------------------------------------------------
 # running benchmark modules
 # ------------------------------------------------------------------------------------------------
+def _accepted(fn, kwargs: dict) -> dict:
+    """The items of ``kwargs`` that ``fn`` takes as keyword arguments (modules differ: only conv
+    benchmarks take networks, only bench_models takes backends, ...)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params and v is not None}
+
+
+def op_networks(op: str) -> set[str] | None:
+    """The networks (``--nets`` names) whose layers ``op``'s benchmark measures, from the
+    module's NETS; None when the module does not say (then --nets does not skip it)."""
+    module = importlib.import_module(OPS[op])
+    nets = getattr(module, "NETS", None)
+    return None if nets is None else set(nets)
+
+
+def suite_plan(ops=None, *, dtypes=None, quick: bool = False, backends=None, inductor: bool | None = None,
+               nets=None, batches=None) -> list[tuple[str, dict, int]]:
+    """What :func:`run_ops` will run: ``(op, run keyword arguments, number of timings)`` per op.
+
+    ``inductor`` None means on for a full run and off with ``quick`` (max-autotune compiles every
+    case, minutes per op); ``quick`` without ``dtypes`` means bf16 only. An op none of whose networks is in ``nets`` is left out. Needs no GPU
+    except for the provider lists (which backends are available here).
+    """
+    ops = list(OPS) if ops is None else list(ops)
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        raise ValueError(f"no benchmark for {', '.join(unknown)}; known: {', '.join(OPS)}")
+    if inductor is None:
+        inductor = not quick
+    if quick and not dtypes:
+        dtypes = ("bfloat16",)  # the quick subset: bf16 channels_last only
+    plan = []
+    for op in ops:
+        module = importlib.import_module(OPS[op])
+        used = op_networks(op)
+        if nets and used is not None and not (used & set(nets)):
+            continue
+        kwargs = {"quick": quick, "dtypes": tuple(dtypes) if dtypes else None,
+                  "networks": [n for n in nets if n in used] if nets and used is not None else None,
+                  "batches": tuple(batches) if batches else None, "backends": backends, "inductor": inductor}
+        if hasattr(module, "suite_providers"):  # bench_models: providers of its own
+            kwargs["providers"] = module.suite_providers(backends, inductor)
+        else:
+            kwargs["providers"] = suite_providers(op, backends, inductor)
+        kwargs = _accepted(module.run, kwargs)
+        count = module.count(**_accepted(module.count, kwargs)) if hasattr(module, "count") else 0
+        plan.append((op, kwargs, count))
+    return plan
+
+
 def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None = None,
-            progress: bool = True, echo=print) -> list[str]:
+            progress: bool = True, echo=print, backends=None, inductor: bool | None = None, nets=None,
+            batches=None) -> list[str]:
     """Measure the ceilings, run each op's benchmark module, print its table, write its JSON.
 
     Needs a CUDA device. Sets ``torch.backends.cudnn.benchmark = True`` for the baselines.
 
     Args:
-        ops: op names from :data:`OPS` (default: all).
+        ops: op names from :data:`OPS` (default: all, "models" included).
         dtypes: dtype names passed to every module (default: each module's own).
-        quick: fewer cases and shorter timings.
+        quick: fewer cases and shorter timings (and no "inductor" unless ``inductor=True``).
         out_dir: where the JSON goes (default :func:`default_out_dir`).
-        progress: show a progress bar (stderr).
+        progress: one progress bar for the whole suite, with its ETA (stderr).
         echo: where the text goes.
+        backends: cnnkern backends to measure (default: every one with a kernel for the op).
+        inductor: add the torch.compile(mode="max-autotune") provider (default: unless quick).
+        nets: restrict to these networks' layers (alexnet, vgg16, googlenet, resnet50).
+        batches: batch sizes for the modules that take them (conv layers, whole networks).
 
     Returns:
         The JSON paths written.
     """
+    global _SUITE
     if not torch.cuda.is_available():
         raise RuntimeError("run_ops needs a CUDA device")
-    ops = list(OPS) if ops is None else list(ops)
-    unknown = [o for o in ops if o not in OPS]
-    if unknown:
-        raise ValueError(f"no benchmark for {', '.join(unknown)}; known: {', '.join(OPS)}")
+    plan = suite_plan(ops, dtypes=dtypes, quick=quick, backends=backends, inductor=inductor, nets=nets,
+                      batches=batches)
     torch.backends.cudnn.benchmark = True
     env = environment()
+    env["inductor_mode"] = INDUCTOR_MODE
     echo(f"device: {env['gpu_name']} ({env['sm_count']} SMs, sm_{env['compute_capability'].replace('.', '')}); "
          f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
          f"commit {env['commit']}; cnnkern._C {'loaded' if env['extension_loaded'] else 'not loaded'}")
+    for op, kwargs, count in plan:
+        echo(f"  {op}: {count} timings; providers {', '.join(kwargs.get('providers', []))}")
     echo("measuring ceilings (1 GiB bf16 copy, 8192^3 bf16 matmul) ...")
     ceilings = measure_ceilings()
     echo(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
     paths = []
-    for op in ops:
-        module = importlib.import_module(OPS[op])
-        kwargs = {"quick": quick, "progress": progress}
-        if dtypes:
-            kwargs["dtypes"] = tuple(dtypes)
-        records = finalize(module.run(**kwargs), ceilings)
-        echo(f"\n{op}")
-        echo(format_table(records))
-        path = write_results(records, env, ceilings, out_dir)
-        echo(f"wrote {path}")
-        paths.append(path)
+    if progress:
+        _SUITE = _make_bar(sum(c for _, _, c in plan), "cnnkern bench")
+    try:
+        for op, kwargs, _ in plan:
+            module = importlib.import_module(OPS[op])
+            records = finalize(module.run(progress=progress, **{k: v for k, v in kwargs.items() if k != "progress"}),
+                               ceilings)
+            echo(f"\n{op}")
+            echo(format_table(records))
+            path = write_results(records, env, ceilings, out_dir)
+            echo(f"wrote {path}")
+            paths.append(path)
+    finally:
+        if _SUITE is not None:
+            _SUITE.close()
+        _SUITE = None
     return paths
 
 
@@ -521,6 +671,9 @@ def bench_main(op: str, argv=None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m {OPS[op]}", description=f"Benchmark {op} against PyTorch eager.")
     ap.add_argument("--dtypes", help="comma-separated, e.g. bfloat16,float16,float32")
     ap.add_argument("--quick", action="store_true", help="fewer cases, shorter timings")
+    ap.add_argument("--backends", help="comma-separated cnnkern backends (default: every one with a kernel)")
+    ap.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
+                    help='time torch.compile(mode="max-autotune") of the reference too (default: on, off with --quick)')
     ap.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>-<date>)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -528,6 +681,7 @@ def bench_main(op: str, argv=None) -> int:
         print(f"no CUDA GPU: the {op} benchmark needs one (nothing measured); "
               "`cnnkern bench` shows the latest committed GPU results")
         return 0
-    run_ops([op], dtypes=args.dtypes.split(",") if args.dtypes else None, quick=args.quick, out_dir=args.out,
-            progress=not args.no_progress)
+    split = (lambda t: [v.strip() for v in t.split(",") if v.strip()] if t else None)  # noqa: E731
+    run_ops([op], dtypes=split(args.dtypes), quick=args.quick, out_dir=args.out, progress=not args.no_progress,
+            backends=split(args.backends), inductor=args.inductor)
     return 0
