@@ -18,6 +18,16 @@ TORCH_LIBRARY_FRAGMENT(cnnkern, m) {
   // local response normalization across channels (PyTorch's: alpha divided by size), 4-D x
   m.def("local_response_norm_cuda(Tensor x, int size, float alpha, float beta, float k) -> Tensor");
   // its input gradient, one pass (scale recomputed, not saved)
+  // 2-D convolution (csrc/cuda/conv2d*.cu). Outputs are allocated by the caller (Python: layout,
+  // poisoning) and written in place. padding = [top, left] (the output extent fixes the rest);
+  // algo = "auto" | "direct" | "igemm" picks the forward / grad-input kernel.
+  m.def("conv2d_forward_cuda(Tensor x, Tensor w, Tensor? bias, Tensor(a!) y, int[] stride, int[] padding, "
+        "int[] dilation, int groups, bool relu, str algo) -> ()");
+  m.def("conv2d_backward_input_cuda(Tensor grad, Tensor w, Tensor(a!) grad_input, int[] stride, int[] padding, "
+        "int[] dilation, int groups, str algo) -> ()");
+  // grad_bias: an empty tensor when the bias gradient is not wanted
+  m.def("conv2d_backward_weight_cuda(Tensor grad, Tensor x, Tensor(a!) grad_weight, Tensor(b!) grad_bias, "
+        "int[] stride, int[] padding, int[] dilation, int groups) -> ()");
   m.def("local_response_norm_backward_cuda(Tensor grad_out, Tensor x, int size, float alpha, float beta, float k) -> Tensor");
 }
 

@@ -234,7 +234,7 @@ BAD = [
     (_t(1, 4, 2, 2), _t(8, 4, 5, 5), {}, ValueError, "is larger than the padded input (2x2"),
     (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"activation": "gelu"}, ValueError, "activation must be None or 'relu'"),
     (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"backend": "cuda"}, cnnkern.BackendUnavailableError,
-     "backend 'cuda' has no kernel for this op yet"),
+     "backend 'cuda' is unavailable"),
 ]
 
 
@@ -253,12 +253,13 @@ def test_bad_input(x, w, kwargs, exc, msg):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_gpu_16bit_channels_last_vs_cudnn(family, dtype):
-    _check_grads("triton", dtype, "channels_last", family)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_16bit_channels_last_vs_cudnn(family, dtype, backend):
+    _check_grads(backend, dtype, "channels_last", family)
     x, w, b, kw = _inputs(family, dtype, "channels_last")
     torch.backends.cudnn.benchmark = True
     cudnn = torch.nn.functional.conv2d(x, w, b, **kw)
-    ours = F.conv2d(x, w, b, **kw, backend="triton")
+    ours = F.conv2d(x, w, b, **kw, backend=backend)
     _, _, _, ref = _ref(x, w, b, kw)
     # no worse than cuDNN's own error against float64, within a small factor
     from helpers import rel_err
@@ -282,3 +283,86 @@ def test_gpu_tf32_follows_cudnn_setting(family):
         assert ieee < 1e-5
     finally:
         torch.backends.cudnn.allow_tf32 = old
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: each CUDA C++ kernel pinned, on the small families and on layers large enough to take
+# several tiles and pipeline stages (tails in every GEMM dimension, 16 and 8 channel multiples)
+# ------------------------------------------------------------------------------------------------
+GPU_LAYERS = {
+    **FAMILIES,
+    "resnet_3x3_c64": ((4, 64, 28, 28), 64, 3, 1, 1, 1, 1),        # 128x64 tiles (K <= 64)
+    "vgg_3x3_c128": ((2, 128, 30, 30), 136, 3, 1, 1, 1, 1),        # K off the 128 tile
+    "stage_entry_3x3s2": ((3, 96, 23, 23), 128, 3, 2, 1, 1, 1),    # strided gather, odd sizes
+    "bottleneck_1x1": ((2, 256, 14, 14), 520, 1, 1, 0, 1, 1),      # a plain GEMM, many k-tiles
+    "projection_1x1s2": ((2, 200, 15, 15), 48, 1, 2, 0, 1, 1),     # 1x1 stride 2, C = 25*8
+    "googlenet_5x5": ((2, 24, 13, 13), 40, 5, 1, 2, 1, 1),         # 24 channels: chunks of 8
+    "grouped_8": ((2, 64, 12, 12), 64, 3, 1, 1, 1, 4),             # 16 channels per group
+    "dilated_big": ((1, 32, 20, 20), 32, 3, 1, 3, 3, 1),
+}
+
+
+def _raw_cuda(x, w, b, kw, relu, algo):
+    """The CUDA ops called directly with a pinned algorithm: forward and grad-input into
+    NaN-filled outputs (every element must be written)."""
+    stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
+                                                 kw["groups"])
+    shape = cnnkern.ops.conv2d.output_size(x.shape, w.shape, stride, pad, dil)
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+    y = torch.full(shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
+    torch.ops.cnnkern.conv2d_forward_cuda(x, w, b, y, stride, pad[:2], dil, kw["groups"], relu, algo)
+    g = torch.randn_like(y)
+    gx = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
+    torch.ops.cnnkern.conv2d_backward_input_cuda(g, w, gx, stride, pad[:2], dil, kw["groups"], algo)
+    return y, g, gx
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
+                    reason="needs CUDA and cnnkern._C")
+@pytest.mark.parametrize("algo", ["direct", "igemm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("layer", list(GPU_LAYERS))
+def test_gpu_cuda_kernels_pinned(layer, layout, dtype, algo):
+    xs, k, ks, stride, pad, dil, groups = GPU_LAYERS[layer]
+    ks = (ks, ks) if isinstance(ks, int) else ks
+    cg, kg = xs[1] // groups, k // groups
+    if algo == "igemm" and (dtype == torch.float32 or cg % 8 or kg % 8):
+        pytest.skip("the implicit GEMM takes fp16/bf16 with channel multiples of 8")
+    x = make(xs, dtype, DEVICE, layout)
+    w = make((k, cg, *ks), dtype, DEVICE) * (cg * ks[0] * ks[1]) ** -0.5
+    b = torch.randn(k, dtype=dtype, device=DEVICE)
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+    with ieee_fp32():
+        y, g, gx = _raw_cuda(x, w, b, kw, relu=True, algo=algo)
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.nn.functional.conv2d(xr, wr, br, **kw)
+    (rgx,) = torch.autograd.grad(ref, xr, g.double())
+    assert not torch.isnan(y).any() and not torch.isnan(gx).any()
+    assert_rel_close(y, ref.relu(), dtype, matmul=True)
+    assert_rel_close(gx, rgx, dtype, "grad input", matmul=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
+                    reason="needs CUDA and cnnkern._C")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layer", ["vgg_3x3_c128", "stage_entry_3x3s2", "grouped_8", "first_7x7s2"])
+def test_gpu_cuda_weight_grad_is_bitwise_reproducible(layer, dtype):
+    xs, k, ks, stride, pad, dil, groups = GPU_LAYERS[layer]
+    x = make(xs, dtype, DEVICE, "channels_last", requires_grad=True)
+    w = make((k, xs[1] // groups, ks, ks), dtype, DEVICE, requires_grad=True)
+    b = torch.randn(k, dtype=dtype, device=DEVICE, requires_grad=True)
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+    out = F.conv2d(x, w, b, **kw, backend="cuda")
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, (w, b), g, retain_graph=True)
+    for _ in range(3):
+        again = torch.autograd.grad(out, (w, b), g, retain_graph=True)
+        assert all(torch.equal(a, c) for a, c in zip(first, again))
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    rgw, rgb = torch.autograd.grad(torch.nn.functional.conv2d(xr, wr, br, **kw), (wr, br), g.double())
+    assert_rel_close(first[0], rgw, dtype, "grad weight", matmul=True)
+    assert_rel_close(first[1], rgb, dtype, "grad bias", matmul=True)

@@ -11,7 +11,8 @@ an even kernel, which pads asymmetrically, needs no padded copy of the input) an
   channels_last, precision, backend) -> (grad_w, grad_bias)``; grad_bias is empty when ``bias``
   is false.
 
-Only the Triton backend has convolution kernels so far (cnnkern/_backend.py: OP_BACKENDS).
+Backends: ``"triton"`` (kernels/conv2d.py) and ``"cuda"`` (csrc/cuda/conv2d*.cu, through the
+``cnnkern::conv2d_*_cuda`` ops of cnnkern._C, which write into the outputs allocated here).
 """
 
 from __future__ import annotations
@@ -41,8 +42,13 @@ def _y_channels_last(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _check_backend(backend: str) -> None:
-    if backend != "triton":
-        raise ValueError(f"cnnkern::conv2d: no {backend!r} kernel (only 'triton' is implemented)")
+    if backend not in ("triton", "cuda"):
+        raise ValueError(f"cnnkern::conv2d: no {backend!r} kernel (backends: 'triton', 'cuda')")
+
+
+# The CUDA C++ kernel choice for forward and grad-input: "auto" (tensor-core implicit GEMM where
+# it applies, else the direct kernel); the GPU tests pin "direct" and "igemm" through the raw ops.
+CUDA_ALGO = "auto"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +59,10 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride: 
            dilation: list[int], groups: int, relu: bool, precision: str, backend: str) -> torch.Tensor:
     _check_backend(backend)
     y = new_output(output_size(x.shape, w.shape, stride, padding, dilation), x, _y_channels_last(x, w))
-    _kernels().conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, relu, precision)
+    if backend == "cuda":
+        torch.ops.cnnkern.conv2d_forward_cuda(x, w, bias, y, stride, padding[:2], dilation, groups, relu, CUDA_ALGO)
+    else:
+        _kernels().conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, relu, precision)
     return y
 
 
@@ -71,7 +80,10 @@ def conv2d_backward_input(grad: torch.Tensor, w: torch.Tensor, input_size: list[
                           precision: str, backend: str) -> torch.Tensor:
     _check_backend(backend)
     gx = new_output(input_size, grad, channels_last)
-    _kernels().conv2d_backward_input(grad, w, gx, stride, padding[:2], dilation, groups, precision)
+    if backend == "cuda":
+        torch.ops.cnnkern.conv2d_backward_input_cuda(grad, w, gx, stride, padding[:2], dilation, groups, CUDA_ALGO)
+    else:
+        _kernels().conv2d_backward_input(grad, w, gx, stride, padding[:2], dilation, groups, precision)
     return gx
 
 
@@ -87,8 +99,11 @@ def conv2d_backward_weight(grad: torch.Tensor, x: torch.Tensor, weight_size: lis
     _check_backend(backend)
     gw = new_output(weight_size, grad, channels_last)
     gb = new_output([weight_size[0] if bias else 0], grad, False)
-    _kernels().conv2d_backward_weight(grad, x, gw, gb if bias else None, stride, padding[:2], dilation, groups,
-                                      precision)
+    if backend == "cuda":
+        torch.ops.cnnkern.conv2d_backward_weight_cuda(grad, x, gw, gb, stride, padding[:2], dilation, groups)
+    else:
+        _kernels().conv2d_backward_weight(grad, x, gw, gb if bias else None, stride, padding[:2], dilation, groups,
+                                          precision)
     return gw, gb
 
 

@@ -1,0 +1,377 @@
+// 2-D convolution, CUDA C++: the host side of the three ops (forward, grad-input, grad-weight).
+// The kernels are in conv2d_direct.cu, conv2d_igemm.cu and conv2d_wgrad.cu (see conv2d.h).
+//
+// Each op writes into an output the Python side allocated (cnnkern/ops/conv2d.py: its memory
+// format follows PyTorch's conv rule, and the test harness poisons it), so the ops return nothing.
+// `algo` picks the forward / grad-input kernel: "auto" (the implicit GEMM on tensor cores where it
+// applies, else the direct kernel), "direct" or "igemm" (an error where it does not apply): the
+// GPU tests pin each one.
+//
+// The implicit GEMM applies to fp16/bf16 when the reduced channels per group (C/groups forward,
+// K/groups for grad-input) are a multiple of 8, so that 16-byte chunks never straddle a filter
+// tap; its source is read as NHWC (a channels_last input is used as it is, anything else is
+// converted first) and its filter is repacked, tap-major, into a small contiguous copy.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <string>
+#include <type_traits>
+
+#include "common.h"
+#include "conv2d.h"
+
+namespace cnnkern {
+namespace {
+
+using conv::DirectParams;
+using conv::IgemmParams;
+using conv::WgradParams;
+
+constexpr int64_t kMaxRows = (int64_t{1} << 31) - 1;
+constexpr size_t kDirectBudget = 48 * 1024;   // staging bytes per block, normally
+constexpr size_t kDirectMax = 99 * 1024;      // what every sm_80+ part can opt into
+
+struct ConvGeom {
+  int64_t N, C, H, W, K, Cg, Kg, R, S, P, Q, G;
+  int sh, sw, ph, pw, dh, dw;
+};
+
+ConvGeom geometry(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                  bool y_is_input) {
+  TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && y.dim() == 4, "cnnkern ", op, ": expects 4-D tensors, got ", x.sizes(),
+              ", ", w.sizes(), ", ", y.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() >= 2 && dilation.size() == 2, "cnnkern ", op,
+              ": stride, padding, dilation must have 2 entries");
+  TORCH_CHECK(groups >= 1, "cnnkern ", op, ": groups must be >= 1, got ", groups);
+  ConvGeom g{};
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.K = w.size(0);
+  g.Cg = w.size(1);
+  g.R = w.size(2);
+  g.S = w.size(3);
+  g.G = groups;
+  TORCH_CHECK(g.C == g.Cg * groups && g.K % groups == 0, "cnnkern ", op, ": input channels ", g.C, " and weight ",
+              w.sizes(), " do not fit groups=", groups);
+  g.Kg = g.K / groups;
+  g.sh = static_cast<int>(stride[0]);
+  g.sw = static_cast<int>(stride[1]);
+  g.ph = static_cast<int>(padding[0]);
+  g.pw = static_cast<int>(padding[1]);
+  g.dh = static_cast<int>(dilation[0]);
+  g.dw = static_cast<int>(dilation[1]);
+  TORCH_CHECK(g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1 && g.ph >= 0 && g.pw >= 0, "cnnkern ", op,
+              ": bad stride/dilation/padding ", stride, " ", dilation, " ", padding);
+  g.P = y.size(2);
+  g.Q = y.size(3);
+  // (the output extent itself comes from the Python side, which also handles asymmetric "same"
+  // padding; every read below is bounds-checked against H and W whatever P and Q are)
+  TORCH_CHECK(y.size(0) == g.N && y.size(1) == g.K,
+              "cnnkern ", op, ": ", (y_is_input ? "grad_output " : "output "), y.sizes(), " does not match input ",
+              x.sizes(), " and weight ", w.sizes());
+  for (int64_t v : {g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q}) {
+    TORCH_CHECK(v < kMaxRows, "cnnkern ", op, ": extent ", v, " too large");
+  }
+  return g;
+}
+
+void check_same(const char* op, const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  CNNKERN_CHECK_CUDA(t, name);
+  TORCH_CHECK(t.device() == ref.device(), "cnnkern ", op, ": ", name, " is on ", t.device(), ", expected ",
+              ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "cnnkern ", op, ": ", name, " has dtype ", t.scalar_type(),
+              ", expected ", ref.scalar_type());
+}
+
+template <typename T>
+constexpr bool kTensorCore = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
+
+bool want_igemm(const char* op, const std::string& algo, bool tensor_core_dtype, int64_t reduced_channels,
+                int64_t rows) {
+  TORCH_CHECK(algo == "auto" || algo == "direct" || algo == "igemm", "cnnkern ", op,
+              ": algo must be 'auto', 'direct' or 'igemm', got '", algo, "'");
+  const bool fits = tensor_core_dtype && reduced_channels % 8 == 0 && reduced_channels > 0 && rows <= kMaxRows;
+  if (algo == "igemm") {
+    TORCH_CHECK(fits, "cnnkern ", op, ": algo='igemm' needs fp16/bf16, reduced channels per group a multiple of 8 "
+                "(got ", reduced_channels, ") and fewer than 2^31 output rows (got ", rows, ")");
+  }
+  return algo != "direct" && fits;
+}
+
+// 128x128 tiles when they fill the GPU, 64-row tiles when they would not, 64-column tiles for
+// narrow outputs (K/groups <= 64), which would leave half of a 128-column tile idle.
+int igemm_tile(int64_t rows, int64_t cols, int64_t groups) {
+  if (cols <= 64) return 2;
+  const int64_t blocks = ((rows + 127) / 128) * ((cols + 127) / 128) * groups;
+  return blocks < sm_count() ? 1 : 0;
+}
+
+template <typename T>
+void run_direct(DirectParams<T> p, int halo_h, int halo_w, int64_t channels, cudaStream_t stream) {
+  const size_t per_channel = conv::direct_bytes_per_channel<T>(halo_h, halo_w, p.R, p.S);
+  TORCH_CHECK(per_channel <= kDirectMax, "cnnkern conv2d (cuda, direct): a ", p.R, "x", p.S,
+              " filter with this stride/dilation needs ", per_channel, " bytes of shared memory per channel (max ",
+              kDirectMax, ")");
+  p.halo_h = halo_h;
+  p.halo_w = halo_w;
+  p.cb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(channels, kDirectBudget / per_channel)));
+  conv::launch_direct<T>(p, stream);
+}
+
+// ------------------------------------------------------------------------------------------------
+// forward
+// ------------------------------------------------------------------------------------------------
+void conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& y, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups, bool relu, c10::string_view algo_sv) {
+  const char* op = "conv2d (cuda)";
+  const std::string algo(algo_sv.data(), algo_sv.size());
+  CNNKERN_CHECK_CUDA(x, "input");
+  check_same(op, x, w, "weight");
+  check_same(op, x, y, "output");
+  if (bias.has_value()) {
+    check_same(op, x, *bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), "cnnkern ", op, ": bias ", bias->sizes(),
+                " does not match ", w.size(0), " output channels");
+  }
+  const ConvGeom g = geometry(op, x, w, y, stride, padding, dilation, groups, false);
+  if (y.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int64_t rows = g.N * g.P * g.Q;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_forward_cuda", [&] {
+    const scalar_t* pb = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    if (want_igemm(op, algo, kTensorCore<scalar_t>, g.Cg, rows)) {
+      if constexpr (kTensorCore<scalar_t>) {
+        const at::Tensor xs = x.contiguous(at::MemoryFormat::ChannelsLast);
+        const at::Tensor wp = w.permute({0, 2, 3, 1}).contiguous();  // [K][R][S][Cg]
+        IgemmParams<scalar_t> p{};
+        p.src = xs.const_data_ptr<scalar_t>();
+        p.Hs = static_cast<int>(g.H);
+        p.Ws = static_cast<int>(g.W);
+        p.Cs = static_cast<int>(g.C);
+        p.wp = wp.const_data_ptr<scalar_t>();
+        p.bias = pb;
+        p.y = y.mutable_data_ptr<scalar_t>();
+        p.yn = y.stride(0);
+        p.yc = y.stride(1);
+        p.yh = y.stride(2);
+        p.yw = y.stride(3);
+        p.Nimg = static_cast<int>(g.N);
+        p.Ho = static_cast<int>(g.P);
+        p.Wo = static_cast<int>(g.Q);
+        p.M = static_cast<int>(rows);
+        p.NO = static_cast<int>(g.Kg);
+        p.CK = static_cast<int>(g.Cg);
+        p.G = static_cast<int>(g.G);
+        p.R = static_cast<int>(g.R);
+        p.S = static_cast<int>(g.S);
+        p.KK = static_cast<int>(g.R * g.S * g.Cg);
+        p.sh = g.sh, p.sw = g.sw, p.ph = g.ph, p.pw = g.pw, p.dh = g.dh, p.dw = g.dw;
+        p.relu = relu;
+        conv::launch_igemm<scalar_t>(p, false, igemm_tile(rows, g.Kg, g.G), stream);
+        return;
+      }
+    }
+    DirectParams<scalar_t> p{};
+    p.src = x.const_data_ptr<scalar_t>();
+    p.sn = x.stride(0), p.sc = x.stride(1), p.sh_ = x.stride(2), p.sw_ = x.stride(3);
+    p.Hs = static_cast<int>(g.H);
+    p.Ws = static_cast<int>(g.W);
+    p.uh = p.uw = 1;
+    p.w = w.const_data_ptr<scalar_t>();
+    p.wg = g.Kg * w.stride(0);
+    p.wo = w.stride(0);
+    p.wi = w.stride(1);
+    p.wr = w.stride(2);
+    p.ws = w.stride(3);
+    p.bias = pb;
+    p.y = y.mutable_data_ptr<scalar_t>();
+    p.yn = y.stride(0), p.yc = y.stride(1), p.yh = y.stride(2), p.yw = y.stride(3);
+    p.N = static_cast<int>(g.N);
+    p.OC = static_cast<int>(g.Kg);
+    p.IC = static_cast<int>(g.Cg);
+    p.G = static_cast<int>(g.G);
+    p.R = static_cast<int>(g.R);
+    p.S = static_cast<int>(g.S);
+    p.P = static_cast<int>(g.P);
+    p.Q = static_cast<int>(g.Q);
+    p.sh = g.sh, p.sw = g.sw, p.ph = g.ph, p.pw = g.pw, p.dh = g.dh, p.dw = g.dw;
+    p.relu = relu;
+    run_direct<scalar_t>(p, (conv::kDirectBP - 1) * g.sh + (g.R - 1) * g.dh + 1,
+                         (conv::kDirectBQ - 1) * g.sw + (g.S - 1) * g.dw + 1, g.Cg, stream);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// grad-input
+// ------------------------------------------------------------------------------------------------
+void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& gx,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups, c10::string_view algo_sv) {
+  const char* op = "conv2d_backward_input (cuda)";
+  const std::string algo(algo_sv.data(), algo_sv.size());
+  CNNKERN_CHECK_CUDA(grad, "grad_output");
+  check_same(op, grad, w, "weight");
+  check_same(op, grad, gx, "grad_input");
+  const ConvGeom g = geometry(op, gx, w, grad, stride, padding, dilation, groups, true);
+  if (gx.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t rows = g.N * g.H * g.W;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_backward_input_cuda", [&] {
+    if (want_igemm(op, algo, kTensorCore<scalar_t>, g.Kg, rows)) {
+      if constexpr (kTensorCore<scalar_t>) {
+        const at::Tensor gs = grad.contiguous(at::MemoryFormat::ChannelsLast);
+        // wp[g*Cg + c][(r*S + s)*Kg + k] = w[g*Kg + k][c][r][s]
+        const at::Tensor wp =
+            w.view({g.G, g.Kg, g.Cg, g.R, g.S}).permute({0, 2, 3, 4, 1}).contiguous().view({g.G * g.Cg, -1});
+        IgemmParams<scalar_t> p{};
+        p.src = gs.const_data_ptr<scalar_t>();
+        p.Hs = static_cast<int>(g.P);
+        p.Ws = static_cast<int>(g.Q);
+        p.Cs = static_cast<int>(g.K);
+        p.wp = wp.const_data_ptr<scalar_t>();
+        p.bias = nullptr;
+        p.y = gx.mutable_data_ptr<scalar_t>();
+        p.yn = gx.stride(0), p.yc = gx.stride(1), p.yh = gx.stride(2), p.yw = gx.stride(3);
+        p.Nimg = static_cast<int>(g.N);
+        p.Ho = static_cast<int>(g.H);
+        p.Wo = static_cast<int>(g.W);
+        p.M = static_cast<int>(rows);
+        p.NO = static_cast<int>(g.Cg);
+        p.CK = static_cast<int>(g.Kg);
+        p.G = static_cast<int>(g.G);
+        p.R = static_cast<int>(g.R);
+        p.S = static_cast<int>(g.S);
+        p.KK = static_cast<int>(g.R * g.S * g.Kg);
+        p.sh = g.sh, p.sw = g.sw, p.ph = g.ph, p.pw = g.pw, p.dh = g.dh, p.dw = g.dw;
+        p.relu = false;
+        conv::launch_igemm<scalar_t>(p, true, igemm_tile(rows, g.Cg, g.G), stream);
+        return;
+      }
+    }
+    // grad_input = conv(grad_output upsampled by the stride, flipped filter with in/out swapped,
+    // stride 1, padding d*(R-1) - p): the flip and swap are done with the filter's strides.
+    DirectParams<scalar_t> p{};
+    p.src = grad.const_data_ptr<scalar_t>();
+    p.sn = grad.stride(0), p.sc = grad.stride(1), p.sh_ = grad.stride(2), p.sw_ = grad.stride(3);
+    p.Hs = static_cast<int>(g.P);
+    p.Ws = static_cast<int>(g.Q);
+    p.uh = g.sh;
+    p.uw = g.sw;
+    p.w = w.const_data_ptr<scalar_t>() + (g.R - 1) * w.stride(2) + (g.S - 1) * w.stride(3);
+    p.wg = g.Kg * w.stride(0);
+    p.wo = w.stride(1);
+    p.wi = w.stride(0);
+    p.wr = -w.stride(2);
+    p.ws = -w.stride(3);
+    p.bias = nullptr;
+    p.y = gx.mutable_data_ptr<scalar_t>();
+    p.yn = gx.stride(0), p.yc = gx.stride(1), p.yh = gx.stride(2), p.yw = gx.stride(3);
+    p.N = static_cast<int>(g.N);
+    p.OC = static_cast<int>(g.Cg);
+    p.IC = static_cast<int>(g.Kg);
+    p.G = static_cast<int>(g.G);
+    p.R = static_cast<int>(g.R);
+    p.S = static_cast<int>(g.S);
+    p.P = static_cast<int>(g.H);
+    p.Q = static_cast<int>(g.W);
+    p.sh = 1, p.sw = 1;
+    p.ph = static_cast<int>(g.dh * (g.R - 1) - g.ph);
+    p.pw = static_cast<int>(g.dw * (g.S - 1) - g.pw);
+    p.dh = g.dh, p.dw = g.dw;
+    p.relu = false;
+    run_direct<scalar_t>(p, (conv::kDirectBP - 1) + (g.R - 1) * g.dh + 1, (conv::kDirectBQ - 1) + (g.S - 1) * g.dw + 1,
+                         g.Kg, stream);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// grad-weight (+ grad-bias when grad_bias has elements)
+// ------------------------------------------------------------------------------------------------
+void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& gw,
+                                 const at::Tensor& gb, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d_backward_weight (cuda)";
+  CNNKERN_CHECK_CUDA(grad, "grad_output");
+  check_same(op, grad, x, "input");
+  check_same(op, grad, gw, "grad_weight");
+  const bool want_bias = gb.numel() > 0;
+  if (want_bias) {
+    check_same(op, grad, gb, "grad_bias");
+    TORCH_CHECK(gb.dim() == 1 && gb.size(0) == gw.size(0) && gb.is_contiguous(), "cnnkern ", op, ": grad_bias ",
+                gb.sizes(), " must be a contiguous vector of ", gw.size(0));
+  }
+  const ConvGeom g = geometry(op, x, gw, grad, stride, padding, dilation, groups, true);
+  if (gw.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t L = g.N * g.P * g.Q;
+  const int64_t J = g.Cg * g.R * g.S;
+  const int sms = sm_count();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_backward_weight_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const auto acc_opts = grad.options().dtype(c10::CppTypeToScalarType<A>::value);
+    if (L == 0) {  // empty batch: the gradients are zero
+      gw.zero_();
+      if (want_bias) gb.zero_();
+      return;
+    }
+    // splits: enough blocks for ~2 waves, at least 256 pixels per split
+    const int64_t tiles = ((g.Kg + 63) / 64) * ((J + 63) / 64) * g.G;
+    int64_t splits = std::max<int64_t>(1, std::min<int64_t>((2 * sms + tiles - 1) / tiles, (L + 255) / 256));
+    splits = std::min<int64_t>(splits, 65535 / g.G);
+    const int64_t chunk = (L + splits - 1) / splits;
+    splits = (L + chunk - 1) / chunk;
+    at::Tensor part = at::empty({splits * g.G * g.Kg * J}, acc_opts);
+    WgradParams<scalar_t, A> p{};
+    p.gy = grad.const_data_ptr<scalar_t>();
+    p.gn = grad.stride(0), p.gc = grad.stride(1), p.gh = grad.stride(2), p.gw_ = grad.stride(3);
+    p.x = x.const_data_ptr<scalar_t>();
+    p.xn = x.stride(0), p.xc = x.stride(1), p.xh = x.stride(2), p.xw = x.stride(3);
+    p.part = part.mutable_data_ptr<A>();
+    p.N = static_cast<int>(g.N);
+    p.K = static_cast<int>(g.Kg);
+    p.C = static_cast<int>(g.Cg);
+    p.G = static_cast<int>(g.G);
+    p.H = static_cast<int>(g.H);
+    p.W = static_cast<int>(g.W);
+    p.P = static_cast<int>(g.P);
+    p.Q = static_cast<int>(g.Q);
+    p.R = static_cast<int>(g.R);
+    p.S = static_cast<int>(g.S);
+    p.sh = g.sh, p.sw = g.sw, p.ph = g.ph, p.pw = g.pw, p.dh = g.dh, p.dw = g.dw;
+    p.L = L;
+    p.chunk = chunk;
+    p.splits = static_cast<int>(splits);
+    conv::launch_wgrad<scalar_t, A>(p, stream);
+    conv::launch_wgrad_reduce<scalar_t, A>(p.part, p.splits, p.G, p.K, p.C, p.R, p.S, gw.mutable_data_ptr<scalar_t>(),
+                                           gw.stride(0), gw.stride(1), gw.stride(2), gw.stride(3), stream);
+    if (want_bias) {
+      const int64_t bsplits = std::max<int64_t>(1, std::min<int64_t>(L / 1024, 256));
+      at::Tensor bpart = at::empty({bsplits * g.K}, acc_opts);
+      conv::launch_bias_grad<scalar_t, A>(p.gy, p.gn, p.gc, p.gh, p.gw_, p.N, static_cast<int>(g.K), p.P, p.Q,
+                                          bpart.mutable_data_ptr<A>(), static_cast<int>(bsplits),
+                                          gb.mutable_data_ptr<scalar_t>(), stream);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cnnkern
+
+TORCH_LIBRARY_IMPL(cnnkern, CUDA, m) {
+  m.impl("conv2d_forward_cuda", &cnnkern::conv2d_forward_cuda);
+  m.impl("conv2d_backward_input_cuda", &cnnkern::conv2d_backward_input_cuda);
+  m.impl("conv2d_backward_weight_cuda", &cnnkern::conv2d_backward_weight_cuda);
+}

@@ -1,0 +1,304 @@
+// Tensor-core implicit-GEMM convolution, CUDA C++ (fp16/bf16 in, fp32 accumulate; sm_80+).
+//
+// The GEMM. Rows m = (n, ho, wo) are output pixels, columns o are output channels of one group,
+// the reduction index kk = (r*S + s)*CK + c runs over filter taps and source channels. The A
+// operand is gathered from the NHWC source on the fly (IgemmParams: forward or grad-input
+// gather), the B operand is the packed filter wp[o][kk] (kk contiguous). Because CK is a multiple
+// of 8, every 8-element (16-byte) chunk of a row of A lies inside one tap, so each chunk is one
+// cp.async of 16 bytes from one source pixel, or a zero fill where the tap falls in the padding.
+// A 1x1, stride-1, unpadded convolution gathers exactly the rows of a plain GEMM.
+//
+// The block. 8 warps compute a BM x BN tile (128x128, 64x128 or 128x64) in steps of BK = 32
+// along kk. Shared memory holds STAGES = 4 such steps (A: BM x 32, B: BN x 32 halves each),
+// filled by cp.async STAGES-1 steps ahead of the math, so global loads overlap the tensor cores.
+// Rows of 32 halves are four 16-byte chunks; chunk c of row r is stored at chunk c ^ ((r/2) % 4),
+// which makes the eight row addresses of every ldmatrix phase hit eight distinct bank groups.
+// Each warp owns a (BM/WARPS_M) x (BN/WARPS_N) sub-tile: MT x NT fragments of m16n8, fed by
+// ldmatrix.x4 (A: one 16x16 fragment; B: two n8 x k16 fragments) and multiplied with
+// mma.sync.m16n8k16 (row.col, f32 accumulators).
+//
+// Epilogue: bias, ReLU, conversion, and stores through the output's strides (channels_last
+// writes two adjacent channels as one 32-bit store).
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "conv2d.h"
+
+namespace cnnkern {
+namespace conv {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int BK = 32;      // halves of kk per step: 4 chunks of 8
+constexpr int STAGES = 4;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global->shared copy; `bytes` = 0 fills the 16 bytes with zeros (src is not read).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<c10::Half> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+template <>
+struct Mma<c10::BFloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// offset (in halves) of chunk `c` of row `r` in a [rows][32] swizzled stage
+__device__ __forceinline__ int swz(int r, int c) { return r * BK + ((c ^ ((r >> 1) & 3)) << 3); }
+
+template <typename T, int BM, int BN, int WARPS_M, bool DGRAD>
+__global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p) {
+  constexpr int WARPS_N = 8 / WARPS_M;
+  constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile
+  constexpr int MT = WTM / 16, NT = WTN / 8;
+  static_assert(NT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
+  constexpr int A_ITERS = BM * 4 / kThreads, B_ITERS = BN * 4 / kThreads;
+  constexpr int STAGE_A = BM * BK, STAGE_B = BN * BK;  // halves
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sA = reinterpret_cast<T*>(smem_raw);
+  T* sB = sA + STAGES * STAGE_A;
+
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+  const int wm = warp % WARPS_M, wn = warp / WARPS_M;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, g = blockIdx.z;
+  const int chunk = t % 4;  // the 16-byte chunk of each row this thread copies
+
+  // Per-thread gather state for its A rows (fixed across the kk loop).
+  const int HoWo = p.Ho * p.Wo;
+  int64_t a_base[A_ITERS];
+  int a_h[A_ITERS], a_w[A_ITERS];
+  bool a_ok[A_ITERS];
+#pragma unroll
+  for (int i = 0; i < A_ITERS; ++i) {
+    const int m = m0 + (t + i * kThreads) / 4;
+    a_ok[i] = m < p.M;
+    const int mm = a_ok[i] ? m : 0;
+    const int n = mm / HoWo, rem = mm % HoWo;
+    const int ho = rem / p.Wo, wo = rem % p.Wo;
+    a_base[i] = static_cast<int64_t>(n) * p.Hs * p.Ws * p.Cs + static_cast<int64_t>(g) * p.CK;
+    a_h[i] = DGRAD ? ho + p.ph : ho * p.sh - p.ph;
+    a_w[i] = DGRAD ? wo + p.pw : wo * p.sw - p.pw;
+  }
+  const T* b_row[B_ITERS];
+  bool b_ok[B_ITERS];
+#pragma unroll
+  for (int i = 0; i < B_ITERS; ++i) {
+    const int o = n0 + (t + i * kThreads) / 4;
+    b_ok[i] = o < p.NO;
+    b_row[i] = p.wp + static_cast<int64_t>(g * p.NO + (b_ok[i] ? o : 0)) * p.KK;
+  }
+
+  const int KT = (p.KK + BK - 1) / BK;
+
+  auto load_stage = [&](int kt, int stage) {
+    const int kk = kt * BK + chunk * 8;
+    const bool k_ok = kk < p.KK;
+    int r = 0, s = 0, c = 0;
+    if (k_ok) {
+      const int rs = kk / p.CK;
+      c = kk - rs * p.CK;
+      r = rs / p.S;
+      s = rs - r * p.S;
+    }
+    T* dA = sA + stage * STAGE_A;
+#pragma unroll
+    for (int i = 0; i < A_ITERS; ++i) {
+      const int row = (t + i * kThreads) / 4;
+      int hs, ws;
+      bool ok = a_ok[i] && k_ok;
+      if (DGRAD) {
+        const int th = a_h[i] - r * p.dh, tw = a_w[i] - s * p.dw;
+        ok = ok && th >= 0 && tw >= 0 && th % p.sh == 0 && tw % p.sw == 0;
+        hs = th / p.sh;
+        ws = tw / p.sw;
+      } else {
+        hs = a_h[i] + r * p.dh;
+        ws = a_w[i] + s * p.dw;
+        ok = ok && hs >= 0 && ws >= 0;
+      }
+      ok = ok && hs < p.Hs && ws < p.Ws;
+      const T* src = ok ? p.src + a_base[i] + (static_cast<int64_t>(hs) * p.Ws + ws) * p.Cs + c : p.src;
+      cp_async16(smem_u32(dA + swz(row, chunk)), src, ok ? 16 : 0);
+    }
+    T* dB = sB + stage * STAGE_B;
+#pragma unroll
+    for (int i = 0; i < B_ITERS; ++i) {
+      const int row = (t + i * kThreads) / 4;
+      const bool ok = b_ok[i] && k_ok;
+      cp_async16(smem_u32(dB + swz(row, chunk)), ok ? b_row[i] + kk : p.wp, ok ? 16 : 0);
+    }
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < KT) load_stage(st, st);
+    cp_async_commit();
+  }
+
+  for (int kt = 0; kt < KT; ++kt) {
+    cp_async_wait<STAGES - 2>();  // step kt has landed (this thread's copies) ...
+    __syncthreads();              // ... and everyone's; the stage refilled below is free
+    const T* tA = sA + (kt % STAGES) * STAGE_A;
+    const T* tB = sB + (kt % STAGES) * STAGE_B;
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      uint32_t af[MT][4], bf[NT][2];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        // lanes 0-15 address rows 0-15 at k 0-7, lanes 16-31 the same rows at k 8-15
+        const int row = wm * WTM + i * 16 + (lane % 16);
+        ldmatrix_x4(af[i], smem_u32(tA + swz(row, ks * 2 + lane / 16)));
+      }
+#pragma unroll
+      for (int j = 0; j < NT / 2; ++j) {
+        // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+        const int row = wn * WTN + j * 16 + (lane % 8) + (lane / 16) * 8;
+        uint32_t r4[4];
+        ldmatrix_x4(r4, smem_u32(tB + swz(row, ks * 2 + (lane / 8) % 2)));
+        bf[2 * j][0] = r4[0];
+        bf[2 * j][1] = r4[1];
+        bf[2 * j + 1][0] = r4[2];
+        bf[2 * j + 1][1] = r4[3];
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) Mma<T>::run(acc[i][j], af[i], bf[j][0], bf[j][1]);
+    }
+    const int next = kt + STAGES - 1;
+    if (next < KT) load_stage(next, next % STAGES);
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+
+  // Epilogue. Fragment element e of acc[i][j]: row gid (+8 for e >= 2), column 2*tig + (e & 1).
+  const int gid = lane / 4, tig = lane % 4;
+  const bool pair_store = p.yc == 1;
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = m0 + wm * WTM + i * 16 + gid + 8 * h;
+      if (m >= p.M) continue;
+      const int n = m / HoWo, rem = m % HoWo;
+      const int64_t off = static_cast<int64_t>(n) * p.yn + static_cast<int64_t>(rem / p.Wo) * p.yh +
+                          static_cast<int64_t>(rem % p.Wo) * p.yw;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int o = n0 + wn * WTN + j * 8 + 2 * tig;
+        if (o >= p.NO) continue;
+        const int oc = g * p.NO + o;
+        float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
+        if (p.bias != nullptr) {
+          v0 += static_cast<float>(p.bias[oc]);
+          if (o + 1 < p.NO) v1 += static_cast<float>(p.bias[oc + 1]);
+        }
+        if (p.relu) {
+          v0 = v0 < 0.f ? 0.f : v0;
+          v1 = v1 < 0.f ? 0.f : v1;
+        }
+        T* dst = p.y + off + static_cast<int64_t>(oc) * p.yc;
+        if (pair_store && o + 1 < p.NO && (reinterpret_cast<uintptr_t>(dst) & 3u) == 0) {
+          *reinterpret_cast<uint32_t*>(dst) = Mma<T>::pack(v0, v1);
+        } else {
+          dst[0] = static_cast<T>(v0);
+          if (o + 1 < p.NO) dst[p.yc] = static_cast<T>(v1);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int BM, int BN, int WARPS_M, bool DGRAD>
+void launch_one(const IgemmParams<T>& p, cudaStream_t stream) {
+  constexpr size_t smem = static_cast<size_t>(STAGES) * (BM + BN) * BK * sizeof(T);
+  auto kernel = igemm_kernel<T, BM, BN, WARPS_M, DGRAD>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  const dim3 grid((p.M + BM - 1) / BM, (p.NO + BN - 1) / BN, p.G);
+  TORCH_CHECK(grid.y < 65536 && grid.z < 65536, "cnnkern conv2d (cuda, igemm): grid too large");
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool DGRAD>
+void launch_tile(const IgemmParams<T>& p, int tile, cudaStream_t stream) {
+  switch (tile) {
+    case 0: launch_one<T, 128, 128, 2, DGRAD>(p, stream); break;   // warp tile 64 x 32
+    case 1: launch_one<T, 64, 128, 2, DGRAD>(p, stream); break;    // warp tile 32 x 32
+    default: launch_one<T, 128, 64, 4, DGRAD>(p, stream); break;   // warp tile 32 x 32
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void launch_igemm(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t stream) {
+  TORCH_CHECK(p.CK % 8 == 0 && p.Cs % 8 == 0, "cnnkern conv2d (cuda, igemm): channels must be multiples of 8");
+  if (dgrad) {
+    launch_tile<T, true>(p, tile, stream);
+  } else {
+    launch_tile<T, false>(p, tile, stream);
+  }
+}
+
+template void launch_igemm<c10::Half>(const IgemmParams<c10::Half>&, bool, int, cudaStream_t);
+template void launch_igemm<c10::BFloat16>(const IgemmParams<c10::BFloat16>&, bool, int, cudaStream_t);
+
+}  // namespace conv
+}  // namespace cnnkern
