@@ -448,6 +448,20 @@ def plot_roofline(recs, ceilings: dict, path: str) -> str | None:
 # ------------------------------------------------------------------------------------------------
 # entry points
 # ------------------------------------------------------------------------------------------------
+def latest_report(results_dir: str) -> str | None:
+    """The report.md of the most recent run under ``results_dir`` that has one (by the timestamp
+    recorded in the JSON beside it), or None."""
+    best = None
+    for page in glob.glob(os.path.join(results_dir, "**", REPORT), recursive=True):
+        try:
+            stamp = max((d.get("env") or {}).get("timestamp_utc") or "" for d in load(os.path.dirname(page)))
+        except FileNotFoundError:
+            continue
+        if best is None or stamp > best[0]:
+            best = (stamp, page)
+    return None if best is None else best[1]
+
+
 def build(results_dir: str, out_dir: str | None = None) -> list[str]:
     """Write ``report.md``, ``speedup_<network>.png`` per network and ``roofline.png`` for the
     results JSON in ``results_dir`` (into ``out_dir``, default the same directory).

@@ -1,12 +1,17 @@
 """The ``cnnkern`` command (also ``python -m cnnkern``).
 
-    cnnkern bench [--ops residual_add] [--dtypes bfloat16,float16] [--quick] [--out DIR] [--no-progress]
+    cnnkern bench [--ops conv2d,models] [--nets resnet50] [--dtypes bfloat16] [--batch 32]
+                  [--backends triton] [--quick] [--no-inductor] [--out DIR] [--no-progress]
+    cnnkern bench --report DIR            report.md + plots from the JSON in DIR (no GPU needed)
+    cnnkern bench --compare A.json B.json per-layer change between two runs, regressions first
     cnnkern inspect [...]     static inspection of the compiled kernels (see cnnkern._inspect)
 
 ``bench`` on a CUDA machine measures the device's ceilings, runs each op's benchmark module
-against PyTorch, prints the tables and writes JSON. Without a GPU it measures nothing (a CPU
-timing of GPU kernels says nothing): it runs the Triton self-check under the interpreter instead
-and shows the latest GPU results committed under benchmarks/results/.
+(and the whole networks) against PyTorch/cuDNN and Inductor, prints the tables, writes JSON and
+builds report.md with its plots in the results directory. Without a GPU it measures nothing (a
+CPU timing of GPU kernels says nothing): it runs the Triton self-check under the interpreter
+instead, prints the networks' summaries and shows the latest GPU results committed under
+benchmarks/results/ with the path of their report.
 """
 
 from __future__ import annotations
@@ -23,32 +28,115 @@ def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+DTYPES = ("bfloat16", "float16", "float32")
+
+
 def _bench(args) -> int:
     from cnnkern.benchmarks import harness
 
+    if args.report:
+        return _report(args.report)
+    if args.compare:
+        return _compare(*args.compare)
     ops = _split(args.ops)
     unknown = [o for o in ops or () if o not in harness.OPS]
     if unknown:
         print(f"cnnkern bench: no benchmark for {', '.join(unknown)}; known: {', '.join(harness.OPS)}", file=sys.stderr)
         return 2
     dtypes = _split(args.dtypes)
-    bad = [d for d in dtypes or () if d not in ("bfloat16", "float16", "float32")]
+    bad = [d for d in dtypes or () if d not in DTYPES]
     if bad:
-        print(f"cnnkern bench: unknown dtype(s) {', '.join(bad)}; choose from bfloat16, float16, float32",
+        print(f"cnnkern bench: unknown dtype(s) {', '.join(bad)}; choose from {', '.join(DTYPES)}", file=sys.stderr)
+        return 2
+    nets = _split(args.nets)
+    from cnnkern.benchmarks import bench_models
+
+    bad = [n for n in nets or () if n not in bench_models.NETS]
+    if bad:
+        print(f"cnnkern bench: unknown network(s) {', '.join(bad)}; choose from {', '.join(bench_models.NETS)}",
               file=sys.stderr)
+        return 2
+    backends = _split(args.backends)
+    bad = [b for b in backends or () if b not in ("triton", "cuda")]
+    if bad:
+        print(f"cnnkern bench: unknown backend(s) {', '.join(bad)}; choose from triton, cuda", file=sys.stderr)
+        return 2
+    try:
+        batches = [int(b) for b in _split(args.batch) or ()] or None
+    except ValueError:
+        batches = [0]
+    if batches is not None and min(batches) < 1:
+        print(f"cnnkern bench: --batch takes positive integers, e.g. 1,32,128; got {args.batch!r}", file=sys.stderr)
         return 2
 
     if torch.cuda.is_available():
-        paths = harness.run_ops(ops, dtypes=dtypes, quick=args.quick, out_dir=args.out, progress=not args.no_progress)
+        paths = harness.run_ops(ops, dtypes=dtypes, quick=args.quick, out_dir=args.out, progress=not args.no_progress,
+                                backends=backends, inductor=args.inductor, nets=nets, batches=batches)
         print(f"\nresults: {', '.join(paths)}")
+        if paths:
+            from cnnkern.benchmarks import report
+
+            written = report.build(os.path.dirname(paths[0]))
+            print(f"report: {written[0]} (plots: {', '.join(os.path.basename(p) for p in written[1:])})")
         return 0
 
     print("no CUDA GPU: cnnkern bench measures nothing here; running the Triton kernels' self-check under "
           "the interpreter instead, then showing the latest GPU results committed in benchmarks/results/",
           flush=True)
     rc = _selfcheck(ops)
+    _network_summaries(nets)
     _show_latest(harness, ops or list(harness.OPS))
     return rc
+
+
+def _report(path: str) -> int:
+    from cnnkern.benchmarks import report
+
+    try:
+        written = report.build(path)
+    except FileNotFoundError as exc:
+        print(f"cnnkern bench --report: {exc}", file=sys.stderr)
+        return 2
+    for p in written:
+        print(p)
+    return 0
+
+
+def _compare(a: str, b: str) -> int:
+    from cnnkern.benchmarks import report
+
+    try:
+        print(report.compare_text(a, b))
+    except FileNotFoundError as exc:
+        print(f"cnnkern bench --compare: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _network_summaries(nets=None) -> None:
+    """cnnkern.summary of the networks whose layers the benchmarks take: totals per network."""
+    from cnnkern.benchmarks.bench_conv2d import NETWORKS
+    from cnnkern.summary import conv_layers, summary
+
+    print("\nnetworks benchmarked layer by layer (cnnkern.summary, one image; the conv benchmarks take every "
+          "distinct convolution):")
+    rows = [("network", "input", "layers", "convolutions (distinct)", "parameters", "GMACs per image",
+             "activations (fp32 MiB)")]
+    for name in ("alexnet", "vgg16", "googlenet", "resnet50"):
+        if name not in NETWORKS or (nets and name not in nets):
+            continue
+        factory, size = NETWORKS[name]
+        model = factory()
+        s = summary(model, (1, *size))
+        convs = [r for r in s.rows if r.kind == "conv"]
+        rows.append((name, "x".join(map(str, size)), str(len(s.rows)),
+                     f"{len(convs)} ({len(conv_layers(model, (1, *size)))})", f"{s.params:,}", f"{s.macs / 1e9:.2f}",
+                     f"{s.activations * 4 / 2**20:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for n, row in enumerate(rows):
+        print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  " + "-" * (sum(widths) + 2 * (len(widths) - 1)))
 
 
 def _selfcheck(ops: list[str] | None) -> int:
@@ -79,6 +167,14 @@ def _show_latest(harness, ops: list[str]) -> None:
         print(f"{op}: latest GPU results, {os.path.relpath(path, harness.REPO_ROOT)}")
         print(f"  {harness.describe_run(data)}")
         print(harness.format_table(data["results"]))
+    from cnnkern.benchmarks import report
+
+    page = report.latest_report(harness.RESULTS_DIR)
+    print()
+    if page is None:
+        print("no report.md committed yet (`cnnkern bench --report DIR` builds one from a results directory)")
+    else:
+        print(f"latest report (tables, geometric means, plots): {os.path.relpath(page, harness.REPO_ROOT)}")
 
 
 def _summary(args) -> int:
@@ -110,16 +206,34 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="cnnkern", description="cnnkern: Triton and CUDA C++ kernels for classic CNNs")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("bench", help="benchmark the kernels against PyTorch (on a GPU); self-check without one",
-                       description="On a CUDA machine: measure the device's ceilings, benchmark each op "
-                       "against PyTorch, print tables, write JSON. Without a GPU: run the Triton self-check "
-                       "under the interpreter and show the latest committed GPU results.")
-    b.add_argument("--ops", help="comma-separated ops (default: every op with a benchmark: "
-                   "residual_add, conv2d, conv_bn_relu, local_response_norm)")
-    b.add_argument("--dtypes", help="comma-separated: bfloat16,float16,float32 (default: all three)")
-    b.add_argument("--quick", action="store_true", help="fewer cases and shorter timings")
-    b.add_argument("--out", metavar="DIR", help="where the JSON goes (default benchmarks/results/<gpu>-<date>/)")
+    b = sub.add_parser("bench", help="benchmark the kernels and networks against PyTorch/cuDNN and Inductor (on a "
+                       "GPU); self-check without one",
+                       description="On a CUDA machine: measure the device's ceilings, benchmark each op on every "
+                       "distinct layer of AlexNet, VGG-16, GoogLeNet and ResNet-50 and the whole networks against "
+                       "PyTorch (cuDNN) and torch.compile(mode='max-autotune'), print tables, write JSON, build "
+                       "report.md and plots. Without a GPU: run the Triton self-check under the interpreter, print "
+                       "the networks' summaries and show the latest committed GPU results.")
+    b.add_argument("--ops", help="comma-separated (default: all: residual_add, conv2d, conv_bn_relu, "
+                   "local_response_norm, models)")
+    b.add_argument("--nets", help="comma-separated networks: alexnet, vgg16, googlenet, resnet50 (default: all)")
+    b.add_argument("--dtypes", help="comma-separated: bfloat16,float16,float32 (default: each op's own; "
+                   "bf16/fp16 run channels_last, fp32 NCHW with TF32 as PyTorch's default; --quick: bfloat16)")
+    b.add_argument("--batch", help="comma-separated batch sizes for the conv layers and the networks' inference "
+                   "(default: layers 1,32; networks 1,32,128)")
+    b.add_argument("--backends", help="comma-separated cnnkern backends: triton,cuda (default: each with a kernel "
+                   "for the op)")
+    b.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
+                   help="time torch.compile(mode='max-autotune') of the reference too (default: on, off with "
+                   "--quick: it compiles every case)")
+    b.add_argument("--quick", action="store_true", help="a subset: ResNet-50 layers at batch 32, bf16, forward "
+                   "passes, shorter timings, no Inductor")
+    b.add_argument("--out", metavar="DIR", help="where the JSON, report.md and plots go "
+                   "(default benchmarks/results/<gpu>-<date>/)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--report", metavar="DIR", help="only rebuild report.md and the plots from the JSON in DIR "
+                   "(no GPU needed)")
+    b.add_argument("--compare", nargs=2, metavar=("A", "B"), help="only print the per-layer change from run A to "
+                   "run B (JSON files or result directories), regressions first")
 
     sub.add_parser("inspect", add_help=False, help="ptxas usage of cnnkern._C; Triton kernels compiled for sm_90/sm_80")
 
