@@ -111,6 +111,12 @@ int igemm_tile(int64_t rows, int64_t cols, int64_t groups) {
   return blocks < sm_count() ? 1 : 0;
 }
 
+// cp.async moves 16-byte chunks: a view whose data does not start on 16 bytes (an odd storage
+// offset) is copied to fresh, aligned memory first.
+at::Tensor aligned_copy(const at::Tensor& t) {
+  return aligned16(t.const_data_ptr()) ? t : t.clone(t.suggest_memory_format());
+}
+
 template <typename T>
 void run_direct(DirectParams<T> p, int halo_h, int halo_w, int64_t channels, cudaStream_t stream) {
   const size_t per_channel = conv::direct_bytes_per_channel<T>(halo_h, halo_w, p.R, p.S);
@@ -150,8 +156,8 @@ void conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const std::op
     const scalar_t* pb = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     if (want_igemm(op, algo, kTensorCore<scalar_t>, g.Cg, rows)) {
       if constexpr (kTensorCore<scalar_t>) {
-        const at::Tensor xs = x.contiguous(at::MemoryFormat::ChannelsLast);
-        const at::Tensor wp = w.permute({0, 2, 3, 1}).contiguous();  // [K][R][S][Cg]
+        const at::Tensor xs = aligned_copy(x.contiguous(at::MemoryFormat::ChannelsLast));
+        const at::Tensor wp = aligned_copy(w.permute({0, 2, 3, 1}).contiguous());  // [K][R][S][Cg]
         IgemmParams<scalar_t> p{};
         p.src = xs.const_data_ptr<scalar_t>();
         p.Hs = static_cast<int>(g.H);
@@ -230,10 +236,10 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_backward_input_cuda", [&] {
     if (want_igemm(op, algo, kTensorCore<scalar_t>, g.Kg, rows)) {
       if constexpr (kTensorCore<scalar_t>) {
-        const at::Tensor gs = grad.contiguous(at::MemoryFormat::ChannelsLast);
+        const at::Tensor gs = aligned_copy(grad.contiguous(at::MemoryFormat::ChannelsLast));
         // wp[g*Cg + c][(r*S + s)*Kg + k] = w[g*Kg + k][c][r][s]
-        const at::Tensor wp =
-            w.view({g.G, g.Kg, g.Cg, g.R, g.S}).permute({0, 2, 3, 4, 1}).contiguous().view({g.G * g.Cg, -1});
+        const at::Tensor wp = aligned_copy(
+            w.reshape({g.G, g.Kg, g.Cg, g.R, g.S}).permute({0, 2, 3, 4, 1}).contiguous().view({g.G * g.Cg, -1}));
         IgemmParams<scalar_t> p{};
         p.src = gs.const_data_ptr<scalar_t>();
         p.Hs = static_cast<int>(g.P);
