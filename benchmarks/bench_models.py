@@ -199,7 +199,10 @@ def run(providers=None, dtypes=("bfloat16",), quick: bool = False, progress: boo
                 continue
             n = train_batch
             x = torch.randn(n, *size, dtype=dtype, device=device).contiguous(memory_format=fmt)
-            y = torch.randint(0, 1000, (n,), device=device)
+            with torch.no_grad():
+                nets_of[harness.BASELINE].eval()
+                classes = _logits(nets_of[harness.BASELINE](x[:1])).shape[1]
+            y = torch.randint(0, classes, (n,), device=device)
             common = dict(op=OP, case=f"{net} train b{n}", shape=f"{n}x{'x'.join(map(str, size))}", dtype=dname,
                           layout=layout, images=n, flops=3 * 2 * macs * n)
             for p in providers:

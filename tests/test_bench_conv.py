@@ -15,7 +15,7 @@ def test_layer_lists_are_taken_from_the_networks():
     assert len(r50) == 23  # ResNet-50's distinct convolutions
     assert r50[0].name == "conv1" and r50[0].flops == 2 * 32 * 64 * 112 * 112 * 3 * 7 * 7
     fused = bench_conv2d.network_layers((32,), None, bench_conv_bn_relu.NETWORKS, followed_by_bn=True)
-    assert {l.network for l in fused} == {"resnet50", "vgg16_bn"}
+    assert {l.network for l in fused} == {"resnet50", "vgg16_bn", "googlenet"}  # GoogLeNet's BasicConv2d has BN
     assert all(l.x_shape[0] == 32 for l in fused)
 
 
@@ -65,3 +65,118 @@ def test_conv_bn_relu_loop(fake_timer):
     assert {(r.provider, r.direction) for r in recs} == {(p, d) for p in ("torch", "triton")
                                                          for d in ("fwd", "fwd+bwd")}
     assert torch.get_default_dtype() == torch.float32
+
+
+@pytest.fixture
+def fake_compile(monkeypatch):
+    """harness.compile_reference through Dynamo with the eager backend: the provider's plumbing
+    (what is compiled, that it is called, checked and timed) without Inductor's CPU codegen."""
+    compiled = []
+
+    def compile_reference(fn, mode=None):
+        compiled.append((fn, mode))
+        return torch.compile(fn, backend="eager")
+
+    monkeypatch.setattr(harness, "compile_reference", compile_reference)
+    return compiled
+
+
+def test_conv2d_loop_with_inductor(fake_timer, fake_compile):
+    recs = bench_conv2d.run(providers=["triton", "inductor"], dtypes=("float32",), progress=False, device="cpu",
+                            layers=_tiny()[:1])
+    assert len(recs) == 3 * 3  # 3 directions x (torch, triton, inductor)
+    assert [r.provider for r in recs[:3]] == ["torch", "triton", "inductor"]
+    assert len(fake_compile) == 3  # one compilation per layer and direction
+    harness.finalize(recs, None)
+    assert all(r.speedup_inductor == 1.0 for r in recs)
+    assert bench_conv2d.count(providers=["triton", "inductor"], dtypes=("float32",), layers=_tiny()[:1]) == 9
+
+
+def test_conv_bn_relu_layouts_and_inductor(fake_timer, fake_compile):
+    recs = bench_conv_bn_relu.run(providers=["inductor"], dtypes=("float32",), progress=False, device="cpu",
+                                  layers=_tiny()[:1])
+    assert {(r.provider, r.direction) for r in recs} == {(p, d) for p in ("torch", "inductor") for d in ("fwd", "fwd+bwd")}
+    assert {r.layout for r in recs} == {"NCHW"}  # fp32 runs NCHW (TF32 on a GPU), bf16/fp16 channels_last
+    assert len(fake_compile) == 1 and isinstance(fake_compile[0][0], torch.nn.Sequential)
+
+
+# ------------------------------------------------------------------------------------------------
+# whole networks
+# ------------------------------------------------------------------------------------------------
+def _tiny_nets():
+    """One tiny network in two spellings with the same state_dict keys: cnnkern layers (conv-BN-ReLU
+    fused, residual add) and plain torch layers."""
+    import cnnkern
+
+    class Mine(torch.nn.Module):
+        def __init__(self, backend=None):
+            super().__init__()
+            self.block = cnnkern.nn.ConvBNReLU2d(3, 8, 3, padding=1, backend=backend)
+            self.join = cnnkern.nn.ResidualAdd(backend=backend)
+            self.fc = torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            y = self.block(x)
+            return self.fc(self.join(y, y).mean((2, 3)))
+
+    class Theirs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = torch.nn.Module()
+            self.block.conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.block.bn = torch.nn.BatchNorm2d(8)
+            self.fc = torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.block.bn(self.block.conv(x)))
+            return self.fc(torch.relu(y + y).mean((2, 3)))
+
+    return {"tiny": (lambda backend: Mine(backend), Theirs, (3, 6, 6))}
+
+
+def test_models_cases_and_records(fake_timer, fake_compile):
+    from cnnkern.benchmarks import bench_models
+
+    table = _tiny_nets()
+    kw = dict(providers=["torch", "triton", "inductor"], dtypes=("float32",), networks=["tiny"], batches=(1, 3),
+              train_batch=2)
+    recs = bench_models.run(progress=False, device="cpu", table=table, **kw)
+    # (2 inference batches + 1 training step) x 3 providers, in the order cases() lists them
+    assert [(r.case, r.provider) for r in recs] == [(f"{net} {'inference' if mode == 'inference' else 'train'} b{n}", p)
+                                                    for net, mode, n, _, p in bench_models.cases(**kw)]
+    assert len(recs) == bench_models.count(**kw) == 9
+    assert fake_compile and fake_compile[0][1] == "max-autotune"  # whole networks: max-autotune with CUDA graphs
+    macs = 8 * 6 * 6 * 3 * 9 + 8 * 10  # conv + linear, per image
+    b3 = next(r for r in recs if r.case == "tiny inference b3" and r.provider == "triton")
+    assert (b3.images, b3.flops, b3.direction, b3.layout, b3.shape) == (3, 2 * macs * 3, "fwd", "NCHW", "3x3x6x6")
+    train = [r for r in recs if r.case == "tiny train b2"]
+    assert {r.direction for r in train} == {"train"} and all(r.flops == 3 * 2 * macs * 2 for r in train)
+    harness.finalize(recs, {"bf16_matmul_TFLOPs": 800.0, "copy_GBps": 3000.0})
+    assert b3.images_per_s == pytest.approx(3000.0) and b3.speedup == 1.0 and b3.speedup_inductor == 1.0
+
+
+def test_models_defaults_and_quick():
+    from cnnkern.benchmarks import bench_models
+
+    full = bench_models.cases(providers=["torch", "cnnkern", "inductor"])
+    assert {c[0] for c in full} == {"alexnet", "vgg16", "googlenet", "resnet50"}
+    assert {(c[1], c[2]) for c in full} == {("inference", 1), ("inference", 32), ("inference", 128), ("train", 64)}
+    assert {c[3] for c in full} == {"bfloat16"}
+    quick = bench_models.cases(quick=True)
+    assert {(c[0], c[1], c[2]) for c in quick} == {("resnet50", "inference", 32), ("resnet50", "train", 64)}
+    assert {c[4] for c in quick} == {"torch", "cnnkern"}  # no Inductor compile in the quick subset
+
+
+def test_models_refuses_a_wrong_network(fake_timer):
+    from cnnkern.benchmarks import bench_models
+
+    mine, theirs, size = _tiny_nets()["tiny"]
+
+    def broken(backend=None):
+        m = mine(backend)
+        m.forward = lambda x: torch.zeros(x.shape[0], 10) + 1.0  # ignores its input
+        return m
+
+    with pytest.raises(AssertionError, match="differs from torchvision"):
+        bench_models.run(providers=["torch", "triton"], dtypes=("float32",), progress=False, device="cpu",
+                         table={"tiny": (broken, theirs, size)}, networks=["tiny"], batches=(2,), train_batch=0)

@@ -178,3 +178,107 @@ def test_run_refuses_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(bench_residual_add, "residual_add", lambda x, s, relu, backend: x + s)  # no ReLU
     with pytest.raises(AssertionError, match="triton forward.*disagrees with the torch baseline"):
         bench_residual_add.run(providers=["triton"], dtypes=("float32",), progress=False, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# the "inductor" provider and the suite plan
+# ------------------------------------------------------------------------------------------------
+# A fixed kernel table for the provider tests: conv without a CUDA C++ kernel, the rest with both.
+AUTO_ORDER = {"residual_add": ("cuda", "triton"), "local_response_norm": ("cuda", "triton"), "conv2d": ("triton",),
+              "conv_bn_relu": ("triton",)}
+
+
+@pytest.fixture
+def kernel_table(monkeypatch):
+    import cnnkern
+
+    monkeypatch.setattr(cnnkern, "available_backends", lambda: ["torch", "triton", "cuda"])
+    monkeypatch.setattr(cnnkern._backend, "AUTO_ORDER", dict(AUTO_ORDER))
+
+
+def test_inductor_is_a_provider_of_every_op(kernel_table):
+    for op in ("residual_add", "conv2d", "conv_bn_relu", "local_response_norm"):
+        default = harness.providers(op)
+        assert default[0] == "torch" and default[-1] == "inductor", (op, default)
+        assert "inductor" not in harness.providers(op, inductor=False)
+        assert harness.providers(op, ["inductor"]) == ["torch", "inductor"]
+    assert harness.providers("conv2d") == ["torch", "triton", "inductor"]  # no CUDA C++ conv in this table
+    with pytest.raises(ValueError, match="cannot run conv2d"):
+        harness.providers("conv2d", ["cuda"])
+    # in a suite run a backend without a kernel for the op is left out, not an error
+    assert harness.suite_providers("conv2d", ["triton", "cuda"]) == ["torch", "triton", "inductor"]
+    assert harness.suite_providers("residual_add", ["cuda"], inductor=False) == ["torch", "cuda"]
+
+
+def test_compile_reference_resets_dynamo_and_uses_max_autotune(monkeypatch):
+    import torch._dynamo
+
+    seen = {}
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: seen.setdefault("reset", True))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.update(kw) or fn)
+    f = lambda x: x  # noqa: E731
+    assert harness.compile_reference(f) is f
+    assert seen == {"reset": True, "mode": "max-autotune-no-cudagraphs", "dynamic": False}
+    harness.compile_reference(f, mode="max-autotune")
+    assert seen["mode"] == "max-autotune"
+
+
+def test_finalize_speedup_over_inductor_and_images_per_second():
+    recs = [_rec("torch", 2.0), _rec("triton", 1.0), _rec("inductor", 1.5), _rec("triton", 3.0, case="c2")]
+    recs[0].images = recs[1].images = 32
+    harness.finalize(recs, {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 800.0})
+    assert recs[1].speedup_inductor == pytest.approx(1.5) and recs[2].speedup_inductor == pytest.approx(1.0)
+    assert recs[0].speedup_inductor == pytest.approx(0.75)
+    assert recs[3].speedup_inductor is None  # no inductor timing of that case
+    assert recs[1].images_per_s == pytest.approx(32_000) and recs[2].images_per_s is None
+    table = harness.format_table(recs)
+    assert "vs inductor" in table.splitlines()[0]
+    assert "32000 img/s" in table
+    # without any inductor record the column is left out
+    plain = harness.finalize([_rec("torch", 2.0), _rec("triton", 1.0)], None)
+    assert "vs inductor" not in harness.format_table(plain) and "2.00x" in harness.format_table(plain)
+
+
+def test_residual_add_loop_times_the_inductor_provider(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path of the loop")
+    compiled = []
+
+    def fake_compile(fn, mode=None):
+        compiled.append(fn)
+        return torch.compile(fn, backend="eager")  # Dynamo traces it; no Inductor code generation on CPU
+
+    monkeypatch.setattr(harness, "compile_reference", fake_compile)
+    monkeypatch.setattr(harness, "time_fn", lambda fn, **kw: (fn(), {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0,
+                                                                      "wide_spread": False, "timer": "fake"})[1])
+    Case = bench_residual_add.Case
+    monkeypatch.setattr(bench_residual_add, "CASES", [Case("identity", (2, 8, 4, 4), None, True),
+                                                      Case("option A", (2, 8, 3, 3), (2, 4, 6, 5), False, 2)])
+    recs = bench_residual_add.run(providers=["inductor"], dtypes=("float32",), progress=False, device="cpu")
+    assert {r.provider for r in recs} == {"torch", "inductor"} and len(recs) == 2 * 2 * 2
+    assert len(compiled) == 4  # one compilation per case and direction
+    assert bench_residual_add.count(providers=["inductor"], dtypes=("float32",)) == len(recs)
+
+
+def test_suite_plan(monkeypatch, kernel_table):
+    from cnnkern.benchmarks import bench_conv2d
+
+    monkeypatch.setattr(bench_conv2d, "network_layers", lambda batches, networks=None, *a, **k: [None] * 23 * len(batches))
+    plan = {op: (kw, n) for op, kw, n in harness.suite_plan(quick=True)}
+    assert list(plan) == list(harness.OPS)
+    for op, (kw, n) in plan.items():
+        assert "inductor" not in kw["providers"], op           # --quick leaves Inductor out
+        assert kw["dtypes"] == ("bfloat16",), op                # and runs bf16 only
+    assert plan["residual_add"] == ({"quick": True, "dtypes": ("bfloat16",),
+                                     "providers": ["torch", "cuda", "triton"]}, 3 * 2 * 3)
+    assert plan["conv2d"][1] == 23 * 2 * 2  # layers x (fwd, fwd+relu) x (torch, triton)
+    assert plan["models"][0]["providers"] == ["torch", "cnnkern"]
+    full = {op: kw for op, kw, _ in harness.suite_plan(["conv2d", "models"], backends=["cuda"], nets=["resnet50"],
+                                                       batches=[8])}
+    assert full["conv2d"]["providers"] == ["torch", "inductor"]   # no CUDA C++ conv: only the peers
+    assert full["conv2d"]["networks"] == ["resnet50"] and full["conv2d"]["batches"] == (8,)
+    assert full["models"]["providers"] == ["torch", "inductor"]    # cuda cannot run a whole network
+    # --nets leaves out the ops that have no layer of those networks
+    assert [op for op, _, _ in harness.suite_plan(nets=["alexnet"])] == ["conv2d", "local_response_norm", "models"]
+    with pytest.raises(ValueError, match="no benchmark for nonesuch"):
+        harness.suite_plan(["nonesuch"])
