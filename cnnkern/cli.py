@@ -84,7 +84,11 @@ def _bench(args) -> int:
           "the interpreter instead, then showing the latest GPU results committed in benchmarks/results/",
           flush=True)
     rc = _selfcheck(ops)
-    _network_summaries(nets)
+    try:
+        _network_summaries(nets)
+    except Exception as exc:  # noqa: BLE001 - report it, show the committed results anyway, fail the command
+        print(f"\nnetwork summaries failed: {type(exc).__name__}: {exc}", flush=True)
+        rc = rc or 1
     _show_latest(harness, ops or list(harness.OPS))
     return rc
 
@@ -155,6 +159,12 @@ def _selfcheck(ops: list[str] | None) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def _shown(harness, path: str) -> str:
+    """``path`` relative to the repository when it lies inside it, else absolute."""
+    rel = os.path.relpath(path, harness.REPO_ROOT)
+    return os.path.abspath(path) if rel.startswith("..") else rel
+
+
 def _show_latest(harness, ops: list[str]) -> None:
     for op in ops:
         found = harness.latest_results(op=op)
@@ -164,7 +174,7 @@ def _show_latest(harness, ops: list[str]) -> None:
                   f"its results under {os.path.relpath(harness.RESULTS_DIR, harness.REPO_ROOT)}/)")
             continue
         path, data = found
-        print(f"{op}: latest GPU results, {os.path.relpath(path, harness.REPO_ROOT)}")
+        print(f"{op}: latest GPU results, {_shown(harness, path)}")
         print(f"  {harness.describe_run(data)}")
         print(harness.format_table(data["results"]))
     from cnnkern.benchmarks import report
@@ -174,7 +184,7 @@ def _show_latest(harness, ops: list[str]) -> None:
     if page is None:
         print("no report.md committed yet (`cnnkern bench --report DIR` builds one from a results directory)")
     else:
-        print(f"latest report (tables, geometric means, plots): {os.path.relpath(page, harness.REPO_ROOT)}")
+        print(f"latest report (tables, geometric means, plots): {_shown(harness, page)}")
 
 
 def _summary(args) -> int:

@@ -77,3 +77,81 @@ def test_bench_shows_the_latest_committed_results(tmp_path, monkeypatch, capsys)
     assert "residual_add: latest GPU results" in out
     assert "NVIDIA H100 80GB HBM3" in out and "2025-03-04T05:06:07Z" in out and "commit 0123abc" in out
     assert re.search(r"large .* triton .* 1\.43x", out)
+
+
+def test_bench_options_reach_the_suite(monkeypatch, capsys):
+    from cnnkern.benchmarks import report
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(harness, "run_ops", lambda ops, **kw: seen.update(kw, ops=ops) or ["/r/x/conv2d.json"])
+    monkeypatch.setattr(report, "build", lambda d: seen.setdefault("report", d) and [f"{d}/report.md"])
+    assert cli.main(["bench", "--ops", "conv2d,models", "--nets", "resnet50,vgg16", "--dtypes", "bfloat16",
+                     "--batch", "1,32", "--backends", "triton", "--no-inductor", "--quick", "--out", "/r/x",
+                     "--no-progress"]) == 0
+    assert seen == dict(ops=["conv2d", "models"], nets=["resnet50", "vgg16"], dtypes=["bfloat16"], batches=[1, 32],
+                        backends=["triton"], inductor=False, quick=True, out_dir="/r/x", progress=False,
+                        report="/r/x")
+    assert "report: /r/x/report.md" in capsys.readouterr().out
+    seen.clear()
+    assert cli.main(["bench"]) == 0
+    assert seen["inductor"] is None and seen["ops"] is None and seen["nets"] is None and seen["progress"] is True
+    assert cli.main(["bench", "--inductor", "--quick"]) == 0 and seen["inductor"] is True
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nets", "lenet"], "unknown network(s) lenet"),
+    (["--batch", "0"], "--batch takes positive integers"),
+    (["--batch", "32,x"], "--batch takes positive integers"),
+    (["--backends", "opencl"], "unknown backend(s) opencl"),
+    (["--dtypes", "float8"], "unknown dtype(s) float8"),
+])
+def test_bench_rejects_bad_options(args, message, capsys):
+    assert cli.main(["bench", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def _run_dir(path, stamp, medians):
+    env = dict(harness.environment(), gpu_name="NVIDIA H100 80GB HBM3", timestamp_utc=stamp, commit="0123abc")
+    ceilings = {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 800.0}
+    recs = [harness.Result(op="residual_add", case=case, shape="64x256x64x64", dtype="bfloat16", layout="NCHW",
+                           provider=p, direction="fwd", median_ms=t, p20_ms=t * 0.99, p80_ms=t * 1.01, bytes=3 << 27)
+            for (case, p), t in medians.items()]
+    return harness.write_results(harness.finalize(recs, ceilings), env, ceilings, str(path))
+
+
+def test_bench_report_and_compare(tmp_path, capsys):
+    a = _run_dir(tmp_path / "a", "2026-01-01T00:00:00Z", {("large", "torch"): 0.2, ("large", "triton"): 0.14,
+                                                          ("resnet50 conv2_x", "triton"): 0.05})
+    b = _run_dir(tmp_path / "b", "2026-02-01T00:00:00Z", {("large", "torch"): 0.2, ("large", "triton"): 0.10,
+                                                          ("resnet50 conv2_x", "triton"): 0.07})
+    assert cli.main(["bench", "--report", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out.split()
+    assert out[0] == str(tmp_path / "a" / "report.md") and (tmp_path / "a" / "report.md").exists()
+    assert any(p.endswith("roofline.png") for p in out)
+    assert cli.main(["bench", "--report", str(tmp_path / "empty")]) == 2
+    assert "no benchmark results" in capsys.readouterr().err
+
+    assert cli.main(["bench", "--compare", a, b]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith(("regression", "improvement", "same", "noise"))]
+    assert lines[0].startswith("regression") and "resnet50 conv2_x" in lines[0] and "+40.0%" in lines[0]
+    assert lines[-1].startswith("improvement") and "large" in lines[-1]
+
+
+def test_bench_without_gpu_prints_summaries_and_the_latest_report(tmp_path, monkeypatch, capsys):
+    from cnnkern.benchmarks import report
+
+    _run_dir(tmp_path / "h100-2026-02-01", "2026-02-01T00:00:00Z", {("large", "torch"): 0.2, ("large", "triton"): 0.1})
+    report.build(str(tmp_path / "h100-2026-02-01"))
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(cli, "_selfcheck", lambda ops: 0)
+    assert cli.main(["bench", "--ops", "residual_add"]) == 0
+    out = capsys.readouterr().out
+    head = out.split("\nresidual_add: ")[0]
+    # the networks' totals, from cnnkern.summary
+    for net, params in (("alexnet", "62,378,344"), ("vgg16", "138,357,544"), ("resnet50", "25,557,032")):
+        assert re.search(rf"^\s+{net}\s+3x22[47]x22[47]\s+\d+\s+\d+ \(\d+\)\s+{params}\s", head, re.M), net
+    assert "googlenet" in head
+    assert not re.search(r"\d\s*(ms|s|us|GB/s|TFLOP/s)\b", head), "printed a CPU timing"
+    assert f"latest report (tables, geometric means, plots): {tmp_path / 'h100-2026-02-01' / 'report.md'}" in out
