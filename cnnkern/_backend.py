@@ -36,7 +36,7 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     # The CUDA C++ convolution is compiled and statically checked but has not yet run on a GPU:
     # "auto" keeps Triton first until a GPU run validates and measures it.
     "conv2d": ("triton", "cuda"),
-    "conv_bn_relu": ("triton",),
+    "conv_bn_relu": ("triton", "cuda"),
 }
 
 _ENV_VAR = "CNNKERN_BACKEND"

@@ -21,13 +21,21 @@ TORCH_LIBRARY_FRAGMENT(cnnkern, m) {
   // 2-D convolution (csrc/cuda/conv2d*.cu). Outputs are allocated by the caller (Python: layout,
   // poisoning) and written in place. padding = [top, left] (the output extent fixes the rest);
   // algo = "auto" | "direct" | "igemm" picks the forward / grad-input kernel.
+  // stats=True (relu off): also returns per-block BatchNorm statistics (rows, 3, K) of
+  // (count, mean, M2), fp32 (fp64 for double); otherwise an empty tensor
   m.def("conv2d_forward_cuda(Tensor x, Tensor w, Tensor? bias, Tensor(a!) y, int[] stride, int[] padding, "
-        "int[] dilation, int groups, bool relu, str algo) -> ()");
+        "int[] dilation, int groups, bool relu, str algo, bool stats=False) -> Tensor");
   m.def("conv2d_backward_input_cuda(Tensor grad, Tensor w, Tensor(a!) grad_input, int[] stride, int[] padding, "
         "int[] dilation, int groups, str algo) -> ()");
   // grad_bias: an empty tensor when the bias gradient is not wanted
   m.def("conv2d_backward_weight_cuda(Tensor grad, Tensor x, Tensor(a!) grad_weight, Tensor(b!) grad_bias, "
         "int[] stride, int[] padding, int[] dilation, int groups) -> ()");
+  // training-mode BatchNorm + ReLU around the convolution (csrc/cuda/conv_bn_relu.cu); y, out,
+  // grad, dy: one dense layout; scale, shift, a, b, c: (K,) fp32 (fp64 for double)
+  m.def("bn_apply_cuda(Tensor y, Tensor(a!) out, Tensor scale, Tensor shift, bool relu) -> ()");
+  // per chunk of rows: (sum g', sum g' * y) with g' = grad masked by out > 0 when out is given
+  m.def("bn_backward_reduce_cuda(Tensor grad, Tensor? out, Tensor y) -> Tensor");
+  m.def("bn_backward_dy_cuda(Tensor grad, Tensor? out, Tensor y, Tensor(a!) dy, Tensor a, Tensor b, Tensor c) -> ()");
   m.def("local_response_norm_backward_cuda(Tensor grad_out, Tensor x, int size, float alpha, float beta, float k) -> Tensor");
 }
 

@@ -146,6 +146,15 @@ def bn_apply(y: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: tor
                                                  RELU=relu, ACC=_acc(scale.dtype), BLOCK=_BLOCK, num_warps=_WARPS)
 
 
+def bn_backward_coefficients(sg, sgy, mean, invstd, gamma, M: int):
+    """BatchNorm backward folded into per-channel coefficients (any backend's kernels use them):
+    dy = a * g' + b * y + c, from the reductions sg = sum g' and sgy = sum g' * y over the M
+    values of each channel. Also returns sum g' * xhat (the BatchNorm weight's gradient)."""
+    sgx = invstd * (sgy - mean * sg)
+    scale = gamma * invstd
+    return scale, -scale * invstd * sgx / M, scale * (mean * invstd * sgx - sg) / M, sgx
+
+
 def bn_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, dy: torch.Tensor,
                 mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchNorm (+ ReLU when ``out`` is given) backward in training mode.
@@ -172,11 +181,7 @@ def bn_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, d
                                                          rows_per_prog, CHANNELS_LAST=cl, RELU=out is not None,
                                                          ACC=acc, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
     sg, sgy = part.sum(0).unbind(0)  # fixed-order sums: deterministic
-    sgx = invstd * (sgy - mean * sg)  # sum of g' * xhat
-    scale = gamma * invstd
-    a = scale
-    b = -scale * invstd * sgx / M
-    c = scale * (mean * invstd * sgx - sg) / M
+    a, b, c, sgx = bn_backward_coefficients(sg, sgy, mean, invstd, gamma, M)
     if M:
         _dy_kernel[(triton.cdiv(dy.numel(), _BLOCK),)](grad, out if out is not None else y, y, dy, a, b, c, dy.numel(),
                                                       K, PQ, CHANNELS_LAST=cl, RELU=out is not None, ACC=acc,
@@ -184,4 +189,4 @@ def bn_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, d
     return sg, sgx
 
 
-__all__ = ["merge_stats", "bn_apply", "bn_backward"]
+__all__ = ["merge_stats", "bn_apply", "bn_backward", "bn_backward_coefficients"]

@@ -76,7 +76,7 @@ def test_cuda_ops_are_registered_for_the_cuda_key(op):
 def test_conv_cuda_ops_are_registered_with_their_schemas(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cnnkern::{op}", "CUDA")
     schema = str(getattr(torch.ops.cnnkern, op).default._schema)
-    assert "Tensor(a!)" in schema and schema.endswith("-> ()"), schema
+    assert "Tensor(a!)" in schema, schema
 
 
 @needs_ext

@@ -188,7 +188,7 @@ BAD = [
     ({"bn_bias": _t(8).long()}, TypeError, "bn_bias must be a floating-point tensor"),
     ({"momentum": None}, ValueError, "momentum=None (a cumulative moving average) needs the number of batches"),
     ({"training": 1}, TypeError, "training must be a bool, got int"),
-    ({"backend": "cuda"}, cnnkern.BackendUnavailableError, "backend 'cuda' has no kernel for this op yet"),
+    ({"backend": "cuda"}, cnnkern.BackendUnavailableError, "backend 'cuda' is unavailable"),
 ]
 
 
@@ -205,7 +205,38 @@ def test_bad_input(kwargs, exc, msg):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
-def test_gpu_bf16_training_steps(family):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_bf16_training_steps(family, backend):
     """bf16 channels_last on the GPU (the interpreter cannot run bf16): outputs, gradients and running
     statistics over several training steps against the float64 reference."""
-    _train_steps("triton", family, torch.bfloat16, "channels_last")
+    if cnnkern._backend.unavailable_reason(backend, DEVICE):
+        pytest.skip(cnnkern._backend.unavailable_reason(backend, DEVICE))
+    _train_steps(backend, family, torch.bfloat16, "channels_last")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
+                    reason="needs CUDA and cnnkern._C")
+@pytest.mark.parametrize("algo", ["direct", "igemm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [((4, 64, 9, 9), 72, 3, 1, 1), ((3, 32, 15, 15), 40, 1, 2, 0), ((2, 3, 17, 17), 8, 7, 2, 3)])
+def test_gpu_cuda_conv_statistics_epilogue(shape, dtype, algo):
+    """The CUDA convolution's per-block (count, mean, M2), merged, equal the batch mean and biased
+    variance of the output it wrote, for each forward kernel."""
+    xs, k, ks, stride, pad = shape
+    if algo == "igemm" and (dtype == torch.float32 or xs[1] % 8):
+        pytest.skip("the implicit GEMM takes fp16/bf16 with channel multiples of 8")
+    from cnnkern.kernels import conv_bn_relu as kb
+    from cnnkern.ops.conv2d import output_size
+
+    x = make(xs, dtype, DEVICE, "channels_last")
+    w = make((k, xs[1], ks, ks), dtype, DEVICE) * (xs[1] * ks * ks) ** -0.5
+    b = torch.randn(k, dtype=dtype, device=DEVICE) + 3.0  # a mean far from zero
+    y = torch.full(output_size(x.shape, w.shape, [stride] * 2, [pad] * 4, [1, 1]), float("nan"), dtype=dtype,
+                   device=DEVICE).contiguous(memory_format=torch.channels_last)
+    stats = torch.ops.cnnkern.conv2d_forward_cuda(x, w, b, y, [stride] * 2, [pad] * 2, [1, 1], 1, False, algo, True)
+    count, mean, var = kb.merge_stats(stats)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), stride=stride, padding=pad)
+    assert torch.all(count == y.numel() // k)
+    assert_rel_close(mean, ref.mean((0, 2, 3)), dtype, "mean", matmul=True)
+    assert_rel_close(var, ref.var((0, 2, 3), unbiased=False), dtype, "variance", matmul=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ._common import custom_op, dispatcher, in_layout, new_output, pick
-from .conv2d import _check_backend, _y_channels_last, conv2d_backward_input, conv2d_backward_weight, output_size
+from .conv2d import CUDA_ALGO, _check_backend, _y_channels_last, conv2d_backward_input, conv2d_backward_weight, output_size
 
 
 def _kernels():
@@ -52,14 +52,21 @@ def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
     y = new_output(shape, x, cl)
     n_, k, p, q = shape
     acc_t = _acc_dtype(x)
-    stats = torch.zeros((kc.stats_rows(n_ * p * q), 3, k), dtype=acc_t, device=x.device)
-    kc.conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, False, precision, stats=stats)
+    if backend == "cuda":  # the statistics' workspace comes back from the kernel that fills it
+        stats = torch.ops.cnnkern.conv2d_forward_cuda(x, w, bias, y, stride, padding[:2], dilation, groups, False,
+                                                      CUDA_ALGO, True)
+    else:
+        stats = torch.zeros((kc.stats_rows(n_ * p * q), 3, k), dtype=acc_t, device=x.device)
+        kc.conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, False, precision, stats=stats)
     _, mean, var = kb.merge_stats(stats)
     invstd = torch.rsqrt(var + eps)
     scale = _affine(bn_weight, k, 1.0, x, acc_t) * invstd
     shift = _affine(bn_bias, k, 0.0, x, acc_t) - mean * scale
     out = new_output(shape, x, cl)
-    kb.bn_apply(y, out, scale, shift, relu)
+    if backend == "cuda":
+        torch.ops.cnnkern.bn_apply_cuda(y, out, scale, shift, relu)
+    else:
+        kb.bn_apply(y, out, scale, shift, relu)
     return out, y, mean, invstd, var
 
 
@@ -94,7 +101,13 @@ def conv_bn_relu_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch
     grad = in_layout(grad, cl)  # the kernels read grad, out and y through one dense layout
     dy = new_output(y.shape, y, cl)
     gamma = _affine(bn_weight, y.shape[1], 1.0, y, mean.dtype)
-    sg, sgx = kb.bn_backward(grad, out, y, dy, mean, invstd, gamma)
+    if backend == "cuda":
+        part = torch.ops.cnnkern.bn_backward_reduce_cuda(grad, out, y)
+        sg, sgy = part.sum(0).unbind(0)  # chunks added in a fixed order: deterministic
+        a, b, c, sgx = kb.bn_backward_coefficients(sg, sgy, mean, invstd, gamma, y.numel() // y.shape[1])
+        torch.ops.cnnkern.bn_backward_dy_cuda(grad, out, y, dy, a, b, c)
+    else:
+        sg, sgx = kb.bn_backward(grad, out, y, dy, mean, invstd, gamma)
     pdt = bn_weight.dtype if bn_weight is not None else y.dtype
     return dy, sgx.to(pdt), sg.to(pdt)
 

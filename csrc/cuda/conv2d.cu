@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <string>
@@ -132,9 +133,12 @@ void run_direct(DirectParams<T> p, int halo_h, int halo_w, int64_t channels, cud
 // ------------------------------------------------------------------------------------------------
 // forward
 // ------------------------------------------------------------------------------------------------
-void conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                         const at::Tensor& y, at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation, int64_t groups, bool relu, c10::string_view algo_sv) {
+// Returns the BatchNorm statistics workspace when `stats` (rows, 3, K) of per-block (count, mean,
+// M2), accumulator dtype, rows that no block wrote hold count 0; an empty tensor otherwise.
+at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& y, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups, bool relu, c10::string_view algo_sv,
+                               bool stats) {
   const char* op = "conv2d (cuda)";
   const std::string algo(algo_sv.data(), algo_sv.size());
   CNNKERN_CHECK_CUDA(x, "input");
@@ -146,7 +150,10 @@ void conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const std::op
                 " does not match ", w.size(0), " output channels");
   }
   const ConvGeom g = geometry(op, x, w, y, stride, padding, dilation, groups, false);
-  if (y.numel() == 0) return;
+  TORCH_CHECK(!(stats && relu), "cnnkern ", op, ": statistics are taken before the activation: relu must be off");
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor st = at::empty({0}, x.options().dtype(acc_type));
+  if (y.numel() == 0) return st;
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -182,7 +189,13 @@ void conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const std::op
         p.KK = static_cast<int>(g.R * g.S * g.Cg);
         p.sh = g.sh, p.sw = g.sw, p.ph = g.ph, p.pw = g.pw, p.dh = g.dh, p.dw = g.dw;
         p.relu = relu;
-        conv::launch_igemm<scalar_t>(p, false, igemm_tile(rows, g.Kg, g.G), stream);
+        const int tile = igemm_tile(rows, g.Kg, g.G);
+        if (stats) {
+          const int bm = conv::igemm_tile_rows(tile);
+          st = at::zeros({(rows + bm - 1) / bm, 3, g.K}, x.options().dtype(acc_type));
+          p.stats = st.mutable_data_ptr<float>();
+        }
+        conv::launch_igemm<scalar_t>(p, false, tile, stream);
         return;
       }
     }
@@ -211,9 +224,16 @@ void conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const std::op
     p.Q = static_cast<int>(g.Q);
     p.sh = g.sh, p.sw = g.sw, p.ph = g.ph, p.pw = g.pw, p.dh = g.dh, p.dw = g.dw;
     p.relu = relu;
+    if (stats) {
+      const int64_t blocks = g.N * ((g.P + conv::kDirectBP - 1) / conv::kDirectBP) *
+                             ((g.Q + conv::kDirectBQ - 1) / conv::kDirectBQ);
+      st = at::zeros({blocks, 3, g.K}, x.options().dtype(acc_type));
+      p.stats = st.mutable_data_ptr<at::opmath_type<scalar_t>>();
+    }
     run_direct<scalar_t>(p, (conv::kDirectBP - 1) * g.sh + (g.R - 1) * g.dh + 1,
                          (conv::kDirectBQ - 1) * g.sw + (g.S - 1) * g.dw + 1, g.Cg, stream);
   });
+  return st;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include <ATen/OpMathType.h>
 #include <cuda_runtime.h>
 
 namespace cnnkern {
@@ -45,6 +46,10 @@ struct DirectParams {
   int cb;              // source channels staged in shared memory per step
   int halo_h, halo_w;  // staged source window per output tile
   bool relu;
+  // BatchNorm statistics (nullptr: none): row blockIdx.x of a (rows, 3, G*OC) accumulator-type
+  // tensor receives, per output channel, the (count, mean, M2) of this block's outputs before
+  // the activation (M2: sum of squared deviations from the block's own mean).
+  at::opmath_type<T>* stats;
 };
 
 // Implicit GEMM on tensor cores. Source: NHWC dense (pixel pitch Cs channels); filter packed as
@@ -64,6 +69,7 @@ struct IgemmParams {
   int NO, CK, G, R, S, KK;
   int sh, sw, ph, pw, dh, dw;
   bool relu;
+  float* stats;  // as DirectParams::stats, one row per BM-row block (blockIdx.x), fp32
 };
 
 // Grad-weight: gw(g, o, c, r, s) = sum_{n, p, q} gy[n, g*K + o, p, q] * x[n, g*C + c, p*sh-ph+r*dh, q*sw-pw+s*dw].
@@ -93,6 +99,7 @@ template <typename T>
 size_t direct_bytes_per_channel(int halo_h, int halo_w, int R, int S);
 
 // tile: 0 = 128x128, 1 = 64x128, 2 = 128x64 (rows x cols of the output tile per block)
+int igemm_tile_rows(int tile);
 template <typename T>
 void launch_igemm(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t stream);
 

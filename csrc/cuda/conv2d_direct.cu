@@ -21,6 +21,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+
 #include "conv2d.h"
 
 namespace cnnkern {
@@ -113,6 +115,43 @@ __global__ void __launch_bounds__(kThreads, 2) direct_kernel(const DirectParams<
     }
   }
 
+  if (p.stats != nullptr) {
+    // BatchNorm statistics of this block's outputs (bias added, before the activation): the
+    // BO x (BP*BQ) tile goes to shared memory (the host sized it to hold it), then one thread per
+    // output channel takes count, mean and M2 over the valid pixels in two passes.
+    A* sC = reinterpret_cast<A*>(smem_raw);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int o = o0 + og * 4 + i;
+      const A b = (p.bias != nullptr && o < p.OC) ? static_cast<A>(p.bias[g * p.OC + o]) : A(0);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sC[(og * 4 + i) * (BP * BQ) + pr * BQ + qc + 4 * j] = acc[i][j] + b;
+    }
+    __syncthreads();
+    const int o = o0 + t;
+    if (t < BO && o < p.OC) {
+      const int rows = min(BP, p.P - p0), cols = min(BQ, p.Q - q0);
+      const A* col = sC + t * (BP * BQ);
+      A sum = A(0);
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < cols; ++c) sum += col[r * BQ + c];
+      const A cnt = static_cast<A>(rows * cols);
+      const A mean = sum / cnt;
+      A m2 = A(0);
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < cols; ++c) {
+          const A d = col[r * BQ + c] - mean;
+          m2 += d * d;
+        }
+      const int64_t K = static_cast<int64_t>(p.G) * p.OC;
+      A* st = p.stats + static_cast<int64_t>(blockIdx.x) * 3 * K + g * p.OC + o;
+      st[0] = cnt;
+      st[K] = mean;
+      st[2 * K] = m2;
+    }
+  }
+
   // epilogue: bias, ReLU (`v < 0` keeps NaN, as torch.relu does), store through y's strides
   const int pp = p0 + pr;
   if (pp >= p.P) return;
@@ -143,8 +182,9 @@ void launch_direct(const DirectParams<T>& p, cudaStream_t stream) {
   const int64_t yblocks = static_cast<int64_t>((p.OC + BO - 1) / BO) * p.G;
   TORCH_CHECK(tiles < (int64_t{1} << 31) && yblocks < 65536, "cnnkern conv2d (cuda, direct): grid too large: ",
               tiles, " x ", yblocks, " blocks");
-  const size_t smem = sizeof(A) * (static_cast<size_t>(p.cb) * p.halo_h * p.halo_w +
-                                   static_cast<size_t>(p.cb) * p.R * p.S * BO);
+  size_t smem = sizeof(A) * (static_cast<size_t>(p.cb) * p.halo_h * p.halo_w +
+                             static_cast<size_t>(p.cb) * p.R * p.S * BO);
+  if (p.stats != nullptr) smem = std::max(smem, sizeof(A) * BO * BP * BQ);  // the statistics' tile
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(direct_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));

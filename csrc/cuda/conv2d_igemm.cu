@@ -227,6 +227,45 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
 
   // Epilogue. Fragment element e of acc[i][j]: row gid (+8 for e >= 2), column 2*tig + (e & 1).
   const int gid = lane / 4, tig = lane % 4;
+  if (p.stats != nullptr) {
+    // BatchNorm statistics of this tile: the fp32 tile (bias added) goes to shared memory (the
+    // pipeline's buffers are free now; BM x BN floats fit in them), then one thread per column
+    // takes count, mean and M2 over the valid rows in two passes (no E[y^2] - E[y]^2).
+    static_assert(BM * BN * 4 <= STAGES * (STAGE_A + STAGE_B) * 2, "the fp32 tile must fit the stages");
+    float* sC = reinterpret_cast<float*>(smem_raw);
+    __syncthreads();  // every warp is done with the last stage
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const int lr = wm * WTM + i * 16 + gid + 8 * h, lc = wn * WTN + j * 8 + 2 * tig;
+          const int o = n0 + lc;
+          const float b0 = (p.bias != nullptr && o < p.NO) ? static_cast<float>(p.bias[g * p.NO + o]) : 0.f;
+          const float b1 = (p.bias != nullptr && o + 1 < p.NO) ? static_cast<float>(p.bias[g * p.NO + o + 1]) : 0.f;
+          sC[lr * BN + lc] = acc[i][j][2 * h] + b0;
+          sC[lr * BN + lc + 1] = acc[i][j][2 * h + 1] + b1;
+        }
+    __syncthreads();
+    const int rows = min(BM, p.M - m0);
+    const int o = n0 + t;
+    if (t < BN && o < p.NO) {
+      float sum = 0.f;
+      for (int r = 0; r < rows; ++r) sum += sC[r * BN + t];
+      const float mean = sum / static_cast<float>(rows);
+      float m2 = 0.f;
+      for (int r = 0; r < rows; ++r) {
+        const float d = sC[r * BN + t] - mean;
+        m2 += d * d;
+      }
+      const int64_t K = static_cast<int64_t>(p.G) * p.NO;
+      float* st = p.stats + static_cast<int64_t>(blockIdx.x) * 3 * K + g * p.NO + o;
+      st[0] = static_cast<float>(rows);
+      st[K] = mean;
+      st[2 * K] = m2;
+    }
+  }
   const bool pair_store = p.yc == 1;
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
@@ -286,6 +325,8 @@ void launch_tile(const IgemmParams<T>& p, int tile, cudaStream_t stream) {
 }
 
 }  // namespace
+
+int igemm_tile_rows(int tile) { return tile == 1 ? 64 : 128; }
 
 template <typename T>
 void launch_igemm(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t stream) {
