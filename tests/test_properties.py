@@ -1,0 +1,245 @@
+"""Property-based tests (hypothesis): random shapes, strides, paddings, dilations, groups, layouts
+and dtypes for every op, forward and gradients against the float64 PyTorch reference.
+
+Kept small and bounded so the file runs in well under 90 s on a 2-core CPU machine under Triton's
+interpreter. The "cnnkern" hypothesis profile is reproducible (derandomize=True: the examples are
+a function of the test alone; no example database), so a CI failure fails the same way on a
+developer's machine, and print_blob=True prints the ``@reproduce_failure`` line to replay it.
+
+bf16 is GPU-only (the interpreter computes it wrongly); on a CPU machine the dtypes are fp32, fp64
+and fp16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DEVICE, HAS_CUDA, assert_as_close_as_pytorch, assert_rel_close, backends_for, ieee_fp32, make
+
+from cnnkern import _checks, reference
+from cnnkern import functional as F
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+settings.register_profile(
+    "cnnkern",
+    deadline=None,            # the interpreter's first call of a kernel compiles nothing but is slow
+    derandomize=True,         # examples depend only on the test: reproducible in CI
+    database=None,            # no example database: nothing persists between runs
+    print_blob=True,          # a failure prints @reproduce_failure(...) to replay it exactly
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+)
+PROFILE = settings.get_profile("cnnkern")
+
+DTYPES = [torch.float32, torch.float64, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def _gpu_backends(op):
+    """triton (and cuda where it has a kernel for op and runs here): the kernels under test."""
+    return [p for p in backends_for(DEVICE, op) if p.values[0] != "torch"]
+
+
+def _make(shape, dtype, layout, requires_grad=True):
+    """helpers.make, except that a "strided" tensor too small to be non-contiguous (one element
+    per image) is made contiguous."""
+    if layout == "strided" and shape[1] * shape[2] * shape[3] <= 1:
+        layout = "contiguous"
+    return make(shape, dtype, DEVICE, layout, requires_grad=requires_grad)
+
+
+def _grads(out, inputs, g):
+    got = torch.autograd.grad(out, [t for t in inputs if t is not None], g)
+    it = iter(got)
+    return [next(it) if t is not None else None for t in inputs]
+
+
+# ------------------------------------------------------------------------------------------------
+# conv2d
+# ------------------------------------------------------------------------------------------------
+@st.composite
+def conv_configs(draw, max_groups=3):
+    groups = draw(st.integers(1, max_groups))
+    c = groups * draw(st.integers(1, 3))
+    k = groups * draw(st.integers(1, 3))
+    r, s = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    same = stride == (1, 1) and draw(st.booleans())
+    padding = "same" if same else (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    pad = (0, 0) if same else padding
+    # smallest input the kernel fits in, plus a little
+    h = max(1, dilation[0] * (r - 1) + 1 - 2 * pad[0]) + draw(st.integers(0, 4))
+    w = max(1, dilation[1] * (s - 1) + 1 - 2 * pad[1]) + draw(st.integers(0, 4))
+    n = draw(st.integers(1, 2))
+    return dict(x=(n, c, h, w), w=(k, c // groups, r, s), stride=stride, padding=padding, dilation=dilation,
+                groups=groups)
+
+
+@pytest.mark.parametrize("backend", _gpu_backends("conv2d"))
+@settings(PROFILE, max_examples=40)
+@given(cfg=conv_configs(), dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
+       has_bias=st.booleans(), relu=st.booleans())
+def test_conv2d(backend, cfg, dtype, layout, has_bias, relu):
+    x = _make(cfg["x"], dtype, layout)
+    w = make(cfg["w"], dtype, DEVICE, "channels_last" if layout == "channels_last" else "contiguous",
+             requires_grad=True)
+    b = torch.randn(cfg["w"][0], dtype=dtype, device=DEVICE, requires_grad=True) if has_bias else None
+    kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=cfg["groups"])
+    act = "relu" if relu else None
+    with ieee_fp32():  # TF32 would flip near-zero ReLU mask elements on a GPU (helpers.ieee_fp32)
+        out = F.conv2d(x, w, b, activation=act, backend=backend, **kw)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    br = b.detach().double().requires_grad_() if b is not None else None
+    ref = reference.conv2d(xr, wr, br, activation=act, **kw)
+    assert out.dtype == dtype
+    assert_rel_close(out, ref, dtype, "output", matmul=True)
+    g = torch.randn_like(ref).to(dtype)
+    with ieee_fp32():
+        got = _grads(out, (x, w, b), g)
+    want = _grads(ref, (xr, wr, br), g.double())
+    for name, a, r in zip(("grad input", "grad weight", "grad bias"), got, want):
+        if r is not None:
+            assert a.dtype == dtype
+            assert_rel_close(a, r, dtype, name, matmul=True, limit=2 * _conv_tol(dtype))
+
+
+def _conv_tol(dtype):
+    from helpers import tol
+    return tol(dtype, matmul=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# conv_bn_relu (training: batch statistics, running-statistics update; eval: folded BatchNorm)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", _gpu_backends("conv_bn_relu"))
+@settings(PROFILE, max_examples=30)
+@given(cfg=conv_configs(max_groups=2), dtype=st.sampled_from([torch.float32, torch.float64]),
+       layout=st.sampled_from(LAYOUTS), training=st.booleans(), relu=st.booleans(), has_bias=st.booleans())
+def test_conv_bn_relu(backend, cfg, dtype, layout, training, relu, has_bias):
+    k = cfg["w"][0]
+    x = _make(cfg["x"], dtype, layout)
+    w = make(cfg["w"], dtype, DEVICE, requires_grad=True)
+    b = torch.randn(k, dtype=dtype, device=DEVICE, requires_grad=True) if has_bias else None
+    gamma = torch.empty(k, dtype=dtype, device=DEVICE).uniform_(0.5, 1.5).requires_grad_()
+    beta = torch.empty(k, dtype=dtype, device=DEVICE).uniform_(-0.5, 0.5).requires_grad_()
+    rm = torch.empty(k, dtype=dtype, device=DEVICE).uniform_(-0.2, 0.2)
+    rv = torch.empty(k, dtype=dtype, device=DEVICE).uniform_(0.5, 1.5)
+    kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=cfg["groups"])
+    p, q = reference.conv2d(torch.empty(cfg["x"], device="meta"), torch.empty(cfg["w"], device="meta"), **kw).shape[2:]
+    if training and cfg["x"][0] * p * q < 2:
+        return  # PyTorch's rule: one value per channel cannot be normalised (tested in test_validation)
+    if training:
+        # A channel whose convolution output is constant (every tap it reads is padding) has zero
+        # variance: BatchNorm then multiplies the rounding noise of its mean by 1/sqrt(eps), and no
+        # relative error means anything (kernels/conv_bn_relu.merge_stats forms the mean as a weighted
+        # average of tile means, not exact for identical values as PyTorch's is).
+        yr = torch.nn.functional.conv2d(x.detach().double(), w.detach().double(), None, **kw)
+        assume(bool((yr.var(dim=(0, 2, 3), unbiased=False) > 1e-6 * (1 + yr.pow(2).mean(dim=(0, 2, 3)))).all()))
+    leaves = (x, w, b, gamma, beta)
+    refs = [t.detach().double().requires_grad_() if t is not None else None for t in leaves]
+    eagers = [t.detach().clone().requires_grad_() if t is not None else None for t in leaves]
+    rm_r, rv_r, rm_e, rv_e = rm.double(), rv.double(), rm.clone(), rv.clone()
+    with ieee_fp32():
+        out = F.conv_bn_relu(x, w, b, rm, rv, gamma, beta, training=training, momentum=0.3, eps=1e-3,
+                             relu=relu, backend=backend, **kw)
+        eager = reference.conv_bn_relu(*eagers[:3], rm_e, rv_e, *eagers[3:], training, 0.3, 1e-3, relu=relu, **kw)
+    ref = reference.conv_bn_relu(*refs[:3], rm_r, rv_r, *refs[3:], training, 0.3, 1e-3, relu=relu, **kw)
+    assert_as_close_as_pytorch(out, eager, ref, dtype)
+    assert_rel_close(rm, rm_r, dtype, "running_mean")
+    assert_rel_close(rv, rv_r, dtype, "running_var")
+    g = torch.randn_like(ref).to(dtype)
+    with ieee_fp32():
+        got = _grads(out, leaves, g)
+        ge = _grads(eager, eagers, g)
+    want = _grads(ref, refs, g.double())
+    for name, a, e, r in zip(("input", "weight", "bias", "bn_weight", "bn_bias"), got, ge, want):
+        if r is None:
+            continue
+        if name == "bias" and training:
+            # batch statistics subtract the conv bias again: its gradient is zero up to rounding,
+            # so a relative error means nothing; bound it by the rounding of the sums instead
+            scale = torch.finfo(dtype).eps * 64 * float(g.double().abs().sum())
+            assert float(a.double().abs().max()) <= scale, f"grad bias {a} not ~0 (bound {scale:.2e})"
+            continue
+        assert_as_close_as_pytorch(a, e, r, dtype, f"grad {name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# local_response_norm (3-D, 4-D in every layout, 5-D)
+# ------------------------------------------------------------------------------------------------
+@st.composite
+def lrn_inputs(draw):
+    ndim = draw(st.sampled_from([3, 4, 4, 4, 5]))
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 10))
+    spatial = tuple(draw(st.integers(1, 5)) for _ in range(ndim - 2))
+    layout = draw(st.sampled_from(LAYOUTS)) if ndim == 4 else draw(st.sampled_from(["contiguous", "transposed"]))
+    return (n, c, *spatial), layout
+
+
+def _lrn_input(shape, layout, dtype):
+    if len(shape) == 4:
+        return _make(shape, dtype, layout)
+    if layout == "transposed":  # a non-contiguous view: the last two dims swapped in memory
+        t = torch.randn((*shape[:-2], shape[-1], shape[-2]), dtype=torch.float64, device=DEVICE).to(dtype)
+        return t.transpose(-1, -2).requires_grad_()
+    return torch.randn(shape, dtype=torch.float64, device=DEVICE).to(dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("backend", _gpu_backends("local_response_norm"))
+@settings(PROFILE, max_examples=40)
+@given(inp=lrn_inputs(), dtype=st.sampled_from(DTYPES), size=st.integers(1, 7),
+       alpha=st.floats(1e-4, 1.0), beta=st.floats(0.5, 1.0), k=st.floats(0.5, 2.0))
+def test_local_response_norm(backend, inp, dtype, size, alpha, beta, k):
+    shape, layout = inp
+    x = _lrn_input(shape, dtype=dtype, layout=layout)
+    out = F.local_response_norm(x, size, alpha, beta, k, backend=backend)
+    xr = x.detach().double().requires_grad_()
+    ref = reference.local_response_norm(xr.contiguous(), size, alpha, beta, k)  # PyTorch views 5-D inputs
+    assert out.shape == x.shape and out.dtype == dtype
+    assert_rel_close(out, ref, dtype)
+    g = torch.randn_like(ref).to(dtype)
+    (gx,) = torch.autograd.grad(out, x, g)
+    (gr,) = torch.autograd.grad(ref, xr, g.double())
+    assert_rel_close(gx, gr, dtype, "grad input", limit=2 * _conv_tol(dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# residual_add (identity and option A, any layouts)
+# ------------------------------------------------------------------------------------------------
+@st.composite
+def residual_shapes(draw):
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 6))
+    if draw(st.booleans()):
+        h, w = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+        return (n, c, h, w), (n, c, h, w)
+    s = draw(st.integers(2, 3))
+    hs, ws = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    cs = draw(st.integers(1, c))
+    return (n, c, -(-hs // s), -(-ws // s)), (n, cs, hs, ws)
+
+
+@pytest.mark.parametrize("backend", _gpu_backends("residual_add"))
+@settings(PROFILE, max_examples=60)
+@given(shapes=residual_shapes(), dtype=st.sampled_from(DTYPES), lx=st.sampled_from(LAYOUTS),
+       ls=st.sampled_from(LAYOUTS), relu=st.booleans())
+def test_residual_add(backend, shapes, dtype, lx, ls, relu):
+    xs, ss = shapes
+    x = _make(xs, dtype, lx)
+    s = _make(ss, dtype, ls)
+    stride = _checks.option_a_stride("residual_add", x, s)
+    out = F.residual_add(x, s, relu=relu, backend=backend)
+    xr, sr = x.detach().double().requires_grad_(), s.detach().double().requires_grad_()
+    ref = reference.residual_add(xr, sr, relu, stride)
+    assert out.dtype == dtype
+    assert_rel_close(out, ref, dtype)
+    if lx == "channels_last" and xs[1] > 1 and xs[2] * xs[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(ref).to(dtype)
+    got = torch.autograd.grad(out, (x, s), g)
+    want = torch.autograd.grad(ref, (xr, sr), g.double())
+    for name, a, r in zip(("grad x", "grad shortcut"), got, want):
+        assert a.shape == r.shape
+        assert_rel_close(a, r, dtype, name)
