@@ -261,9 +261,12 @@ def test_residual_add_loop_times_the_inductor_provider(monkeypatch):
 
 
 def test_suite_plan(monkeypatch, kernel_table):
-    from cnnkern.benchmarks import bench_conv2d
+    from cnnkern.benchmarks import bench_conv2d, bench_conv_bn_relu
 
-    monkeypatch.setattr(bench_conv2d, "network_layers", lambda batches, networks=None, *a, **k: [None] * 23 * len(batches))
+    # the layer lists themselves are tested in test_bench_conv.py: here 23 layers per batch size
+    fake_layers = lambda batches, networks=None, *a, **k: [None] * 23 * len(batches)  # noqa: E731
+    monkeypatch.setattr(bench_conv2d, "network_layers", fake_layers)
+    monkeypatch.setattr(bench_conv_bn_relu, "network_layers", fake_layers)
     plan = {op: (kw, n) for op, kw, n in harness.suite_plan(quick=True)}
     assert list(plan) == list(harness.OPS)
     for op, (kw, n) in plan.items():
