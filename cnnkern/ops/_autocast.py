@@ -64,6 +64,8 @@ def enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # very old torch: no device argument
         return device_type == "cuda" and torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (e.g. "meta"): never autocast there
+        return False
 
 
 def _eligible(t, device_type: str) -> bool:
