@@ -130,6 +130,60 @@ void run_direct(DirectParams<T> p, int halo_h, int halo_w, int64_t channels, cud
   conv::launch_direct<T>(p, stream);
 }
 
+// The implicit GEMM's parameters for source `src` (logical N x Cs x Hs x Ws, NHWC in memory) and
+// output `out` (logical N x (G*NO) x Ho x Wo, any strides); the filter geometry and the
+// convolution's stride/padding/dilation come from `g` (the forward convolution's, also for the
+// grad-input gather).
+template <typename T>
+IgemmParams<T> igemm_params(const at::Tensor& src, const at::Tensor& wp, const T* bias, const at::Tensor& out,
+                            const ConvGeom& g, bool relu) {
+  IgemmParams<T> p{};
+  p.src = src.const_data_ptr<T>();
+  p.Cs = static_cast<int>(src.size(1));
+  p.Hs = static_cast<int>(src.size(2));
+  p.Ws = static_cast<int>(src.size(3));
+  p.wp = wp.const_data_ptr<T>();
+  p.bias = bias;
+  p.y = out.mutable_data_ptr<T>();
+  p.yn = out.stride(0), p.yc = out.stride(1), p.yh = out.stride(2), p.yw = out.stride(3);
+  p.Nimg = static_cast<int>(out.size(0));
+  p.Ho = static_cast<int>(out.size(2));
+  p.Wo = static_cast<int>(out.size(3));
+  p.M = static_cast<int>(out.size(0) * out.size(2) * out.size(3));
+  p.G = static_cast<int>(g.G);
+  p.NO = static_cast<int>(out.size(1) / g.G);
+  p.CK = static_cast<int>(src.size(1) / g.G);
+  p.R = static_cast<int>(g.R);
+  p.S = static_cast<int>(g.S);
+  p.KK = p.R * p.S * p.CK;
+  p.sh = g.sh, p.sw = g.sw, p.ph = g.ph, p.pw = g.pw, p.dh = g.dh, p.dw = g.dw;
+  p.relu = relu;
+  return p;
+}
+
+// The direct kernel's source, output and extents (src: N x (G*IC) x Hs x Ws, out: N x (G*OC) x P x Q,
+// any strides); the caller sets the filter addressing, upsampling and convolution geometry.
+template <typename T>
+DirectParams<T> direct_params(const at::Tensor& src, const at::Tensor& out, const ConvGeom& g) {
+  DirectParams<T> p{};
+  p.src = src.const_data_ptr<T>();
+  p.sn = src.stride(0), p.sc = src.stride(1), p.sh_ = src.stride(2), p.sw_ = src.stride(3);
+  p.Hs = static_cast<int>(src.size(2));
+  p.Ws = static_cast<int>(src.size(3));
+  p.y = out.mutable_data_ptr<T>();
+  p.yn = out.stride(0), p.yc = out.stride(1), p.yh = out.stride(2), p.yw = out.stride(3);
+  p.N = static_cast<int>(out.size(0));
+  p.G = static_cast<int>(g.G);
+  p.OC = static_cast<int>(out.size(1) / g.G);
+  p.IC = static_cast<int>(src.size(1) / g.G);
+  p.P = static_cast<int>(out.size(2));
+  p.Q = static_cast<int>(out.size(3));
+  p.R = static_cast<int>(g.R);
+  p.S = static_cast<int>(g.S);
+  p.dh = g.dh, p.dw = g.dw;
+  return p;
+}
+
 // ------------------------------------------------------------------------------------------------
 // forward
 // ------------------------------------------------------------------------------------------------
@@ -165,30 +219,7 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
       if constexpr (kTensorCore<scalar_t>) {
         const at::Tensor xs = aligned_copy(x.contiguous(at::MemoryFormat::ChannelsLast));
         const at::Tensor wp = aligned_copy(w.permute({0, 2, 3, 1}).contiguous());  // [K][R][S][Cg]
-        IgemmParams<scalar_t> p{};
-        p.src = xs.const_data_ptr<scalar_t>();
-        p.Hs = static_cast<int>(g.H);
-        p.Ws = static_cast<int>(g.W);
-        p.Cs = static_cast<int>(g.C);
-        p.wp = wp.const_data_ptr<scalar_t>();
-        p.bias = pb;
-        p.y = y.mutable_data_ptr<scalar_t>();
-        p.yn = y.stride(0);
-        p.yc = y.stride(1);
-        p.yh = y.stride(2);
-        p.yw = y.stride(3);
-        p.Nimg = static_cast<int>(g.N);
-        p.Ho = static_cast<int>(g.P);
-        p.Wo = static_cast<int>(g.Q);
-        p.M = static_cast<int>(rows);
-        p.NO = static_cast<int>(g.Kg);
-        p.CK = static_cast<int>(g.Cg);
-        p.G = static_cast<int>(g.G);
-        p.R = static_cast<int>(g.R);
-        p.S = static_cast<int>(g.S);
-        p.KK = static_cast<int>(g.R * g.S * g.Cg);
-        p.sh = g.sh, p.sw = g.sw, p.ph = g.ph, p.pw = g.pw, p.dh = g.dh, p.dw = g.dw;
-        p.relu = relu;
+        IgemmParams<scalar_t> p = igemm_params<scalar_t>(xs, wp, pb, y, g, relu);
         const int tile = igemm_tile(rows, g.Kg, g.G);
         if (stats) {
           const int bm = conv::igemm_tile_rows(tile);
@@ -199,30 +230,12 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
         return;
       }
     }
-    DirectParams<scalar_t> p{};
-    p.src = x.const_data_ptr<scalar_t>();
-    p.sn = x.stride(0), p.sc = x.stride(1), p.sh_ = x.stride(2), p.sw_ = x.stride(3);
-    p.Hs = static_cast<int>(g.H);
-    p.Ws = static_cast<int>(g.W);
+    DirectParams<scalar_t> p = direct_params<scalar_t>(x, y, g);
     p.uh = p.uw = 1;
-    p.w = w.const_data_ptr<scalar_t>();
-    p.wg = g.Kg * w.stride(0);
-    p.wo = w.stride(0);
-    p.wi = w.stride(1);
-    p.wr = w.stride(2);
-    p.ws = w.stride(3);
+    p.w = w.const_data_ptr<scalar_t>();  // filter (g, o, i, r, s) = w[g*Kg + o][i][r][s]
+    p.wg = g.Kg * w.stride(0), p.wo = w.stride(0), p.wi = w.stride(1), p.wr = w.stride(2), p.ws = w.stride(3);
     p.bias = pb;
-    p.y = y.mutable_data_ptr<scalar_t>();
-    p.yn = y.stride(0), p.yc = y.stride(1), p.yh = y.stride(2), p.yw = y.stride(3);
-    p.N = static_cast<int>(g.N);
-    p.OC = static_cast<int>(g.Kg);
-    p.IC = static_cast<int>(g.Cg);
-    p.G = static_cast<int>(g.G);
-    p.R = static_cast<int>(g.R);
-    p.S = static_cast<int>(g.S);
-    p.P = static_cast<int>(g.P);
-    p.Q = static_cast<int>(g.Q);
-    p.sh = g.sh, p.sw = g.sw, p.ph = g.ph, p.pw = g.pw, p.dh = g.dh, p.dw = g.dw;
+    p.sh = g.sh, p.sw = g.sw, p.ph = g.ph, p.pw = g.pw;
     p.relu = relu;
     if (stats) {
       const int64_t blocks = g.N * ((g.P + conv::kDirectBP - 1) / conv::kDirectBP) *
@@ -260,62 +273,21 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
         // wp[g*Cg + c][(r*S + s)*Kg + k] = w[g*Kg + k][c][r][s]
         const at::Tensor wp = aligned_copy(
             w.reshape({g.G, g.Kg, g.Cg, g.R, g.S}).permute({0, 2, 3, 4, 1}).contiguous().view({g.G * g.Cg, -1}));
-        IgemmParams<scalar_t> p{};
-        p.src = gs.const_data_ptr<scalar_t>();
-        p.Hs = static_cast<int>(g.P);
-        p.Ws = static_cast<int>(g.Q);
-        p.Cs = static_cast<int>(g.K);
-        p.wp = wp.const_data_ptr<scalar_t>();
-        p.bias = nullptr;
-        p.y = gx.mutable_data_ptr<scalar_t>();
-        p.yn = gx.stride(0), p.yc = gx.stride(1), p.yh = gx.stride(2), p.yw = gx.stride(3);
-        p.Nimg = static_cast<int>(g.N);
-        p.Ho = static_cast<int>(g.H);
-        p.Wo = static_cast<int>(g.W);
-        p.M = static_cast<int>(rows);
-        p.NO = static_cast<int>(g.Cg);
-        p.CK = static_cast<int>(g.Kg);
-        p.G = static_cast<int>(g.G);
-        p.R = static_cast<int>(g.R);
-        p.S = static_cast<int>(g.S);
-        p.KK = static_cast<int>(g.R * g.S * g.Kg);
-        p.sh = g.sh, p.sw = g.sw, p.ph = g.ph, p.pw = g.pw, p.dh = g.dh, p.dw = g.dw;
-        p.relu = false;
+        const IgemmParams<scalar_t> p = igemm_params<scalar_t>(gs, wp, nullptr, gx, g, false);
         conv::launch_igemm<scalar_t>(p, true, igemm_tile(rows, g.Cg, g.G), stream);
         return;
       }
     }
     // grad_input = conv(grad_output upsampled by the stride, flipped filter with in/out swapped,
     // stride 1, padding d*(R-1) - p): the flip and swap are done with the filter's strides.
-    DirectParams<scalar_t> p{};
-    p.src = grad.const_data_ptr<scalar_t>();
-    p.sn = grad.stride(0), p.sc = grad.stride(1), p.sh_ = grad.stride(2), p.sw_ = grad.stride(3);
-    p.Hs = static_cast<int>(g.P);
-    p.Ws = static_cast<int>(g.Q);
-    p.uh = g.sh;
-    p.uw = g.sw;
+    DirectParams<scalar_t> p = direct_params<scalar_t>(grad, gx, g);
+    p.uh = g.sh, p.uw = g.sw;
+    // filter (g, o=c, i=k, r, s) = w[g*Kg + k][c][R-1-r][S-1-s]
     p.w = w.const_data_ptr<scalar_t>() + (g.R - 1) * w.stride(2) + (g.S - 1) * w.stride(3);
-    p.wg = g.Kg * w.stride(0);
-    p.wo = w.stride(1);
-    p.wi = w.stride(0);
-    p.wr = -w.stride(2);
-    p.ws = -w.stride(3);
-    p.bias = nullptr;
-    p.y = gx.mutable_data_ptr<scalar_t>();
-    p.yn = gx.stride(0), p.yc = gx.stride(1), p.yh = gx.stride(2), p.yw = gx.stride(3);
-    p.N = static_cast<int>(g.N);
-    p.OC = static_cast<int>(g.Cg);
-    p.IC = static_cast<int>(g.Kg);
-    p.G = static_cast<int>(g.G);
-    p.R = static_cast<int>(g.R);
-    p.S = static_cast<int>(g.S);
-    p.P = static_cast<int>(g.H);
-    p.Q = static_cast<int>(g.W);
+    p.wg = g.Kg * w.stride(0), p.wo = w.stride(1), p.wi = w.stride(0), p.wr = -w.stride(2), p.ws = -w.stride(3);
     p.sh = 1, p.sw = 1;
     p.ph = static_cast<int>(g.dh * (g.R - 1) - g.ph);
     p.pw = static_cast<int>(g.dw * (g.S - 1) - g.pw);
-    p.dh = g.dh, p.dw = g.dw;
-    p.relu = false;
     run_direct<scalar_t>(p, (conv::kDirectBP - 1) + (g.R - 1) * g.dh + 1, (conv::kDirectBQ - 1) + (g.S - 1) * g.dw + 1,
                          g.Kg, stream);
   });
