@@ -64,7 +64,7 @@ def _reduce_kernel(g_ptr, out_ptr, y_ptr, part_ptr, M, K, PQ, rows_per_prog,
     sg = tl.zeros((BLOCK_K,), dtype=ACC)
     sgy = tl.zeros((BLOCK_K,), dtype=ACC)
     if CHANNELS_LAST:
-        r0 = j * rows_per_prog
+        r0 = j.to(tl.int64) * rows_per_prog  # int64: M = N*P*Q rows may pass 2^31
         r_end = tl.minimum(r0 + rows_per_prog, M)
         for r in range(r0, r_end, BLOCK_R):
             rows = r + tl.arange(0, BLOCK_R)

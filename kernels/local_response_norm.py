@@ -312,11 +312,26 @@ def _dense_out_strides(out: torch.Tensor, name: str) -> tuple[int, int, int]:
     raise ValueError(f"{name} must be a dense NCHW or channels_last tensor, got strides {tuple(out.stride())}")
 
 
+_MAX_BLOCK = 4096  # the largest BLOCK _block returns
+
+
 def _check_index_range(*tensors: torch.Tensor) -> None:
-    # Offsets are int64 throughout; only the spatial index s (< H*W) is int32.
+    """Refuses, before any launch, what the kernels cannot index. Memory offsets are int64
+    throughout (a tensor may hold any number of elements); only the spatial index s of a tile
+    (< H*W + BLOCK) is int32, and the grid (one program per image, channel chunk and tile) must
+    fit CUDA's 2^31 - 1 blocks."""
     for t in tensors:
-        if t.shape[2] * t.shape[3] > _INT32_MAX:
-            raise ValueError(f"local_response_norm: H*W = {t.shape[2] * t.shape[3]} exceeds 2^31 - 1")
+        hw = t.shape[2] * t.shape[3]
+        if hw + _MAX_BLOCK > _INT32_MAX:
+            raise ValueError(f"local_response_norm: H*W = {t.shape[2]}*{t.shape[3]} = {hw} spatial positions per "
+                             f"image; the Triton kernels index positions in int32 and take at most "
+                             f"{_INT32_MAX - _MAX_BLOCK} (input {tuple(t.shape)})")
+
+
+def _check_grid(programs: int, shape) -> None:
+    if programs > _INT32_MAX:
+        raise ValueError(f"local_response_norm: {programs} programs exceed the 2^31 - 1 a launch can have "
+                         f"(input {tuple(shape)}); split the batch")
 
 
 def local_response_norm_forward(x: torch.Tensor, out: torch.Tensor, size: int, alpha: float, beta: float,
@@ -334,6 +349,7 @@ def local_response_norm_forward(x: torch.Tensor, out: torch.Tensor, size: int, a
     p, q = _window_halves(size, c)
     ch = _channel_chunk(n * h * w, c, p + q + 1, _sm_count(x.device), chunk)
     n_chunks = triton.cdiv(c, ch)
+    _check_grid(n * n_chunks * n_tiles, x.shape)
     _fwd_kernel[(n * n_chunks * n_tiles,)](
         x, out, c, h * w, w, n_tiles, n_chunks, ch, *x.stride(), syn, syc, sys_, p, q,
         *_split(k), *_split(alpha / size), *_split(-beta),
@@ -356,6 +372,7 @@ def local_response_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, grad_i
     p, q = _window_halves(size, c)
     ch = _channel_chunk(n * h * w, c, p + q + 1, _sm_count(x.device), chunk)
     n_chunks = triton.cdiv(c, ch)
+    _check_grid(n * n_chunks * n_tiles, x.shape)
     _bwd_kernel[(n * n_chunks * n_tiles,)](
         x, grad_out, grad_in, c, h * w, w, n_tiles, n_chunks, ch, *x.stride(), *grad_out.stride(), son, soc, sos, p, q,
         *_split(k), *_split(alpha / size), *_split(-beta), *_split(-beta - 1.0),
