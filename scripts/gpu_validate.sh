@@ -11,12 +11,17 @@
 # Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda), MAX_JOBS (nvcc
 # jobs), CNNKERN_GIT_COMMIT (the commit to record in the results when this tree has no .git),
 # STEPS (a space-separated subset of the optional steps, to split a run across several sessions:
-# pytest-gpu pytest-all selfcheck bench ptxas inspect; default all of them). The first steps,
+# pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize; default all of them). The first steps,
 # nvidia-smi, versions, build (incremental) and importable, always run.
 #
 # OUTDIR receives: nvidia-smi/versions/build/... logs, junit XML of the test runs, the benchmark
 # JSON (OUTDIR/results/ and a copy in OUTDIR/), ptxas.txt (per-kernel resource usage of cnnkern._C)
 # and summary.txt. Commit the JSON under the benchmarks/results/ directory printed in the summary.
+#
+# The sanitize step runs scripts/sanitize_run.py (every op forward and backward once, small CUDA
+# tensors, each GPU backend, several layouts and dtypes) under compute-sanitizer's memcheck and
+# racecheck with PYTORCH_NO_CUDA_MEMORY_CACHING=1; its logs are OUTDIR/sanitize-<tool>.log and any
+# reported error fails the step (and so the script). COMPUTE_SANITIZER overrides the tool's path.
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -130,7 +135,37 @@ ptxas() {
 
 inspect() { "$PY" -m cnnkern._inspect; }
 
-selected="${STEPS:-pytest-gpu pytest-all selfcheck bench ptxas inspect}"
+# compute-sanitizer over every kernel: zero errors is the bar. Prints the first reported errors and
+# fails when the tool reports any, when the driver script fails, or when the tool cannot be found.
+sanitize() {
+  local tool rc status=0 log summary
+  tool="${COMPUTE_SANITIZER:-}"
+  for cand in "$CUDA_HOME/bin/compute-sanitizer" "$CUDA_HOME/compute-sanitizer/compute-sanitizer" \
+              "$(command -v compute-sanitizer 2>/dev/null)"; do
+    [ -z "$tool" ] && [ -n "$cand" ] && [ -x "$cand" ] && tool="$cand"
+  done
+  [ -n "$tool" ] || { echo "SANITIZER NOT FOUND: no compute-sanitizer in CUDA_HOME ($CUDA_HOME) or PATH"; return 1; }
+  "$tool" --version | head -n 2
+  for check in memcheck racecheck; do
+    log="$out/sanitize-$check.log"
+    echo "== $check: $tool --tool $check $PY scripts/sanitize_run.py  (log: $log)"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$tool" --tool "$check" --error-exitcode 97 --print-limit 50 \
+      "$PY" scripts/sanitize_run.py > "$log" 2>&1
+    rc=$?
+    summary="$(grep -E "ERROR SUMMARY: [0-9]+ error" "$log" | tail -n 1)"
+    echo "   exit $rc; ${summary:-no ERROR SUMMARY line}"
+    if [ $rc -ne 0 ] || ! grep -qE "ERROR SUMMARY: 0 errors" "$log"; then
+      status=1
+      echo "!! $check FAILED (exit $rc). First reported problems:"
+      grep -E "^========= (Invalid|Program hit|Race|Error|Uninitialized|Malloc|Leaked)|^FAIL " "$log" | head -n 20 | sed 's/^/   /'
+      tail -n 5 "$log" | sed 's/^/   /'
+    fi
+  done
+  [ $status -eq 0 ] && echo "compute-sanitizer: memcheck and racecheck report 0 errors"
+  return $status
+}
+
+selected="${STEPS:-pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize}"
 optional() {  # optional NAME FUNCTION: run the step if STEPS selects it
   case " $selected " in *" $1 "*) step "$1" "$2" ;; esac
 }
@@ -148,6 +183,7 @@ optional selfcheck selfcheck
 optional bench bench
 optional ptxas ptxas
 optional inspect inspect
+optional sanitize sanitize
 
 commit_dir="$("$PY" -c 'import os; from cnnkern.benchmarks import harness as h; print(os.path.relpath(h.default_out_dir(h.environment()), h.REPO_ROOT))' 2>/dev/null)"
 {
