@@ -238,3 +238,23 @@ def test_gpu_residual_add_autocast_like_pytorch(backend, dtype):
     torch.testing.assert_close(got, want)
     gx, gs = torch.autograd.grad(got.sum(), (x, s))
     assert gx.dtype == dtype and gs.dtype == torch.float32
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("triton" not in cnnkern.available_backends() and DEVICE.type == "cpu",
+                    reason="needs the Triton interpreter")
+def test_torch_compile_under_autocast_matches_eager():
+    """torch.compile traces functional.py's casts and the ops' Autocast kernels alike."""
+    torch._dynamo.reset()
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3)
+
+    def f(x, w):
+        y = F.conv2d(x, w, padding=1, backend="triton")
+        return y, F.local_response_norm(y, 3, backend="triton")
+
+    with torch.autocast("cpu", dtype=CPU_AMP):
+        got = torch.compile(f, fullgraph=True)(x, w)
+        want = f(x, w)
+    assert [t.dtype for t in got] == [t.dtype for t in want] == [CPU_AMP, torch.float32]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as TF
 from helpers import DEVICE, backends_for
 
-import cnnkern
 from cnnkern import _backend
 from cnnkern import functional as F
 
@@ -322,6 +321,7 @@ def _poisoned(shape, dtype=torch.float64):
 @pytest.mark.parametrize("op,backend", [pytest.param(op, be, marks=backends_for(DEVICE, op)[i].marks,
                                                      id=f"{op}-{be}")
                                         for op in OPS for i, be in enumerate(("torch", "triton", "cuda"))])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
 def test_nan_and_inf_propagate_like_pytorch(op, backend):
     x = _poisoned((2, 6, 6, 6))
     w = torch.randn(8, 6, 3, 3, dtype=torch.float64, device=DEVICE)
