@@ -5,12 +5,11 @@ Double backward, by op and backend:
 
 * residual_add: supported everywhere (its backward ops, the ReLU mask and the option-A adjoint,
   are linear in the gradient and carry their own autograd formulas).
-* conv2d, conv_bn_relu (kernel backends): not supported. The backward runs the convolution's
-  dgrad and wgrad kernels as ops (cnnkern::conv2d_backward_input/_weight) that have no autograd
-  formula of their own, so differentiating the backward raises PyTorch's "no autograd formula was
-  registered" error naming the op. (Both are linear in grad and in the other operand, so formulas
-  could be added in cnnkern/ops/conv2d.py: dgrad's derivatives are a conv2d and a wgrad, wgrad's a
-  dgrad and a conv2d.)
+* conv2d and conv_bn_relu in eval mode (a conv2d with folded weights): supported everywhere. The
+  backward ops (cnnkern::conv2d_backward_input/_weight) are bilinear and carry formulas: dgrad's
+  derivatives are a conv2d and a wgrad, wgrad's a conv2d (plus the bias) and a dgrad.
+* conv_bn_relu in training mode (kernel backends): not supported: the fused BatchNorm backward op
+  (cnnkern::conv_bn_relu_backward) has no derivative; the error names it.
 * local_response_norm (kernel backends): not supported, by design: the one-pass backward kernel
   recomputes the window sums and has no derivative kernel; the error names
   cnnkern.local_response_norm_backward.
@@ -43,16 +42,16 @@ def _cases(backend):
     rm, rv = torch.randn(4, dtype=D, device=DEVICE), torch.rand(4, dtype=D, device=DEVICE) + 0.5
     xs, ss = _r(1, 4, 2, 3), _r(1, 2, 4, 5)
     return {
-        "conv2d": (lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1, backend=backend), (x, w, b), not kernel),
+        "conv2d": (lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1, backend=backend), (x, w, b), True),
         "conv2d-groups-dilation-relu": (
             lambda x, w: F.conv2d(x, w, padding=1, dilation=2, groups=2, activation="relu", backend=backend),
-            (xg, wg), not kernel),
+            (xg, wg), True),
         "conv_bn_relu-train": (
             lambda x, w, g, bt: F.conv_bn_relu(x, w, None, None, None, g, bt, training=True, padding=1, relu=False,
                                                backend=backend), (x, w, gamma, beta), not kernel),
         "conv_bn_relu-eval": (
             lambda x, w, b, g, bt: F.conv_bn_relu(x, w, b, rm, rv, g, bt, training=False, padding=1, backend=backend),
-            (x, w, b, gamma, beta), not kernel),
+            (x, w, b, gamma, beta), True),
         "local_response_norm": (lambda x: F.local_response_norm(x, 3, alpha=0.5, k=1.5, backend=backend),
                                 (_r(1, 5, 2, 2),), not kernel),
         "local_response_norm-even-size": (lambda x: F.local_response_norm(x, 4, alpha=0.5, backend=backend),
@@ -94,7 +93,7 @@ def test_gradgradcheck_or_clear_error(name, backend):
     # what gradgradcheck would do first: differentiate the gradient
     out = fn(*inputs)
     grads = torch.autograd.grad(out, inputs, torch.randn_like(out), create_graph=True)
-    with pytest.raises(RuntimeError, match=r"Trying to backward through cnnkern\.(conv2d_backward_input|"
-                                           r"conv2d_backward_weight|local_response_norm_backward)\.default but no "
+    with pytest.raises(RuntimeError, match=r"Trying to backward through cnnkern\.(conv_bn_relu_backward|"
+                                           r"local_response_norm_backward)\.default but no "
                                            r"autograd formula was registered"):
         sum(g.sum() for g in grads).backward()

@@ -146,3 +146,50 @@ def _backward(ctx, grad):
 
 conv2d.register_autograd(_backward, setup_context=_setup_context)
 conv2d_call = dispatcher(conv2d, _setup_context, _backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# double backward: both backward ops are bilinear, so their derivatives are convolutions again
+#   gx = dgrad(grad, w):       d/dgrad = conv2d(ggx, w),             d/dw = wgrad(grad, ggx)
+#   (gw, gb) = wgrad(grad, x): d/dgrad = conv2d(x, ggw) + ggb,       d/dx = dgrad(grad, ggw)
+# (the ops themselves, so a third derivative works the same way)
+# ---------------------------------------------------------------------------------------------
+def _dgrad_setup(ctx, inputs, output):
+    grad, w, input_size, stride, padding, dilation, groups, channels_last, precision, backend = inputs
+    ctx.save_for_backward(grad, w)
+    ctx.args = (stride, padding, dilation, groups, precision, backend)
+
+
+def _dgrad_backward(ctx, ggx):
+    grad, w = ctx.saved_tensors
+    stride, padding, dilation, groups, precision, backend = ctx.args
+    d_grad = d_w = None
+    if ctx.needs_input_grad[0]:
+        d_grad = conv2d(ggx, w, None, stride, padding, dilation, groups, False, precision, backend)
+    if ctx.needs_input_grad[1]:
+        d_w, _ = conv2d_backward_weight(grad, ggx, list(w.shape), stride, padding, dilation, groups, False,
+                                        output_channels_last(w), precision, backend)
+    return d_grad, d_w, None, None, None, None, None, None, None, None
+
+
+def _wgrad_setup(ctx, inputs, output):
+    grad, x, weight_size, stride, padding, dilation, groups, bias, channels_last, precision, backend = inputs
+    ctx.save_for_backward(grad, x)
+    ctx.args = (stride, padding, dilation, groups, precision, backend)
+
+
+def _wgrad_backward(ctx, ggw, ggb):
+    grad, x = ctx.saved_tensors
+    stride, padding, dilation, groups, precision, backend = ctx.args
+    d_grad = d_x = None
+    if ctx.needs_input_grad[0]:
+        bias = ggb if ggb is not None and ggb.numel() else None
+        d_grad = conv2d(x, ggw, bias, stride, padding, dilation, groups, False, precision, backend)
+    if ctx.needs_input_grad[1]:
+        d_x = conv2d_backward_input(grad, ggw, list(x.shape), stride, padding, dilation, groups,
+                                    output_channels_last(x), precision, backend)
+    return d_grad, d_x, None, None, None, None, None, None, None, None, None
+
+
+conv2d_backward_input.register_autograd(_dgrad_backward, setup_context=_dgrad_setup)
+conv2d_backward_weight.register_autograd(_wgrad_backward, setup_context=_wgrad_setup)
