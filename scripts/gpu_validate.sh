@@ -11,7 +11,7 @@
 # Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda), MAX_JOBS (nvcc
 # jobs), CNNKERN_GIT_COMMIT (the commit to record in the results when this tree has no .git),
 # STEPS (a space-separated subset of the optional steps, to split a run across several sessions:
-# pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize; default all of them). The first steps,
+# pytest-cuda-conv pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize; default all of them). The first steps,
 # nvidia-smi, versions, build (incremental) and importable, always run.
 #
 # OUTDIR receives: nvidia-smi/versions/build/... logs, junit XML of the test runs, the benchmark
@@ -112,6 +112,12 @@ importable() {
   echo symlinks > "$out/.import_mode"
 }
 
+# The CUDA C++ convolution and conv-BN-ReLU first (written without a GPU: the most likely to
+# fail), so that a short device session learns about them before anything else.
+pytest_cuda_conv() {
+  "$PY" -m pytest -q -ra -x --junitxml="$out/pytest-cuda-conv.xml" tests/test_conv2d.py tests/test_conv_bn_relu.py \
+    -k "cuda and not triton"
+}
 pytest_gpu() { "$PY" -m pytest -m gpu -q -ra --junitxml="$out/pytest-gpu.xml"; }
 pytest_all() { "$PY" -m pytest -q -ra --junitxml="$out/pytest-all.xml"; }
 selfcheck() { "$PY" -m cnnkern.selfcheck; }
@@ -165,7 +171,7 @@ sanitize() {
   return $status
 }
 
-selected="${STEPS:-pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize}"
+selected="${STEPS:-pytest-cuda-conv pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize}"
 optional() {  # optional NAME FUNCTION: run the step if STEPS selects it
   case " $selected " in *" $1 "*) step "$1" "$2" ;; esac
 }
@@ -177,6 +183,7 @@ step importable importable
 if [ "$(cat "$out/.import_mode" 2>/dev/null)" = symlinks ]; then
   export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 fi
+optional pytest-cuda-conv pytest_cuda_conv
 optional pytest-gpu pytest_gpu
 optional pytest-all pytest_all
 optional selfcheck selfcheck
