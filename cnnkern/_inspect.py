@@ -83,6 +83,28 @@ def resource_usage(path: str) -> list[KernelResources]:
     return rows
 
 
+def sass_opcodes(path: str, arch: str, prefixes=("HMMA", "LDSM", "LDGSTS")) -> dict[str, dict[str, int]]:
+    """Per kernel (mangled name) in ``path``'s ``arch`` machine code, how many instructions start
+    with each of ``prefixes`` (full opcode with modifiers as the key, e.g. ``HMMA.16816.F32.BF16``):
+    tensor-core MMAs, ldmatrix (LDSM) and cp.async (LDGSTS)."""
+    tool = cuobjdump()
+    if tool is None:
+        raise FileNotFoundError("cuobjdump not found (CUDA_HOME/bin, PATH, or Triton's backends/nvidia/bin)")
+    sass = subprocess.run([tool, "-sass", "-arch", arch, path], check=True, capture_output=True, text=True).stdout
+    out: dict[str, dict[str, int]] = {}
+    name = None
+    for line in sass.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            name = m.group(1)
+            out[name] = {}
+            continue
+        m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if name is not None and m and m.group(1).startswith(prefixes):
+            out[name][m.group(1)] = out[name].get(m.group(1), 0) + 1
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton kernels, compiled ahead of time for a GPU architecture on a machine without a GPU
 # ---------------------------------------------------------------------------------------------

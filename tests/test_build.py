@@ -126,3 +126,27 @@ def test_setup_without_toolkit_says_so_in_one_line(tmp_path):
 
 def test_version():
     assert cnnkern.__version__ == "0.1.0"
+
+
+@needs_ext
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_implicit_gemm_kernels_use_tensor_cores_ldmatrix_and_cp_async(arch):
+    """Static proof (no GPU needed) that every implicit-GEMM instantiation compiled to what its
+    design says: per 64-byte step of kk, 2 x MT x NT warp MMAs of the dtype's kind, fed by
+    ldmatrix (LDSM) from a cp.async (LDGSTS) pipeline."""
+    import re
+
+    kinds = {"Half": "HMMA.16816.F32", "BFloat16": "HMMA.16816.F32.BF16", "f": "HMMA.1688.F32.TF32"}
+    found = 0
+    for name, ops in _inspect.sass_opcodes(_inspect.extension_path(), arch).items():
+        m = re.search(r"igemm_kernelI(?:N3c10\d+(Half|BFloat16)E|(f))Li(\d+)ELi(\d+)ELi(\d+)E", name)
+        if not m:
+            continue
+        found += 1
+        dtype = m.group(1) or m.group(2)
+        bm, bn, warps_m = int(m.group(3)), int(m.group(4)), int(m.group(5))
+        mt, nt = bm // warps_m // 16, bn // (8 // warps_m) // 8
+        mma = {k: v for k, v in ops.items() if k.startswith("HMMA")}
+        assert mma == {kinds[dtype]: 2 * mt * nt}, (name, ops)
+        assert any(k.startswith("LDSM") for k in ops) and any(k.startswith("LDGSTS") for k in ops), (name, ops)
+    assert found == 18, found  # 3 dtypes x 3 tiles x (forward, grad-input)

@@ -60,7 +60,8 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride: 
     _check_backend(backend)
     y = new_output(output_size(x.shape, w.shape, stride, padding, dilation), x, _y_channels_last(x, w))
     if backend == "cuda":
-        torch.ops.cnnkern.conv2d_forward_cuda(x, w, bias, y, stride, padding[:2], dilation, groups, relu, CUDA_ALGO)
+        torch.ops.cnnkern.conv2d_forward_cuda(x, w, bias, y, stride, padding[:2], dilation, groups, relu, CUDA_ALGO,
+                                              False, precision == "tf32")
     else:
         _kernels().conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, relu, precision)
     return y
@@ -81,7 +82,8 @@ def conv2d_backward_input(grad: torch.Tensor, w: torch.Tensor, input_size: list[
     _check_backend(backend)
     gx = new_output(input_size, grad, channels_last)
     if backend == "cuda":
-        torch.ops.cnnkern.conv2d_backward_input_cuda(grad, w, gx, stride, padding[:2], dilation, groups, CUDA_ALGO)
+        torch.ops.cnnkern.conv2d_backward_input_cuda(grad, w, gx, stride, padding[:2], dilation, groups, CUDA_ALGO,
+                                                     precision == "tf32")
     else:
         _kernels().conv2d_backward_input(grad, w, gx, stride, padding[:2], dilation, groups, precision)
     return gx

@@ -89,17 +89,23 @@ void check_same(const char* op, const at::Tensor& ref, const at::Tensor& t, cons
               ", expected ", ref.scalar_type());
 }
 
+// dtypes the implicit GEMM is compiled for (fp32 runs on it only as TF32)
 template <typename T>
-constexpr bool kTensorCore = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
+constexpr bool kTensorCore = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>;
 
-bool want_igemm(const char* op, const std::string& algo, bool tensor_core_dtype, int64_t reduced_channels,
-                int64_t rows) {
+// Whether the implicit GEMM runs: fp16/bf16, or fp32 when TF32 is allowed; reduced channels per
+// group a multiple of one 16-byte chunk (8 halves, 4 floats); row indices within int32.
+template <typename T>
+bool want_igemm(const char* op, const std::string& algo, bool tf32, int64_t reduced_channels, int64_t rows) {
   TORCH_CHECK(algo == "auto" || algo == "direct" || algo == "igemm", "cnnkern ", op,
               ": algo must be 'auto', 'direct' or 'igemm', got '", algo, "'");
-  const bool fits = tensor_core_dtype && reduced_channels % 8 == 0 && reduced_channels > 0 && rows <= kMaxRows;
+  const int64_t chunk = 16 / static_cast<int64_t>(sizeof(T));
+  const bool dtype_ok = kTensorCore<T> && (!std::is_same_v<T, float> || tf32);
+  const bool fits = dtype_ok && reduced_channels % chunk == 0 && reduced_channels > 0 && rows <= kMaxRows;
   if (algo == "igemm") {
-    TORCH_CHECK(fits, "cnnkern ", op, ": algo='igemm' needs fp16/bf16, reduced channels per group a multiple of 8 "
-                "(got ", reduced_channels, ") and fewer than 2^31 output rows (got ", rows, ")");
+    TORCH_CHECK(fits, "cnnkern ", op, ": algo='igemm' needs fp16/bf16 (or fp32 with tf32=True), reduced channels "
+                "per group a multiple of ", chunk, " (got ", reduced_channels, ") and fewer than 2^31 output rows (got ",
+                rows, ")");
   }
   return algo != "direct" && fits;
 }
@@ -192,7 +198,7 @@ DirectParams<T> direct_params(const at::Tensor& src, const at::Tensor& out, cons
 at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                                const at::Tensor& y, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups, bool relu, c10::string_view algo_sv,
-                               bool stats) {
+                               bool stats, bool tf32) {
   const char* op = "conv2d (cuda)";
   const std::string algo(algo_sv.data(), algo_sv.size());
   CNNKERN_CHECK_CUDA(x, "input");
@@ -215,7 +221,7 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_forward_cuda", [&] {
     const scalar_t* pb = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-    if (want_igemm(op, algo, kTensorCore<scalar_t>, g.Cg, rows)) {
+    if (want_igemm<scalar_t>(op, algo, tf32, g.Cg, rows)) {
       if constexpr (kTensorCore<scalar_t>) {
         const at::Tensor xs = aligned_copy(x.contiguous(at::MemoryFormat::ChannelsLast));
         const at::Tensor wp = aligned_copy(w.permute({0, 2, 3, 1}).contiguous());  // [K][R][S][Cg]
@@ -254,7 +260,7 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
 // ------------------------------------------------------------------------------------------------
 void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& gx,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                int64_t groups, c10::string_view algo_sv) {
+                                int64_t groups, c10::string_view algo_sv, bool tf32) {
   const char* op = "conv2d_backward_input (cuda)";
   const std::string algo(algo_sv.data(), algo_sv.size());
   CNNKERN_CHECK_CUDA(grad, "grad_output");
@@ -267,7 +273,7 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
   const int64_t rows = g.N * g.H * g.W;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_backward_input_cuda", [&] {
-    if (want_igemm(op, algo, kTensorCore<scalar_t>, g.Kg, rows)) {
+    if (want_igemm<scalar_t>(op, algo, tf32, g.Kg, rows)) {
       if constexpr (kTensorCore<scalar_t>) {
         const at::Tensor gs = aligned_copy(grad.contiguous(at::MemoryFormat::ChannelsLast));
         // wp[g*Cg + c][(r*S + s)*Kg + k] = w[g*Kg + k][c][r][s]

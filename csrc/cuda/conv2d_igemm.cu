@@ -1,21 +1,25 @@
-// Tensor-core implicit-GEMM convolution, CUDA C++ (fp16/bf16 in, fp32 accumulate; sm_80+).
+// Tensor-core implicit-GEMM convolution, CUDA C++ (fp16/bf16, or fp32 as TF32; fp32 accumulate;
+// sm_80+).
 //
 // The GEMM. Rows m = (n, ho, wo) are output pixels, columns o are output channels of one group,
 // the reduction index kk = (r*S + s)*CK + c runs over filter taps and source channels. The A
 // operand is gathered from the NHWC source on the fly (IgemmParams: forward or grad-input
 // gather), the B operand is the packed filter wp[o][kk] (kk contiguous). Because CK is a multiple
-// of 8, every 8-element (16-byte) chunk of a row of A lies inside one tap, so each chunk is one
-// cp.async of 16 bytes from one source pixel, or a zero fill where the tap falls in the padding.
+// of the elements per 16 bytes (EPC: 8 halves, 4 floats), every 16-byte chunk of a row of A lies
+// inside one tap, so each chunk is one cp.async of 16 bytes from one source pixel, or a zero fill
+// where the tap falls in the padding.
 // A 1x1, stride-1, unpadded convolution gathers exactly the rows of a plain GEMM.
 //
-// The block. 8 warps compute a BM x BN tile (128x128, 64x128 or 128x64) in steps of BK = 32
-// along kk. Shared memory holds STAGES = 4 such steps (A: BM x 32, B: BN x 32 halves each),
-// filled by cp.async STAGES-1 steps ahead of the math, so global loads overlap the tensor cores.
-// Rows of 32 halves are four 16-byte chunks; chunk c of row r is stored at chunk c ^ ((r/2) % 4),
+// The block. 8 warps compute a BM x BN tile (128x128, 64x128 or 128x64) in steps of one 64-byte
+// row of kk (BK = 32 halves or 16 floats). Shared memory holds STAGES = 4 such steps (A: BM rows,
+// B: BN rows), filled by cp.async STAGES-1 steps ahead of the math, so global loads overlap the
+// tensor cores. A row is four 16-byte chunks; chunk c of row r is stored at chunk c ^ ((r/2) % 4),
 // which makes the eight row addresses of every ldmatrix phase hit eight distinct bank groups.
 // Each warp owns a (BM/WARPS_M) x (BN/WARPS_N) sub-tile: MT x NT fragments of m16n8, fed by
-// ldmatrix.x4 (A: one 16x16 fragment; B: two n8 x k16 fragments) and multiplied with
-// mma.sync.m16n8k16 (row.col, f32 accumulators).
+// ldmatrix.x4 over two chunks (A: one 16-row fragment; B: two 8-column fragments) and multiplied
+// with mma.sync m16n8k16 (f16/bf16) or m16n8k8 (tf32; ldmatrix's 8x8 b16 matrices are then 8x4
+// fp32 matrices, and the fragment layouts line up the same way), row.col, f32 accumulators.
+// fp32 operands are rounded to TF32 (cvt.rna) after ldmatrix, as cuDNN's TF32 mode rounds.
 //
 // Epilogue: bias, ReLU, conversion, and stores through the output's strides (channels_last
 // writes two adjacent channels as one 32-bit store).
@@ -32,7 +36,11 @@ namespace conv {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int BK = 32;      // halves of kk per step: 4 chunks of 8
+constexpr int ROW_BYTES = 64;  // one step of kk: 4 chunks of 16 bytes
+template <typename T>
+constexpr int EPC = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte chunk
+template <typename T>
+constexpr int BK = 4 * EPC<T>;  // elements of kk per step
 constexpr int STAGES = 4;
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -67,9 +75,9 @@ struct Mma<c10::Half> {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+  static __device__ __forceinline__ void prepare(uint32_t (&)[4]) {}
+  static __device__ __forceinline__ void store_pair(c10::Half* dst, float lo, float hi) {
+    *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(lo, hi);
   }
 };
 
@@ -82,14 +90,34 @@ struct Mma<c10::BFloat16> {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+  static __device__ __forceinline__ void prepare(uint32_t (&)[4]) {}
+  static __device__ __forceinline__ void store_pair(c10::BFloat16* dst, float lo, float hi) {
+    *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(lo, hi);
+  }
+};
+
+template <>
+struct Mma<float> {  // TF32: m16n8k8, A 4 registers (rows gid/gid+8, k tig/tig+4), B 2 (k tig/tig+4)
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // fp32 bits -> TF32, rounded to nearest (ties away), as cuDNN's TF32 mode does
+  static __device__ __forceinline__ void prepare(uint32_t (&r)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r[i]) : "f"(__uint_as_float(r[i])));
+  }
+  static __device__ __forceinline__ void store_pair(float* dst, float lo, float hi) {
+    *reinterpret_cast<float2*>(dst) = make_float2(lo, hi);
   }
 };
 
 // offset (in halves) of chunk `c` of row `r` in a [rows][32] swizzled stage
-__device__ __forceinline__ int swz(int r, int c) { return r * BK + ((c ^ ((r >> 1) & 3)) << 3); }
+template <typename T>
+__device__ __forceinline__ int swz(int r, int c) { return r * BK<T> + (c ^ ((r >> 1) & 3)) * EPC<T>; }
 
 template <typename T, int BM, int BN, int WARPS_M, bool DGRAD>
 __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p) {
@@ -98,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
   constexpr int MT = WTM / 16, NT = WTN / 8;
   static_assert(NT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
   constexpr int A_ITERS = BM * 4 / kThreads, B_ITERS = BN * 4 / kThreads;
-  constexpr int STAGE_A = BM * BK, STAGE_B = BN * BK;  // halves
+  constexpr int STAGE_A = BM * BK<T>, STAGE_B = BN * BK<T>;  // elements
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sA = reinterpret_cast<T*>(smem_raw);
@@ -134,10 +162,10 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
     b_row[i] = p.wp + static_cast<int64_t>(g * p.NO + (b_ok[i] ? o : 0)) * p.KK;
   }
 
-  const int KT = (p.KK + BK - 1) / BK;
+  const int KT = (p.KK + BK<T> - 1) / BK<T>;
 
   auto load_stage = [&](int kt, int stage) {
-    const int kk = kt * BK + chunk * 8;
+    const int kk = kt * BK<T> + chunk * EPC<T>;
     const bool k_ok = kk < p.KK;
     int r = 0, s = 0, c = 0;
     if (k_ok) {
@@ -164,14 +192,14 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
       }
       ok = ok && hs < p.Hs && ws < p.Ws;
       const T* src = ok ? p.src + a_base[i] + (static_cast<int64_t>(hs) * p.Ws + ws) * p.Cs + c : p.src;
-      cp_async16(smem_u32(dA + swz(row, chunk)), src, ok ? 16 : 0);
+      cp_async16(smem_u32(dA + swz<T>(row, chunk)), src, ok ? 16 : 0);
     }
     T* dB = sB + stage * STAGE_B;
 #pragma unroll
     for (int i = 0; i < B_ITERS; ++i) {
       const int row = (t + i * kThreads) / 4;
       const bool ok = b_ok[i] && k_ok;
-      cp_async16(smem_u32(dB + swz(row, chunk)), ok ? b_row[i] + kk : p.wp, ok ? 16 : 0);
+      cp_async16(smem_u32(dB + swz<T>(row, chunk)), ok ? b_row[i] + kk : p.wp, ok ? 16 : 0);
     }
   };
 
@@ -195,20 +223,22 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
     const T* tA = sA + (kt % STAGES) * STAGE_A;
     const T* tB = sB + (kt % STAGES) * STAGE_B;
 #pragma unroll
-    for (int ks = 0; ks < BK / 16; ++ks) {
+    for (int ks = 0; ks < 2; ++ks) {  // two MMA k-steps per row: chunks (0, 1) and (2, 3)
       uint32_t af[MT][4], bf[NT][2];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
         // lanes 0-15 address rows 0-15 at k 0-7, lanes 16-31 the same rows at k 8-15
         const int row = wm * WTM + i * 16 + (lane % 16);
-        ldmatrix_x4(af[i], smem_u32(tA + swz(row, ks * 2 + lane / 16)));
+        ldmatrix_x4(af[i], smem_u32(tA + swz<T>(row, ks * 2 + lane / 16)));
+        Mma<T>::prepare(af[i]);
       }
 #pragma unroll
       for (int j = 0; j < NT / 2; ++j) {
         // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
         const int row = wn * WTN + j * 16 + (lane % 8) + (lane / 16) * 8;
         uint32_t r4[4];
-        ldmatrix_x4(r4, smem_u32(tB + swz(row, ks * 2 + (lane / 8) % 2)));
+        ldmatrix_x4(r4, smem_u32(tB + swz<T>(row, ks * 2 + (lane / 8) % 2)));
+        Mma<T>::prepare(r4);
         bf[2 * j][0] = r4[0];
         bf[2 * j][1] = r4[1];
         bf[2 * j + 1][0] = r4[2];
@@ -231,7 +261,7 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
     // BatchNorm statistics of this tile: the fp32 tile (bias added) goes to shared memory (the
     // pipeline's buffers are free now; BM x BN floats fit in them), then one thread per column
     // takes count, mean and M2 over the valid rows in two passes (no E[y^2] - E[y]^2).
-    static_assert(BM * BN * 4 <= STAGES * (STAGE_A + STAGE_B) * 2, "the fp32 tile must fit the stages");
+    static_assert(BM * BN * 4 <= STAGES * (BM + BN) * ROW_BYTES, "the fp32 tile must fit the stages");
     float* sC = reinterpret_cast<float*>(smem_raw);
     __syncthreads();  // every warp is done with the last stage
 #pragma unroll
@@ -291,8 +321,8 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
           v1 = v1 < 0.f ? 0.f : v1;
         }
         T* dst = p.y + off + static_cast<int64_t>(oc) * p.yc;
-        if (pair_store && o + 1 < p.NO && (reinterpret_cast<uintptr_t>(dst) & 3u) == 0) {
-          *reinterpret_cast<uint32_t*>(dst) = Mma<T>::pack(v0, v1);
+        if (pair_store && o + 1 < p.NO && (reinterpret_cast<uintptr_t>(dst) % (2 * sizeof(T))) == 0) {
+          Mma<T>::store_pair(dst, v0, v1);
         } else {
           dst[0] = static_cast<T>(v0);
           if (o + 1 < p.NO) dst[p.yc] = static_cast<T>(v1);
@@ -304,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
 
 template <typename T, int BM, int BN, int WARPS_M, bool DGRAD>
 void launch_one(const IgemmParams<T>& p, cudaStream_t stream) {
-  constexpr size_t smem = static_cast<size_t>(STAGES) * (BM + BN) * BK * sizeof(T);
+  constexpr size_t smem = static_cast<size_t>(STAGES) * (BM + BN) * ROW_BYTES;
   auto kernel = igemm_kernel<T, BM, BN, WARPS_M, DGRAD>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
@@ -330,7 +360,8 @@ int igemm_tile_rows(int tile) { return tile == 1 ? 64 : 128; }
 
 template <typename T>
 void launch_igemm(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t stream) {
-  TORCH_CHECK(p.CK % 8 == 0 && p.Cs % 8 == 0, "cnnkern conv2d (cuda, igemm): channels must be multiples of 8");
+  TORCH_CHECK(p.CK % EPC<T> == 0 && p.Cs % EPC<T> == 0, "cnnkern conv2d (cuda, igemm): channels must be multiples of ",
+              EPC<T>);
   if (dgrad) {
     launch_tile<T, true>(p, tile, stream);
   } else {
@@ -340,6 +371,7 @@ void launch_igemm(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t st
 
 template void launch_igemm<c10::Half>(const IgemmParams<c10::Half>&, bool, int, cudaStream_t);
 template void launch_igemm<c10::BFloat16>(const IgemmParams<c10::BFloat16>&, bool, int, cudaStream_t);
+template void launch_igemm<float>(const IgemmParams<float>&, bool, int, cudaStream_t);
 
 }  // namespace conv
 }  // namespace cnnkern
