@@ -81,6 +81,21 @@ def test_conv_cuda_ops_are_registered_with_their_schemas(op):
 
 @needs_ext
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-tensor error")
+@pytest.mark.parametrize("op,args", [
+    ("conv2d_forward_cuda", lambda x, w: (x, w, None, torch.empty(1, 4, 3, 3), [1, 1], [0, 0], [1, 1], 1, False, "auto")),
+    ("conv2d_backward_input_cuda", lambda x, w: (torch.randn(1, 4, 3, 3), w, x, [1, 1], [0, 0], [1, 1], 1, "auto")),
+    ("conv2d_backward_weight_cuda", lambda x, w: (torch.randn(1, 4, 3, 3), x, w, torch.empty(0), [1, 1], [0, 0],
+                                                  [1, 1], 1)),
+    ("bn_apply_cuda", lambda x, w: (x, x, torch.ones(2), torch.zeros(2), True)),
+])
+def test_conv_cuda_ops_with_cpu_tensors_are_a_clear_error(op, args):
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(4, 2, 3, 3)
+    with pytest.raises(NotImplementedError, match=op):
+        getattr(torch.ops.cnnkern, op)(*args(x, w))
+
+
+@needs_ext
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-tensor error")
 def test_cuda_op_with_cpu_tensors_is_a_clear_error():
     x = torch.randn(1, 2, 2, 2)
     with pytest.raises(NotImplementedError, match="residual_add_cuda"):

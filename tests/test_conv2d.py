@@ -166,21 +166,24 @@ def test_module_is_a_drop_in_for_torch_conv2d():
 TRITON_OK = cnnkern._backend.unavailable_reason("triton", DEVICE) is None
 
 
-@pytest.mark.skipif(not TRITON_OK, reason="Triton unavailable")
+OPCHECK_BACKENDS = [p for p in backends_for(DEVICE, "conv2d") if p.values[0] != "torch"]
+
+
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
 @pytest.mark.parametrize("family", ["3x3s2p1", "first_7x7s2", "same_even"])
-def test_opcheck(family):
+def test_opcheck(family, backend):
     x, w, b, kw = _inputs(family, torch.float32, "channels_last", requires_grad=True)
     stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
                                                  kw["groups"])
     ops = torch.ops.cnnkern
-    args = (x, w, b, stride, pad, dil, kw["groups"], True, "ieee", "triton")
+    args = (x, w, b, stride, pad, dil, kw["groups"], True, "ieee", backend)
     torch.library.opcheck(ops.conv2d.default, args)
     y = ops.conv2d(*args).detach()
     g = torch.randn_like(y)
     torch.library.opcheck(ops.conv2d_backward_input.default,
-                          (g, w.detach(), list(x.shape), stride, pad, dil, kw["groups"], True, "ieee", "triton"))
+                          (g, w.detach(), list(x.shape), stride, pad, dil, kw["groups"], True, "ieee", backend))
     torch.library.opcheck(ops.conv2d_backward_weight.default,
-                          (g, x.detach(), list(w.shape), stride, pad, dil, kw["groups"], True, True, "ieee", "triton"))
+                          (g, x.detach(), list(w.shape), stride, pad, dil, kw["groups"], True, True, "ieee", backend))
 
 
 @pytest.mark.slow

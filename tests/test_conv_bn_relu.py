@@ -157,22 +157,19 @@ def test_single_value_per_channel_in_training_is_an_error(backend):
     assert m(torch.randn(1, 4, 3, 3, device=DEVICE)).shape == (1, 8, 1, 1)
 
 
-TRITON_OK = cnnkern._backend.unavailable_reason("triton", DEVICE) is None
-
-
-@pytest.mark.skipif(not TRITON_OK, reason="Triton unavailable")
-def test_opcheck():
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "torch"])
+def test_opcheck(backend):
     x = make((2, 8, 5, 5), torch.float32, DEVICE, "channels_last", requires_grad=True)
     w = make((16, 8, 3, 3), torch.float32, DEVICE, requires_grad=True)
     gamma = torch.rand(16, device=DEVICE, requires_grad=True)
     beta = torch.randn(16, device=DEVICE, requires_grad=True)
     ops = torch.ops.cnnkern
-    args = (x, w, None, gamma, beta, 1e-5, [1, 1], [1, 1, 1, 1], [1, 1], 1, True, "ieee", "triton")
+    args = (x, w, None, gamma, beta, 1e-5, [1, 1], [1, 1, 1, 1], [1, 1], 1, True, "ieee", backend)
     torch.library.opcheck(ops.conv_bn_relu_train.default, args)
     out, y, mean, invstd, var = ops.conv_bn_relu_train(*args)
     g = torch.randn_like(out)
     torch.library.opcheck(ops.conv_bn_relu_backward.default,
-                          (g, out.detach(), y.detach(), mean.detach(), invstd.detach(), gamma.detach(), "triton"))
+                          (g, out.detach(), y.detach(), mean.detach(), invstd.detach(), gamma.detach(), backend))
     rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
     torch.library.opcheck(ops.bn_update_running_stats.default, (rm, rv, mean.detach(), var.detach(), 50, 0.1))
 
