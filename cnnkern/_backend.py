@@ -97,7 +97,10 @@ def unavailable_reason(name: str, device: torch.device | str | None = None) -> s
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(map(repr, BACKENDS))}")
     if name in ("torch", "auto"):
         return None
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "triton":
         if _TRITON_ERROR:
             return _TRITON_ERROR

@@ -74,6 +74,11 @@ def option_a_stride(op: str, x: torch.Tensor, shortcut: torch.Tensor) -> int:
 
 def _pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each >= minimum, as a pair."""
+    if type(value) is int and value >= minimum:  # the common cases, on every call's host path
+        return value, value
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int \
+            and value[0] >= minimum and value[1] >= minimum:
+        return value
     vals = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
     ok = isinstance(vals, (tuple, list)) and len(vals) == 2 and all(
         isinstance(v, int) and not isinstance(v, bool) for v in vals)

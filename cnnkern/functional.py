@@ -74,14 +74,14 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
             an even kernel pads one more at the bottom/right, as PyTorch does).
         groups: positive, divides C and K.
         activation: None or "relu", applied in the kernel's epilogue.
-        backend: "auto" | "triton" | "torch" (no "cuda" kernel yet), or None for the default.
+        backend: "auto" | "triton" | "cuda" | "torch", or None for the default.
 
     Returns:
         (N, K, P, Q) (or (K, P, Q)) with P = (H + pad_top + pad_bottom - dilation*(R-1) - 1) // stride + 1;
         channels_last when the input or the weight is. fp32 inputs multiply in TF32 exactly when
         PyTorch's conv would (CUDA tensors and ``torch.backends.cudnn.allow_tf32``), with fp32
         accumulation; fp16/bf16 accumulate in fp32, fp64 in fp64. Differentiable in input,
-        weight and bias (Triton backward kernels; the weight gradient is deterministic).
+        weight and bias (the backend's own backward kernels; the weight gradient is deterministic).
     """
     op = "conv2d"
     x = _batched(op, input)
@@ -127,7 +127,7 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             batch count, which only the module keeps: use :class:`cnnkern.nn.ConvBNReLU2d`.
         eps: added to the variance.
         relu: apply the ReLU.
-        backend: "auto" | "triton" | "torch", or None for the default.
+        backend: "auto" | "triton" | "cuda" | "torch", or None for the default.
 
     Eval runs one convolution with BatchNorm folded into its weights and bias and the ReLU in its
     epilogue. Training runs the convolution with per-channel statistics computed in its

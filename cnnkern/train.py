@@ -14,6 +14,7 @@ DistributedDataParallel model, NCCL on GPUs and gloo on CPUs; rank 0 prints and 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -72,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
     ap.add_argument("--checkpoint", default="cnnkern-train.pt", help="where rank 0 saves the last epoch")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    ap.add_argument("--log", default=None, help="rank 0 appends one JSON line per epoch (metrics) to this file")
     args = ap.parse_args(argv)
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
         torch.cuda.set_device(device)
     if args.backend:
         _backend.set_backend(args.backend)
-    torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts them)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them)
 
     train_x, train_y, test_x, test_y = load_digits(args.size)
     model = _build(args, 10).to(device)
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
         if distributed else model
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     sampler = torch.utils.data.DistributedSampler(torch.utils.data.TensorDataset(train_x, train_y), world, rank,
-                                                  shuffle=True, seed=0) if distributed else None
+                                                  shuffle=True, seed=args.seed) if distributed else None
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_x, train_y), batch_size=args.batch,
                                          shuffle=sampler is None, sampler=sampler, drop_last=True)
     if rank == 0:
@@ -134,6 +137,14 @@ def main(argv=None) -> int:
             print(f"epoch {epoch + 1}: train loss {total_loss / max(seen, 1):.4f}, train acc "
                   f"{correct / max(seen, 1):.3f} (rank 0's shard), test acc {acc:.3f}, {time.time() - t0:.1f} s",
                   flush=True)
+            if args.log:
+                with open(args.log, "a") as f:
+                    f.write(json.dumps({"net": args.net, "depth": args.depth if args.net.startswith("cifar_") else None,
+                                        "seed": args.seed, "epoch": epoch + 1, "steps": step,
+                                        "train_loss": total_loss / max(seen, 1),
+                                        "train_error": 1 - correct / max(seen, 1), "test_error": 1 - acc,
+                                        "seconds": time.time() - t0, "backend": _backend.get_backend(),
+                                        "device": device.type}) + "\n")
             torch.save({"net": args.net, "epoch": epoch + 1, "model": model.state_dict(),
                         "optimizer": opt.state_dict()}, args.checkpoint)
         if args.max_steps and step >= args.max_steps:

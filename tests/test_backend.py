@@ -140,6 +140,16 @@ def test_eager_path_matches_the_op_path_and_is_taken_for_plain_tensors():
         assert torch.equal(a, o)
     assert not _common.eager_ok((torch.empty(1, device="meta"),))
 
+    class Sub(torch.Tensor):  # a tensor subclass (anywhere, lists of tensors included) takes the op path
+        pass
+
+    sub = torch.zeros(2).as_subclass(Sub)
+    assert not _common.eager_ok((sub,))
+    assert not _common.eager_ok((x, [w, sub]))
+    assert not _common.eager_ok((x, [None, sub]))
+    assert not _common.eager_ok((x, [torch.empty(1, device="meta")]))
+    assert _common.eager_ok((x, [None, w], [1, 2], (3.0,), "triton", None, 2))
+
 
 def test_eager_path_double_backward_goes_through_the_ops():
     # residual_add's backward is differentiable (its backward ops carry formulas): with

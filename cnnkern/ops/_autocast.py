@@ -68,6 +68,10 @@ def enabled(device_type: str) -> bool:
         return False
 
 
+# one call instead of one per device type (absent from very old torch)
+_ANY_ENABLED = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def _eligible(t, device_type: str) -> bool:
     # autocast's rule: floating tensors on the autocast device, never float64
     return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == device_type
@@ -112,6 +116,8 @@ def cast(op: str, device_type: str, *tensors):
 def pending(op: str, args) -> bool:
     """Whether autocast would still cast any of ``args`` (a forward op's arguments in schema
     order): the eager fast path then defers to the op, whose Autocast kernel casts them."""
+    if _ANY_ENABLED is not None and not _ANY_ENABLED():
+        return False
     positions = POLICY[op][1]
     tensors = [args[i] for i in positions if i < len(args)]
     devs = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _autocast
 
@@ -66,25 +67,25 @@ def pick(op, ctx):
     return op.eager_impl if getattr(ctx, "eager", False) and not torch.is_grad_enabled() else op
 
 
-def _plain(a) -> bool:
-    return type(a) in (torch.Tensor, torch.nn.Parameter) and a.device.type != "meta"
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def eager_ok(args) -> bool:
-    """Whether a call with ``args`` may skip the op's dispatch."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+    """Whether a call with ``args`` may skip the op's dispatch: plain tensors (no subclass, no
+    meta tensor) outside torch.compile, torch-function and dispatch modes and functorch transforms.
+    Called on every op call, so it is written for speed (a few microseconds of host time)."""
+    if torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
         return False
-    if torch._C._are_functorch_transforms_active():
-        return False
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    if _get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     for a in args:
-        if isinstance(a, torch.Tensor) and not _plain(a):
-            return False
-        if isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and not _plain(t) for t in a):
-            return False
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN_TYPES or a.is_meta:
+                return False
+        elif type(a) in (list, tuple) and a and not isinstance(a[0], (int, float, str)):  # Tensor[] / Tensor?[]
+            for t in a:
+                if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN_TYPES or t.is_meta):
+                    return False
     return True
 
 
