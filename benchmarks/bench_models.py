@@ -8,6 +8,10 @@ the cnnkern one and both compute the same function with the same weights). Provi
 * ``"cnnkern"``: ``cnnkern.models`` with backend ``"auto"`` (each op on its preferred GPU backend),
   or one provider per requested backend that has a kernel for every op of the networks
   (``--backends triton``);
+* ``"<cnnkern provider>+graph"`` (inference only): the same cnnkern model captured in a CUDA graph
+  per input shape and replayed (input copied into the graph's static buffer each call, as
+  Inductor's CUDA graphs do): the kernels without Python's host time, the fair peer of
+  ``"inductor"``, which also replays CUDA graphs;
 * ``"inductor"``: ``torch.compile(torchvision model, mode="max-autotune")``, CUDA graphs included,
   as a user would compile it (slow to compile: minutes per network; off with ``--no-inductor``).
 
@@ -44,6 +48,7 @@ MODEL_OPS = ("conv2d", "conv_bn_relu", "residual_add", "local_response_norm")
 # Relative error norm of a provider's eval logits against torchvision's, per dtype. Loose: a whole
 # network in bf16 accumulates rounding, and this is a check against wrong results, not a test.
 TOL = {"bfloat16": 0.1, "float16": 0.05, "float32": 0.02}
+GRAPH = "+graph"  # provider suffix: the provider's model replayed from a CUDA graph (inference)
 
 
 def _tv(name, **kw):
@@ -73,11 +78,48 @@ def suite_providers(backends=None, inductor: bool = True) -> list[str]:
 
         avail = cnnkern.available_backends()
         mine = [b for b in backends if b in avail and all(b in _backend.AUTO_ORDER.get(op, ()) for op in MODEL_OPS)]
-    return [harness.BASELINE, *mine, *([harness.INDUCTOR] if inductor else [])]
+    return [harness.BASELINE, *mine, *[p + GRAPH for p in mine], *([harness.INDUCTOR] if inductor else [])]
+
+
+def _base(provider: str) -> str:
+    return provider[:-len(GRAPH)] if provider.endswith(GRAPH) else provider
 
 
 def _backend_of(provider: str):
-    return None if provider == "cnnkern" else provider
+    p = _base(provider)
+    return None if p == "cnnkern" else p
+
+
+class _Graphed:
+    """``model(x)`` replayed from a CUDA graph captured, per input shape/dtype/strides, on the first
+    call (after warm-up calls on a side stream, so Triton's compilation and autotuning and
+    cnnkern's BatchNorm folding happen before the capture). Each call copies ``x`` into the graph's
+    input buffer and returns the graph's output buffer (overwritten by the next call). Inference
+    only (call it under ``torch.no_grad``)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.graphs = {}
+
+    def __call__(self, x):
+        key = (tuple(x.shape), x.dtype, x.stride())
+        entry = self.graphs.get(key)
+        if entry is None:
+            static_x = x.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.model(static_x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = self.model(static_x)
+            entry = self.graphs[key] = (graph, static_x, static_y)
+        graph, static_x, static_y = entry
+        static_x.copy_(x)
+        graph.replay()
+        return static_y
 
 
 def _plan(providers, quick, networks, batches, train_batch):
@@ -102,7 +144,7 @@ def cases(providers=None, dtypes=("bfloat16",), quick: bool = False, networks=No
             for n in batches:
                 out += [(net, "inference", n, dname, p) for p in providers]
             if train_batch:
-                out += [(net, "train", train_batch, dname, p) for p in providers]
+                out += [(net, "train", train_batch, dname, p) for p in providers if not p.endswith(GRAPH)]
     return out
 
 
@@ -165,13 +207,17 @@ def run(providers=None, dtypes=("bfloat16",), quick: bool = False, progress: boo
                     m = tv
                 elif p == harness.INDUCTOR:
                     m = copy.deepcopy(tv)
+                elif p.endswith(GRAPH) and _base(p) in nets_of:
+                    return nets_of[_base(p)]  # the same module; the graph adds its own buffers
                 else:
                     m = make_cnnkern(_backend_of(p))
                     m.load_state_dict(state)
                 return m.to(device=device, dtype=dtype).to(memory_format=fmt)
 
-            nets_of = {p: build(p) for p in providers}
-            run_of = dict(nets_of)
+            nets_of = {}
+            for p in providers:
+                nets_of[p] = build(p)
+            run_of = {p: _Graphed(m) if p.endswith(GRAPH) else m for p, m in nets_of.items()}
             if harness.INDUCTOR in providers:
                 run_of[harness.INDUCTOR] = harness.compile_reference(nets_of[harness.INDUCTOR], mode=COMPILE_MODE)
 
@@ -206,6 +252,8 @@ def run(providers=None, dtypes=("bfloat16",), quick: bool = False, progress: boo
             common = dict(op=OP, case=f"{net} train b{n}", shape=f"{n}x{'x'.join(map(str, size))}", dtype=dname,
                           layout=layout, images=n, flops=3 * 2 * macs * n)
             for p in providers:
+                if p.endswith(GRAPH):
+                    continue
                 model = nets_of[p]
                 model.train()
                 opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
@@ -220,7 +268,7 @@ def run(providers=None, dtypes=("bfloat16",), quick: bool = False, progress: boo
                 t = harness.time_fn(step, **budget)
                 records.append(harness.Result.from_timing(t, provider=p, direction="train", **common))
                 bar.update()
-            del nets_of, run_of, x, y
+            del nets_of, run_of, x, y  # (the graphs, and their memory pools, go with run_of)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     bar.close()

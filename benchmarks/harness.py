@@ -60,6 +60,12 @@ SCHEMA = 1
 # ------------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------------
+# Set by run_ops(graph=True) (`cnnkern bench --graph`) while the per-op modules run: every timing
+# is then a CUDA-graph replay (kernel time without the host's launch cost, for every provider).
+# The whole-network benchmark keeps its own timer (its "+graph" providers capture inference).
+_FORCE_GRAPH = False
+
+
 def time_fn(fn, *, warmup_ms: float = 25, rep_ms: float = 100, cudagraph: bool = False,
             grad_to_none: list[torch.Tensor] | None = None) -> dict:
     """GPU time of ``fn()`` in milliseconds.
@@ -69,8 +75,8 @@ def time_fn(fn, *, warmup_ms: float = 25, rep_ms: float = 100, cudagraph: bool =
         warmup_ms, rep_ms: time budgets for the warm-up and the timed runs (Triton's units).
         cudagraph: capture ``rep_ms`` worth of calls in one CUDA graph and replay it
             (``triton.testing.do_bench_cudagraph``): no launch overhead and no L2 flush, for
-            kernels of a few microseconds. Otherwise ``do_bench``: one event pair per call, L2
-            flushed before each.
+            kernels of a few microseconds (and every case under ``cnnkern bench --graph``).
+            Otherwise ``do_bench``: one event pair per call, L2 flushed before each.
         grad_to_none: tensors whose ``.grad`` is reset before each call, so a timed backward pass
             writes fresh gradients instead of accumulating into old ones (an extra add).
 
@@ -82,7 +88,7 @@ def time_fn(fn, *, warmup_ms: float = 25, rep_ms: float = 100, cudagraph: bool =
 
     # Only arguments that triton 3.6 (the GPU machine's) and 3.8 both accept.
     quantiles = [0.5, 0.2, 0.8]
-    if cudagraph and hasattr(triton.testing, "do_bench_cudagraph"):
+    if (cudagraph or _FORCE_GRAPH) and hasattr(triton.testing, "do_bench_cudagraph"):
         median, p20, p80 = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, grad_to_none=grad_to_none,
                                                              quantiles=quantiles)
         timer = "cudagraph"
@@ -608,7 +614,7 @@ def suite_plan(ops=None, *, dtypes=None, quick: bool = False, backends=None, ind
 
 def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None = None,
             progress: bool = True, echo=print, backends=None, inductor: bool | None = None, nets=None,
-            batches=None) -> list[str]:
+            batches=None, graph: bool = False) -> list[str]:
     """Measure the ceilings, run each op's benchmark module, print its table, write its JSON.
 
     Needs a CUDA device. Sets ``torch.backends.cudnn.benchmark = True`` for the baselines.
@@ -624,11 +630,13 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
         inductor: add the torch.compile(mode="max-autotune") provider (default: unless quick).
         nets: restrict to these networks' layers (alexnet, vgg16, googlenet, resnet50).
         batches: batch sizes for the modules that take them (conv layers, whole networks).
+        graph: time every per-op case as a CUDA-graph replay (kernel time, no host launch cost)
+            instead of one event pair per eager call; recorded as ``env["timer_mode"] = "graph"``.
 
     Returns:
         The JSON paths written.
     """
-    global _SUITE
+    global _SUITE, _FORCE_GRAPH
     if not torch.cuda.is_available():
         raise RuntimeError("run_ops needs a CUDA device")
     plan = suite_plan(ops, dtypes=dtypes, quick=quick, backends=backends, inductor=inductor, nets=nets,
@@ -636,6 +644,7 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
     torch.backends.cudnn.benchmark = True
     env = environment()
     env["inductor_mode"] = INDUCTOR_MODE
+    env["timer_mode"] = "graph" if graph else "eager"
     echo(f"device: {env['gpu_name']} ({env['sm_count']} SMs, sm_{env['compute_capability'].replace('.', '')}); "
          f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
          f"commit {env['commit']}; cnnkern._C {'loaded' if env['extension_loaded'] else 'not loaded'}")
@@ -650,6 +659,7 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
     try:
         for op, kwargs, _ in plan:
             module = importlib.import_module(OPS[op])
+            _FORCE_GRAPH = graph and op != "models"
             records = finalize(module.run(progress=progress, **{k: v for k, v in kwargs.items() if k != "progress"}),
                                ceilings)
             echo(f"\n{op}")
@@ -658,6 +668,7 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
             echo(f"wrote {path}")
             paths.append(path)
     finally:
+        _FORCE_GRAPH = False
         if _SUITE is not None:
             _SUITE.close()
         _SUITE = None
@@ -675,6 +686,7 @@ def bench_main(op: str, argv=None) -> int:
     ap.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
                     help='time torch.compile(mode="max-autotune") of the reference too (default: on, off with --quick)')
     ap.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>-<date>)")
+    ap.add_argument("--graph", action="store_true", help="time each case as a CUDA-graph replay (no host launch cost)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -683,5 +695,5 @@ def bench_main(op: str, argv=None) -> int:
         return 0
     split = (lambda t: [v.strip() for v in t.split(",") if v.strip()] if t else None)  # noqa: E731
     run_ops([op], dtypes=split(args.dtypes), quick=args.quick, out_dir=args.out, progress=not args.no_progress,
-            backends=split(args.backends), inductor=args.inductor)
+            backends=split(args.backends), inductor=args.inductor, graph=args.graph)
     return 0

@@ -269,6 +269,9 @@ def build_markdown(datas: list[dict], plots: list[str]) -> str:
         lines.append(f"- **note**: the files come from several commits: {', '.join(sorted(map(str, commits)))}")
     lines += [
         "",
+        ("**Timer: CUDA graphs** (`cnnkern bench --graph`): every per-op time is a CUDA-graph replay, the "
+         "kernels' GPU time without the host's launch cost, for every provider alike. " if env.get("timer_mode") == "graph"
+         else "") +
         "Every time is the median of many runs (`triton.testing.do_bench`, L2 flushed; `graph` = one CUDA "
         "graph for few-microsecond cases) with its p20-p80 spread in parentheses. `~` marks a spread wider "
         f"than {100 * harness.WIDE_SPREAD:.0f}% of the median (a noisy timing: read it with care); "

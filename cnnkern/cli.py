@@ -71,7 +71,8 @@ def _bench(args) -> int:
 
     if torch.cuda.is_available():
         paths = harness.run_ops(ops, dtypes=dtypes, quick=args.quick, out_dir=args.out, progress=not args.no_progress,
-                                backends=backends, inductor=args.inductor, nets=nets, batches=batches)
+                                backends=backends, inductor=args.inductor, nets=nets, batches=batches,
+                                graph=args.graph)
         print(f"\nresults: {', '.join(paths)}")
         if paths:
             from cnnkern.benchmarks import report
@@ -239,6 +240,9 @@ def main(argv=None) -> int:
                    "passes, shorter timings, no Inductor")
     b.add_argument("--out", metavar="DIR", help="where the JSON, report.md and plots go "
                    "(default benchmarks/results/<gpu>-<date>/)")
+    b.add_argument("--graph", action="store_true", help="time every per-op case as a CUDA-graph replay: kernel "
+                   "time without the host's launch cost, for every provider (default: eager calls, as a user "
+                   "makes them); the networks keep their own '+graph' providers")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--report", metavar="DIR", help="only rebuild report.md and the plots from the JSON in DIR "
                    "(no GPU needed)")

@@ -155,6 +155,34 @@ def test_models_cases_and_records(fake_timer, fake_compile):
     assert b3.images_per_s == pytest.approx(3000.0) and b3.speedup == 1.0 and b3.speedup_inductor == 1.0
 
 
+def test_models_graph_provider_is_inference_only(fake_timer, monkeypatch):
+    # "<provider>+graph" replays the provider's own model from a CUDA graph: inference cases only,
+    # the same module as its base provider, and its output is checked against torchvision too.
+    from cnnkern.benchmarks import bench_models
+
+    wrapped = []
+
+    class FakeGraphed:  # CUDA graphs need a GPU; this stands in for the capture and replays eagerly
+        def __init__(self, model):
+            wrapped.append(model)
+            self.model = model
+
+        def __call__(self, x):
+            return self.model(x)
+
+    monkeypatch.setattr(bench_models, "_Graphed", FakeGraphed)
+    kw = dict(providers=["torch", "triton", "triton+graph"], dtypes=("float32",), networks=["tiny"], batches=(2,),
+              train_batch=2)
+    cases = bench_models.cases(**kw)
+    assert [(c[1], c[4]) for c in cases] == [("inference", "torch"), ("inference", "triton"),
+                                             ("inference", "triton+graph"), ("train", "torch"), ("train", "triton")]
+    recs = bench_models.run(progress=False, device="cpu", table=_tiny_nets(), **kw)
+    assert [(r.case, r.provider) for r in recs] == [(f"tiny {m} b{n}", p) for _, m, n, _, p in cases]
+    assert len(wrapped) == 1 and type(wrapped[0]).__name__ == "Mine"
+    assert bench_models._backend_of("triton+graph") == "triton" and bench_models._backend_of("cnnkern+graph") is None
+    assert bench_models.suite_providers(None, inductor=False) == ["torch", "cnnkern", "cnnkern+graph"]
+
+
 def test_models_defaults_and_quick():
     from cnnkern.benchmarks import bench_models
 
@@ -164,7 +192,8 @@ def test_models_defaults_and_quick():
     assert {c[3] for c in full} == {"bfloat16"}
     quick = bench_models.cases(quick=True)
     assert {(c[0], c[1], c[2]) for c in quick} == {("resnet50", "inference", 32), ("resnet50", "train", 64)}
-    assert {c[4] for c in quick} == {"torch", "cnnkern"}  # no Inductor compile in the quick subset
+    assert {c[4] for c in quick} == {"torch", "cnnkern", "cnnkern+graph"}  # no Inductor compile in the quick subset
+    assert {c[4] for c in quick if c[1] == "train"} == {"torch", "cnnkern"}
 
 
 def test_models_refuses_a_wrong_network(fake_timer):

@@ -275,7 +275,7 @@ def test_suite_plan(monkeypatch, kernel_table):
     assert plan["residual_add"] == ({"quick": True, "dtypes": ("bfloat16",),
                                      "providers": ["torch", "cuda", "triton"]}, 3 * 2 * 3)
     assert plan["conv2d"][1] == 23 * 2 * 2  # layers x (fwd, fwd+relu) x (torch, triton)
-    assert plan["models"][0]["providers"] == ["torch", "cnnkern"]
+    assert plan["models"][0]["providers"] == ["torch", "cnnkern", "cnnkern+graph"]
     full = {op: kw for op, kw, _ in harness.suite_plan(["conv2d", "models"], backends=["cuda"], nets=["resnet50"],
                                                        batches=[8])}
     assert full["conv2d"]["providers"] == ["torch", "inductor"]   # no CUDA C++ conv: only the peers
@@ -285,3 +285,28 @@ def test_suite_plan(monkeypatch, kernel_table):
     assert [op for op, _, _ in harness.suite_plan(nets=["alexnet"])] == ["conv2d", "local_response_norm", "models"]
     with pytest.raises(ValueError, match="no benchmark for nonesuch"):
         harness.suite_plan(["nonesuch"])
+
+
+def test_graph_mode_times_every_case_as_a_cuda_graph(monkeypatch):
+    # `cnnkern bench --graph`: time_fn replays a CUDA graph for every case, not only tiny ones
+    import triton.testing
+
+    used = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: used.append("eager") or [1.0, 0.9, 1.1],
+                        raising=False)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: used.append("graph") or [1.0, 0.9, 1.1],
+                        raising=False)
+    assert harness.time_fn(lambda: None)["timer"] == "do_bench"
+    monkeypatch.setattr(harness, "_FORCE_GRAPH", True)
+    assert harness.time_fn(lambda: None)["timer"] == "cudagraph"
+    assert used == ["eager", "graph"]
+
+
+def test_bench_cli_takes_graph(monkeypatch):
+    from cnnkern import cli
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(harness, "run_ops", lambda ops, **kw: seen.update(kw) or [])
+    assert cli.main(["bench", "--graph", "--ops", "conv2d", "--no-progress"]) == 0
+    assert seen["graph"] is True
