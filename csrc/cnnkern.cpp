@@ -33,9 +33,17 @@ TORCH_LIBRARY_FRAGMENT(cnnkern, m) {
         "int[] stride, int[] padding, int[] dilation, int groups) -> ()");
   // training-mode BatchNorm + ReLU around the convolution (csrc/cuda/conv_bn_relu.cu); y, out,
   // grad, dy: one dense layout; scale, shift, a, b, c: (K,) fp32 (fp64 for double)
+  // stats (rows, 3, K) of (count, mean, M2) -> mean, 1/sqrt(var + eps), biased var, and BN folded
+  // into scale = gamma * invstd, shift = beta - mean * scale; gamma, beta: the module's dtype
+  m.def("bn_finalize_cuda(Tensor stats, Tensor? gamma, Tensor? beta, float eps, Tensor(a!) mean, Tensor(b!) invstd, "
+        "Tensor(c!) var, Tensor(d!) scale, Tensor(e!) shift) -> ()");
   m.def("bn_apply_cuda(Tensor y, Tensor(a!) out, Tensor scale, Tensor shift, bool relu) -> ()");
   // per chunk of rows: (sum g', sum g' * y) with g' = grad masked by out > 0 when out is given
   m.def("bn_backward_reduce_cuda(Tensor grad, Tensor? out, Tensor y) -> Tensor");
+  // part (chunks, 2, K) -> dy = a * g' + b * y + c over count values per channel, and the BN bias
+  // and weight gradients sg = sum g', sgx = sum g' * xhat in the module's dtype
+  m.def("bn_backward_coefficients_cuda(Tensor part, Tensor mean, Tensor invstd, Tensor? gamma, int count, "
+        "Tensor(a!) a, Tensor(b!) b, Tensor(c!) c, Tensor(d!) sg, Tensor(e!) sgx) -> ()");
   m.def("bn_backward_dy_cuda(Tensor grad, Tensor? out, Tensor y, Tensor(a!) dy, Tensor a, Tensor b, Tensor c) -> ()");
   m.def("local_response_norm_backward_cuda(Tensor grad_out, Tensor x, int size, float alpha, float beta, float k) -> Tensor");
 }

@@ -303,14 +303,15 @@ def _dgrad_kernel(gy_ptr, w_ptr, gx_ptr,
 
 @triton.jit
 def _wgrad_kernel(gy_ptr, x_ptr, ws_ptr, wsb_ptr,
-                  M, H, W, P, Q, Cg, Kg, K, m_per_split,
+                  M, H, W, P, Q, Cg, Kg, K, m_per_split, split_stride,
                   sgn, sgk, sgp, sgq, sxn, sxc, sxh, sxw,
                   sh, sw, ph, pw, dh, dw,
                   R: tl.constexpr, S: tl.constexpr, WITH_BIAS: tl.constexpr, ACC: tl.constexpr,
                   PREC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
     # Program (tile of Kg x Cg, tap (r, s) of group g, split j) reduces output pixels
     # [j*m_per_split, (j+1)*m_per_split): acc[k, c] += sum_m gy[m, k] * x_at_tap[m, c].
-    # Workspace: ws[j, g*Kg + k, c, r, s] (fp32/fp64, contiguous); wsb[j, g*Kg + k] for the bias.
+    # Workspace: ws[j, g*Kg + k, c, r, s] (fp32/fp64, contiguous per split); wsb[j, g*Kg + k] for
+    # the bias; split j starts split_stride elements after split j-1 in both.
     pid_kc = tl.program_id(0)
     grs = tl.program_id(1)
     j = tl.program_id(2)
@@ -353,11 +354,36 @@ def _wgrad_kernel(gy_ptr, x_ptr, ws_ptr, wsb_ptr,
             if do_bias:
                 bacc += tl.sum(gy.to(ACC), axis=0)
     k_glob = (g * Kg + offs_k).to(tl.int64)
-    base = j.to(tl.int64) * K * Cg * R * S
+    base = j.to(tl.int64) * split_stride
     ptrs = ws_ptr + base + (k_glob * (Cg * R * S))[:, None] + (offs_c * (R * S) + rs)[None, :]
     tl.store(ptrs, acc, mask=mask_k[:, None] & mask_c[None, :])
     if WITH_BIAS:
-        tl.store(wsb_ptr + j.to(tl.int64) * K + k_glob, bacc, mask=mask_k & do_bias)
+        tl.store(wsb_ptr + base + k_glob, bacc, mask=mask_k & do_bias)
+
+
+@triton.jit
+def _split_sum_kernel(ws_ptr, gw_ptr, gb_ptr, splits, split_stride, NW, K, Cg, R, S, s0, s1, s2, s3,
+                      WITH_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # gw[k, c, r, s] (any strides) = sum_j ws[j, e] for e = ((k*Cg + c)*R + r)*S + s < NW, and
+    # gb[k] = sum_j ws[j, NW + k]; the splits are added in order j = 0, 1, ...: deterministic.
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    total = NW + K if WITH_BIAS else NW
+    mask = e < total
+    acc = tl.zeros((BLOCK,), dtype=ACC)
+    ptrs = ws_ptr + e
+    for _ in range(0, splits):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += split_stride  # 64-bit pointer arithmetic
+    in_w = e < NW
+    s_ = e % S
+    t = e // S
+    r_ = t % R
+    t = t // R
+    c_ = t % Cg
+    k_ = t // Cg
+    tl.store(gw_ptr + k_ * s0 + c_ * s1 + r_ * s2 + s_ * s3, acc.to(gw_ptr.dtype.element_ty), mask=mask & in_w)
+    if WITH_BIAS:
+        tl.store(gb_ptr + (e - NW), acc.to(gb_ptr.dtype.element_ty), mask=mask & (e >= NW))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,8 +508,8 @@ def _num_splits(M: int, tiles: int, block_m: int, device: torch.device) -> int:
 
 def conv2d_backward_weight(gy, x, gw, gb, stride, padding, dilation, groups, precision: str) -> None:
     """grad_w (K, C/groups, R, S) and, when ``gb`` is given, grad_bias (K,), both preallocated,
-    from grad_y (N, K, P, Q) and x (N, C, H, W). Deterministic: split-K partials are summed by the
-    launcher in a fixed order."""
+    from grad_y (N, K, P, Q) and x (N, C, H, W). Deterministic: split-K partials are summed in a
+    fixed order (a second small kernel, which also casts and writes through gw's strides)."""
     N, C, H, W = x.shape
     K, Cg, R, S = gw.shape
     _, _, P, Q = gy.shape
@@ -498,18 +524,25 @@ def conv2d_backward_weight(gy, x, gw, gb, stride, padding, dilation, groups, pre
     tiles = triton.cdiv(Kg, BK) * triton.cdiv(Cg, BC) * R * S * groups
     splits = _num_splits(M, tiles, BM, x.device) if M else 1
     m_per_split = triton.cdiv(max(M, 1), splits)
-    ws = torch.zeros((splits, K, Cg, R, S), dtype=acc_dtype, device=x.device)
-    wsb = torch.zeros((splits, K), dtype=acc_dtype, device=x.device)
+    nw = K * Cg * R * S
+    with_bias = gb is not None
+    split_stride = nw + K if with_bias else nw
+    # one workspace: per split, the weight partials then the bias partials; the kernel writes every
+    # element when M > 0 (each tile, tap and split stores its block, zeros for an empty range)
+    ws = (torch.empty if M else torch.zeros)((splits, split_stride), dtype=acc_dtype, device=x.device)
     if M:
         grid = (triton.cdiv(Kg, BK) * triton.cdiv(Cg, BC), groups * R * S, splits)
-        _wgrad_kernel[grid](gy, x, ws, wsb, M, H, W, P, Q, Cg, Kg, K, m_per_split,
-                            *gy.stride(), *x.stride(), stride[0], stride[1], padding[0], padding[1],
-                            dilation[0], dilation[1], R=R, S=S, WITH_BIAS=gb is not None,
+        _wgrad_kernel[grid](gy, x, ws, ws[:, nw:] if with_bias else ws, M, H, W, P, Q, Cg, Kg, K, m_per_split,
+                            split_stride, *gy.stride(), *x.stride(), stride[0], stride[1], padding[0], padding[1],
+                            dilation[0], dilation[1], R=R, S=S, WITH_BIAS=with_bias,
                             ACC=_acc(gw.dtype), PREC=precision, BLOCK_K=BK, BLOCK_C=BC, BLOCK_M=BM,
                             num_warps=4, num_stages=1 if INTERPRET else 3)
-    gw.copy_(ws.sum(0))
-    if gb is not None:
-        gb.copy_(wsb.sum(0))
+    total = split_stride
+    if total:
+        block = 1024
+        _split_sum_kernel[(triton.cdiv(total, block),)](ws, gw, gb if with_bias else gw, splits, split_stride, nw, K,
+                                                        Cg, R, S, *gw.stride(), WITH_BIAS=with_bias,
+                                                        ACC=_acc(gw.dtype), BLOCK=block, num_warps=4)
 
 
 __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight"]

@@ -4,13 +4,16 @@ The forward convolution (kernels/conv2d.py, ``stats=``) writes y = conv(x) and, 
 epilogue, per-tile (count, mean, M2) of every output channel; nothing re-reads y for statistics.
 This module holds the rest:
 
-* ``merge_stats``: Chan et al.'s pairwise merge of the tile statistics into the batch mean and
-  biased variance (tiny tensors: rows x K).
+* ``_finalize_kernel``: one launch from the tile statistics to everything per channel: Chan et
+  al.'s merge into the batch mean and biased variance, the inverse std, and BatchNorm folded into
+  scale = gamma * invstd and shift = beta - mean * scale (tiny tensors: rows x K; one launch
+  instead of a dozen small PyTorch ops, whose host time would dominate a 20-100 us layer).
 * ``_apply_kernel``: out = [relu](y * scale[c] + shift[c]), one read of y, one write.
 * ``_reduce_kernel``: the two BatchNorm-backward reductions in one pass over (grad, y):
   per channel sum(g') and sum(g' * y), with g' = grad masked by the ReLU (out > 0).
-* ``_dy_kernel``: dy = A[c] * g' + B[c] * y + C[c], the BatchNorm input gradient with its
-  per-channel coefficients folded on the host.
+* ``_coefficients_kernel``: one launch from those partial sums to the per-channel coefficients
+  of the input gradient and the gradients of the BatchNorm weight and bias.
+* ``_dy_kernel``: dy = A[c] * g' + B[c] * y + C[c], the BatchNorm input gradient.
 
 y, out, grad and dy share one dense layout (NCHW or channels_last): the channel of linear
 element e is (e // (P*Q)) % K for NCHW and e % K for NHWC.
@@ -96,6 +99,83 @@ def _reduce_kernel(g_ptr, out_ptr, y_ptr, part_ptr, M, K, PQ, rows_per_prog,
 
 
 @triton.jit
+def _finalize_kernel(st_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, var_ptr, scale_ptr, shift_ptr, R, K, eps,
+                     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    # stats: (R, 3, K) rows of (count, mean, M2). Two passes over the rows: the global mean, then
+    # M2 = sum(M2_t + n_t (mean_t - mean)^2); a program owns BLOCK_K channels.
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    n = tl.zeros((BLOCK_K,), dtype=ACC)
+    s = tl.zeros((BLOCK_K,), dtype=ACC)
+    for r in range(0, R, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        m = (rows < R)[:, None] & mask_k[None, :]
+        base = rows.to(tl.int64)[:, None] * 3 * K + offs_k[None, :]
+        cnt = tl.load(st_ptr + base, mask=m, other=0.0)
+        n += tl.sum(cnt, axis=0)
+        s += tl.sum(cnt * tl.load(st_ptr + base + K, mask=m, other=0.0), axis=0)
+    n = tl.where(n > 0.0, n, 1.0)  # channels past K (masked out below)
+    mean = s / n
+    m2 = tl.zeros((BLOCK_K,), dtype=ACC)
+    for r in range(0, R, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        m = (rows < R)[:, None] & mask_k[None, :]
+        base = rows.to(tl.int64)[:, None] * 3 * K + offs_k[None, :]
+        cnt = tl.load(st_ptr + base, mask=m, other=0.0)
+        d = tl.load(st_ptr + base + K, mask=m, other=0.0) - mean[None, :]
+        m2 += tl.sum(tl.load(st_ptr + base + 2 * K, mask=m, other=0.0) + cnt * d * d, axis=0)
+    var = m2 / n
+    if ACC == tl.float64:
+        invstd = 1.0 / tl.sqrt(var + eps)  # IEEE in fp64
+    else:
+        invstd = 1.0 / tl.sqrt_rn(var + eps)  # tl.sqrt may be approximate in fp32
+    if HAS_GAMMA:
+        scale = tl.load(gamma_ptr + offs_k, mask=mask_k, other=1.0).to(ACC) * invstd
+    else:
+        scale = invstd
+    if HAS_BETA:
+        shift = tl.load(beta_ptr + offs_k, mask=mask_k, other=0.0).to(ACC) - mean * scale
+    else:
+        shift = -mean * scale
+    tl.store(mean_ptr + offs_k, mean, mask=mask_k)
+    tl.store(invstd_ptr + offs_k, invstd, mask=mask_k)
+    tl.store(var_ptr + offs_k, var, mask=mask_k)
+    tl.store(scale_ptr + offs_k, scale, mask=mask_k)
+    tl.store(shift_ptr + offs_k, shift, mask=mask_k)
+
+
+@triton.jit(do_not_specialize=["M"])  # M.to() below needs M as a runtime value, also when it is 1
+def _coefficients_kernel(part_ptr, mean_ptr, invstd_ptr, gamma_ptr, a_ptr, b_ptr, c_ptr, sg_ptr, sgx_ptr, R, K, M,
+                         HAS_GAMMA: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    # part: (R, 2, K) rows of (sum g', sum g' y). With xhat = (y - mean) * invstd:
+    #   sum g' xhat = invstd (sum g' y - mean sum g'),  dy = a g' + b y + c with
+    #   a = gamma invstd, b = -a invstd sgx / M, c = a (mean invstd sgx - sg) / M.
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    sg = tl.zeros((BLOCK_K,), dtype=ACC)
+    sgy = tl.zeros((BLOCK_K,), dtype=ACC)
+    for r in range(0, R, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        m = (rows < R)[:, None] & mask_k[None, :]
+        base = rows.to(tl.int64)[:, None] * 2 * K + offs_k[None, :]
+        sg += tl.sum(tl.load(part_ptr + base, mask=m, other=0.0), axis=0)
+        sgy += tl.sum(tl.load(part_ptr + base + K, mask=m, other=0.0), axis=0)
+    mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
+    invstd = tl.load(invstd_ptr + offs_k, mask=mask_k, other=0.0)
+    sgx = invstd * (sgy - mean * sg)
+    a = invstd
+    if HAS_GAMMA:
+        a = tl.load(gamma_ptr + offs_k, mask=mask_k, other=1.0).to(ACC) * invstd
+    inv_m = 1.0 / M.to(ACC)
+    tl.store(a_ptr + offs_k, a, mask=mask_k)
+    tl.store(b_ptr + offs_k, -a * invstd * sgx * inv_m, mask=mask_k)
+    tl.store(c_ptr + offs_k, a * (mean * invstd * sgx - sg) * inv_m, mask=mask_k)
+    tl.store(sg_ptr + offs_k, sg.to(sg_ptr.dtype.element_ty), mask=mask_k)
+    tl.store(sgx_ptr + offs_k, sgx.to(sgx_ptr.dtype.element_ty), mask=mask_k)
+
+
+@triton.jit
 def _dy_kernel(g_ptr, out_ptr, y_ptr, dy_ptr, a_ptr, b_ptr, c_ptr, numel, K, PQ,
                CHANNELS_LAST: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -125,14 +205,22 @@ def _layout(t: torch.Tensor) -> bool:
     raise ValueError(f"expected a dense NCHW or channels_last tensor, got strides {tuple(t.stride())}")
 
 
-def merge_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(count, mean, biased variance) per channel from tile statistics (rows, 3, K) of
-    (count, mean, M2): M2 = sum M2_t + sum n_t (mean_t - mean)^2 (Chan et al.)."""
-    cnt, mean_t, m2_t = stats[:, 0], stats[:, 1], stats[:, 2]
-    n = cnt.sum(0)
-    mean = (cnt * mean_t).sum(0) / n
-    m2 = m2_t.sum(0) + (cnt * (mean_t - mean) ** 2).sum(0)
-    return n, mean, m2 / n
+def bn_finalize(stats: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None, eps: float):
+    """(mean, invstd, var, scale, shift), each (K,) in the statistics' dtype, from tile statistics
+    ``stats`` (rows, 3, K) of (count, mean, M2) (rows with count 0 are ignored): the batch mean,
+    1/sqrt(var + eps), the biased variance M2/n with M2 = sum M2_t + sum n_t (mean_t - mean)^2
+    (Chan et al.; the global mean first, so no E[y^2] - E[y]^2 cancellation), scale = gamma *
+    invstd, shift = beta - mean * scale (gamma 1 and beta 0 when None; any float dtype). One
+    launch; fixed summation order, so bitwise reproducible."""
+    rows, _, K = stats.shape
+    outs = [torch.empty(K, dtype=stats.dtype, device=stats.device) for _ in range(5)]
+    if K:
+        block_k = 64
+        _finalize_kernel[(triton.cdiv(K, block_k),)](stats, gamma if gamma is not None else stats,
+                                                      beta if beta is not None else stats, *outs, rows, K, eps,
+                                                      HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+                                                      ACC=_acc(stats.dtype), BLOCK_R=32, BLOCK_K=block_k, num_warps=4)
+    return tuple(outs)
 
 
 def bn_apply(y: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool) -> None:
@@ -146,22 +234,32 @@ def bn_apply(y: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: tor
                                                  RELU=relu, ACC=_acc(scale.dtype), BLOCK=_BLOCK, num_warps=_WARPS)
 
 
-def bn_backward_coefficients(sg, sgy, mean, invstd, gamma, M: int):
-    """BatchNorm backward folded into per-channel coefficients (any backend's kernels use them):
-    dy = a * g' + b * y + c, from the reductions sg = sum g' and sgy = sum g' * y over the M
-    values of each channel. Also returns sum g' * xhat (the BatchNorm weight's gradient)."""
-    sgx = invstd * (sgy - mean * sg)
-    scale = gamma * invstd
-    return scale, -scale * invstd * sgx / M, scale * (mean * invstd * sgx - sg) / M, sgx
+def bn_backward_coefficients(part: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor | None,
+                             M: int, param_dtype: torch.dtype):
+    """BatchNorm backward folded into per-channel coefficients, dy = a * g' + b * y + c, from the
+    partial sums ``part`` (chunks, 2, K) of (sum g', sum g' * y) over the M values of each channel
+    (added in chunk order: deterministic). Returns (a, b, c) in the accumulation dtype and
+    (sum g', sum g' * xhat), the BatchNorm bias and weight gradients, in ``param_dtype``. One launch."""
+    chunks, _, K = part.shape
+    a, b, c = (torch.empty(K, dtype=part.dtype, device=part.device) for _ in range(3))
+    sg, sgx = (torch.empty(K, dtype=param_dtype, device=part.device) for _ in range(2))
+    if K:
+        block_k = 64
+        _coefficients_kernel[(triton.cdiv(K, block_k),)](part, mean, invstd, gamma if gamma is not None else mean,
+                                                         a, b, c, sg, sgx, chunks, K, M, HAS_GAMMA=gamma is not None,
+                                                         ACC=_acc(part.dtype), BLOCK_R=32, BLOCK_K=block_k,
+                                                         num_warps=4)
+    return a, b, c, sg, sgx
 
 
 def bn_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, dy: torch.Tensor,
-                mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor | None,
+                param_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchNorm (+ ReLU when ``out`` is given) backward in training mode.
 
-    grad, out, y, dy: (N, K, P, Q) in one dense layout. mean, invstd, gamma: (K,) in the
-    accumulation dtype. Writes dy and returns (sum_g', sum_g'*xhat) per channel, which are the
-    gradients of the BatchNorm bias and weight.
+    grad, out, y, dy: (N, K, P, Q) in one dense layout. mean, invstd: (K,) in the accumulation
+    dtype; gamma: (K,) any float dtype, or None (1). Writes dy and returns (sum_g', sum_g'*xhat)
+    per channel in ``param_dtype``: the gradients of the BatchNorm bias and weight.
     """
     N, K, P, Q = y.shape
     M, PQ = N * P * Q, P * Q
@@ -175,13 +273,12 @@ def bn_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, d
         progs = triton.cdiv(max(M, 1), rows_per_prog)
     else:
         rows_per_prog, progs = PQ, N
-    part = torch.zeros((progs, 2, K), dtype=acc_t, device=y.device)
+    part = (torch.empty if M else torch.zeros)((progs, 2, K), dtype=acc_t, device=y.device)  # every entry written
     if M:
         _reduce_kernel[(progs, triton.cdiv(K, block_k))](grad, out if out is not None else y, y, part, M, K, PQ,
                                                          rows_per_prog, CHANNELS_LAST=cl, RELU=out is not None,
                                                          ACC=acc, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
-    sg, sgy = part.sum(0).unbind(0)  # fixed-order sums: deterministic
-    a, b, c, sgx = bn_backward_coefficients(sg, sgy, mean, invstd, gamma, M)
+    a, b, c, sg, sgx = bn_backward_coefficients(part, mean, invstd, gamma, M, param_dtype)
     if M:
         _dy_kernel[(triton.cdiv(dy.numel(), _BLOCK),)](grad, out if out is not None else y, y, dy, a, b, c, dy.numel(),
                                                       K, PQ, CHANNELS_LAST=cl, RELU=out is not None, ACC=acc,
@@ -189,4 +286,4 @@ def bn_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, d
     return sg, sgx
 
 
-__all__ = ["merge_stats", "bn_apply", "bn_backward", "bn_backward_coefficients"]
+__all__ = ["bn_finalize", "bn_apply", "bn_backward", "bn_backward_coefficients"]

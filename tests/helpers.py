@@ -122,3 +122,14 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 __all__ = ["HAS_CUDA", "DEVICE", "REL_TOL", "tol", "assert_as_close_as_pytorch", "ieee_fp32", "DTYPES", "LAYOUTS", "rel_err", "assert_rel_close", "make",
            "backends_for", "cnnkern"]
+
+
+def merge_stats(stats: torch.Tensor):
+    """Oracle for the BatchNorm finalize kernels: (count, mean, biased variance) per channel from
+    tile statistics (rows, 3, K) of (count, mean, M2), merged in float64 with plain PyTorch
+    (Chan et al.: M2 = sum M2_t + sum n_t (mean_t - mean)^2)."""
+    cnt, mean_t, m2_t = stats.double().unbind(1)
+    n = cnt.sum(0)
+    mean = (cnt * mean_t).sum(0) / n
+    m2 = m2_t.sum(0) + (cnt * (mean_t - mean) ** 2).sum(0)
+    return n, mean, m2 / n

@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from helpers import DEVICE, assert_as_close_as_pytorch, assert_rel_close, backends_for, ieee_fp32, make
+from helpers import (DEVICE, REL_TOL, assert_as_close_as_pytorch, assert_rel_close, backends_for, ieee_fp32, make,
+                     merge_stats, rel_err)
 from test_conv2d import FAMILIES
 
 import cnnkern
@@ -223,7 +224,6 @@ def test_gpu_cuda_conv_statistics_epilogue(shape, dtype, algo):
     xs, k, ks, stride, pad = shape
     if algo == "igemm" and xs[1] % (4 if dtype == torch.float32 else 8):
         pytest.skip("the implicit GEMM takes channels in multiples of 16 bytes")
-    from cnnkern.kernels import conv_bn_relu as kb
     from cnnkern.ops.conv2d import output_size
 
     x = make(xs, dtype, DEVICE, "channels_last")
@@ -233,13 +233,109 @@ def test_gpu_cuda_conv_statistics_epilogue(shape, dtype, algo):
                    device=DEVICE).contiguous(memory_format=torch.channels_last)
     stats = torch.ops.cnnkern.conv2d_forward_cuda(x, w, b, y, [stride] * 2, [pad] * 2, [1, 1], 1, False, algo, True,
                                                   dtype == torch.float32)
-    count, mean, var = kb.merge_stats(stats)
+    count, mean, var = merge_stats(stats)
     ref = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), stride=stride, padding=pad)
     assert torch.all(count == y.numel() // k)
     if dtype == torch.float32 and algo == "igemm":  # TF32 products
-        from helpers import rel_err
         assert rel_err(mean, ref.mean((0, 2, 3))) < 3e-3
         assert rel_err(var, ref.var((0, 2, 3), unbiased=False)) < 3e-3
         return
     assert_rel_close(mean, ref.mean((0, 2, 3)), dtype, "mean", matmul=True)
     assert_rel_close(var, ref.var((0, 2, 3), unbiased=False), dtype, "variance", matmul=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the per-channel finishing kernels (one launch each): statistics -> scale/shift, and partial
+# sums -> backward coefficients; against a float64 PyTorch oracle, for each kernel backend
+# ------------------------------------------------------------------------------------------------
+KERNEL_BACKENDS = [p for p in BACKENDS if p.values[0] != "torch"]
+# (acc dtype, parameter dtype): bf16 parameters only on a GPU (the interpreter's bf16 is unreliable)
+FINALIZE_DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.float16), (torch.float64, torch.float64)] + (
+    [(torch.float32, torch.bfloat16)] if torch.cuda.is_available() else [])
+
+
+def _finalize(backend, stats, gamma, beta, eps):
+    if backend == "triton":
+        from cnnkern.kernels import conv_bn_relu as kb
+        return kb.bn_finalize(stats, gamma, beta, eps)
+    k = stats.shape[2]
+    outs = [torch.full((k,), float("nan"), dtype=stats.dtype, device=stats.device) for _ in range(5)]
+    torch.ops.cnnkern.bn_finalize_cuda(stats, gamma, beta, eps, *outs)
+    return tuple(outs)
+
+
+def _coefficients(backend, part, mean, invstd, gamma, m, pdt):
+    if backend == "triton":
+        from cnnkern.kernels import conv_bn_relu as kb
+        return kb.bn_backward_coefficients(part, mean, invstd, gamma, m, pdt)
+    k = part.shape[2]
+    outs = [torch.full((k,), float("nan"), dtype=d, device=part.device) for d in [part.dtype] * 3 + [pdt] * 2]
+    torch.ops.cnnkern.bn_backward_coefficients_cuda(part, mean, invstd, gamma, m, *outs)
+    return tuple(outs)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("acc,pdt", FINALIZE_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("rows,k,affine", [(1, 3, True), (75, 70, True), (40, 129, False)])
+def test_bn_finalize_kernel(backend, acc, pdt, rows, k, affine):
+    g = torch.Generator().manual_seed(rows * 1000 + k)
+    cnt = torch.randint(1, 60, (rows, k), generator=g).to(acc)
+    cnt[1::7] = 0  # tiles a larger block left unwritten: count 0, mean 0, M2 0
+    mean_t = (torch.randn(rows, k, generator=g, dtype=acc) * 2 + 40) * (cnt > 0)  # means far from zero
+    m2_t = torch.rand(rows, k, generator=g, dtype=acc) * cnt
+    stats = torch.stack([cnt, mean_t, m2_t], 1).contiguous().to(DEVICE)
+    gamma = (torch.rand(k, generator=g) + 0.5).to(pdt).to(DEVICE) if affine else None
+    beta = torch.randn(k, generator=g).to(pdt).to(DEVICE) if affine else None
+    eps = 1e-3
+    mean, invstd, var, scale, shift = _finalize(backend, stats, gamma, beta, eps)
+    _, mean_r, var_r = merge_stats(stats)
+    invstd_r = (var_r + eps).rsqrt()
+    scale_r = invstd_r * (gamma.double() if affine else 1.0)
+    shift_r = (beta.double() if affine else 0.0) - mean_r * scale_r
+    for got, want, what in [(mean, mean_r, "mean"), (var, var_r, "var"), (invstd, invstd_r, "invstd"),
+                            (scale, scale_r, "scale"), (shift, shift_r, "shift")]:
+        assert got.dtype == acc and got.shape == (k,)
+        assert rel_err(got, want) < (1e-12 if acc == torch.float64 else 1e-5), what
+    again = _finalize(backend, stats, gamma, beta, eps)
+    assert all(torch.equal(a, b) for a, b in zip(again, (mean, invstd, var, scale, shift)))  # fixed order
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("acc,pdt", FINALIZE_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("rows,k,affine", [(1, 3, True), (75, 70, True), (40, 129, False)])
+def test_bn_backward_coefficients_kernel(backend, acc, pdt, rows, k, affine):
+    g = torch.Generator().manual_seed(rows * 1000 + k + 1)
+    part = torch.randn(rows, 2, k, generator=g, dtype=acc).to(DEVICE)
+    mean = torch.randn(k, generator=g, dtype=acc).to(DEVICE)
+    invstd = (torch.rand(k, generator=g, dtype=acc) + 0.5).to(DEVICE)
+    gamma = (torch.rand(k, generator=g) + 0.5).to(pdt).to(DEVICE) if affine else None
+    m = 3 * rows + 1
+    a, b, c, sg, sgx = _coefficients(backend, part, mean, invstd, gamma, m, pdt)
+    sg_r, sgy_r = part.double().sum(0)
+    md, inv = mean.double(), invstd.double()
+    sgx_r = inv * (sgy_r - md * sg_r)
+    a_r = inv * (gamma.double() if affine else 1.0)
+    b_r = -a_r * inv * sgx_r / m
+    c_r = a_r * (md * inv * sgx_r - sg_r) / m
+    tol_acc = 1e-12 if acc == torch.float64 else 1e-5
+    for got, want, dt, what in [(a, a_r, acc, "a"), (b, b_r, acc, "b"), (c, c_r, acc, "c"), (sg, sg_r, pdt, "sg"),
+                                (sgx, sgx_r, pdt, "sgx")]:
+        assert got.dtype == dt and got.shape == (k,), what
+        assert rel_err(got, want) < max(tol_acc, REL_TOL[dt]), what
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
+                    reason="needs CUDA and cnnkern._C")
+def test_gpu_cuda_finalize_ops_refuse_bad_tensors():
+    stats = torch.zeros(4, 3, 8, device=DEVICE)
+    outs = [torch.empty(8, device=DEVICE) for _ in range(5)]
+    with pytest.raises(RuntimeError, match="stats must be a contiguous"):
+        torch.ops.cnnkern.bn_finalize_cuda(stats[:, :2], None, None, 1e-5, *outs)
+    with pytest.raises(RuntimeError, match="gamma must be a contiguous"):
+        torch.ops.cnnkern.bn_finalize_cuda(stats, torch.ones(7, device=DEVICE), None, 1e-5, *outs)
+    with pytest.raises(RuntimeError, match="scale must be a contiguous"):
+        torch.ops.cnnkern.bn_finalize_cuda(stats, None, None, 1e-5, *outs[:3], outs[3].double(), outs[4])
+    part = torch.zeros(4, 2, 8, device=DEVICE)
+    with pytest.raises(RuntimeError, match="count must be positive"):
+        torch.ops.cnnkern.bn_backward_coefficients_cuda(part, outs[0], outs[1], None, 0, *outs)

@@ -134,7 +134,7 @@ def test_conv_bn_relu(backend, cfg, dtype, layout, training, relu, has_bias):
     if training:
         # A channel whose convolution output is constant (every tap it reads is padding) has zero
         # variance: BatchNorm then multiplies the rounding noise of its mean by 1/sqrt(eps), and no
-        # relative error means anything (kernels/conv_bn_relu.merge_stats forms the mean as a weighted
+        # relative error means anything (the finalize kernels form the mean as a weighted
         # average of tile means, not exact for identical values as PyTorch's is).
         yr = torch.nn.functional.conv2d(x.detach().double(), w.detach().double(), None, **kw)
         assume(bool((yr.var(dim=(0, 2, 3), unbiased=False) > 1e-6 * (1 + yr.pow(2).mean(dim=(0, 2, 3)))).all()))

@@ -36,10 +36,6 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _affine(t: torch.Tensor | None, k: int, fill: float, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype) if t is not None else torch.full((k,), fill, dtype=dtype, device=like.device)
-
-
 @custom_op("cnnkern::conv_bn_relu_train")
 def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bn_weight: torch.Tensor | None,
                        bn_bias: torch.Tensor | None, eps: float, stride: list[int], padding: list[int],
@@ -58,14 +54,13 @@ def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
     else:
         stats = torch.zeros((kc.stats_rows(n_ * p * q), 3, k), dtype=acc_t, device=x.device)
         kc.conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, False, precision, stats=stats)
-    _, mean, var = kb.merge_stats(stats)
-    invstd = torch.rsqrt(var + eps)
-    scale = _affine(bn_weight, k, 1.0, x, acc_t) * invstd
-    shift = _affine(bn_bias, k, 0.0, x, acc_t) - mean * scale
     out = new_output(shape, x, cl)
     if backend == "cuda":
+        mean, invstd, var, scale, shift = (torch.empty(k, dtype=stats.dtype, device=x.device) for _ in range(5))
+        torch.ops.cnnkern.bn_finalize_cuda(stats, bn_weight, bn_bias, eps, mean, invstd, var, scale, shift)
         torch.ops.cnnkern.bn_apply_cuda(y, out, scale, shift, relu)
     else:
+        mean, invstd, var, scale, shift = kb.bn_finalize(stats, bn_weight, bn_bias, eps)
         kb.bn_apply(y, out, scale, shift, relu)
     return out, y, mean, invstd, var
 
@@ -100,16 +95,18 @@ def conv_bn_relu_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch
     cl = _y_channels_last(y, y)
     grad = in_layout(grad, cl)  # the kernels read grad, out and y through one dense layout
     dy = new_output(y.shape, y, cl)
-    gamma = _affine(bn_weight, y.shape[1], 1.0, y, mean.dtype)
+    pdt = bn_weight.dtype if bn_weight is not None else y.dtype
     if backend == "cuda":
+        k = y.shape[1]
         part = torch.ops.cnnkern.bn_backward_reduce_cuda(grad, out, y)
-        sg, sgy = part.sum(0).unbind(0)  # chunks added in a fixed order: deterministic
-        a, b, c, sgx = kb.bn_backward_coefficients(sg, sgy, mean, invstd, gamma, y.numel() // y.shape[1])
+        a, b, c = (torch.empty(k, dtype=mean.dtype, device=y.device) for _ in range(3))
+        sg, sgx = (torch.empty(k, dtype=pdt, device=y.device) for _ in range(2))
+        torch.ops.cnnkern.bn_backward_coefficients_cuda(part, mean, invstd, bn_weight, y.numel() // max(k, 1),
+                                                        a, b, c, sg, sgx)
         torch.ops.cnnkern.bn_backward_dy_cuda(grad, out, y, dy, a, b, c)
     else:
-        sg, sgx = kb.bn_backward(grad, out, y, dy, mean, invstd, gamma)
-    pdt = bn_weight.dtype if bn_weight is not None else y.dtype
-    return dy, sgx.to(pdt), sg.to(pdt)
+        sg, sgx = kb.bn_backward(grad, out, y, dy, mean, invstd, bn_weight, pdt)
+    return dy, sgx, sg
 
 
 @conv_bn_relu_backward.register_fake

@@ -2,13 +2,14 @@
 // kernels/conv_bn_relu.py; cnnkern/ops/conv_bn_relu.py strings the steps together):
 //
 //   forward   the convolution's epilogue writes y and per-block (count, mean, M2) statistics
-//             (conv2d_forward_cuda with stats=True); the host merges them (Chan et al.) into the
-//             batch mean and variance and folds BN into per-channel scale/shift; bn_apply_cuda
-//             writes out = [relu](y * scale[c] + shift[c]) in one pass.
+//             (conv2d_forward_cuda with stats=True); bn_finalize_cuda merges them (Chan et al.)
+//             into the batch mean and variance and folds BN into per-channel scale/shift, in one
+//             launch; bn_apply_cuda writes out = [relu](y * scale[c] + shift[c]) in one pass.
 //   backward  bn_backward_reduce_cuda: one pass over (grad, out, y) gives, per chunk of rows and
 //             channel, sum g' and sum g' * y with g' = grad masked by the ReLU (out > 0);
-//             the host adds the chunks in order and folds the BN backward into per-channel
-//             coefficients; bn_backward_dy_cuda: dy = a[c] * g' + b[c] * y + c[c].
+//             bn_backward_coefficients_cuda adds the chunks in order and folds the BN backward
+//             into per-channel coefficients (one launch); bn_backward_dy_cuda:
+//             dy = a[c] * g' + b[c] * y + c[c].
 //
 // y, out, grad and dy share one dense layout, NCHW or NHWC: the channel of linear element e is
 // (e / PQ) % K or e % K. No atomics: the reductions are fixed-order, so results are bitwise
@@ -125,6 +126,107 @@ __global__ void reduce_nchw_kernel(const T* __restrict__ g, const T* __restrict_
   }
 }
 
+// The per-channel finishing steps. A block owns 32 channels (threadIdx.x % 32, coalesced along K)
+// with 8 row lanes (threadIdx.x / 32) striding over the rows; the lanes are added in order 0..7,
+// so every sum has a fixed order. Parameters (gamma, beta, and the parameter gradients) have the
+// BatchNorm module's dtype P; everything else the accumulation dtype A (float; double for double).
+constexpr int kLanes = 8;
+
+// stats (R, 3, K) rows of (count, mean, M2) -> mean, invstd = 1/sqrt(var + eps), biased var,
+// scale = gamma * invstd, shift = beta - mean * scale. Two passes over the rows: the global mean,
+// then M2 = sum(M2_t + n_t (mean_t - mean)^2), so there is no E[y^2] - E[y]^2 cancellation.
+template <typename A, typename P>
+__global__ void finalize_kernel(const A* __restrict__ stats, const P* __restrict__ gamma, const P* __restrict__ beta,
+                                A* __restrict__ mean_o, A* __restrict__ invstd_o, A* __restrict__ var_o,
+                                A* __restrict__ scale_o, A* __restrict__ shift_o, int64_t R, int64_t K, double eps) {
+  __shared__ A s_x[kLanes][32], s_y[kLanes][32];
+  __shared__ A s_n[32], s_mean[32];
+  const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * 32 + tx;
+  A n = A(0), s = A(0);
+  if (k < K) {
+    for (int64_t r = ty; r < R; r += kLanes) {
+      const A c = stats[r * 3 * K + k];
+      n += c;
+      s += c * stats[r * 3 * K + K + k];
+    }
+  }
+  s_x[ty][tx] = n;
+  s_y[ty][tx] = s;
+  __syncthreads();
+  if (ty == 0) {
+    A tn = A(0), ts = A(0);
+    for (int i = 0; i < kLanes; ++i) {
+      tn += s_x[i][tx];
+      ts += s_y[i][tx];
+    }
+    s_n[tx] = tn > A(0) ? tn : A(1);  // channels past K: never stored
+    s_mean[tx] = ts / s_n[tx];
+  }
+  __syncthreads();
+  const A mu = s_mean[tx];
+  A m2 = A(0);
+  if (k < K) {
+    for (int64_t r = ty; r < R; r += kLanes) {
+      const A d = stats[r * 3 * K + K + k] - mu;
+      m2 += stats[r * 3 * K + 2 * K + k] + stats[r * 3 * K + k] * d * d;
+    }
+  }
+  s_x[ty][tx] = m2;  // every read of s_x in the first pass happened before the barrier above
+  __syncthreads();
+  if (ty == 0 && k < K) {
+    A tm = A(0);
+    for (int i = 0; i < kLanes; ++i) tm += s_x[i][tx];
+    const A var = tm / s_n[tx];
+    const A inv = A(1) / ::sqrt(var + static_cast<A>(eps));
+    const A sc = (gamma != nullptr ? static_cast<A>(gamma[k]) : A(1)) * inv;
+    mean_o[k] = mu;
+    invstd_o[k] = inv;
+    var_o[k] = var;
+    scale_o[k] = sc;
+    shift_o[k] = (beta != nullptr ? static_cast<A>(beta[k]) : A(0)) - mu * sc;
+  }
+}
+
+// part (R, 2, K) rows of (sum g', sum g' y) over the M values of each channel -> dy = a g' + b y + c
+// with sgx = sum g' xhat = invstd (sum g' y - mean sum g'), a = gamma invstd,
+// b = -a invstd sgx / M, c = a (mean invstd sgx - sg) / M; and the parameter gradients sg, sgx.
+template <typename A, typename P>
+__global__ void coefficients_kernel(const A* __restrict__ part, const A* __restrict__ mean,
+                                    const A* __restrict__ invstd, const P* __restrict__ gamma, A* __restrict__ a_o,
+                                    A* __restrict__ b_o, A* __restrict__ c_o, P* __restrict__ sg_o,
+                                    P* __restrict__ sgx_o, int64_t R, int64_t K, int64_t M) {
+  __shared__ A s_g[kLanes][32], s_gy[kLanes][32];
+  const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * 32 + tx;
+  A sg = A(0), sgy = A(0);
+  if (k < K) {
+    for (int64_t r = ty; r < R; r += kLanes) {
+      sg += part[r * 2 * K + k];
+      sgy += part[r * 2 * K + K + k];
+    }
+  }
+  s_g[ty][tx] = sg;
+  s_gy[ty][tx] = sgy;
+  __syncthreads();
+  if (ty == 0 && k < K) {
+    A tg = A(0), tgy = A(0);
+    for (int i = 0; i < kLanes; ++i) {
+      tg += s_g[i][tx];
+      tgy += s_gy[i][tx];
+    }
+    const A mu = mean[k], inv = invstd[k];
+    const A sgx = inv * (tgy - mu * tg);
+    const A a = (gamma != nullptr ? static_cast<A>(gamma[k]) : A(1)) * inv;
+    const A inv_m = A(1) / static_cast<A>(M);
+    a_o[k] = a;
+    b_o[k] = -a * inv * sgx * inv_m;
+    c_o[k] = a * (mu * inv * sgx - tg) * inv_m;
+    sg_o[k] = static_cast<P>(tg);
+    sgx_o[k] = static_cast<P>(sgx);
+  }
+}
+
 // The layout all the tensors share: true for channels_last, false for NCHW; anything else is an error.
 bool dense_layout(const char* op, const at::Tensor& ref, std::initializer_list<const at::Tensor*> others) {
   TORCH_CHECK(ref.dim() == 4, "cnnkern ", op, ": expects 4-D tensors, got ", ref.sizes());
@@ -227,10 +329,108 @@ void bn_backward_dy_cuda(const at::Tensor& grad, const std::optional<at::Tensor>
   });
 }
 
+// A (K,) contiguous CUDA vector of dtype `dtype`.
+void check_channel_vec(const char* op, const at::Tensor& v, int64_t K, at::ScalarType dtype, const char* name) {
+  CNNKERN_CHECK_CUDA(v, name);
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == K && v.is_contiguous() && v.scalar_type() == dtype, "cnnkern ", op, ": ",
+              name, " must be a contiguous (", K, ",) ", dtype, " vector, got ", v.sizes(), " ", v.scalar_type());
+}
+
+// The parameter dtype P: that of the first given tensor, else the accumulation dtype.
+at::ScalarType param_dtype(std::initializer_list<const std::optional<at::Tensor>*> ts, at::ScalarType acc) {
+  for (const auto* t : ts) {
+    if (t->has_value()) return (*t)->scalar_type();
+  }
+  return acc;
+}
+
+template <typename P>
+const P* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<P>() : nullptr;
+}
+
+void bn_finalize_cuda(const at::Tensor& stats, const std::optional<at::Tensor>& gamma,
+                      const std::optional<at::Tensor>& beta, double eps, const at::Tensor& mean,
+                      const at::Tensor& invstd, const at::Tensor& var, const at::Tensor& scale,
+                      const at::Tensor& shift) {
+  const char* op = "bn_finalize (cuda)";
+  CNNKERN_CHECK_CUDA(stats, "stats");
+  TORCH_CHECK(stats.dim() == 3 && stats.size(1) == 3 && stats.is_contiguous() &&
+                  (stats.scalar_type() == at::kFloat || stats.scalar_type() == at::kDouble),
+              "cnnkern ", op, ": stats must be a contiguous (rows, 3, K) float32 or float64 tensor, got ",
+              stats.sizes(), " ", stats.scalar_type());
+  const int64_t R = stats.size(0), K = stats.size(2);
+  const auto acc = stats.scalar_type();
+  const auto pdt = param_dtype({&gamma, &beta}, acc);
+  if (gamma.has_value()) check_channel_vec(op, *gamma, K, pdt, "gamma");
+  if (beta.has_value()) check_channel_vec(op, *beta, K, pdt, "beta");
+  check_channel_vec(op, mean, K, acc, "mean");
+  check_channel_vec(op, invstd, K, acc, "invstd");
+  check_channel_vec(op, var, K, acc, "var");
+  check_channel_vec(op, scale, K, acc, "scale");
+  check_channel_vec(op, shift, K, acc, "shift");
+  if (K == 0) return;
+  TORCH_CHECK((K + 31) / 32 < (int64_t{1} << 31), "cnnkern ", op, ": too many channels (", K, ")");
+  const c10::cuda::CUDAGuard guard(stats.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(acc, "bn_finalize_cuda", [&] {
+    using A = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pdt, "bn_finalize_cuda_param", [&] {
+      using P = scalar_t;
+      finalize_kernel<A, P><<<static_cast<unsigned>((K + 31) / 32), 32 * kLanes, 0, stream>>>(
+          stats.const_data_ptr<A>(), opt_ptr<P>(gamma), opt_ptr<P>(beta), mean.mutable_data_ptr<A>(),
+          invstd.mutable_data_ptr<A>(), var.mutable_data_ptr<A>(), scale.mutable_data_ptr<A>(),
+          shift.mutable_data_ptr<A>(), R, K, eps);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void bn_backward_coefficients_cuda(const at::Tensor& part, const at::Tensor& mean, const at::Tensor& invstd,
+                                   const std::optional<at::Tensor>& gamma, int64_t count, const at::Tensor& a,
+                                   const at::Tensor& b, const at::Tensor& c, const at::Tensor& sg,
+                                   const at::Tensor& sgx) {
+  const char* op = "bn_backward_coefficients (cuda)";
+  CNNKERN_CHECK_CUDA(part, "part");
+  TORCH_CHECK(part.dim() == 3 && part.size(1) == 2 && part.is_contiguous() &&
+                  (part.scalar_type() == at::kFloat || part.scalar_type() == at::kDouble),
+              "cnnkern ", op, ": part must be a contiguous (chunks, 2, K) float32 or float64 tensor, got ",
+              part.sizes(), " ", part.scalar_type());
+  TORCH_CHECK(count > 0, "cnnkern ", op, ": count must be positive, got ", count);
+  const int64_t R = part.size(0), K = part.size(2);
+  const auto acc = part.scalar_type();
+  const auto pdt = sg.scalar_type();
+  check_channel_vec(op, mean, K, acc, "mean");
+  check_channel_vec(op, invstd, K, acc, "invstd");
+  if (gamma.has_value()) check_channel_vec(op, *gamma, K, pdt, "gamma");
+  check_channel_vec(op, a, K, acc, "a");
+  check_channel_vec(op, b, K, acc, "b");
+  check_channel_vec(op, c, K, acc, "c");
+  check_channel_vec(op, sg, K, pdt, "sg");
+  check_channel_vec(op, sgx, K, pdt, "sgx");
+  if (K == 0) return;
+  TORCH_CHECK((K + 31) / 32 < (int64_t{1} << 31), "cnnkern ", op, ": too many channels (", K, ")");
+  const c10::cuda::CUDAGuard guard(part.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(acc, "bn_backward_coefficients_cuda", [&] {
+    using A = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pdt, "bn_backward_coefficients_cuda_param", [&] {
+      using P = scalar_t;
+      coefficients_kernel<A, P><<<static_cast<unsigned>((K + 31) / 32), 32 * kLanes, 0, stream>>>(
+          part.const_data_ptr<A>(), mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), opt_ptr<P>(gamma),
+          a.mutable_data_ptr<A>(), b.mutable_data_ptr<A>(), c.mutable_data_ptr<A>(), sg.mutable_data_ptr<P>(),
+          sgx.mutable_data_ptr<P>(), R, K, count);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
 }  // namespace
 }  // namespace cnnkern
 
 TORCH_LIBRARY_IMPL(cnnkern, CUDA, m) {
+  m.impl("bn_finalize_cuda", &cnnkern::bn_finalize_cuda);
+  m.impl("bn_backward_coefficients_cuda", &cnnkern::bn_backward_coefficients_cuda);
   m.impl("bn_apply_cuda", &cnnkern::bn_apply_cuda);
   m.impl("bn_backward_reduce_cuda", &cnnkern::bn_backward_reduce_cuda);
   m.impl("bn_backward_dy_cuda", &cnnkern::bn_backward_dy_cuda);
