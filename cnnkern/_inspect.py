@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import _backend
 
@@ -128,6 +128,7 @@ class TritonSpec:
     configs: list | None = None  # [(kwargs, num_warps, num_stages)]; None: the autotuner's
     gate: bool = False
     floats: tuple = ()  # fp32 scalar arguments (everything else not a pointer is i32)
+    ptr_dtypes: dict = field(default_factory=dict)  # pointers whose element type is not ``dtype``
 
 
 def _conv_specs():
@@ -171,8 +172,40 @@ def _lrn_specs():
     ]
 
 
+def _bn_specs():
+    # the training-mode BatchNorm kernels around the convolution (kernels/conv_bn_relu.py and the
+    # conv's split-K sum): bf16 activations and parameters, fp32 statistics, as a bf16 model runs
+    import triton.language as tl
+
+    bf16 = "bf16"
+    elementwise = [({"BLOCK": 2048}, 8, 1)]
+    small = [({"BLOCK_R": 32, "BLOCK_K": 64}, 4, 1)]
+    return [
+        TritonSpec("conv_bn_relu finalize, fp32 stats, bf16 params", "conv_bn_relu", "_finalize_kernel", "fp32",
+                   dict(HAS_GAMMA=True, HAS_BETA=True, ACC=tl.float32), floats=("eps",),
+                   ptr_dtypes={"gamma_ptr": bf16, "beta_ptr": bf16}, configs=small),
+        TritonSpec("conv_bn_relu finalize, fp64", "conv_bn_relu", "_finalize_kernel", "fp64",
+                   dict(HAS_GAMMA=True, HAS_BETA=False, ACC=tl.float64), floats=("eps",), configs=small),
+        TritonSpec("conv_bn_relu apply + ReLU, bf16 NHWC", "conv_bn_relu", "_apply_kernel", bf16,
+                   dict(CHANNELS_LAST=True, RELU=True, ACC=tl.float32),
+                   ptr_dtypes={"scale_ptr": "fp32", "shift_ptr": "fp32"}, configs=elementwise),
+        TritonSpec("conv_bn_relu backward reductions, bf16 NHWC", "conv_bn_relu", "_reduce_kernel", bf16,
+                   dict(CHANNELS_LAST=True, RELU=True, ACC=tl.float32), ptr_dtypes={"part_ptr": "fp32"},
+                   configs=[({"BLOCK_R": 64, "BLOCK_K": 32}, 4, 1)]),
+        TritonSpec("conv_bn_relu backward coefficients, bf16 params", "conv_bn_relu", "_coefficients_kernel", "fp32",
+                   dict(HAS_GAMMA=True, ACC=tl.float32),
+                   ptr_dtypes={"gamma_ptr": bf16, "sg_ptr": bf16, "sgx_ptr": bf16}, configs=small),
+        TritonSpec("conv_bn_relu backward dy, bf16 NHWC", "conv_bn_relu", "_dy_kernel", bf16,
+                   dict(CHANNELS_LAST=True, RELU=True, ACC=tl.float32),
+                   ptr_dtypes={"a_ptr": "fp32", "b_ptr": "fp32", "c_ptr": "fp32"}, configs=elementwise),
+        TritonSpec("conv2d wgrad split-K sum, bf16 weight", "conv2d", "_split_sum_kernel", bf16,
+                   dict(WITH_BIAS=True, ACC=tl.float32), ones=("s1",), ptr_dtypes={"ws_ptr": "fp32"},
+                   configs=[({"BLOCK": 1024}, 4, 1)]),
+    ]
+
+
 def triton_specs() -> list[TritonSpec]:
-    return _conv_specs() + _lrn_specs()
+    return _conv_specs() + _lrn_specs() + _bn_specs()
 
 
 def _triton_fn(spec: TritonSpec):
@@ -226,7 +259,7 @@ def compile_triton(spec: TritonSpec, arch: int) -> list[TritonReport]:
     reports = []
     for kwargs, warps, stages in configs:
         const = {**spec.constexprs, **kwargs, **{o: 1 for o in spec.ones}}
-        sig = {p: "constexpr" if p in const else (f"*{spec.dtype}" if p.endswith("_ptr") else
+        sig = {p: "constexpr" if p in const else (f"*{spec.ptr_dtypes.get(p, spec.dtype)}" if p.endswith("_ptr") else
                                                   "fp32" if p in spec.floats else "i32") for p in names}
         div = [p for p in names if p not in const and (p.endswith("_ptr") or p in spec.div16)]
         src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
