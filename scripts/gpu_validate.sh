@@ -11,7 +11,11 @@
 # Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda), MAX_JOBS (nvcc
 # jobs), CNNKERN_GIT_COMMIT (the commit to record in the results when this tree has no .git),
 # STEPS (a space-separated subset of the optional steps, to split a run across several sessions:
-# pytest-cuda-conv pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize; default all of them). The first steps,
+# pytest-cuda-conv pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize; default all of them;
+# and, only when named: overhead (scripts/gpu_overhead.py: host vs kernel time of a conv call),
+# bench-quick (`cnnkern bench --quick`, its duration is logged), bench-graph (the same subset timed
+# as CUDA-graph replays: kernel time without host launch cost, into OUTDIR/results-graph), and
+# degradation (scripts/degradation.py on the GPU: plain vs residual, depth 20/56, 3 seeds)). The first steps,
 # nvidia-smi, versions, build (incremental) and importable, always run.
 #
 # OUTDIR receives: nvidia-smi/versions/build/... logs, junit XML of the test runs, the benchmark
@@ -127,6 +131,16 @@ bench() {
   cp "$out"/results/*.json "$out/"
 }
 
+bench_quick() {
+  "$PY" -m cnnkern.cli bench --quick --out "$out/results" --no-progress || return $?
+  cp "$out"/results/*.json "$out/"
+}
+bench_graph() { "$PY" -m cnnkern.cli bench --quick --graph --out "$out/results-graph" --no-progress; }
+overhead() { "$PY" scripts/gpu_overhead.py; }
+degradation() {
+  "$PY" scripts/degradation.py --epochs 40 --seeds 0,1,2 --channels-last --out "$out/degradation"
+}
+
 ptxas() {
   local so tool
   so="$(ls cnnkern/_C*.so 2>/dev/null | head -n 1)"
@@ -191,6 +205,10 @@ optional bench bench
 optional ptxas ptxas
 optional inspect inspect
 optional sanitize sanitize
+optional overhead overhead
+optional bench-quick bench_quick
+optional bench-graph bench_graph
+optional degradation degradation
 
 commit_dir="$("$PY" -c 'import os; from cnnkern.benchmarks import harness as h; print(os.path.relpath(h.default_out_dir(h.environment()), h.REPO_ROOT))' 2>/dev/null)"
 {
