@@ -34,10 +34,17 @@ def test_digits_are_real_images():
 
 
 def test_training_learns_and_checkpoints(tmp_path):
-    out, ck = _run(["cifar_resnet", "--depth", "20", "--epochs", "3", "--size", "16", "--backend", "torch"], tmp_path)
+    import json
+
+    log = tmp_path / "log.jsonl"
+    out, ck = _run(["cifar_resnet", "--depth", "20", "--epochs", "3", "--size", "16", "--backend", "torch",
+                    "--seed", "3", "--log", str(log)], tmp_path)
     accs = [float(line.split("test acc ")[1].split(",")[0]) for line in out.splitlines() if "test acc" in line]
     assert len(accs) == 3 and accs[-1] > 0.6  # ten classes: chance is 0.1
     assert ck["epoch"] == 3 and "conv1.weight" in ck["model"] and "state" in ck["optimizer"]
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and {r["seed"] for r in rows} == {3}
+    assert rows[-1]["depth"] == 20 and abs(rows[-1]["test_error"] - (1 - accs[-1])) < 1e-3
 
 
 def test_ddp_two_cpu_processes_on_gloo(tmp_path):
