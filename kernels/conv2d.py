@@ -389,7 +389,34 @@ def _split_sum_kernel(ws_ptr, gw_ptr, gb_ptr, splits, split_stride, NW, K, Cg, R
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
+# the argument holding each autotuned kernel's GEMM width (output columns per group)
+_GEMM_N = {_fwd_kernel: "Kg", _fwd_1x1_kernel: "Kg", _fwd_small_c_kernel: "Kg", _dgrad_kernel: "Cg"}
 _TUNED: dict = {}  # (kernel, autotune key) -> the launch arguments of the triton.Config its autotuner chose
+
+
+def deterministic_config(configs, M: int, N: int, sms: int):
+    """The tile used under ``torch.use_deterministic_algorithms(True)``, chosen from the shape
+    alone (the autotuner's timing-based pick may differ between processes, and a different tile
+    sums the reduction in a different order): the largest BLOCK_M x BLOCK_N tile that still gives
+    every SM a tile (``sms``, the device's SM count), else the smallest tile; ties go to the
+    earlier configuration in the list. The same shape on the same GPU model always gets the same
+    tile, so results are bitwise equal across processes too."""
+    def area(c):
+        return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+
+    def tiles(c):
+        return triton.cdiv(M, c.kwargs["BLOCK_M"]) * triton.cdiv(N, c.kwargs["BLOCK_N"])
+
+    filling = [c for c in configs if tiles(c) >= sms]
+    if filling:
+        best = max(area(c) for c in filling)
+        return next(c for c in filling if area(c) == best)
+    least = min(area(c) for c in configs)
+    return next(c for c in configs if area(c) == least)
+
+
+def _sm_count(device) -> int:
+    return 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch(kernel, grid, key, *args, **kwargs) -> None:
@@ -397,13 +424,25 @@ def _launch(kernel, grid, key, *args, **kwargs) -> None:
     bookkeeping once it has chosen a configuration for ``key`` (the autotune key's values and the
     tensor arguments' dtypes, as Triton's own cache keys it): the launch goes straight to the
     JIT function with that configuration. Host time matters here: a ResNet-50 convolution runs
-    12-37 us on an H100."""
-    cfg = _TUNED.get((kernel, key))
+    12-37 us on an H100. Under ``torch.use_deterministic_algorithms(True)`` nothing is timed: the
+    tile comes from :func:`deterministic_config` for the GEMM's M and N (the kernel's ``M`` and
+    its per-group output width, :data:`_GEMM_N`)."""
+    det = torch.are_deterministic_algorithms_enabled()
+    cfg = _TUNED.get((kernel, key, det))
     if cfg is None:
-        kernel[grid](*args, **kwargs)
-        _TUNED[(kernel, key)] = kernel.best_config.all_kwargs()
-    else:
-        kernel.fn[grid](*args, **kwargs, **cfg)
+        if det:
+            named = dict(zip(kernel.fn.arg_names, args))
+            configs = kernel.configs
+            prune = getattr(kernel, "early_config_prune", None)
+            if prune is not None:
+                configs = prune(configs, named)
+            cfg = deterministic_config(configs, named["M"], named[_GEMM_N[kernel]], _sm_count(args[0].device))
+            cfg = _TUNED[(kernel, key, det)] = cfg.all_kwargs()
+        else:
+            kernel[grid](*args, **kwargs)
+            _TUNED[(kernel, key, det)] = kernel.best_config.all_kwargs()
+            return
+    kernel.fn[grid](*args, **kwargs, **cfg)
 
 
 def _acc(dtype: torch.dtype):

@@ -118,3 +118,33 @@ def test_bitwise_reproducible(op, backend, deterministic):
 
 def test_deterministic_mode_is_restored(deterministic):
     assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_deterministic_mode_picks_conv_tiles_by_shape_not_by_timing(monkeypatch, deterministic):
+    # The autotuner's pick depends on timings, which can differ between processes; in deterministic
+    # mode the tile is a function of the shape (and the GPU's SM count) only, and nothing is timed.
+    import triton
+
+    from cnnkern.kernels import conv2d as k
+
+    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}) for bm, bn in [(128, 128), (128, 64), (64, 128), (64, 64),
+                                                                        (128, 256)]]
+    pick = lambda M, N, sms: (lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))(  # noqa: E731
+        k.deterministic_config(cfgs, M, N, sms))
+    assert pick(100352, 256, 132) == (128, 256)   # plenty of tiles: the largest
+    assert pick(6272, 256, 132) == (128, 64)      # 49 or 98 larger tiles would leave SMs idle; a tie: list order
+    assert pick(1568, 512, 132) == (64, 64)       # only the smallest tile gives every SM one
+    assert pick(1568, 64, 132) == (64, 64)        # nothing fills the GPU: the smallest
+    assert pick(1568, 64, 132) == pick(1568, 64, 132)
+
+    def no_autotune(*a, **kw):
+        raise AssertionError("the autotuner ran in deterministic mode")
+
+    monkeypatch.setattr(k, "_TUNED", {})
+    monkeypatch.setattr(type(k._fwd_kernel), "run", no_autotune)
+    x = torch.randn(2, 8, 6, 6)
+    w = torch.randn(4, 8, 3, 3)
+    y = torch.empty(2, 4, 6, 6)
+    k.conv2d_forward(x, w, None, y, [1, 1], [1, 1], [1, 1], 1, False, "ieee")
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, padding=1), rtol=1e-5, atol=1e-5)
+    assert any(key[-1] is True for key in k._TUNED)
