@@ -91,7 +91,7 @@ def test_bench_options_reach_the_suite(monkeypatch, capsys):
                      "--no-progress"]) == 0
     assert seen == dict(ops=["conv2d", "models"], nets=["resnet50", "vgg16"], dtypes=["bfloat16"], batches=[1, 32],
                         backends=["triton"], inductor=False, quick=True, out_dir="/r/x", progress=False,
-                        report="/r/x")
+                        graph=False, report="/r/x")
     assert "report: /r/x/report.md" in capsys.readouterr().out
     seen.clear()
     assert cli.main(["bench"]) == 0
