@@ -5,7 +5,9 @@ For a few ResNet-50 layers (bf16, channels_last, batch 32), against cuDNN in the
   * graph    -- do_bench_cudagraph median: the kernels alone, no launch cost;
   * host     -- host microseconds per call when calls are queued back to back (no sync between);
   * launcher -- host microseconds of cnnkern.kernels.conv2d.conv2d_forward alone (no op dispatch);
-then a cProfile of the public call, so a host-bound path shows where its time is spent.
+the CUDA C++ backend's call too when the extension is built; then one conv-BN-ReLU training step
+(forward + backward, bf16) per provider; then a cProfile of the public call, so a host-bound path
+shows where its time is spent.
 
     python scripts/gpu_overhead.py            # needs a CUDA GPU
 """
@@ -18,6 +20,7 @@ import time
 import torch
 import triton.testing
 
+import cnnkern
 from cnnkern import functional as F
 from cnnkern.kernels import conv2d as K
 
@@ -40,6 +43,18 @@ def host_us(fn, n=200):
     return (t1 - t0) / n * 1e6
 
 
+def _row(name, prov, fn, flops):
+    try:
+        fn()
+        eager = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        graph = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+        hu = host_us(fn)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic: report and go on
+        print(f"{name:16s} {prov:7s} failed: {type(exc).__name__}: {exc}")
+        return
+    print(f"{name:16s} {prov:7s} {eager:9.4f} {graph:9.4f} {hu:8.1f} {flops / graph / 1e9:13.1f}")
+
+
 def main():
     torch.backends.cudnn.benchmark = True
     dev = "cuda"
@@ -55,12 +70,25 @@ def main():
         flops = 2 * n * k * out_hw * c * r * r
         pad = [p, p, p, p]
         launcher = lambda: K.conv2d_forward(x, w, None, y, [s, s], pad[:2], [1, 1], 1, False, "ieee")  # noqa: E731
-        for prov, fn in (("cudnn", cudnn), ("triton", ours), ("launch", launcher)):
-            fn()
-            eager = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-            graph = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-            hu = host_us(fn)
-            print(f"{name:16s} {prov:7s} {eager:9.4f} {graph:9.4f} {hu:8.1f} {flops / graph / 1e9:13.1f}")
+        provs = [("cudnn", cudnn), ("triton", ours), ("launch", launcher)]
+        if cnnkern.available_backends().count("cuda"):
+            provs.append(("cuda", lambda: F.conv2d(x, w, stride=s, padding=p, backend="cuda")))
+        for prov, fn in provs:
+            _row(name, prov, fn, flops)
+    # a training step of one conv-BN-ReLU layer (forward + backward): launches per layer matter here
+    for name, n, c, h, w_, k, r, s, p in LAYERS[1:3]:
+        x = torch.randn(n, c, h, w_, device=dev, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        x.requires_grad_()
+        ref = torch.nn.Sequential(torch.nn.Conv2d(c, k, r, s, p, bias=False), torch.nn.BatchNorm2d(k),
+                                  torch.nn.ReLU()).to(dev, torch.bfloat16).to(memory_format=torch.channels_last)
+        flops = 3 * 2 * n * k * (h // s) * (w_ // s) * c * r * r
+        for prov in ["torch", "triton", *(["cuda"] if "cuda" in cnnkern.available_backends() else [])]:
+            mod = ref if prov == "torch" else cnnkern.nn.ConvBNReLU2d.from_modules(ref[0], ref[1], backend=prov)
+
+            def step(mod=mod):
+                mod(x).sum().backward()
+
+            _row(name + " train", prov, step, flops)
     # where the host time goes, for the last layer
     pr = cProfile.Profile()
     pr.enable()
