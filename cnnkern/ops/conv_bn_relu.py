@@ -51,6 +51,8 @@ def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
     if backend == "cuda":  # the statistics' workspace comes back from the kernel that fills it
         stats = torch.ops.cnnkern.conv2d_forward_cuda(x, w, bias, y, stride, padding[:2], dilation, groups, False,
                                                       CUDA_ALGO, True, precision == "tf32")
+        if stats.dim() != 3:  # no output element (K = 0; an empty batch never gets here): no statistics
+            stats = torch.zeros((0, 3, k), dtype=acc_t, device=x.device)
     else:
         stats = torch.zeros((kc.stats_rows(n_ * p * q), 3, k), dtype=acc_t, device=x.device)
         kc.conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, False, precision, stats=stats)
