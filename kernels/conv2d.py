@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .residual_add import _decompose  # linear index of a dense 4-D tensor -> its 4 indices
 
 _INT32_MAX = 2**31 - 1
 
@@ -375,12 +376,7 @@ def _split_sum_kernel(ws_ptr, gw_ptr, gb_ptr, splits, split_stride, NW, K, Cg, R
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += split_stride  # 64-bit pointer arithmetic
     in_w = e < NW
-    s_ = e % S
-    t = e // S
-    r_ = t % R
-    t = t // R
-    c_ = t % Cg
-    k_ = t // Cg
+    k_, c_, r_, s_ = _decompose(e, Cg, R, S, False)  # gw's logical (K, Cg, R, S) order, dense
     tl.store(gw_ptr + k_ * s0 + c_ * s1 + r_ * s2 + s_ * s3, acc.to(gw_ptr.dtype.element_ty), mask=mask & in_w)
     if WITH_BIAS:
         tl.store(gb_ptr + (e - NW), acc.to(gb_ptr.dtype.element_ty), mask=mask & (e >= NW))

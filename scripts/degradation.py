@@ -50,7 +50,7 @@ def _curves(rows):
     out = {}
     for key, seeds in by.items():
         out[key] = {m: [[seeds[s][e][m] for e in sorted(seeds[s])] for s in sorted(seeds)]
-                    for m in ("train_error", "test_error", "train_loss")}
+                    for m in ("train_error", "test_error")}
     return out
 
 

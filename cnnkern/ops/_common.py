@@ -31,14 +31,10 @@ def new_output(shape, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 def in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """``t`` itself if it already has exactly the strides :func:`new_output` would give it (dense
-    NCHW or channels_last), else a copy that does."""
-    if t.dim() == 4:  # (N, C, H, W): the strides new_output gives, without building a tensor
-        _, c, h, w = t.shape
-        want = (c * h * w, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
-    else:
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        want = torch.empty(t.shape, device="meta", memory_format=fmt).stride()
+    """``t`` (4-D) itself if it already has exactly the strides :func:`new_output` would give it
+    (dense NCHW or channels_last), else a copy that does."""
+    _, c, h, w = t.shape
+    want = (c * h * w, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
     if t.stride() == want:
         return t
     return new_output(t.shape, t, channels_last).copy_(t)

@@ -242,12 +242,25 @@ bool dense_layout(const char* op, const at::Tensor& ref, std::initializer_list<c
   return cl;
 }
 
-void check_vec(const char* op, const at::Tensor& v, const at::Tensor& like, const char* name) {
+// A (K,) contiguous CUDA vector of dtype `dtype`.
+void check_channel_vec(const char* op, const at::Tensor& v, int64_t K, at::ScalarType dtype, const char* name) {
   CNNKERN_CHECK_CUDA(v, name);
-  const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == like.size(1) && v.is_contiguous() && v.scalar_type() == acc, "cnnkern ",
-              op, ": ", name, " must be a contiguous (", like.size(1), ",) ", acc, " vector, got ", v.sizes(), " ",
-              v.scalar_type());
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == K && v.is_contiguous() && v.scalar_type() == dtype, "cnnkern ", op, ": ",
+              name, " must be a contiguous (", K, ",) ", dtype, " vector, got ", v.sizes(), " ", v.scalar_type());
+}
+
+// A per-channel vector of `like` (N, K, P, Q) in its accumulation dtype (fp32; fp64 for double).
+void check_vec(const char* op, const at::Tensor& v, const at::Tensor& like, const char* name) {
+  check_channel_vec(op, v, like.size(1), like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat, name);
+}
+
+// Per-chunk partial sums (chunks, width, K), contiguous, fp32 or fp64.
+void check_partials(const char* op, const at::Tensor& t, int64_t width, const char* name) {
+  CNNKERN_CHECK_CUDA(t, name);
+  TORCH_CHECK(t.dim() == 3 && t.size(1) == width && t.is_contiguous() &&
+                  (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+              "cnnkern ", op, ": ", name, " must be a contiguous (rows, ", width, ", K) float32 or float64 tensor, got ",
+              t.sizes(), " ", t.scalar_type());
 }
 
 void bn_apply_cuda(const at::Tensor& y, const at::Tensor& out, const at::Tensor& scale, const at::Tensor& shift,
@@ -329,13 +342,6 @@ void bn_backward_dy_cuda(const at::Tensor& grad, const std::optional<at::Tensor>
   });
 }
 
-// A (K,) contiguous CUDA vector of dtype `dtype`.
-void check_channel_vec(const char* op, const at::Tensor& v, int64_t K, at::ScalarType dtype, const char* name) {
-  CNNKERN_CHECK_CUDA(v, name);
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == K && v.is_contiguous() && v.scalar_type() == dtype, "cnnkern ", op, ": ",
-              name, " must be a contiguous (", K, ",) ", dtype, " vector, got ", v.sizes(), " ", v.scalar_type());
-}
-
 // The parameter dtype P: that of the first given tensor, else the accumulation dtype.
 at::ScalarType param_dtype(std::initializer_list<const std::optional<at::Tensor>*> ts, at::ScalarType acc) {
   for (const auto* t : ts) {
@@ -354,11 +360,7 @@ void bn_finalize_cuda(const at::Tensor& stats, const std::optional<at::Tensor>& 
                       const at::Tensor& invstd, const at::Tensor& var, const at::Tensor& scale,
                       const at::Tensor& shift) {
   const char* op = "bn_finalize (cuda)";
-  CNNKERN_CHECK_CUDA(stats, "stats");
-  TORCH_CHECK(stats.dim() == 3 && stats.size(1) == 3 && stats.is_contiguous() &&
-                  (stats.scalar_type() == at::kFloat || stats.scalar_type() == at::kDouble),
-              "cnnkern ", op, ": stats must be a contiguous (rows, 3, K) float32 or float64 tensor, got ",
-              stats.sizes(), " ", stats.scalar_type());
+  check_partials(op, stats, 3, "stats");
   const int64_t R = stats.size(0), K = stats.size(2);
   const auto acc = stats.scalar_type();
   const auto pdt = param_dtype({&gamma, &beta}, acc);
@@ -391,11 +393,7 @@ void bn_backward_coefficients_cuda(const at::Tensor& part, const at::Tensor& mea
                                    const at::Tensor& b, const at::Tensor& c, const at::Tensor& sg,
                                    const at::Tensor& sgx) {
   const char* op = "bn_backward_coefficients (cuda)";
-  CNNKERN_CHECK_CUDA(part, "part");
-  TORCH_CHECK(part.dim() == 3 && part.size(1) == 2 && part.is_contiguous() &&
-                  (part.scalar_type() == at::kFloat || part.scalar_type() == at::kDouble),
-              "cnnkern ", op, ": part must be a contiguous (chunks, 2, K) float32 or float64 tensor, got ",
-              part.sizes(), " ", part.scalar_type());
+  check_partials(op, part, 2, "part");
   TORCH_CHECK(count > 0, "cnnkern ", op, ": count must be positive, got ", count);
   const int64_t R = part.size(0), K = part.size(2);
   const auto acc = part.scalar_type();
