@@ -30,6 +30,7 @@
 #include <cuda_fp16.h>
 
 #include "conv2d.h"
+#include "ptx.cuh"
 
 namespace cnnkern {
 namespace conv {
@@ -43,25 +44,11 @@ template <typename T>
 constexpr int BK = 4 * EPC<T>;  // elements of kk per step
 constexpr int STAGES = 4;
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global->shared copy; `bytes` = 0 fills the 16 bytes with zeros (src is not read).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
+using ptx::cp_async16;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::ldmatrix_x4;
+using ptx::smem_u32;
 
 template <typename T>
 struct Mma;
@@ -69,11 +56,7 @@ struct Mma;
 template <>
 struct Mma<c10::Half> {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    ptx::mma_m16n8k16_f16(d, a, b0, b1);
   }
   static __device__ __forceinline__ void prepare(uint32_t (&)[4]) {}
   static __device__ __forceinline__ void store_pair(c10::Half* dst, float lo, float hi) {
@@ -84,11 +67,7 @@ struct Mma<c10::Half> {
 template <>
 struct Mma<c10::BFloat16> {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    ptx::mma_m16n8k16_bf16(d, a, b0, b1);
   }
   static __device__ __forceinline__ void prepare(uint32_t (&)[4]) {}
   static __device__ __forceinline__ void store_pair(c10::BFloat16* dst, float lo, float hi) {
@@ -99,16 +78,12 @@ struct Mma<c10::BFloat16> {
 template <>
 struct Mma<float> {  // TF32: m16n8k8, A 4 registers (rows gid/gid+8, k tig/tig+4), B 2 (k tig/tig+4)
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    ptx::mma_m16n8k8_tf32(d, a, b0, b1);
   }
   // fp32 bits -> TF32, rounded to nearest (ties away), as cuDNN's TF32 mode does
   static __device__ __forceinline__ void prepare(uint32_t (&r)[4]) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r[i]) : "f"(__uint_as_float(r[i])));
+    for (int i = 0; i < 4; ++i) r[i] = ptx::cvt_rna_tf32(r[i]);
   }
   static __device__ __forceinline__ void store_pair(float* dst, float lo, float hi) {
     *reinterpret_cast<float2*>(dst) = make_float2(lo, hi);

@@ -1,0 +1,181 @@
+"""Build cnnkern's CUDA C++ kernels for the CPU emulator (tests/cuemu/) and load them.
+
+The sources in csrc/ are used as they are, after a few mechanical rewrites that only change how
+CUDA syntax is spelled, never what a kernel computes:
+
+- ``kernel<<<grid, block, smem, stream>>>(args);`` becomes ``::cuemu::launch(kernel, grid, block,
+  smem, stream, args);``;
+- ``extern __shared__ [__align__(n)] T name[];`` becomes a pointer to the block's dynamic shared
+  memory;
+- the includes of the CUDA runtime, cuda_fp16/cuda_bf16 and c10/cuda become ``cuemu.h``, and
+  ``ptx.cuh`` (the only inline PTX) becomes ``cuemu_ptx.h``;
+- ``TORCH_LIBRARY_IMPL(cnnkern, CUDA, m)`` becomes ``TORCH_LIBRARY_IMPL(cnnkern_emu, CPU, m)`` and
+  the schemas of csrc/cnnkern.cpp are defined again under ``cnnkern_emu``, so the emulated ops
+  (``torch.ops.cnnkern_emu.conv2d_forward_cuda`` and the rest) take CPU tensors and never mix
+  with the real extension;
+- ``.is_cuda()`` checks become ``.is_cpu()`` (the emulated device is the CPU).
+
+Anything else that is CUDA-only makes the compile fail, loudly: the emulator does not guess.
+
+Usage: ``load()`` builds once (ninja; cached under build/cuemu) and returns ``torch.ops.cnnkern_emu``.
+``python tests/cuda_emulator.py`` only writes the rewritten sources (to read what is compiled).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+EMU = Path(__file__).resolve().parent / "cuemu"
+BUILD = ROOT / "build" / "cuemu"
+
+_CUDA_INCLUDE = re.compile(r'#include\s*<(cuda_runtime\.h|cuda_fp16\.h|cuda_bf16\.h|c10/cuda/[\w/]+\.h)>')
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*)\s+(\w+)\s*\[\]\s*;")
+# the kernel expression right before <<<: a (qualified) name with optional, non-nested template
+# arguments
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:\s*<[^<>;()]*>)?)\s*<<<")
+
+
+def _split_top(s: str) -> list[str]:
+    """Split a comma-separated argument list at depth 0 (parentheses, brackets, braces, angles are
+    not tracked: the launch configurations here hold no template commas)."""
+    parts, depth, cur = [], 0, []
+    for ch in s:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    if "".join(cur).strip():
+        parts.append("".join(cur).strip())
+    return parts
+
+
+def _rewrite_launches(src: str, name: str) -> str:
+    out, pos = [], 0
+    for m in _LAUNCH.finditer(src):
+        if m.start() < pos:
+            continue
+        cfg_end = src.index(">>>", m.end())
+        cfg = _split_top(src[m.end():cfg_end])
+        if not 2 <= len(cfg) <= 4:
+            raise ValueError(f"{name}: a launch configuration of {len(cfg)} parts: {src[m.start():cfg_end + 3]}")
+        cfg += ["0", "nullptr"][len(cfg) - 2:]
+        i = cfg_end + 3
+        while src[i].isspace():
+            i += 1
+        if src[i] != "(":
+            raise ValueError(f"{name}: a launch without arguments after >>>")
+        depth, j = 0, i
+        while True:
+            if src[j] == "(":
+                depth += 1
+            elif src[j] == ")":
+                depth -= 1
+                if depth == 0:
+                    break
+            j += 1
+        args = src[i + 1:j].strip()
+        call = f"::cuemu::launch({m.group(1)}, {', '.join(cfg)}{', ' + args if args else ''})"
+        out.append(src[pos:m.start()])
+        out.append(call)
+        pos = j + 1
+    out.append(src[pos:])
+    return "".join(out)
+
+
+def rewrite(src: str, name: str) -> str:
+    """The emulator's spelling of one csrc file (see the module docstring)."""
+    s = _CUDA_INCLUDE.sub('#include "cuemu.h"', src)
+    s = s.replace('#include "ptx.cuh"', '#include "cuemu_ptx.h"')
+    s = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::cuemu::dynamic_smem());", s)
+    s = _rewrite_launches(s, name)
+    s = re.sub(r"TORCH_LIBRARY_IMPL\(\s*cnnkern\s*,\s*CUDA\s*,", "TORCH_LIBRARY_IMPL(cnnkern_emu, CPU,", s)
+    s = s.replace(".is_cuda()", ".is_cpu()")
+    if "<<<" in s or re.search(r"\basm\s*(volatile\s*)?\(", s):
+        raise ValueError(f"{name}: CUDA syntax the emulator does not rewrite is left")
+    return s
+
+
+def schemas() -> str:
+    """csrc/cnnkern.cpp's TORCH_LIBRARY_FRAGMENT block, as the cnnkern_emu library."""
+    src = (CSRC / "cnnkern.cpp").read_text()
+    start = src.index("TORCH_LIBRARY_FRAGMENT(cnnkern, m)")
+    i = src.index("{", start)
+    depth, j = 0, i
+    while True:
+        depth += {"{": 1, "}": -1}.get(src[j], 0)
+        if depth == 0:
+            break
+        j += 1
+    return "#include <torch/library.h>\n\nTORCH_LIBRARY(cnnkern_emu, m) " + src[i:j + 1] + "\n"
+
+
+def write_sources(dest: Path = BUILD / "src") -> list[Path]:
+    """Write the rewritten sources (only files whose text changed, so ninja rebuilds only those)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {"schemas.cpp": schemas()}
+    for p in [CSRC / "common.h", *sorted((CSRC / "cuda").glob("*.h"))]:
+        files[p.name] = rewrite(p.read_text(), p.name)
+    for p in sorted((CSRC / "cuda").glob("*.cu")):
+        files[p.stem + ".cpp"] = rewrite(p.read_text(), p.name)
+    for p in EMU.glob("*.h"):
+        files[p.name] = p.read_text()
+    for fname, text in files.items():
+        target = dest / fname
+        if not target.exists() or target.read_text() != text:
+            target.write_text(text)
+    return [dest / f for f in files if f.endswith(".cpp")]
+
+
+_OPS = None
+
+
+def load(verbose: bool = False):
+    """Build (cached) and load the emulated kernels; returns torch.ops.cnnkern_emu."""
+    global _OPS
+    if _OPS is not None:
+        return _OPS
+    import torch
+    from torch.utils import cpp_extension
+
+    sources = write_sources()
+    build = BUILD / "obj"
+    build.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="cnnkern_emu",
+        sources=[str(s) for s in sources],
+        extra_cflags=["-O2", "-Wno-unknown-pragmas"],
+        extra_include_paths=[str(BUILD / "src")],
+        build_directory=str(build),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    _OPS = torch.ops.cnnkern_emu
+    return _OPS
+
+
+def available() -> str | None:
+    """None when the emulator can be built here, else why not."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler"
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # noqa: F401
+        except ImportError:
+            return "no ninja"
+    return None
+
+
+if __name__ == "__main__":
+    for p in write_sources(Path(sys.argv[1]) if len(sys.argv) > 1 else BUILD / "src"):
+        print(p)

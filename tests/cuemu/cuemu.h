@@ -1,0 +1,369 @@
+// cuemu: runs cnnkern's CUDA C++ kernels on the CPU, so that the tests can check them on a machine
+// without a GPU. It is a test tool, not a backend: slow (one fiber per CUDA thread), and only as
+// faithful as the parts of CUDA the kernels use.
+//
+// How. tests/cuda_emulator.py copies csrc/ with a few textual rewrites (launch syntax, extern
+// shared memory, the CUDA/c10-cuda includes -> this header, the registrations -> the CPU key of a
+// separate `cnnkern_emu` library) and compiles it with the host compiler. This header supplies
+// what the kernels need from CUDA:
+//   - a block runs as one fiber (ucontext) per thread on the calling OS thread; blocks run one
+//     after another. __syncthreads() parks the fiber until every live thread of the block is
+//     parked; warp-collective operations (ldmatrix, mma) park it until the 32 lanes of its warp are;
+//   - a deadlock (threads that can never all meet) is an error, as is a warp-collective operation
+//     with lanes missing;
+//   - dynamic shared memory is poisoned with 0xFF bytes (NaN in every float format) before each
+//     block and guarded by a canary after its end; static __shared__ arrays become function
+//     statics (blocks are sequential, so that is one block's shared memory);
+//   - the dynamic shared-memory size is checked against the 48 KiB default, or the opt-in size set
+//     with cudaFuncSetAttribute (at most 227 KiB, as on sm_90);
+//   - cuemu_ptx.h implements the inline PTX of csrc/cuda/ptx.cuh from the PTX ISA's definitions.
+//
+// Two environment variables make the schedule adversarial, so the tests run both ways:
+//   CUEMU_ORDER=reverse        threads run in reverse order between barriers (default forward);
+//   CUEMU_CP_ASYNC=late        cp.async copies land at the cp.async.wait_group that must cover
+//                              them (default: at issue). "late" catches reads that do not wait,
+//                              "eager" catches refills of a buffer other warps still read.
+#pragma once
+
+#include <ucontext.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <c10/core/Device.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// ---- CUDA C++ keywords -------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __shared__ static
+
+// ---- runtime types and calls the host code uses --------------------------------------------------
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+struct alignas(4) __half2 {
+  c10::Half x, y;
+};
+struct alignas(4) __nv_bfloat162 {
+  c10::BFloat16 x, y;
+};
+inline __half2 __floats2half2_rn(float a, float b) { return __half2{c10::Half(a), c10::Half(b)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+  return __nv_bfloat162{c10::BFloat16(a), c10::BFloat16(b)};
+}
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t __float_as_uint(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+template <typename A, typename B>
+inline typename std::common_type<A, B>::type min(A a, B b) {
+  return b < a ? b : a;
+}
+template <typename A, typename B>
+inline typename std::common_type<A, B>::type max(A a, B b) {
+  return a < b ? b : a;
+}
+
+typedef struct CUstream_st* cudaStream_t;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+
+namespace cuemu {
+
+// The emulated device: few SMs, so that grid-stride loops and "blocks per SM" heuristics take
+// their multi-iteration paths on small test inputs. CUEMU_SMS overrides it.
+inline int sm_count() {
+  const char* e = std::getenv("CUEMU_SMS");
+  return e != nullptr ? std::max(1, std::atoi(e)) : 4;
+}
+
+constexpr size_t kDefaultSmem = 48 * 1024, kMaxSmem = 227 * 1024, kCanary = 256;
+constexpr unsigned char kPoison = 0xFF, kCanaryByte = 0xA5;
+
+inline std::map<const void*, int>& smem_optin() {
+  static std::map<const void*, int> m;
+  return m;
+}
+
+struct Copy {
+  unsigned char* dst;
+  const unsigned char* src;
+  int bytes;
+};
+
+enum class State { Run, BlockBarrier, WarpBarrier, Done };
+
+struct Thread {
+  ucontext_t ctx;
+  dim3 tid;
+  int index = 0, lane = 0, warp = 0;
+  State state = State::Run;
+  std::vector<Copy> open;                 // cp.async issued since the last commit
+  std::deque<std::vector<Copy>> groups;   // committed groups, oldest first
+  alignas(16) unsigned char slot[64];     // this lane's contribution to a warp-collective op
+};
+
+struct Block {
+  dim3 bid, bdim, gdim;
+  std::vector<Thread> threads;
+  std::vector<unsigned char> stacks;
+  size_t stack_bytes = 0;
+  std::vector<unsigned char> smem;  // dynamic shared memory + canary
+  size_t smem_bytes = 0;
+  ucontext_t sched;
+  Thread* cur = nullptr;
+  const std::function<void()>* body = nullptr;
+  bool late_copies = false;
+};
+
+inline thread_local Block* g_block = nullptr;
+
+inline Thread& self() { return *g_block->cur; }
+
+inline void do_copy(const Copy& c) {
+  std::memset(c.dst, 0, 16);
+  if (c.bytes > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+}
+
+inline void land_all(Thread& t) {
+  for (auto& g : t.groups)
+    for (auto& c : g) do_copy(c);
+  t.groups.clear();
+  for (auto& c : t.open) do_copy(c);
+  t.open.clear();
+}
+
+inline void yield() { swapcontext(&self().ctx, &g_block->sched); }
+
+inline void syncthreads() {
+  self().state = State::BlockBarrier;
+  yield();
+}
+
+inline void warp_sync() {
+  self().state = State::WarpBarrier;
+  yield();
+}
+
+inline void fiber_entry() {
+  Block& b = *g_block;
+  (*b.body)();
+  land_all(*b.cur);
+  b.cur->state = State::Done;
+  // returning resumes uc_link: the scheduler
+}
+
+inline unsigned char* dynamic_smem() { return g_block->smem.data(); }
+
+inline std::string where(const Block& b) {
+  return "block (" + std::to_string(b.bid.x) + ", " + std::to_string(b.bid.y) + ", " + std::to_string(b.bid.z) + ")";
+}
+
+// Runs one block to completion; returns an error message, empty on success.
+inline std::string run_block(Block& b, bool reverse) {
+  const int n = static_cast<int>(b.threads.size());
+  for (int i = 0; i < n; ++i) {
+    Thread& t = b.threads[i];
+    t.state = State::Run;
+    t.open.clear();
+    t.groups.clear();
+    getcontext(&t.ctx);
+    t.ctx.uc_stack.ss_sp = b.stacks.data() + static_cast<size_t>(i) * b.stack_bytes;
+    t.ctx.uc_stack.ss_size = b.stack_bytes;
+    t.ctx.uc_link = &b.sched;
+    makecontext(&t.ctx, fiber_entry, 0);
+  }
+  std::fill(b.smem.begin(), b.smem.begin() + static_cast<std::ptrdiff_t>(b.smem_bytes), kPoison);
+  std::fill(b.smem.begin() + static_cast<std::ptrdiff_t>(b.smem_bytes), b.smem.end(), kCanaryByte);
+  const int warps = (n + 31) / 32;
+  for (;;) {
+    for (int k = 0; k < n; ++k) {
+      Thread& t = b.threads[reverse ? n - 1 - k : k];
+      if (t.state != State::Run) continue;
+      b.cur = &t;
+      swapcontext(&b.sched, &t.ctx);
+    }
+    b.cur = nullptr;
+    int done = 0, at_block = 0;
+    for (auto& t : b.threads) {
+      done += t.state == State::Done;
+      at_block += t.state == State::BlockBarrier;
+    }
+    if (done == n) break;
+    bool released = false;
+    for (int w = 0; w < warps; ++w) {
+      const int lo = w * 32, hi = std::min(n, lo + 32);
+      int waiting = 0, live = 0;
+      for (int i = lo; i < hi; ++i) {
+        live += b.threads[i].state != State::Done;
+        waiting += b.threads[i].state == State::WarpBarrier;
+      }
+      if (waiting == 0) continue;
+      if (waiting == 32 && hi - lo == 32) {
+        for (int i = lo; i < hi; ++i) b.threads[i].state = State::Run;
+        released = true;
+      } else if (waiting == live) {
+        return where(b) + ", warp " + std::to_string(w) + ": a warp-collective operation (ldmatrix/mma) ran with " +
+               std::to_string(32 - waiting) + " of its 32 lanes exited or missing";
+      }
+    }
+    if (released) continue;
+    if (at_block == n - done) {
+      for (auto& t : b.threads)
+        if (t.state == State::BlockBarrier) t.state = State::Run;
+      continue;
+    }
+    return where(b) + ": deadlock: " + std::to_string(at_block) + " threads wait at __syncthreads while others " +
+           "wait at a warp-collective operation";
+  }
+  for (size_t i = b.smem_bytes; i < b.smem.size(); ++i) {
+    if (b.smem[i] != kCanaryByte) {
+      return where(b) + ": wrote past the end of its " + std::to_string(b.smem_bytes) +
+             " bytes of dynamic shared memory (byte " + std::to_string(i) + ")";
+    }
+  }
+  return {};
+}
+
+inline std::mutex& launch_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...)
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t, A&&... args) {
+  static_assert(sizeof...(P) == sizeof...(A), "cuemu: launch with the wrong number of arguments");
+  const unsigned long long threads = 1ull * block.x * block.y * block.z;
+  TORCH_CHECK(threads >= 1 && threads <= 1024, "cuemu: a block of ", threads, " threads (1..1024)");
+  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1, "cuemu: an empty grid (", grid.x, ", ", grid.y, ", ",
+              grid.z, ") is an invalid launch on a GPU");
+  TORCH_CHECK(grid.y < 65536 && grid.z < 65536, "cuemu: grid.y and grid.z must be below 65536");
+  {
+    auto it = smem_optin().find(reinterpret_cast<const void*>(kernel));
+    const size_t limit = it == smem_optin().end() ? kDefaultSmem : static_cast<size_t>(it->second);
+    TORCH_CHECK(smem <= limit, "cuemu: ", smem, " bytes of dynamic shared memory, but the kernel may use ", limit,
+                " (above 48 KiB needs cudaFuncSetAttribute)");
+  }
+  std::lock_guard<std::mutex> lock(launch_mutex());
+  std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+  const std::function<void()> body = [&] { std::apply(kernel, params); };
+  Block b;
+  b.bdim = block;
+  b.gdim = grid;
+  b.body = &body;
+  b.stack_bytes = 128 * 1024;
+  b.threads.resize(threads);
+  b.stacks.resize(threads * b.stack_bytes);
+  b.smem_bytes = smem;
+  b.smem.resize(smem + kCanary);
+  const char* cp = std::getenv("CUEMU_CP_ASYNC");
+  b.late_copies = cp != nullptr && std::string(cp) == "late";
+  const char* order = std::getenv("CUEMU_ORDER");
+  const bool reverse = order != nullptr && std::string(order) == "reverse";
+  for (unsigned i = 0; i < threads; ++i) {
+    Thread& t = b.threads[i];
+    t.index = static_cast<int>(i);
+    t.lane = static_cast<int>(i % 32);
+    t.warp = static_cast<int>(i / 32);
+    t.tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+  }
+  Block* saved = g_block;
+  g_block = &b;
+  std::string err;
+  for (unsigned z = 0; z < grid.z && err.empty(); ++z)
+    for (unsigned y = 0; y < grid.y && err.empty(); ++y)
+      for (unsigned x = 0; x < grid.x && err.empty(); ++x) {
+        b.bid = dim3(x, y, z);
+        err = run_block(b, reverse);
+      }
+  g_block = saved;
+  TORCH_CHECK(err.empty(), "cuemu: ", err);
+}
+
+}  // namespace cuemu
+
+#define threadIdx (::cuemu::self().tid)
+#define blockIdx (::cuemu::g_block->bid)
+#define blockDim (::cuemu::g_block->bdim)
+#define gridDim (::cuemu::g_block->gdim)
+#define __syncthreads() ::cuemu::syncthreads()
+
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
+  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *v = cuemu::sm_count();
+  return cudaSuccess;
+}
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || static_cast<size_t>(value) > cuemu::kMaxSmem) {
+    return cudaErrorInvalidValue;
+  }
+  cuemu::smem_optin()[reinterpret_cast<const void*>(kernel)] = value;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "invalid value"; }
+
+#define C10_CUDA_CHECK(expr)                                                             \
+  do {                                                                                   \
+    const cudaError_t cuemu_err_ = (expr);                                               \
+    TORCH_CHECK(cuemu_err_ == cudaSuccess, "cuemu: CUDA call failed: ", #expr, ": ",      \
+                cudaGetErrorString(cuemu_err_));                                         \
+  } while (0)
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
+
+namespace c10 {
+namespace cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+struct CUDAStream {
+  operator cudaStream_t() const { return nullptr; }
+  cudaStream_t stream() const { return nullptr; }
+};
+inline CUDAStream getCurrentCUDAStream(int = -1) { return CUDAStream{}; }
+}  // namespace cuda
+}  // namespace c10
