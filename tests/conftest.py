@@ -16,13 +16,22 @@ import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
+# CNNKERN_EMULATE_CUDA=1 (on a machine without a GPU): the "cuda" backend runs the CUDA C++ kernels
+# on CPU tensors through the emulator of tests/cuda_emulator.py, so every test parametrized over
+# backends also checks the CUDA kernels. `scripts/dev test` runs the backend tests once more this way.
+EMULATE_CUDA = not HAS_CUDA and os.environ.get("CNNKERN_EMULATE_CUDA", "0") not in ("", "0")
+if EMULATE_CUDA:
+    import cuda_emulator  # noqa: E402
+
+    cuda_emulator.install()
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (run scripts/gpu_validate.sh on a GPU machine)")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not (EMULATE_CUDA and "emulated" in item.keywords):
             item.add_marker(skip)
 
 

@@ -164,6 +164,35 @@ def load(verbose: bool = False):
     return _OPS
 
 
+def install():
+    """Emulated-CUDA test mode: backend "cuda" runs on CPU tensors through the emulator.
+
+    cnnkern's op files reach the CUDA ops through ``cnnkern.ops._common.cuda_ops()``; this puts
+    the emulator's namespace there, and makes ``cnnkern._backend.unavailable_reason`` report the
+    "cuda" backend available for CPU tensors. Everything above the raw ops (validation, layouts,
+    autograd, BatchNorm bookkeeping) is cnnkern's own code, unchanged. For tests only: the
+    conftest calls it when CNNKERN_EMULATE_CUDA=1.
+    """
+    import torch
+
+    from cnnkern import _backend
+    from cnnkern.ops import _common
+
+    _common._CUDA_OPS = load()
+    real = _backend.unavailable_reason
+    if getattr(real, "emulated", False):
+        return
+
+    def unavailable_reason(name, device=None):
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if name == "cuda" and dev.type == "cpu":
+            return None
+        return real(name, device)
+
+    unavailable_reason.emulated = True
+    _backend.unavailable_reason = unavailable_reason
+
+
 def available() -> str | None:
     """None when the emulator can be built here, else why not."""
     if shutil.which(os.environ.get("CXX", "c++")) is None:

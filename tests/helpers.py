@@ -12,6 +12,8 @@ import cnnkern
 from cnnkern import _backend
 
 HAS_CUDA = torch.cuda.is_available()
+# the "cuda" backend running on the CPU through the emulator (tests/conftest.py, CNNKERN_EMULATE_CUDA)
+EMULATED_CUDA = bool(getattr(_backend.unavailable_reason, "emulated", False))
 
 # Relative error norm ||out - ref|| / ||ref|| against a float64 reference. fp32 elementwise ops
 # round once (~6e-8 per element); fp16/bf16 round to 11/8 bits (~5e-4 / ~4e-3 per element).
@@ -112,7 +114,7 @@ def backends_for(device: torch.device, op: str | None = None) -> list:
         if op is not None and name != "torch" and name not in _backend.AUTO_ORDER.get(op, ()):
             reason = f"no {name} kernel for {op} yet"
         marks = [pytest.mark.skip(reason=reason)] if reason else []
-        if device.type == "cuda" or name == "cuda":
+        if device.type == "cuda" or (name == "cuda" and not EMULATED_CUDA):
             marks.append(pytest.mark.gpu)
         params.append(pytest.param(name, marks=marks, id=name))
     return params
@@ -120,7 +122,7 @@ def backends_for(device: torch.device, op: str | None = None) -> list:
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
-__all__ = ["HAS_CUDA", "DEVICE", "REL_TOL", "tol", "assert_as_close_as_pytorch", "ieee_fp32", "DTYPES", "LAYOUTS", "rel_err", "assert_rel_close", "make",
+__all__ = ["HAS_CUDA", "EMULATED_CUDA", "DEVICE", "REL_TOL", "tol", "assert_as_close_as_pytorch", "ieee_fp32", "DTYPES", "LAYOUTS", "rel_err", "assert_rel_close", "make",
            "backends_for", "cnnkern"]
 
 

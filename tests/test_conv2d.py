@@ -4,10 +4,11 @@ layouts, dtypes, groups, dilation, "same" padding, the fused ReLU; registration;
 
 import pytest
 import torch
-from helpers import DEVICE, HAS_CUDA, LAYOUTS, assert_rel_close, backends_for, ieee_fp32, make
+from helpers import DEVICE, EMULATED_CUDA, HAS_CUDA, LAYOUTS, assert_rel_close, backends_for, ieee_fp32, make
 
 import cnnkern
 from cnnkern import functional as F
+from cnnkern.ops._common import cuda_ops
 
 # name: (input shape, out channels, kernel, stride, padding, dilation, groups) -- why it is here
 FAMILIES = {
@@ -243,6 +244,8 @@ BAD = [
 
 @pytest.mark.parametrize("x,w,kwargs,exc,msg", BAD, ids=[b[-1][:40] for b in BAD])
 def test_bad_input(x, w, kwargs, exc, msg):
+    if kwargs.get("backend") == "cuda" and EMULATED_CUDA:
+        pytest.skip("the CUDA emulator makes the cuda backend available for CPU tensors")
     with pytest.raises(exc) as info:
         F.conv2d(x, w, **kwargs)
     assert msg in str(info.value)
@@ -314,15 +317,16 @@ def _raw_cuda(x, w, b, kw, relu, algo, tf32=False):
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
         else torch.contiguous_format
     y = torch.full(shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
-    torch.ops.cnnkern.conv2d_forward_cuda(x, w, b, y, stride, pad[:2], dil, kw["groups"], relu, algo, False, tf32)
+    cuda_ops().conv2d_forward_cuda(x, w, b, y, stride, pad[:2], dil, kw["groups"], relu, algo, False, tf32)
     g = torch.randn_like(y)
     gx = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
-    torch.ops.cnnkern.conv2d_backward_input_cuda(g, w, gx, stride, pad[:2], dil, kw["groups"], algo, tf32)
+    cuda_ops().conv2d_backward_input_cuda(g, w, gx, stride, pad[:2], dil, kw["groups"], algo, tf32)
     return y, g, gx
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
+@pytest.mark.emulated
+@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
                     reason="needs CUDA and cnnkern._C")
 @pytest.mark.parametrize("algo", ["direct", "igemm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
@@ -355,7 +359,8 @@ def test_gpu_cuda_kernels_pinned(layer, layout, dtype, algo):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
+@pytest.mark.emulated
+@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
                     reason="needs CUDA and cnnkern._C")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("layer", ["vgg_3x3_c128", "stage_entry_3x3s2", "grouped_8", "first_7x7s2"])

@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
-from helpers import (DEVICE, REL_TOL, assert_as_close_as_pytorch, assert_rel_close, backends_for, ieee_fp32, make,
-                     merge_stats, rel_err)
+from helpers import (DEVICE, EMULATED_CUDA, HAS_CUDA, REL_TOL, assert_as_close_as_pytorch, assert_rel_close,
+                     backends_for, ieee_fp32, make, merge_stats, rel_err)
 from test_conv2d import FAMILIES
 
 import cnnkern
 from cnnkern import functional as F
+from cnnkern.ops._common import cuda_ops
 
 BACKENDS = backends_for(DEVICE, "conv_bn_relu")
 FUSED_FAMILIES = ["3x3s1p1", "3x3s2p1", "1x1s1", "1x1s2", "first_7x7s2", "groups2", "same_even"]
@@ -59,9 +60,16 @@ def _train_steps_in(backend, family, dtype, layout, relu, momentum, steps):
         x = make(xs, dtype, DEVICE, layout, requires_grad=True)
         xr = x.detach().double().requires_grad_()
         xe = x.detach().clone().requires_grad_()
-        out, want, base = ours(x), ref(xr), eager(xe)
+        out, base = ours(x), eager(xe)
+        pre = ref[1](ref[0](xr))  # the reference before its ReLU
         close = lambda a, e, r, what: assert_as_close_as_pytorch(a, e, r, dtype, f"step {step} {what}")  # noqa: E731
-        close(out, base, want, "output")
+        close(out, base, pre.relu() if relu else pre, "output")
+        # The gradients are compared given our forward's ReLU decisions: an element whose exact
+        # pre-activation lies within rounding of zero may land on either side in fp16/bf16 (in
+        # PyTorch eager too), and each such flip moves the input gradient by a whole |grad| through
+        # BatchNorm's amplification (one flip in 768 elements measured 1.5e-2 in bf16). The output
+        # comparison above already checks the decisions themselves.
+        want = pre * (out.detach() > 0) if relu else pre
         g = make(tuple(out.shape), dtype, DEVICE)
         for m in (ours, ref, eager):
             m.zero_grad()
@@ -192,6 +200,8 @@ BAD = [
 
 @pytest.mark.parametrize("kwargs,exc,msg", BAD, ids=[b[-1][:40] for b in BAD])
 def test_bad_input(kwargs, exc, msg):
+    if kwargs.get("backend") == "cuda" and EMULATED_CUDA:
+        pytest.skip("the CUDA emulator makes the cuda backend available for CPU tensors")
     args = dict(running_mean=_t(8), running_var=_t(8).abs(), bn_weight=_t(8), bn_bias=_t(8))
     args.update(kwargs)
     with pytest.raises(exc) as info:
@@ -201,19 +211,23 @@ def test_bad_input(kwargs, exc, msg):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.emulated
+@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA), reason="needs CUDA")
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_bf16_training_steps(family, backend):
     """bf16 channels_last on the GPU (the interpreter cannot run bf16): outputs, gradients and running
     statistics over several training steps against the float64 reference."""
+    if backend == "triton" and not HAS_CUDA:
+        pytest.skip("the Triton interpreter cannot run bf16")
     if cnnkern._backend.unavailable_reason(backend, DEVICE):
         pytest.skip(cnnkern._backend.unavailable_reason(backend, DEVICE))
     _train_steps(backend, family, torch.bfloat16, "channels_last")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
+@pytest.mark.emulated
+@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
                     reason="needs CUDA and cnnkern._C")
 @pytest.mark.parametrize("algo", ["direct", "igemm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -231,7 +245,7 @@ def test_gpu_cuda_conv_statistics_epilogue(shape, dtype, algo):
     b = torch.randn(k, dtype=dtype, device=DEVICE) + 3.0  # a mean far from zero
     y = torch.full(output_size(x.shape, w.shape, [stride] * 2, [pad] * 4, [1, 1]), float("nan"), dtype=dtype,
                    device=DEVICE).contiguous(memory_format=torch.channels_last)
-    stats = torch.ops.cnnkern.conv2d_forward_cuda(x, w, b, y, [stride] * 2, [pad] * 2, [1, 1], 1, False, algo, True,
+    stats = cuda_ops().conv2d_forward_cuda(x, w, b, y, [stride] * 2, [pad] * 2, [1, 1], 1, False, algo, True,
                                                   dtype == torch.float32)
     count, mean, var = merge_stats(stats)
     ref = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), stride=stride, padding=pad)
@@ -260,7 +274,7 @@ def _finalize(backend, stats, gamma, beta, eps):
         return kb.bn_finalize(stats, gamma, beta, eps)
     k = stats.shape[2]
     outs = [torch.full((k,), float("nan"), dtype=stats.dtype, device=stats.device) for _ in range(5)]
-    torch.ops.cnnkern.bn_finalize_cuda(stats, gamma, beta, eps, *outs)
+    cuda_ops().bn_finalize_cuda(stats, gamma, beta, eps, *outs)
     return tuple(outs)
 
 
@@ -270,7 +284,7 @@ def _coefficients(backend, part, mean, invstd, gamma, m, pdt):
         return kb.bn_backward_coefficients(part, mean, invstd, gamma, m, pdt)
     k = part.shape[2]
     outs = [torch.full((k,), float("nan"), dtype=d, device=part.device) for d in [part.dtype] * 3 + [pdt] * 2]
-    torch.ops.cnnkern.bn_backward_coefficients_cuda(part, mean, invstd, gamma, m, *outs)
+    cuda_ops().bn_backward_coefficients_cuda(part, mean, invstd, gamma, m, *outs)
     return tuple(outs)
 
 
@@ -325,17 +339,18 @@ def test_bn_backward_coefficients_kernel(backend, acc, pdt, rows, k, affine):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
+@pytest.mark.emulated
+@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
                     reason="needs CUDA and cnnkern._C")
 def test_gpu_cuda_finalize_ops_refuse_bad_tensors():
     stats = torch.zeros(4, 3, 8, device=DEVICE)
     outs = [torch.empty(8, device=DEVICE) for _ in range(5)]
     with pytest.raises(RuntimeError, match="stats must be a contiguous"):
-        torch.ops.cnnkern.bn_finalize_cuda(stats[:, :2], None, None, 1e-5, *outs)
+        cuda_ops().bn_finalize_cuda(stats[:, :2], None, None, 1e-5, *outs)
     with pytest.raises(RuntimeError, match="gamma must be a contiguous"):
-        torch.ops.cnnkern.bn_finalize_cuda(stats, torch.ones(7, device=DEVICE), None, 1e-5, *outs)
+        cuda_ops().bn_finalize_cuda(stats, torch.ones(7, device=DEVICE), None, 1e-5, *outs)
     with pytest.raises(RuntimeError, match="scale must be a contiguous"):
-        torch.ops.cnnkern.bn_finalize_cuda(stats, None, None, 1e-5, *outs[:3], outs[3].double(), outs[4])
+        cuda_ops().bn_finalize_cuda(stats, None, None, 1e-5, *outs[:3], outs[3].double(), outs[4])
     part = torch.zeros(4, 2, 8, device=DEVICE)
     with pytest.raises(RuntimeError, match="count must be positive"):
-        torch.ops.cnnkern.bn_backward_coefficients_cuda(part, outs[0], outs[1], None, 0, *outs)
+        cuda_ops().bn_backward_coefficients_cuda(part, outs[0], outs[1], None, 0, *outs)

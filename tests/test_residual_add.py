@@ -3,7 +3,7 @@ can run here, every dtype and layout; option A; registration (opcheck, torch.com
 
 import pytest
 import torch
-from helpers import DEVICE, DTYPES, HAS_CUDA, LAYOUTS, assert_rel_close, backends_for, make
+from helpers import DEVICE, DTYPES, EMULATED_CUDA, HAS_CUDA, LAYOUTS, assert_rel_close, backends_for, make
 
 import cnnkern
 from cnnkern import functional as F
@@ -222,7 +222,7 @@ def test_bad_input(x, s, kwargs, exc, msg):
     assert "residual_add" in str(info.value)
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="checks the error on a machine without a GPU")
+@pytest.mark.skipif(HAS_CUDA or EMULATED_CUDA, reason="checks the error on a machine without a GPU (or its emulator)")
 def test_cuda_backend_on_cpu_says_what_is_missing():
     with pytest.raises(cnnkern.BackendUnavailableError) as info:
         F.residual_add(_t(1, 2, 2, 2), _t(1, 2, 2, 2), backend="cuda")

@@ -14,6 +14,17 @@ from . import _autocast
 _POISON = os.environ.get("CNNKERN_POISON", "0") not in ("", "0")
 
 
+# The CUDA C++ ops (schemas in csrc/cnnkern.cpp, kernels in cnnkern._C). Every op file reaches them
+# through cuda_ops(), so that the tests' CPU emulator of the CUDA kernels (tests/cuda_emulator.py)
+# can put its own build of the same sources, torch.ops.cnnkern_emu, in their place.
+_CUDA_OPS = torch.ops.cnnkern
+
+
+def cuda_ops():
+    """The namespace holding the ``*_cuda`` ops: ``torch.ops.cnnkern``."""
+    return _CUDA_OPS
+
+
 def output_channels_last(t: torch.Tensor) -> bool:
     """The layout rule for an output that follows ``t``: channels_last when ``t`` is
     channels_last (and not also plainly contiguous), NCHW-contiguous otherwise. The CUDA C++ side

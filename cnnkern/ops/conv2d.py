@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import custom_op, dispatcher, new_output, output_channels_last, pick
+from ._common import cuda_ops, custom_op, dispatcher, new_output, output_channels_last, pick
 
 
 def _kernels():
@@ -60,7 +60,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride: 
     _check_backend(backend)
     y = new_output(output_size(x.shape, w.shape, stride, padding, dilation), x, _y_channels_last(x, w))
     if backend == "cuda":
-        torch.ops.cnnkern.conv2d_forward_cuda(x, w, bias, y, stride, padding[:2], dilation, groups, relu, CUDA_ALGO,
+        cuda_ops().conv2d_forward_cuda(x, w, bias, y, stride, padding[:2], dilation, groups, relu, CUDA_ALGO,
                                               False, precision == "tf32")
     else:
         _kernels().conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, relu, precision)
@@ -82,7 +82,7 @@ def conv2d_backward_input(grad: torch.Tensor, w: torch.Tensor, input_size: list[
     _check_backend(backend)
     gx = new_output(input_size, grad, channels_last)
     if backend == "cuda":
-        torch.ops.cnnkern.conv2d_backward_input_cuda(grad, w, gx, stride, padding[:2], dilation, groups, CUDA_ALGO,
+        cuda_ops().conv2d_backward_input_cuda(grad, w, gx, stride, padding[:2], dilation, groups, CUDA_ALGO,
                                                      precision == "tf32")
     else:
         _kernels().conv2d_backward_input(grad, w, gx, stride, padding[:2], dilation, groups, precision)
@@ -102,7 +102,7 @@ def conv2d_backward_weight(grad: torch.Tensor, x: torch.Tensor, weight_size: lis
     gw = new_output(weight_size, grad, channels_last)
     gb = new_output([weight_size[0] if bias else 0], grad, False)
     if backend == "cuda":
-        torch.ops.cnnkern.conv2d_backward_weight_cuda(grad, x, gw, gb, stride, padding[:2], dilation, groups)
+        cuda_ops().conv2d_backward_weight_cuda(grad, x, gw, gb, stride, padding[:2], dilation, groups)
     else:
         _kernels().conv2d_backward_weight(grad, x, gw, gb if bias else None, stride, padding[:2], dilation, groups,
                                           precision)

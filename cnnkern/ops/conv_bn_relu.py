@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import custom_op, dispatcher, in_layout, new_output, pick
+from ._common import cuda_ops, custom_op, dispatcher, in_layout, new_output, pick
 from .conv2d import CUDA_ALGO, _check_backend, _y_channels_last, conv2d_backward_input, conv2d_backward_weight, output_size
 
 
@@ -49,7 +49,7 @@ def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
     n_, k, p, q = shape
     acc_t = _acc_dtype(x)
     if backend == "cuda":  # the statistics' workspace comes back from the kernel that fills it
-        stats = torch.ops.cnnkern.conv2d_forward_cuda(x, w, bias, y, stride, padding[:2], dilation, groups, False,
+        stats = cuda_ops().conv2d_forward_cuda(x, w, bias, y, stride, padding[:2], dilation, groups, False,
                                                       CUDA_ALGO, True, precision == "tf32")
         if stats.dim() != 3:  # no output element (K = 0; an empty batch never gets here): no statistics
             stats = torch.zeros((0, 3, k), dtype=acc_t, device=x.device)
@@ -59,8 +59,8 @@ def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
     out = new_output(shape, x, cl)
     if backend == "cuda":
         mean, invstd, var, scale, shift = (torch.empty(k, dtype=stats.dtype, device=x.device) for _ in range(5))
-        torch.ops.cnnkern.bn_finalize_cuda(stats, bn_weight, bn_bias, eps, mean, invstd, var, scale, shift)
-        torch.ops.cnnkern.bn_apply_cuda(y, out, scale, shift, relu)
+        cuda_ops().bn_finalize_cuda(stats, bn_weight, bn_bias, eps, mean, invstd, var, scale, shift)
+        cuda_ops().bn_apply_cuda(y, out, scale, shift, relu)
     else:
         mean, invstd, var, scale, shift = kb.bn_finalize(stats, bn_weight, bn_bias, eps)
         kb.bn_apply(y, out, scale, shift, relu)
@@ -100,12 +100,12 @@ def conv_bn_relu_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch
     pdt = bn_weight.dtype if bn_weight is not None else y.dtype
     if backend == "cuda":
         k = y.shape[1]
-        part = torch.ops.cnnkern.bn_backward_reduce_cuda(grad, out, y)
+        part = cuda_ops().bn_backward_reduce_cuda(grad, out, y)
         a, b, c = (torch.empty(k, dtype=mean.dtype, device=y.device) for _ in range(3))
         sg, sgx = (torch.empty(k, dtype=pdt, device=y.device) for _ in range(2))
-        torch.ops.cnnkern.bn_backward_coefficients_cuda(part, mean, invstd, bn_weight, y.numel() // max(k, 1),
-                                                        a, b, c, sg, sgx)
-        torch.ops.cnnkern.bn_backward_dy_cuda(grad, out, y, dy, a, b, c)
+        cuda_ops().bn_backward_coefficients_cuda(part, mean, invstd, bn_weight, y.numel() // max(k, 1),
+                                                 a, b, c, sg, sgx)
+        cuda_ops().bn_backward_dy_cuda(grad, out, y, dy, a, b, c)
     else:
         sg, sgx = kb.bn_backward(grad, out, y, dy, mean, invstd, bn_weight, pdt)
     return dy, sgx, sg

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ._common import custom_op, dispatcher, new_output, output_channels_last, pick
+from ._common import cuda_ops, custom_op, dispatcher, new_output, output_channels_last, pick
 
 
 def _kernels():
@@ -39,7 +39,7 @@ def _like(x: torch.Tensor) -> torch.Tensor:
 def local_response_norm(x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
                         backend: str) -> torch.Tensor:
     if backend == "cuda":
-        return torch.ops.cnnkern.local_response_norm_cuda(x, size, alpha, beta, k)
+        return cuda_ops().local_response_norm_cuda(x, size, alpha, beta, k)
     out = _like(x)
     _kernels().local_response_norm_forward(x, out, size, alpha, beta, k)
     return out
@@ -54,7 +54,7 @@ def _(x, size, alpha, beta, k, backend):
 def local_response_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, size: int, alpha: float, beta: float,
                                  k: float, backend: str) -> torch.Tensor:
     if backend == "cuda":
-        return torch.ops.cnnkern.local_response_norm_backward_cuda(grad_out, x, size, alpha, beta, k)
+        return cuda_ops().local_response_norm_backward_cuda(grad_out, x, size, alpha, beta, k)
     grad_in = _like(x)
     # grad_out is read through its strides (an expanded gradient from .sum() included).
     _kernels().local_response_norm_backward(grad_out, x, grad_in, size, alpha, beta, k)

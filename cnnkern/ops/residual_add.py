@@ -20,17 +20,13 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ._common import custom_op, dispatcher, in_layout, new_output, output_channels_last, pick
+from ._common import cuda_ops, custom_op, dispatcher, in_layout, new_output, output_channels_last, pick
 
 
 def _kernels():
     # Imported on first use: Triton decides interpreter vs GPU when a kernel is defined.
     from cnnkern.kernels import residual_add as k
     return k
-
-
-def _cuda_ops():
-    return torch.ops.cnnkern
 
 
 def _shortcut_output(grad: torch.Tensor, shortcut_size, channels_last: bool) -> torch.Tensor:
@@ -43,7 +39,7 @@ def _shortcut_output(grad: torch.Tensor, shortcut_size, channels_last: bool) -> 
 @custom_op("cnnkern::residual_add")
 def residual_add(x: torch.Tensor, shortcut: torch.Tensor, stride: int, relu: bool, backend: str) -> torch.Tensor:
     if backend == "cuda":
-        return _cuda_ops().residual_add_cuda(x, shortcut, stride, relu)
+        return cuda_ops().residual_add_cuda(x, shortcut, stride, relu)
     out = new_output(x.shape, x, output_channels_last(x))
     _kernels().residual_add_forward(x, shortcut, out, stride, relu)
     return out
@@ -60,7 +56,7 @@ def _(x, shortcut, stride, relu, backend):
 @custom_op("cnnkern::residual_add_backward")
 def residual_add_backward(grad_out: torch.Tensor, out: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "cuda":
-        return _cuda_ops().residual_add_backward_cuda(grad_out, out)
+        return cuda_ops().residual_add_backward_cuda(grad_out, out)
     cl = output_channels_last(out)
     # The kernel reads all three tensors in one dense layout: anything else (an expanded or sliced
     # gradient, a layout mismatch) is copied into that layout first, never read wrongly.
@@ -80,7 +76,7 @@ def _(grad_out, out, backend):
 def residual_add_shortcut_backward(grad: torch.Tensor, shortcut_size: list[int], stride: int,
                                    channels_last: bool, backend: str) -> torch.Tensor:
     if backend == "cuda":
-        return _cuda_ops().residual_add_shortcut_backward_cuda(grad, shortcut_size, stride, channels_last)
+        return cuda_ops().residual_add_shortcut_backward_cuda(grad, shortcut_size, stride, channels_last)
     grad_shortcut = _shortcut_output(grad, shortcut_size, channels_last)
     _kernels().residual_add_shortcut_backward(grad, grad_shortcut, stride)
     return grad_shortcut
