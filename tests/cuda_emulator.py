@@ -128,7 +128,7 @@ def write_sources(dest: Path = BUILD / "src") -> list[Path]:
         files[p.name] = rewrite(p.read_text(), p.name)
     for p in sorted((CSRC / "cuda").glob("*.cu")):
         files[p.stem + ".cpp"] = rewrite(p.read_text(), p.name)
-    for p in EMU.glob("*.h"):
+    for p in [*EMU.glob("*.h"), *EMU.glob("*.cpp")]:
         files[p.name] = p.read_text()
     for fname, text in files.items():
         target = dest / fname

@@ -6,7 +6,9 @@
 // shared memory, the CUDA/c10-cuda includes -> this header, the registrations -> the CPU key of a
 // separate `cnnkern_emu` library) and compiles it with the host compiler. This header supplies
 // what the kernels need from CUDA:
-//   - a block runs as one fiber (ucontext) per thread on the calling OS thread; blocks run one
+//   - a block runs as one fiber per thread on the calling OS thread (a hand-written x86-64 stack
+//     switch in cuemu.cpp: ucontext's swapcontext makes a system call per switch, which was a
+//     third of the run time); blocks run one
 //     after another. __syncthreads() parks the fiber until every live thread of the block is
 //     parked; warp-collective operations (ldmatrix, mma) park it until the 32 lanes of its warp are;
 //   - a deadlock (threads that can never all meet) is an error, as is a warp-collective operation
@@ -18,14 +20,19 @@
 //     with cudaFuncSetAttribute (at most 227 KiB, as on sm_90);
 //   - cuemu_ptx.h implements the inline PTX of csrc/cuda/ptx.cuh from the PTX ISA's definitions.
 //
-// Two environment variables make the schedule adversarial, so the tests run both ways:
-//   CUEMU_ORDER=reverse        threads run in reverse order between barriers (default forward);
+// Two environment variables make the schedule adversarial, so the tests run several ways:
+//   CUEMU_SCHEDULE=lockstep    (default) threads run in index order until they block; then every
+//                              warp whose lanes all wait is released together, else the block
+//                              barrier; so warps stay in step, as they roughly do on a GPU;
+//                  reverse     the same in reverse thread and warp order;
+//                  greedy      reverse order, and one warp released at a time: the last warp runs
+//                              ahead of the others as far as the barriers let it, which exposes a
+//                              missing __syncthreads (a read of data other warps have not written
+//                              yet, or a refill of a buffer they still read);
 //   CUEMU_CP_ASYNC=late        cp.async copies land at the cp.async.wait_group that must cover
-//                              them (default: at issue). "late" catches reads that do not wait,
-//                              "eager" catches refills of a buffer other warps still read.
+//                              them (default "eager": at issue). "late" catches reads that do
+//                              not wait, "eager" catches refills of a buffer other warps still read.
 #pragma once
-
-#include <ucontext.h>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -131,8 +138,17 @@ struct Copy {
 
 enum class State { Run, BlockBarrier, WarpBarrier, Done };
 
+#if !defined(__x86_64__)
+#error "cuemu switches fiber stacks with x86-64 assembly (cuemu.cpp)"
+#endif
+}  // namespace cuemu
+// Saves the callee-saved registers, MXCSR and the x87 control word on the current stack, stores
+// the stack pointer in *save and continues on the stack `load` (cuemu.cpp).
+extern "C" void cuemu_switch(void** save, void* load);
+namespace cuemu {
+
 struct Thread {
-  ucontext_t ctx;
+  void* sp = nullptr;  // saved stack pointer while the fiber is parked
   dim3 tid;
   int index = 0, lane = 0, warp = 0;
   State state = State::Run;
@@ -141,14 +157,23 @@ struct Thread {
   alignas(16) unsigned char slot[64];     // this lane's contribution to a warp-collective op
 };
 
+// Per-warp scratch of a warp-collective operation: the first lane to pass the operation's barrier
+// computes every lane's result here; the last one to read its result resets `arrived`.
+struct WarpScratch {
+  int arrived = 0;
+  float d[32][4];
+};
+
 struct Block {
   dim3 bid, bdim, gdim;
   std::vector<Thread> threads;
-  std::vector<unsigned char> stacks;
+  std::vector<WarpScratch> warps;
+  unsigned char* stacks = nullptr;  // threads x stack_bytes (reused across launches)
   size_t stack_bytes = 0;
   std::vector<unsigned char> smem;  // dynamic shared memory + canary
   size_t smem_bytes = 0;
-  ucontext_t sched;
+  void* sched_sp = nullptr;  // the scheduler's saved stack pointer while a fiber runs
+  std::string error;         // an exception a fiber raised (the block is abandoned)
   Thread* cur = nullptr;
   const std::function<void()>* body = nullptr;
   bool late_copies = false;
@@ -171,7 +196,7 @@ inline void land_all(Thread& t) {
   t.open.clear();
 }
 
-inline void yield() { swapcontext(&self().ctx, &g_block->sched); }
+inline void yield() { cuemu_switch(&self().sp, g_block->sched_sp); }
 
 inline void syncthreads() {
   self().state = State::BlockBarrier;
@@ -183,12 +208,36 @@ inline void warp_sync() {
   yield();
 }
 
-inline void fiber_entry() {
+// First frame of every fiber (entered by cuemu_switch's `ret`); never returns.
+[[noreturn]] inline void fiber_main() {
   Block& b = *g_block;
-  (*b.body)();
-  land_all(*b.cur);
-  b.cur->state = State::Done;
-  // returning resumes uc_link: the scheduler
+  Thread& t = *b.cur;
+  try {
+    (*b.body)();
+    land_all(t);
+  } catch (const std::exception& e) {
+    if (b.error.empty()) b.error = e.what();
+  } catch (...) {
+    if (b.error.empty()) b.error = "an unknown exception";
+  }
+  t.state = State::Done;
+  void* dead = nullptr;
+  cuemu_switch(&dead, b.sched_sp);
+  __builtin_unreachable();
+}
+
+// A fresh fiber stack whose first cuemu_switch lands in fiber_main with the ABI's alignment.
+inline void* fiber_stack(unsigned char* base, size_t bytes) {
+  auto top = reinterpret_cast<uintptr_t>(base + bytes) & ~static_cast<uintptr_t>(15);
+  auto** slot = reinterpret_cast<void**>(top - 16);  // 16-aligned: the return address
+  *slot = reinterpret_cast<void*>(&fiber_main);
+  void** sp = slot - 7;  // MXCSR/x87 word, then r15 r14 r13 r12 rbx rbp
+  for (int i = 1; i < 7; ++i) sp[i] = nullptr;
+  uint32_t csr[2] = {0, 0};
+  asm volatile("stmxcsr %0" : "=m"(csr[0]));
+  asm volatile("fnstcw %0" : "=m"(*reinterpret_cast<uint16_t*>(&csr[1])));
+  std::memcpy(sp, csr, 8);
+  return sp;
 }
 
 inline unsigned char* dynamic_smem() { return g_block->smem.data(); }
@@ -198,18 +247,17 @@ inline std::string where(const Block& b) {
 }
 
 // Runs one block to completion; returns an error message, empty on success.
-inline std::string run_block(Block& b, bool reverse) {
+enum class Schedule { Lockstep, Reverse, Greedy };
+
+inline std::string run_block(Block& b, Schedule schedule) {
+  const bool reverse = schedule != Schedule::Lockstep;
   const int n = static_cast<int>(b.threads.size());
   for (int i = 0; i < n; ++i) {
     Thread& t = b.threads[i];
     t.state = State::Run;
     t.open.clear();
     t.groups.clear();
-    getcontext(&t.ctx);
-    t.ctx.uc_stack.ss_sp = b.stacks.data() + static_cast<size_t>(i) * b.stack_bytes;
-    t.ctx.uc_stack.ss_size = b.stack_bytes;
-    t.ctx.uc_link = &b.sched;
-    makecontext(&t.ctx, fiber_entry, 0);
+    t.sp = fiber_stack(b.stacks + static_cast<size_t>(i) * b.stack_bytes, b.stack_bytes);
   }
   std::fill(b.smem.begin(), b.smem.begin() + static_cast<std::ptrdiff_t>(b.smem_bytes), kPoison);
   std::fill(b.smem.begin() + static_cast<std::ptrdiff_t>(b.smem_bytes), b.smem.end(), kCanaryByte);
@@ -219,9 +267,10 @@ inline std::string run_block(Block& b, bool reverse) {
       Thread& t = b.threads[reverse ? n - 1 - k : k];
       if (t.state != State::Run) continue;
       b.cur = &t;
-      swapcontext(&b.sched, &t.ctx);
+      cuemu_switch(&b.sched_sp, t.sp);
     }
     b.cur = nullptr;
+    if (!b.error.empty()) return where(b) + ": " + b.error;
     int done = 0, at_block = 0;
     for (auto& t : b.threads) {
       done += t.state == State::Done;
@@ -229,7 +278,8 @@ inline std::string run_block(Block& b, bool reverse) {
     }
     if (done == n) break;
     bool released = false;
-    for (int w = 0; w < warps; ++w) {
+    for (int k = 0; k < warps && !(released && schedule == Schedule::Greedy); ++k) {
+      const int w = reverse ? warps - 1 - k : k;
       const int lo = w * 32, hi = std::min(n, lo + 32);
       int waiting = 0, live = 0;
       for (int i = lo; i < hi; ++i) {
@@ -292,13 +342,20 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
   b.body = &body;
   b.stack_bytes = 128 * 1024;
   b.threads.resize(threads);
-  b.stacks.resize(threads * b.stack_bytes);
+  b.warps.resize((threads + 31) / 32);
+  static thread_local std::vector<unsigned char> stack_pool;  // grown once, never re-zeroed
+  if (stack_pool.size() < threads * b.stack_bytes) stack_pool.resize(threads * b.stack_bytes);
+  b.stacks = stack_pool.data();
   b.smem_bytes = smem;
   b.smem.resize(smem + kCanary);
   const char* cp = std::getenv("CUEMU_CP_ASYNC");
   b.late_copies = cp != nullptr && std::string(cp) == "late";
-  const char* order = std::getenv("CUEMU_ORDER");
-  const bool reverse = order != nullptr && std::string(order) == "reverse";
+  const char* env = std::getenv("CUEMU_SCHEDULE");
+  const std::string sched = env != nullptr ? env : "lockstep";
+  TORCH_CHECK(sched == "lockstep" || sched == "reverse" || sched == "greedy",
+              "cuemu: CUEMU_SCHEDULE must be lockstep, reverse or greedy, got ", sched);
+  const Schedule schedule =
+      sched == "greedy" ? Schedule::Greedy : sched == "reverse" ? Schedule::Reverse : Schedule::Lockstep;
   for (unsigned i = 0; i < threads; ++i) {
     Thread& t = b.threads[i];
     t.index = static_cast<int>(i);
@@ -313,7 +370,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
     for (unsigned y = 0; y < grid.y && err.empty(); ++y)
       for (unsigned x = 0; x < grid.x && err.empty(); ++x) {
         b.bid = dim3(x, y, z);
-        err = run_block(b, reverse);
+        err = run_block(b, schedule);
       }
   g_block = saved;
   TORCH_CHECK(err.empty(), "cuemu: ", err);

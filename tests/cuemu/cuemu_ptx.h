@@ -76,9 +76,11 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 
 struct MmaOperands {
   uint32_t a[4], b[2];
+  float c[4];
 };
 
-inline float half_bits(uint16_t h, bool bf16) {
+inline float half_bits(uint32_t reg, int hi, bool bf16) {
+  const auto h = static_cast<uint16_t>(hi ? reg >> 16 : reg & 0xFFFFu);
   if (bf16) {
     c10::BFloat16 v;
     v.x = h;
@@ -89,74 +91,80 @@ inline float half_bits(uint16_t h, bool bf16) {
   return static_cast<float>(v);
 }
 
-// m16n8k16, f16/bf16: A (16x16) element (row, k) is half (k % 2) of register (row >= 8) + 2*(k >= 8)
-// of lane (row % 8)*4 + (k % 8)/2; B (16x8) element (k, n) is half (k % 2) of register (k >= 8) of
-// lane n*4 + (k % 8)/2; D element i of lane l: row l/4 + 8*(i >= 2), column 2*(l % 4) + (i & 1).
-inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
-  auto& b = *::cuemu::g_block;
+// The tf32 operand the tensor core reads: the top 19 bits (the low 13 mantissa bits are ignored).
+inline float tf32_bits(uint32_t reg) { return __uint_as_float(reg & 0xFFFFE000u); }
+
+// One mma.sync for the warp: every lane publishes its fragments, the first lane past the barrier
+// rebuilds A (16 x K) and B (K x 8) from all 32 lanes' registers and computes all 32 x 4 results
+// (exact products, double sums, one rounding to f32 per result), each lane takes its four.
+// Fragment layouts (groupID g = lane / 4, threadID_in_group t = lane % 4):
+//   m16n8k16 f16/bf16, two halves per register (low half = lower k):
+//     A register r: row g + 8*(r & 1), k 2t + 8*(r >> 1) (+1 in the high half)
+//     B register r: k 2t + 8r (+1 in the high half), column g
+//   m16n8k8 tf32, one element per register:
+//     A register r: row g + 8*(r & 1), k t + 4*(r >> 1);  B register r: k t + 4r, column g
+//   D (both) element i: row g + 8*(i >= 2), column 2t + (i & 1)
+template <int K>
+inline void mma_warp(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, int kind) {
+  auto& blk = *::cuemu::g_block;
   auto& me = ::cuemu::self();
-  MmaOperands mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
+  const MmaOperands mine{{a[0], a[1], a[2], a[3]}, {b0, b1}, {d[0], d[1], d[2], d[3]}};
+  static_assert(sizeof(MmaOperands) <= sizeof(me.slot), "the operands must fit the lane's slot");
   std::memcpy(me.slot, &mine, sizeof mine);
   ::cuemu::warp_sync();
-  const int base = me.warp * 32;
-  auto ops = [&](int lane) {
-    MmaOperands o;
-    std::memcpy(&o, b.threads[base + lane].slot, sizeof o);
-    return o;
-  };
-  auto A = [&](int row, int k) {
-    const uint32_t reg = ops((row % 8) * 4 + (k % 8) / 2).a[(row >= 8) + 2 * (k >= 8)];
-    return half_bits(static_cast<uint16_t>(k % 2 ? reg >> 16 : reg & 0xFFFF), bf16);
-  };
-  auto B = [&](int k, int n) {
-    const uint32_t reg = ops(n * 4 + (k % 8) / 2).b[k >= 8];
-    return half_bits(static_cast<uint16_t>(k % 2 ? reg >> 16 : reg & 0xFFFF), bf16);
-  };
-  float out[4];
-  for (int i = 0; i < 4; ++i) {
-    const int row = me.lane / 4 + 8 * (i >= 2), col = 2 * (me.lane % 4) + (i & 1);
-    double acc = 0.0;
-    for (int k = 0; k < 16; ++k) acc += static_cast<double>(A(row, k)) * static_cast<double>(B(k, col));
-    out[i] = static_cast<float>(static_cast<double>(d[i]) + acc);
+  auto& ws = blk.warps[me.warp];
+  if (ws.arrived++ == 0) {
+    float A[16][K], B[K][8];
+    const int base = me.warp * 32;
+    for (int l = 0; l < 32; ++l) {
+      MmaOperands o;
+      std::memcpy(&o, blk.threads[base + l].slot, sizeof o);
+      const int g = l / 4, t = l % 4;
+      for (int r = 0; r < 4; ++r) {
+        const int row = g + 8 * (r & 1);
+        if (kind == 2) {
+          A[row][t + 4 * (r >> 1)] = tf32_bits(o.a[r]);
+        } else {
+          const int k = 2 * t + 8 * (r >> 1);
+          A[row][k] = half_bits(o.a[r], 0, kind == 1);
+          A[row][k + 1] = half_bits(o.a[r], 1, kind == 1);
+        }
+      }
+      for (int r = 0; r < 2; ++r) {
+        if (kind == 2) {
+          B[t + 4 * r][g] = tf32_bits(o.b[r]);
+        } else {
+          B[2 * t + 8 * r][g] = half_bits(o.b[r], 0, kind == 1);
+          B[2 * t + 8 * r + 1][g] = half_bits(o.b[r], 1, kind == 1);
+        }
+      }
+    }
+    for (int l = 0; l < 32; ++l) {
+      MmaOperands o;
+      std::memcpy(&o, blk.threads[base + l].slot, sizeof o);
+      for (int i = 0; i < 4; ++i) {
+        const int row = l / 4 + 8 * (i >= 2), col = 2 * (l % 4) + (i & 1);
+        double acc = 0.0;
+        for (int k = 0; k < K; ++k) acc += static_cast<double>(A[row][k]) * static_cast<double>(B[k][col]);
+        ws.d[l][i] = static_cast<float>(static_cast<double>(o.c[i]) + acc);
+      }
+    }
   }
-  ::cuemu::warp_sync();
+  float out[4];
+  for (int i = 0; i < 4; ++i) out[i] = ws.d[me.lane][i];
+  if (ws.arrived == 32) ws.arrived = 0;
+  ::cuemu::warp_sync();  // the slots and the scratch are free again
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
 inline void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  mma_m16n8k16(d, a, b0, b1, false);
+  mma_warp<16>(d, a, b0, b1, 0);
 }
 inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  mma_m16n8k16(d, a, b0, b1, true);
+  mma_warp<16>(d, a, b0, b1, 1);
 }
-
-// m16n8k8, tf32: A (16x8) element (row, k) is register (row >= 8) + 2*(k >= 4) of lane
-// (row % 8)*4 + k % 4; B (8x8) element (k, n) is register (k >= 4) of lane n*4 + k % 4. The tensor
-// core reads the 19 TF32 bits of each operand (the low 13 mantissa bits are ignored).
 inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  auto& b = *::cuemu::g_block;
-  auto& me = ::cuemu::self();
-  MmaOperands mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
-  std::memcpy(me.slot, &mine, sizeof mine);
-  ::cuemu::warp_sync();
-  const int base = me.warp * 32;
-  auto ops = [&](int lane) {
-    MmaOperands o;
-    std::memcpy(&o, b.threads[base + lane].slot, sizeof o);
-    return o;
-  };
-  auto tf32 = [](uint32_t bits) { return static_cast<double>(__uint_as_float(bits & 0xFFFFE000u)); };
-  float out[4];
-  for (int i = 0; i < 4; ++i) {
-    const int row = me.lane / 4 + 8 * (i >= 2), col = 2 * (me.lane % 4) + (i & 1);
-    double acc = 0.0;
-    for (int k = 0; k < 8; ++k) {
-      acc += tf32(ops((row % 8) * 4 + k % 4).a[(row >= 8) + 2 * (k >= 4)]) * tf32(ops(col * 4 + k % 4).b[k >= 4]);
-    }
-    out[i] = static_cast<float>(static_cast<double>(d[i]) + acc);
-  }
-  ::cuemu::warp_sync();
-  for (int i = 0; i < 4; ++i) d[i] = out[i];
+  mma_warp<8>(d, a, b0, b1, 2);
 }
 
 // cvt.rna.tf32.f32: round the fp32 value to 10 mantissa bits, to nearest, ties away from zero
