@@ -130,6 +130,8 @@ def write_sources(dest: Path = BUILD / "src") -> list[Path]:
         files[p.stem + ".cpp"] = rewrite(p.read_text(), p.name)
     for p in [*EMU.glob("*.h"), *EMU.glob("*.cpp")]:
         files[p.name] = p.read_text()
+    for p in sorted(EMU.glob("*.cu")):  # the emulator's own test kernels (tests/test_cuemu.py)
+        files[p.stem + ".cpp"] = rewrite(p.read_text(), p.name)
     for fname, text in files.items():
         target = dest / fname
         if not target.exists() or target.read_text() != text:

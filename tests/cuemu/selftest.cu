@@ -1,0 +1,114 @@
+// Kernels with deliberate bugs, for tests/test_cuemu.py: each one shows that the emulator catches a
+// class of error that would otherwise pass unnoticed on the CPU (and often on a GPU too, by luck of
+// timing). Written as ordinary CUDA C++ and compiled through the same rewrites as csrc/.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include "ptx.cuh"
+
+namespace cnnkern_selftest {
+
+// out[t] = x[(t + 1) % n] through shared memory; without the barrier a thread reads a slot its
+// neighbour has not written yet.
+__global__ void neighbor_kernel(const float* x, float* out, int n, bool sync) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* s = reinterpret_cast<float*>(smem_raw);
+  const int t = threadIdx.x;
+  s[t] = x[t];
+  if (sync) __syncthreads();
+  out[t] = s[(t + 1) % n];
+}
+
+// Each of 32 threads copies 16 bytes with cp.async and then reads its neighbour's 16 bytes; without
+// the wait the copies may not have landed.
+__global__ void cp_async_kernel(const float* x, float* out, bool wait) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* s = reinterpret_cast<float*>(smem_raw);
+  const int t = threadIdx.x;
+  cnnkern::ptx::cp_async16(cnnkern::ptx::smem_u32(s + 4 * t), x + 4 * t, 16);
+  cnnkern::ptx::cp_async_commit();
+  if (wait) cnnkern::ptx::cp_async_wait<0>();
+  __syncthreads();
+  for (int i = 0; i < 4; ++i) out[4 * t + i] = s[4 * ((t + 1) % 32) + i];
+}
+
+// A warp-collective mma reached by half of the warp only (the other half exits early).
+__global__ void divergent_mma_kernel(float* out) {
+  const int lane = threadIdx.x % 32;
+  if (lane >= 16) return;
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  const uint32_t a[4] = {0u, 0u, 0u, 0u};
+  cnnkern::ptx::mma_m16n8k16_f16(d, a, 0u, 0u);
+  out[lane] = d[0];
+}
+
+// Writes one float past the dynamic shared memory it was given.
+__global__ void overflow_kernel(float* out, int n) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* s = reinterpret_cast<float*>(smem_raw);
+  const int t = threadIdx.x;
+  s[t + 1] = 1.f;  // thread n-1 writes s[n]
+  __syncthreads();
+  out[t] = s[t % n];
+}
+
+at::Tensor neighbor(const at::Tensor& x, bool sync) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.numel() >= 1 && x.numel() <= 1024, "x");
+  auto out = at::empty_like(x);
+  const int n = static_cast<int>(x.numel());
+  neighbor_kernel<<<1, n, n * sizeof(float), nullptr>>>(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), n,
+                                                         sync);
+  return out;
+}
+
+at::Tensor cp_async(const at::Tensor& x, bool wait) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.numel() == 128, "x");
+  auto out = at::empty_like(x);
+  cp_async_kernel<<<1, 32, 512, nullptr>>>(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), wait);
+  return out;
+}
+
+at::Tensor divergent_mma(const at::Tensor& x) {
+  auto out = at::empty({32}, x.options().dtype(at::kFloat));
+  divergent_mma_kernel<<<1, 32>>>(out.mutable_data_ptr<float>());
+  return out;
+}
+
+at::Tensor overflow(const at::Tensor& x) {
+  auto out = at::empty({64}, x.options().dtype(at::kFloat));
+  overflow_kernel<<<1, 64, 64 * sizeof(float)>>>(out.mutable_data_ptr<float>(), 64);
+  return out;
+}
+
+// A launch asking for `bytes` of dynamic shared memory, after opting in to `optin` bytes (0: the
+// 48 KiB default).
+at::Tensor big_smem(const at::Tensor& x, int64_t bytes, int64_t optin) {
+  auto out = at::empty({1}, x.options().dtype(at::kFloat));
+  const int limit = optin > 0 ? static_cast<int>(optin) : 48 * 1024;  // 48 KiB: the default again
+  const cudaError_t err = cudaFuncSetAttribute(neighbor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+  TORCH_CHECK(err == cudaSuccess, "cudaFuncSetAttribute refused ", limit, " bytes");
+  neighbor_kernel<<<1, 1, static_cast<size_t>(bytes)>>>(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), 1,
+                                                        true);
+  return out;
+}
+
+}  // namespace cnnkern_selftest
+
+TORCH_LIBRARY_FRAGMENT(cnnkern_emu, m) {
+  m.def("selftest_neighbor(Tensor x, bool sync) -> Tensor");
+  m.def("selftest_cp_async(Tensor x, bool wait) -> Tensor");
+  m.def("selftest_divergent_mma(Tensor x) -> Tensor");
+  m.def("selftest_overflow(Tensor x) -> Tensor");
+  m.def("selftest_big_smem(Tensor x, int bytes, int optin) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cnnkern_emu, CPU, m) {
+  m.impl("selftest_neighbor", &cnnkern_selftest::neighbor);
+  m.impl("selftest_cp_async", &cnnkern_selftest::cp_async);
+  m.impl("selftest_divergent_mma", &cnnkern_selftest::divergent_mma);
+  m.impl("selftest_overflow", &cnnkern_selftest::overflow);
+  m.impl("selftest_big_smem", &cnnkern_selftest::big_smem);
+}

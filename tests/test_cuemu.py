@@ -1,0 +1,77 @@
+"""The CUDA emulator itself (tests/cuemu/, tests/cuda_emulator.py): it must catch the errors it
+exists to catch. Each test runs a small kernel with a deliberate bug (tests/cuemu/selftest.cu) and
+checks that the emulator reports it, and that the fixed kernel passes. The CUDA C++ kernels of
+cnnkern run on the emulator in `scripts/dev test-emulated` (CNNKERN_EMULATE_CUDA=1)."""
+
+import pytest
+import torch
+
+import cuda_emulator
+
+pytestmark = pytest.mark.skipif(cuda_emulator.available() is not None,
+                                reason=f"cannot build the CUDA emulator here: {cuda_emulator.available()}")
+
+SCHEDULES = ["lockstep", "reverse", "greedy"]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return cuda_emulator.load()
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_missing_syncthreads_reads_poison(emu, schedule, monkeypatch):
+    monkeypatch.setenv("CUEMU_SCHEDULE", schedule)
+    x = torch.randn(64)
+    assert torch.equal(emu.selftest_neighbor(x, True), x.roll(-1))
+    # every thread runs up to its next barrier before the next thread starts: without the barrier
+    # thread t reads slot t+1 before thread t+1 wrote it, and the shared memory is NaN-poisoned
+    assert torch.isnan(emu.selftest_neighbor(x, False)).any()
+
+
+@pytest.mark.parametrize("mode", ["eager", "late"])
+def test_cp_async_without_wait(emu, mode, monkeypatch):
+    monkeypatch.setenv("CUEMU_CP_ASYNC", mode)
+    x = torch.randn(128)
+    want = x.view(32, 4).roll(-1, 0).reshape(-1)
+    assert torch.equal(emu.selftest_cp_async(x, True), want)
+    out = emu.selftest_cp_async(x, False)
+    if mode == "late":  # the copies land only at a wait (or when their thread exits): none waited,
+        # so threads 0-30 read poison; thread 31 reads thread 0's chunk, which landed when thread 0 exited
+        assert torch.isnan(out[:124]).all() and torch.equal(out[124:], want[124:])
+    else:  # copies at issue: the missing wait goes unnoticed, which is why the tests run both modes
+        assert torch.equal(out, want)
+
+
+def test_warp_collective_with_missing_lanes(emu):
+    with pytest.raises(RuntimeError, match="16 of its 32 lanes exited or missing"):
+        emu.selftest_divergent_mma(torch.empty(1))
+
+
+def test_shared_memory_overflow(emu):
+    with pytest.raises(RuntimeError, match="wrote past the end of its 256 bytes of dynamic shared memory"):
+        emu.selftest_overflow(torch.empty(1))
+
+
+def test_dynamic_shared_memory_limit(emu):
+    x = torch.ones(1)
+    assert emu.selftest_big_smem(x, 48 * 1024, 0).item() == 1.0
+    with pytest.raises(RuntimeError, match="above 48 KiB needs cudaFuncSetAttribute"):
+        emu.selftest_big_smem(x, 64 * 1024, 0)
+    assert emu.selftest_big_smem(x, 64 * 1024, 64 * 1024).item() == 1.0
+    with pytest.raises(RuntimeError, match="cudaFuncSetAttribute refused"):  # over sm_90's 227 KiB
+        emu.selftest_big_smem(x, 64 * 1024, 228 * 1024)
+
+
+def test_rewrite_rules():
+    src = """extern __shared__ __align__(128) unsigned char smem_raw[];
+  if (relu) k<T, 4><<<grid, 256, smem, stream>>>(a, f(b, c));
+  else other<<<dim3(1, 2), 32>>>();
+TORCH_LIBRARY_IMPL(cnnkern, CUDA, m) { if (x.is_cuda()) {} }"""
+    out = cuda_emulator.rewrite(src, "t.cu")
+    assert "unsigned char* smem_raw = reinterpret_cast<unsigned char*>(::cuemu::dynamic_smem());" in out
+    assert "if (relu) ::cuemu::launch(k<T, 4>, grid, 256, smem, stream, a, f(b, c));" in out
+    assert "else ::cuemu::launch(other, dim3(1, 2), 32, 0, nullptr);" in out
+    assert "TORCH_LIBRARY_IMPL(cnnkern_emu, CPU, m)" in out and "x.is_cpu()" in out
+    with pytest.raises(ValueError, match="CUDA syntax the emulator does not rewrite"):
+        cuda_emulator.rewrite('asm volatile("bar.sync 0;");', "t.cu")
