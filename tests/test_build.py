@@ -165,3 +165,22 @@ def test_implicit_gemm_kernels_use_tensor_cores_ldmatrix_and_cp_async(arch):
         assert mma == {kinds[dtype]: 2 * mt * nt}, (name, ops)
         assert any(k.startswith("LDSM") for k in ops) and any(k.startswith("LDGSTS") for k in ops), (name, ops)
     assert found == 18, found  # 3 dtypes x 3 tiles x (forward, grad-input)
+
+
+@needs_ext
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_tensor_core_weight_gradient_kernels(arch):
+    """The tensor-core grad-weight (conv2d_wgrad_igemm.cu) per 32-pixel step: 2 k-steps x 2 x 4
+    warp MMAs of the dtype's kind, operands through transposing ldmatrix (LDSM .MT88) from a
+    cp.async pipeline."""
+    kinds = {"Half": "HMMA.16816.F32", "BFloat16": "HMMA.16816.F32.BF16"}
+    found = 0
+    for name, ops in _inspect.sass_opcodes(_inspect.extension_path(), arch).items():
+        if "wgrad_igemm_kernel" not in name:
+            continue
+        found += 1
+        dtype = "BFloat16" if "BFloat16" in name else "Half"
+        assert {k: v for k, v in ops.items() if k.startswith("HMMA")} == {kinds[dtype]: 16}, (name, ops)
+        assert ops.get("LDSM.16.MT88.4", 0) == 8, (name, ops)
+        assert any(k.startswith("LDGSTS") for k in ops), (name, ops)
+    assert found == 2, found  # fp16, bf16

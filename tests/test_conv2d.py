@@ -380,3 +380,38 @@ def test_gpu_cuda_weight_grad_is_bitwise_reproducible(layer, dtype):
     rgw, rgb = torch.autograd.grad(torch.nn.functional.conv2d(xr, wr, br, **kw), (wr, br), g.double())
     assert_rel_close(first[0], rgw, dtype, "grad weight", matmul=True)
     assert_rel_close(first[1], rgb, dtype, "grad bias", matmul=True)
+
+
+# the tensor-core grad-weight's edges: o and j tiles with tails (64 x 128 tiles), taps of one
+# channel chunk, strided and dilated gathers, groups, split slices that end mid-step
+WGRAD_TC_LAYERS = {
+    "tails_3x3": ((2, 24, 9, 9), 40, 3, 1, 1, 1, 1),        # K = 40 < 64, J = 216 = 128 + 88
+    "projection_1x1s2": ((2, 64, 7, 7), 72, 1, 2, 0, 1, 1),  # K = 72 = 64 + 8
+    "dilated": ((1, 16, 10, 10), 8, 3, 1, 2, 2, 1),
+    "groups2": ((2, 32, 6, 6), 16, 3, 2, 1, 1, 2),            # 16 in, 8 out per group
+    "first_big": ((1, 8, 33, 33), 16, 7, 2, 3, 1, 1),         # many pixels per split
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.emulated
+@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
+                    reason="needs CUDA and cnnkern._C")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layer", list(WGRAD_TC_LAYERS))
+def test_gpu_cuda_tensor_core_weight_grad(layer, dtype):
+    """channels_last fp16/bf16 grad-weight runs on the tensor-core kernel; NCHW on the SIMT one.
+    Both against float64, into NaN-poisoned outputs."""
+    xs, k, ks, stride, pad, dil, groups = WGRAD_TC_LAYERS[layer]
+    w_shape = (k, xs[1] // groups, ks, ks)
+    for layout in ("channels_last", "contiguous"):
+        x = make(xs, dtype, DEVICE, layout)
+        stride2, pad2, dil2 = [stride] * 2, [pad] * 2, [dil] * 2
+        shape = cnnkern.ops.conv2d.output_size(x.shape, w_shape, stride2, [pad] * 4, dil2)
+        g = make(tuple(shape), dtype, DEVICE, layout)
+        gw = torch.full(w_shape, float("nan"), dtype=dtype, device=DEVICE)
+        gb = torch.full((k,), float("nan"), dtype=dtype, device=DEVICE)
+        cuda_ops().conv2d_backward_weight_cuda(g, x, gw, gb, stride2, pad2, dil2, groups)
+        ref = torch.nn.grad.conv2d_weight(x.double(), w_shape, g.double(), stride, pad, dil, groups)
+        assert_rel_close(gw, ref, dtype, f"grad weight ({layout})", matmul=True)
+        assert_rel_close(gb, g.double().sum((0, 2, 3)), dtype, f"grad bias ({layout})", matmul=True)

@@ -302,6 +302,19 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
 // ------------------------------------------------------------------------------------------------
 // grad-weight (+ grad-bias when grad_bias has elements)
 // ------------------------------------------------------------------------------------------------
+// The grad-weight partials: on tensor cores where the host found the inputs eligible (16-bit types
+// only), else on the SIMT kernel.
+template <typename T, typename A>
+void run_wgrad(const WgradParams<T, A>& p, bool tensor_cores, cudaStream_t stream) {
+  if constexpr (std::is_same_v<A, float> && (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>)) {
+    if (tensor_cores) {
+      conv::launch_wgrad_igemm<T>(p, stream);
+      return;
+    }
+  }
+  conv::launch_wgrad<T, A>(p, stream);
+}
+
 void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& gw,
                                  const at::Tensor& gb, at::IntArrayRef stride, at::IntArrayRef padding,
                                  at::IntArrayRef dilation, int64_t groups) {
@@ -331,8 +344,18 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
       if (want_bias) gb.zero_();
       return;
     }
+    // The tensor-core kernel takes 16-bit inputs whose channels are contiguous, with every pixel
+    // (and group) starting on 16 bytes; everything else runs on the SIMT kernel.
+    auto pixels_aligned = [](const at::Tensor& t) {
+      return t.stride(1) == 1 && aligned16(t.const_data_ptr()) && t.stride(0) % 8 == 0 && t.stride(2) % 8 == 0 &&
+             t.stride(3) % 8 == 0;
+    };
+    const bool tensor_cores = (grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16) &&
+                              g.Kg % 8 == 0 && g.Cg % 8 == 0 && pixels_aligned(grad) && pixels_aligned(x);
+    const int64_t tm = tensor_cores ? conv::wgrad_igemm_tile_rows() : 64;
+    const int64_t tn = tensor_cores ? conv::wgrad_igemm_tile_cols() : 64;
     // splits: enough blocks for ~2 waves, at least 256 pixels per split
-    const int64_t tiles = ((g.Kg + 63) / 64) * ((J + 63) / 64) * g.G;
+    const int64_t tiles = ((g.Kg + tm - 1) / tm) * ((J + tn - 1) / tn) * g.G;
     int64_t splits = std::max<int64_t>(1, std::min<int64_t>((2 * sms + tiles - 1) / tiles, (L + 255) / 256));
     splits = std::min<int64_t>(splits, 65535 / g.G);
     const int64_t chunk = (L + splits - 1) / splits;
@@ -358,7 +381,7 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
     p.L = L;
     p.chunk = chunk;
     p.splits = static_cast<int>(splits);
-    conv::launch_wgrad<scalar_t, A>(p, stream);
+    run_wgrad<scalar_t, A>(p, tensor_cores, stream);
     conv::launch_wgrad_reduce<scalar_t, A>(p.part, p.splits, p.G, p.K, p.C, p.R, p.S, gw.mutable_data_ptr<scalar_t>(),
                                            gw.stride(0), gw.stride(1), gw.stride(2), gw.stride(3), stream);
     if (want_bias) {

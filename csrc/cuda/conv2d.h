@@ -10,6 +10,8 @@
 //                      backwards); 1x1 convolutions are its plain-GEMM case
 //   conv2d_wgrad.cu    grad-weight and grad-bias: deterministic split-K (fixed slices, fixed-order
 //                      reduction, no atomics)
+//   conv2d_wgrad_igemm.cu  grad-weight on tensor cores (fp16/bf16, channels_last): the same
+//                      split-K partials from mma.sync, finished by the same reduction
 //
 // Index arithmetic: every offset into a tensor is int64; a GEMM row index (an output pixel
 // n*P*Q + p*Q + q) is int32 and the host refuses inputs where it would not fit.
@@ -105,6 +107,14 @@ void launch_igemm(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t st
 
 template <typename T, typename A>
 void launch_wgrad(const WgradParams<T, A>& p, cudaStream_t stream);
+
+// Tensor-core grad-weight (conv2d_wgrad_igemm.cu; fp16/bf16, channels contiguous in x and gy with
+// 16-byte aligned pixels, channels per group multiples of 8): the same split-K partials as
+// launch_wgrad, in the same layout, from a BM x BN = wgrad_igemm_tile_rows() x _cols() tile.
+template <typename T>
+void launch_wgrad_igemm(const WgradParams<T, float>& p, cudaStream_t stream);
+int wgrad_igemm_tile_rows();
+int wgrad_igemm_tile_cols();
 
 // out(g, o, c, r, s) at gw + (g*K + o)*wk + c*wc + r*wr + s*ws  <-  sum over splits, in order
 template <typename T, typename A>

@@ -74,6 +74,27 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   ::cuemu::warp_sync();  // the slots are free again
 }
 
+// .trans: lane l takes, from matrix j, the 16-bit elements of column l/4 in rows 2*(l%4) (low
+// half) and 2*(l%4)+1 (high half), rows addressed by lanes 8j + row.
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  auto& b = *::cuemu::g_block;
+  auto& me = ::cuemu::self();
+  smem_at(addr, 16, "ldmatrix row");
+  std::memcpy(me.slot, &addr, 4);
+  ::cuemu::warp_sync();
+  const int base = me.warp * 32, t = me.lane % 4, col = me.lane / 4;
+  for (int j = 0; j < 4; ++j) {
+    uint32_t row0, row1;
+    std::memcpy(&row0, b.threads[base + 8 * j + 2 * t].slot, 4);
+    std::memcpy(&row1, b.threads[base + 8 * j + 2 * t + 1].slot, 4);
+    uint16_t lo, hi;
+    std::memcpy(&lo, b.smem.data() + row0 + 2 * col, 2);
+    std::memcpy(&hi, b.smem.data() + row1 + 2 * col, 2);
+    r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  ::cuemu::warp_sync();
+}
+
 struct MmaOperands {
   uint32_t a[4], b[2];
   float c[4];

@@ -1,0 +1,213 @@
+// Gradient of the filter on tensor cores, CUDA C++ (fp16/bf16, fp32 accumulation; sm_80+), for
+// inputs and output gradients whose channels are contiguous (channels_last) and 16-byte aligned.
+//
+// The GEMM: rows o (output channels of a group), columns j = (r*S + s)*C + c (filter taps, then
+// channels: 8 consecutive columns are 8 consecutive channels of one tap, one 16-byte chunk of an
+// NHWC pixel), reduction over the output pixels l = (n, p, q). Both operands arrive with the
+// reduction index as the *slow* one: grad_out is [l][o] (o contiguous) and the gathered input is
+// [l][j] (c contiguous). So a stage holds BK = 32 pixels as rows: A_s[32][64 o], B_s[32][128 j],
+// filled with 16-byte cp.async (zero fill for padding taps, pixels past the split and o/j tails),
+// and the fragments are read with ldmatrix .trans, which turns those pixel-major 8x8 blocks into
+// the row-major A (o x l) and column-major B (l x j) fragments that mma.sync m16n8k16 wants. In
+// each row the 16-byte chunk c sits at chunk c ^ (row % 8), so the eight rows an ldmatrix phase
+// reads (eight pixels, same chunk) hit eight different bank groups.
+//
+// 8 warps in a 2 x 4 grid over the 64 x 128 tile (warp tile 32 x 32: 2 x 4 fragments of m16n8),
+// 3 stages in flight (36 KiB of shared memory). The reduction over pixels is split exactly as for
+// the SIMT kernel (conv2d_wgrad.cu: fixed slices, fp32 partials, a fixed-order sum), and the
+// partials are written in its layout (c*R*S + r*S + s), so the same reduce kernel finishes both:
+// bitwise reproducible run to run.
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "conv2d.h"
+#include "ptx.cuh"
+
+namespace cnnkern {
+namespace conv {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int BM = 64, BN = 128, BK = 32, STAGES = 3;
+constexpr int A_CHUNKS = BM / 8, B_CHUNKS = BN / 8;  // 16-byte chunks per stage row
+constexpr int STAGE_A = BK * BM, STAGE_B = BK * BN;  // elements
+constexpr int WARPS_M = 2, WARPS_N = 4, WTM = BM / WARPS_M, WTN = BN / WARPS_N, MT = WTM / 16, NT = WTN / 8;
+
+// element offset of chunk `c` of row `r` (rows of `chunks` chunks of 8 elements), swizzled
+__device__ __forceinline__ int swz(int r, int c, int chunks) { return (r * chunks + (c ^ (r & 7))) * 8; }
+
+template <typename T>
+struct WgradMma;
+template <>
+struct WgradMma<c10::Half> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    ptx::mma_m16n8k16_f16(d, a, b0, b1);
+  }
+};
+template <>
+struct WgradMma<c10::BFloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    ptx::mma_m16n8k16_bf16(d, a, b0, b1);
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) wgrad_igemm_kernel(const WgradParams<T, float> p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sA = reinterpret_cast<T*>(smem_raw);
+  T* sB = sA + STAGES * STAGE_A;
+
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+  const int wm = warp % WARPS_M, wn = warp / WARPS_M;
+  const int RS = p.R * p.S, J = p.C * RS;
+  const int o0 = blockIdx.x * BM, j0 = blockIdx.y * BN;
+  const int g = blockIdx.z % p.G, split = blockIdx.z / p.G;
+  const int64_t l_begin = static_cast<int64_t>(split) * p.chunk;
+  const int64_t l_end = l_begin + p.chunk < p.L ? l_begin + p.chunk : p.L;
+  const int PQ = p.P * p.Q;
+
+  // Copy roles. A: one chunk per thread (row t / 8, chunk t % 8). B: two chunks per thread
+  // (rows t / 16 and t / 16 + 16, chunk t % 16), whose tap and channel are fixed for the block.
+  const int a_row = t / A_CHUNKS, a_chunk = t % A_CHUNKS;
+  const int a_o = o0 + a_chunk * 8;
+  const bool a_ok = a_o < p.K;  // K % 8 == 0: a chunk is all in or all out
+  const T* a_src = p.gy + static_cast<int64_t>(g) * p.K + (a_ok ? a_o : 0);
+  const int b_row = t / B_CHUNKS, b_chunk = t % B_CHUNKS;
+  const int b_j = j0 + b_chunk * 8;
+  const bool b_jok = b_j < J;
+  const int b_rs = b_jok ? b_j / p.C : 0, b_c = b_jok ? b_j % p.C : 0;  // C % 8 == 0: one tap per chunk
+  const int b_r = b_rs / p.S, b_s = b_rs % p.S;
+  const T* b_src = p.x + static_cast<int64_t>(g) * p.C + b_c;
+
+  auto load_stage = [&](int64_t l0, int stage) {
+    {
+      const int64_t l = l0 + a_row;
+      const bool ok = a_ok && l < l_end;
+      const T* src = a_src;
+      if (ok) {
+        const int n = static_cast<int>(l / PQ), rem = static_cast<int>(l % PQ);
+        src += static_cast<int64_t>(n) * p.gn + static_cast<int64_t>(rem / p.Q) * p.gh +
+               static_cast<int64_t>(rem % p.Q) * p.gw_;
+      }
+      ptx::cp_async16(ptx::smem_u32(sA + stage * STAGE_A + swz(a_row, a_chunk, A_CHUNKS)), src, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = b_row + 16 * i;
+      const int64_t l = l0 + row;
+      bool ok = b_jok && l < l_end;
+      const T* src = b_src;
+      if (ok) {
+        const int n = static_cast<int>(l / PQ), rem = static_cast<int>(l % PQ);
+        const int h = (rem / p.Q) * p.sh - p.ph + b_r * p.dh, w = (rem % p.Q) * p.sw - p.pw + b_s * p.dw;
+        ok = h >= 0 && h < p.H && w >= 0 && w < p.W;
+        if (ok) {
+          src += static_cast<int64_t>(n) * p.xn + static_cast<int64_t>(h) * p.xh + static_cast<int64_t>(w) * p.xw;
+        }
+      }
+      ptx::cp_async16(ptx::smem_u32(sB + stage * STAGE_B + swz(row, b_chunk, B_CHUNKS)), src, ok ? 16 : 0);
+    }
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+
+  const int KT = static_cast<int>((l_end - l_begin + BK - 1) / BK);
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < KT) load_stage(l_begin + static_cast<int64_t>(st) * BK, st);
+    ptx::cp_async_commit();
+  }
+
+  // ldmatrix lane roles: lane 8m + i addresses row i of matrix m
+  const int lm = lane / 8, li = lane % 8;
+  for (int kt = 0; kt < KT; ++kt) {
+    ptx::cp_async_wait<STAGES - 2>();  // step kt has landed (this thread's copies) ...
+    __syncthreads();                   // ... and everyone's; the stage refilled below is free
+    const T* tA = sA + (kt % STAGES) * STAGE_A;
+    const T* tB = sB + (kt % STAGES) * STAGE_B;
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      uint32_t af[MT][4], bf[NT][2];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        // matrices (o 0-7, l 0-7), (o 8-15, l 0-7), (o 0-7, l 8-15), (o 8-15, l 8-15): a0..a3
+        const int row = ks * 16 + 8 * (lm >> 1) + li;
+        const int chunk = (wm * WTM + i * 16) / 8 + (lm & 1);
+        ptx::ldmatrix_x4_trans(af[i], ptx::smem_u32(tA + swz(row, chunk, A_CHUNKS)));
+      }
+#pragma unroll
+      for (int j = 0; j < NT / 2; ++j) {
+        // matrices (l 0-7, j 0-7), (l 8-15, j 0-7), (l 0-7, j 8-15), (l 8-15, j 8-15):
+        // b0, b1 of column fragment 2j, then of 2j + 1
+        const int row = ks * 16 + 8 * (lm & 1) + li;
+        const int chunk = (wn * WTN + j * 16) / 8 + (lm >> 1);
+        uint32_t r4[4];
+        ptx::ldmatrix_x4_trans(r4, ptx::smem_u32(tB + swz(row, chunk, B_CHUNKS)));
+        bf[2 * j][0] = r4[0];
+        bf[2 * j][1] = r4[1];
+        bf[2 * j + 1][0] = r4[2];
+        bf[2 * j + 1][1] = r4[3];
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) WgradMma<T>::run(acc[i][j], af[i], bf[j][0], bf[j][1]);
+    }
+    const int next = kt + STAGES - 1;
+    if (next < KT) load_stage(l_begin + static_cast<int64_t>(next) * BK, next % STAGES);
+    ptx::cp_async_commit();
+  }
+  ptx::cp_async_wait<0>();
+
+  // Epilogue: fragment element e of acc[i][j] is row gid (+8 for e >= 2), column 2*tig + (e & 1);
+  // partial tile in the SIMT kernel's layout, part[split][g][o][c*R*S + r*S + s].
+  const int gid = lane / 4, tig = lane % 4;
+  float* part = p.part + (static_cast<int64_t>(split) * p.G + g) * p.K * J;
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int o = o0 + wm * WTM + i * 16 + gid + 8 * h;
+      if (o >= p.K) continue;
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int jj = j0 + wn * WTN + j * 8 + 2 * tig + e;
+          if (jj >= J) continue;
+          const int rs = jj / p.C, c = jj % p.C;
+          part[static_cast<int64_t>(o) * J + c * RS + rs] = acc[i][j][2 * h + e];
+        }
+    }
+}
+
+}  // namespace
+
+int wgrad_igemm_tile_rows() { return BM; }
+int wgrad_igemm_tile_cols() { return BN; }
+
+template <typename T>
+void launch_wgrad_igemm(const WgradParams<T, float>& p, cudaStream_t stream) {
+  TORCH_CHECK(p.K % 8 == 0 && p.C % 8 == 0, "cnnkern conv2d (cuda, tensor-core grad-weight): channels per group must "
+              "be multiples of 8");
+  constexpr size_t smem = static_cast<size_t>(STAGES) * (STAGE_A + STAGE_B) * sizeof(T);
+  static_assert(smem <= 48 * 1024, "the stages fit the default shared memory");
+  const int J = p.C * p.R * p.S;
+  const dim3 grid((p.K + BM - 1) / BM, (J + BN - 1) / BN, p.G * p.splits);
+  TORCH_CHECK(grid.y < 65536 && grid.z < 65536, "cnnkern conv2d (cuda): grad-weight grid too large");
+  wgrad_igemm_kernel<T><<<grid, kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template void launch_wgrad_igemm<c10::Half>(const WgradParams<c10::Half, float>&, cudaStream_t);
+template void launch_wgrad_igemm<c10::BFloat16>(const WgradParams<c10::BFloat16, float>&, cudaStream_t);
+
+}  // namespace conv
+}  // namespace cnnkern
