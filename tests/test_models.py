@@ -144,7 +144,8 @@ def test_googlenet_variants():
 
 
 # ------------------------------------------------------------------------------------------------
-# the networks on the Triton kernels, training mode, forward + backward, against the torch backend
+# the networks on the Triton kernels (and the CUDA C++ ones where they can run: a GPU, or the
+# emulator), training mode, forward + backward, against the torch backend
 # ------------------------------------------------------------------------------------------------
 SMALL = {  # as small as each architecture allows (training BatchNorm needs > 1 value per channel)
     "alexnet_paper": (M.alexnet, (2, 3, 67, 67)),  # LRN with the paper's constants; 67: POOL3 still 1x1
@@ -157,9 +158,11 @@ SMALL = {  # as small as each architecture allows (training BatchNorm needs > 1 
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(cnnkern._backend.unavailable_reason("triton", DEVICE) is not None, reason="Triton unavailable")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("name", list(SMALL))
-def test_network_on_triton_matches_torch_backend(name):
+def test_network_on_kernels_matches_torch_backend(name, backend):
+    if cnnkern._backend.unavailable_reason(backend, DEVICE) is not None:  # "cuda" on CPU: only the emulator
+        pytest.skip(cnnkern._backend.unavailable_reason(backend, DEVICE))
     # float64 (the interpreter runs it): in fp32, training-mode BatchNorm with two images amplifies
     # rounding through twenty-odd layers far beyond any per-op tolerance; in fp64 the two backends
     # agree to ~1e-14, so the comparison can be tight.
@@ -172,8 +175,8 @@ def test_network_on_triton_matches_torch_backend(name):
     ours = copy.deepcopy(ref)
     x = torch.randn(shape, device=DEVICE, dtype=torch.float64)
     outs, grads = [], []
-    for model, backend in ((ref, "torch"), (ours, "triton")):
-        with cnnkern.use_backend(backend):
+    for model, name_ in ((ref, "torch"), (ours, backend)):
+        with cnnkern.use_backend(name_):
             y = model(x)
             y.square().mean().backward()
         outs.append(y.detach())
