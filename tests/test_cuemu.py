@@ -75,3 +75,32 @@ TORCH_LIBRARY_IMPL(cnnkern, CUDA, m) { if (x.is_cuda()) {} }"""
     assert "TORCH_LIBRARY_IMPL(cnnkern_emu, CPU, m)" in out and "x.is_cpu()" in out
     with pytest.raises(ValueError, match="CUDA syntax the emulator does not rewrite"):
         cuda_emulator.rewrite('asm volatile("bar.sync 0;");', "t.cu")
+
+
+def test_ldmatrix_bank_conflicts_are_counted(emu):
+    emu.cuemu_stats()  # reset
+    emu.selftest_ldmatrix_conflicts(torch.empty(1), False)
+    assert list(emu.cuemu_stats()) == [4, 4 * 7]  # each phase: eight rows in one bank group
+    emu.selftest_ldmatrix_conflicts(torch.empty(1), True)
+    assert list(emu.cuemu_stats()) == [4, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_tensor_core_kernels_read_shared_memory_without_bank_conflicts(emu, dtype):
+    """The swizzles of the implicit-GEMM forward, grad-input and (16-bit) grad-weight kernels: every
+    ldmatrix phase of a real layer takes one wavefront."""
+    from helpers import make
+
+    x = make((2, 64, 10, 10), dtype, "cpu", "channels_last")
+    w = make((96, 64, 3, 3), dtype, "cpu", "channels_last")
+    y = torch.empty(2, 96, 10, 10, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    tf32 = dtype == torch.float32
+    emu.cuemu_stats()
+    emu.conv2d_forward_cuda(x, w, None, y, [1, 1], [1, 1], [1, 1], 1, False, "igemm", False, tf32)
+    gx = torch.empty_like(x)
+    emu.conv2d_backward_input_cuda(y, w, gx, [1, 1], [1, 1], [1, 1], 1, "igemm", tf32)
+    if dtype == torch.float16:
+        emu.conv2d_backward_weight_cuda(y, x, torch.empty_like(w), torch.empty(0, dtype=dtype), [1, 1], [1, 1],
+                                        [1, 1], 1)
+    phases, extra = emu.cuemu_stats()
+    assert phases > 0 and extra == 0, (phases, extra)

@@ -181,6 +181,28 @@ struct Block {
 
 inline thread_local Block* g_block = nullptr;
 
+// Shared-memory bank accounting of the warp-collective loads (the one performance property the
+// emulator can see): an ldmatrix phase reads eight 16-byte rows, which take one wavefront when
+// they fall in eight different groups of four banks ((address / 16) % 8) and k wavefronts when
+// k of them share a group. Read (and reset) through the cnnkern_emu::cuemu_stats op.
+struct Stats {
+  long long ldmatrix_phases = 0, ldmatrix_extra_wavefronts = 0;
+};
+inline Stats g_stats;
+
+inline void count_ldmatrix_phases(const Block& b, int warp) {
+  for (int j = 0; j < 4; ++j) {
+    int groups[8] = {0, 0, 0, 0, 0, 0, 0, 0}, worst = 0;
+    for (int i = 0; i < 8; ++i) {
+      uint32_t addr;
+      std::memcpy(&addr, b.threads[warp * 32 + 8 * j + i].slot, 4);
+      worst = std::max(worst, ++groups[(addr / 16) % 8]);
+    }
+    g_stats.ldmatrix_phases += 1;
+    g_stats.ldmatrix_extra_wavefronts += worst - 1;
+  }
+}
+
 inline Thread& self() { return *g_block->cur; }
 
 inline void do_copy(const Copy& c) {

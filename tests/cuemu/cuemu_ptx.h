@@ -63,6 +63,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   smem_at(addr, 16, "ldmatrix row");
   std::memcpy(me.slot, &addr, 4);
   ::cuemu::warp_sync();
+  if (me.lane == 0) ::cuemu::count_ldmatrix_phases(b, me.warp);
   const int base = me.warp * 32;
   for (int j = 0; j < 4; ++j) {
     // matrix j's row (lane / 4) was addressed by lane 8j + lane/4; this lane takes its 32-bit
@@ -82,6 +83,7 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   smem_at(addr, 16, "ldmatrix row");
   std::memcpy(me.slot, &addr, 4);
   ::cuemu::warp_sync();
+  if (me.lane == 0) ::cuemu::count_ldmatrix_phases(b, me.warp);
   const int base = me.warp * 32, t = me.lane % 4, col = me.lane / 4;
   for (int j = 0; j < 4; ++j) {
     uint32_t row0, row1;

@@ -1,11 +1,14 @@
 // Kernels with deliberate bugs, for tests/test_cuemu.py: each one shows that the emulator catches a
 // class of error that would otherwise pass unnoticed on the CPU (and often on a GPU too, by luck of
-// timing). Written as ordinary CUDA C++ and compiled through the same rewrites as csrc/.
+// timing). Written as ordinary CUDA C++ and compiled through the same rewrites as csrc/; the
+// statistics op reads the emulator's own counters, so this file only ever builds for the emulator.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "ptx.cuh"
 
@@ -55,6 +58,20 @@ __global__ void overflow_kernel(float* out, int n) {
   out[t] = s[t % n];
 }
 
+// One warp loads eight 8x8 matrices' rows from a 8 x 128-byte tile with ldmatrix: the rows of a
+// phase share a 16-byte column, so without the XOR swizzle they all sit in one bank group.
+__global__ void ldmatrix_kernel(float* out, bool swizzle) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 8 * 128 / 4; i += 32) reinterpret_cast<float*>(smem_raw)[i] = 0.f;
+  __syncthreads();
+  const int row = lane % 8, chunk = lane / 8;
+  const int col = swizzle ? chunk ^ row : chunk;
+  uint32_t r[4];
+  cnnkern::ptx::ldmatrix_x4(r, cnnkern::ptx::smem_u32(smem_raw + row * 128 + col * 16));
+  out[lane] = static_cast<float>(r[0] + r[1] + r[2] + r[3]);
+}
+
 at::Tensor neighbor(const at::Tensor& x, bool sync) {
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.numel() >= 1 && x.numel() <= 1024, "x");
   auto out = at::empty_like(x);
@@ -83,6 +100,19 @@ at::Tensor overflow(const at::Tensor& x) {
   return out;
 }
 
+at::Tensor ldmatrix_conflicts(const at::Tensor& x, bool swizzle) {
+  auto out = at::empty({32}, x.options().dtype(at::kFloat));
+  ldmatrix_kernel<<<1, 32, 8 * 128>>>(out.mutable_data_ptr<float>(), swizzle);
+  return out;
+}
+
+// (ldmatrix phases, extra wavefronts from bank-group conflicts) since the last call; resets them
+std::vector<int64_t> cuemu_stats() {
+  std::vector<int64_t> out = {cuemu::g_stats.ldmatrix_phases, cuemu::g_stats.ldmatrix_extra_wavefronts};
+  cuemu::g_stats = cuemu::Stats{};
+  return out;
+}
+
 // A launch asking for `bytes` of dynamic shared memory, after opting in to `optin` bytes (0: the
 // 48 KiB default).
 at::Tensor big_smem(const at::Tensor& x, int64_t bytes, int64_t optin) {
@@ -103,6 +133,8 @@ TORCH_LIBRARY_FRAGMENT(cnnkern_emu, m) {
   m.def("selftest_divergent_mma(Tensor x) -> Tensor");
   m.def("selftest_overflow(Tensor x) -> Tensor");
   m.def("selftest_big_smem(Tensor x, int bytes, int optin) -> Tensor");
+  m.def("selftest_ldmatrix_conflicts(Tensor x, bool swizzle) -> Tensor");
+  m.def("cuemu_stats() -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(cnnkern_emu, CPU, m) {
@@ -111,4 +143,7 @@ TORCH_LIBRARY_IMPL(cnnkern_emu, CPU, m) {
   m.impl("selftest_divergent_mma", &cnnkern_selftest::divergent_mma);
   m.impl("selftest_overflow", &cnnkern_selftest::overflow);
   m.impl("selftest_big_smem", &cnnkern_selftest::big_smem);
+  m.impl("selftest_ldmatrix_conflicts", &cnnkern_selftest::ldmatrix_conflicts);
 }
+
+TORCH_LIBRARY_IMPL(cnnkern_emu, CatchAll, m) { m.impl("cuemu_stats", &cnnkern_selftest::cuemu_stats); }
