@@ -57,7 +57,12 @@ inline void cp_async_wait() {
   }
 }
 
-inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+// ldmatrix.x4, both forms: every lane publishes its row address, then reads the shared memory the
+// instruction would hand it. `trans` = false: lane l takes from matrix j the 32-bit word l % 4
+// (elements 2*(l%4), 2*(l%4)+1) of row l / 4. `trans` = true: it takes the 16-bit elements of
+// column l / 4 in rows 2*(l%4) (low half) and 2*(l%4)+1 (high half). Row i of matrix j is the
+// address of lane 8j + i.
+inline void ldmatrix_x4_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
   auto& b = *::cuemu::g_block;
   auto& me = ::cuemu::self();
   smem_at(addr, 16, "ldmatrix row");
@@ -65,37 +70,27 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   ::cuemu::warp_sync();
   if (me.lane == 0) ::cuemu::count_ldmatrix_phases(b, me.warp);
   const int base = me.warp * 32;
+  auto row_addr = [&](int j, int i) {
+    uint32_t a;
+    std::memcpy(&a, b.threads[base + 8 * j + i].slot, 4);
+    return a;
+  };
   for (int j = 0; j < 4; ++j) {
-    // matrix j's row (lane / 4) was addressed by lane 8j + lane/4; this lane takes its 32-bit
-    // word (lane % 4): elements 2*(lane%4), 2*(lane%4)+1
-    uint32_t row;
-    std::memcpy(&row, b.threads[base + 8 * j + me.lane / 4].slot, 4);
-    std::memcpy(&r[j], b.smem.data() + row + 4 * (me.lane % 4), 4);
+    if (!trans) {
+      std::memcpy(&r[j], b.smem.data() + row_addr(j, me.lane / 4) + 4 * (me.lane % 4), 4);
+      continue;
+    }
+    const int t = me.lane % 4, col = me.lane / 4;
+    uint16_t lo, hi;
+    std::memcpy(&lo, b.smem.data() + row_addr(j, 2 * t) + 2 * col, 2);
+    std::memcpy(&hi, b.smem.data() + row_addr(j, 2 * t + 1) + 2 * col, 2);
+    r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
   ::cuemu::warp_sync();  // the slots are free again
 }
 
-// .trans: lane l takes, from matrix j, the 16-bit elements of column l/4 in rows 2*(l%4) (low
-// half) and 2*(l%4)+1 (high half), rows addressed by lanes 8j + row.
-inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  auto& b = *::cuemu::g_block;
-  auto& me = ::cuemu::self();
-  smem_at(addr, 16, "ldmatrix row");
-  std::memcpy(me.slot, &addr, 4);
-  ::cuemu::warp_sync();
-  if (me.lane == 0) ::cuemu::count_ldmatrix_phases(b, me.warp);
-  const int base = me.warp * 32, t = me.lane % 4, col = me.lane / 4;
-  for (int j = 0; j < 4; ++j) {
-    uint32_t row0, row1;
-    std::memcpy(&row0, b.threads[base + 8 * j + 2 * t].slot, 4);
-    std::memcpy(&row1, b.threads[base + 8 * j + 2 * t + 1].slot, 4);
-    uint16_t lo, hi;
-    std::memcpy(&lo, b.smem.data() + row0 + 2 * col, 2);
-    std::memcpy(&hi, b.smem.data() + row1 + 2 * col, 2);
-    r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-  }
-  ::cuemu::warp_sync();
-}
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldmatrix_x4_impl(r, addr, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix_x4_impl(r, addr, true); }
 
 struct MmaOperands {
   uint32_t a[4], b[2];
