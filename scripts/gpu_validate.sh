@@ -117,7 +117,8 @@ importable() {
 }
 
 # The CUDA C++ convolution and conv-BN-ReLU first (written without a GPU: the most likely to
-# fail), so that a short device session learns about them before anything else.
+# fail; CI runs them on the CPU emulator of tests/cuda_emulator.py, which checks their logic but
+# not the hardware), so that a short device session learns about them before anything else.
 pytest_cuda_conv() {
   "$PY" -m pytest -q -ra -x --junitxml="$out/pytest-cuda-conv.xml" tests/test_conv2d.py tests/test_conv_bn_relu.py \
     -k "cuda and not triton"
