@@ -151,12 +151,18 @@ def load(verbose: bool = False):
     from torch.utils import cpp_extension
 
     sources = write_sources()
-    build = BUILD / "obj"
+    # CUEMU_ASAN=1: AddressSanitizer build (out-of-bounds reads and writes of the kernels in the
+    # tensors' memory); the process must start with the ASan runtime (and libstdc++, so that ASan
+    # finds __cxa_throw) preloaded: `CUEMU_ASAN=1 scripts/dev test-emulated` does that.
+    asan = os.environ.get("CUEMU_ASAN", "0") not in ("", "0")
+    build = BUILD / ("obj-asan" if asan else "obj")
     build.mkdir(parents=True, exist_ok=True)
+    flags = ["-O2", "-Wno-unknown-pragmas"] + (["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else [])
     cpp_extension.load(
-        name="cnnkern_emu",
+        name="cnnkern_emu_asan" if asan else "cnnkern_emu",
         sources=[str(s) for s in sources],
-        extra_cflags=["-O2", "-Wno-unknown-pragmas"],
+        extra_cflags=flags,
+        extra_ldflags=["-fsanitize=address"] if asan else [],
         extra_include_paths=[str(BUILD / "src")],
         build_directory=str(build),
         is_python_module=False,

@@ -145,10 +145,22 @@ enum class State { Run, BlockBarrier, WarpBarrier, Done };
 // Saves the callee-saved registers, MXCSR and the x87 control word on the current stack, stores
 // the stack pointer in *save and continues on the stack `load` (cuemu.cpp).
 extern "C" void cuemu_switch(void** save, void* load);
+
+// Under AddressSanitizer (CUEMU_ASAN=1, tests/cuda_emulator.py) every stack switch is announced to
+// it, and a fiber stack is unpoisoned before reuse; without ASan these are no-ops.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define CUEMU_ASAN 1
+#else
+#define CUEMU_ASAN 0
+#endif
 namespace cuemu {
 
 struct Thread {
   void* sp = nullptr;  // saved stack pointer while the fiber is parked
+  unsigned char* stack = nullptr;
+  void* fake_stack = nullptr;  // ASan's per-fiber state
   dim3 tid;
   int index = 0, lane = 0, warp = 0;
   State state = State::Run;
@@ -173,6 +185,8 @@ struct Block {
   std::vector<unsigned char> smem;  // dynamic shared memory + canary
   size_t smem_bytes = 0;
   void* sched_sp = nullptr;  // the scheduler's saved stack pointer while a fiber runs
+  const void* sched_bottom = nullptr;  // the scheduler's stack (for ASan's fiber annotations)
+  size_t sched_size = 0;
   std::string error;         // an exception a fiber raised (the block is abandoned)
   Thread* cur = nullptr;
   const std::function<void()>* body = nullptr;
@@ -218,7 +232,18 @@ inline void land_all(Thread& t) {
   t.open.clear();
 }
 
-inline void yield() { cuemu_switch(&self().sp, g_block->sched_sp); }
+// fiber -> scheduler
+inline void yield() {
+  Thread& t = self();
+  Block& b = *g_block;
+#if CUEMU_ASAN
+  __sanitizer_start_switch_fiber(&t.fake_stack, b.sched_bottom, b.sched_size);
+#endif
+  cuemu_switch(&t.sp, b.sched_sp);
+#if CUEMU_ASAN
+  __sanitizer_finish_switch_fiber(t.fake_stack, nullptr, nullptr);
+#endif
+}
 
 inline void syncthreads() {
   self().state = State::BlockBarrier;
@@ -234,6 +259,9 @@ inline void warp_sync() {
 [[noreturn]] inline void fiber_main() {
   Block& b = *g_block;
   Thread& t = *b.cur;
+#if CUEMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &b.sched_bottom, &b.sched_size);
+#endif
   try {
     (*b.body)();
     land_all(t);
@@ -244,6 +272,9 @@ inline void warp_sync() {
   }
   t.state = State::Done;
   void* dead = nullptr;
+#if CUEMU_ASAN
+  __sanitizer_start_switch_fiber(nullptr, b.sched_bottom, b.sched_size);  // this fiber is over
+#endif
   cuemu_switch(&dead, b.sched_sp);
   __builtin_unreachable();
 }
@@ -279,7 +310,11 @@ inline std::string run_block(Block& b, Schedule schedule) {
     t.state = State::Run;
     t.open.clear();
     t.groups.clear();
-    t.sp = fiber_stack(b.stacks + static_cast<size_t>(i) * b.stack_bytes, b.stack_bytes);
+    t.stack = b.stacks + static_cast<size_t>(i) * b.stack_bytes;
+#if CUEMU_ASAN
+    __asan_unpoison_memory_region(t.stack, b.stack_bytes);  // redzones of its previous frames
+#endif
+    t.sp = fiber_stack(t.stack, b.stack_bytes);
   }
   std::fill(b.smem.begin(), b.smem.begin() + static_cast<std::ptrdiff_t>(b.smem_bytes), kPoison);
   std::fill(b.smem.begin() + static_cast<std::ptrdiff_t>(b.smem_bytes), b.smem.end(), kCanaryByte);
@@ -289,7 +324,14 @@ inline std::string run_block(Block& b, Schedule schedule) {
       Thread& t = b.threads[reverse ? n - 1 - k : k];
       if (t.state != State::Run) continue;
       b.cur = &t;
+#if CUEMU_ASAN
+      void* fake = nullptr;
+      __sanitizer_start_switch_fiber(&fake, t.stack, b.stack_bytes);
+#endif
       cuemu_switch(&b.sched_sp, t.sp);
+#if CUEMU_ASAN
+      __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
     }
     b.cur = nullptr;
     if (!b.error.empty()) return where(b) + ": " + b.error;
