@@ -377,6 +377,13 @@ inline std::string run_block(Block& b, Schedule schedule) {
   return {};
 }
 
+// The fiber stacks, one pool for every kernel (grown when a launch needs more, never re-zeroed).
+inline unsigned char* fiber_stacks(size_t bytes) {
+  static thread_local std::vector<unsigned char> pool;
+  if (pool.size() < bytes) pool.resize(bytes);
+  return pool.data();
+}
+
 inline std::mutex& launch_mutex() {
   static std::mutex m;
   return m;
@@ -407,9 +414,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
   b.stack_bytes = 128 * 1024;
   b.threads.resize(threads);
   b.warps.resize((threads + 31) / 32);
-  static thread_local std::vector<unsigned char> stack_pool;  // grown once, never re-zeroed
-  if (stack_pool.size() < threads * b.stack_bytes) stack_pool.resize(threads * b.stack_bytes);
-  b.stacks = stack_pool.data();
+  b.stacks = fiber_stacks(threads * b.stack_bytes);
   b.smem_bytes = smem;
   b.smem.resize(smem + kCanary);
   const char* cp = std::getenv("CUEMU_CP_ASYNC");
