@@ -8,8 +8,12 @@ import torch
 
 import cuda_emulator
 
-pytestmark = pytest.mark.skipif(cuda_emulator.available() is not None,
-                                reason=f"cannot build the CUDA emulator here: {cuda_emulator.available()}")
+pytestmark = [
+    pytest.mark.skipif(cuda_emulator.available() is not None,
+                       reason=f"cannot build the CUDA emulator here: {cuda_emulator.available()}"),
+    # a GPU session runs the kernels for real and has no time to spend building the emulator
+    pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the CUDA kernels run on it"),
+]
 
 SCHEDULES = ["lockstep", "reverse", "greedy"]
 
