@@ -124,7 +124,9 @@ def write_sources(dest: Path = BUILD / "src") -> list[Path]:
     """Write the rewritten sources (only files whose text changed, so ninja rebuilds only those)."""
     dest.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {"schemas.cpp": schemas()}
-    for p in [CSRC / "common.h", *sorted((CSRC / "cuda").glob("*.h"))]:
+    headers = sorted((CSRC / "cuda").glob("*.h")) + [p for p in sorted((CSRC / "cuda").glob("*.cuh"))
+                                                     if p.name != "ptx.cuh"]  # ptx.cuh: cuemu_ptx.h instead
+    for p in [CSRC / "common.h", *headers]:
         files[p.name] = rewrite(p.read_text(), p.name)
     for p in sorted((CSRC / "cuda").glob("*.cu")):
         files[p.stem + ".cpp"] = rewrite(p.read_text(), p.name)

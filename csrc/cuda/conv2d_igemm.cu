@@ -30,6 +30,7 @@
 #include <cuda_fp16.h>
 
 #include "conv2d.h"
+#include "pipeline.cuh"
 #include "ptx.cuh"
 
 namespace cnnkern {
@@ -45,8 +46,6 @@ constexpr int BK = 4 * EPC<T>;  // elements of kk per step
 constexpr int STAGES = 4;
 
 using ptx::cp_async16;
-using ptx::cp_async_commit;
-using ptx::cp_async_wait;
 using ptx::ldmatrix_x4;
 using ptx::smem_u32;
 
@@ -186,17 +185,9 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
 #pragma unroll
       for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
 
-#pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < KT) load_stage(st, st);
-    cp_async_commit();
-  }
-
-  for (int kt = 0; kt < KT; ++kt) {
-    cp_async_wait<STAGES - 2>();  // step kt has landed (this thread's copies) ...
-    __syncthreads();              // ... and everyone's; the stage refilled below is free
-    const T* tA = sA + (kt % STAGES) * STAGE_A;
-    const T* tB = sB + (kt % STAGES) * STAGE_B;
+  cp_async_pipeline<STAGES>(KT, load_stage, [&](int stage) {
+    const T* tA = sA + stage * STAGE_A;
+    const T* tB = sB + stage * STAGE_B;
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks) {  // two MMA k-steps per row: chunks (0, 1) and (2, 3)
       uint32_t af[MT][4], bf[NT][2];
@@ -224,11 +215,7 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
 #pragma unroll
         for (int j = 0; j < NT; ++j) Mma<T>::run(acc[i][j], af[i], bf[j][0], bf[j][1]);
     }
-    const int next = kt + STAGES - 1;
-    if (next < KT) load_stage(next, next % STAGES);
-    cp_async_commit();
-  }
-  cp_async_wait<0>();
+  });
 
   // Epilogue. Fragment element e of acc[i][j]: row gid (+8 for e >= 2), column 2*tig + (e & 1).
   const int gid = lane / 4, tig = lane % 4;

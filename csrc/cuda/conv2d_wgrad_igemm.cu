@@ -22,6 +22,7 @@
 #include <c10/util/Half.h>
 
 #include "conv2d.h"
+#include "pipeline.cuh"
 #include "ptx.cuh"
 
 namespace cnnkern {
@@ -80,7 +81,8 @@ __global__ void __launch_bounds__(kThreads) wgrad_igemm_kernel(const WgradParams
   const int b_r = b_rs / p.S, b_s = b_rs % p.S;
   const T* b_src = p.x + static_cast<int64_t>(g) * p.C + b_c;
 
-  auto load_stage = [&](int64_t l0, int stage) {
+  auto load_stage = [&](int step, int stage) {
+    const int64_t l0 = l_begin + static_cast<int64_t>(step) * BK;
     {
       const int64_t l = l0 + a_row;
       const bool ok = a_ok && l < l_end;
@@ -119,19 +121,11 @@ __global__ void __launch_bounds__(kThreads) wgrad_igemm_kernel(const WgradParams
       for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
 
   const int KT = static_cast<int>((l_end - l_begin + BK - 1) / BK);
-#pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < KT) load_stage(l_begin + static_cast<int64_t>(st) * BK, st);
-    ptx::cp_async_commit();
-  }
-
   // ldmatrix lane roles: lane 8m + i addresses row i of matrix m
   const int lm = lane / 8, li = lane % 8;
-  for (int kt = 0; kt < KT; ++kt) {
-    ptx::cp_async_wait<STAGES - 2>();  // step kt has landed (this thread's copies) ...
-    __syncthreads();                   // ... and everyone's; the stage refilled below is free
-    const T* tA = sA + (kt % STAGES) * STAGE_A;
-    const T* tB = sB + (kt % STAGES) * STAGE_B;
+  cp_async_pipeline<STAGES>(KT, load_stage, [&](int stage) {
+    const T* tA = sA + stage * STAGE_A;
+    const T* tB = sB + stage * STAGE_B;
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
       uint32_t af[MT][4], bf[NT][2];
@@ -160,11 +154,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_igemm_kernel(const WgradParams
 #pragma unroll
         for (int j = 0; j < NT; ++j) WgradMma<T>::run(acc[i][j], af[i], bf[j][0], bf[j][1]);
     }
-    const int next = kt + STAGES - 1;
-    if (next < KT) load_stage(l_begin + static_cast<int64_t>(next) * BK, next % STAGES);
-    ptx::cp_async_commit();
-  }
-  ptx::cp_async_wait<0>();
+  });
 
   // Epilogue: fragment element e of acc[i][j] is row gid (+8 for e >= 2), column 2*tig + (e & 1);
   // partial tile in the SIMT kernel's layout, part[split][g][o][c*R*S + r*S + s].
