@@ -26,12 +26,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include "conv2d.h"
-#include "pipeline.cuh"
 #include "ptx.cuh"
+#include "tensor_core.cuh"
 
 namespace cnnkern {
 namespace conv {
@@ -48,46 +46,6 @@ constexpr int STAGES = 4;
 using ptx::cp_async16;
 using ptx::ldmatrix_x4;
 using ptx::smem_u32;
-
-template <typename T>
-struct Mma;
-
-template <>
-struct Mma<c10::Half> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    ptx::mma_m16n8k16_f16(d, a, b0, b1);
-  }
-  static __device__ __forceinline__ void prepare(uint32_t (&)[4]) {}
-  static __device__ __forceinline__ void store_pair(c10::Half* dst, float lo, float hi) {
-    *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(lo, hi);
-  }
-};
-
-template <>
-struct Mma<c10::BFloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    ptx::mma_m16n8k16_bf16(d, a, b0, b1);
-  }
-  static __device__ __forceinline__ void prepare(uint32_t (&)[4]) {}
-  static __device__ __forceinline__ void store_pair(c10::BFloat16* dst, float lo, float hi) {
-    *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(lo, hi);
-  }
-};
-
-template <>
-struct Mma<float> {  // TF32: m16n8k8, A 4 registers (rows gid/gid+8, k tig/tig+4), B 2 (k tig/tig+4)
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    ptx::mma_m16n8k8_tf32(d, a, b0, b1);
-  }
-  // fp32 bits -> TF32, rounded to nearest (ties away), as cuDNN's TF32 mode does
-  static __device__ __forceinline__ void prepare(uint32_t (&r)[4]) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) r[i] = ptx::cvt_rna_tf32(r[i]);
-  }
-  static __device__ __forceinline__ void store_pair(float* dst, float lo, float hi) {
-    *reinterpret_cast<float2*>(dst) = make_float2(lo, hi);
-  }
-};
 
 // offset (in halves) of chunk `c` of row `r` in a [rows][32] swizzled stage
 template <typename T>
@@ -205,15 +163,9 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
         uint32_t r4[4];
         ldmatrix_x4(r4, smem_u32(tB + swz<T>(row, ks * 2 + (lane / 8) % 2)));
         Mma<T>::prepare(r4);
-        bf[2 * j][0] = r4[0];
-        bf[2 * j][1] = r4[1];
-        bf[2 * j + 1][0] = r4[2];
-        bf[2 * j + 1][1] = r4[3];
+        set_b_pair(bf, j, r4);
       }
-#pragma unroll
-      for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j) Mma<T>::run(acc[i][j], af[i], bf[j][0], bf[j][1]);
+      mma_tile<T>(acc, af, bf);
     }
   });
 

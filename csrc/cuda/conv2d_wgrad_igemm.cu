@@ -22,8 +22,8 @@
 #include <c10/util/Half.h>
 
 #include "conv2d.h"
-#include "pipeline.cuh"
 #include "ptx.cuh"
+#include "tensor_core.cuh"
 
 namespace cnnkern {
 namespace conv {
@@ -37,21 +37,6 @@ constexpr int WARPS_M = 2, WARPS_N = 4, WTM = BM / WARPS_M, WTN = BN / WARPS_N, 
 
 // element offset of chunk `c` of row `r` (rows of `chunks` chunks of 8 elements), swizzled
 __device__ __forceinline__ int swz(int r, int c, int chunks) { return (r * chunks + (c ^ (r & 7))) * 8; }
-
-template <typename T>
-struct WgradMma;
-template <>
-struct WgradMma<c10::Half> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    ptx::mma_m16n8k16_f16(d, a, b0, b1);
-  }
-};
-template <>
-struct WgradMma<c10::BFloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    ptx::mma_m16n8k16_bf16(d, a, b0, b1);
-  }
-};
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) wgrad_igemm_kernel(const WgradParams<T, float> p) {
@@ -144,15 +129,9 @@ __global__ void __launch_bounds__(kThreads) wgrad_igemm_kernel(const WgradParams
         const int chunk = (wn * WTN + j * 16) / 8 + (lm >> 1);
         uint32_t r4[4];
         ptx::ldmatrix_x4_trans(r4, ptx::smem_u32(tB + swz(row, chunk, B_CHUNKS)));
-        bf[2 * j][0] = r4[0];
-        bf[2 * j][1] = r4[1];
-        bf[2 * j + 1][0] = r4[2];
-        bf[2 * j + 1][1] = r4[3];
+        set_b_pair(bf, j, r4);
       }
-#pragma unroll
-      for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j) WgradMma<T>::run(acc[i][j], af[i], bf[j][0], bf[j][1]);
+      mma_tile<T>(acc, af, bf);
     }
   });
 

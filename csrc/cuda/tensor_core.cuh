@@ -1,0 +1,101 @@
+// The building blocks both implicit GEMMs (conv2d_igemm.cu, forward and grad-input;
+// conv2d_wgrad_igemm.cu, grad-weight) share: the per-dtype warp MMA, the fragment-tile loop and
+// the multistage cp.async pipeline.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "ptx.cuh"
+
+namespace cnnkern {
+
+// One warp MMA per element type: run (d += A*B on one m16n8 fragment), prepare (operand registers
+// after ldmatrix: TF32 rounding for fp32), store_pair (two adjacent output channels, 32 or 64 bits).
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<c10::Half> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    ptx::mma_m16n8k16_f16(d, a, b0, b1);
+  }
+  static __device__ __forceinline__ void prepare(uint32_t (&)[4]) {}
+  static __device__ __forceinline__ void store_pair(c10::Half* dst, float lo, float hi) {
+    *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(lo, hi);
+  }
+};
+
+template <>
+struct Mma<c10::BFloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    ptx::mma_m16n8k16_bf16(d, a, b0, b1);
+  }
+  static __device__ __forceinline__ void prepare(uint32_t (&)[4]) {}
+  static __device__ __forceinline__ void store_pair(c10::BFloat16* dst, float lo, float hi) {
+    *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(lo, hi);
+  }
+};
+
+template <>
+struct Mma<float> {  // TF32: m16n8k8, A 4 registers (rows gid/gid+8, k tig/tig+4), B 2 (k tig/tig+4)
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    ptx::mma_m16n8k8_tf32(d, a, b0, b1);
+  }
+  // fp32 bits -> TF32, rounded to nearest (ties away), as cuDNN's TF32 mode does
+  static __device__ __forceinline__ void prepare(uint32_t (&r)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r[i] = ptx::cvt_rna_tf32(r[i]);
+  }
+  static __device__ __forceinline__ void store_pair(float* dst, float lo, float hi) {
+    *reinterpret_cast<float2*>(dst) = make_float2(lo, hi);
+  }
+};
+
+// B fragments come from ldmatrix.x4 two column fragments at a time: registers (0, 1) are b0, b1 of
+// fragment 2j, registers (2, 3) those of fragment 2j + 1.
+template <int NT>
+__device__ __forceinline__ void set_b_pair(uint32_t (&bf)[NT][2], int j, const uint32_t (&r4)[4]) {
+  bf[2 * j][0] = r4[0];
+  bf[2 * j][1] = r4[1];
+  bf[2 * j + 1][0] = r4[2];
+  bf[2 * j + 1][1] = r4[3];
+}
+
+// A warp's MT x NT fragments of one k-step: acc[i][j] += A fragment i * B fragment j.
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void mma_tile(float (&acc)[MT][NT][4], const uint32_t (&af)[MT][4],
+                                         const uint32_t (&bf)[NT][2]) {
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) Mma<T>::run(acc[i][j], af[i], bf[j][0], bf[j][1]);
+}
+
+// `load(step, stage)` issues this thread's cp.async copies of k-step `step` into shared buffer
+// `stage`; `compute(stage)` consumes buffer `stage`. STAGES - 1 steps are in flight ahead of the
+// math. Before step kt: wait until at most STAGES - 2 of this thread's groups are pending (step
+// kt's copies have landed), then one barrier, which makes every thread's copies visible and tells
+// everyone that the buffer refilled after the math (the one read in step kt - 1) is free.
+template <int STAGES, typename Load, typename Compute>
+__device__ __forceinline__ void cp_async_pipeline(int steps, Load&& load, Compute&& compute) {
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < steps) load(st, st);
+    ptx::cp_async_commit();
+  }
+  for (int kt = 0; kt < steps; ++kt) {
+    ptx::cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    compute(kt % STAGES);
+    const int next = kt + STAGES - 1;
+    if (next < steps) load(next, next % STAGES);
+    ptx::cp_async_commit();
+  }
+  ptx::cp_async_wait<0>();
+}
+
+}  // namespace cnnkern
