@@ -136,12 +136,7 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
   };
 
   float acc[MT][NT][4];
-#pragma unroll
-  for (int i = 0; i < MT; ++i)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+  zero_tile(acc);
 
   cp_async_pipeline<STAGES>(KT, load_stage, [&](int stage) {
     const T* tA = sA + stage * STAGE_A;

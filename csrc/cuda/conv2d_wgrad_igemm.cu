@@ -98,12 +98,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_igemm_kernel(const WgradParams
   };
 
   float acc[MT][NT][4];
-#pragma unroll
-  for (int i = 0; i < MT; ++i)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+  zero_tile(acc);
 
   const int KT = static_cast<int>((l_end - l_begin + BK - 1) / BK);
   // ldmatrix lane roles: lane 8m + i addresses row i of matrix m

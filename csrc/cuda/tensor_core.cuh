@@ -65,6 +65,16 @@ __device__ __forceinline__ void set_b_pair(uint32_t (&bf)[NT][2], int j, const u
   bf[2 * j + 1][1] = r4[3];
 }
 
+template <int MT, int NT>
+__device__ __forceinline__ void zero_tile(float (&acc)[MT][NT][4]) {
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+}
+
 // A warp's MT x NT fragments of one k-step: acc[i][j] += A fragment i * B fragment j.
 template <typename T, int MT, int NT>
 __device__ __forceinline__ void mma_tile(float (&acc)[MT][NT][4], const uint32_t (&af)[MT][4],
