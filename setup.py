@@ -2,7 +2,7 @@
 
 The Triton kernels (``kernels/``) are pure Python and are installed as ``cnnkern.kernels``.
 The CUDA C++ kernels (``csrc/``) are compiled into the extension ``cnnkern._C`` whenever a CUDA
-toolkit is found, also on machines without a GPU, for sm_80 and sm_90 plus sm_90 PTX.
+toolkit is found, also on machines without a GPU, for sm_80 and sm_90a plus sm_90 PTX.
 
 Build without build isolation, after torch is installed (otherwise pip downloads a second torch
 into the isolated build environment)::
@@ -41,11 +41,14 @@ def _find_nvcc():
     return shutil.which("nvcc")
 
 
-# sm_80 (A100) and sm_90 (H100) machine code, plus sm_90 PTX for later GPUs to JIT.
+# sm_80 (A100) and sm_90a (H100/H200: sm_90 with the arch-specific wgmma) machine code, plus
+# sm_90 PTX for later GPUs to JIT (without the wgmma kernels: csrc/cuda/conv2d_wgmma.cu).
+# CNNKERN_SM90A tells the host code that the sm_90a kernels are in the binary.
 NVCC_ARCH_FLAGS = [
     "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90a,code=sm_90a",
     "-gencode=arch=compute_90,code=compute_90",
+    "-DCNNKERN_SM90A=1",
 ]
 
 

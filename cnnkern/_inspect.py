@@ -83,10 +83,12 @@ def resource_usage(path: str) -> list[KernelResources]:
     return rows
 
 
-def sass_opcodes(path: str, arch: str, prefixes=("HMMA", "LDSM", "LDGSTS")) -> dict[str, dict[str, int]]:
+def sass_opcodes(path: str, arch: str,
+                 prefixes=("HMMA", "HGMMA", "LDSM", "LDGSTS", "WARPGROUP", "FENCE")) -> dict[str, dict[str, int]]:
     """Per kernel (mangled name) in ``path``'s ``arch`` machine code, how many instructions start
     with each of ``prefixes`` (full opcode with modifiers as the key, e.g. ``HMMA.16816.F32.BF16``):
-    tensor-core MMAs, ldmatrix (LDSM) and cp.async (LDGSTS)."""
+    tensor-core MMAs (HMMA: mma.sync, HGMMA: wgmma), ldmatrix (LDSM), cp.async (LDGSTS), the
+    wgmma fences and waits (WARPGROUP.ARRIVE, WARPGROUP.DEPBAR) and proxy fences (FENCE)."""
     tool = cuobjdump()
     if tool is None:
         raise FileNotFoundError("cuobjdump not found (CUDA_HOME/bin, PATH, or Triton's backends/nvidia/bin)")
@@ -99,7 +101,7 @@ def sass_opcodes(path: str, arch: str, prefixes=("HMMA", "LDSM", "LDGSTS")) -> d
             name = m.group(1)
             out[name] = {}
             continue
-        m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)", line)  # HGMMA.64x128x16.F32
         if name is not None and m and m.group(1).startswith(prefixes):
             out[name][m.group(1)] = out[name].get(m.group(1), 0) + 1
     return out

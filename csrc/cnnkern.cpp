@@ -49,7 +49,7 @@ TORCH_LIBRARY_FRAGMENT(cnnkern, m) {
 }
 
 #ifndef CNNKERN_CUDA_ARCHS
-#define CNNKERN_CUDA_ARCHS "sm_80,sm_90,compute_90"
+#define CNNKERN_CUDA_ARCHS "sm_80,sm_90a,compute_90"
 #endif
 
 static struct PyModuleDef cnnkern_module = {

@@ -2,6 +2,8 @@
 AlexNet, VGG, GoogLeNet and ResNet at reduced spatial size, in every backend that can run here;
 layouts, dtypes, groups, dilation, "same" padding, the fused ReLU; registration; bad input."""
 
+import os
+
 import pytest
 import torch
 from helpers import DEVICE, EMULATED_CUDA, HAS_CUDA, LAYOUTS, assert_rel_close, backends_for, ieee_fp32, make
@@ -308,6 +310,16 @@ GPU_LAYERS = {
 }
 
 
+def _wgmma_here(dtype):
+    """Whether the wgmma kernels run here: fp16/bf16 on an sm_90 GPU, or on the emulator (an
+    emulated compute capability 9.0 device unless CUEMU_CC says otherwise)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if HAS_CUDA:
+        return torch.cuda.get_device_capability() == (9, 0)
+    return EMULATED_CUDA and os.environ.get("CUEMU_CC", "90") == "90"
+
+
 def _raw_cuda(x, w, b, kw, relu, algo, tf32=False):
     """The CUDA ops called directly with a pinned algorithm: forward and grad-input into
     NaN-filled outputs (every element must be written)."""
@@ -328,7 +340,7 @@ def _raw_cuda(x, w, b, kw, relu, algo, tf32=False):
 @pytest.mark.emulated
 @pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
                     reason="needs CUDA and cnnkern._C")
-@pytest.mark.parametrize("algo", ["direct", "igemm"])
+@pytest.mark.parametrize("algo", ["direct", "igemm", "wgmma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("layer", list(GPU_LAYERS))
@@ -337,8 +349,10 @@ def test_gpu_cuda_kernels_pinned(layer, layout, dtype, algo):
     ks = (ks, ks) if isinstance(ks, int) else ks
     cg, kg = xs[1] // groups, k // groups
     chunk = 4 if dtype == torch.float32 else 8  # elements per 16 bytes
-    if algo == "igemm" and (cg % chunk or kg % chunk):
+    if algo != "direct" and (cg % chunk or kg % chunk):
         pytest.skip("the implicit GEMM takes channels per group in multiples of 16 bytes")
+    if algo == "wgmma" and not _wgmma_here(dtype):
+        pytest.skip("wgmma: fp16/bf16 on a compute capability 9.0 GPU (or the emulator) only")
     tf32 = dtype == torch.float32 and algo == "igemm"  # fp32 runs on the tensor cores only as TF32
     x = make(xs, dtype, DEVICE, layout)
     w = make((k, cg, *ks), dtype, DEVICE) * (cg * ks[0] * ks[1]) ** -0.5
@@ -356,6 +370,41 @@ def test_gpu_cuda_kernels_pinned(layer, layout, dtype, algo):
         return
     assert_rel_close(y, ref.relu(), dtype, matmul=True)
     assert_rel_close(gx, rgx, dtype, "grad input", matmul=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.emulated
+@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
+                    reason="needs CUDA and cnnkern._C")
+def test_gpu_cuda_pinned_kernel_refuses_what_it_cannot_run():
+    xs, k, ks, stride, pad, dil, groups = GPU_LAYERS["resnet_3x3_c64"]
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+    x = make(xs, torch.float32, DEVICE, "channels_last")
+    w = make((k, xs[1], ks, ks), torch.float32, DEVICE)
+    with pytest.raises(RuntimeError, match="algo='wgmma' takes fp16/bf16 only"):
+        _raw_cuda(x, w, None, kw, relu=False, algo="wgmma", tf32=True)
+    with pytest.raises(RuntimeError, match="algo must be 'auto', 'direct', 'igemm' or 'wgmma', got 'fast'"):
+        _raw_cuda(x, w, None, kw, relu=False, algo="fast")
+    with pytest.raises(RuntimeError, match="reduced channels per group a multiple of 8"):
+        _raw_cuda(x[:, :60].half(), w[:, :60].half(), None, kw, relu=False, algo="igemm")
+    if not _wgmma_here(torch.float16):
+        with pytest.raises(RuntimeError, match="algo='wgmma' needs a compute capability 9.0 GPU"):
+            _raw_cuda(x.half(), w.half(), None, kw, relu=False, algo="wgmma")
+
+
+@pytest.mark.gpu
+@pytest.mark.emulated
+@pytest.mark.skipif(not EMULATED_CUDA, reason="the emulated device's compute capability is set by CUEMU_CC")
+def test_emulated_sm80_has_no_wgmma(monkeypatch):
+    monkeypatch.setenv("CUEMU_CC", "80")
+    xs, k, ks, stride, pad, dil, groups = GPU_LAYERS["resnet_3x3_c64"]
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+    x = make(xs, torch.float16, DEVICE, "channels_last")
+    w = make((k, xs[1], ks, ks), torch.float16, DEVICE)
+    with pytest.raises(RuntimeError, match="algo='wgmma' needs a compute capability 9.0 GPU"):
+        _raw_cuda(x, w, None, kw, relu=False, algo="wgmma")
+    y, _, _ = _raw_cuda(x, w, None, kw, relu=False, algo="auto")  # auto: mma.sync there
+    assert_rel_close(y, torch.nn.functional.conv2d(x.double(), w.double(), **kw), torch.float16, matmul=True)
 
 
 @pytest.mark.gpu

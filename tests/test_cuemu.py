@@ -81,6 +81,29 @@ TORCH_LIBRARY_IMPL(cnnkern, CUDA, m) { if (x.is_cuda()) {} }"""
         cuda_emulator.rewrite('asm volatile("bar.sync 0;");', "t.cu")
 
 
+FENCE, ALIGN, WAIT = 1, 2, 4
+
+
+@pytest.mark.parametrize("mode", ["eager", "late"])
+def test_wgmma_reads_swizzled_operands_and_checks_its_rules(emu, mode, monkeypatch):
+    """One m64n64k16 wgmma from 128-byte-swizzled shared memory computes A @ B^T (the PTX ISA's
+    descriptor, swizzle and accumulator layouts); a missing fence.proxy.async is an error, a tile
+    that is not 1024-aligned reads scrambled operands, and (in late mode) accumulators read before
+    the wgmma.wait_group are still zero."""
+    monkeypatch.setenv("CUEMU_WGMMA", mode)
+    a, b = torch.randn(64, 16).half(), torch.randn(64, 16).half()
+    want = a.double() @ b.double().T
+    torch.testing.assert_close(emu.selftest_wgmma(a, b, FENCE | ALIGN | WAIT).double(), want, rtol=1e-6, atol=1e-5)
+    with pytest.raises(RuntimeError, match="written by cp.async without a fence.proxy.async"):
+        emu.selftest_wgmma(a, b, ALIGN | WAIT)
+    assert not torch.allclose(emu.selftest_wgmma(a, b, FENCE | WAIT).double(), want, rtol=1e-3, atol=1e-3)
+    early = emu.selftest_wgmma(a, b, FENCE | ALIGN)
+    if mode == "late":
+        assert torch.equal(early, torch.zeros_like(early))
+    else:  # computed at issue: the early read goes unnoticed, which is why both modes run
+        torch.testing.assert_close(early.double(), want, rtol=1e-6, atol=1e-5)
+
+
 def test_ldmatrix_bank_conflicts_are_counted(emu):
     emu.cuemu_stats()  # reset
     emu.selftest_ldmatrix_conflicts(torch.empty(1), False)

@@ -4,8 +4,8 @@
 // Each op writes into an output the Python side allocated (cnnkern/ops/conv2d.py: its memory
 // format follows PyTorch's conv rule, and the test harness poisons it), so the ops return nothing.
 // `algo` picks the forward / grad-input kernel: "auto" (the implicit GEMM on tensor cores where it
-// applies, else the direct kernel), "direct" or "igemm" (an error where it does not apply): the
-// GPU tests pin each one.
+// applies: wgmma on sm_90, else mma.sync; else the direct kernel), "direct", "igemm" (mma.sync)
+// or "wgmma" (an error where it does not apply): the GPU tests pin each one.
 //
 // The implicit GEMM applies to fp16/bf16 when the reduced channels per group (C/groups forward,
 // K/groups for grad-input) are a multiple of 8, so that 16-byte chunks never straddle a filter
@@ -93,21 +93,36 @@ void check_same(const char* op, const at::Tensor& ref, const at::Tensor& t, cons
 template <typename T>
 constexpr bool kTensorCore = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>;
 
-// Whether the implicit GEMM runs: fp16/bf16, or fp32 when TF32 is allowed; reduced channels per
-// group a multiple of one 16-byte chunk (8 halves, 4 floats); row indices within int32.
+// Which kernel runs. The implicit GEMM applies to fp16/bf16, or fp32 when TF32 is allowed, with
+// the reduced channels per group a multiple of one 16-byte chunk (8 halves, 4 floats) and row
+// indices within int32. "auto" takes it where it applies, on wgmma (fp16/bf16 on an sm_90 GPU with
+// the sm_90a build) or else on mma.sync, and the direct kernel everywhere else; "direct", "igemm"
+// (mma.sync) and "wgmma" pin one kernel and are errors where it does not apply.
+enum class Algo { Direct, Igemm, Wgmma };
+
 template <typename T>
-bool want_igemm(const char* op, const std::string& algo, bool tf32, int64_t reduced_channels, int64_t rows) {
-  TORCH_CHECK(algo == "auto" || algo == "direct" || algo == "igemm", "cnnkern ", op,
-              ": algo must be 'auto', 'direct' or 'igemm', got '", algo, "'");
+Algo choose_algo(const char* op, const std::string& algo, bool tf32, int64_t reduced_channels, int64_t rows) {
+  TORCH_CHECK(algo == "auto" || algo == "direct" || algo == "igemm" || algo == "wgmma", "cnnkern ", op,
+              ": algo must be 'auto', 'direct', 'igemm' or 'wgmma', got '", algo, "'");
+  if (algo == "direct") return Algo::Direct;
   const int64_t chunk = 16 / static_cast<int64_t>(sizeof(T));
   const bool dtype_ok = kTensorCore<T> && (!std::is_same_v<T, float> || tf32);
   const bool fits = dtype_ok && reduced_channels % chunk == 0 && reduced_channels > 0 && rows <= kMaxRows;
-  if (algo == "igemm") {
-    TORCH_CHECK(fits, "cnnkern ", op, ": algo='igemm' needs fp16/bf16 (or fp32 with tf32=True), reduced channels "
-                "per group a multiple of ", chunk, " (got ", reduced_channels, ") and fewer than 2^31 output rows (got ",
-                rows, ")");
+  constexpr bool half = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
+  if (algo == "igemm" || algo == "wgmma") {
+    TORCH_CHECK(fits, "cnnkern ", op, ": algo='", algo, "' needs fp16/bf16 (or fp32 with tf32=True for 'igemm'), ",
+                "reduced channels per group a multiple of ", chunk, " (got ", reduced_channels,
+                ") and fewer than 2^31 output rows (got ", rows, ")");
   }
-  return algo != "direct" && fits;
+  if (algo == "wgmma") {
+    TORCH_CHECK(half, "cnnkern ", op, ": algo='wgmma' takes fp16/bf16 only");
+    TORCH_CHECK(conv::wgmma_available(), "cnnkern ", op, ": algo='wgmma' needs a compute capability 9.0 GPU and ",
+                "cnnkern._C built with sm_90a code");
+    return Algo::Wgmma;
+  }
+  if (!fits) return Algo::Direct;
+  if (algo == "auto" && half && conv::wgmma_available()) return Algo::Wgmma;
+  return Algo::Igemm;
 }
 
 // 128x128 tiles when they fill the GPU, 64-row tiles when they would not, 64-column tiles for
@@ -122,6 +137,18 @@ int igemm_tile(int64_t rows, int64_t cols, int64_t groups) {
 // offset) is copied to fresh, aligned memory first.
 at::Tensor aligned_copy(const at::Tensor& t) {
   return aligned16(t.const_data_ptr()) ? t : t.clone(t.suggest_memory_format());
+}
+
+// The implicit GEMM on the chosen tensor-core kernel (both take the same parameters and tiles).
+template <typename T>
+void launch_tensor_core(const IgemmParams<T>& p, Algo kernel, bool dgrad, int tile, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>) {
+    if (kernel == Algo::Wgmma) {
+      conv::launch_wgmma<T>(p, dgrad, tile, stream);
+      return;
+    }
+  }
+  conv::launch_igemm<T>(p, dgrad, tile, stream);
 }
 
 template <typename T>
@@ -221,7 +248,8 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_forward_cuda", [&] {
     const scalar_t* pb = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-    if (want_igemm<scalar_t>(op, algo, tf32, g.Cg, rows)) {
+    const Algo kernel = choose_algo<scalar_t>(op, algo, tf32, g.Cg, rows);
+    if (kernel != Algo::Direct) {
       if constexpr (kTensorCore<scalar_t>) {
         const at::Tensor xs = aligned_copy(x.contiguous(at::MemoryFormat::ChannelsLast));
         const at::Tensor wp = aligned_copy(w.permute({0, 2, 3, 1}).contiguous());  // [K][R][S][Cg]
@@ -232,7 +260,7 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
           st = at::zeros({(rows + bm - 1) / bm, 3, g.K}, x.options().dtype(acc_type));
           p.stats = st.mutable_data_ptr<float>();
         }
-        conv::launch_igemm<scalar_t>(p, false, tile, stream);
+        launch_tensor_core<scalar_t>(p, kernel, false, tile, stream);
         return;
       }
     }
@@ -273,14 +301,15 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
   const int64_t rows = g.N * g.H * g.W;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_backward_input_cuda", [&] {
-    if (want_igemm<scalar_t>(op, algo, tf32, g.Kg, rows)) {
+    const Algo kernel = choose_algo<scalar_t>(op, algo, tf32, g.Kg, rows);
+    if (kernel != Algo::Direct) {
       if constexpr (kTensorCore<scalar_t>) {
         const at::Tensor gs = aligned_copy(grad.contiguous(at::MemoryFormat::ChannelsLast));
         // wp[g*Cg + c][(r*S + s)*Kg + k] = w[g*Kg + k][c][r][s]
         const at::Tensor wp = aligned_copy(
             w.reshape({g.G, g.Kg, g.Cg, g.R, g.S}).permute({0, 2, 3, 4, 1}).contiguous().view({g.G * g.Cg, -1}));
         const IgemmParams<scalar_t> p = igemm_params<scalar_t>(gs, wp, nullptr, gx, g, false);
-        conv::launch_igemm<scalar_t>(p, true, igemm_tile(rows, g.Cg, g.G), stream);
+        launch_tensor_core<scalar_t>(p, kernel, true, igemm_tile(rows, g.Cg, g.G), stream);
         return;
       }
     }

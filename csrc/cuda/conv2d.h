@@ -8,6 +8,8 @@
 //   conv2d_igemm.cu    tensor-core implicit GEMM (fp16/bf16, mma.sync m16n8k16, ldmatrix, a
 //                      4-stage cp.async pipeline); forward and grad-input (the same gather, read
 //                      backwards); 1x1 convolutions are its plain-GEMM case
+//   conv2d_wgmma.cu    the same implicit GEMM on Hopper's warpgroup MMA (wgmma, sm_90a only),
+//                      5-stage cp.async pipeline with one wgmma group in flight
 //   conv2d_wgrad.cu    grad-weight and grad-bias: deterministic split-K (fixed slices, fixed-order
 //                      reduction, no atomics)
 //   conv2d_wgrad_igemm.cu  grad-weight on tensor cores (fp16/bf16, channels_last): the same
@@ -104,6 +106,13 @@ size_t direct_bytes_per_channel(int halo_h, int halo_w, int R, int S);
 int igemm_tile_rows(int tile);
 template <typename T>
 void launch_igemm(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t stream);
+
+// The wgmma implicit GEMM (fp16/bf16 only; the same tiles as launch_igemm). Runs only where
+// wgmma_available(): the extension holds sm_90a code (CNNKERN_SM90A) and the current device is
+// compute capability 9.0.
+bool wgmma_available();
+template <typename T>
+void launch_wgmma(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t stream);
 
 template <typename T, typename A>
 void launch_wgrad(const WgradParams<T, A>& p, cudaStream_t stream);

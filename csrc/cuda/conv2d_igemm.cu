@@ -29,6 +29,7 @@
 
 #include "conv2d.h"
 #include "ptx.cuh"
+#include "conv2d_igemm.cuh"
 #include "tensor_core.cuh"
 
 namespace cnnkern {
@@ -43,7 +44,6 @@ template <typename T>
 constexpr int BK = 4 * EPC<T>;  // elements of kk per step
 constexpr int STAGES = 4;
 
-using ptx::cp_async16;
 using ptx::ldmatrix_x4;
 using ptx::smem_u32;
 
@@ -69,69 +69,24 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, g = blockIdx.z;
   const int chunk = t % 4;  // the 16-byte chunk of each row this thread copies
 
-  // Per-thread gather state for its A rows (fixed across the kk loop).
-  const int HoWo = p.Ho * p.Wo;
-  int64_t a_base[A_ITERS];
-  int a_h[A_ITERS], a_w[A_ITERS];
-  bool a_ok[A_ITERS];
-#pragma unroll
-  for (int i = 0; i < A_ITERS; ++i) {
-    const int m = m0 + (t + i * kThreads) / 4;
-    a_ok[i] = m < p.M;
-    const int mm = a_ok[i] ? m : 0;
-    const int n = mm / HoWo, rem = mm % HoWo;
-    const int ho = rem / p.Wo, wo = rem % p.Wo;
-    a_base[i] = static_cast<int64_t>(n) * p.Hs * p.Ws * p.Cs + static_cast<int64_t>(g) * p.CK;
-    a_h[i] = DGRAD ? ho + p.ph : ho * p.sh - p.ph;
-    a_w[i] = DGRAD ? wo + p.pw : wo * p.sw - p.pw;
-  }
-  const T* b_row[B_ITERS];
-  bool b_ok[B_ITERS];
-#pragma unroll
-  for (int i = 0; i < B_ITERS; ++i) {
-    const int o = n0 + (t + i * kThreads) / 4;
-    b_ok[i] = o < p.NO;
-    b_row[i] = p.wp + static_cast<int64_t>(g * p.NO + (b_ok[i] ? o : 0)) * p.KK;
-  }
+  // Per-thread gather state of its A and B rows (fixed across the kk loop): row (t + i*256) / 4.
+  const GatherA<T, A_ITERS, DGRAD> ga(p, m0, g, t / 4, kThreads / 4);
+  const GatherB<T, B_ITERS> gb(p, n0, g, t / 4, kThreads / 4);
 
   const int KT = (p.KK + BK<T> - 1) / BK<T>;
 
   auto load_stage = [&](int kt, int stage) {
     const int kk = kt * BK<T> + chunk * EPC<T>;
-    const bool k_ok = kk < p.KK;
-    int r = 0, s = 0, c = 0;
-    if (k_ok) {
-      const int rs = kk / p.CK;
-      c = kk - rs * p.CK;
-      r = rs / p.S;
-      s = rs - r * p.S;
-    }
+    const Tap tap = tap_of(p, kk);
     T* dA = sA + stage * STAGE_A;
 #pragma unroll
     for (int i = 0; i < A_ITERS; ++i) {
-      const int row = (t + i * kThreads) / 4;
-      int hs, ws;
-      bool ok = a_ok[i] && k_ok;
-      if (DGRAD) {
-        const int th = a_h[i] - r * p.dh, tw = a_w[i] - s * p.dw;
-        ok = ok && th >= 0 && tw >= 0 && th % p.sh == 0 && tw % p.sw == 0;
-        hs = th / p.sh;
-        ws = tw / p.sw;
-      } else {
-        hs = a_h[i] + r * p.dh;
-        ws = a_w[i] + s * p.dw;
-        ok = ok && hs >= 0 && ws >= 0;
-      }
-      ok = ok && hs < p.Hs && ws < p.Ws;
-      const T* src = ok ? p.src + a_base[i] + (static_cast<int64_t>(hs) * p.Ws + ws) * p.Cs + c : p.src;
-      cp_async16(smem_u32(dA + swz<T>(row, chunk)), src, ok ? 16 : 0);
+      ga.copy(p, i, tap, smem_u32(dA + swz<T>((t + i * kThreads) / 4, chunk)));
     }
     T* dB = sB + stage * STAGE_B;
 #pragma unroll
     for (int i = 0; i < B_ITERS; ++i) {
-      const int row = (t + i * kThreads) / 4;
-      const bool ok = b_ok[i] && k_ok;
-      cp_async16(smem_u32(dB + swz<T>(row, chunk)), ok ? b_row[i] + kk : p.wp, ok ? 16 : 0);
+      gb.copy(p, i, kk, tap.ok, smem_u32(dB + swz<T>((t + i * kThreads) / 4, chunk)));
     }
   };
 
@@ -164,81 +119,8 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
     }
   });
 
-  // Epilogue. Fragment element e of acc[i][j]: row gid (+8 for e >= 2), column 2*tig + (e & 1).
-  const int gid = lane / 4, tig = lane % 4;
-  if (p.stats != nullptr) {
-    // BatchNorm statistics of this tile: the fp32 tile (bias added) goes to shared memory (the
-    // pipeline's buffers are free now; BM x BN floats fit in them), then one thread per column
-    // takes count, mean and M2 over the valid rows in two passes (no E[y^2] - E[y]^2).
-    static_assert(BM * BN * 4 <= STAGES * (BM + BN) * ROW_BYTES, "the fp32 tile must fit the stages");
-    float* sC = reinterpret_cast<float*>(smem_raw);
-    __syncthreads();  // every warp is done with the last stage
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const int lr = wm * WTM + i * 16 + gid + 8 * h, lc = wn * WTN + j * 8 + 2 * tig;
-          const int o = n0 + lc;
-          const float b0 = (p.bias != nullptr && o < p.NO) ? static_cast<float>(p.bias[g * p.NO + o]) : 0.f;
-          const float b1 = (p.bias != nullptr && o + 1 < p.NO) ? static_cast<float>(p.bias[g * p.NO + o + 1]) : 0.f;
-          sC[lr * BN + lc] = acc[i][j][2 * h] + b0;
-          sC[lr * BN + lc + 1] = acc[i][j][2 * h + 1] + b1;
-        }
-    __syncthreads();
-    const int rows = min(BM, p.M - m0);
-    const int o = n0 + t;
-    if (t < BN && o < p.NO) {
-      float sum = 0.f;
-      for (int r = 0; r < rows; ++r) sum += sC[r * BN + t];
-      const float mean = sum / static_cast<float>(rows);
-      float m2 = 0.f;
-      for (int r = 0; r < rows; ++r) {
-        const float d = sC[r * BN + t] - mean;
-        m2 += d * d;
-      }
-      const int64_t K = static_cast<int64_t>(p.G) * p.NO;
-      float* st = p.stats + static_cast<int64_t>(blockIdx.x) * 3 * K + g * p.NO + o;
-      st[0] = static_cast<float>(rows);
-      st[K] = mean;
-      st[2 * K] = m2;
-    }
-  }
-  const bool pair_store = p.yc == 1;
-#pragma unroll
-  for (int i = 0; i < MT; ++i) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = m0 + wm * WTM + i * 16 + gid + 8 * h;
-      if (m >= p.M) continue;
-      const int n = m / HoWo, rem = m % HoWo;
-      const int64_t off = static_cast<int64_t>(n) * p.yn + static_cast<int64_t>(rem / p.Wo) * p.yh +
-                          static_cast<int64_t>(rem % p.Wo) * p.yw;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int o = n0 + wn * WTN + j * 8 + 2 * tig;
-        if (o >= p.NO) continue;
-        const int oc = g * p.NO + o;
-        float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
-        if (p.bias != nullptr) {
-          v0 += static_cast<float>(p.bias[oc]);
-          if (o + 1 < p.NO) v1 += static_cast<float>(p.bias[oc + 1]);
-        }
-        if (p.relu) {
-          v0 = v0 < 0.f ? 0.f : v0;
-          v1 = v1 < 0.f ? 0.f : v1;
-        }
-        T* dst = p.y + off + static_cast<int64_t>(oc) * p.yc;
-        if (pair_store && o + 1 < p.NO && (reinterpret_cast<uintptr_t>(dst) % (2 * sizeof(T))) == 0) {
-          Mma<T>::store_pair(dst, v0, v1);
-        } else {
-          dst[0] = static_cast<T>(v0);
-          if (o + 1 < p.NO) dst[p.yc] = static_cast<T>(v1);
-        }
-      }
-    }
-  }
+  static_assert(BM * BN * 4 <= STAGES * (BM + BN) * ROW_BYTES, "the fp32 tile must fit the stages");
+  igemm_epilogue<T, BM, BN>(p, acc, m0, n0, g, wm * WTM, wn * WTN, smem_raw);
 }
 
 template <typename T, int BM, int BN, int WARPS_M, bool DGRAD>

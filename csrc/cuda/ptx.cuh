@@ -1,7 +1,8 @@
-// The inline PTX that cnnkern's CUDA kernels use, in one place: cp.async, ldmatrix, mma.sync and
-// the TF32 rounding. Every asm statement of csrc/ lives here, so that the CPU emulator of the CUDA
-// kernels (tests/cuemu/) can stand in for exactly this file with C++ that follows the PTX ISA's
-// definitions (fragment layouts, zero fill, group waits), and run the kernels unchanged.
+// The inline PTX that cnnkern's CUDA kernels use, in one place: cp.async, ldmatrix, mma.sync, the
+// TF32 rounding and (sm_90a) wgmma with its fences. Every asm statement of csrc/ lives here, so
+// that the CPU emulator of the CUDA kernels (tests/cuemu/) can stand in for exactly this file with
+// C++ that follows the PTX ISA's definitions (fragment layouts, zero fill, group waits, matrix
+// descriptors), and run the kernels unchanged.
 #pragma once
 
 #include <cstdint>
@@ -73,6 +74,152 @@ __device__ __forceinline__ uint32_t cvt_rna_tf32(uint32_t bits) {
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(__uint_as_float(bits)));
   return r;
+}
+
+// ---- sm_90a: warpgroup MMA (wgmma) ------------------------------------------------------------
+// These instructions exist only in code compiled for sm_90a (arch=compute_90a). Elsewhere (sm_80,
+// the compute_90 PTX) the wrappers trap; the host never launches a wgmma kernel there.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define CNNKERN_WGMMA_ASM 1
+#else
+#define CNNKERN_WGMMA_ASM 0
+#endif
+
+__device__ __forceinline__ void no_wgmma() {
+#if defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+// Orders this thread's earlier register accesses (the accumulators) before the following wgmma.
+__device__ __forceinline__ void wgmma_fence() {
+#if CNNKERN_WGMMA_ASM
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#else
+  no_wgmma();
+#endif
+}
+// Closes the group of this warpgroup's wgmma issued since the last commit.
+__device__ __forceinline__ void wgmma_commit() {
+#if CNNKERN_WGMMA_ASM
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#else
+  no_wgmma();
+#endif
+}
+// Waits until at most N of this warpgroup's committed wgmma groups are pending; the accumulators
+// of the completed ones may then be read, and their shared memory refilled.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if CNNKERN_WGMMA_ASM
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#else
+  no_wgmma();
+#endif
+}
+// Makes this thread's generic-proxy writes to shared memory (st.shared, cp.async) visible to the
+// async proxy, through which wgmma reads its operands. Each writer fences before the barrier
+// that hands the buffer to the warpgroups.
+__device__ __forceinline__ void fence_proxy_async() {
+#if CNNKERN_WGMMA_ASM
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+  no_wgmma();
+#endif
+}
+
+// Keeps the compiler from moving accesses of `d` across this point (after a wgmma_wait: the
+// registers a wgmma wrote asynchronously are read only below it).
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d (64 x N, f32, the m16n8 accumulator layout per warp: warp w of the warpgroup holds rows
+// 16w..16w+15, register 4j + e = element e of the n8 tile j) += A (64 x 16, K-major, shared
+// memory, descriptor desc_a) * B (16 x N, K-major: N rows of 16 k, descriptor desc_b); f16 or
+// bf16 operands, scale-d = 1 (accumulate), no negation, no transposes. Asynchronous: d is
+// written by the wgmma_wait that covers this instruction's group.
+__device__ __forceinline__ void wgmma_m64n128k16_f16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+#if CNNKERN_WGMMA_ASM
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{" 
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, 1, 1, 1, 0, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b));
+#else
+  no_wgmma();
+#endif
+}
+__device__ __forceinline__ void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+#if CNNKERN_WGMMA_ASM
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{" 
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, 1, 1, 1, 0, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b));
+#else
+  no_wgmma();
+#endif
+}
+__device__ __forceinline__ void wgmma_m64n64k16_f16(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
+#if CNNKERN_WGMMA_ASM
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{" 
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, 1, 1, 1, 0, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b));
+#else
+  no_wgmma();
+#endif
+}
+__device__ __forceinline__ void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
+#if CNNKERN_WGMMA_ASM
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{" 
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, 1, 1, 1, 0, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b));
+#else
+  no_wgmma();
+#endif
 }
 
 }  // namespace ptx

@@ -1,5 +1,5 @@
-// The building blocks both implicit GEMMs (conv2d_igemm.cu, forward and grad-input;
-// conv2d_wgrad_igemm.cu, grad-weight) share: the per-dtype warp MMA, the fragment-tile loop and
+// The building blocks the implicit GEMMs (conv2d_igemm.cu and conv2d_wgmma.cu, forward and
+// grad-input; conv2d_wgrad_igemm.cu, grad-weight) share: the per-dtype warp MMA, the fragment-tile loop and
 // the multistage cp.async pipeline.
 #pragma once
 
@@ -85,23 +85,46 @@ __device__ __forceinline__ void mma_tile(float (&acc)[MT][NT][4], const uint32_t
     for (int j = 0; j < NT; ++j) Mma<T>::run(acc[i][j], af[i], bf[j][0], bf[j][1]);
 }
 
+// wgmma's K-major operands in the 128-byte swizzle: rows of 128 bytes (eight 16-byte chunks), chunk
+// c of row r stored at chunk c ^ (r % 8), in atoms of 8 rows = 1024 bytes that start 1024-aligned
+// in the shared address space. Byte offset of chunk c of row r:
+__device__ __forceinline__ uint32_t wgmma_swz128(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+
+// The matrix descriptor of such an operand at shared address `addr`: bits 0-13 start address / 16,
+// 16-29 leading byte offset / 16 (unused for a K-major swizzled operand whose k16 step fits in
+// the 128-byte row; 1 by convention), 32-45 stride byte offset / 16 (1024 bytes from one 8-row
+// atom to the next), 49-51 base offset 0 (the atoms are 1024-aligned), 62-63 swizzle mode 1
+// (128B). The k16 steps of a row start 32 bytes apart: addr + 32*ks.
+__device__ __forceinline__ uint64_t wgmma_desc_k128(uint32_t addr) {
+  return (static_cast<uint64_t>(addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
 // `load(step, stage)` issues this thread's cp.async copies of k-step `step` into shared buffer
-// `stage`; `compute(stage)` consumes buffer `stage`. STAGES - 1 steps are in flight ahead of the
-// math. Before step kt: wait until at most STAGES - 2 of this thread's groups are pending (step
-// kt's copies have landed), then one barrier, which makes every thread's copies visible and tells
-// everyone that the buffer refilled after the math (the one read in step kt - 1) is free.
-template <int STAGES, typename Load, typename Compute>
+// `stage`; `compute(stage)` consumes buffer `stage`. LAG: how many steps the math may still be
+// reading after compute() returns (0 for mma.sync, which has read its operands into registers;
+// 1 for wgmma kept one group in flight: compute(kt) returns once its own wgmma of step kt - 1 is
+// complete). AHEAD = STAGES - 1 - LAG steps are in flight ahead of the math. Before step kt: wait
+// until at most AHEAD - 1 of this thread's groups are pending (step kt's copies have landed),
+// then one barrier, which makes every thread's copies visible and tells everyone that the buffer
+// refilled after the math (the one read in step kt - 1 - LAG, finished by every thread before
+// this barrier) is free. ASYNC_PROXY: the math reads shared memory through the async proxy
+// (wgmma), so each thread fences its landed copies into it before the barrier.
+template <int STAGES, int LAG = 0, bool ASYNC_PROXY = false, typename Load, typename Compute>
 __device__ __forceinline__ void cp_async_pipeline(int steps, Load&& load, Compute&& compute) {
+  constexpr int AHEAD = STAGES - 1 - LAG;
+  static_assert(AHEAD >= 1, "at least one step of copies must run ahead of the math");
 #pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) {
+  for (int st = 0; st < AHEAD; ++st) {
     if (st < steps) load(st, st);
     ptx::cp_async_commit();
   }
   for (int kt = 0; kt < steps; ++kt) {
-    ptx::cp_async_wait<STAGES - 2>();
+    ptx::cp_async_wait<AHEAD - 1>();
+    if constexpr (ASYNC_PROXY) ptx::fence_proxy_async();
     __syncthreads();
     compute(kt % STAGES);
-    const int next = kt + STAGES - 1;
+    const int next = kt + AHEAD;
     if (next < steps) load(next, next % STAGES);
     ptx::cp_async_commit();
   }

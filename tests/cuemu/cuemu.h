@@ -18,7 +18,11 @@
 //     statics (blocks are sequential, so that is one block's shared memory);
 //   - the dynamic shared-memory size is checked against the 48 KiB default, or the opt-in size set
 //     with cudaFuncSetAttribute (at most 227 KiB, as on sm_90);
-//   - cuemu_ptx.h implements the inline PTX of csrc/cuda/ptx.cuh from the PTX ISA's definitions.
+//   - cuemu_ptx.h implements the inline PTX of csrc/cuda/ptx.cuh from the PTX ISA's definitions,
+//     sm_90a's wgmma included: the emulated device reports compute capability 9.0 (CUEMU_CC=80
+//     makes it an sm_80 part) and the emulated build "holds" sm_90a code (CNNKERN_SM90A);
+//   - shared memory written by cp.async is generic-proxy data until its writer executes
+//     fence.proxy.async: a wgmma (async proxy) reading it before that is an error.
 //
 // Two environment variables make the schedule adversarial, so the tests run several ways:
 //   CUEMU_SCHEDULE=lockstep    (default) threads run in index order until they block; then every
@@ -32,6 +36,11 @@
 //   CUEMU_CP_ASYNC=late        cp.async copies land at the cp.async.wait_group that must cover
 //                              them (default "eager": at issue). "late" catches reads that do
 //                              not wait, "eager" catches refills of a buffer other warps still read.
+//   CUEMU_WGMMA=late           a wgmma reads its operands and writes its accumulators at the
+//                              wgmma.wait_group that covers it (default "eager": at issue). "late"
+//                              (best with eager copies) catches a buffer refilled under a wgmma of
+//                              another warp still in flight and accumulators read before the wait;
+//                              "eager" catches a wgmma issued before its operands are there.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -111,7 +120,14 @@ inline typename std::common_type<A, B>::type max(A a, B b) {
 typedef struct CUstream_st* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76
+};
+// The emulated extension holds sm_90a code (csrc/cuda/conv2d_wgmma.cu runs where the emulated
+// device is compute capability 9.0).
+#define CNNKERN_SM90A 1
 
 namespace cuemu {
 
@@ -120,6 +136,11 @@ namespace cuemu {
 inline int sm_count() {
   const char* e = std::getenv("CUEMU_SMS");
   return e != nullptr ? std::max(1, std::atoi(e)) : 4;
+}
+// The emulated compute capability, major * 10 + minor: 90 (an H100) unless CUEMU_CC says otherwise.
+inline int compute_capability() {
+  const char* e = std::getenv("CUEMU_CC");
+  return e != nullptr ? std::atoi(e) : 90;
 }
 
 constexpr size_t kDefaultSmem = 48 * 1024, kMaxSmem = 227 * 1024, kCanary = 256;
@@ -166,6 +187,8 @@ struct Thread {
   State state = State::Run;
   std::vector<Copy> open;                 // cp.async issued since the last commit
   std::deque<std::vector<Copy>> groups;   // committed groups, oldest first
+  std::vector<uint32_t> unfenced;         // 16-byte shared chunks its copies wrote since its last
+                                          // fence.proxy.async
   alignas(16) unsigned char slot[64];     // this lane's contribution to a warp-collective op
 };
 
@@ -174,6 +197,23 @@ struct Thread {
 struct WarpScratch {
   int arrived = 0;
   float d[32][4];
+  // wgmma (warp-collective per warp; each warp computes its 16 rows of the warpgroup's 64)
+  bool wgmma_fenced = false;  // a wgmma.fence has been executed
+  struct Wgmma {
+    uint64_t desc_a, desc_b;
+    int n;            // N of m64nNk16
+    bool bf16;
+    bool done;        // already computed (eager mode)
+    float* d[32];     // each lane's accumulator registers (N / 2 floats)
+  };
+  std::vector<Wgmma> wg_open;               // issued since the last commit
+  std::deque<std::vector<Wgmma>> wg_groups;  // committed, not yet waited for
+  void reset() {
+    arrived = 0;
+    wgmma_fenced = false;
+    wg_open.clear();
+    wg_groups.clear();
+  }
 };
 
 struct Block {
@@ -184,6 +224,8 @@ struct Block {
   size_t stack_bytes = 0;
   std::vector<unsigned char> smem;  // dynamic shared memory + canary
   size_t smem_bytes = 0;
+  std::vector<uint8_t> generic;     // per 16-byte chunk: written by cp.async, not yet fenced into
+                                    // the async proxy by its writer
   void* sched_sp = nullptr;  // the scheduler's saved stack pointer while a fiber runs
   const void* sched_bottom = nullptr;  // the scheduler's stack (for ASan's fiber annotations)
   size_t sched_size = 0;
@@ -191,6 +233,7 @@ struct Block {
   Thread* cur = nullptr;
   const std::function<void()>* body = nullptr;
   bool late_copies = false;
+  bool late_wgmma = false;
 };
 
 inline thread_local Block* g_block = nullptr;
@@ -219,9 +262,14 @@ inline void count_ldmatrix_phases(const Block& b, int warp) {
 
 inline Thread& self() { return *g_block->cur; }
 
+// lands one copy (in the context of the thread that issued it)
 inline void do_copy(const Copy& c) {
   std::memset(c.dst, 0, 16);
   if (c.bytes > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+  Block& b = *g_block;
+  const auto chunk = static_cast<uint32_t>((c.dst - b.smem.data()) / 16);
+  b.generic[chunk] = 1;
+  self().unfenced.push_back(chunk);
 }
 
 inline void land_all(Thread& t) {
@@ -265,6 +313,9 @@ inline void warp_sync() {
   try {
     (*b.body)();
     land_all(t);
+    const WarpScratch& ws = b.warps[t.warp];
+    TORCH_CHECK(!(t.lane == 0 && (!ws.wg_open.empty() || !ws.wg_groups.empty())), "warp ", t.warp,
+                " exited with wgmma in flight (not committed, or not waited for)");
   } catch (const std::exception& e) {
     if (b.error.empty()) b.error = e.what();
   } catch (...) {
@@ -310,12 +361,15 @@ inline std::string run_block(Block& b, Schedule schedule) {
     t.state = State::Run;
     t.open.clear();
     t.groups.clear();
+    t.unfenced.clear();
     t.stack = b.stacks + static_cast<size_t>(i) * b.stack_bytes;
 #if CUEMU_ASAN
     __asan_unpoison_memory_region(t.stack, b.stack_bytes);  // redzones of its previous frames
 #endif
     t.sp = fiber_stack(t.stack, b.stack_bytes);
   }
+  for (auto& w : b.warps) w.reset();
+  std::fill(b.generic.begin(), b.generic.end(), 0);
   std::fill(b.smem.begin(), b.smem.begin() + static_cast<std::ptrdiff_t>(b.smem_bytes), kPoison);
   std::fill(b.smem.begin() + static_cast<std::ptrdiff_t>(b.smem_bytes), b.smem.end(), kCanaryByte);
   const int warps = (n + 31) / 32;
@@ -417,8 +471,11 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
   b.stacks = fiber_stacks(threads * b.stack_bytes);
   b.smem_bytes = smem;
   b.smem.resize(smem + kCanary);
+  b.generic.resize((smem + kCanary + 15) / 16);
   const char* cp = std::getenv("CUEMU_CP_ASYNC");
   b.late_copies = cp != nullptr && std::string(cp) == "late";
+  const char* wg = std::getenv("CUEMU_WGMMA");
+  b.late_wgmma = wg != nullptr && std::string(wg) == "late";
   const char* env = std::getenv("CUEMU_SCHEDULE");
   const std::string sched = env != nullptr ? env : "lockstep";
   TORCH_CHECK(sched == "lockstep" || sched == "reverse" || sched == "greedy",
@@ -458,9 +515,12 @@ inline cudaError_t cudaGetDevice(int* d) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
-  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
-  *v = cuemu::sm_count();
-  return cudaSuccess;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *v = cuemu::sm_count(); return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *v = cuemu::compute_capability() / 10; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *v = cuemu::compute_capability() % 10; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {

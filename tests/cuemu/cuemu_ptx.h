@@ -1,6 +1,8 @@
 // cuemu's stand-in for csrc/cuda/ptx.cuh: the same functions, in C++, following the PTX ISA
 // (sections "cp.async", "ldmatrix", "Matrix fragments for mma.m16n8k16 with floating point type",
-// "Matrix fragments for mma.m16n8k8" (.tf32), "cvt"). Warp-collective operations exchange their
+// "Matrix fragments for mma.m16n8k8" (.tf32), "cvt", "Asynchronous Warpgroup Level Matrix
+// Multiply-Accumulate" (wgmma: register fragments, shared memory matrix layout and descriptors),
+// "membar/fence" (fence.proxy.async)). Warp-collective operations exchange their
 // operands through per-lane slots between two warp barriers.
 #pragma once
 
@@ -12,22 +14,28 @@
 namespace cnnkern {
 namespace ptx {
 
-// The "shared-state-space address" is the byte offset into the block's dynamic shared memory (the
-// only shared memory the kernels hand to cp.async and ldmatrix).
+// The "shared-state-space address" of the block's dynamic shared memory (the only shared memory
+// the kernels hand to cp.async, ldmatrix and wgmma) starts at kSharedBase: 128-aligned, as the
+// kernels declare it, but not 1024-aligned, so a kernel that needs more (wgmma's 128-byte swizzle
+// atoms) must align it itself, as it must on a GPU.
+constexpr uint32_t kSharedBase = 128;
+
 inline uint32_t smem_u32(const void* p) {
   auto& b = *::cuemu::g_block;
   const auto* c = static_cast<const unsigned char*>(p);
   TORCH_CHECK(c >= b.smem.data() && c <= b.smem.data() + b.smem_bytes,
               "cuemu: smem_u32 of a pointer outside the dynamic shared memory");
-  return static_cast<uint32_t>(c - b.smem.data());
+  return kSharedBase + static_cast<uint32_t>(c - b.smem.data());
 }
 
+// the bytes at shared address `addr` (checked: inside the block's shared memory, 16-byte aligned)
 inline unsigned char* smem_at(uint32_t addr, uint32_t bytes, const char* what) {
   auto& b = *::cuemu::g_block;
-  TORCH_CHECK(static_cast<size_t>(addr) + bytes <= b.smem_bytes, "cuemu: ", what, " at shared address ", addr,
-              " + ", bytes, " bytes is outside the block's ", b.smem_bytes, " bytes");
+  TORCH_CHECK(addr >= kSharedBase && static_cast<size_t>(addr - kSharedBase) + bytes <= b.smem_bytes, "cuemu: ",
+              what, " at shared address ", addr, " + ", bytes, " bytes is outside the block's ", b.smem_bytes,
+              " bytes at ", kSharedBase);
   TORCH_CHECK(addr % 16 == 0, "cuemu: ", what, " at shared address ", addr, " is not 16-byte aligned");
-  return b.smem.data() + addr;
+  return b.smem.data() + (addr - kSharedBase);
 }
 
 inline void cp_async16(uint32_t dst, const void* src, int bytes) {
@@ -77,13 +85,13 @@ inline void ldmatrix_x4_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
   };
   for (int j = 0; j < 4; ++j) {
     if (!trans) {
-      std::memcpy(&r[j], b.smem.data() + row_addr(j, me.lane / 4) + 4 * (me.lane % 4), 4);
+      std::memcpy(&r[j], smem_at(row_addr(j, me.lane / 4), 16, "ldmatrix row") + 4 * (me.lane % 4), 4);
       continue;
     }
     const int t = me.lane % 4, col = me.lane / 4;
     uint16_t lo, hi;
-    std::memcpy(&lo, b.smem.data() + row_addr(j, 2 * t) + 2 * col, 2);
-    std::memcpy(&hi, b.smem.data() + row_addr(j, 2 * t + 1) + 2 * col, 2);
+    std::memcpy(&lo, smem_at(row_addr(j, 2 * t), 16, "ldmatrix row") + 2 * col, 2);
+    std::memcpy(&hi, smem_at(row_addr(j, 2 * t + 1), 16, "ldmatrix row") + 2 * col, 2);
     r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
   ::cuemu::warp_sync();  // the slots are free again
@@ -191,6 +199,137 @@ inline uint32_t cvt_rna_tf32(uint32_t bits) {
   if ((bits & 0x7F800000u) == 0x7F800000u) return bits;
   return (bits + 0x1000u) & 0xFFFFE000u;
 }
+
+// ---- wgmma (sm_90a) ------------------------------------------------------------------------------
+#define CNNKERN_WGMMA_ASM 1
+
+inline void no_wgmma() {}
+
+// wgmma.fence: orders register accesses; the emulator only checks that one came before the first
+// wgmma of the warp.
+inline void wgmma_fence() { ::cuemu::g_block->warps[::cuemu::self().warp].wgmma_fenced = true; }
+
+// fence.proxy.async: this thread's cp.async data becomes visible to the async proxy.
+inline void fence_proxy_async() {
+  auto& b = *::cuemu::g_block;
+  auto& t = ::cuemu::self();
+  for (uint32_t c : t.unfenced) b.generic[c] = 0;
+  t.unfenced.clear();
+}
+
+template <int N>
+inline void fence_operands(float (&)[N]) {}
+
+// Element (row, k) of a K-major operand described by `desc`: in the 128-byte swizzle (the only
+// mode the kernels use; anything else is an error), row r lies at start + (r / 8) * SBO +
+// (r % 8) * 128 bytes, element k at 2k bytes into it, and the 16-byte chunk address bits 4-6 are
+// XORed with bits 7-9 of the shared address (so the atoms must be 1024-aligned for chunk c of row
+// r to sit at chunk c ^ (r % 8)).
+inline float wgmma_operand(uint64_t desc, int row, int k, bool bf16) {
+  auto& b = *::cuemu::g_block;
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  const int base_offset = static_cast<int>((desc >> 49) & 7), mode = static_cast<int>(desc >> 62);
+  TORCH_CHECK(mode == 1 && base_offset == 0, "cuemu: wgmma descriptor with swizzle mode ", mode, " and base offset ",
+              base_offset, ": only the 128-byte swizzle with base offset 0 is emulated");
+  const uint32_t addr = start + static_cast<uint32_t>(row / 8) * sbo + static_cast<uint32_t>(row % 8) * 128 +
+                        static_cast<uint32_t>(k) * 2;
+  const uint32_t phys = addr ^ (((addr >> 7) & 7) << 4);
+  const unsigned char* at = smem_at(phys & ~15u, 16, "wgmma operand") + (phys & 15u);
+  TORCH_CHECK(!b.generic[(phys - kSharedBase) / 16], "cuemu: wgmma reads shared address ", phys,
+              ", written by cp.async without a fence.proxy.async of its writer (generic proxy data)");
+  uint16_t h;
+  std::memcpy(&h, at, 2);
+  return half_bits(h, 0, bf16);
+}
+
+// One warp's share of a wgmma m64nNk16: rows 16w..16w+15 (w = warp % 4) of D += A * B^T with A
+// 64 x 16 and B N x 16 (both K-major), exact products summed in double, one rounding to f32.
+// Lane l, register 4j + e: row 16w + l/4 + 8*(e >= 2), column 8j + 2*(l%4) + (e & 1).
+inline void wgmma_compute(const ::cuemu::WarpScratch::Wgmma& op, int warp) {
+  const int w = warp % 4;
+  float A[16][16];
+  std::vector<float> B(static_cast<size_t>(op.n) * 16);
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 16; ++k) A[r][k] = wgmma_operand(op.desc_a, 16 * w + r, k, op.bf16);
+  for (int c = 0; c < op.n; ++c)
+    for (int k = 0; k < 16; ++k) B[c * 16 + k] = wgmma_operand(op.desc_b, c, k, op.bf16);
+  for (int l = 0; l < 32; ++l) {
+    for (int reg = 0; reg < op.n / 2; ++reg) {
+      const int j = reg / 4, e = reg % 4;
+      const int row = l / 4 + 8 * (e >= 2), col = 8 * j + 2 * (l % 4) + (e & 1);
+      double acc = 0.0;
+      for (int k = 0; k < 16; ++k) acc += static_cast<double>(A[row][k]) * static_cast<double>(B[col * 16 + k]);
+      op.d[l][reg] = static_cast<float>(static_cast<double>(op.d[l][reg]) + acc);
+    }
+  }
+}
+
+// wgmma.mma_async (warp-collective here): every lane publishes its accumulator address and the
+// descriptors (which must agree across the warp); the first lane past the barrier records the
+// operation and, in eager mode, computes it at once; in late mode (CUEMU_WGMMA=late) it is
+// computed at the wgmma.wait_group that covers it, reading the shared memory as it is then.
+template <int N>
+inline void wgmma_issue(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool bf16) {
+  auto& blk = *::cuemu::g_block;
+  auto& me = ::cuemu::self();
+  float* mine = d;
+  std::memcpy(me.slot, &mine, sizeof mine);
+  std::memcpy(me.slot + 8, &desc_a, 8);
+  std::memcpy(me.slot + 16, &desc_b, 8);
+  ::cuemu::warp_sync();
+  auto& ws = blk.warps[me.warp];
+  if (ws.arrived++ == 0) {
+    TORCH_CHECK(ws.wgmma_fenced, "cuemu: warp ", me.warp, ": wgmma.mma_async before any wgmma.fence");
+    ::cuemu::WarpScratch::Wgmma op{desc_a, desc_b, N, bf16, false, {}};
+    const int base = me.warp * 32;
+    for (int l = 0; l < 32; ++l) {
+      const auto& slot = blk.threads[base + l].slot;
+      uint64_t a, b;
+      std::memcpy(&op.d[l], slot, sizeof(float*));
+      std::memcpy(&a, slot + 8, 8);
+      std::memcpy(&b, slot + 16, 8);
+      TORCH_CHECK(a == desc_a && b == desc_b, "cuemu: wgmma descriptors differ across the lanes of warp ", me.warp);
+    }
+    if (!blk.late_wgmma) {
+      wgmma_compute(op, me.warp);
+      op.done = true;
+    }
+    ws.wg_open.push_back(op);
+  }
+  if (ws.arrived == 32) ws.arrived = 0;
+  ::cuemu::warp_sync();  // the slots are free again
+}
+
+inline void wgmma_commit() {
+  auto& me = ::cuemu::self();
+  auto& ws = ::cuemu::g_block->warps[me.warp];
+  if (me.lane == 0) {
+    ws.wg_groups.push_back(std::move(ws.wg_open));
+    ws.wg_open.clear();
+  }
+  ::cuemu::warp_sync();
+}
+
+template <int N>
+inline void wgmma_wait() {
+  auto& me = ::cuemu::self();
+  auto& ws = ::cuemu::g_block->warps[me.warp];
+  ::cuemu::warp_sync();  // every lane is here: whatever it did before the wait saw no results yet
+  if (me.lane == 0) {
+    while (ws.wg_groups.size() > static_cast<size_t>(N)) {
+      for (auto& op : ws.wg_groups.front())
+        if (!op.done) wgmma_compute(op, me.warp);
+      ws.wg_groups.pop_front();
+    }
+  }
+  ::cuemu::warp_sync();  // no lane reads its accumulators before they are written
+}
+
+inline void wgmma_m64n128k16_f16(float (&d)[64], uint64_t a, uint64_t b) { wgmma_issue<128>(d, a, b, false); }
+inline void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t a, uint64_t b) { wgmma_issue<128>(d, a, b, true); }
+inline void wgmma_m64n64k16_f16(float (&d)[32], uint64_t a, uint64_t b) { wgmma_issue<64>(d, a, b, false); }
+inline void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t a, uint64_t b) { wgmma_issue<64>(d, a, b, true); }
 
 }  // namespace ptx
 }  // namespace cnnkern

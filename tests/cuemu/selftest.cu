@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "ptx.cuh"
+#include "tensor_core.cuh"
 
 namespace cnnkern_selftest {
 
@@ -72,6 +73,37 @@ __global__ void ldmatrix_kernel(float* out, bool swizzle) {
   out[lane] = static_cast<float>(r[0] + r[1] + r[2] + r[3]);
 }
 
+
+// One warpgroup computes D (64 x 64, f32) = A (64 x 16) * B (64 x 16)^T, fp16, with one wgmma from
+// 128-byte-swizzled shared memory. flags: 1 = each thread fences its cp.async data into the async
+// proxy, 2 = the operand tiles start 1024-aligned (the swizzle's atoms), 4 = the accumulators are
+// read after the wgmma.wait_group (else before it, and waited for afterwards).
+__global__ void wgmma_kernel(const c10::Half* a, const c10::Half* b, float* out, int flags) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  namespace ptx = cnnkern::ptx;
+  unsigned char* smem = (flags & 2) ? smem_raw + ((1024 - (ptx::smem_u32(smem_raw) & 1023)) & 1023) : smem_raw;
+  const uint32_t sa = ptx::smem_u32(smem), sb = sa + 64 * 128;
+  const int t = threadIdx.x, r = t / 2, c = t % 2;  // thread t: chunk c (k 8c..8c+7) of row r of A and B
+  ptx::cp_async16(sa + cnnkern::wgmma_swz128(r, c), a + r * 16 + c * 8, 16);
+  ptx::cp_async16(sb + cnnkern::wgmma_swz128(r, c), b + r * 16 + c * 8, 16);
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<0>();
+  if (flags & 1) ptx::fence_proxy_async();
+  __syncthreads();
+  float d[32];
+  for (int i = 0; i < 32; ++i) d[i] = 0.f;
+  ptx::wgmma_fence();
+  ptx::wgmma_m64n64k16_f16(d, cnnkern::wgmma_desc_k128(sa), cnnkern::wgmma_desc_k128(sb));
+  ptx::wgmma_commit();
+  if (flags & 4) ptx::wgmma_wait<0>();
+  const int warp = t / 32, lane = t % 32;
+  for (int reg = 0; reg < 32; ++reg) {
+    const int j = reg / 4, e = reg % 4;
+    out[(16 * warp + lane / 4 + 8 * (e >= 2)) * 64 + 8 * j + 2 * (lane % 4) + (e & 1)] = d[reg];
+  }
+  if (!(flags & 4)) ptx::wgmma_wait<0>();
+}
+
 at::Tensor neighbor(const at::Tensor& x, bool sync) {
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.numel() >= 1 && x.numel() <= 1024, "x");
   auto out = at::empty_like(x);
@@ -106,6 +138,17 @@ at::Tensor ldmatrix_conflicts(const at::Tensor& x, bool swizzle) {
   return out;
 }
 
+at::Tensor wgmma(const at::Tensor& a, const at::Tensor& b, int64_t flags) {
+  TORCH_CHECK(a.scalar_type() == at::kHalf && b.scalar_type() == at::kHalf && a.is_contiguous() && b.is_contiguous() &&
+                  a.numel() == 64 * 16 && b.numel() == 64 * 16,
+              "a, b: contiguous 64 x 16 fp16");
+  auto out = at::empty({64, 64}, a.options().dtype(at::kFloat));
+  const int smem = 2 * 64 * 128 + 1024;
+  wgmma_kernel<<<1, 128, smem>>>(a.const_data_ptr<c10::Half>(), b.const_data_ptr<c10::Half>(),
+                                 out.mutable_data_ptr<float>(), static_cast<int>(flags));
+  return out;
+}
+
 // (ldmatrix phases, extra wavefronts from bank-group conflicts) since the last call; resets them
 std::vector<int64_t> cuemu_stats() {
   std::vector<int64_t> out = {cuemu::g_stats.ldmatrix_phases, cuemu::g_stats.ldmatrix_extra_wavefronts};
@@ -134,6 +177,7 @@ TORCH_LIBRARY_FRAGMENT(cnnkern_emu, m) {
   m.def("selftest_overflow(Tensor x) -> Tensor");
   m.def("selftest_big_smem(Tensor x, int bytes, int optin) -> Tensor");
   m.def("selftest_ldmatrix_conflicts(Tensor x, bool swizzle) -> Tensor");
+  m.def("selftest_wgmma(Tensor a, Tensor b, int flags) -> Tensor");
   m.def("cuemu_stats() -> int[]");
 }
 
@@ -144,6 +188,7 @@ TORCH_LIBRARY_IMPL(cnnkern_emu, CPU, m) {
   m.impl("selftest_overflow", &cnnkern_selftest::overflow);
   m.impl("selftest_big_smem", &cnnkern_selftest::big_smem);
   m.impl("selftest_ldmatrix_conflicts", &cnnkern_selftest::ldmatrix_conflicts);
+  m.impl("selftest_wgmma", &cnnkern_selftest::wgmma);
 }
 
 TORCH_LIBRARY_IMPL(cnnkern_emu, CatchAll, m) { m.impl("cuemu_stats", &cnnkern_selftest::cuemu_stats); }

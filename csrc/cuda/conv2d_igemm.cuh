@@ -1,0 +1,187 @@
+// What the two tensor-core implicit GEMMs of the convolution's forward and grad-input share
+// (conv2d_igemm.cu: mma.sync, sm_80+; conv2d_wgmma.cu: wgmma, sm_90a): the gather of the A rows
+// (output pixels) and B rows (packed filter) in 16-byte chunks, and the epilogue (BatchNorm
+// statistics of the tile, bias, ReLU, stores through the output's strides).
+#pragma once
+
+#include <cstdint>
+
+#include "conv2d.h"
+#include "tensor_core.cuh"
+
+namespace cnnkern {
+namespace conv {
+
+// The filter tap and source channel of reduction index kk = (r*S + s)*CK + c; ok: kk < KK. Every
+// 16-byte chunk of a row lies inside one tap (CK is a multiple of the elements per chunk).
+struct Tap {
+  int r, s, c;
+  bool ok;
+};
+
+template <typename T>
+__device__ __forceinline__ Tap tap_of(const IgemmParams<T>& p, int kk) {
+  Tap t{0, 0, 0, kk < p.KK};
+  if (t.ok) {
+    const int rs = kk / p.CK;
+    t.c = kk - rs * p.CK;
+    t.r = rs / p.S;
+    t.s = rs - t.r * p.S;
+  }
+  return t;
+}
+
+// One thread's ITERS A rows, m = m0 + row(i) with row(i) = first + i*step: their image base and
+// the top-left source coordinate (forward) or the shifted output coordinate (grad-input), fixed
+// across the reduction loop.
+template <typename T, int ITERS, bool DGRAD>
+struct GatherA {
+  int64_t base[ITERS];
+  int h[ITERS], w[ITERS];
+  bool ok[ITERS];
+
+  __device__ __forceinline__ GatherA(const IgemmParams<T>& p, int m0, int g, int first, int step) {
+    const int HoWo = p.Ho * p.Wo;
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int m = m0 + first + i * step;
+      ok[i] = m < p.M;
+      const int mm = ok[i] ? m : 0;
+      const int n = mm / HoWo, rem = mm % HoWo;
+      const int ho = rem / p.Wo, wo = rem % p.Wo;
+      base[i] = static_cast<int64_t>(n) * p.Hs * p.Ws * p.Cs + static_cast<int64_t>(g) * p.CK;
+      h[i] = DGRAD ? ho + p.ph : ho * p.sh - p.ph;
+      w[i] = DGRAD ? wo + p.pw : wo * p.sw - p.pw;
+    }
+  }
+
+  // cp.async of row i's 16-byte chunk at tap `t` to shared address `dst`: from the source pixel,
+  // or a zero fill (padding, a grad-input tap between strides, a row or reduction index past the
+  // end; the source base is then named but not read).
+  __device__ __forceinline__ void copy(const IgemmParams<T>& p, int i, const Tap& t, uint32_t dst) const {
+    int hs, ws;
+    bool valid = ok[i] && t.ok;
+    if (DGRAD) {
+      const int th = h[i] - t.r * p.dh, tw = w[i] - t.s * p.dw;
+      valid = valid && th >= 0 && tw >= 0 && th % p.sh == 0 && tw % p.sw == 0;
+      hs = th / p.sh;
+      ws = tw / p.sw;
+    } else {
+      hs = h[i] + t.r * p.dh;
+      ws = w[i] + t.s * p.dw;
+      valid = valid && hs >= 0 && ws >= 0;
+    }
+    valid = valid && hs < p.Hs && ws < p.Ws;
+    const T* src = valid ? p.src + base[i] + (static_cast<int64_t>(hs) * p.Ws + ws) * p.Cs + t.c : p.src;
+    ptx::cp_async16(dst, src, valid ? 16 : 0);
+  }
+};
+
+// One thread's ITERS B rows (output channels o = n0 + first + i*step of group g) of the packed filter.
+template <typename T, int ITERS>
+struct GatherB {
+  const T* row[ITERS];
+  bool ok[ITERS];
+
+  __device__ __forceinline__ GatherB(const IgemmParams<T>& p, int n0, int g, int first, int step) {
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int o = n0 + first + i * step;
+      ok[i] = o < p.NO;
+      row[i] = p.wp + static_cast<int64_t>(g * p.NO + (ok[i] ? o : 0)) * p.KK;
+    }
+  }
+  // cp.async of row i's 16-byte chunk at reduction index kk (k_ok: kk < KK), or a zero fill
+  __device__ __forceinline__ void copy(const IgemmParams<T>& p, int i, int kk, bool k_ok, uint32_t dst) const {
+    const bool valid = ok[i] && k_ok;
+    ptx::cp_async16(dst, valid ? row[i] + kk : p.wp, valid ? 16 : 0);
+  }
+};
+
+// The epilogue of a BM x BN block tile (group g, first row m0, first column n0) whose warp holds
+// MT x NT m16n8 fragments: fragment (i, j) covers tile rows row0 + 16i .. +15 and columns
+// col0 + 8j .. +7, element e at row gid (+8 for e >= 2), column 2*tig + (e & 1) (the mma.sync
+// and the wgmma accumulator layouts alike). `smem`: the pipeline's buffers, free now, at least
+// BM*BN floats; the block has at least BN threads.
+template <typename T, int BM, int BN, int MT, int NT>
+__device__ __forceinline__ void igemm_epilogue(const IgemmParams<T>& p, const float (&acc)[MT][NT][4], int m0, int n0,
+                                               int g, int row0, int col0, unsigned char* smem) {
+  const int t = threadIdx.x, lane = t % 32;
+  const int gid = lane / 4, tig = lane % 4;
+  const int HoWo = p.Ho * p.Wo;
+  if (p.stats != nullptr) {
+    // BatchNorm statistics of this tile: the fp32 tile (bias added) goes to shared memory, then
+    // one thread per column takes count, mean and M2 over the valid rows in two passes (no
+    // E[y^2] - E[y]^2).
+    float* sC = reinterpret_cast<float*>(smem);
+    __syncthreads();  // every warp is done with the last stage
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const int lr = row0 + i * 16 + gid + 8 * h, lc = col0 + j * 8 + 2 * tig;
+          const int o = n0 + lc;
+          const float b0 = (p.bias != nullptr && o < p.NO) ? static_cast<float>(p.bias[g * p.NO + o]) : 0.f;
+          const float b1 = (p.bias != nullptr && o + 1 < p.NO) ? static_cast<float>(p.bias[g * p.NO + o + 1]) : 0.f;
+          sC[lr * BN + lc] = acc[i][j][2 * h] + b0;
+          sC[lr * BN + lc + 1] = acc[i][j][2 * h + 1] + b1;
+        }
+    __syncthreads();
+    const int rows = min(BM, p.M - m0);
+    const int o = n0 + t;
+    if (t < BN && o < p.NO) {
+      float sum = 0.f;
+      for (int r = 0; r < rows; ++r) sum += sC[r * BN + t];
+      const float mean = sum / static_cast<float>(rows);
+      float m2 = 0.f;
+      for (int r = 0; r < rows; ++r) {
+        const float d = sC[r * BN + t] - mean;
+        m2 += d * d;
+      }
+      const int64_t K = static_cast<int64_t>(p.G) * p.NO;
+      float* st = p.stats + static_cast<int64_t>(blockIdx.x) * 3 * K + g * p.NO + o;
+      st[0] = static_cast<float>(rows);
+      st[K] = mean;
+      st[2 * K] = m2;
+    }
+  }
+  const bool pair_store = p.yc == 1;
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = m0 + row0 + i * 16 + gid + 8 * h;
+      if (m >= p.M) continue;
+      const int n = m / HoWo, rem = m % HoWo;
+      const int64_t off = static_cast<int64_t>(n) * p.yn + static_cast<int64_t>(rem / p.Wo) * p.yh +
+                          static_cast<int64_t>(rem % p.Wo) * p.yw;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int o = n0 + col0 + j * 8 + 2 * tig;
+        if (o >= p.NO) continue;
+        const int oc = g * p.NO + o;
+        float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
+        if (p.bias != nullptr) {
+          v0 += static_cast<float>(p.bias[oc]);
+          if (o + 1 < p.NO) v1 += static_cast<float>(p.bias[oc + 1]);
+        }
+        if (p.relu) {
+          v0 = v0 < 0.f ? 0.f : v0;
+          v1 = v1 < 0.f ? 0.f : v1;
+        }
+        T* dst = p.y + off + static_cast<int64_t>(oc) * p.yc;
+        if (pair_store && o + 1 < p.NO && (reinterpret_cast<uintptr_t>(dst) % (2 * sizeof(T))) == 0) {
+          Mma<T>::store_pair(dst, v0, v1);
+        } else {
+          dst[0] = static_cast<T>(v0);
+          if (o + 1 < p.NO) dst[p.yc] = static_cast<T>(v1);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace conv
+}  // namespace cnnkern
