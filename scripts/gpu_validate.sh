@@ -14,7 +14,9 @@
 # pytest-cuda-conv pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize; default all of them;
 # and, only when named: overhead (scripts/gpu_overhead.py: host vs kernel time of a conv call),
 # bench-quick (`cnnkern bench --quick`, its duration is logged), bench-graph (the same subset timed
-# as CUDA-graph replays: kernel time without host launch cost, into OUTDIR/results-graph), and
+# as CUDA-graph replays: kernel time without host launch cost, into OUTDIR/results-graph),
+# bench-mma (the quick conv2d layers with the CUDA convolution pinned to its mma.sync kernel, into
+# OUTDIR/results-mma: compare with bench-quick, where an H100 runs wgmma), and
 # degradation (scripts/degradation.py on the GPU: plain vs residual, depth 20/56, 3 seeds)). The first steps,
 # nvidia-smi, versions, build (incremental) and importable, always run.
 #
@@ -137,6 +139,12 @@ bench_quick() {
   cp "$out"/results/*.json "$out/"
 }
 bench_graph() { "$PY" -m cnnkern.cli bench --quick --graph --out "$out/results-graph" --no-progress; }
+# the CUDA C++ convolution on its mma.sync implicit GEMM (on an H100 "auto" takes wgmma): the
+# same quick layers, to compare the two tensor-core kernels (cnnkern bench --compare)
+bench_mma() {
+  CNNKERN_CUDA_CONV_ALGO=igemm "$PY" -m cnnkern.cli bench --quick --ops conv2d --backends cuda --no-inductor \
+    --out "$out/results-mma" --no-progress
+}
 overhead() { "$PY" scripts/gpu_overhead.py; }
 degradation() {
   "$PY" scripts/degradation.py --epochs 40 --seeds 0,1,2 --channels-last --out "$out/degradation"
@@ -209,6 +217,7 @@ optional sanitize sanitize
 optional overhead overhead
 optional bench-quick bench_quick
 optional bench-graph bench_graph
+optional bench-mma bench_mma
 optional degradation degradation
 
 commit_dir="$("$PY" -c 'import os; from cnnkern.benchmarks import harness as h; print(os.path.relpath(h.default_out_dir(h.environment()), h.REPO_ROOT))' 2>/dev/null)"

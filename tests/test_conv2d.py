@@ -310,6 +310,20 @@ GPU_LAYERS = {
 }
 
 
+def test_cuda_conv_algo_env_is_checked():
+    """CNNKERN_CUDA_CONV_ALGO pins the CUDA kernel for a process; a wrong name fails at import."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CNNKERN_CUDA_CONV_ALGO="mma")
+    r = subprocess.run([sys.executable, "-c", "import cnnkern"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "CNNKERN_CUDA_CONV_ALGO must be one of auto, direct, igemm, wgmma, got 'mma'" in r.stderr
+    env["CNNKERN_CUDA_CONV_ALGO"] = "igemm"
+    r = subprocess.run([sys.executable, "-c", "import cnnkern.ops.conv2d as c; print(c.CUDA_ALGO)"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "igemm", r.stderr
+
+
 def _wgmma_here(dtype):
     """Whether the wgmma kernels run here: fp16/bf16 on an sm_90 GPU, or on the emulator (an
     emulated compute capability 9.0 device unless CUEMU_CC says otherwise)."""

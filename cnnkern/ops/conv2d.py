@@ -17,6 +17,8 @@ Backends: ``"triton"`` (kernels/conv2d.py) and ``"cuda"`` (csrc/cuda/conv2d*.cu,
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._common import cuda_ops, custom_op, dispatcher, new_output, output_channels_last, pick
@@ -46,9 +48,15 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"cnnkern::conv2d: no {backend!r} kernel (backends: 'triton', 'cuda')")
 
 
-# The CUDA C++ kernel choice for forward and grad-input: "auto" (tensor-core implicit GEMM where
-# it applies, else the direct kernel); the GPU tests pin "direct" and "igemm" through the raw ops.
-CUDA_ALGO = "auto"
+# The CUDA C++ kernel choice for forward and grad-input: "auto" (the tensor-core implicit GEMM
+# where it applies, on wgmma on a compute capability 9.0 GPU and on mma.sync elsewhere, else the
+# direct kernel); the GPU tests pin "direct", "igemm" (mma.sync) and "wgmma" through the raw ops.
+# CNNKERN_CUDA_CONV_ALGO pins one for a whole process (benchmarks: mma.sync against wgmma on the
+# same GPU); a pinned kernel that cannot run a layer is an error, not a fallback.
+CUDA_ALGOS = ("auto", "direct", "igemm", "wgmma")
+CUDA_ALGO = os.environ.get("CNNKERN_CUDA_CONV_ALGO", "auto")
+if CUDA_ALGO not in CUDA_ALGOS:
+    raise ValueError(f"CNNKERN_CUDA_CONV_ALGO must be one of {', '.join(CUDA_ALGOS)}, got {CUDA_ALGO!r}")
 
 
 # ---------------------------------------------------------------------------------------------
