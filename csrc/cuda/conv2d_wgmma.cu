@@ -23,6 +23,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <type_traits>
+
 #include "common.h"
 #include "conv2d.h"
 #include "conv2d_igemm.cuh"
@@ -40,25 +42,18 @@ constexpr int ROW = 128;  // bytes of one row of a stage: BK = 64 halves of kk, 
 constexpr int BK = 64;
 constexpr int STAGES = 5;
 
-// one m64nNk16 wgmma per (element type, N)
+// one m64nNk16 wgmma of the element type, N = 128 or 64
 template <typename T, int N>
-struct Wgmma;
-template <>
-struct Wgmma<c10::Half, 128> {
-  static __device__ __forceinline__ void run(float (&d)[64], uint64_t a, uint64_t b) { ptx::wgmma_m64n128k16_f16(d, a, b); }
-};
-template <>
-struct Wgmma<c10::BFloat16, 128> {
-  static __device__ __forceinline__ void run(float (&d)[64], uint64_t a, uint64_t b) { ptx::wgmma_m64n128k16_bf16(d, a, b); }
-};
-template <>
-struct Wgmma<c10::Half, 64> {
-  static __device__ __forceinline__ void run(float (&d)[32], uint64_t a, uint64_t b) { ptx::wgmma_m64n64k16_f16(d, a, b); }
-};
-template <>
-struct Wgmma<c10::BFloat16, 64> {
-  static __device__ __forceinline__ void run(float (&d)[32], uint64_t a, uint64_t b) { ptx::wgmma_m64n64k16_bf16(d, a, b); }
-};
+__device__ __forceinline__ void wgmma_step(float (&d)[N / 2], uint64_t a, uint64_t b) {
+  constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>;
+  static_assert(bf16 || std::is_same_v<T, c10::Half>, "wgmma: fp16 or bf16");
+  if constexpr (N == 128) {
+    ptx::wgmma_m64n128k16<bf16>(d, a, b);
+  } else {
+    static_assert(N == 64, "tiles of 128 or 64 columns");
+    ptx::wgmma_m64n64k16<bf16>(d, a, b);
+  }
+}
 
 template <typename T, int WG, int BN, bool DGRAD>
 __global__ void __launch_bounds__(128 * WG) wgmma_kernel(const IgemmParams<T> p) {
@@ -102,7 +97,7 @@ __global__ void __launch_bounds__(128 * WG) wgmma_kernel(const IgemmParams<T> p)
     ptx::wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {  // k16 steps 32 bytes apart in the 128-byte rows
-      Wgmma<T, BN>::run(d, wgmma_desc_k128(a + ks * 32), wgmma_desc_k128(b + ks * 32));
+      wgmma_step<T, BN>(d, wgmma_desc_k128(a + ks * 32), wgmma_desc_k128(b + ks * 32));
     }
     ptx::wgmma_commit();
     ptx::wgmma_wait<1>();  // the group of the step before is complete: its buffer may be refilled

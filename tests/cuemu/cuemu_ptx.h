@@ -326,10 +326,14 @@ inline void wgmma_wait() {
   ::cuemu::warp_sync();  // no lane reads its accumulators before they are written
 }
 
-inline void wgmma_m64n128k16_f16(float (&d)[64], uint64_t a, uint64_t b) { wgmma_issue<128>(d, a, b, false); }
-inline void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t a, uint64_t b) { wgmma_issue<128>(d, a, b, true); }
-inline void wgmma_m64n64k16_f16(float (&d)[32], uint64_t a, uint64_t b) { wgmma_issue<64>(d, a, b, false); }
-inline void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t a, uint64_t b) { wgmma_issue<64>(d, a, b, true); }
+template <bool BF16>
+inline void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
+  wgmma_issue<128>(d, a, b, BF16);
+}
+template <bool BF16>
+inline void wgmma_m64n64k16(float (&d)[32], uint64_t a, uint64_t b) {
+  wgmma_issue<64>(d, a, b, BF16);
+}
 
 }  // namespace ptx
 }  // namespace cnnkern

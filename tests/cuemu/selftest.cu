@@ -93,7 +93,7 @@ __global__ void wgmma_kernel(const c10::Half* a, const c10::Half* b, float* out,
   float d[32];
   for (int i = 0; i < 32; ++i) d[i] = 0.f;
   ptx::wgmma_fence();
-  ptx::wgmma_m64n64k16_f16(d, cnnkern::wgmma_desc_k128(sa), cnnkern::wgmma_desc_k128(sb));
+  ptx::wgmma_m64n64k16<false>(d, cnnkern::wgmma_desc_k128(sa), cnnkern::wgmma_desc_k128(sb));
   ptx::wgmma_commit();
   if (flags & 4) ptx::wgmma_wait<0>();
   const int warp = t / 32, lane = t % 32;
