@@ -242,8 +242,10 @@ inline thread_local Block* g_block = nullptr;
 // emulator can see): an ldmatrix phase reads eight 16-byte rows, which take one wavefront when
 // they fall in eight different groups of four banks ((address / 16) % 8) and k wavefronts when
 // k of them share a group. Read (and reset) through the cnnkern_emu::cuemu_stats op.
+// The counters also record which tensor-core instructions ran (warp-level mma.sync and wgmma
+// operations), so a test can tell which kernel a call dispatched to.
 struct Stats {
-  long long ldmatrix_phases = 0, ldmatrix_extra_wavefronts = 0;
+  long long ldmatrix_phases = 0, ldmatrix_extra_wavefronts = 0, mma_sync = 0, wgmma = 0;
 };
 inline Stats g_stats;
 

@@ -140,6 +140,7 @@ inline void mma_warp(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
   ::cuemu::warp_sync();
   auto& ws = blk.warps[me.warp];
   if (ws.arrived++ == 0) {
+    ::cuemu::g_stats.mma_sync += 1;
     float A[16][K], B[K][8];
     const int base = me.warp * 32;
     for (int l = 0; l < 32; ++l) {
@@ -281,6 +282,7 @@ inline void wgmma_issue(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, boo
   auto& ws = blk.warps[me.warp];
   if (ws.arrived++ == 0) {
     TORCH_CHECK(ws.wgmma_fenced, "cuemu: warp ", me.warp, ": wgmma.mma_async before any wgmma.fence");
+    ::cuemu::g_stats.wgmma += 1;
     ::cuemu::WarpScratch::Wgmma op{desc_a, desc_b, N, bf16, false, {}};
     const int base = me.warp * 32;
     for (int l = 0; l < 32; ++l) {

@@ -149,9 +149,11 @@ at::Tensor wgmma(const at::Tensor& a, const at::Tensor& b, int64_t flags) {
   return out;
 }
 
-// (ldmatrix phases, extra wavefronts from bank-group conflicts) since the last call; resets them
+// (ldmatrix phases, extra wavefronts from bank-group conflicts, warp mma.sync operations, warp
+// wgmma operations) since the last call; resets them
 std::vector<int64_t> cuemu_stats() {
-  std::vector<int64_t> out = {cuemu::g_stats.ldmatrix_phases, cuemu::g_stats.ldmatrix_extra_wavefronts};
+  const auto& g = cuemu::g_stats;
+  std::vector<int64_t> out = {g.ldmatrix_phases, g.ldmatrix_extra_wavefronts, g.mma_sync, g.wgmma};
   cuemu::g_stats = cuemu::Stats{};
   return out;
 }
