@@ -20,8 +20,9 @@ TORCH_LIBRARY_FRAGMENT(cnnkern, m) {
   // its input gradient, one pass (scale recomputed, not saved)
   // 2-D convolution (csrc/cuda/conv2d*.cu). Outputs are allocated by the caller (Python: layout,
   // poisoning) and written in place. padding = [top, left] (the output extent fixes the rest);
-  // algo = "auto" | "direct" | "igemm" picks the forward / grad-input kernel; tf32 lets fp32 run on
-  // the tensor cores (the implicit GEMM) as PyTorch's TF32 mode does, else fp32 is exact.
+  // algo = "auto" | "direct" | "igemm" (mma.sync) | "wgmma" (sm_90a) picks the forward /
+  // grad-input kernel; tf32 lets fp32 run on the tensor cores (the mma.sync implicit GEMM) as
+  // PyTorch's TF32 mode does, else fp32 is exact.
   // stats=True (relu off): also returns per-block BatchNorm statistics (rows, 3, K) of
   // (count, mean, M2), fp32 (fp64 for double); otherwise an empty tensor
   m.def("conv2d_forward_cuda(Tensor x, Tensor w, Tensor? bias, Tensor(a!) y, int[] stride, int[] padding, "
