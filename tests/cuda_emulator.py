@@ -23,6 +23,7 @@ Usage: ``load()`` builds once (ninja; cached under build/cuemu) and returns ``to
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -152,6 +153,16 @@ def load(verbose: bool = False):
     import torch
     from torch.utils import cpp_extension
 
+    # test workers (pytest-xdist) may build at the same time: one at a time writes the sources and
+    # runs ninja, the others then find the build up to date
+    BUILD.mkdir(parents=True, exist_ok=True)
+    with open(BUILD / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _load_locked(torch, cpp_extension, verbose)
+
+
+def _load_locked(torch, cpp_extension, verbose):
+    global _OPS
     sources = write_sources()
     # CUEMU_ASAN=1: AddressSanitizer build (out-of-bounds reads and writes of the kernels in the
     # tensors' memory); the process must start with the ASan runtime (and libstdc++, so that ASan
