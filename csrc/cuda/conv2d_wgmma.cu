@@ -35,12 +35,13 @@ namespace cnnkern {
 namespace conv {
 namespace {
 
+constexpr int ROW = 128;  // bytes of one row of a stage: BK = 64 halves of kk, eight 16-byte chunks
+constexpr int STAGES = 5;
+
 // The kernel's code exists in the sm_90a compile (and the host pass, which only needs its
 // declaration); the other device compiles get an empty kernel of the same signature.
 #if CNNKERN_WGMMA_ASM || !defined(__CUDA_ARCH__)
-constexpr int ROW = 128;  // bytes of one row of a stage: BK = 64 halves of kk, eight 16-byte chunks
 constexpr int BK = 64;
-constexpr int STAGES = 5;
 
 // one m64nNk16 wgmma of the element type, N = 128 or 64
 template <typename T, int N>
@@ -108,7 +109,6 @@ __global__ void __launch_bounds__(128 * WG) wgmma_kernel(const IgemmParams<T> p)
   igemm_epilogue<T, BM, BN>(p, acc, m0, n0, g, wg * 64 + (warp % 4) * 16, 0, smem);
 }
 #else
-constexpr int ROW = 128, STAGES = 5;
 template <typename T, int WG, int BN, bool DGRAD>
 __global__ void __launch_bounds__(128 * WG) wgmma_kernel(const IgemmParams<T>) {
   ptx::no_wgmma();
@@ -150,10 +150,10 @@ bool wgmma_available() {
 #endif
 }
 
+// (the caller has checked wgmma_available(): conv2d.cu's choose_algo)
 template <typename T>
 void launch_wgmma(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t stream) {
   TORCH_CHECK(p.CK % 8 == 0 && p.Cs % 8 == 0, "cnnkern conv2d (cuda, wgmma): channels must be multiples of 8");
-  TORCH_CHECK(wgmma_available(), "cnnkern conv2d (cuda, wgmma): needs an sm_90 GPU and an sm_90a build");
   if (dgrad) {
     launch_tile<T, true>(p, tile, stream);
   } else {
