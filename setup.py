@@ -13,6 +13,7 @@ Environment:
     CNNKERN_SKIP_CUDA_BUILD=1   build no extension (the "cuda" backend is then unavailable)
     CUDA_HOME                   the toolkit; when unset, /usr/local/cuda is used if it exists
     MAX_JOBS                    parallel nvcc jobs (ninja); defaults to the number of cores
+    CNNKERN_NVCC_THREADS        nvcc --threads (each file's GPU targets in parallel; 0: one per target)
 """
 
 import glob
@@ -52,6 +53,18 @@ NVCC_ARCH_FLAGS = [
 ]
 
 
+def _nvcc_threads():
+    # nvcc compiles a file's three targets one after another unless told to use threads: on a
+    # many-core machine (the GPU machine's build, scripts/gpu_validate.sh) that file's wall time
+    # bounds the build.
+    n = os.environ.get("CNNKERN_NVCC_THREADS", "").strip()
+    if not n:
+        return []
+    if not n.isdigit():
+        raise SystemExit(f"CNNKERN_NVCC_THREADS must be a number of threads (0: as many as targets), got {n!r}")
+    return [f"--threads={n}"]
+
+
 def _extensions():
     if os.environ.get("CNNKERN_SKIP_CUDA_BUILD", "0") not in ("", "0"):
         _say("CNNKERN_SKIP_CUDA_BUILD is set: not compiling cnnkern._C (one already built in place, "
@@ -75,7 +88,8 @@ def _extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
             "cxx": ["-O3", "-std=c++20"],
-            "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", *NVCC_ARCH_FLAGS],
+            "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", *NVCC_ARCH_FLAGS,
+                     *_nvcc_threads()],
         },
         py_limited_api=False,
     )

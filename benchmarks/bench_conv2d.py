@@ -86,7 +86,8 @@ def _check(got, want, what):
     # result, relative to its norm (cuDNN and ours accumulate in different orders).
     err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
     if not err < 2e-2:
-        raise AssertionError(f"{OP} benchmark: {what} differs from cuDNN by {err:.2e} (relative norm); not timing it")
+        raise harness.WrongResult(f"{OP} benchmark: {what} differs from cuDNN by {err:.2e} (relative norm); "
+                                  "not timing it")
 
 
 def _plan(providers, dtypes, quick, networks, layers, batches):
@@ -132,7 +133,7 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
     providers, layers, directions = _plan(providers, dtypes, quick, networks, layers, batches)
     budget = dict(warmup_ms=10, rep_ms=40) if quick else dict(warmup_ms=25, rep_ms=100)
     device = torch.device(device)
-    records: list[harness.Result] = []
+    records = harness.new_records()
     bar = harness.progress_bar(len(layers) * len(dtypes) * len(directions) * len(providers), OP, progress)
     for layer in layers:
         for dname in dtypes:
@@ -147,7 +148,8 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
             args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
             for direction in directions:
                 case = f"{layer.network} {layer.name}" + (" +bias+relu" if direction == "fwd+relu" else "")
-                common = dict(op=OP, case=case, shape=layer.shape, dtype=dname, layout=layout)
+                common = dict(op=OP, case=case, shape=layer.shape, dtype=dname, layout=layout,
+                              direction="fwd" if direction != "fwd+bwd" else "fwd+bwd")
                 flops = layer.flops
                 leaves = []
                 if direction == "fwd+bwd":
@@ -157,27 +159,33 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
                     fwd = {p: _forward_fn(p, "fwd", xg, wg, bg, args) for p in providers}
                     fns = {p: (lambda f=f: f().backward(g)) for p, f in fwd.items()}
                     flops *= 3
-                    for p in providers[1:]:
+
+                    def grads(p):
                         fwd[p]().backward(g)
                         got = [t.grad for t in leaves]
                         for t in leaves:
                             t.grad = None
-                        fwd["torch"]().backward(g)
-                        want = [t.grad for t in leaves]
-                        for t in leaves:
-                            t.grad = None
-                        for nm, a, c in zip(("grad input", "grad weight", "grad bias"), got, want):
+                        return got
+
+                    want = grads("torch")
+
+                    def check(p):
+                        for nm, a, c in zip(("grad input", "grad weight", "grad bias"), grads(p), want):
                             _check(a, c, f"{p} {nm}, {case} {dname}")
                 else:
                     fns = {p: _forward_fn(p, direction, x, w, b, args) for p in providers}
                     want = fns["torch"]()
-                    for p in providers[1:]:
+
+                    def check(p):
                         _check(fns[p](), want, f"{p} {direction}, {case} {dname}")
-                for p, fn in fns.items():
+                ok = [p for p in providers if p == harness.BASELINE or
+                      harness.verify(records, p, lambda p=p: check(p), **common)]
+                del want
+                for p in providers:
                     bar.set_postfix_str(f"{case} {dname} {direction} {p}")
-                    t = harness.time_fn(fn, grad_to_none=leaves or None, **budget)
-                    records.append(harness.Result.from_timing(t, provider=p, direction="fwd" if direction != "fwd+bwd"
-                                                              else "fwd+bwd", flops=flops, **common))
+                    if p in ok:
+                        harness.measure(records, fns[p], provider=p, flops=flops, grad_to_none=leaves or None,
+                                        **budget, **common)
                     bar.update()
     bar.close()
     return records

@@ -115,12 +115,12 @@ def _check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str)
     got, want = got.detach().float(), want.detach().float()
     err = ((got - want).norm() / want.norm()).item()
     if not err <= TOL[dtype]:  # `not <=`: a NaN fails too
-        raise AssertionError(f"{OP} benchmark: {what} disagrees with the torch baseline (relative error "
+        raise harness.WrongResult(f"{OP} benchmark: {what} disagrees with the torch baseline (relative error "
                              f"{err:.2e} > {TOL[dtype]:.0e}); not timing it.")
 
 
 def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False,
-        progress: bool = True) -> list[harness.Result]:
+        progress: bool = True, device: torch.device | str = "cuda") -> list[harness.Result]:
     """Time every case, dtype, direction and provider on the current CUDA device.
 
     Args:
@@ -130,6 +130,7 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
         quick: three cases (NORM1 NCHW, NORM2 NHWC, the large NCHW tensor) and shorter timing
             budgets.
         progress: tqdm progress bar with an ETA on stderr.
+        device: a CUDA device; the tests pass "cpu" (Triton's interpreter) with a fake timer.
 
     Returns:
         :class:`harness.Result` records with timings and required bytes; pass them through
@@ -139,8 +140,8 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
     dts = [getattr(torch, d) for d in dtypes]
     cases = QUICK_CASES if quick else CASES
     budget = dict(warmup_ms=10, rep_ms=40) if quick else dict(warmup_ms=25, rep_ms=100)
-    device = torch.device("cuda")
-    records: list[harness.Result] = []
+    device = torch.device(device)
+    records = harness.new_records()
     bar = harness.progress_bar(len(cases) * len(dts) * 2 * len(providers), OP, progress)
     for case in cases:
         fmt = torch.channels_last if case.channels_last else torch.contiguous_format
@@ -155,10 +156,11 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
             for p in providers:
                 bar.set_postfix_str(f"{case.name} {case.layout} {common['dtype']} fwd {p}")
                 fn = _forward(p, x)
-                if p != "torch":
-                    _check(fn(), want, dtype, f"{p} forward, {case.name} {case.layout} {dtype}")
-                t = harness.time_fn(fn, cudagraph=nbytes < CUDAGRAPH_BELOW_BYTES, **budget)
-                records.append(harness.Result.from_timing(t, provider=p, direction="fwd", bytes=nbytes, **common))
+                if p == "torch" or harness.verify(
+                        records, p, lambda: _check(fn(), want, dtype, f"{p} forward, {case.name} {case.layout} {dtype}"),
+                        direction="fwd", **common):
+                    harness.measure(records, fn, provider=p, direction="fwd", bytes=nbytes,
+                                    cudagraph=nbytes < CUDAGRAPH_BELOW_BYTES, **budget, **common)
                 bar.update()
             del want
 
@@ -177,13 +179,16 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
                 def step(f=f):
                     f().backward(g)
 
-                xg.grad = None  # the previous provider's timed runs left their gradient there
-                step()
-                if p != "torch":
-                    _check(xg.grad, want_grad, dtype, f"{p} grad x, {case.name} {case.layout} {dtype}")
-                xg.grad = None
-                t = harness.time_fn(step, grad_to_none=[xg], **budget)
-                records.append(harness.Result.from_timing(t, provider=p, direction="fwd+bwd", bytes=nbytes, **common))
+                def check():
+                    xg.grad = None  # the previous provider's timed runs left their gradient there
+                    step()
+                    if p != "torch":
+                        _check(xg.grad, want_grad, dtype, f"{p} grad x, {case.name} {case.layout} {dtype}")
+                    xg.grad = None
+
+                if harness.verify(records, p, check, direction="fwd+bwd", **common):
+                    harness.measure(records, step, provider=p, direction="fwd+bwd", bytes=nbytes, grad_to_none=[xg],
+                                    **budget, **common)
                 bar.update()
             del x, xg, g, want_grad
     bar.close()

@@ -162,7 +162,7 @@ def _check(got, want, dname, what):
     got, want = _logits(got).detach().float(), _logits(want).detach().float()
     err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
     if not err <= TOL[dname]:  # `not <=`: NaN fails too
-        raise AssertionError(f"{OP} benchmark: {what} differs from torchvision by {err:.2e} (relative norm); "
+        raise harness.WrongResult(f"{OP} benchmark: {what} differs from torchvision by {err:.2e} (relative norm); "
                              "not timing it")
 
 
@@ -190,7 +190,7 @@ def run(providers=None, dtypes=("bfloat16",), quick: bool = False, progress: boo
     device = torch.device(device)
     todo = cases(providers, dtypes, quick, networks, batches, train_batch)
     bar = harness.progress_bar(len(todo), OP, progress)
-    records: list[harness.Result] = []
+    records = harness.new_records()
     for net in nets:
         make_cnnkern, make_tv, size = table[net]
         macs = summary(make_cnnkern(None), (1, *size)).macs  # per image, on the meta device
@@ -228,15 +228,16 @@ def run(providers=None, dtypes=("bfloat16",), quick: bool = False, progress: boo
                 for n in batches:
                     x = torch.randn(n, *size, dtype=dtype, device=device).contiguous(memory_format=fmt)
                     want = run_of[harness.BASELINE](x)
-                    for p in providers[1:]:
-                        _check(run_of[p](x), want, dname, f"{p} {net} inference batch {n} {dname}")
-                    del want
                     common = dict(op=OP, case=f"{net} inference b{n}", shape=f"{n}x{'x'.join(map(str, size))}",
-                                  dtype=dname, layout=layout, images=n, flops=2 * macs * n)
+                                  dtype=dname, layout=layout, direction="fwd", images=n, flops=2 * macs * n)
+                    ok = [p for p in providers if p == harness.BASELINE or harness.verify(
+                        records, p, lambda p=p: _check(run_of[p](x), want, dname,
+                                                       f"{p} {net} inference batch {n} {dname}"), **common)]
+                    del want
                     for p in providers:
                         bar.set_postfix_str(f"{net} inference b{n} {dname} {p}")
-                        t = harness.time_fn(lambda f=run_of[p]: f(x), **budget)
-                        records.append(harness.Result.from_timing(t, provider=p, direction="fwd", **common))
+                        if p in ok:
+                            harness.measure(records, lambda f=run_of[p]: f(x), provider=p, **budget, **common)
                         bar.update()
                     del x
 
@@ -265,8 +266,7 @@ def run(providers=None, dtypes=("bfloat16",), quick: bool = False, progress: boo
                     opt.step()
 
                 bar.set_postfix_str(f"{net} train b{n} {dname} {p}")
-                t = harness.time_fn(step, **budget)
-                records.append(harness.Result.from_timing(t, provider=p, direction="train", **common))
+                harness.measure(records, step, provider=p, direction="train", **budget, **common)
                 bar.update()
             del nets_of, run_of, x, y  # (the graphs, and their memory pools, go with run_of)
             if device.type == "cuda":

@@ -135,8 +135,8 @@ def _check(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     try:
         torch.testing.assert_close(got, want)
     except AssertionError as exc:
-        raise AssertionError(f"{OP} benchmark: {what} disagrees with the torch baseline; not timing it.\n{exc}") \
-            from None
+        raise harness.WrongResult(f"{OP} benchmark: {what} disagrees with the torch baseline; not timing it.\n"
+                                  f"{exc}") from None
 
 
 def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False,
@@ -162,7 +162,7 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
     cases = QUICK_CASES if quick else CASES
     budget = dict(warmup_ms=10, rep_ms=40) if quick else dict(warmup_ms=25, rep_ms=100)
     device = torch.device(device)
-    records: list[harness.Result] = []
+    records = harness.new_records()
     bar = harness.progress_bar(len(cases) * len(dts) * 2 * len(providers), OP, progress)
     for case in cases:
         fmt = torch.channels_last if case.channels_last else torch.contiguous_format
@@ -175,36 +175,45 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
             # forward: every provider is checked against the baseline before any is timed
             fns = {p: _forward(p, x, s, case) for p in providers}
             want = fns["torch"]()
-            for p in providers[1:]:
-                _check(fns[p](), want, f"{p} forward, {case.name} {case.layout} {dtype}")
+            ok = [p for p in providers if p == harness.BASELINE or harness.verify(
+                records, p, lambda p=p: _check(fns[p](), want, f"{p} forward, {case.name} {case.layout} {dtype}"),
+                direction="fwd", **common)]
             del want
             nbytes = required_bytes(case.x_shape, case.shortcut_shape, x.element_size(), "fwd")
             for p, fn in fns.items():
                 bar.set_postfix_str(f"{case.name} {case.layout} {common['dtype']} fwd {p}")
-                t = harness.time_fn(fn, cudagraph=nbytes < CUDAGRAPH_BELOW_BYTES, **budget)
-                records.append(harness.Result.from_timing(t, provider=p, direction="fwd", bytes=nbytes, **common))
+                if p in ok:
+                    harness.measure(records, fn, provider=p, direction="fwd", bytes=nbytes,
+                                    cudagraph=nbytes < CUDAGRAPH_BELOW_BYTES, **budget, **common)
                 bar.update()
 
             # forward + backward: leaves that require grad, one preallocated incoming gradient
             xg, sg = x.detach().requires_grad_(), s.detach().requires_grad_()
             g = torch.randn(case.x_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
             steps = {p: _fwd_bwd(_forward(p, xg, sg, case), g) for p in providers}
-            want = None
-            for p, step in steps.items():
-                step()
+
+            def grads(p):
+                steps[p]()
                 got = (xg.grad, sg.grad)
                 xg.grad = sg.grad = None
-                if want is None:
-                    want = got
-                    continue
+                return got
+
+            want = grads("torch")
+
+            def check(p):
+                got = grads(p)
                 _check(got[0], want[0], f"{p} grad x, {case.name} {case.layout} {dtype}")
                 _check(got[1], want[1], f"{p} grad shortcut, {case.name} {case.layout} {dtype}")
-            del want, got
+
+            ok = [p for p in providers if p == harness.BASELINE or
+                  harness.verify(records, p, lambda p=p: check(p), direction="fwd+bwd", **common)]
+            del want
             nbytes = required_bytes(case.x_shape, case.shortcut_shape, x.element_size(), "fwd+bwd")
             for p, step in steps.items():
                 bar.set_postfix_str(f"{case.name} {case.layout} {common['dtype']} fwd+bwd {p}")
-                t = harness.time_fn(step, grad_to_none=[xg, sg], **budget)
-                records.append(harness.Result.from_timing(t, provider=p, direction="fwd+bwd", bytes=nbytes, **common))
+                if p in ok:
+                    harness.measure(records, step, provider=p, direction="fwd+bwd", bytes=nbytes,
+                                    grad_to_none=[xg, sg], **budget, **common)
                 bar.update()
             del x, s, xg, sg, g, fns, steps
     bar.close()

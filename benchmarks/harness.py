@@ -25,6 +25,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -345,6 +346,105 @@ def finalize(records: list[Result], ceilings: dict | None) -> list[Result]:
 
 
 # ------------------------------------------------------------------------------------------------
+# failures and the time limit: one provider's wrong result or error does not end the suite
+# ------------------------------------------------------------------------------------------------
+class WrongResult(AssertionError):
+    """A provider's result disagrees with the baseline's: it gets no timing on that case."""
+
+
+class TimeLimitReached(Exception):
+    """The suite's time limit (:func:`run_ops` ``time_limit``) passed: no further timing starts."""
+
+
+class DeviceFault(RuntimeError):
+    """After a provider's error the CUDA context is unusable (e.g. an illegal address): nothing
+    after it can run in this process."""
+
+
+class Records(list):
+    """One benchmark module's :class:`Result` records, plus ``failures``: one dict per provider
+    check or timing that failed (the case's fields, ``provider``, ``stage`` ("check" | "timing")
+    and ``error``). :func:`run_ops` writes both; a failed provider has no timing on that case."""
+
+    def __init__(self):
+        super().__init__()
+        self.failures: list[dict] = []
+
+
+_CURRENT: Records | None = None   # the running module's records (kept when it stops early)
+_DEADLINE: float | None = None    # time.monotonic() after which no check or timing starts
+_FAILURE_FIELDS = ("op", "case", "shape", "dtype", "layout", "direction")
+_clock = time.monotonic           # the time limit's clock (tests replace it)
+
+
+def new_records() -> Records:
+    """The list a benchmark module collects its records (and failures) in. :func:`run_ops` keeps
+    what it holds when the module stops at the time limit or on a device fault."""
+    global _CURRENT
+    _CURRENT = Records()
+    return _CURRENT
+
+
+def _check_deadline() -> None:
+    if _DEADLINE is not None and _clock() > _DEADLINE:
+        raise TimeLimitReached("the time limit passed")
+
+
+def _device_usable() -> bool:
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return True
+    try:
+        torch.cuda.synchronize()
+        return True
+    except Exception:  # noqa: BLE001 - any error here means the context is gone
+        return False
+
+
+def _record_failure(records: Records, stage: str, provider: str, exc: BaseException, fields: dict) -> None:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    text = text if len(text) <= 600 else text[:597] + "..."
+    failure = {**{k: fields[k] for k in _FAILURE_FIELDS if k in fields}, "provider": provider, "stage": stage,
+               "error": text}
+    records.failures.append(failure)
+    print(f"\n!! {provider} failed ({stage}) on {fields.get('case')} {fields.get('dtype', '')} "
+          f"{fields.get('direction', '')}: {text}", file=sys.stderr, flush=True)
+    if not _device_usable():
+        raise DeviceFault(f"the CUDA context is unusable after {provider} failed on {fields.get('case')}: "
+                          f"{text}") from exc
+
+
+def verify(records: Records, provider: str, check, **fields) -> bool:
+    """Run ``check()``, a provider's correctness check on one case (it raises, typically
+    :class:`WrongResult`, when the provider's output is wrong). On any error the failure is
+    recorded in ``records.failures`` and False returned: the caller does not time that provider
+    on that case. Raises :class:`TimeLimitReached` past the time limit, and :class:`DeviceFault`
+    when the error left the CUDA context unusable."""
+    _check_deadline()
+    try:
+        check()
+        return True
+    except Exception as exc:  # noqa: BLE001 - recorded, reported, and the suite goes on
+        _record_failure(records, "check", provider, exc, fields)
+        return False
+
+
+def measure(records: Records, fn, *, provider: str, warmup_ms: float, rep_ms: float, cudagraph: bool = False,
+            grad_to_none=None, **fields) -> bool:
+    """Time ``fn`` (:func:`time_fn`) and append its :class:`Result` (``provider`` and ``fields``)
+    to ``records``; True when it did. An error while timing is recorded as a failure instead
+    (False). Raises :class:`TimeLimitReached` past the time limit (before timing), and
+    :class:`DeviceFault` as :func:`verify` does."""
+    _check_deadline()
+    try:
+        t = time_fn(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, cudagraph=cudagraph, grad_to_none=grad_to_none)
+    except Exception as exc:  # noqa: BLE001 - recorded, reported, and the suite goes on
+        _record_failure(records, "timing", provider, exc, fields)
+        return False
+    records.append(Result.from_timing(t, provider=provider, **fields))
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
 # JSON results
 # ------------------------------------------------------------------------------------------------
 def slug(text: str) -> str:
@@ -358,18 +458,22 @@ def default_out_dir(env: dict) -> str:
     return os.path.join(RESULTS_DIR, f"{slug(env.get('gpu_name') or 'no-gpu')}-{day}")
 
 
-def write_results(records: list[Result], env: dict, ceilings: dict | None, out_dir: str | None = None) -> str:
+def write_results(records: list[Result], env: dict, ceilings: dict | None, out_dir: str | None = None, *,
+                  op: str | None = None, failures: list[dict] | None = None, stopped: str | None = None) -> str:
     """Write one op's records, with ``env`` and ``ceilings``, to ``<out_dir>/<op>.json``.
 
     Args:
         records: finalized records, all of one op.
         env: :func:`environment`'s dict. ceilings: :func:`measure_ceilings`'s dict.
         out_dir: default :func:`default_out_dir` (under benchmarks/results/).
+        op: the op's name (needed only when ``records`` is empty).
+        failures: :class:`Records` ``failures`` (providers that failed a check or a timing).
+        stopped: why the op's run ended before its last case (time limit, device fault).
 
     Returns:
         The path written.
     """
-    ops = {r.op for r in records}
+    ops = {r.op for r in records} | ({op} if op else set())
     if len(ops) != 1:
         raise ValueError(f"write_results takes the records of exactly one op, got {sorted(ops) or 'none'}")
     (op,) = ops
@@ -377,7 +481,8 @@ def write_results(records: list[Result], env: dict, ceilings: dict | None, out_d
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{op}.json")
     data = {"schema": SCHEMA, "op": op, "env": env, "ceilings": ceilings,
-            "results": [dataclasses.asdict(r) for r in records]}
+            "results": [dataclasses.asdict(r) for r in records], "failures": list(failures or []),
+            "stopped": stopped}
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
@@ -614,7 +719,7 @@ def suite_plan(ops=None, *, dtypes=None, quick: bool = False, backends=None, ind
 
 def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None = None,
             progress: bool = True, echo=print, backends=None, inductor: bool | None = None, nets=None,
-            batches=None, graph: bool = False) -> list[str]:
+            batches=None, graph: bool = False, time_limit: float | None = None) -> list[str]:
     """Measure the ceilings, run each op's benchmark module, print its table, write its JSON.
 
     Needs a CUDA device. Sets ``torch.backends.cudnn.benchmark = True`` for the baselines.
@@ -632,11 +737,21 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
         batches: batch sizes for the modules that take them (conv layers, whole networks).
         graph: time every per-op case as a CUDA-graph replay (kernel time, no host launch cost)
             instead of one event pair per eager call; recorded as ``env["timer_mode"] = "graph"``.
+        time_limit: seconds from the start after which no check or timing starts: the op then
+            running writes what it measured, with ``"stopped"`` saying so, and the ops after it
+            are not run (a GPU lease of fixed length ends with results, not a killed process).
+
+    A provider that fails a case's correctness check, or raises, gets no timing there: the
+    failure is printed and written under ``"failures"`` and the suite goes on. When the error left
+    the CUDA context unusable, the running op writes what it has and the suite stops.
 
     Returns:
-        The JSON paths written.
+        The JSON paths written (see :func:`run_status` for their failures and stops).
     """
-    global _SUITE, _FORCE_GRAPH
+    global _SUITE, _FORCE_GRAPH, _DEADLINE, _CURRENT
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    t0 = _clock()
     if not torch.cuda.is_available():
         raise RuntimeError("run_ops needs a CUDA device")
     plan = suite_plan(ops, dtypes=dtypes, quick=quick, backends=backends, inductor=inductor, nets=nets,
@@ -656,23 +771,59 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
     paths = []
     if progress:
         _SUITE = _make_bar(sum(c for _, _, c in plan), "cnnkern bench")
+    _DEADLINE = None if time_limit is None else t0 + time_limit
     try:
-        for op, kwargs, _ in plan:
+        for n, (op, kwargs, _) in enumerate(plan):
             module = importlib.import_module(OPS[op])
             _FORCE_GRAPH = graph and op != "models"
-            records = finalize(module.run(progress=progress, **{k: v for k, v in kwargs.items() if k != "progress"}),
-                               ceilings)
+            _CURRENT = None
+            stopped = None
+            try:
+                got = module.run(progress=progress, **{k: v for k, v in kwargs.items() if k != "progress"})
+            except TimeLimitReached:
+                got = _CURRENT if _CURRENT is not None else Records()
+                stopped = (f"time limit: {time_limit:g} s passed after {_clock() - t0:.0f} s, during this op "
+                           f"({len(got)} timings); not run: {', '.join(o for o, _, _ in plan[n + 1:]) or 'nothing'}")
+            except DeviceFault as exc:
+                got = _CURRENT if _CURRENT is not None else Records()
+                stopped = (f"device fault: {exc}; not run: the rest of this op and "
+                           f"{', '.join(o for o, _, _ in plan[n + 1:]) or 'nothing else'}")
+            failures = list(getattr(got, "failures", []))
+            records = finalize(list(got), ceilings)
             echo(f"\n{op}")
-            echo(format_table(records))
-            path = write_results(records, env, ceilings, out_dir)
+            echo(format_table(records) if records else "(no timings)")
+            for f in failures:
+                echo(f"  FAILED {f['provider']} {f['stage']}: {f.get('case')} {f.get('dtype')} {f.get('direction')}: "
+                     f"{f['error']}")
+            path = write_results(records, env, ceilings, out_dir, op=op, failures=failures, stopped=stopped)
             echo(f"wrote {path}")
             paths.append(path)
+            if stopped:
+                echo(f"STOPPED: {stopped}")
+                break
     finally:
         _FORCE_GRAPH = False
+        _DEADLINE = None
+        _CURRENT = None
         if _SUITE is not None:
             _SUITE.close()
         _SUITE = None
     return paths
+
+
+def run_status(paths) -> dict:
+    """What results files say went wrong: ``{"failures": n, "stops": [...], "device_fault": bool}``,
+    the number of provider failures they record, the ``"stopped"`` reasons of those that ended
+    early ("<op>: <reason>"), and whether one of them ended on a device fault."""
+    status = {"failures": 0, "stops": [], "device_fault": False}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        status["failures"] += len(data.get("failures") or [])
+        if data.get("stopped"):
+            status["stops"].append(f"{data.get('op')}: {data['stopped']}")
+            status["device_fault"] |= data["stopped"].startswith("device fault")
+    return status
 
 
 def bench_main(op: str, argv=None) -> int:
@@ -688,12 +839,16 @@ def bench_main(op: str, argv=None) -> int:
     ap.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>-<date>)")
     ap.add_argument("--graph", action="store_true", help="time each case as a CUDA-graph replay (no host launch cost)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--time-limit", type=float, metavar="SECONDS",
+                    help="start no timing after this many seconds; the JSON holds what was measured")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print(f"no CUDA GPU: the {op} benchmark needs one (nothing measured); "
               "`cnnkern bench` shows the latest committed GPU results")
         return 0
     split = (lambda t: [v.strip() for v in t.split(",") if v.strip()] if t else None)  # noqa: E731
-    run_ops([op], dtypes=split(args.dtypes), quick=args.quick, out_dir=args.out, progress=not args.no_progress,
-            backends=split(args.backends), inductor=args.inductor, graph=args.graph)
-    return 0
+    paths = run_ops([op], dtypes=split(args.dtypes), quick=args.quick, out_dir=args.out,
+                    progress=not args.no_progress, backends=split(args.backends), inductor=args.inductor,
+                    graph=args.graph, time_limit=args.time_limit)
+    status = run_status(paths)
+    return 1 if status["failures"] or status["device_fault"] else 0

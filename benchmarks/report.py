@@ -267,6 +267,13 @@ def build_markdown(datas: list[dict], plots: list[str]) -> str:
     commits = {d.get("env", {}).get("commit") for d in datas}
     if len(commits) > 1:
         lines.append(f"- **note**: the files come from several commits: {', '.join(sorted(map(str, commits)))}")
+    for d in datas:
+        if d.get("stopped"):
+            lines.append(f"- **{d['op']} stopped early**: {d['stopped']}")
+    failures = [(d["op"], f) for d in datas for f in d.get("failures") or []]
+    if failures:
+        lines.append(f"- **{len(failures)} provider failure(s)**: wrong results or errors, not timed (listed under "
+                     "Failures below)")
     lines += [
         "",
         ("**Timer: CUDA graphs** (`cnnkern bench --graph`): every per-op time is a CUDA-graph replay, the "
@@ -288,6 +295,14 @@ def build_markdown(datas: list[dict], plots: list[str]) -> str:
         "",
     ]
     lines += summary_table(summarize(flat))
+    if failures:
+        lines += ["", "## Failures", "",
+                  "Each of these providers failed its correctness check against the baseline, or raised, on this "
+                  "case: it has no timing there.", ""]
+        lines += _table(["op", "case", "dtype", "layout", "dir", "provider", "stage", "error"],
+                        [[op, f.get("case", "?"), _SHORT.get(f.get("dtype"), f.get("dtype", "?")), f.get("layout", "?"),
+                          f.get("direction", "?"), f.get("provider", "?"), f.get("stage", "?"),
+                          f.get("error", "")] for op, f in failures])
     if plots:
         lines += ["", "## Plots", ""]
         for p in plots:

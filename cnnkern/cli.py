@@ -2,6 +2,7 @@
 
     cnnkern bench [--ops conv2d,models] [--nets resnet50] [--dtypes bfloat16] [--batch 32]
                   [--backends triton] [--quick] [--no-inductor] [--out DIR] [--no-progress]
+                  [--time-limit SECONDS]
     cnnkern bench --report DIR            report.md + plots from the JSON in DIR (no GPU needed)
     cnnkern bench --compare A.json B.json per-layer change between two runs, regressions first
     cnnkern inspect [...]     static inspection of the compiled kernels (see cnnkern._inspect)
@@ -69,17 +70,29 @@ def _bench(args) -> int:
         print(f"cnnkern bench: --batch takes positive integers, e.g. 1,32,128; got {args.batch!r}", file=sys.stderr)
         return 2
 
+    if args.time_limit is not None and not args.time_limit > 0:
+        print(f"cnnkern bench: --time-limit takes a positive number of seconds, got {args.time_limit:g}",
+              file=sys.stderr)
+        return 2
+
     if torch.cuda.is_available():
         paths = harness.run_ops(ops, dtypes=dtypes, quick=args.quick, out_dir=args.out, progress=not args.no_progress,
                                 backends=backends, inductor=args.inductor, nets=nets, batches=batches,
-                                graph=args.graph)
+                                graph=args.graph, time_limit=args.time_limit)
         print(f"\nresults: {', '.join(paths)}")
         if paths:
             from cnnkern.benchmarks import report
 
             written = report.build(os.path.dirname(paths[0]))
             print(f"report: {written[0]} (plots: {', '.join(os.path.basename(p) for p in written[1:])})")
-        return 0
+        status = harness.run_status(paths)
+        for line in status["stops"]:
+            print(f"stopped early: {line}")
+        if status["failures"]:
+            print(f"cnnkern bench: {status['failures']} provider failure(s) (wrong result or error, not timed): listed above "
+                  "and under \"failures\" in the JSON", file=sys.stderr)
+        # a wrong or crashing kernel, or a dead device, fails the command; a time limit the user set does not
+        return 1 if status["failures"] or status["device_fault"] else 0
 
     print("no CUDA GPU: cnnkern bench measures nothing here; running the Triton kernels' self-check under "
           "the interpreter instead, then showing the latest GPU results committed in benchmarks/results/",
@@ -244,6 +257,9 @@ def main(argv=None) -> int:
                    "time without the host's launch cost, for every provider (default: eager calls, as a user "
                    "makes them); the networks keep their own '+graph' providers")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--time-limit", type=float, metavar="SECONDS", help="start no timing after this many seconds: the "
+                   "op then running writes what it measured (its JSON says where it stopped) and the ops after "
+                   "it are not run")
     b.add_argument("--report", metavar="DIR", help="only rebuild report.md and the plots from the JSON in DIR "
                    "(no GPU needed)")
     b.add_argument("--compare", nargs=2, metavar=("A", "B"), help="only print the per-layer change from run A to "

@@ -10,9 +10,9 @@
 #
 # Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda), MAX_JOBS (nvcc
 # jobs), CNNKERN_GIT_COMMIT (the commit to record in the results when this tree has no .git),
-# STEPS (a space-separated subset of the optional steps, to split a run across several sessions:
-# pytest-cuda-conv pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize; default all of them;
-# and, only when named: overhead (scripts/gpu_overhead.py: host vs kernel time of a conv call),
+# STEPS (the optional steps to run, space-separated, in the order to run them, each NAME or
+# NAME:SECONDS, a cap on that step's time; default: pytest-cuda-conv pytest-gpu pytest-all
+# selfcheck bench ptxas inspect sanitize; a misspelt name fails at once; and, only when named: overhead (scripts/gpu_overhead.py: host vs kernel time of a conv call),
 # bench-quick (`cnnkern bench --quick`, its duration is logged), bench-graph (the same subset timed
 # as CUDA-graph replays: kernel time without host launch cost, into OUTDIR/results-graph),
 # bench-mma (the quick conv2d layers with the CUDA convolution pinned to its mma.sync kernel, into
@@ -23,6 +23,19 @@
 # OUTDIR receives: nvidia-smi/versions/build/... logs, junit XML of the test runs, the benchmark
 # JSON (OUTDIR/results/ and a copy in OUTDIR/), ptxas.txt (per-kernel resource usage of cnnkern._C)
 # and summary.txt. Commit the JSON under the benchmarks/results/ directory printed in the summary.
+#
+# A GPU lease of fixed length (the device tool: 15 minutes for a whole session, start included):
+#   DEADLINE_S   seconds for the whole script from its start. A step that would start with less
+#                than STEP_MIN_S (default 45) left is skipped and listed as such; each step after
+#                the build runs in its own process group and gets SIGINT (pytest then writes its
+#                junit XML and summary), then SIGTERM/SIGKILL, when its share runs out; the bench
+#                steps get `--time-limit` so that they stop by themselves and write what they
+#                measured. RESERVE_S (default 25) is kept for the summary and PACK.
+#   PACK         a path: OUTDIR packed into that one .tar.gz at the end (the device tool brings
+#                back at most 8 files).
+#   TEST_WORKERS pytest -n for the test steps (default 8 where pytest-xdist is importable, else
+#                serial); CNNKERN_NVCC_THREADS (default 3: the three GPU targets of a file at once)
+#                for the build.
 #
 # The sanitize step runs scripts/sanitize_run.py (every op forward and backward once, small CUDA
 # tensors, each GPU backend, several layouts and dtypes) under compute-sanitizer's memcheck and
@@ -42,26 +55,103 @@ cd "$root"
 PY="${PYTHON:-python3}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"  # torch would otherwise guess /usr/local (no libcudart)
 
+export CNNKERN_NVCC_THREADS="${CNNKERN_NVCC_THREADS:-3}"
+
 steps=()
 failed=0
 summary="$out/summary.txt"
 : > "$summary"
+deadline=""
+if [ -n "${DEADLINE_S:-}" ]; then
+  deadline=$((SECONDS + DEADLINE_S))
+fi
+reserve="${RESERVE_S:-25}"
+step_min="${STEP_MIN_S:-45}"
+STEP_BUDGET=""  # seconds the running step may take (empty: no limit); the bench steps read it
+
+# run_limited SECONDS CMD...: CMD in its own process group; past SECONDS it gets SIGINT, 20 s
+# later SIGTERM, 10 s after that SIGKILL. Returns CMD's status, or 124 when it was stopped.
+run_limited() {
+  local limit="$1" pid t0=$SECONDS
+  shift
+  set -m
+  "$@" &
+  pid=$!
+  set +m
+  while kill -0 "$pid" 2> /dev/null; do
+    if [ $((SECONDS - t0)) -ge "$limit" ]; then
+      echo "[gpu_validate] time share of $limit s used up: SIGINT" >&2
+      kill -INT -- "-$pid" 2> /dev/null
+      for sig in TERM KILL; do
+        local n=0
+        while kill -0 "$pid" 2> /dev/null && [ $n -lt $([ $sig = TERM ] && echo 20 || echo 10) ]; do
+          sleep 1
+          n=$((n + 1))
+        done
+        kill -0 "$pid" 2> /dev/null && kill -"$sig" -- "-$pid" 2> /dev/null
+      done
+      wait "$pid" 2> /dev/null
+      return 124
+    fi
+    sleep 1
+  done
+  wait "$pid"
+}
 
 # step NAME CMD...: run CMD with its output in OUTDIR/NAME.log; record status and duration.
+# Under DEADLINE_S the step is skipped when too little time is left, and limited to what is.
 step() {
   local name="$1"
   shift
-  local log="$out/$name.log" t0=$SECONDS rc
+  local log="$out/$name.log" t0=$SECONDS rc status
+  STEP_BUDGET="${step_cap:-}"
+  if [ -n "$deadline" ]; then
+    local left=$((deadline - SECONDS - reserve))
+    if [ -z "$STEP_BUDGET" ] || [ "$left" -lt "$STEP_BUDGET" ]; then
+      STEP_BUDGET=$left
+    fi
+    if [ "$left" -lt "$step_min" ]; then
+      steps+=("$(printf '%-12s %-7s %4ds  %s' "$name" "SKIP" 0 "not started: ${left} s left of DEADLINE_S=$DEADLINE_S")")
+      echo "[gpu_validate] $name: skipped (${left} s left of DEADLINE_S=$DEADLINE_S, less reserve)"
+      return 0
+    fi
+  fi
   printf '[gpu_validate] %-12s ... ' "$name"
-  "$@" > "$log" 2>&1
+  if [ -n "$STEP_BUDGET" ]; then
+    run_limited "$STEP_BUDGET" "$@" > "$log" 2>&1
+  else
+    "$@" > "$log" 2>&1
+  fi
   rc=$?
-  local line
-  line="$(printf '%-12s %-6s %4ds  %s' "$name" "$([ $rc -eq 0 ] && echo ok || echo FAIL:$rc)" $((SECONDS - t0)) "$log")"
-  steps+=("$line")
+  if [ $rc -eq 0 ]; then
+    status=ok
+  elif [ $rc -eq 124 ] && [ -n "$STEP_BUDGET" ]; then
+    status=TIMEOUT
+  else
+    status=FAIL:$rc
+  fi
+  steps+=("$(printf '%-12s %-7s %4ds  %s' "$name" "$status" $((SECONDS - t0)) "$log")")
   [ $rc -eq 0 ] || failed=1
-  echo "$([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc), last lines of $log:")  ($((SECONDS - t0)) s)"
+  echo "$([ $rc -eq 0 ] && echo ok || echo "$status, last lines of $log:")  ($((SECONDS - t0)) s)"
   [ $rc -eq 0 ] || tail -n 15 "$log" | sed 's/^/    /'
   return 0
+}
+
+# --time-limit for a bench step: its share less a minute for the report, plots and the timing
+# under way (nothing when there is no deadline)
+bench_limit() {
+  if [ -n "$STEP_BUDGET" ]; then
+    echo "--time-limit $((STEP_BUDGET > 120 ? STEP_BUDGET - 60 : STEP_BUDGET / 2))"
+  fi
+}
+
+# pytest -n for the test steps: TEST_WORKERS, default 8 where pytest-xdist is importable
+xdist_args() {
+  local n="${TEST_WORKERS:-}"
+  if [ -z "$n" ]; then
+    "$PY" -c "import xdist" 2> /dev/null && n=8 || n=0
+  fi
+  [ "$n" != 0 ] && [ "$n" != 1 ] && echo "-n $n"
 }
 
 versions() {
@@ -122,28 +212,40 @@ importable() {
 # fail; CI runs them on the CPU emulator of tests/cuda_emulator.py, which checks their logic but
 # not the hardware), so that a short device session learns about them before anything else.
 pytest_cuda_conv() {
-  "$PY" -m pytest -q -ra -x --junitxml="$out/pytest-cuda-conv.xml" tests/test_conv2d.py tests/test_conv_bn_relu.py \
-    -k "cuda and not triton"
+  # shellcheck disable=SC2046
+  "$PY" -m pytest -q -ra --maxfail=20 $(xdist_args) --junitxml="$out/pytest-cuda-conv.xml" tests/test_conv2d.py \
+    tests/test_conv_bn_relu.py -k "cuda and not triton"
 }
-pytest_gpu() { "$PY" -m pytest -m gpu -q -ra --junitxml="$out/pytest-gpu.xml"; }
-pytest_all() { "$PY" -m pytest -q -ra --junitxml="$out/pytest-all.xml"; }
+# shellcheck disable=SC2046
+pytest_gpu() { "$PY" -m pytest -m gpu -q -ra $(xdist_args) --junitxml="$out/pytest-gpu.xml"; }
+# shellcheck disable=SC2046
+pytest_all() { "$PY" -m pytest -q -ra $(xdist_args) --junitxml="$out/pytest-all.xml"; }
 selfcheck() { "$PY" -m cnnkern.selfcheck; }
 
+# The bench steps keep what they measured even when a provider failed (the JSON lists failures).
+# shellcheck disable=SC2046
 bench() {
-  "$PY" -m cnnkern.cli bench --out "$out/results" --no-progress || return $?
-  cp "$out"/results/*.json "$out/"
+  local rc=0
+  "$PY" -m cnnkern.cli bench --out "$out/results" --no-progress $(bench_limit) || rc=$?
+  cp "$out"/results/*.json "$out/" 2> /dev/null
+  return $rc
 }
 
+# shellcheck disable=SC2046
 bench_quick() {
-  "$PY" -m cnnkern.cli bench --quick --out "$out/results" --no-progress || return $?
-  cp "$out"/results/*.json "$out/"
+  local rc=0
+  "$PY" -m cnnkern.cli bench --quick --out "$out/results" --no-progress $(bench_limit) || rc=$?
+  cp "$out"/results/*.json "$out/" 2> /dev/null
+  return $rc
 }
-bench_graph() { "$PY" -m cnnkern.cli bench --quick --graph --out "$out/results-graph" --no-progress; }
+# shellcheck disable=SC2046
+bench_graph() { "$PY" -m cnnkern.cli bench --quick --graph --out "$out/results-graph" --no-progress $(bench_limit); }
 # the CUDA C++ convolution on its mma.sync implicit GEMM (on an H100 "auto" takes wgmma): the
 # same quick layers, to compare the two tensor-core kernels (cnnkern bench --compare)
+# shellcheck disable=SC2046
 bench_mma() {
   CNNKERN_CUDA_CONV_ALGO=igemm "$PY" -m cnnkern.cli bench --quick --ops conv2d --backends cuda --no-inductor \
-    --out "$out/results-mma" --no-progress
+    --out "$out/results-mma" --no-progress $(bench_limit)
 }
 overhead() { "$PY" scripts/gpu_overhead.py; }
 degradation() {
@@ -195,9 +297,24 @@ sanitize() {
 }
 
 selected="${STEPS:-pytest-cuda-conv pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize}"
-optional() {  # optional NAME FUNCTION: run the step if STEPS selects it
-  case " $selected " in *" $1 "*) step "$1" "$2" ;; esac
+# the function of an optional step (empty for an unknown name)
+step_fn() {
+  case "$1" in
+    pytest-cuda-conv|pytest-gpu|pytest-all|selfcheck|bench|ptxas|inspect|sanitize|overhead|bench-quick|bench-graph|\
+    bench-mma|degradation) echo "${1//-/_}" ;;
+  esac
 }
+for item in $selected; do  # fail before the build, not after it, on a misspelt step
+  name="${item%%:*}"
+  cap="${item#"$name"}"
+  cap="${cap#:}"
+  if [ -z "$(step_fn "$name")" ] || { [ -n "$cap" ] && ! [[ "$cap" =~ ^[0-9]+$ ]]; }; then
+    echo "$0: STEPS: unknown step or bad time cap '$item' (NAME or NAME:SECONDS; names: pytest-cuda-conv" \
+      "pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize overhead bench-quick bench-graph bench-mma" \
+      "degradation)" >&2
+    exit 2
+  fi
+done
 
 step nvidia-smi nvidia-smi
 step versions versions
@@ -206,19 +323,14 @@ step importable importable
 if [ "$(cat "$out/.import_mode" 2>/dev/null)" = symlinks ]; then
   export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 fi
-optional pytest-cuda-conv pytest_cuda_conv
-optional pytest-gpu pytest_gpu
-optional pytest-all pytest_all
-optional selfcheck selfcheck
-optional bench bench
-optional ptxas ptxas
-optional inspect inspect
-optional sanitize sanitize
-optional overhead overhead
-optional bench-quick bench_quick
-optional bench-graph bench_graph
-optional bench-mma bench_mma
-optional degradation degradation
+# the optional steps, in the order STEPS names them; NAME:SECONDS caps a step's time (under
+# DEADLINE_S, or alone: a cap makes the step time-limited too)
+for item in $selected; do
+  name="${item%%:*}"
+  cap="${item#"$name"}"
+  cap="${cap#:}"
+  step_cap="$cap" step "$name" "$(step_fn "$name")"
+done
 
 commit_dir="$("$PY" -c 'import os; from cnnkern.benchmarks import harness as h; print(os.path.relpath(h.default_out_dir(h.environment()), h.REPO_ROOT))' 2>/dev/null)"
 {
@@ -230,4 +342,8 @@ commit_dir="$("$PY" -c 'import os; from cnnkern.benchmarks import harness as h; 
   fi
   if [ $failed -eq 0 ]; then echo "all steps passed"; else echo "SOME STEPS FAILED"; fi
 } | tee "$summary"
+if [ -n "${PACK:-}" ]; then
+  # one archive for the device tool's few returned files (OUTDIR inside it as its base name)
+  tar -czf "$PACK" -C "$(dirname "$out")" "$(basename "$out")" && echo "packed $out into $PACK ($(du -h "$PACK" | cut -f1))"
+fi
 exit $failed

@@ -3,6 +3,7 @@ the ceiling, speedup), the JSON round trip, the text table, and residual add's b
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -176,8 +177,15 @@ def test_run_refuses_a_wrong_kernel(monkeypatch):
         pytest.skip("the CPU path of the loop")
     monkeypatch.setattr(bench_residual_add, "CASES", [bench_residual_add.Case("identity", (2, 8, 4, 4), None, True)])
     monkeypatch.setattr(bench_residual_add, "residual_add", lambda x, s, relu, backend: x + s)  # no ReLU
-    with pytest.raises(AssertionError, match="triton forward.*disagrees with the torch baseline"):
-        bench_residual_add.run(providers=["triton"], dtypes=("float32",), progress=False, device="cpu")
+    monkeypatch.setattr(harness, "time_fn", lambda fn, **kw: {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0,
+                                                              "wide_spread": False, "timer": "do_bench"})
+    recs = bench_residual_add.run(providers=["triton"], dtypes=("float32",), progress=False, device="cpu")
+    # the wrong kernel is not timed, forward or backward (ReLU's mask is missing from its gradient)
+    assert {(r.provider, r.direction) for r in recs} == {("torch", "fwd"), ("torch", "fwd+bwd")}
+    assert [(f["provider"], f["direction"], f["stage"]) for f in recs.failures] == [
+        ("triton", "fwd", "check"), ("triton", "fwd+bwd", "check")]
+    assert re.search("triton forward.*disagrees with the torch baseline", recs.failures[0]["error"])
+    assert re.search("triton grad x.*disagrees with the torch baseline", recs.failures[1]["error"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,3 +318,168 @@ def test_bench_cli_takes_graph(monkeypatch):
     monkeypatch.setattr(harness, "run_ops", lambda ops, **kw: seen.update(kw) or [])
     assert cli.main(["bench", "--graph", "--ops", "conv2d", "--no-progress"]) == 0
     assert seen["graph"] is True
+
+
+# ------------------------------------------------------------------------------------------------
+# failures and the time limit: a wrong or crashing provider, a dead device, a lease that ends
+# ------------------------------------------------------------------------------------------------
+def test_verify_and_measure_record_failures_instead_of_raising(monkeypatch):
+    recs = harness.new_records()
+    common = dict(op="conv2d", case="resnet50 conv1", shape="s", dtype="bfloat16", layout="NHWC", direction="fwd")
+
+    def wrong():
+        raise harness.WrongResult("cuda fwd differs from cuDNN by 5.0e-01")
+
+    assert harness.verify(recs, "cuda", lambda: None, **common) is True
+    assert harness.verify(recs, "cuda", wrong, **common) is False
+
+    def boom(fn, **kw):
+        raise RuntimeError("CUDA error: too many resources requested for launch")
+
+    monkeypatch.setattr(harness, "time_fn", boom)
+    assert harness.measure(recs, lambda: None, provider="triton", warmup_ms=1, rep_ms=1, **common) is False
+    assert list(recs) == []
+    assert [(f["provider"], f["stage"]) for f in recs.failures] == [("cuda", "check"), ("triton", "timing")]
+    assert recs.failures[0]["error"] == "WrongResult: cuda fwd differs from cuDNN by 5.0e-01"
+    assert recs.failures[1]["case"] == "resnet50 conv1" and "too many resources" in recs.failures[1]["error"]
+    monkeypatch.setattr(harness, "time_fn", lambda fn, **kw: {"median_ms": 2.0, "p20_ms": 1.9, "p80_ms": 2.1,
+                                                              "wide_spread": False, "timer": "do_bench"})
+    assert harness.measure(recs, lambda: None, provider="triton", warmup_ms=1, rep_ms=1, flops=10, **common)
+    (r,) = recs
+    assert (r.provider, r.median_ms, r.flops, r.direction) == ("triton", 2.0, 10, "fwd")
+
+
+def _fake_suite(monkeypatch, tmp_path, run):
+    """run_ops on CPU over a fake op module ``fake`` (its ``run``) and ``fake2`` after it (four
+    timings), with fake environment, ceilings and timer (each timing 10 s of a fake clock)."""
+    import sys
+    import types
+
+    for name, fn in (("fake_bench", run), ("fake_bench2", _fake_run(4, "fake2"))):
+        mod = types.ModuleType(name)
+        mod.run = fn
+        mod.count = lambda **kw: 4
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(harness, "OPS", {"fake": "fake_bench", "fake2": "fake_bench2"})
+    monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(harness, "environment", lambda: {"gpu_name": "Fake GPU", "sm_count": 1,
+                                                        "compute_capability": "9.0", "torch": "t", "triton": "t",
+                                                        "cuda": "c", "cudnn": 1, "commit": "abc",
+                                                        "timestamp_utc": "2026-12-01T00:00:00Z",
+                                                        "extension_loaded": False})
+    monkeypatch.setattr(harness.torch.backends.cudnn, "benchmark", False)  # run_ops sets it
+    monkeypatch.setattr(harness, "measure_ceilings", lambda: {"copy_GBps": 1000.0, "bf16_matmul_TFLOPs": 500.0})
+    monkeypatch.setattr(harness, "suite_providers", lambda op, backends, inductor: ["torch", "triton"])
+    clock = [0.0]
+    monkeypatch.setattr(harness, "_clock", lambda: clock[0])
+
+    def fake_time(fn, **kw):
+        clock[0] += 10.0  # every timing takes 10 s of the fake clock
+        return {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "wide_spread": False, "timer": "do_bench"}
+
+    monkeypatch.setattr(harness, "time_fn", fake_time)
+    return lambda **kw: harness.run_ops(["fake", "fake2"], out_dir=str(tmp_path), progress=False,
+                                        echo=lambda *a: None, **kw)
+
+
+def _fake_run(n=4, op="fake"):
+    def run(providers=None, **kw):
+        recs = harness.new_records()
+        for i in range(n):
+            harness.measure(recs, lambda: None, provider=providers[i % len(providers)], warmup_ms=1, rep_ms=1,
+                            op=op, case=f"case {i // 2}", shape="s", dtype="bfloat16", layout="NHWC",
+                            direction="fwd", flops=1)
+        return recs
+    return run
+
+
+def test_run_ops_time_limit_writes_what_it_measured_and_stops(monkeypatch, tmp_path):
+    suite = _fake_suite(monkeypatch, tmp_path, _fake_run())
+    with pytest.raises(ValueError, match="time_limit"):
+        suite(time_limit=0)
+    paths = suite(time_limit=25)  # timings start at t=0, 10, 20; the fourth (t=30) does not
+    assert [os.path.basename(p) for p in paths] == ["fake.json"]  # fake2 after it: not run
+    data = json.load(open(paths[0]))
+    assert len(data["results"]) == 3 and data["failures"] == []
+    assert data["stopped"].startswith("time limit: 25 s passed") and "not run: fake2" in data["stopped"]
+    status = harness.run_status(paths)
+    assert status["stops"] == [f"fake: {data['stopped']}"] and not status["device_fault"] and status["failures"] == 0
+    assert harness._DEADLINE is None  # nothing left behind for the next run
+
+
+def test_run_ops_device_fault_stops_the_suite(monkeypatch, tmp_path):
+    def run(providers=None, **kw):
+        recs = harness.new_records()
+        common = dict(op="fake", case="c", shape="s", dtype="bfloat16", layout="NHWC", direction="fwd")
+        harness.measure(recs, lambda: None, provider="torch", warmup_ms=1, rep_ms=1, **common)
+        harness.verify(recs, "triton", lambda: 1 / 0, **common)
+        raise AssertionError("not reached: the device fault ends the module")
+
+    suite = _fake_suite(monkeypatch, tmp_path, run)
+    monkeypatch.setattr(harness, "_device_usable", lambda: False)
+    paths = suite()
+    data = json.load(open(paths[0]))
+    assert [r["provider"] for r in data["results"]] == ["torch"]
+    assert data["failures"][0]["error"] == "ZeroDivisionError: division by zero"
+    assert data["stopped"].startswith("device fault: the CUDA context is unusable after triton failed on c")
+    assert len(paths) == 1 and harness.run_status(paths)["device_fault"]
+
+
+def test_report_lists_failures_and_early_stops(monkeypatch, tmp_path):
+    from cnnkern.benchmarks import report
+
+    def run(providers=None, **kw):
+        recs = _fake_run(2)(providers)
+        harness.verify(recs, "triton", lambda: (_ for _ in ()).throw(harness.WrongResult("off by 10%")),
+                       op="fake", case="case 1", shape="s", dtype="bfloat16", layout="NHWC", direction="fwd")
+        return recs
+
+    paths = _fake_suite(monkeypatch, tmp_path, run)(time_limit=35)
+    assert len(paths) == 2  # fake: 2 timings (t=0, 10); fake2 times at t=20, 30 and stops at t=40
+    assert len(json.load(open(paths[1]))["results"]) == 2
+    page = report.build_markdown(report.load(str(tmp_path)), [])
+    assert "**fake2 stopped early**: time limit: 35 s passed" in page
+    assert "**1 provider failure(s)**" in page
+    assert "| fake | case 1 | bf16 | NHWC | fwd | triton | check | WrongResult: off by 10% |" in page
+
+
+def test_bench_cli_time_limit_and_failure_exit_status(monkeypatch, tmp_path):
+    from cnnkern import cli
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    path = tmp_path / "conv2d.json"
+
+    def fake_run_ops(ops, **kw):
+        seen.update(kw)
+        path.write_text(json.dumps({"op": "conv2d", "results": [], "failures": failures, "stopped": None}))
+        return [str(path)]
+
+    monkeypatch.setattr(harness, "run_ops", fake_run_ops)
+    monkeypatch.setattr("cnnkern.benchmarks.report.build", lambda d: [str(tmp_path / "report.md")])
+    failures = []
+    assert cli.main(["bench", "--ops", "conv2d", "--time-limit", "120", "--no-progress"]) == 0
+    assert seen["time_limit"] == 120.0
+    failures = [{"provider": "cuda", "stage": "check", "error": "WrongResult: x"}]
+    assert cli.main(["bench", "--ops", "conv2d", "--no-progress"]) == 1
+    assert cli.main(["bench", "--time-limit", "-1"]) == 2
+
+
+def test_lrn_loop_checks_times_and_records_a_wrong_kernel(monkeypatch):
+    from cnnkern.benchmarks import bench_local_response_norm as lrn
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path of the loop")
+    monkeypatch.setattr(lrn, "CASES", [lrn.Case("tiny", (2, 8, 3, 3), False), lrn.Case("tiny", (2, 8, 3, 3), True)])
+    def fake_time(fn, **kw):
+        fn()
+        return {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "wide_spread": False, "timer": "do_bench"}
+
+    monkeypatch.setattr(harness, "time_fn", fake_time)
+    recs = lrn.run(providers=["triton"], dtypes=("float32",), progress=False, device="cpu")
+    assert len(recs) == 2 * 2 * 2 and not recs.failures  # layouts x directions x (torch, triton)
+    real = lrn.local_response_norm
+    monkeypatch.setattr(lrn, "local_response_norm", lambda x, *a, **k: real(x, *a, **k) * 1.01)
+    recs = lrn.run(providers=["triton"], dtypes=("float32",), progress=False, device="cpu")
+    assert {r.provider for r in recs} == {"torch"} and len(recs.failures) == 4
+    assert all("disagrees with the torch baseline" in f["error"] for f in recs.failures)

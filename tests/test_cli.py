@@ -86,12 +86,13 @@ def test_bench_options_reach_the_suite(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(harness, "run_ops", lambda ops, **kw: seen.update(kw, ops=ops) or ["/r/x/conv2d.json"])
     monkeypatch.setattr(report, "build", lambda d: seen.setdefault("report", d) and [f"{d}/report.md"])
+    monkeypatch.setattr(harness, "run_status", lambda paths: {"failures": 0, "stops": [], "device_fault": False})
     assert cli.main(["bench", "--ops", "conv2d,models", "--nets", "resnet50,vgg16", "--dtypes", "bfloat16",
                      "--batch", "1,32", "--backends", "triton", "--no-inductor", "--quick", "--out", "/r/x",
                      "--no-progress"]) == 0
     assert seen == dict(ops=["conv2d", "models"], nets=["resnet50", "vgg16"], dtypes=["bfloat16"], batches=[1, 32],
                         backends=["triton"], inductor=False, quick=True, out_dir="/r/x", progress=False,
-                        graph=False, report="/r/x")
+                        graph=False, time_limit=None, report="/r/x")
     assert "report: /r/x/report.md" in capsys.readouterr().out
     seen.clear()
     assert cli.main(["bench"]) == 0
