@@ -1,0 +1,103 @@
+"""scripts/gpu_validate.sh and scripts/gpu_lease.sh without a GPU: their step logic (order, time
+caps, the deadline, skipping, stopping a step in its own process group, packing) with a stub in
+place of Python that stands for the slow commands. What the steps measure needs a GPU."""
+
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VALIDATE = os.path.join(ROOT, "scripts", "gpu_validate.sh")
+LEASE = os.path.join(ROOT, "scripts", "gpu_lease.sh")
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="bash scripts")
+
+
+@pytest.fixture
+def stub(tmp_path):
+    """A PYTHON for the scripts: pytest sleeps until SIGINT (then exits 2, as pytest does when
+    interrupted), the build and pip succeed at once, the bench prints its arguments; everything
+    else (the scripts' small probes) runs on the real interpreter."""
+    path = tmp_path / "python"
+    path.write_text(textwrap.dedent(f"""\
+        #!/usr/bin/env bash
+        case "$*" in
+          *"-m pytest"*) echo "stub pytest $*"; trap 'echo "stub pytest: SIGINT"; exit 2' INT; sleep 60 & wait ;;
+          *setup.py*) echo "stub build"; exit 0 ;;
+          *"pip install"*) exit 0 ;;
+          *"cnnkern.cli bench"*) echo "stub bench $*"; exit 0 ;;
+          *) exec {sys.executable} "$@" ;;
+        esac
+        """))
+    path.chmod(0o755)
+    return str(path)
+
+
+def _run(script, args, stub, **env):
+    full = dict(os.environ, PYTHON=stub, TEST_WORKERS="0", **env)
+    return subprocess.run(["bash", script, *args], capture_output=True, text=True, env=full, timeout=120, cwd=ROOT)
+
+
+def _summary(out_dir):
+    lines = open(os.path.join(out_dir, "summary.txt")).read().splitlines()
+    return {ln.split()[0]: ln.split()[1] for ln in lines[1:] if ln.startswith("  ")}
+
+
+def test_steps_run_in_the_order_given_with_time_caps(stub, tmp_path):
+    out = str(tmp_path / "out")
+    archive = str(tmp_path / "all.tgz")
+    r = _run(VALIDATE, [out], stub, STEPS="bench-quick pytest-cuda-conv:3 bench-mma", PACK=archive)
+    assert r.returncode == 1, r.stdout + r.stderr  # pytest-cuda-conv was stopped: a failure
+    status = _summary(out)
+    assert status["build"] == "ok" and status["importable"] == "ok"
+    assert (status["bench-quick"], status["pytest-cuda-conv"], status["bench-mma"]) == ("ok", "TIMEOUT", "ok")
+    order = [ln.split()[0] for ln in open(os.path.join(out, "summary.txt")).read().splitlines()[1:]
+             if ln.startswith("  ")]
+    assert order[-3:] == ["bench-quick", "pytest-cuda-conv", "bench-mma"]
+    log = open(os.path.join(out, "pytest-cuda-conv.log")).read()
+    assert "stub pytest: SIGINT" in log and "time share of 3 s used up" in log  # pytest got to write its XML
+    assert "--time-limit" not in open(os.path.join(out, "bench-quick.log")).read()  # no cap, no deadline
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert "out/summary.txt" in names and "out/pytest-cuda-conv.log" in names
+
+
+def test_the_deadline_shortens_a_cap_and_the_bench_stops_in_time(stub, tmp_path):
+    out = str(tmp_path / "out")
+    r = _run(VALIDATE, [out], stub, DEADLINE_S="100", RESERVE_S="2", STEPS="bench-quick:150")
+    assert _summary(out)["bench-quick"] == "ok", r.stdout + r.stderr
+    args = open(os.path.join(out, "bench-quick.log")).read().split()
+    limit = int(args[args.index("--time-limit") + 1])
+    # its share is what is left of the deadline after the first steps (under 98 s), not its cap
+    # of 150; under two minutes the bench gets half of its share, above, the share less a minute
+    assert 30 <= limit <= 49
+
+
+def test_a_step_past_the_deadline_is_skipped_and_listed(stub, tmp_path):
+    out = str(tmp_path / "out")
+    r = _run(VALIDATE, [out], stub, DEADLINE_S="5", RESERVE_S="1", STEP_MIN_S="60", STEPS="bench-quick")
+    assert _summary(out)["bench-quick"] == "SKIP"
+    assert "bench-quick: skipped" in r.stdout
+
+
+def test_a_misspelt_step_fails_before_the_build(stub, tmp_path):
+    for steps in ("pytest-gpu bench-qick", "pytest-gpu:soon"):
+        r = _run(VALIDATE, [str(tmp_path / "out")], stub, STEPS=steps)
+        assert r.returncode == 2 and "unknown step or bad time cap" in r.stderr
+        assert not os.path.exists(tmp_path / "out" / "build.log")
+
+
+def test_lease_script_packs_one_archive(stub, tmp_path):
+    r = _run(LEASE, [], stub)
+    assert r.returncode == 2 and "usage" in r.stderr
+    archive = tmp_path / "lease.tgz"
+    r = _run(LEASE, [str(archive)], stub, DEADLINE_S="60", RESERVE_S="2", STEPS="bench-quick pytest-cuda-conv:2",
+             CNNKERN_GIT_COMMIT="abc1234")
+    assert archive.exists(), r.stdout + r.stderr
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert "gpu_validate/summary.txt" in names and "gpu_validate/bench-quick.log" in names
