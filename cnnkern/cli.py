@@ -190,7 +190,12 @@ def _show_latest(harness, ops: list[str]) -> None:
         path, data = found
         print(f"{op}: latest GPU results, {_shown(harness, path)}")
         print(f"  {harness.describe_run(data)}")
-        print(harness.format_table(data["results"]))
+        if data.get("stopped"):
+            print(f"  stopped early: {data['stopped']}")
+        print(harness.format_table(data["results"]) if data["results"] else "  (no timings)")
+        for f in data.get("failures") or []:
+            print(f"  FAILED, not timed: {f.get('provider')} ({f.get('stage')}) on {f.get('case')} {f.get('dtype')} "
+                  f"{f.get('direction')}: {f.get('error')}")
     from cnnkern.benchmarks import report
 
     page = report.latest_report(harness.RESULTS_DIR)

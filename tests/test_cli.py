@@ -69,7 +69,10 @@ def test_bench_shows_the_latest_committed_results(tmp_path, monkeypatch, capsys)
     recs = [harness.Result(op="residual_add", case="large", shape="64x256x64x64", dtype="bfloat16", layout="NCHW",
                            provider=p, direction="fwd", median_ms=t, p20_ms=t, p80_ms=t, bytes=3 << 27)
             for p, t in (("torch", 0.2), ("triton", 0.14))]
-    harness.write_results(harness.finalize(recs, ceilings), env, ceilings, str(tmp_path / "h100-2025-03-04"))
+    failure = {"op": "residual_add", "case": "large", "dtype": "bfloat16", "direction": "fwd+bwd", "provider": "cuda",
+               "stage": "check", "error": "WrongResult: grad x disagrees"}
+    harness.write_results(harness.finalize(recs, ceilings), env, ceilings, str(tmp_path / "h100-2025-03-04"),
+                          failures=[failure], stopped="time limit: 60 s passed after 61 s")
     monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
     monkeypatch.setattr(cli, "_selfcheck", lambda ops: 0)  # covered by the tests above
     assert cli.main(["bench"]) == 0
@@ -77,6 +80,8 @@ def test_bench_shows_the_latest_committed_results(tmp_path, monkeypatch, capsys)
     assert "residual_add: latest GPU results" in out
     assert "NVIDIA H100 80GB HBM3" in out and "2025-03-04T05:06:07Z" in out and "commit 0123abc" in out
     assert re.search(r"large .* triton .* 1\.43x", out)
+    assert "stopped early: time limit: 60 s passed" in out
+    assert "FAILED, not timed: cuda (check) on large bfloat16 fwd+bwd: WrongResult: grad x disagrees" in out
 
 
 def test_bench_options_reach_the_suite(monkeypatch, capsys):
