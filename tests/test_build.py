@@ -223,3 +223,27 @@ def test_tensor_core_weight_gradient_kernels(arch):
         assert ops.get("LDSM.16.MT88.4", 0) == 8, (name, ops)
         assert any(k.startswith("LDGSTS") for k in ops), (name, ops)
     assert found == 2, found  # fp16, bf16
+
+
+@needs_ext
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_wgmma_weight_gradient_kernels(arch):
+    """The wgmma grad-weight (conv2d_wgrad_wgmma.cu) per 64-pixel step: four m64n64k16 wgmma of the
+    dtype's kind per warpgroup, both operands transposed (M-major A, N-major B), after a
+    warpgroup arrive, waited for with a dependency barrier, from a cp.async pipeline fenced into
+    the async proxy; no mma.sync, no ldmatrix. Empty on sm_80."""
+    found = 0
+    for name, ops in _inspect.sass_opcodes(_inspect.extension_path(), arch).items():
+        if "wgrad_wgmma_kernel" not in name:
+            continue
+        found += 1
+        if arch == "sm_80":
+            assert not any(k.startswith(("HGMMA", "HMMA", "LDGSTS")) for k in ops), (name, ops)
+            continue
+        kind = "F32.BF16" if "BFloat16" in name else "F32"
+        assert {k: v for k, v in ops.items() if k.startswith(("HGMMA", "HMMA"))} == {f"HGMMA.64x64x16.{kind}": 4}, \
+            (name, ops)
+        assert not any(k.startswith("LDSM") for k in ops), (name, ops)
+        assert ops.get("WARPGROUP.ARRIVE", 0) >= 1 and ops.get("WARPGROUP.DEPBAR.LE", 0) >= 2, (name, ops)
+        assert ops.get("FENCE.VIEW.ASYNC.S", 0) >= 1 and any(k.startswith("LDGSTS") for k in ops), (name, ops)
+    assert found == 2, found  # fp16, bf16

@@ -404,6 +404,13 @@ def test_gpu_cuda_pinned_kernel_refuses_what_it_cannot_run():
     if not _wgmma_here(torch.float16):
         with pytest.raises(RuntimeError, match="algo='wgmma' needs a compute capability 9.0 GPU"):
             _raw_cuda(x.half(), w.half(), None, kw, relu=False, algo="wgmma")
+    # the grad-weight kernel: the same names, the same refusals
+    y = torch.empty(xs[0], k, xs[2], xs[3], device=DEVICE).contiguous(memory_format=torch.channels_last)
+    args = (y, x, torch.empty_like(w), torch.empty(0, device=DEVICE), [stride] * 2, [pad] * 2, [dil] * 2, groups)
+    with pytest.raises(RuntimeError, match="algo must be 'auto', 'direct', 'igemm' or 'wgmma', got 'fast'"):
+        cuda_ops().conv2d_backward_weight_cuda(*args, "fast")
+    with pytest.raises(RuntimeError, match="algo='igemm' \\(the tensor-core grad-weight\\) needs fp16/bf16"):
+        cuda_ops().conv2d_backward_weight_cuda(*args, "igemm")  # fp32
 
 
 @pytest.mark.gpu
@@ -453,6 +460,7 @@ WGRAD_TC_LAYERS = {
     "dilated": ((1, 16, 10, 10), 8, 3, 1, 2, 2, 1),
     "groups2": ((2, 32, 6, 6), 16, 3, 2, 1, 1, 2),            # 16 in, 8 out per group
     "first_big": ((1, 8, 33, 33), 16, 7, 2, 3, 1, 1),         # many pixels per split
+    "long_split": ((2, 8, 40, 40), 8, 3, 1, 1, 1, 1),         # 400 pixels a split: every stage refilled
 }
 
 
@@ -460,11 +468,15 @@ WGRAD_TC_LAYERS = {
 @pytest.mark.emulated
 @pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
                     reason="needs CUDA and cnnkern._C")
+@pytest.mark.parametrize("algo", ["auto", "igemm", "wgmma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layer", list(WGRAD_TC_LAYERS))
-def test_gpu_cuda_tensor_core_weight_grad(layer, dtype):
-    """channels_last fp16/bf16 grad-weight runs on the tensor-core kernel; NCHW on the SIMT one.
-    Both against float64, into NaN-poisoned outputs."""
+def test_gpu_cuda_tensor_core_weight_grad(layer, dtype, algo):
+    """channels_last fp16/bf16 grad-weight runs on a tensor-core kernel (pinned: mma.sync, wgmma;
+    "auto": wgmma on sm_90), NCHW on the SIMT one. Both against float64, into NaN-poisoned
+    outputs."""
+    if algo == "wgmma" and not _wgmma_here(dtype):
+        pytest.skip("wgmma: fp16/bf16 on a compute capability 9.0 GPU (or the emulator) only")
     xs, k, ks, stride, pad, dil, groups = WGRAD_TC_LAYERS[layer]
     w_shape = (k, xs[1] // groups, ks, ks)
     for layout in ("channels_last", "contiguous"):
@@ -474,7 +486,11 @@ def test_gpu_cuda_tensor_core_weight_grad(layer, dtype):
         g = make(tuple(shape), dtype, DEVICE, layout)
         gw = torch.full(w_shape, float("nan"), dtype=dtype, device=DEVICE)
         gb = torch.full((k,), float("nan"), dtype=dtype, device=DEVICE)
-        cuda_ops().conv2d_backward_weight_cuda(g, x, gw, gb, stride2, pad2, dil2, groups)
+        if layout == "contiguous" and algo != "auto":  # a pinned tensor-core kernel refuses NCHW
+            with pytest.raises(RuntimeError, match=f"algo='{algo}' \\(the tensor-core grad-weight\\) needs"):
+                cuda_ops().conv2d_backward_weight_cuda(g, x, gw, gb, stride2, pad2, dil2, groups, algo)
+            continue
+        cuda_ops().conv2d_backward_weight_cuda(g, x, gw, gb, stride2, pad2, dil2, groups, algo)
         ref = torch.nn.grad.conv2d_weight(x.double(), w_shape, g.double(), stride, pad, dil, groups)
         assert_rel_close(gw, ref, dtype, f"grad weight ({layout})", matmul=True)
         assert_rel_close(gb, g.double().sum((0, 2, 3)), dtype, f"grad bias ({layout})", matmul=True)

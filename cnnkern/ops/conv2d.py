@@ -48,9 +48,9 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"cnnkern::conv2d: no {backend!r} kernel (backends: 'triton', 'cuda')")
 
 
-# The CUDA C++ kernel choice for forward and grad-input: "auto" (the tensor-core implicit GEMM
-# where it applies, on wgmma on a compute capability 9.0 GPU and on mma.sync elsewhere, else the
-# direct kernel); the GPU tests pin "direct", "igemm" (mma.sync) and "wgmma" through the raw ops.
+# The CUDA C++ kernel choice for forward, grad-input and grad-weight: "auto" (the tensor cores
+# where they apply, on wgmma on a compute capability 9.0 GPU and on mma.sync elsewhere, else the
+# SIMT kernels); the GPU tests pin "direct", "igemm" (mma.sync) and "wgmma" through the raw ops.
 # CNNKERN_CUDA_CONV_ALGO pins one for a whole process (benchmarks: mma.sync against wgmma on the
 # same GPU); a pinned kernel that cannot run a layer is an error, not a fallback.
 CUDA_ALGOS = ("auto", "direct", "igemm", "wgmma")
@@ -110,7 +110,7 @@ def conv2d_backward_weight(grad: torch.Tensor, x: torch.Tensor, weight_size: lis
     gw = new_output(weight_size, grad, channels_last)
     gb = new_output([weight_size[0] if bias else 0], grad, False)
     if backend == "cuda":
-        cuda_ops().conv2d_backward_weight_cuda(grad, x, gw, gb, stride, padding[:2], dilation, groups)
+        cuda_ops().conv2d_backward_weight_cuda(grad, x, gw, gb, stride, padding[:2], dilation, groups, CUDA_ALGO)
     else:
         _kernels().conv2d_backward_weight(grad, x, gw, gb if bias else None, stride, padding[:2], dilation, groups,
                                           precision)

@@ -331,12 +331,16 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
 // ------------------------------------------------------------------------------------------------
 // grad-weight (+ grad-bias when grad_bias has elements)
 // ------------------------------------------------------------------------------------------------
-// The grad-weight partials: on tensor cores where the host found the inputs eligible (16-bit types
-// only), else on the SIMT kernel.
+// The grad-weight partials: on the tensor cores (wgmma or mma.sync) where the host chose them
+// (16-bit types only), else on the SIMT kernel.
 template <typename T, typename A>
-void run_wgrad(const WgradParams<T, A>& p, bool tensor_cores, cudaStream_t stream) {
+void run_wgrad(const WgradParams<T, A>& p, Algo kernel, cudaStream_t stream) {
   if constexpr (std::is_same_v<A, float> && (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>)) {
-    if (tensor_cores) {
+    if (kernel == Algo::Wgmma) {
+      conv::launch_wgrad_wgmma<T>(p, stream);
+      return;
+    }
+    if (kernel == Algo::Igemm) {
       conv::launch_wgrad_igemm<T>(p, stream);
       return;
     }
@@ -344,10 +348,35 @@ void run_wgrad(const WgradParams<T, A>& p, bool tensor_cores, cudaStream_t strea
   conv::launch_wgrad<T, A>(p, stream);
 }
 
+// The grad-weight kernel: the tensor cores take fp16/bf16 inputs whose channels are contiguous,
+// every pixel (and group) starting on 16 bytes, with channels per group multiples of 8; "auto"
+// takes wgmma there on an sm_90 GPU (with the sm_90a build), mma.sync on others, and the SIMT
+// kernel for everything else; "direct", "igemm" and "wgmma" pin one and are errors where it does
+// not apply.
+Algo choose_wgrad(const char* op, const std::string& algo, bool eligible) {
+  TORCH_CHECK(algo == "auto" || algo == "direct" || algo == "igemm" || algo == "wgmma", "cnnkern ", op,
+              ": algo must be 'auto', 'direct', 'igemm' or 'wgmma', got '", algo, "'");
+  if (algo == "direct") return Algo::Direct;
+  if (algo != "auto") {
+    TORCH_CHECK(eligible, "cnnkern ", op, ": algo='", algo, "' (the tensor-core grad-weight) needs fp16/bf16 inputs ",
+                "with contiguous channels (channels_last), 16-byte aligned pixels and channels per group multiples ",
+                "of 8");
+  }
+  if (algo == "wgmma") {
+    TORCH_CHECK(conv::wgmma_available(), "cnnkern ", op, ": algo='wgmma' needs a compute capability 9.0 GPU and ",
+                "cnnkern._C built with sm_90a code");
+    return Algo::Wgmma;
+  }
+  if (!eligible) return Algo::Direct;
+  if (algo == "auto" && conv::wgmma_available()) return Algo::Wgmma;
+  return Algo::Igemm;
+}
+
 void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& gw,
                                  const at::Tensor& gb, at::IntArrayRef stride, at::IntArrayRef padding,
-                                 at::IntArrayRef dilation, int64_t groups) {
+                                 at::IntArrayRef dilation, int64_t groups, c10::string_view algo_sv) {
   const char* op = "conv2d_backward_weight (cuda)";
+  const std::string algo(algo_sv.data(), algo_sv.size());
   CNNKERN_CHECK_CUDA(grad, "grad_output");
   check_same(op, grad, x, "input");
   check_same(op, grad, gw, "grad_weight");
@@ -379,10 +408,15 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
       return t.stride(1) == 1 && aligned16(t.const_data_ptr()) && t.stride(0) % 8 == 0 && t.stride(2) % 8 == 0 &&
              t.stride(3) % 8 == 0;
     };
-    const bool tensor_cores = (grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16) &&
-                              g.Kg % 8 == 0 && g.Cg % 8 == 0 && pixels_aligned(grad) && pixels_aligned(x);
-    const int64_t tm = tensor_cores ? conv::wgrad_igemm_tile_rows() : 64;
-    const int64_t tn = tensor_cores ? conv::wgrad_igemm_tile_cols() : 64;
+    const bool eligible = (grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16) &&
+                          g.Kg % 8 == 0 && g.Cg % 8 == 0 && pixels_aligned(grad) && pixels_aligned(x);
+    const Algo kernel = choose_wgrad(op, algo, eligible);
+    const int64_t tm = kernel == Algo::Wgmma   ? conv::wgrad_wgmma_tile_rows()
+                       : kernel == Algo::Igemm ? conv::wgrad_igemm_tile_rows()
+                                               : 64;
+    const int64_t tn = kernel == Algo::Wgmma   ? conv::wgrad_wgmma_tile_cols()
+                       : kernel == Algo::Igemm ? conv::wgrad_igemm_tile_cols()
+                                               : 64;
     // splits: enough blocks for ~2 waves, at least 256 pixels per split
     const int64_t tiles = ((g.Kg + tm - 1) / tm) * ((J + tn - 1) / tn) * g.G;
     int64_t splits = std::max<int64_t>(1, std::min<int64_t>((2 * sms + tiles - 1) / tiles, (L + 255) / 256));
@@ -410,7 +444,7 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
     p.L = L;
     p.chunk = chunk;
     p.splits = static_cast<int>(splits);
-    run_wgrad<scalar_t, A>(p, tensor_cores, stream);
+    run_wgrad<scalar_t, A>(p, kernel, stream);
     conv::launch_wgrad_reduce<scalar_t, A>(p.part, p.splits, p.G, p.K, p.C, p.R, p.S, gw.mutable_data_ptr<scalar_t>(),
                                            gw.stride(0), gw.stride(1), gw.stride(2), gw.stride(3), stream);
     if (want_bias) {

@@ -14,6 +14,7 @@
 //                      reduction, no atomics)
 //   conv2d_wgrad_igemm.cu  grad-weight on tensor cores (fp16/bf16, channels_last): the same
 //                      split-K partials from mma.sync, finished by the same reduction
+//   conv2d_wgrad_wgmma.cu  the same tensor-core grad-weight on wgmma (sm_90a only)
 //
 // Index arithmetic: every offset into a tensor is int64; a GEMM row index (an output pixel
 // n*P*Q + p*Q + q) is int32 and the host refuses inputs where it would not fit.
@@ -124,6 +125,11 @@ template <typename T>
 void launch_wgrad_igemm(const WgradParams<T, float>& p, cudaStream_t stream);
 int wgrad_igemm_tile_rows();
 int wgrad_igemm_tile_cols();
+// The same on wgmma (conv2d_wgrad_wgmma.cu; the same inputs; only where wgmma_available()).
+template <typename T>
+void launch_wgrad_wgmma(const WgradParams<T, float>& p, cudaStream_t stream);
+int wgrad_wgmma_tile_rows();
+int wgrad_wgmma_tile_cols();
 
 // out(g, o, c, r, s) at gw + (g*K + o)*wk + c*wc + r*wr + s*ws  <-  sum over splits, in order
 template <typename T, typename A>

@@ -168,10 +168,12 @@ __device__ __forceinline__ void fence_operands(float (&d)[N]) {
   CNNKERN_WGMMA_R32 ", " \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-// One m64nNk16 wgmma of element type TY ("f16" or "bf16"): registers REGS, descriptors %A and %B.
-#define CNNKERN_WGMMA(N, TY, REGS, A, B, OUTS)                                                     \
+// One m64nNk16 wgmma of element type TY ("f16" or "bf16"): registers REGS, descriptors %A and %B;
+// D accumulates (scale-d 1), A and B unscaled (1, 1), TNSP the two transpose immediates: "0, 0"
+// for K-major operands, "1, 1" for an M-major A and an N-major B.
+#define CNNKERN_WGMMA(N, TY, REGS, A, B, OUTS, TNSP)                                               \
   asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " {" REGS "}, %" #A ", %" #B \
-               ", 1, 1, 1, 0, 0;\n"                                                                  \
+               ", 1, 1, 1, " TNSP ";\n"                                                              \
                : OUTS                                                                               \
                : "l"(desc_a), "l"(desc_b))
 
@@ -179,9 +181,9 @@ template <bool BF16>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
 #if CNNKERN_WGMMA_ASM
   if constexpr (BF16) {
-    CNNKERN_WGMMA(128, "bf16", CNNKERN_WGMMA_R64, 64, 65, CNNKERN_WGMMA_D64);
+    CNNKERN_WGMMA(128, "bf16", CNNKERN_WGMMA_R64, 64, 65, CNNKERN_WGMMA_D64, "0, 0");
   } else {
-    CNNKERN_WGMMA(128, "f16", CNNKERN_WGMMA_R64, 64, 65, CNNKERN_WGMMA_D64);
+    CNNKERN_WGMMA(128, "f16", CNNKERN_WGMMA_R64, 64, 65, CNNKERN_WGMMA_D64, "0, 0");
   }
 #else
   no_wgmma();
@@ -191,9 +193,24 @@ template <bool BF16>
 __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
 #if CNNKERN_WGMMA_ASM
   if constexpr (BF16) {
-    CNNKERN_WGMMA(64, "bf16", CNNKERN_WGMMA_R32, 32, 33, CNNKERN_WGMMA_D32);
+    CNNKERN_WGMMA(64, "bf16", CNNKERN_WGMMA_R32, 32, 33, CNNKERN_WGMMA_D32, "0, 0");
   } else {
-    CNNKERN_WGMMA(64, "f16", CNNKERN_WGMMA_R32, 32, 33, CNNKERN_WGMMA_D32);
+    CNNKERN_WGMMA(64, "f16", CNNKERN_WGMMA_R32, 32, 33, CNNKERN_WGMMA_D32, "0, 0");
+  }
+#else
+  no_wgmma();
+#endif
+}
+
+// D (64 x 64) += A * B with A M-major (64 rows of M contiguous per k) and B N-major (64 columns
+// of N contiguous per k): the layout of a reduction over rows of pixels (the grad-weight GEMM).
+template <bool BF16>
+__device__ __forceinline__ void wgmma_m64n64k16_mn(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
+#if CNNKERN_WGMMA_ASM
+  if constexpr (BF16) {
+    CNNKERN_WGMMA(64, "bf16", CNNKERN_WGMMA_R32, 32, 33, CNNKERN_WGMMA_D32, "1, 1");
+  } else {
+    CNNKERN_WGMMA(64, "f16", CNNKERN_WGMMA_R32, 32, 33, CNNKERN_WGMMA_D32, "1, 1");
   }
 #else
   no_wgmma();

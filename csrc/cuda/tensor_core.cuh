@@ -100,6 +100,17 @@ __device__ __forceinline__ uint64_t wgmma_desc_k128(uint32_t addr) {
          (uint64_t{1} << 62);
 }
 
+// The descriptor of an MN-major operand in the same 128-byte swizzle, one atom wide: each of the
+// k16 step's 16 rows (one per k) holds 64 consecutive M (or N) elements, 8 rows to a 1024-byte
+// atom, the step's two atoms 1024 bytes apart. The PTX ISA names the atom strides along K and
+// along MN by the two offset fields, and its texts can be read either way round for MN-major
+// operands; with a single atom along MN only the K stride is ever used, and both fields carry it
+// (1024 bytes), so both readings address the same bytes.
+__device__ __forceinline__ uint64_t wgmma_desc_mn128(uint32_t addr) {
+  return (static_cast<uint64_t>(addr & 0x3FFFF) >> 4) | (uint64_t{1024 >> 4} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
 // `load(step, stage)` issues this thread's cp.async copies of k-step `step` into shared buffer
 // `stage`; `compute(stage)` consumes buffer `stage`. LAG: how many steps the math may still be
 // reading after compute() returns (0 for mma.sync, which has read its operands into registers;

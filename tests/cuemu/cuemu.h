@@ -203,6 +203,7 @@ struct WarpScratch {
     uint64_t desc_a, desc_b;
     int n;            // N of m64nNk16
     bool bf16;
+    bool mn;          // M-major A and N-major B (both transpose immediates set), else both K-major
     bool done;        // already computed (eager mode)
     float* d[32];     // each lane's accumulator registers (N / 2 floats)
   };

@@ -244,17 +244,47 @@ inline float wgmma_operand(uint64_t desc, int row, int k, bool bf16) {
   return half_bits(h, 0, bf16);
 }
 
+// Element (mn, k) of an MN-major operand (a transpose immediate set) in the 128-byte swizzle: row
+// k of an atom holds 64 consecutive M (or N) elements, element mn at 2*mn bytes into it, 8 rows
+// (k % 8) of 128 bytes to an atom, atoms along K one offset field apart, the same swizzle XOR.
+// Which offset field is the stride along K and which along MN is where readings of the PTX ISA
+// differ for MN-major operands; the kernels avoid the question (one atom along MN, both fields
+// equal: tensor_core.cuh, wgmma_desc_mn128), and anything else is an error here rather than
+// one reading emulated as if it were the hardware's.
+inline float wgmma_operand_mn(uint64_t desc, int mn, int k, bool bf16) {
+  auto& b = *::cuemu::g_block;
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  const int base_offset = static_cast<int>((desc >> 49) & 7), mode = static_cast<int>(desc >> 62);
+  TORCH_CHECK(mode == 1 && base_offset == 0, "cuemu: wgmma descriptor with swizzle mode ", mode, " and base offset ",
+              base_offset, ": only the 128-byte swizzle with base offset 0 is emulated");
+  TORCH_CHECK(mn < 64 && lbo == sbo, "cuemu: an MN-major wgmma operand more than one 128-byte atom (64 elements) ",
+              "wide, or with different leading and stride byte offsets (", lbo, ", ", sbo, "), is not emulated: ",
+              "the two readings of the PTX ISA's offsets disagree there");
+  const uint32_t addr = start + static_cast<uint32_t>(k / 8) * sbo + static_cast<uint32_t>(k % 8) * 128 +
+                        static_cast<uint32_t>(mn) * 2;
+  const uint32_t phys = addr ^ (((addr >> 7) & 7) << 4);
+  const unsigned char* at = smem_at(phys & ~15u, 16, "wgmma operand") + (phys & 15u);
+  TORCH_CHECK(!b.generic[(phys - kSharedBase) / 16], "cuemu: wgmma reads shared address ", phys,
+              ", written by cp.async without a fence.proxy.async of its writer (generic proxy data)");
+  uint16_t h;
+  std::memcpy(&h, at, 2);
+  return half_bits(h, 0, bf16);
+}
+
 // One warp's share of a wgmma m64nNk16: rows 16w..16w+15 (w = warp % 4) of D += A * B^T with A
-// 64 x 16 and B N x 16 (both K-major), exact products summed in double, one rounding to f32.
-// Lane l, register 4j + e: row 16w + l/4 + 8*(e >= 2), column 8j + 2*(l%4) + (e & 1).
+// 64 x 16 and B N x 16 (K-major, or MN-major when op.mn), exact products summed in double, one
+// rounding to f32. Lane l, register 4j + e: row 16w + l/4 + 8*(e >= 2), column 8j + 2*(l%4) + (e & 1).
 inline void wgmma_compute(const ::cuemu::WarpScratch::Wgmma& op, int warp) {
   const int w = warp % 4;
   float A[16][16];
   std::vector<float> B(static_cast<size_t>(op.n) * 16);
+  auto operand = op.mn ? wgmma_operand_mn : wgmma_operand;
   for (int r = 0; r < 16; ++r)
-    for (int k = 0; k < 16; ++k) A[r][k] = wgmma_operand(op.desc_a, 16 * w + r, k, op.bf16);
+    for (int k = 0; k < 16; ++k) A[r][k] = operand(op.desc_a, 16 * w + r, k, op.bf16);
   for (int c = 0; c < op.n; ++c)
-    for (int k = 0; k < 16; ++k) B[c * 16 + k] = wgmma_operand(op.desc_b, c, k, op.bf16);
+    for (int k = 0; k < 16; ++k) B[c * 16 + k] = operand(op.desc_b, c, k, op.bf16);
   for (int l = 0; l < 32; ++l) {
     for (int reg = 0; reg < op.n / 2; ++reg) {
       const int j = reg / 4, e = reg % 4;
@@ -271,7 +301,7 @@ inline void wgmma_compute(const ::cuemu::WarpScratch::Wgmma& op, int warp) {
 // operation and, in eager mode, computes it at once; in late mode (CUEMU_WGMMA=late) it is
 // computed at the wgmma.wait_group that covers it, reading the shared memory as it is then.
 template <int N>
-inline void wgmma_issue(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool bf16) {
+inline void wgmma_issue(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool bf16, bool mn = false) {
   auto& blk = *::cuemu::g_block;
   auto& me = ::cuemu::self();
   float* mine = d;
@@ -283,7 +313,7 @@ inline void wgmma_issue(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, boo
   if (ws.arrived++ == 0) {
     TORCH_CHECK(ws.wgmma_fenced, "cuemu: warp ", me.warp, ": wgmma.mma_async before any wgmma.fence");
     ::cuemu::g_stats.wgmma += 1;
-    ::cuemu::WarpScratch::Wgmma op{desc_a, desc_b, N, bf16, false, {}};
+    ::cuemu::WarpScratch::Wgmma op{desc_a, desc_b, N, bf16, mn, false, {}};
     const int base = me.warp * 32;
     for (int l = 0; l < 32; ++l) {
       const auto& slot = blk.threads[base + l].slot;
@@ -335,6 +365,10 @@ inline void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
 template <bool BF16>
 inline void wgmma_m64n64k16(float (&d)[32], uint64_t a, uint64_t b) {
   wgmma_issue<64>(d, a, b, BF16);
+}
+template <bool BF16>
+inline void wgmma_m64n64k16_mn(float (&d)[32], uint64_t a, uint64_t b) {
+  wgmma_issue<64>(d, a, b, BF16, true);
 }
 
 }  // namespace ptx
