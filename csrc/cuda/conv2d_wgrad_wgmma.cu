@@ -7,9 +7,9 @@
 // contiguous), which wgmma reads as they are: an M-major A and an N-major B (its transpose
 // immediates set). A stage holds BK = 64 pixels; per pixel one 128-byte row of A (64 o) and two of
 // B (64 j each, one per warpgroup), each row's eight 16-byte chunks in the 128-byte swizzle (chunk
-// c of row l at chunk c ^ (l % 8)), 8 rows to a 1024-byte, 1024-aligned atom. A k16 step reads two
-// atoms of each operand, 2048 bytes apart per step; every operand is one atom (64 elements) wide
-// in M or N (tensor_core.cuh: wgmma_desc_mn128).
+// c of row l at chunk c ^ (l % 8)), 8 rows to a 1024-aligned atom of 1024 bytes; a k16 step
+// reads two atoms of each operand, 2048 bytes apart per step; every operand is one atom (64
+// elements) wide in M or N (tensor_core.cuh: wgmma_desc_mn128).
 //
 // The block: two warpgroups on a 64 x 128 tile (warpgroup w: all 64 rows, columns 64w..64w+63;
 // one m64n64k16 per k16 step), 4 stages of 24 KiB in the LAG = 1 cp.async pipeline of the wgmma
