@@ -22,6 +22,7 @@
 #include <c10/util/Half.h>
 
 #include "conv2d.h"
+#include "conv2d_wgrad_gather.cuh"
 #include "ptx.cuh"
 #include "tensor_core.cuh"
 
@@ -51,48 +52,23 @@ __global__ void __launch_bounds__(kThreads) wgrad_igemm_kernel(const WgradParams
   const int g = blockIdx.z % p.G, split = blockIdx.z / p.G;
   const int64_t l_begin = static_cast<int64_t>(split) * p.chunk;
   const int64_t l_end = l_begin + p.chunk < p.L ? l_begin + p.chunk : p.L;
-  const int PQ = p.P * p.Q;
 
   // Copy roles. A: one chunk per thread (row t / 8, chunk t % 8). B: two chunks per thread
   // (rows t / 16 and t / 16 + 16, chunk t % 16), whose tap and channel are fixed for the block.
   const int a_row = t / A_CHUNKS, a_chunk = t % A_CHUNKS;
   const int a_o = o0 + a_chunk * 8;
-  const bool a_ok = a_o < p.K;  // K % 8 == 0: a chunk is all in or all out
-  const T* a_src = p.gy + static_cast<int64_t>(g) * p.K + (a_ok ? a_o : 0);
   const int b_row = t / B_CHUNKS, b_chunk = t % B_CHUNKS;
-  const int b_j = j0 + b_chunk * 8;
-  const bool b_jok = b_j < J;
-  const int b_rs = b_jok ? b_j / p.C : 0, b_c = b_jok ? b_j % p.C : 0;  // C % 8 == 0: one tap per chunk
-  const int b_r = b_rs / p.S, b_s = b_rs % p.S;
-  const T* b_src = p.x + static_cast<int64_t>(g) * p.C + b_c;
+  const WgradGather<T> gather(p, g, a_o, j0 + b_chunk * 8);
 
   auto load_stage = [&](int step, int stage) {
     const int64_t l0 = l_begin + static_cast<int64_t>(step) * BK;
-    {
-      const int64_t l = l0 + a_row;
-      const bool ok = a_ok && l < l_end;
-      const T* src = a_src;
-      if (ok) {
-        const int n = static_cast<int>(l / PQ), rem = static_cast<int>(l % PQ);
-        src += static_cast<int64_t>(n) * p.gn + static_cast<int64_t>(rem / p.Q) * p.gh +
-               static_cast<int64_t>(rem % p.Q) * p.gw_;
-      }
-      ptx::cp_async16(ptx::smem_u32(sA + stage * STAGE_A + swz(a_row, a_chunk, A_CHUNKS)), src, ok ? 16 : 0);
-    }
+    const T* src;
+    bool ok = gather.a(p, l0 + a_row, l_end, src);
+    ptx::cp_async16(ptx::smem_u32(sA + stage * STAGE_A + swz(a_row, a_chunk, A_CHUNKS)), src, ok ? 16 : 0);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int row = b_row + 16 * i;
-      const int64_t l = l0 + row;
-      bool ok = b_jok && l < l_end;
-      const T* src = b_src;
-      if (ok) {
-        const int n = static_cast<int>(l / PQ), rem = static_cast<int>(l % PQ);
-        const int h = (rem / p.Q) * p.sh - p.ph + b_r * p.dh, w = (rem % p.Q) * p.sw - p.pw + b_s * p.dw;
-        ok = h >= 0 && h < p.H && w >= 0 && w < p.W;
-        if (ok) {
-          src += static_cast<int64_t>(n) * p.xn + static_cast<int64_t>(h) * p.xh + static_cast<int64_t>(w) * p.xw;
-        }
-      }
+      ok = gather.b(p, l0 + row, l_end, src);
       ptx::cp_async16(ptx::smem_u32(sB + stage * STAGE_B + swz(row, b_chunk, B_CHUNKS)), src, ok ? 16 : 0);
     }
   };
@@ -133,7 +109,6 @@ __global__ void __launch_bounds__(kThreads) wgrad_igemm_kernel(const WgradParams
   // Epilogue: fragment element e of acc[i][j] is row gid (+8 for e >= 2), column 2*tig + (e & 1);
   // partial tile in the SIMT kernel's layout, part[split][g][o][c*R*S + r*S + s].
   const int gid = lane / 4, tig = lane % 4;
-  float* part = p.part + (static_cast<int64_t>(split) * p.G + g) * p.K * J;
 #pragma unroll
   for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -145,9 +120,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_igemm_kernel(const WgradParams
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int jj = j0 + wn * WTN + j * 8 + 2 * tig + e;
-          if (jj >= J) continue;
-          const int rs = jj / p.C, c = jj % p.C;
-          part[static_cast<int64_t>(o) * J + c * RS + rs] = acc[i][j][2 * h + e];
+          if (jj < J) p.part[wgrad_partial_at(p, split, g, o, jj)] = acc[i][j][2 * h + e];
         }
     }
 }

@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "conv2d.h"
+#include "conv2d_wgrad_gather.cuh"
 #include "ptx.cuh"
 #include "tensor_core.cuh"
 
@@ -53,52 +54,28 @@ __global__ void __launch_bounds__(kThreads) wgrad_wgmma_kernel(const WgradParams
   const int g = blockIdx.z % p.G, split = blockIdx.z / p.G;
   const int64_t l_begin = static_cast<int64_t>(split) * p.chunk;
   const int64_t l_end = l_begin + p.chunk < p.L ? l_begin + p.chunk : p.L;
-  const int PQ = p.P * p.Q;
 
   // Copy roles. A: chunk t % 8 of rows t / 8 and t / 8 + 32. B: chunk t % 16 (half (t % 16) / 8)
   // of rows t / 16 + 16 i; that chunk's tap and channel are fixed for the block.
   const int a_chunk = t % 8, a_row = t / 8;
-  const int a_o = o0 + a_chunk * 8;
-  const bool a_ok = a_o < p.K;  // K % 8 == 0: a chunk is all in or all out
-  const T* a_src = p.gy + static_cast<int64_t>(g) * p.K + (a_ok ? a_o : 0);
-  const int b_chunk = t % 16, b_row = t / 16, b_half = b_chunk / 8;
-  const int b_j = j0 + b_chunk * 8;
-  const bool b_jok = b_j < J;
-  const int b_rs = b_jok ? b_j / p.C : 0, b_c = b_jok ? b_j % p.C : 0;  // C % 8 == 0: one tap per chunk
-  const int b_r = b_rs / p.S, b_s = b_rs % p.S;
-  const T* b_src = p.x + static_cast<int64_t>(g) * p.C + b_c;
-  const uint32_t b_base = STAGE_A + b_half * BK * ROW;
+  const int b_chunk = t % 16, b_row = t / 16;
+  const WgradGather<T> gather(p, g, o0 + a_chunk * 8, j0 + b_chunk * 8);
+  const uint32_t b_base = STAGE_A + (b_chunk / 8) * BK * ROW;
 
   auto load_stage = [&](int step, int stage) {
     const int64_t l0 = l_begin + static_cast<int64_t>(step) * BK;
     const uint32_t dst = s0 + stage * STAGE;
+    const T* src;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int row = a_row + 32 * i;
-      const int64_t l = l0 + row;
-      const bool ok = a_ok && l < l_end;
-      const T* src = a_src;
-      if (ok) {
-        const int n = static_cast<int>(l / PQ), rem = static_cast<int>(l % PQ);
-        src += static_cast<int64_t>(n) * p.gn + static_cast<int64_t>(rem / p.Q) * p.gh +
-               static_cast<int64_t>(rem % p.Q) * p.gw_;
-      }
+      const bool ok = gather.a(p, l0 + row, l_end, src);
       ptx::cp_async16(dst + wgmma_swz128(row, a_chunk), src, ok ? 16 : 0);
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int row = b_row + 16 * i;
-      const int64_t l = l0 + row;
-      bool ok = b_jok && l < l_end;
-      const T* src = b_src;
-      if (ok) {
-        const int n = static_cast<int>(l / PQ), rem = static_cast<int>(l % PQ);
-        const int h = (rem / p.Q) * p.sh - p.ph + b_r * p.dh, w = (rem % p.Q) * p.sw - p.pw + b_s * p.dw;
-        ok = h >= 0 && h < p.H && w >= 0 && w < p.W;
-        if (ok) {
-          src += static_cast<int64_t>(n) * p.xn + static_cast<int64_t>(h) * p.xh + static_cast<int64_t>(w) * p.xw;
-        }
-      }
+      const bool ok = gather.b(p, l0 + row, l_end, src);
       ptx::cp_async16(dst + b_base + wgmma_swz128(row, b_chunk % 8), src, ok ? 16 : 0);
     }
   };
@@ -126,7 +103,6 @@ __global__ void __launch_bounds__(kThreads) wgrad_wgmma_kernel(const WgradParams
   // 64 wg + 8 j + 2 (lane % 4) + (e & 1); the partial tile in the SIMT kernel's layout,
   // part[split][g][o][c*R*S + r*S + s].
   const int gid = lane / 4, tig = lane % 4;
-  float* part = p.part + (static_cast<int64_t>(split) * p.G + g) * p.K * J;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int o = o0 + 16 * (warp % 4) + gid + 8 * h;
@@ -136,9 +112,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_wgmma_kernel(const WgradParams
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int jj = j0 + 64 * wg + 8 * j + 2 * tig + e;
-        if (jj >= J) continue;
-        const int rs = jj / p.C, c = jj % p.C;
-        part[static_cast<int64_t>(o) * J + c * RS + rs] = acc[0][j][2 * h + e];
+        if (jj < J) p.part[wgrad_partial_at(p, split, g, o, jj)] = acc[0][j][2 * h + e];
       }
   }
 }

@@ -221,27 +221,43 @@ inline void fence_proxy_async() {
 template <int N>
 inline void fence_operands(float (&)[N]) {}
 
+// The 16-bit element at logical shared address `addr` of a 128-byte-swizzled operand: the 16-byte
+// chunk address bits 4-6 XORed with bits 7-9; cp.async data must have been fenced into the async
+// proxy by its writer.
+inline float wgmma_read(uint32_t addr, bool bf16) {
+  const uint32_t phys = addr ^ (((addr >> 7) & 7) << 4);
+  const unsigned char* at = smem_at(phys & ~15u, 16, "wgmma operand") + (phys & 15u);
+  TORCH_CHECK(!::cuemu::g_block->generic[(phys - kSharedBase) / 16], "cuemu: wgmma reads shared address ", phys,
+              ", written by cp.async without a fence.proxy.async of its writer (generic proxy data)");
+  uint16_t h;
+  std::memcpy(&h, at, 2);
+  return half_bits(h, 0, bf16);
+}
+
+// A matrix descriptor's start address, leading and stride byte offsets; the 128-byte swizzle with
+// base offset 0 is the only mode the kernels use, and anything else is an error.
+struct WgmmaDesc {
+  uint32_t start, lbo, sbo;
+};
+inline WgmmaDesc wgmma_decode(uint64_t desc) {
+  const int base_offset = static_cast<int>((desc >> 49) & 7), mode = static_cast<int>(desc >> 62);
+  TORCH_CHECK(mode == 1 && base_offset == 0, "cuemu: wgmma descriptor with swizzle mode ", mode, " and base offset ",
+              base_offset, ": only the 128-byte swizzle with base offset 0 is emulated");
+  return {static_cast<uint32_t>(desc & 0x3FFF) << 4, static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4,
+          static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4};
+}
+
 // Element (row, k) of a K-major operand described by `desc`: in the 128-byte swizzle (the only
 // mode the kernels use; anything else is an error), row r lies at start + (r / 8) * SBO +
 // (r % 8) * 128 bytes, element k at 2k bytes into it, and the 16-byte chunk address bits 4-6 are
 // XORed with bits 7-9 of the shared address (so the atoms must be 1024-aligned for chunk c of row
 // r to sit at chunk c ^ (r % 8)).
 inline float wgmma_operand(uint64_t desc, int row, int k, bool bf16) {
-  auto& b = *::cuemu::g_block;
-  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
-  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
-  const int base_offset = static_cast<int>((desc >> 49) & 7), mode = static_cast<int>(desc >> 62);
-  TORCH_CHECK(mode == 1 && base_offset == 0, "cuemu: wgmma descriptor with swizzle mode ", mode, " and base offset ",
-              base_offset, ": only the 128-byte swizzle with base offset 0 is emulated");
+  const auto [start, lbo, sbo] = wgmma_decode(desc);
+  (void)lbo;  // a k16 step of a K-major operand lies in one 128-byte row
   const uint32_t addr = start + static_cast<uint32_t>(row / 8) * sbo + static_cast<uint32_t>(row % 8) * 128 +
                         static_cast<uint32_t>(k) * 2;
-  const uint32_t phys = addr ^ (((addr >> 7) & 7) << 4);
-  const unsigned char* at = smem_at(phys & ~15u, 16, "wgmma operand") + (phys & 15u);
-  TORCH_CHECK(!b.generic[(phys - kSharedBase) / 16], "cuemu: wgmma reads shared address ", phys,
-              ", written by cp.async without a fence.proxy.async of its writer (generic proxy data)");
-  uint16_t h;
-  std::memcpy(&h, at, 2);
-  return half_bits(h, 0, bf16);
+  return wgmma_read(addr, bf16);
 }
 
 // Element (mn, k) of an MN-major operand (a transpose immediate set) in the 128-byte swizzle: row
@@ -252,25 +268,13 @@ inline float wgmma_operand(uint64_t desc, int row, int k, bool bf16) {
 // equal: tensor_core.cuh, wgmma_desc_mn128), and anything else is an error here rather than
 // one reading emulated as if it were the hardware's.
 inline float wgmma_operand_mn(uint64_t desc, int mn, int k, bool bf16) {
-  auto& b = *::cuemu::g_block;
-  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
-  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
-  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
-  const int base_offset = static_cast<int>((desc >> 49) & 7), mode = static_cast<int>(desc >> 62);
-  TORCH_CHECK(mode == 1 && base_offset == 0, "cuemu: wgmma descriptor with swizzle mode ", mode, " and base offset ",
-              base_offset, ": only the 128-byte swizzle with base offset 0 is emulated");
+  const auto [start, lbo, sbo] = wgmma_decode(desc);
   TORCH_CHECK(mn < 64 && lbo == sbo, "cuemu: an MN-major wgmma operand more than one 128-byte atom (64 elements) ",
               "wide, or with different leading and stride byte offsets (", lbo, ", ", sbo, "), is not emulated: ",
               "the two readings of the PTX ISA's offsets disagree there");
   const uint32_t addr = start + static_cast<uint32_t>(k / 8) * sbo + static_cast<uint32_t>(k % 8) * 128 +
                         static_cast<uint32_t>(mn) * 2;
-  const uint32_t phys = addr ^ (((addr >> 7) & 7) << 4);
-  const unsigned char* at = smem_at(phys & ~15u, 16, "wgmma operand") + (phys & 15u);
-  TORCH_CHECK(!b.generic[(phys - kSharedBase) / 16], "cuemu: wgmma reads shared address ", phys,
-              ", written by cp.async without a fence.proxy.async of its writer (generic proxy data)");
-  uint16_t h;
-  std::memcpy(&h, at, 2);
-  return half_bits(h, 0, bf16);
+  return wgmma_read(addr, bf16);
 }
 
 // One warp's share of a wgmma m64nNk16: rows 16w..16w+15 (w = warp % 4) of D += A * B^T with A
