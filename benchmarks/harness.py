@@ -400,14 +400,19 @@ def _device_usable() -> bool:
         return False
 
 
+def describe_failure(f: dict) -> str:
+    """One line for a ``failures`` entry: provider (stage) on case dtype direction: error."""
+    return (f"{f.get('provider')} ({f.get('stage')}) on {f.get('case')} {f.get('dtype')} {f.get('direction')}: "
+            f"{f.get('error')}")
+
+
 def _record_failure(records: Records, stage: str, provider: str, exc: BaseException, fields: dict) -> None:
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     text = text if len(text) <= 600 else text[:597] + "..."
     failure = {**{k: fields[k] for k in _FAILURE_FIELDS if k in fields}, "provider": provider, "stage": stage,
                "error": text}
     records.failures.append(failure)
-    print(f"\n!! {provider} failed ({stage}) on {fields.get('case')} {fields.get('dtype', '')} "
-          f"{fields.get('direction', '')}: {text}", file=sys.stderr, flush=True)
+    print(f"\n!! FAILED, not timed: {describe_failure(failure)}", file=sys.stderr, flush=True)
     if not _device_usable():
         raise DeviceFault(f"the CUDA context is unusable after {provider} failed on {fields.get('case')}: "
                           f"{text}") from exc
@@ -780,21 +785,18 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
             stopped = None
             try:
                 got = module.run(progress=progress, **{k: v for k, v in kwargs.items() if k != "progress"})
-            except TimeLimitReached:
+            except (TimeLimitReached, DeviceFault) as exc:
                 got = _CURRENT if _CURRENT is not None else Records()
+                later = ", ".join(o for o, _, _ in plan[n + 1:]) or "nothing"
                 stopped = (f"time limit: {time_limit:g} s passed after {_clock() - t0:.0f} s, during this op "
-                           f"({len(got)} timings); not run: {', '.join(o for o, _, _ in plan[n + 1:]) or 'nothing'}")
-            except DeviceFault as exc:
-                got = _CURRENT if _CURRENT is not None else Records()
-                stopped = (f"device fault: {exc}; not run: the rest of this op and "
-                           f"{', '.join(o for o, _, _ in plan[n + 1:]) or 'nothing else'}")
+                           f"({len(got)} timings); not run: {later}" if isinstance(exc, TimeLimitReached) else
+                           f"device fault: {exc}; not run: the rest of this op and {later}")
             failures = list(getattr(got, "failures", []))
             records = finalize(list(got), ceilings)
             echo(f"\n{op}")
             echo(format_table(records) if records else "(no timings)")
             for f in failures:
-                echo(f"  FAILED {f['provider']} {f['stage']}: {f.get('case')} {f.get('dtype')} {f.get('direction')}: "
-                     f"{f['error']}")
+                echo(f"  FAILED, not timed: {describe_failure(f)}")
             path = write_results(records, env, ceilings, out_dir, op=op, failures=failures, stopped=stopped)
             echo(f"wrote {path}")
             paths.append(path)

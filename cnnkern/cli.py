@@ -194,8 +194,7 @@ def _show_latest(harness, ops: list[str]) -> None:
             print(f"  stopped early: {data['stopped']}")
         print(harness.format_table(data["results"]) if data["results"] else "  (no timings)")
         for f in data.get("failures") or []:
-            print(f"  FAILED, not timed: {f.get('provider')} ({f.get('stage')}) on {f.get('case')} {f.get('dtype')} "
-                  f"{f.get('direction')}: {f.get('error')}")
+            print(f"  FAILED, not timed: {harness.describe_failure(f)}")
     from cnnkern.benchmarks import report
 
     page = report.latest_report(harness.RESULTS_DIR)

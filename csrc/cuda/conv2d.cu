@@ -100,10 +100,20 @@ constexpr bool kTensorCore = std::is_same_v<T, at::Half> || std::is_same_v<T, at
 // (mma.sync) and "wgmma" pin one kernel and are errors where it does not apply.
 enum class Algo { Direct, Igemm, Wgmma };
 
-template <typename T>
-Algo choose_algo(const char* op, const std::string& algo, bool tf32, int64_t reduced_channels, int64_t rows) {
+void check_algo_name(const char* op, const std::string& algo) {
   TORCH_CHECK(algo == "auto" || algo == "direct" || algo == "igemm" || algo == "wgmma", "cnnkern ", op,
               ": algo must be 'auto', 'direct', 'igemm' or 'wgmma', got '", algo, "'");
+}
+
+// algo='wgmma' pinned: an error unless the wgmma kernels can run here
+void require_wgmma(const char* op) {
+  TORCH_CHECK(conv::wgmma_available(), "cnnkern ", op, ": algo='wgmma' needs a compute capability 9.0 GPU and ",
+              "cnnkern._C built with sm_90a code");
+}
+
+template <typename T>
+Algo choose_algo(const char* op, const std::string& algo, bool tf32, int64_t reduced_channels, int64_t rows) {
+  check_algo_name(op, algo);
   if (algo == "direct") return Algo::Direct;
   const int64_t chunk = 16 / static_cast<int64_t>(sizeof(T));
   const bool dtype_ok = kTensorCore<T> && (!std::is_same_v<T, float> || tf32);
@@ -116,8 +126,7 @@ Algo choose_algo(const char* op, const std::string& algo, bool tf32, int64_t red
   }
   if (algo == "wgmma") {
     TORCH_CHECK(half, "cnnkern ", op, ": algo='wgmma' takes fp16/bf16 only");
-    TORCH_CHECK(conv::wgmma_available(), "cnnkern ", op, ": algo='wgmma' needs a compute capability 9.0 GPU and ",
-                "cnnkern._C built with sm_90a code");
+    require_wgmma(op);
     return Algo::Wgmma;
   }
   if (!fits) return Algo::Direct;
@@ -354,8 +363,7 @@ void run_wgrad(const WgradParams<T, A>& p, Algo kernel, cudaStream_t stream) {
 // kernel for everything else; "direct", "igemm" and "wgmma" pin one and are errors where it does
 // not apply.
 Algo choose_wgrad(const char* op, const std::string& algo, bool eligible) {
-  TORCH_CHECK(algo == "auto" || algo == "direct" || algo == "igemm" || algo == "wgmma", "cnnkern ", op,
-              ": algo must be 'auto', 'direct', 'igemm' or 'wgmma', got '", algo, "'");
+  check_algo_name(op, algo);
   if (algo == "direct") return Algo::Direct;
   if (algo != "auto") {
     TORCH_CHECK(eligible, "cnnkern ", op, ": algo='", algo, "' (the tensor-core grad-weight) needs fp16/bf16 inputs ",
@@ -363,8 +371,7 @@ Algo choose_wgrad(const char* op, const std::string& algo, bool eligible) {
                 "of 8");
   }
   if (algo == "wgmma") {
-    TORCH_CHECK(conv::wgmma_available(), "cnnkern ", op, ": algo='wgmma' needs a compute capability 9.0 GPU and ",
-                "cnnkern._C built with sm_90a code");
+    require_wgmma(op);
     return Algo::Wgmma;
   }
   if (!eligible) return Algo::Direct;
