@@ -13,6 +13,7 @@ versions, TF32 settings, commit) and the ceilings, so a committed file says what
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -25,6 +26,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -358,7 +360,11 @@ class TimeLimitReached(Exception):
 
 class DeviceFault(RuntimeError):
     """After a provider's error the CUDA context is unusable (e.g. an illegal address): nothing
-    after it can run in this process."""
+    after it can run in this process. ``provider``: the one whose error it followed."""
+
+    def __init__(self, message: str, provider: str | None = None):
+        super().__init__(message)
+        self.provider = provider
 
 
 class Records(list):
@@ -375,6 +381,38 @@ _CURRENT: Records | None = None   # the running module's records (kept when it s
 _DEADLINE: float | None = None    # time.monotonic() after which no check or timing starts
 _FAILURE_FIELDS = ("op", "case", "shape", "dtype", "layout", "direction")
 _clock = time.monotonic           # the time limit's clock (tests replace it)
+# a run resumed after a device fault (run_ops run_id=): the running op's timings made before the
+# fault, by (provider, *_FAILURE_FIELDS), reused instead of timed again; and the providers that
+# faulted the device in this op, not run again in it
+_PRIOR: dict[tuple, Result] = {}
+_SKIP: frozenset[str] = frozenset()
+
+
+def _ident(provider: str, fields: dict) -> tuple:
+    return (provider, *(fields.get(k) for k in _FAILURE_FIELDS))
+
+
+# the hang watchdog (run_ops watchdog=True, in the worker process of `cnnkern bench`): a check or
+# timing that has not returned after hang_limit(provider) seconds is taken for a hung kernel
+HANG_S = 180.0           # a kernel check or timing: far more than any case takes, first compilation included
+HANG_COMPILE_S = 1800.0  # a provider that compiles with max-autotune inside its check (Inductor)
+HANG_EXIT = 3            # the worker's exit status after the watchdog saved a hung op
+_ACTIVE: tuple[str, str, dict, float] | None = None  # (provider, stage, fields, start) under way
+
+
+def hang_limit(provider: str) -> float:
+    """Seconds a check or timing of ``provider`` may take before the watchdog calls it hung."""
+    return HANG_COMPILE_S if provider == INDUCTOR else HANG_S
+
+
+@contextlib.contextmanager
+def _active(provider: str, stage: str, fields: dict):
+    global _ACTIVE
+    _ACTIVE = (provider, stage, fields, _clock())
+    try:
+        yield
+    finally:
+        _ACTIVE = None
 
 
 def new_records() -> Records:
@@ -415,7 +453,7 @@ def _record_failure(records: Records, stage: str, provider: str, exc: BaseExcept
     print(f"\n!! FAILED, not timed: {describe_failure(failure)}", file=sys.stderr, flush=True)
     if not _device_usable():
         raise DeviceFault(f"the CUDA context is unusable after {provider} failed on {fields.get('case')}: "
-                          f"{text}") from exc
+                          f"{text}", provider) from exc
 
 
 def verify(records: Records, provider: str, check, **fields) -> bool:
@@ -423,10 +461,18 @@ def verify(records: Records, provider: str, check, **fields) -> bool:
     :class:`WrongResult`, when the provider's output is wrong). On any error the failure is
     recorded in ``records.failures`` and False returned: the caller does not time that provider
     on that case. Raises :class:`TimeLimitReached` past the time limit, and :class:`DeviceFault`
-    when the error left the CUDA context unusable."""
+    when the error left the CUDA context unusable. In a resumed run a check that passed before
+    the fault is not run again (True), and a provider that faulted the device in this op is not
+    run at all (False; its failure is already recorded)."""
+    key = _ident(provider, fields)
+    if key in _PRIOR:
+        return True
+    if provider in _SKIP:
+        return False
     _check_deadline()
     try:
-        check()
+        with _active(provider, "check", fields):
+            check()
         return True
     except Exception as exc:  # noqa: BLE001 - recorded, reported, and the suite goes on
         _record_failure(records, "check", provider, exc, fields)
@@ -438,10 +484,16 @@ def measure(records: Records, fn, *, provider: str, warmup_ms: float, rep_ms: fl
     """Time ``fn`` (:func:`time_fn`) and append its :class:`Result` (``provider`` and ``fields``)
     to ``records``; True when it did. An error while timing is recorded as a failure instead
     (False). Raises :class:`TimeLimitReached` past the time limit (before timing), and
-    :class:`DeviceFault` as :func:`verify` does."""
+    :class:`DeviceFault` as :func:`verify` does. In a resumed run a timing made before the fault
+    is reused, not repeated."""
+    prior = _PRIOR.get(_ident(provider, fields))
+    if prior is not None:
+        records.append(prior)
+        return True
     _check_deadline()
     try:
-        t = time_fn(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, cudagraph=cudagraph, grad_to_none=grad_to_none)
+        with _active(provider, "timing", fields):
+            t = time_fn(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, cudagraph=cudagraph, grad_to_none=grad_to_none)
     except Exception as exc:  # noqa: BLE001 - recorded, reported, and the suite goes on
         _record_failure(records, "timing", provider, exc, fields)
         return False
@@ -464,7 +516,8 @@ def default_out_dir(env: dict) -> str:
 
 
 def write_results(records: list[Result], env: dict, ceilings: dict | None, out_dir: str | None = None, *,
-                  op: str | None = None, failures: list[dict] | None = None, stopped: str | None = None) -> str:
+                  op: str | None = None, failures: list[dict] | None = None, stopped: str | None = None,
+                  faulted: list[str] | None = None, resumed: list[str] | None = None) -> str:
     """Write one op's records, with ``env`` and ``ceilings``, to ``<out_dir>/<op>.json``.
 
     Args:
@@ -474,6 +527,9 @@ def write_results(records: list[Result], env: dict, ceilings: dict | None, out_d
         op: the op's name (needed only when ``records`` is empty).
         failures: :class:`Records` ``failures`` (providers that failed a check or a timing).
         stopped: why the op's run ended before its last case (time limit, device fault).
+        faulted: the providers after whose error the CUDA context was unusable (a resumed run
+            leaves them out of this op). resumed: the ``stopped`` reasons of the earlier
+            processes of this op, each followed by a resumed run (:func:`run_ops` ``run_id``).
 
     Returns:
         The path written.
@@ -487,7 +543,7 @@ def write_results(records: list[Result], env: dict, ceilings: dict | None, out_d
     path = os.path.join(out_dir, f"{op}.json")
     data = {"schema": SCHEMA, "op": op, "env": env, "ceilings": ceilings,
             "results": [dataclasses.asdict(r) for r in records], "failures": list(failures or []),
-            "stopped": stopped}
+            "stopped": stopped, "faulted": list(faulted or []), "resumed": list(resumed or [])}
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
@@ -722,9 +778,88 @@ def suite_plan(ops=None, *, dtypes=None, quick: bool = False, backends=None, ind
     return plan
 
 
+def _resumed_state(out_dir: str, run_id: str, op: str) -> dict | None:
+    """The JSON an earlier process of run ``run_id`` wrote for ``op`` in ``out_dir``, or None (a
+    file of another run, however recent, is not this run's)."""
+    try:
+        with open(os.path.join(out_dir, f"{op}.json")) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and (data.get("env") or {}).get("run_id") == run_id else None
+
+
+def new_run_id() -> str:
+    """An id for one ``cnnkern bench`` run (the time and this process), kept in every JSON of it."""
+    return f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}-{os.getpid()}"
+
+
+class _OpRun:
+    """One op's run in this process: what an earlier process of the run left of it, and how its
+    JSON is written (by run_ops, or by the hang watchdog while the main thread is stuck)."""
+
+    def __init__(self, op: str, before: dict | None, later: list[str], env: dict, ceilings: dict,
+                 out_dir: str | None):
+        before = before or {}
+        self.op, self.later, self.env, self.ceilings, self.out_dir = op, later, env, ceilings, out_dir
+        self.prior = {_ident(r["provider"], r): _as_result(r) for r in before.get("results", [])}
+        self.faulted = list(before.get("faulted", []))
+        self.failures = list(before.get("failures", []))
+        self.resumed = list(before.get("resumed", [])) + ([before["stopped"]] if before.get("stopped") else [])
+
+    def fault(self, provider: str | None, what: str) -> str:
+        """The ``stopped`` reason of a device fault after ``provider``; it is left out on resume."""
+        if provider and provider not in self.faulted:
+            self.faulted.append(provider)
+        return f"device fault: {what}; not run: the rest of this op and {', '.join(self.later) or 'nothing'}"
+
+    def save(self, got, stopped: str | None, echo=print) -> str:
+        failures = self.failures + list(getattr(got, "failures", []))
+        records = finalize(list(got), self.ceilings)
+        echo(f"\n{self.op}")
+        echo(format_table(records) if records else "(no timings)")
+        for f in failures:
+            echo(f"  FAILED, not timed: {describe_failure(f)}")
+        path = write_results(records, self.env, self.ceilings, self.out_dir, op=self.op, failures=failures,
+                             stopped=stopped, faulted=self.faulted, resumed=self.resumed)
+        echo(f"wrote {path}")
+        if stopped:
+            echo(f"STOPPED: {stopped}")
+        return path
+
+
+_RUN: _OpRun | None = None  # the op under way (the watchdog saves it when a kernel hangs)
+
+
+def watchdog_tick(echo=print) -> bool:
+    """One look of the hang watchdog: when the check or timing under way has taken longer than its
+    :func:`hang_limit`, record it as a failure, write the op's JSON as stopped on a device fault
+    (that provider left out on resume) and return True; the caller then ends the process."""
+    active, run = _ACTIVE, _RUN
+    if active is None or run is None:
+        return False
+    provider, stage, fields, started = active
+    limit = hang_limit(provider)
+    if _clock() - started <= limit:
+        return False
+    got = _CURRENT if _CURRENT is not None else Records()
+    got.failures.append({**{k: fields[k] for k in _FAILURE_FIELDS if k in fields}, "provider": provider,
+                         "stage": stage, "error": f"hung: no result after {limit:.0f} s"})
+    run.save(got, run.fault(provider, f"{provider} did not finish its {stage} of {fields.get('case')} in "
+                                      f"{limit:.0f} s (a hung kernel?)"), echo=echo)
+    return True
+
+
+def _watch(stop: threading.Event, period: float = 5.0) -> None:
+    while not stop.wait(period):
+        if watchdog_tick(echo=lambda *a: print(*a, file=sys.stderr, flush=True)):
+            os._exit(HANG_EXIT)  # the stuck main thread cannot be interrupted; the supervisor resumes
+
+
 def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None = None,
             progress: bool = True, echo=print, backends=None, inductor: bool | None = None, nets=None,
-            batches=None, graph: bool = False, time_limit: float | None = None) -> list[str]:
+            batches=None, graph: bool = False, time_limit: float | None = None,
+            run_id: str | None = None, watchdog: bool = False) -> list[str]:
     """Measure the ceilings, run each op's benchmark module, print its table, write its JSON.
 
     Needs a CUDA device. Sets ``torch.backends.cudnn.benchmark = True`` for the baselines.
@@ -745,15 +880,25 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
         time_limit: seconds from the start after which no check or timing starts: the op then
             running writes what it measured, with ``"stopped"`` saying so, and the ops after it
             are not run (a GPU lease of fixed length ends with results, not a killed process).
+        run_id: the run's id (``env["run_id"]``; default :func:`new_run_id`). When ``out_dir``
+            (required then) holds JSON of this run, an earlier process of it stopped on a device
+            fault and this one goes on with it (same arguments otherwise): the finished ops are
+            kept as they are, the op that stopped reuses the timings made before the fault and
+            leaves out the providers that faulted (``"faulted"``), the ops after it run; env and
+            ceilings stay the run's.
+        watchdog: end the process (status :data:`HANG_EXIT`) when a check or timing hangs
+            (:func:`watchdog_tick`), after writing what the op measured; for a worker process
+            whose parent resumes the run (``cnnkern bench`` does).
 
     A provider that fails a case's correctness check, or raises, gets no timing there: the
     failure is printed and written under ``"failures"`` and the suite goes on. When the error left
-    the CUDA context unusable, the running op writes what it has and the suite stops.
+    the CUDA context unusable, the running op writes what it has and the suite stops (``cnnkern
+    bench`` then goes on in a new process).
 
     Returns:
-        The JSON paths written (see :func:`run_status` for their failures and stops).
+        The JSON paths of the run (see :func:`run_status` for their failures and stops).
     """
-    global _SUITE, _FORCE_GRAPH, _DEADLINE, _CURRENT
+    global _SUITE, _FORCE_GRAPH, _DEADLINE, _CURRENT, _PRIOR, _SKIP, _RUN
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     t0 = _clock()
@@ -762,51 +907,73 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
     plan = suite_plan(ops, dtypes=dtypes, quick=quick, backends=backends, inductor=inductor, nets=nets,
                       batches=batches)
     torch.backends.cudnn.benchmark = True
-    env = environment()
-    env["inductor_mode"] = INDUCTOR_MODE
-    env["timer_mode"] = "graph" if graph else "eager"
+    earlier = {op: _resumed_state(out_dir, run_id, op) for op, _, _ in plan} if run_id and out_dir else {}
+    first = next((d for d in earlier.values() if d), None)
+    if first is not None:  # the same run on the same device: its environment and ceilings
+        env, ceilings = first["env"], first.get("ceilings")
+    else:
+        env = environment()
+        env.update(inductor_mode=INDUCTOR_MODE, timer_mode="graph" if graph else "eager",
+                   run_id=run_id or new_run_id())
+        ceilings = None
     echo(f"device: {env['gpu_name']} ({env['sm_count']} SMs, sm_{env['compute_capability'].replace('.', '')}); "
          f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
          f"commit {env['commit']}; cnnkern._C {'loaded' if env['extension_loaded'] else 'not loaded'}")
-    for op, kwargs, count in plan:
-        echo(f"  {op}: {count} timings; providers {', '.join(kwargs.get('providers', []))}")
-    echo("measuring ceilings (1 GiB bf16 copy, 8192^3 bf16 matmul) ...")
-    ceilings = measure_ceilings()
-    echo(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
+    todo = []
     paths = []
+    for op, kwargs, count in plan:
+        done = earlier.get(op)
+        if done is not None and not done.get("stopped"):
+            echo(f"  {op}: finished by an earlier process of this run: {os.path.join(out_dir, op + '.json')}")
+            paths.append(os.path.join(out_dir, f"{op}.json"))
+            continue
+        todo.append((op, kwargs, count))
+        echo(f"  {op}: {count} timings; providers {', '.join(kwargs.get('providers', []))}"
+             + (f"; resumed after: {done['stopped']}" if done else ""))
+    if ceilings is None:
+        echo("measuring ceilings (1 GiB bf16 copy, 8192^3 bf16 matmul) ...")
+        ceilings = measure_ceilings()
+    echo(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
     if progress:
-        _SUITE = _make_bar(sum(c for _, _, c in plan), "cnnkern bench")
+        _SUITE = _make_bar(sum(c for _, _, c in todo), "cnnkern bench")
     _DEADLINE = None if time_limit is None else t0 + time_limit
+    stop_watch = threading.Event()
+    if watchdog:
+        threading.Thread(target=_watch, args=(stop_watch,), name="cnnkern-bench-watchdog", daemon=True).start()
     try:
-        for n, (op, kwargs, _) in enumerate(plan):
+        for n, (op, kwargs, _) in enumerate(todo):
             module = importlib.import_module(OPS[op])
             _FORCE_GRAPH = graph and op != "models"
             _CURRENT = None
+            _RUN = run = _OpRun(op, earlier.get(op), [o for o, _, _ in todo[n + 1:]], env, ceilings, out_dir)
+            _PRIOR, _SKIP = run.prior, frozenset(run.faulted)
             stopped = None
             try:
                 got = module.run(progress=progress, **{k: v for k, v in kwargs.items() if k != "progress"})
             except (TimeLimitReached, DeviceFault) as exc:
                 got = _CURRENT if _CURRENT is not None else Records()
-                later = ", ".join(o for o, _, _ in plan[n + 1:]) or "nothing"
-                stopped = (f"time limit: {time_limit:g} s passed after {_clock() - t0:.0f} s, during this op "
-                           f"({len(got)} timings); not run: {later}" if isinstance(exc, TimeLimitReached) else
-                           f"device fault: {exc}; not run: the rest of this op and {later}")
-            failures = list(getattr(got, "failures", []))
-            records = finalize(list(got), ceilings)
-            echo(f"\n{op}")
-            echo(format_table(records) if records else "(no timings)")
-            for f in failures:
-                echo(f"  FAILED, not timed: {describe_failure(f)}")
-            path = write_results(records, env, ceilings, out_dir, op=op, failures=failures, stopped=stopped)
-            echo(f"wrote {path}")
-            paths.append(path)
+                if isinstance(exc, TimeLimitReached):
+                    stopped = (f"time limit: {time_limit:g} s passed after {_clock() - t0:.0f} s, during this op "
+                               f"({len(got)} timings); not run: {', '.join(run.later) or 'nothing'}")
+                else:
+                    stopped = run.fault(exc.provider, str(exc))
+            except KeyboardInterrupt:  # SIGINT (a lease's end, Ctrl-C): keep what was measured
+                _RUN = None
+                run.save(_CURRENT if _CURRENT is not None else Records(),
+                         f"interrupted after {_clock() - t0:.0f} s; not run: the rest of this op and "
+                         f"{', '.join(run.later) or 'nothing'}", echo=echo)
+                raise
+            _RUN = None
+            paths.append(run.save(got, stopped, echo=echo))
             if stopped:
-                echo(f"STOPPED: {stopped}")
                 break
     finally:
+        stop_watch.set()
         _FORCE_GRAPH = False
         _DEADLINE = None
         _CURRENT = None
+        _RUN = None
+        _PRIOR, _SKIP = {}, frozenset()
         if _SUITE is not None:
             _SUITE.close()
         _SUITE = None
@@ -814,18 +981,27 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
 
 
 def run_status(paths) -> dict:
-    """What results files say went wrong: ``{"failures": n, "stops": [...], "device_fault": bool}``,
-    the number of provider failures they record, the ``"stopped"`` reasons of those that ended
-    early ("<op>: <reason>"), and whether one of them ended on a device fault."""
-    status = {"failures": 0, "stops": [], "device_fault": False}
+    """What results files say went wrong: ``{"failures": n, "stops": [...], "device_fault": bool,
+    "run_id": str | None, "faulted": [...]}``: the number of provider failures they record, the
+    ``"stopped"`` reasons of those that ended early ("<op>: <reason>"), whether one of them ended
+    on a device fault (and can be resumed: :func:`run_ops` ``run_id``), the run's id, and the
+    providers that faulted the device ("<op>: <provider>"), resumed past or not."""
+    status = {"failures": 0, "stops": [], "device_fault": False, "run_id": None, "faulted": []}
     for path in paths:
         with open(path) as f:
             data = json.load(f)
         status["failures"] += len(data.get("failures") or [])
+        status["run_id"] = status["run_id"] or (data.get("env") or {}).get("run_id")
+        status["faulted"] += [f"{data.get('op')}: {p}" for p in data.get("faulted") or []]
         if data.get("stopped"):
             status["stops"].append(f"{data.get('op')}: {data['stopped']}")
             status["device_fault"] |= data["stopped"].startswith("device fault")
     return status
+
+
+def run_paths(out_dir: str, run_id: str) -> list[str]:
+    """The JSON files of run ``run_id`` in ``out_dir``, in :data:`OPS` order."""
+    return [os.path.join(out_dir, f"{op}.json") for op in OPS if _resumed_state(out_dir, run_id, op) is not None]
 
 
 def bench_main(op: str, argv=None) -> int:

@@ -270,6 +270,9 @@ def build_markdown(datas: list[dict], plots: list[str]) -> str:
     for d in datas:
         if d.get("stopped"):
             lines.append(f"- **{d['op']} stopped early**: {d['stopped']}")
+        for reason in d.get("resumed") or []:
+            lines.append(f"- **{d['op']} resumed in a fresh process** after: {reason} (timings made before it were "
+                         f"kept; left out of the rest of the op: {', '.join(d.get('faulted') or []) or 'nothing'})")
     failures = [(d["op"], f) for d in datas for f in d.get("failures") or []]
     if failures:
         lines.append(f"- **{len(failures)} provider failure(s)**: wrong results or errors, not timed (listed under "

@@ -9,7 +9,9 @@
 
 ``bench`` on a CUDA machine measures the device's ceilings, runs each op's benchmark module
 (and the whole networks) against PyTorch/cuDNN and Inductor, prints the tables, writes JSON and
-builds report.md with its plots in the results directory. Without a GPU it measures nothing (a
+builds report.md with its plots in the results directory; a kernel that leaves the CUDA context
+unusable costs its own figures only: the run goes on in a fresh process without it. Without a
+GPU it measures nothing (a
 CPU timing of GPU kernels says nothing): it runs the Triton self-check under the interpreter
 instead, prints the networks' summaries and shows the latest GPU results committed under
 benchmarks/results/ with the path of their report.
@@ -21,6 +23,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -30,6 +33,72 @@ def _split(text: str | None) -> list[str] | None:
 
 
 DTYPES = ("bfloat16", "float16", "float32")
+MAX_RESUMES = 4      # fresh processes a run may go on in after device faults
+RESUME_MIN_S = 30.0  # under a time limit: less left than this, and a faulted run is not resumed
+GRACE_S = 120.0      # past its time limit, a worker that has not ended (a stuck kernel) is killed
+
+
+def _run_worker(argv: list[str], out_dir: str, run_id: str, time_left: float | None) -> int:
+    """Run (or go on with) run ``run_id`` in a new process: the same ``cnnkern bench`` arguments,
+    plus where its JSON goes and what is left of its time limit. Returns the exit status."""
+    cmd = [sys.executable, "-m", "cnnkern.cli", *argv, "--out", out_dir, "--run-id", run_id]
+    if time_left is not None:
+        cmd += ["--time-limit", f"{time_left:.0f}"]
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait(timeout=None if time_left is None else time_left + GRACE_S)
+    except subprocess.TimeoutExpired:
+        print(f"cnnkern bench: the worker did not end {GRACE_S:.0f} s after its time limit: killed", file=sys.stderr)
+        proc.kill()
+        return proc.wait()
+    except KeyboardInterrupt:  # the worker got it too: it writes what it measured and ends
+        return proc.wait()
+
+
+def _supervise(args, harness) -> int:
+    """``cnnkern bench`` on a GPU: the suite runs in a worker process; when it stops on a device
+    fault (an error that leaves the CUDA context unusable, or a hung kernel) the run goes on in a
+    fresh worker without the provider that faulted, in the op where it faulted."""
+    t0 = time.monotonic()
+    out_dir = args.out or harness.default_out_dir({"gpu_name": torch.cuda.get_device_name(),
+                                                   "timestamp_utc": time.strftime("%Y-%m-%d", time.gmtime())})
+    run_id = harness.new_run_id()
+    status = None
+    for attempt in range(MAX_RESUMES + 1):
+        left = None if args.time_limit is None else args.time_limit - (time.monotonic() - t0)
+        if attempt:
+            if left is not None and left < RESUME_MIN_S:
+                print(f"device fault, and {left:.0f} s of the time limit left: not resumed")
+                break
+            print(f"\ndevice fault ({status['stops'][-1]}): the run goes on in a fresh process, without the "
+                  f"faulting provider in that op (resume {attempt} of at most {MAX_RESUMES})", flush=True)
+        rc = _run_worker(args.argv, out_dir, run_id, left)
+        paths = harness.run_paths(out_dir, run_id)
+        before, status = status, harness.run_status(paths)
+        if not status["device_fault"]:
+            break
+        if before is not None and status["stops"] == before["stops"]:
+            print("the resumed process got no further: not resumed again")
+            break
+    if rc not in (0, harness.HANG_EXIT):
+        print(f"cnnkern bench: the benchmark process ended with status {rc}", file=sys.stderr)
+    print(f"\nresults: {', '.join(paths) or 'none'}")
+    if paths:
+        from cnnkern.benchmarks import report
+
+        written = report.build(os.path.dirname(paths[0]))
+        print(f"report: {written[0]} (plots: {', '.join(os.path.basename(p) for p in written[1:])})")
+    for line in status["stops"]:
+        print(f"stopped early: {line}")
+    if status["faulted"]:
+        print(f"device faults after failures of {', '.join(status['faulted'])}"
+              + ("" if status["device_fault"] else ": the run went on in fresh processes without them in those ops"))
+    if status["failures"]:
+        print(f"cnnkern bench: {status['failures']} provider failure(s) (wrong result or error, not timed): listed above "
+              "and under \"failures\" in the JSON", file=sys.stderr)
+    # a wrong, crashing or hung kernel, a dead device or a crashed worker fails the command; a time
+    # limit the user set does not
+    return 1 if status["failures"] or status["device_fault"] or rc not in (0, harness.HANG_EXIT) else 0
 
 
 def _bench(args) -> int:
@@ -76,23 +145,12 @@ def _bench(args) -> int:
         return 2
 
     if torch.cuda.is_available():
-        paths = harness.run_ops(ops, dtypes=dtypes, quick=args.quick, out_dir=args.out, progress=not args.no_progress,
-                                backends=backends, inductor=args.inductor, nets=nets, batches=batches,
-                                graph=args.graph, time_limit=args.time_limit)
-        print(f"\nresults: {', '.join(paths)}")
-        if paths:
-            from cnnkern.benchmarks import report
-
-            written = report.build(os.path.dirname(paths[0]))
-            print(f"report: {written[0]} (plots: {', '.join(os.path.basename(p) for p in written[1:])})")
-        status = harness.run_status(paths)
-        for line in status["stops"]:
-            print(f"stopped early: {line}")
-        if status["failures"]:
-            print(f"cnnkern bench: {status['failures']} provider failure(s) (wrong result or error, not timed): listed above "
-                  "and under \"failures\" in the JSON", file=sys.stderr)
-        # a wrong or crashing kernel, or a dead device, fails the command; a time limit the user set does not
-        return 1 if status["failures"] or status["device_fault"] else 0
+        if args.run_id:  # the worker process that the command below starts
+            harness.run_ops(ops, dtypes=dtypes, quick=args.quick, out_dir=args.out, progress=not args.no_progress,
+                            backends=backends, inductor=args.inductor, nets=nets, batches=batches, graph=args.graph,
+                            time_limit=args.time_limit, run_id=args.run_id, watchdog=True)
+            return 0
+        return _supervise(args, harness)
 
     print("no CUDA GPU: cnnkern bench measures nothing here; running the Triton kernels' self-check under "
           "the interpreter instead, then showing the latest GPU results committed in benchmarks/results/",
@@ -264,6 +322,7 @@ def main(argv=None) -> int:
     b.add_argument("--time-limit", type=float, metavar="SECONDS", help="start no timing after this many seconds: the "
                    "op then running writes what it measured (its JSON says where it stopped) and the ops after "
                    "it are not run")
+    b.add_argument("--run-id", help=argparse.SUPPRESS)  # the worker process's: the run it does or goes on with
     b.add_argument("--report", metavar="DIR", help="only rebuild report.md and the plots from the JSON in DIR "
                    "(no GPU needed)")
     b.add_argument("--compare", nargs=2, metavar=("A", "B"), help="only print the per-layer change from run A to "
@@ -298,6 +357,7 @@ def main(argv=None) -> int:
         return _summary(args)
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return _bench(args)
 
 

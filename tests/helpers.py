@@ -135,3 +135,32 @@ def merge_stats(stats: torch.Tensor):
     mean = (cnt * mean_t).sum(0) / n
     m2 = m2_t.sum(0) + (cnt * (mean_t - mean) ** 2).sum(0)
     return n, mean, m2 / n
+
+
+def bench_cli_in_process(monkeypatch) -> None:
+    """``cnnkern bench`` as on a GPU machine, with its worker process (``cli._run_worker``) run
+    inside this one: the fake ``harness.run_ops`` a test installs is the worker's suite."""
+    from cnnkern import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+
+    def worker(argv, out_dir, run_id, time_left):
+        return cli.main([*argv, "--out", out_dir, "--run-id", run_id,
+                         *(["--time-limit", f"{time_left:.0f}"] if time_left is not None else [])])
+
+    monkeypatch.setattr(cli, "_run_worker", worker)
+
+
+def write_run_json(out_dir, run_id: str, op: str, **fields) -> str:
+    """A results file of op ``op`` in run ``run_id`` (``fields`` override its defaults)."""
+    import json
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(str(out_dir), f"{op}.json")
+    data = {"op": op, "env": {"run_id": run_id}, "results": [], "failures": [], "stopped": None, "faulted": [],
+            "resumed": [], **fields}
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return path

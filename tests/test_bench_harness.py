@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cnnkern.benchmarks import bench_residual_add, harness
+from helpers import bench_cli_in_process, write_run_json
 
 ENV_KEYS = {"gpu_name", "sm_count", "compute_capability", "gpu_memory_GiB", "torch", "triton", "cuda", "cudnn",
             "python", "allow_tf32_matmul", "allow_tf32_cudnn", "cudnn_benchmark", "commit", "hostname",
@@ -314,9 +315,9 @@ def test_bench_cli_takes_graph(monkeypatch):
     from cnnkern import cli
 
     seen = {}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    bench_cli_in_process(monkeypatch)
     monkeypatch.setattr(harness, "run_ops", lambda ops, **kw: seen.update(kw) or [])
-    assert cli.main(["bench", "--graph", "--ops", "conv2d", "--no-progress"]) == 0
+    assert cli.main(["bench", "--graph", "--ops", "conv2d", "--no-progress", "--out", "/nowhere"]) == 0
     assert seen["graph"] is True
 
 
@@ -425,6 +426,174 @@ def test_run_ops_device_fault_stops_the_suite(monkeypatch, tmp_path):
     assert len(paths) == 1 and harness.run_status(paths)["device_fault"]
 
 
+def test_run_ops_resumes_a_device_fault_in_a_fresh_process(monkeypatch, tmp_path):
+    """The op that faulted goes on without the faulting provider, reusing the timings made before the
+    fault; the ops after it run; a file of another run in the same directory is not taken as done."""
+    usable = [True]
+    timed = []
+
+    def run(providers=None, **kw):
+        recs = harness.new_records()
+        for i in range(3):
+            common = dict(op="fake", case=f"c{i}", shape="s", dtype="bfloat16", layout="NHWC", direction="fwd")
+
+            def check(i=i):
+                if i == 1:
+                    usable[0] = False  # an illegal address: the context is gone
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+            ok = ["torch"] + (["triton"] if harness.verify(recs, "triton", check, **common) else [])
+            for p in ok:
+                harness.measure(recs, lambda p=p, i=i: timed.append((p, i)), provider=p, warmup_ms=1, rep_ms=1,
+                                **common)
+        return recs
+
+    suite = _fake_suite(monkeypatch, tmp_path, run)
+    monkeypatch.setattr(harness, "time_fn", lambda fn, **kw: (fn(), {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0,
+                                                                      "wide_spread": False, "timer": "do_bench"})[1])
+    monkeypatch.setattr(harness, "_device_usable", lambda: usable[0])
+    (tmp_path / "fake2.json").write_text(json.dumps({"op": "fake2", "env": {"run_id": "an older run"},
+                                                     "results": [], "stopped": None}))
+    paths = suite(run_id="r1")
+    status = harness.run_status(paths)
+    assert status["device_fault"] and status["faulted"] == ["fake: triton"] and timed == [("torch", 0), ("triton", 0)]
+    run_id = status["run_id"]
+    assert run_id == "r1" and harness.run_paths(str(tmp_path), run_id) == paths
+
+    usable[0] = True  # the new process has a working context
+    timed.clear()
+    paths = suite(run_id=run_id)
+    assert paths == harness.run_paths(str(tmp_path), run_id) and [os.path.basename(p) for p in paths] == [
+        "fake.json", "fake2.json"]
+    assert timed == [("torch", 1), ("torch", 2)]  # case 0 reused; triton not run again in this op
+    data = json.load(open(paths[0]))
+    assert [(r["provider"], r["case"]) for r in data["results"]] == [("torch", "c0"), ("triton", "c0"),
+                                                                     ("torch", "c1"), ("torch", "c2")]
+    assert data["stopped"] is None and data["faulted"] == ["triton"] and data["env"]["run_id"] == run_id
+    assert len(data["failures"]) == 1 and "illegal memory access" in data["failures"][0]["error"]
+    assert len(data["resumed"]) == 1 and data["resumed"][0].startswith("device fault: the CUDA context is unusable")
+    assert len(json.load(open(paths[1]))["results"]) == 4  # fake2 ran (the older run's file was not this run's)
+    status = harness.run_status(paths)
+    assert not status["device_fault"] and status["failures"] == 1 and status["faulted"] == ["fake: triton"]
+    assert harness._PRIOR == {} and harness._SKIP == frozenset()
+
+    timed.clear()  # resumed again: every op finished, nothing runs
+    assert suite(run_id=run_id) == paths and timed == []
+
+    from cnnkern.benchmarks import report
+
+    page = report.build_markdown(report.load(str(tmp_path)), [])
+    assert "**fake resumed in a fresh process** after: device fault: the CUDA context is unusable" in page
+    assert "left out of the rest of the op: triton)" in page
+
+
+def test_run_ops_saves_a_hung_op_and_an_interrupted_one(monkeypatch, tmp_path):
+    """The watchdog takes a check that does not return for a hung kernel: it records the failure and
+    writes the op as stopped on a device fault (resumed without that provider); SIGINT writes too."""
+    ticks = []
+
+    def run(providers=None, **kw):
+        recs = harness.new_records()
+        common = dict(op="fake", case="c", shape="s", dtype="bfloat16", layout="NHWC", direction="fwd")
+        harness.measure(recs, lambda: None, provider="torch", warmup_ms=1, rep_ms=1, **common)
+
+        def check():  # the main thread stuck in a kernel; the watchdog thread looks meanwhile
+            ticks.append(harness.watchdog_tick(echo=lambda *a: None))
+            clock[0] += harness.HANG_S + 1
+            ticks.append(harness.watchdog_tick(echo=lambda *a: None))
+            raise KeyboardInterrupt  # (here the watchdog would have ended the process)
+
+        harness.verify(recs, "cuda", check, **common)
+
+    suite = _fake_suite(monkeypatch, tmp_path, run)
+    clock = [0.0]
+    monkeypatch.setattr(harness, "_clock", lambda: clock[0])
+    assert harness.hang_limit(harness.INDUCTOR) > harness.hang_limit("cuda") == harness.HANG_S
+    with pytest.raises(KeyboardInterrupt):
+        suite(run_id="r2")
+    assert ticks == [False, True]
+    data = json.load(open(tmp_path / "fake.json"))  # the interrupt's save came after the watchdog's
+    assert data["stopped"].startswith("interrupted after") and [r["provider"] for r in data["results"]] == ["torch"]
+    assert harness.watchdog_tick() is False  # nothing under way
+
+    def hang_only(providers=None, **kw):
+        recs = harness.new_records()
+        common = dict(op="fake", case="c", shape="s", dtype="bfloat16", layout="NHWC", direction="fwd")
+
+        def check():
+            clock[0] += harness.HANG_S + 1
+            assert harness.watchdog_tick(echo=lambda *a: None)
+            raise SystemExit(harness.HANG_EXIT)  # what os._exit does to the process
+
+        harness.verify(recs, "cuda", check, **common)
+
+    suite = _fake_suite(monkeypatch, tmp_path, hang_only)
+    monkeypatch.setattr(harness, "_clock", lambda: clock[0])
+    with pytest.raises(SystemExit):
+        suite(run_id="r3")
+    data = json.load(open(tmp_path / "fake.json"))
+    assert data["stopped"].startswith(f"device fault: cuda did not finish its check of c in {harness.HANG_S:.0f} s")
+    assert data["faulted"] == ["cuda"] and data["failures"][0]["error"].startswith("hung: no result after")
+    assert harness.run_status([str(tmp_path / "fake.json")])["device_fault"]  # so cnnkern bench resumes it
+
+
+def test_bench_cli_resumes_a_faulted_run(monkeypatch, tmp_path, capsys):
+    from cnnkern import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("cnnkern.benchmarks.report.build", lambda d: [str(tmp_path / "report.md")])
+    fault = "device fault: the CUDA context is unusable after cuda failed on c1: illegal"
+    failure = [{"provider": "cuda", "stage": "check", "error": "illegal"}]
+    calls = []
+
+    def worker(argv, out_dir, run_id, left):  # first a fault, then the resumed worker finishes
+        calls.append((argv, out_dir, run_id, left))
+        write_run_json(out_dir, run_id, "conv2d", stopped=None if len(calls) > 1 else fault, faulted=["cuda"],
+                       resumed=[fault] if len(calls) > 1 else [], failures=failure)
+        return harness.HANG_EXIT if len(calls) == 1 else 0
+
+    monkeypatch.setattr(cli, "_run_worker", worker)
+    args = ["bench", "--ops", "conv2d", "--no-progress", "--time-limit", "300", "--out", str(tmp_path)]
+    assert cli.main(args) == 1  # the fault's failure stays
+    assert [c[0] for c in calls] == [args, args] and calls[0][1:3] == calls[1][1:3]
+    assert calls[0][1] == str(tmp_path) and 290 < calls[1][3] <= calls[0][3] <= 300
+    out = capsys.readouterr().out
+    assert "the run goes on in a fresh process" in out and "stopped early" not in out
+    assert "device faults after failures of conv2d: cuda: the run went on in fresh processes" in out
+
+    calls.clear()  # a resumed worker that gets no further is not started again and again
+    monkeypatch.setattr(cli, "_run_worker", lambda *a: calls.append(a) or write_run_json(
+        a[1], a[2], "conv2d", stopped=fault, faulted=["cuda"], failures=failure) and 0)
+    assert cli.main(args) == 1
+    assert len(calls) == 2 and "got no further: not resumed again" in capsys.readouterr().out
+    calls.clear()  # too little of the time limit left
+    monkeypatch.setattr(cli, "RESUME_MIN_S", 1e9)
+    assert cli.main(args) == 1
+    assert len(calls) == 1 and "not resumed" in capsys.readouterr().out
+
+
+def test_run_worker_runs_the_same_command_in_a_new_process(monkeypatch):
+    from cnnkern import cli
+
+    seen = {}
+
+    class FakeProc:
+        def __init__(self, cmd):
+            seen["cmd"] = cmd
+
+        def wait(self, timeout=None):
+            seen["timeout"] = timeout
+            return 0
+
+    monkeypatch.setattr(cli.subprocess, "Popen", FakeProc)
+    assert cli._run_worker(["bench", "--quick"], "/out", "r9", 100.4) == 0
+    assert seen["cmd"][1:] == ["-m", "cnnkern.cli", "bench", "--quick", "--out", "/out", "--run-id", "r9",
+                               "--time-limit", "100"]
+    assert seen["timeout"] == 100.4 + cli.GRACE_S
+    cli._run_worker(["bench"], "/out", "r9", None)
+    assert "--time-limit" not in seen["cmd"] and seen["timeout"] is None
+
+
 def test_report_lists_failures_and_early_stops(monkeypatch, tmp_path):
     from cnnkern.benchmarks import report
 
@@ -447,22 +616,24 @@ def test_bench_cli_time_limit_and_failure_exit_status(monkeypatch, tmp_path):
     from cnnkern import cli
 
     seen = {}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    path = tmp_path / "conv2d.json"
+    bench_cli_in_process(monkeypatch)
 
     def fake_run_ops(ops, **kw):
         seen.update(kw)
-        path.write_text(json.dumps({"op": "conv2d", "results": [], "failures": failures, "stopped": None}))
-        return [str(path)]
+        write_run_json(tmp_path, kw["run_id"], "conv2d", failures=failures)
 
     monkeypatch.setattr(harness, "run_ops", fake_run_ops)
     monkeypatch.setattr("cnnkern.benchmarks.report.build", lambda d: [str(tmp_path / "report.md")])
     failures = []
-    assert cli.main(["bench", "--ops", "conv2d", "--time-limit", "120", "--no-progress"]) == 0
-    assert seen["time_limit"] == 120.0
+    common = ["bench", "--ops", "conv2d", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main([*common, "--time-limit", "120"]) == 0
+    assert 115 <= seen["time_limit"] <= 120
     failures = [{"provider": "cuda", "stage": "check", "error": "WrongResult: x"}]
-    assert cli.main(["bench", "--ops", "conv2d", "--no-progress"]) == 1
+    assert cli.main(common) == 1
     assert cli.main(["bench", "--time-limit", "-1"]) == 2
+    failures = []  # a worker that crashed fails the command, whatever it wrote
+    monkeypatch.setattr(cli, "_run_worker", lambda *a: fake_run_ops(["conv2d"], run_id=a[2]) or 1)
+    assert cli.main(common) == 1
 
 
 def test_lrn_loop_checks_times_and_records_a_wrong_kernel(monkeypatch):

@@ -11,6 +11,7 @@ import torch
 
 from cnnkern import cli
 from cnnkern.benchmarks import harness
+from helpers import bench_cli_in_process, write_run_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,24 +85,32 @@ def test_bench_shows_the_latest_committed_results(tmp_path, monkeypatch, capsys)
     assert "FAILED, not timed: cuda (check) on large bfloat16 fwd+bwd: WrongResult: grad x disagrees" in out
 
 
-def test_bench_options_reach_the_suite(monkeypatch, capsys):
+def test_bench_options_reach_the_suite(monkeypatch, capsys, tmp_path):
     from cnnkern.benchmarks import report
 
     seen = {}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(harness, "run_ops", lambda ops, **kw: seen.update(kw, ops=ops) or ["/r/x/conv2d.json"])
+    bench_cli_in_process(monkeypatch)
+
+    def fake_run_ops(ops, **kw):
+        seen.update(kw, ops=ops)
+        if kw["out_dir"] == str(tmp_path):
+            write_run_json(tmp_path, kw["run_id"], "conv2d")
+
+    monkeypatch.setattr(harness, "run_ops", fake_run_ops)
     monkeypatch.setattr(report, "build", lambda d: seen.setdefault("report", d) and [f"{d}/report.md"])
-    monkeypatch.setattr(harness, "run_status", lambda paths: {"failures": 0, "stops": [], "device_fault": False})
     assert cli.main(["bench", "--ops", "conv2d,models", "--nets", "resnet50,vgg16", "--dtypes", "bfloat16",
-                     "--batch", "1,32", "--backends", "triton", "--no-inductor", "--quick", "--out", "/r/x",
+                     "--batch", "1,32", "--backends", "triton", "--no-inductor", "--quick", "--out", str(tmp_path),
                      "--no-progress"]) == 0
+    run_id = seen.pop("run_id")
+    assert re.fullmatch(r"\d{8}T\d{6}Z-\d+", run_id)
     assert seen == dict(ops=["conv2d", "models"], nets=["resnet50", "vgg16"], dtypes=["bfloat16"], batches=[1, 32],
-                        backends=["triton"], inductor=False, quick=True, out_dir="/r/x", progress=False,
-                        graph=False, time_limit=None, report="/r/x")
-    assert "report: /r/x/report.md" in capsys.readouterr().out
+                        backends=["triton"], inductor=False, quick=True, out_dir=str(tmp_path), progress=False,
+                        graph=False, time_limit=None, watchdog=True, report=str(tmp_path))
+    assert f"report: {tmp_path}/report.md" in capsys.readouterr().out
     seen.clear()
     assert cli.main(["bench"]) == 0
     assert seen["inductor"] is None and seen["ops"] is None and seen["nets"] is None and seen["progress"] is True
+    assert os.path.basename(seen["out_dir"]).startswith("fake-gpu-")  # benchmarks/results/<gpu>-<date>
     assert cli.main(["bench", "--inductor", "--quick"]) == 0 and seen["inductor"] is True
 
 
