@@ -48,8 +48,9 @@ def test_no_kernel_spills_or_uses_a_stack():
     assert max(r.registers for r in elementwise) <= 64
     # the convolution kernels: 2 blocks of 256 threads per SM at least (<= 128 registers), with
     # two known exceptions that hold one block per SM:
-    #  - the wgmma one-warpgroup 64 x 128 tile (128 threads; <= 168 registers; every wgmma tile
-    #    runs one block per SM anyway, its 5 stages take 121-161 KiB of shared memory);
+    #  - the wgmma implicit GEMM (<= 168 registers: the TF32 tiles and the one-warpgroup 64 x 128
+    #    tile take more than 128; every wgmma tile runs one block per SM anyway, its 5 stages take
+    #    121-161 KiB of shared memory);
     #  - the TF32 128 x 128 forward tile of the mma.sync implicit GEMM on sm_90a (132 registers
     #    since its epilogue is shared with the wgmma kernel; 128 before; forcing 128 with
     #    __launch_bounds__(256, 2) spills). fp16/bf16 run on wgmma there.
@@ -57,11 +58,11 @@ def test_no_kernel_spills_or_uses_a_stack():
     kinds = ("direct_kernel", "igemm_kernel", "wgmma_kernel", "wgrad_kernel", "bias_grad_kernel")
     names = {k for r in conv for k in kinds if k in r.name}
     assert names == set(kinds), names
-    one_wg = [r for r in conv if re.search(r"wgmma_kernelI\w+ELi1ELi128E", r.name) and r.arch == "sm_90a"]
-    assert len(one_wg) == 4 and max(r.registers for r in one_wg) <= 168, [(r.name, r.registers) for r in one_wg]
+    wgmma_fwd = [r for r in conv if re.search(r"\dwgmma_kernelI(?:\w+E|f)Li\dELi\d+E", r.name) and r.arch == "sm_90a"]
+    assert len(wgmma_fwd) == 18 and max(r.registers for r in wgmma_fwd) <= 168, [(r.name, r.registers) for r in wgmma_fwd]
     tf32 = [r for r in conv if "igemm_kernelIfLi128ELi128ELi2ELb0E" in r.name and r.arch == "sm_90a"]
     assert len(tf32) == 1 and tf32[0].registers <= 136, tf32
-    rest = [r for r in conv if r not in one_wg + tf32]
+    rest = [r for r in conv if r not in wgmma_fwd + tf32]
     assert max(r.registers for r in rest) <= 128, [(r.name, r.registers) for r in rest if r.registers > 128]
 
 
@@ -183,27 +184,29 @@ def test_implicit_gemm_kernels_use_tensor_cores_ldmatrix_and_cp_async(arch):
 @needs_ext
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_wgmma_kernels_are_warpgroup_mma_only_on_sm90a(arch):
-    """The wgmma implicit GEMM (conv2d_wgmma.cu) per 128-byte step of kk: four m64nNk16 wgmma
-    (HGMMA) of the dtype's kind and tile width, issued after a warpgroup arrive and waited for
-    with a warpgroup dependency barrier, from a cp.async pipeline whose copies are fenced into the
-    async proxy; no mma.sync. On sm_80 the kernels are empty (the host never launches them)."""
+    """The wgmma implicit GEMM (conv2d_wgmma.cu) per 128-byte step of kk: four wgmma (HGMMA) of the
+    dtype's kind and tile width (m64nNk16 for fp16/bf16, m64nNk8 TF32 for fp32), issued after a
+    warpgroup arrive and waited for with a warpgroup dependency barrier, from a cp.async pipeline
+    whose copies are fenced into the async proxy; no mma.sync. On sm_80 the kernels are empty
+    (the host never launches them)."""
     import re
 
+    kinds = {"Half": "16.F32", "BFloat16": "16.F32.BF16", "f": "8.F32.TF32"}
     found = 0
     for name, ops in _inspect.sass_opcodes(_inspect.extension_path(), arch).items():
-        m = re.search(r"wgmma_kernelIN3c10\d+(Half|BFloat16)ELi(\d)ELi(\d+)ELb([01])E", name)
+        m = re.search(r"wgmma_kernelI(?:N3c10\d+(Half|BFloat16)E|(f))Li(\d)ELi(\d+)ELb([01])E", name)
         if not m:
             continue
         found += 1
         if arch == "sm_80":
             assert not any(k.startswith(("HGMMA", "HMMA", "LDGSTS")) for k in ops), (name, ops)
             continue
-        kind = "F32.BF16" if m.group(1) == "BFloat16" else "F32"
+        kind = kinds[m.group(1) or m.group(2)]
         assert {k: v for k, v in ops.items() if k.startswith(("HGMMA", "HMMA"))} == \
-            {f"HGMMA.64x{m.group(3)}x16.{kind}": 4}, (name, ops)
+            {f"HGMMA.64x{m.group(4)}x{kind}": 4}, (name, ops)
         assert ops.get("WARPGROUP.ARRIVE", 0) >= 1 and ops.get("WARPGROUP.DEPBAR.LE", 0) >= 2, (name, ops)
         assert ops.get("FENCE.VIEW.ASYNC.S", 0) >= 1 and any(k.startswith("LDGSTS") for k in ops), (name, ops)
-    assert found == 12, found  # 2 dtypes x 3 tiles x (forward, grad-input)
+    assert found == 18, found  # 3 dtypes x 3 tiles x (forward, grad-input)
 
 
 @needs_ext

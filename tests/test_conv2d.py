@@ -325,9 +325,9 @@ def test_cuda_conv_algo_env_is_checked():
 
 
 def _wgmma_here(dtype):
-    """Whether the wgmma kernels run here: fp16/bf16 on an sm_90 GPU, or on the emulator (an
-    emulated compute capability 9.0 device unless CUEMU_CC says otherwise)."""
-    if dtype not in (torch.float16, torch.bfloat16):
+    """Whether the wgmma implicit GEMM runs here: fp16/bf16 (fp32 as TF32) on an sm_90 GPU, or on
+    the emulator (an emulated compute capability 9.0 device unless CUEMU_CC says otherwise)."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     if HAS_CUDA:
         return torch.cuda.get_device_capability() == (9, 0)
@@ -366,8 +366,8 @@ def test_gpu_cuda_kernels_pinned(layer, layout, dtype, algo):
     if algo != "direct" and (cg % chunk or kg % chunk):
         pytest.skip("the implicit GEMM takes channels per group in multiples of 16 bytes")
     if algo == "wgmma" and not _wgmma_here(dtype):
-        pytest.skip("wgmma: fp16/bf16 on a compute capability 9.0 GPU (or the emulator) only")
-    tf32 = dtype == torch.float32 and algo == "igemm"  # fp32 runs on the tensor cores only as TF32
+        pytest.skip("wgmma: a compute capability 9.0 GPU (or the emulator) only")
+    tf32 = dtype == torch.float32 and algo != "direct"  # fp32 runs on the tensor cores only as TF32
     x = make(xs, dtype, DEVICE, layout)
     w = make((k, cg, *ks), dtype, DEVICE) * (cg * ks[0] * ks[1]) ** -0.5
     b = torch.randn(k, dtype=dtype, device=DEVICE)
@@ -395,8 +395,9 @@ def test_gpu_cuda_pinned_kernel_refuses_what_it_cannot_run():
     kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
     x = make(xs, torch.float32, DEVICE, "channels_last")
     w = make((k, xs[1], ks, ks), torch.float32, DEVICE)
-    with pytest.raises(RuntimeError, match="algo='wgmma' takes fp16/bf16 only"):
-        _raw_cuda(x, w, None, kw, relu=False, algo="wgmma", tf32=True)
+    for algo in ("igemm", "wgmma"):  # fp32 on the tensor cores: only as TF32
+        with pytest.raises(RuntimeError, match=f"algo='{algo}' needs fp16/bf16 \\(or fp32 with tf32=True\\)"):
+            _raw_cuda(x, w, None, kw, relu=False, algo=algo, tf32=False)
     with pytest.raises(RuntimeError, match="algo must be 'auto', 'direct', 'igemm' or 'wgmma', got 'fast'"):
         _raw_cuda(x, w, None, kw, relu=False, algo="fast")
     with pytest.raises(RuntimeError, match="reduced channels per group a multiple of 8"):
@@ -411,6 +412,33 @@ def test_gpu_cuda_pinned_kernel_refuses_what_it_cannot_run():
         cuda_ops().conv2d_backward_weight_cuda(*args, "fast")
     with pytest.raises(RuntimeError, match="algo='igemm' \\(the tensor-core grad-weight\\) needs fp16/bf16"):
         cuda_ops().conv2d_backward_weight_cuda(*args, "igemm")  # fp32
+
+
+@pytest.mark.gpu
+@pytest.mark.emulated
+@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
+                    reason="needs CUDA and cnnkern._C")
+@pytest.mark.parametrize("layer", ["resnet_3x3_c64", "stage_entry_3x3s2"])
+def test_gpu_cuda_tf32_wgmma_rounds_like_mma_sync(layer):
+    """TF32 on wgmma reads its operands from shared memory, where the kernel rounds them to tf32
+    (to nearest) as the mma.sync kernel rounds them in registers: the two agree far more closely
+    than TF32 agrees with fp32 (operands truncated to tf32 instead would differ by ~5e-4)."""
+    if not _wgmma_here(torch.float32):
+        pytest.skip("wgmma: a compute capability 9.0 GPU (or the emulator) only")
+    from helpers import rel_err
+
+    xs, k, ks, stride, pad, dil, groups = GPU_LAYERS[layer]
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+    x = make(xs, torch.float32, DEVICE, "channels_last")
+    w = make((k, xs[1] // groups, ks, ks), torch.float32, DEVICE) * (xs[1] * ks * ks) ** -0.5
+    y_w, g, gx_w = _raw_cuda(x, w, None, kw, relu=False, algo="wgmma", tf32=True)
+    y_i, _, _ = _raw_cuda(x, w, None, kw, relu=False, algo="igemm", tf32=True)
+    gx_i = torch.full_like(gx_w, float("nan"))
+    stride2, pad2, dil2 = cnnkern._checks.conv_args("t", x, w, None, stride, pad, dil, groups)
+    cuda_ops().conv2d_backward_input_cuda(g, w, gx_i, stride2, pad2[:2], dil2, groups, "igemm", True)
+    assert rel_err(y_w, y_i) < 1e-5 and rel_err(gx_w, gx_i) < 1e-5, (rel_err(y_w, y_i), rel_err(gx_w, gx_i))
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), **kw)
+    assert 1e-5 < rel_err(y_w, ref) < 3e-3  # TF32, not fp32
 
 
 @pytest.mark.gpu

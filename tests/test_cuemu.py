@@ -137,7 +137,8 @@ def test_tensor_core_kernels_read_shared_memory_without_bank_conflicts(emu, dtyp
 def test_auto_takes_wgmma_on_sm90_and_mma_sync_elsewhere(emu, cc, monkeypatch):
     """The CUDA convolution's "auto" choice, seen through the tensor-core instructions that ran:
     fp16/bf16 on wgmma on a compute capability 9.0 device, on mma.sync on an sm_80 one, forward,
-    grad-input and grad-weight; TF32 forward and grad-input on mma.sync on both."""
+    grad-input and grad-weight; TF32 forward and grad-input likewise (its grad-weight on the SIMT
+    kernel)."""
     from helpers import make
 
     monkeypatch.setenv("CUEMU_CC", cc)
@@ -150,10 +151,11 @@ def test_auto_takes_wgmma_on_sm90_and_mma_sync_elsewhere(emu, cc, monkeypatch):
         gx = torch.empty_like(x)
         emu.conv2d_backward_input_cuda(y, w, gx, [1, 1], [1, 1], [1, 1], 1, "auto", tf32)
         _, _, mma, wgmma = emu.cuemu_stats()
-        on_wgmma = cc == "90" and dtype != torch.float32
+        on_wgmma = cc == "90"
         assert (wgmma > 0, mma > 0) == (on_wgmma, not on_wgmma), (dtype, mma, wgmma)
         # the grad-weight: 16-bit on wgmma or mma.sync alike; fp32 on the SIMT kernel (no TF32 one)
         emu.conv2d_backward_weight_cuda(y, x, torch.empty_like(w), torch.empty(0, dtype=dtype), [1, 1], [1, 1],
                                         [1, 1], 1, "auto")
         _, _, mma, wgmma = emu.cuemu_stats()
-        assert (wgmma > 0, mma > 0) == (on_wgmma, cc == "80" and dtype != torch.float32), (dtype, mma, wgmma)
+        sixteen = dtype != torch.float32
+        assert (wgmma > 0, mma > 0) == (on_wgmma and sixteen, cc == "80" and sixteen), (dtype, mma, wgmma)

@@ -95,9 +95,9 @@ constexpr bool kTensorCore = std::is_same_v<T, at::Half> || std::is_same_v<T, at
 
 // Which kernel runs. The implicit GEMM applies to fp16/bf16, or fp32 when TF32 is allowed, with
 // the reduced channels per group a multiple of one 16-byte chunk (8 halves, 4 floats) and row
-// indices within int32. "auto" takes it where it applies, on wgmma (fp16/bf16 on an sm_90 GPU with
-// the sm_90a build) or else on mma.sync, and the direct kernel everywhere else; "direct", "igemm"
-// (mma.sync) and "wgmma" pin one kernel and are errors where it does not apply.
+// indices within int32. "auto" takes it where it applies, on wgmma (an sm_90 GPU with the sm_90a
+// build) or else on mma.sync, and the direct kernel everywhere else; "direct", "igemm" (mma.sync)
+// and "wgmma" pin one kernel and are errors where it does not apply.
 enum class Algo { Direct, Igemm, Wgmma };
 
 void check_algo_name(const char* op, const std::string& algo) {
@@ -118,19 +118,17 @@ Algo choose_algo(const char* op, const std::string& algo, bool tf32, int64_t red
   const int64_t chunk = 16 / static_cast<int64_t>(sizeof(T));
   const bool dtype_ok = kTensorCore<T> && (!std::is_same_v<T, float> || tf32);
   const bool fits = dtype_ok && reduced_channels % chunk == 0 && reduced_channels > 0 && rows <= kMaxRows;
-  constexpr bool half = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
   if (algo == "igemm" || algo == "wgmma") {
-    TORCH_CHECK(fits, "cnnkern ", op, ": algo='", algo, "' needs fp16/bf16 (or fp32 with tf32=True for 'igemm'), ",
+    TORCH_CHECK(fits, "cnnkern ", op, ": algo='", algo, "' needs fp16/bf16 (or fp32 with tf32=True), ",
                 "reduced channels per group a multiple of ", chunk, " (got ", reduced_channels,
                 ") and fewer than 2^31 output rows (got ", rows, ")");
   }
   if (algo == "wgmma") {
-    TORCH_CHECK(half, "cnnkern ", op, ": algo='wgmma' takes fp16/bf16 only");
     require_wgmma(op);
     return Algo::Wgmma;
   }
   if (!fits) return Algo::Direct;
-  if (algo == "auto" && half && conv::wgmma_available()) return Algo::Wgmma;
+  if (algo == "auto" && conv::wgmma_available()) return Algo::Wgmma;
   return Algo::Igemm;
 }
 
@@ -151,13 +149,11 @@ at::Tensor aligned_copy(const at::Tensor& t) {
 // The implicit GEMM on the chosen tensor-core kernel (both take the same parameters and tiles).
 template <typename T>
 void launch_tensor_core(const IgemmParams<T>& p, Algo kernel, bool dgrad, int tile, cudaStream_t stream) {
-  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>) {
-    if (kernel == Algo::Wgmma) {
-      conv::launch_wgmma<T>(p, dgrad, tile, stream);
-      return;
-    }
+  if (kernel == Algo::Wgmma) {
+    conv::launch_wgmma<T>(p, dgrad, tile, stream);
+  } else {
+    conv::launch_igemm<T>(p, dgrad, tile, stream);
   }
-  conv::launch_igemm<T>(p, dgrad, tile, stream);
 }
 
 template <typename T>

@@ -108,7 +108,7 @@ int igemm_tile_rows(int tile);
 template <typename T>
 void launch_igemm(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t stream);
 
-// The wgmma implicit GEMM (fp16/bf16 only; the same tiles as launch_igemm). Launch it only where
+// The wgmma implicit GEMM (fp16/bf16, and fp32 as TF32; the same tiles as launch_igemm). Launch it only where
 // wgmma_available() (the caller checks, once per call): the extension holds sm_90a code
 // (CNNKERN_SM90A) and the current device is compute capability 9.0.
 bool wgmma_available();

@@ -202,6 +202,30 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a,
 #endif
 }
 
+// One m64nNk8 tf32 wgmma (N = 128 or 64): A (64 x 8) and B (8 x N) K-major fp32 words in shared
+// memory (the PTX ISA has no transposes for tf32), D accumulates; the tensor core reads each word
+// as tf32, so the kernels round the operands to tf32 in shared memory first (round_tf32_16).
+#define CNNKERN_WGMMA_TF32(N, REGS, A, B, OUTS)                                                          \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k8.f32.tf32.tf32 {" REGS "}, %" #A ", %" #B \
+               ", 1, 1, 1;\n"                                                                          \
+               : OUTS                                                                               \
+               : "l"(desc_a), "l"(desc_b))
+
+__device__ __forceinline__ void wgmma_m64n128k8_tf32(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+#if CNNKERN_WGMMA_ASM
+  CNNKERN_WGMMA_TF32(128, CNNKERN_WGMMA_R64, 64, 65, CNNKERN_WGMMA_D64);
+#else
+  no_wgmma();
+#endif
+}
+__device__ __forceinline__ void wgmma_m64n64k8_tf32(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
+#if CNNKERN_WGMMA_ASM
+  CNNKERN_WGMMA_TF32(64, CNNKERN_WGMMA_R32, 32, 33, CNNKERN_WGMMA_D32);
+#else
+  no_wgmma();
+#endif
+}
+
 // D (64 x 64) += A * B with A M-major (64 rows of M contiguous per k) and B N-major (64 columns
 // of N contiguous per k): the layout of a reduction over rows of pixels (the grad-weight GEMM).
 template <bool BF16>

@@ -55,6 +55,19 @@ struct Mma<float> {  // TF32: m16n8k8, A 4 registers (rows gid/gid+8, k tig/tig+
   }
 };
 
+// The four fp32 words of the 16-byte shared-memory chunk at `chunk`, rounded to TF32 in place (to
+// nearest, ties away, as Mma<float>::prepare does in registers): a wgmma reads its tf32 operands
+// straight from shared memory, and rounded words are tf32 values exactly, whichever way the tensor
+// core treats the low mantissa bits of a word.
+__device__ __forceinline__ void round_tf32_16(unsigned char* chunk) {
+  uint4 v = *reinterpret_cast<const uint4*>(chunk);
+  v.x = ptx::cvt_rna_tf32(v.x);
+  v.y = ptx::cvt_rna_tf32(v.y);
+  v.z = ptx::cvt_rna_tf32(v.z);
+  v.w = ptx::cvt_rna_tf32(v.w);
+  *reinterpret_cast<uint4*>(chunk) = v;
+}
+
 // B fragments come from ldmatrix.x4 two column fragments at a time: registers (0, 1) are b0, b1 of
 // fragment 2j, registers (2, 3) those of fragment 2j + 1.
 template <int NT>
@@ -120,9 +133,17 @@ __device__ __forceinline__ uint64_t wgmma_desc_mn128(uint32_t addr) {
 // then one barrier, which makes every thread's copies visible and tells everyone that the buffer
 // refilled after the math (the one read in step kt - 1 - LAG, finished by every thread before
 // this barrier) is free. ASYNC_PROXY: the math reads shared memory through the async proxy
-// (wgmma), so each thread fences its landed copies into it before the barrier.
-template <int STAGES, int LAG = 0, bool ASYNC_PROXY = false, typename Load, typename Compute>
-__device__ __forceinline__ void cp_async_pipeline(int steps, Load&& load, Compute&& compute) {
+// (wgmma), so each thread fences its landed copies into it before the barrier. `landed(step,
+// stage)`, when given, runs in each thread once its copies of that step have landed and before
+// the fence and the barrier: it may rewrite them in place (the TF32 rounding of wgmma operands).
+struct NoLanded {
+  __device__ __forceinline__ void operator()(int, int) const {}
+};
+
+template <int STAGES, int LAG = 0, bool ASYNC_PROXY = false, typename Load, typename Compute,
+          typename Landed = NoLanded>
+__device__ __forceinline__ void cp_async_pipeline(int steps, Load&& load, Compute&& compute,
+                                                  Landed&& landed = Landed{}) {
   constexpr int AHEAD = STAGES - 1 - LAG;
   static_assert(AHEAD >= 1, "at least one step of copies must run ahead of the math");
 #pragma unroll
@@ -132,6 +153,7 @@ __device__ __forceinline__ void cp_async_pipeline(int steps, Load&& load, Comput
   }
   for (int kt = 0; kt < steps; ++kt) {
     ptx::cp_async_wait<AHEAD - 1>();
+    landed(kt, kt % STAGES);
     if constexpr (ASYNC_PROXY) ptx::fence_proxy_async();
     __syncthreads();
     compute(kt % STAGES);

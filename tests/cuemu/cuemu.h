@@ -82,6 +82,9 @@ struct alignas(8) float2 {
   float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
 struct alignas(4) __half2 {
   c10::Half x, y;
 };
@@ -201,8 +204,8 @@ struct WarpScratch {
   bool wgmma_fenced = false;  // a wgmma.fence has been executed
   struct Wgmma {
     uint64_t desc_a, desc_b;
-    int n;            // N of m64nNk16
-    bool bf16;
+    int n;            // N of m64nNkK
+    int type;         // ptx::WgmmaType: f16, bf16 or tf32 (K = 16, 16, 8)
     bool mn;          // M-major A and N-major B (both transpose immediates set), else both K-major
     bool done;        // already computed (eager mode)
     float* d[32];     // each lane's accumulator registers (N / 2 floats)

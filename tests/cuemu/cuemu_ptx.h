@@ -221,17 +221,28 @@ inline void fence_proxy_async() {
 template <int N>
 inline void fence_operands(float (&)[N]) {}
 
-// The 16-bit element at logical shared address `addr` of a 128-byte-swizzled operand: the 16-byte
-// chunk address bits 4-6 XORed with bits 7-9; cp.async data must have been fenced into the async
-// proxy by its writer.
-inline float wgmma_read(uint32_t addr, bool bf16) {
+// The element types of a wgmma's operands: 16-bit f16 or bf16 (k16 steps), or tf32 (k8 steps),
+// read from a 32-bit fp32 word as the tensor core reads a tf32 operand (tf32_bits: the low 13
+// mantissa bits ignored).
+enum class WgmmaType { F16, BF16, TF32 };
+inline int wgmma_bytes(WgmmaType ty) { return ty == WgmmaType::TF32 ? 4 : 2; }
+
+// The element at logical shared address `addr` of a 128-byte-swizzled operand: the 16-byte chunk
+// address bits 4-6 XORed with bits 7-9; cp.async data must have been fenced into the async proxy
+// by its writer.
+inline float wgmma_read(uint32_t addr, WgmmaType ty) {
   const uint32_t phys = addr ^ (((addr >> 7) & 7) << 4);
   const unsigned char* at = smem_at(phys & ~15u, 16, "wgmma operand") + (phys & 15u);
   TORCH_CHECK(!::cuemu::g_block->generic[(phys - kSharedBase) / 16], "cuemu: wgmma reads shared address ", phys,
               ", written by cp.async without a fence.proxy.async of its writer (generic proxy data)");
+  if (ty == WgmmaType::TF32) {
+    uint32_t w;
+    std::memcpy(&w, at, 4);
+    return tf32_bits(w);
+  }
   uint16_t h;
   std::memcpy(&h, at, 2);
-  return half_bits(h, 0, bf16);
+  return half_bits(h, 0, ty == WgmmaType::BF16);
 }
 
 // A matrix descriptor's start address, leading and stride byte offsets; the 128-byte swizzle with
@@ -252,49 +263,53 @@ inline WgmmaDesc wgmma_decode(uint64_t desc) {
 // (r % 8) * 128 bytes, element k at 2k bytes into it, and the 16-byte chunk address bits 4-6 are
 // XORed with bits 7-9 of the shared address (so the atoms must be 1024-aligned for chunk c of row
 // r to sit at chunk c ^ (r % 8)).
-inline float wgmma_operand(uint64_t desc, int row, int k, bool bf16) {
+inline float wgmma_operand(uint64_t desc, int row, int k, WgmmaType ty) {
   const auto [start, lbo, sbo] = wgmma_decode(desc);
-  (void)lbo;  // a k16 step of a K-major operand lies in one 128-byte row
+  (void)lbo;  // a k step (32 bytes) of a K-major operand lies in one 128-byte row
   const uint32_t addr = start + static_cast<uint32_t>(row / 8) * sbo + static_cast<uint32_t>(row % 8) * 128 +
-                        static_cast<uint32_t>(k) * 2;
-  return wgmma_read(addr, bf16);
+                        static_cast<uint32_t>(k * wgmma_bytes(ty));
+  return wgmma_read(addr, ty);
 }
 
 // Element (mn, k) of an MN-major operand (a transpose immediate set) in the 128-byte swizzle: row
 // k of an atom holds 64 consecutive M (or N) elements, element mn at 2*mn bytes into it, 8 rows
-// (k % 8) of 128 bytes to an atom, atoms along K one offset field apart, the same swizzle XOR.
+// (k % 8) of 128 bytes to an atom, atoms along K one offset field apart, the same swizzle XOR
+// (f16/bf16 only: the PTX ISA has no transpose for tf32).
 // Which offset field is the stride along K and which along MN is where readings of the PTX ISA
 // differ for MN-major operands; the kernels avoid the question (one atom along MN, both fields
 // equal: tensor_core.cuh, wgmma_desc_mn128), and anything else is an error here rather than
 // one reading emulated as if it were the hardware's.
-inline float wgmma_operand_mn(uint64_t desc, int mn, int k, bool bf16) {
+inline float wgmma_operand_mn(uint64_t desc, int mn, int k, WgmmaType ty) {
   const auto [start, lbo, sbo] = wgmma_decode(desc);
+  TORCH_CHECK(ty != WgmmaType::TF32, "cuemu: wgmma has no transposed (MN-major) tf32 operands");
   TORCH_CHECK(mn < 64 && lbo == sbo, "cuemu: an MN-major wgmma operand more than one 128-byte atom (64 elements) ",
               "wide, or with different leading and stride byte offsets (", lbo, ", ", sbo, "), is not emulated: ",
               "the two readings of the PTX ISA's offsets disagree there");
   const uint32_t addr = start + static_cast<uint32_t>(k / 8) * sbo + static_cast<uint32_t>(k % 8) * 128 +
                         static_cast<uint32_t>(mn) * 2;
-  return wgmma_read(addr, bf16);
+  return wgmma_read(addr, ty);
 }
 
-// One warp's share of a wgmma m64nNk16: rows 16w..16w+15 (w = warp % 4) of D += A * B^T with A
-// 64 x 16 and B N x 16 (K-major, or MN-major when op.mn), exact products summed in double, one
-// rounding to f32. Lane l, register 4j + e: row 16w + l/4 + 8*(e >= 2), column 8j + 2*(l%4) + (e & 1).
+// One warp's share of a wgmma m64nNkK (K = 16 for f16/bf16, 8 for tf32): rows 16w..16w+15 (w =
+// warp % 4) of D += A * B^T with A 64 x K and B N x K (K-major, or MN-major when op.mn), exact
+// products summed in double, one rounding to f32. Lane l, register 4j + e: row 16w + l/4 +
+// 8*(e >= 2), column 8j + 2*(l%4) + (e & 1).
 inline void wgmma_compute(const ::cuemu::WarpScratch::Wgmma& op, int warp) {
-  const int w = warp % 4;
+  const auto ty = static_cast<WgmmaType>(op.type);
+  const int w = warp % 4, K = ty == WgmmaType::TF32 ? 8 : 16;
   float A[16][16];
   std::vector<float> B(static_cast<size_t>(op.n) * 16);
   auto operand = op.mn ? wgmma_operand_mn : wgmma_operand;
   for (int r = 0; r < 16; ++r)
-    for (int k = 0; k < 16; ++k) A[r][k] = operand(op.desc_a, 16 * w + r, k, op.bf16);
+    for (int k = 0; k < K; ++k) A[r][k] = operand(op.desc_a, 16 * w + r, k, ty);
   for (int c = 0; c < op.n; ++c)
-    for (int k = 0; k < 16; ++k) B[c * 16 + k] = operand(op.desc_b, c, k, op.bf16);
+    for (int k = 0; k < K; ++k) B[c * 16 + k] = operand(op.desc_b, c, k, ty);
   for (int l = 0; l < 32; ++l) {
     for (int reg = 0; reg < op.n / 2; ++reg) {
       const int j = reg / 4, e = reg % 4;
       const int row = l / 4 + 8 * (e >= 2), col = 8 * j + 2 * (l % 4) + (e & 1);
       double acc = 0.0;
-      for (int k = 0; k < 16; ++k) acc += static_cast<double>(A[row][k]) * static_cast<double>(B[col * 16 + k]);
+      for (int k = 0; k < K; ++k) acc += static_cast<double>(A[row][k]) * static_cast<double>(B[col * 16 + k]);
       op.d[l][reg] = static_cast<float>(static_cast<double>(op.d[l][reg]) + acc);
     }
   }
@@ -305,7 +320,7 @@ inline void wgmma_compute(const ::cuemu::WarpScratch::Wgmma& op, int warp) {
 // operation and, in eager mode, computes it at once; in late mode (CUEMU_WGMMA=late) it is
 // computed at the wgmma.wait_group that covers it, reading the shared memory as it is then.
 template <int N>
-inline void wgmma_issue(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool bf16, bool mn = false) {
+inline void wgmma_issue(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, WgmmaType type, bool mn = false) {
   auto& blk = *::cuemu::g_block;
   auto& me = ::cuemu::self();
   float* mine = d;
@@ -317,7 +332,7 @@ inline void wgmma_issue(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, boo
   if (ws.arrived++ == 0) {
     TORCH_CHECK(ws.wgmma_fenced, "cuemu: warp ", me.warp, ": wgmma.mma_async before any wgmma.fence");
     ::cuemu::g_stats.wgmma += 1;
-    ::cuemu::WarpScratch::Wgmma op{desc_a, desc_b, N, bf16, mn, false, {}};
+    ::cuemu::WarpScratch::Wgmma op{desc_a, desc_b, N, static_cast<int>(type), mn, false, {}};
     const int base = me.warp * 32;
     for (int l = 0; l < 32; ++l) {
       const auto& slot = blk.threads[base + l].slot;
@@ -364,16 +379,18 @@ inline void wgmma_wait() {
 
 template <bool BF16>
 inline void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
-  wgmma_issue<128>(d, a, b, BF16);
+  wgmma_issue<128>(d, a, b, BF16 ? WgmmaType::BF16 : WgmmaType::F16);
 }
 template <bool BF16>
 inline void wgmma_m64n64k16(float (&d)[32], uint64_t a, uint64_t b) {
-  wgmma_issue<64>(d, a, b, BF16);
+  wgmma_issue<64>(d, a, b, BF16 ? WgmmaType::BF16 : WgmmaType::F16);
 }
 template <bool BF16>
 inline void wgmma_m64n64k16_mn(float (&d)[32], uint64_t a, uint64_t b) {
-  wgmma_issue<64>(d, a, b, BF16, true);
+  wgmma_issue<64>(d, a, b, BF16 ? WgmmaType::BF16 : WgmmaType::F16, true);
 }
+inline void wgmma_m64n128k8_tf32(float (&d)[64], uint64_t a, uint64_t b) { wgmma_issue<128>(d, a, b, WgmmaType::TF32); }
+inline void wgmma_m64n64k8_tf32(float (&d)[32], uint64_t a, uint64_t b) { wgmma_issue<64>(d, a, b, WgmmaType::TF32); }
 
 }  // namespace ptx
 }  // namespace cnnkern
