@@ -196,6 +196,9 @@ IgemmParams<T> igemm_params(const at::Tensor& src, const at::Tensor& wp, const T
   p.KK = p.R * p.S * p.CK;
   p.sh = g.sh, p.sw = g.sw, p.ph = g.ph, p.pw = g.pw, p.dh = g.dh, p.dw = g.dw;
   p.relu = relu;
+  constexpr int64_t epc = 16 / sizeof(T);  // elements per 16-byte chunk
+  p.vec_store = p.yc == 1 && p.yn % epc == 0 && p.yh % epc == 0 && p.yw % epc == 0 && p.NO % epc == 0 &&
+                aligned16(p.y);
   return p;
 }
 

@@ -75,6 +75,9 @@ struct IgemmParams {
   int sh, sw, ph, pw, dh, dw;
   bool relu;
   float* stats;  // as DirectParams::stats, one row per BM-row block (blockIdx.x), fp32
+  // channels contiguous (yc == 1), the other strides, NO and y's address multiples of 16 bytes:
+  // the epilogue stages the tile in shared memory and stores whole 16-byte chunks of rows
+  bool vec_store;
 };
 
 // Grad-weight: gw(g, o, c, r, s) = sum_{n, p, q} gy[n, g*K + o, p, q] * x[n, g*C + c, p*sh-ph+r*dh, q*sw-pw+s*dw].

@@ -98,11 +98,65 @@ struct GatherB {
   }
 };
 
+// Bias and ReLU on an accumulator pair: output channel o of group g (oc = g*NO + o) and its right
+// neighbour, which exists only where o + 1 < NO.
+template <typename T>
+__device__ __forceinline__ void epilogue_pair(const IgemmParams<T>& p, int oc, int o, float& v0, float& v1) {
+  if (p.bias != nullptr) {
+    v0 += static_cast<float>(p.bias[oc]);
+    if (o + 1 < p.NO) v1 += static_cast<float>(p.bias[oc + 1]);
+  }
+  if (p.relu) {
+    v0 = v0 < 0.f ? 0.f : v0;
+    v1 = v1 < 0.f ? 0.f : v1;
+  }
+}
+
+// The stores of the tile when p.vec_store: the output values go to shared memory as a BM x BN
+// tile of T, then each thread stores whole 16-byte chunks of its rows (a warp writes 512
+// contiguous bytes of a row pair instead of 8 rows x 16 bytes). Chunk c of tile row r sits at
+// chunk c ^ (r % 8) of its row (CPR, the chunks per row, is a multiple of 8): a fragment column's
+// 8 rows are written without a bank conflict.
+template <typename T, int BM, int BN, int MT, int NT>
+__device__ __forceinline__ void igemm_store_staged(const IgemmParams<T>& p, const float (&acc)[MT][NT][4], int m0,
+                                                   int n0, int g, int row0, int col0, unsigned char* smem) {
+  constexpr int EPC = 16 / sizeof(T), CPR = BN / EPC;
+  static_assert(CPR % 8 == 0, "the swizzle takes rows of a multiple of 8 chunks");
+  const int t = threadIdx.x, lane = t % 32;
+  const int gid = lane / 4, tig = lane % 4;
+  auto chunk_at = [&](int r, int c) { return smem + (r * CPR + (c ^ (r & 7))) * 16; };
+  __syncthreads();  // every warp is done with the pipeline's buffers (and the statistics' tile)
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int lr = row0 + i * 16 + gid + 8 * h, lc = col0 + j * 8 + 2 * tig;
+        const int o = n0 + lc;
+        if (o >= p.NO) continue;  // NO is a multiple of EPC: the pair is inside the output or outside
+        float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
+        epilogue_pair(p, g * p.NO + o, o, v0, v1);
+        Mma<T>::store_pair(reinterpret_cast<T*>(chunk_at(lr, lc / EPC) + (lc % EPC) * sizeof(T)), v0, v1);
+      }
+  __syncthreads();
+  const int HoWo = p.Ho * p.Wo;
+  for (int idx = t; idx < BM * CPR; idx += blockDim.x) {
+    const int r = idx / CPR, c = idx % CPR;
+    const int m = m0 + r, o = n0 + c * EPC;
+    if (m >= p.M || o >= p.NO) continue;
+    const int n = m / HoWo, rem = m % HoWo;
+    const int64_t off = static_cast<int64_t>(n) * p.yn + static_cast<int64_t>(rem / p.Wo) * p.yh +
+                        static_cast<int64_t>(rem % p.Wo) * p.yw + g * p.NO + o;
+    *reinterpret_cast<uint4*>(p.y + off) = *reinterpret_cast<const uint4*>(chunk_at(r, c));
+  }
+}
+
 // The epilogue of a BM x BN block tile (group g, first row m0, first column n0) whose warp holds
 // MT x NT m16n8 fragments: fragment (i, j) covers tile rows row0 + 16i .. +15 and columns
 // col0 + 8j .. +7, element e at row gid (+8 for e >= 2), column 2*tig + (e & 1) (the mma.sync
-// and the wgmma accumulator layouts alike). `smem`: the pipeline's buffers, free now, at least
-// BM*BN floats; the block has at least BN threads.
+// and the wgmma accumulator layouts alike). `smem`: the pipeline's buffers, free once every warp
+// has passed the last stage, at least BM*BN floats; the block has at least BN threads.
 template <typename T, int BM, int BN, int MT, int NT>
 __device__ __forceinline__ void igemm_epilogue(const IgemmParams<T>& p, const float (&acc)[MT][NT][4], int m0, int n0,
                                                int g, int row0, int col0, unsigned char* smem) {
@@ -147,6 +201,10 @@ __device__ __forceinline__ void igemm_epilogue(const IgemmParams<T>& p, const fl
       st[2 * K] = m2;
     }
   }
+  if (p.vec_store) {
+    igemm_store_staged<T, BM, BN>(p, acc, m0, n0, g, row0, col0, smem);
+    return;
+  }
   const bool pair_store = p.yc == 1;
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
@@ -163,14 +221,7 @@ __device__ __forceinline__ void igemm_epilogue(const IgemmParams<T>& p, const fl
         if (o >= p.NO) continue;
         const int oc = g * p.NO + o;
         float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
-        if (p.bias != nullptr) {
-          v0 += static_cast<float>(p.bias[oc]);
-          if (o + 1 < p.NO) v1 += static_cast<float>(p.bias[oc + 1]);
-        }
-        if (p.relu) {
-          v0 = v0 < 0.f ? 0.f : v0;
-          v1 = v1 < 0.f ? 0.f : v1;
-        }
+        epilogue_pair(p, oc, o, v0, v1);
         T* dst = p.y + off + static_cast<int64_t>(oc) * p.yc;
         if (pair_store && o + 1 < p.NO && (reinterpret_cast<uintptr_t>(dst) % (2 * sizeof(T))) == 0) {
           Mma<T>::store_pair(dst, v0, v1);
