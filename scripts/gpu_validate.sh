@@ -222,7 +222,9 @@ pytest_gpu() { "$PY" -m pytest -m gpu -q -ra $(xdist_args) --junitxml="$out/pyte
 pytest_all() { "$PY" -m pytest -q -ra $(xdist_args) --junitxml="$out/pytest-all.xml"; }
 selfcheck() { "$PY" -m cnnkern.selfcheck; }
 
-# The bench steps keep what they measured even when a provider failed (the JSON lists failures).
+# The bench steps keep what they measured even when a provider failed (the JSON lists failures);
+# a kernel that leaves the CUDA context unusable or hangs costs only its own figures: `cnnkern
+# bench` runs the suite in a worker process and resumes it in a fresh one without that provider.
 # shellcheck disable=SC2046
 bench() {
   local rc=0

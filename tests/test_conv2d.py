@@ -307,6 +307,11 @@ GPU_LAYERS = {
     "googlenet_5x5": ((2, 24, 13, 13), 40, 5, 1, 2, 1, 1),         # 24 channels: chunks of 8
     "grouped_8": ((2, 64, 12, 12), 64, 3, 1, 1, 1, 4),             # 16 channels per group
     "dilated_big": ((1, 32, 20, 20), 32, 3, 1, 3, 3, 1),
+    # the strided grad-input phase by phase: a stride larger than the filter (a phase no tap
+    # reaches), a 5x5 filter whose phases take 3 or 2 taps, a stride of (2, 1)
+    "stride3_k2": ((2, 16, 10, 11), 24, 2, 3, 0, 1, 1),
+    "stride2_5x5": ((2, 24, 12, 9), 16, 5, 2, 2, 1, 1),
+    "stride2x1": ((1, 16, 9, 8), 16, 3, (2, 1), 1, 1, 1),
 }
 
 

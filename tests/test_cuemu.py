@@ -159,3 +159,25 @@ def test_auto_takes_wgmma_on_sm90_and_mma_sync_elsewhere(emu, cc, monkeypatch):
         _, _, mma, wgmma = emu.cuemu_stats()
         sixteen = dtype != torch.float32
         assert (wgmma > 0, mma > 0) == (on_wgmma and sixteen, cc == "80" and sixteen), (dtype, mma, wgmma)
+
+
+@pytest.mark.parametrize("algo", ["igemm", "wgmma"])
+def test_strided_grad_input_computes_only_the_taps_that_reach_each_phase(emu, algo):
+    """The implicit GEMM's grad-input of a stride-2 convolution runs phase by phase (conv2d.cu:
+    dgrad_phases): a 1x1 stride-2 layer's grad-input on a 16x16 image costs the tensor-core
+    operations of a stride-1 one on the 8x8 image of the pixels its taps reach (the three other
+    phases are zero-filled), where the whole-image GEMM would take four times as many; and it is
+    right (into a NaN-filled output)."""
+    w = torch.randn(64, 64, 1, 1, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    counts = []
+    for size, stride in ((16, 2), (8, 1)):
+        gy = torch.randn(2, 64, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+        gx = torch.full((2, 64, size, size), float("nan"), dtype=torch.float16).contiguous(
+            memory_format=torch.channels_last)
+        emu.cuemu_stats()
+        emu.conv2d_backward_input_cuda(gy, w, gx, [stride] * 2, [0, 0], [1, 1], 1, algo, False)
+        _, _, mma, wgmma = emu.cuemu_stats()
+        counts.append(wgmma if algo == "wgmma" else mma)
+        ref = torch.nn.grad.conv2d_input((2, 64, size, size), w.double(), gy.double(), stride)
+        assert not gx.isnan().any() and torch.allclose(gx.double(), ref, rtol=1e-2, atol=1e-2)
+    assert counts[0] == counts[1] > 0, counts

@@ -17,8 +17,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
 #include "conv2d.h"
@@ -294,6 +296,38 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
 // ------------------------------------------------------------------------------------------------
 // grad-input
 // ------------------------------------------------------------------------------------------------
+// The implicit GEMM's grad-input of a strided convolution, phase by phase: the input pixels
+// (h, w) with h % sh = a and w % sw = b receive gradient only through the filter taps r with
+// (a + ph - r) % sh = 0 (r = r0, r0 + sh, ...) and likewise s, so each phase is a stride-1
+// grad-input over those taps (c_h = (a + ph - r0) / sh: the shift of tap i = (r - r0) / sh,
+// hs = hq + c_h - i for phase row hq = (h - a) / sh) written into the strided view
+// gx[:, :, a::sh, b::sw]; a phase that no tap reaches is zero. One phase of the whole geometry
+// when the stride is 1 or the dilation is not (then the kernel skips the taps between strides).
+struct DgradPhase {
+  int64_t a, b, r0, s0;  // the phase's first pixel and first taps
+  int64_t step_h, step_w;  // of its pixels and taps: the stride, or 1 for the one whole phase
+  ConvGeom g;  // the phase's geometry: H, W, R, S its own, stride 1, padding (c_h, c_w)
+};
+
+std::vector<DgradPhase> dgrad_phases(const ConvGeom& g) {
+  if ((g.sh == 1 && g.sw == 1) || g.dh != 1 || g.dw != 1) return {DgradPhase{0, 0, 0, 0, 1, 1, g}};
+  std::vector<DgradPhase> phases;
+  for (int64_t a = 0; a < std::min<int64_t>(g.sh, g.H); ++a) {
+    for (int64_t b = 0; b < std::min<int64_t>(g.sw, g.W); ++b) {
+      DgradPhase ph{a, b, (a + g.ph) % g.sh, (b + g.pw) % g.sw, g.sh, g.sw, g};
+      ph.g.H = (g.H - a + g.sh - 1) / g.sh;
+      ph.g.W = (g.W - b + g.sw - 1) / g.sw;
+      ph.g.R = ph.r0 < g.R ? (g.R - ph.r0 + g.sh - 1) / g.sh : 0;
+      ph.g.S = ph.s0 < g.S ? (g.S - ph.s0 + g.sw - 1) / g.sw : 0;
+      ph.g.ph = static_cast<int>((a + g.ph - ph.r0) / g.sh);
+      ph.g.pw = static_cast<int>((b + g.pw - ph.s0) / g.sw);
+      ph.g.sh = ph.g.sw = 1;
+      phases.push_back(ph);
+    }
+  }
+  return phases;
+}
+
 void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& gx,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups, c10::string_view algo_sv, bool tf32) {
@@ -313,11 +347,22 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
     if (kernel != Algo::Direct) {
       if constexpr (kTensorCore<scalar_t>) {
         const at::Tensor gs = aligned_copy(grad.contiguous(at::MemoryFormat::ChannelsLast));
-        // wp[g*Cg + c][(r*S + s)*Kg + k] = w[g*Kg + k][c][r][s]
-        const at::Tensor wp = aligned_copy(
-            w.reshape({g.G, g.Kg, g.Cg, g.R, g.S}).permute({0, 2, 3, 4, 1}).contiguous().view({g.G * g.Cg, -1}));
-        const IgemmParams<scalar_t> p = igemm_params<scalar_t>(gs, wp, nullptr, gx, g, false);
-        launch_tensor_core<scalar_t>(p, kernel, true, igemm_tile(rows, g.Cg, g.G), stream);
+        // wp[g*Cg + c][(r*S + s)*Kg + k] = wt[g*Kg + k][c][r][s] (wt: the filter or a tap subset)
+        auto pack = [&](const at::Tensor& wt) {
+          return aligned_copy(wt.reshape({g.G, g.Kg, g.Cg, wt.size(2), wt.size(3)})
+                                  .permute({0, 2, 3, 4, 1}).contiguous().view({g.G * g.Cg, -1}));
+        };
+        for (const DgradPhase& ph : dgrad_phases(g)) {
+          at::Tensor out = gx.slice(2, ph.a, g.H, ph.step_h).slice(3, ph.b, g.W, ph.step_w);
+          if (ph.g.R == 0 || ph.g.S == 0) {  // no filter tap reaches these pixels: their gradient is zero
+            out.zero_();
+            continue;
+          }
+          const at::Tensor wt = w.slice(2, ph.r0, g.R, ph.step_h).slice(3, ph.s0, g.S, ph.step_w);
+          const at::Tensor wp = pack(wt);  // (freed after the launch: the allocator orders its reuse after the kernel)
+          const IgemmParams<scalar_t> p = igemm_params<scalar_t>(gs, wp, nullptr, out, ph.g, false);
+          launch_tensor_core<scalar_t>(p, kernel, true, igemm_tile(p.M, g.Cg, g.G), stream);
+        }
         return;
       }
     }
