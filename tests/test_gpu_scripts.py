@@ -74,7 +74,8 @@ def test_the_deadline_shortens_a_cap_and_the_bench_stops_in_time(stub, tmp_path)
     limit = int(args[args.index("--time-limit") + 1])
     # its share is what is left of the deadline after the first steps (under 98 s), not its cap
     # of 150; under two minutes the bench gets half of its share, above, the share less a minute
-    assert 30 <= limit <= 49
+    # (how far under 49 depends on how long the first steps took on this machine)
+    assert 0 < limit <= 49
 
 
 def test_a_step_past_the_deadline_is_skipped_and_listed(stub, tmp_path):
@@ -95,8 +96,9 @@ def test_lease_script_packs_one_archive(stub, tmp_path):
     r = _run(LEASE, [], stub)
     assert r.returncode == 2 and "usage" in r.stderr
     archive = tmp_path / "lease.tgz"
-    r = _run(LEASE, [str(archive)], stub, DEADLINE_S="60", RESERVE_S="2", STEPS="bench-quick pytest-cuda-conv:2",
-             CNNKERN_GIT_COMMIT="abc1234")
+    # (a deadline far from reach and no minimum share: a loaded machine does not skip a step)
+    r = _run(LEASE, [str(archive)], stub, DEADLINE_S="300", RESERVE_S="2", STEP_MIN_S="1",
+             STEPS="bench-quick pytest-cuda-conv:2", CNNKERN_GIT_COMMIT="abc1234")
     assert archive.exists(), r.stdout + r.stderr
     with tarfile.open(archive) as tar:
         names = tar.getnames()
