@@ -20,8 +20,10 @@ weight. Two kernels:
 
 dgrad (grad_x = conv_transpose(grad_y, w)) is the same implicit GEMM with rows = input pixels
 (n, h, w) and reduction over (r, s, k): grad_y[n, k, p, q] contributes where
-h = p*sh - ph + r*dh, i.e. p = (h + ph - r*dh) / sh when that divides exactly; for stride > 1 the
-non-dividing taps are masked, so no zero-inserted grad_y is ever materialised.
+h = p*sh - ph + r*dh, i.e. p = (h + ph - r*dh) / sh when that divides exactly. For stride > 1
+(dilation 1) the launcher runs it phase by phase (dgrad_phases): the pixels of one stride phase
+take only the taps that divide exactly, as a stride-1 GEMM over strided views of w and grad_x;
+with dilation the non-dividing taps are masked. No zero-inserted grad_y is ever materialised.
 
 wgrad (grad_w[k, c, r, s] = sum over (n, p, q) of grad_y * x) reduces over all M output pixels:
 the M range is split into SPLIT chunks (split-K) written as fp32 partials to a workspace that
