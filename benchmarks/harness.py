@@ -393,16 +393,18 @@ def _ident(provider: str, fields: dict) -> tuple:
 
 
 # the hang watchdog (run_ops watchdog=True, in the worker process of `cnnkern bench`): a check or
-# timing that has not returned after hang_limit(provider) seconds is taken for a hung kernel
+# timing that has not returned after hang_limit(provider, op) seconds is taken for a hung kernel
 HANG_S = 180.0           # a kernel check or timing: far more than any case takes, first compilation included
-HANG_COMPILE_S = 1800.0  # a provider that compiles with max-autotune inside its check (Inductor)
+HANG_COMPILE_S = 1800.0  # what compiles a lot inside one check: Inductor (max-autotune), and a whole
+                         # network, whose first pass compiles and autotunes every layer's kernels
 HANG_EXIT = 3            # the worker's exit status after the watchdog saved a hung op
 _ACTIVE: tuple[str, str, dict, float] | None = None  # (provider, stage, fields, start) under way
 
 
-def hang_limit(provider: str) -> float:
-    """Seconds a check or timing of ``provider`` may take before the watchdog calls it hung."""
-    return HANG_COMPILE_S if provider == INDUCTOR else HANG_S
+def hang_limit(provider: str, op: str | None = None) -> float:
+    """Seconds a check or timing of ``provider`` (in op ``op``) may take before the watchdog calls
+    it hung."""
+    return HANG_COMPILE_S if provider == INDUCTOR or op == "models" else HANG_S
 
 
 @contextlib.contextmanager
@@ -839,7 +841,7 @@ def watchdog_tick(echo=print) -> bool:
     if active is None or run is None:
         return False
     provider, stage, fields, started = active
-    limit = hang_limit(provider)
+    limit = hang_limit(provider, fields.get("op"))
     if _clock() - started <= limit:
         return False
     got = _CURRENT if _CURRENT is not None else Records()

@@ -508,7 +508,8 @@ def test_run_ops_saves_a_hung_op_and_an_interrupted_one(monkeypatch, tmp_path):
     suite = _fake_suite(monkeypatch, tmp_path, run)
     clock = [0.0]
     monkeypatch.setattr(harness, "_clock", lambda: clock[0])
-    assert harness.hang_limit(harness.INDUCTOR) > harness.hang_limit("cuda") == harness.HANG_S
+    assert harness.hang_limit(harness.INDUCTOR) > harness.hang_limit("cuda", "conv2d") == harness.HANG_S
+    assert harness.hang_limit("triton", "models") == harness.HANG_COMPILE_S  # a network's first pass compiles
     with pytest.raises(KeyboardInterrupt):
         suite(run_id="r2")
     assert ticks == [False, True]
