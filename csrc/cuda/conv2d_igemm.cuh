@@ -112,6 +112,21 @@ __device__ __forceinline__ void epilogue_pair(const IgemmParams<T>& p, int oc, i
   }
 }
 
+// fn(lr, lc, a0, a1) for each accumulator pair of the warp's MT x NT fragments: tile row lr,
+// tile columns lc and lc + 1 (the fragment layout of igemm_epilogue below).
+template <int MT, int NT, typename Fn>
+__device__ __forceinline__ void for_each_pair(const float (&acc)[MT][NT][4], int row0, int col0, Fn&& fn) {
+  const int lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        fn(row0 + i * 16 + gid + 8 * h, col0 + j * 8 + 2 * tig, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+      }
+}
+
 // The stores of the tile when p.vec_store: the output values go to shared memory as a BM x BN
 // tile of T, then each thread stores whole 16-byte chunks of its rows (a warp writes 512
 // contiguous bytes of a row pair instead of 8 rows x 16 bytes). Chunk c of tile row r sits at
@@ -122,23 +137,15 @@ __device__ __forceinline__ void igemm_store_staged(const IgemmParams<T>& p, cons
                                                    int n0, int g, int row0, int col0, unsigned char* smem) {
   constexpr int EPC = 16 / sizeof(T), CPR = BN / EPC;
   static_assert(CPR % 8 == 0, "the swizzle takes rows of a multiple of 8 chunks");
-  const int t = threadIdx.x, lane = t % 32;
-  const int gid = lane / 4, tig = lane % 4;
+  const int t = threadIdx.x;
   auto chunk_at = [&](int r, int c) { return smem + (r * CPR + (c ^ (r & 7))) * 16; };
   __syncthreads();  // every warp is done with the pipeline's buffers (and the statistics' tile)
-#pragma unroll
-  for (int i = 0; i < MT; ++i)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int lr = row0 + i * 16 + gid + 8 * h, lc = col0 + j * 8 + 2 * tig;
-        const int o = n0 + lc;
-        if (o >= p.NO) continue;  // NO is a multiple of EPC: the pair is inside the output or outside
-        float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
-        epilogue_pair(p, g * p.NO + o, o, v0, v1);
-        Mma<T>::store_pair(reinterpret_cast<T*>(chunk_at(lr, lc / EPC) + (lc % EPC) * sizeof(T)), v0, v1);
-      }
+  for_each_pair(acc, row0, col0, [&](int lr, int lc, float v0, float v1) {
+    const int o = n0 + lc;
+    if (o >= p.NO) return;  // NO is a multiple of EPC: the pair is inside the output or outside
+    epilogue_pair(p, g * p.NO + o, o, v0, v1);
+    Mma<T>::store_pair(reinterpret_cast<T*>(chunk_at(lr, lc / EPC) + (lc % EPC) * sizeof(T)), v0, v1);
+  });
   __syncthreads();
   const int HoWo = p.Ho * p.Wo;
   for (int idx = t; idx < BM * CPR; idx += blockDim.x) {
@@ -169,19 +176,13 @@ __device__ __forceinline__ void igemm_epilogue(const IgemmParams<T>& p, const fl
     // E[y^2] - E[y]^2).
     float* sC = reinterpret_cast<float*>(smem);
     __syncthreads();  // every warp is done with the last stage
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const int lr = row0 + i * 16 + gid + 8 * h, lc = col0 + j * 8 + 2 * tig;
-          const int o = n0 + lc;
-          const float b0 = (p.bias != nullptr && o < p.NO) ? static_cast<float>(p.bias[g * p.NO + o]) : 0.f;
-          const float b1 = (p.bias != nullptr && o + 1 < p.NO) ? static_cast<float>(p.bias[g * p.NO + o + 1]) : 0.f;
-          sC[lr * BN + lc] = acc[i][j][2 * h] + b0;
-          sC[lr * BN + lc + 1] = acc[i][j][2 * h + 1] + b1;
-        }
+    for_each_pair(acc, row0, col0, [&](int lr, int lc, float a0, float a1) {
+      const int o = n0 + lc;
+      const float b0 = (p.bias != nullptr && o < p.NO) ? static_cast<float>(p.bias[g * p.NO + o]) : 0.f;
+      const float b1 = (p.bias != nullptr && o + 1 < p.NO) ? static_cast<float>(p.bias[g * p.NO + o + 1]) : 0.f;
+      sC[lr * BN + lc] = a0 + b0;
+      sC[lr * BN + lc + 1] = a1 + b1;
+    });
     __syncthreads();
     const int rows = min(BM, p.M - m0);
     const int o = n0 + t;
