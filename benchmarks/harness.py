@@ -381,11 +381,9 @@ _CURRENT: Records | None = None   # the running module's records (kept when it s
 _DEADLINE: float | None = None    # time.monotonic() after which no check or timing starts
 _FAILURE_FIELDS = ("op", "case", "shape", "dtype", "layout", "direction")
 _clock = time.monotonic           # the time limit's clock (tests replace it)
-# a run resumed after a device fault (run_ops run_id=): the running op's timings made before the
-# fault, by (provider, *_FAILURE_FIELDS), reused instead of timed again; and the providers that
-# faulted the device in this op, not run again in it
-_PRIOR: dict[tuple, Result] = {}
-_SKIP: frozenset[str] = frozenset()
+# a run resumed after a device fault (run_ops run_id=): _RUN (below), the op under way, holds
+# its timings made before the fault, by _ident, reused instead of timed again, and the providers
+# that faulted the device in it, not run again in it
 
 
 def _ident(provider: str, fields: dict) -> tuple:
@@ -466,10 +464,9 @@ def verify(records: Records, provider: str, check, **fields) -> bool:
     when the error left the CUDA context unusable. In a resumed run a check that passed before
     the fault is not run again (True), and a provider that faulted the device in this op is not
     run at all (False; its failure is already recorded)."""
-    key = _ident(provider, fields)
-    if key in _PRIOR:
+    if _RUN is not None and _ident(provider, fields) in _RUN.prior:
         return True
-    if provider in _SKIP:
+    if _RUN is not None and provider in _RUN.faulted:
         return False
     _check_deadline()
     try:
@@ -488,7 +485,7 @@ def measure(records: Records, fn, *, provider: str, warmup_ms: float, rep_ms: fl
     (False). Raises :class:`TimeLimitReached` past the time limit (before timing), and
     :class:`DeviceFault` as :func:`verify` does. In a resumed run a timing made before the fault
     is reused, not repeated."""
-    prior = _PRIOR.get(_ident(provider, fields))
+    prior = _RUN.prior.get(_ident(provider, fields)) if _RUN is not None else None
     if prior is not None:
         records.append(prior)
         return True
@@ -830,7 +827,12 @@ class _OpRun:
         return path
 
 
-_RUN: _OpRun | None = None  # the op under way (the watchdog saves it when a kernel hangs)
+_RUN: _OpRun | None = None  # the op under way (verify/measure resume it; the watchdog saves it)
+
+
+def _current_records() -> Records:
+    """What the running benchmark module has recorded so far (empty before its first record)."""
+    return _CURRENT if _CURRENT is not None else Records()
 
 
 def watchdog_tick(echo=print) -> bool:
@@ -844,7 +846,7 @@ def watchdog_tick(echo=print) -> bool:
     limit = hang_limit(provider, fields.get("op"))
     if _clock() - started <= limit:
         return False
-    got = _CURRENT if _CURRENT is not None else Records()
+    got = _current_records()
     got.failures.append({**{k: fields[k] for k in _FAILURE_FIELDS if k in fields}, "provider": provider,
                          "stage": stage, "error": f"hung: no result after {limit:.0f} s"})
     run.save(got, run.fault(provider, f"{provider} did not finish its {stage} of {fields.get('case')} in "
@@ -900,7 +902,7 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
     Returns:
         The JSON paths of the run (see :func:`run_status` for their failures and stops).
     """
-    global _SUITE, _FORCE_GRAPH, _DEADLINE, _CURRENT, _PRIOR, _SKIP, _RUN
+    global _SUITE, _FORCE_GRAPH, _DEADLINE, _CURRENT, _RUN
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     t0 = _clock()
@@ -948,12 +950,11 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
             _FORCE_GRAPH = graph and op != "models"
             _CURRENT = None
             _RUN = run = _OpRun(op, earlier.get(op), [o for o, _, _ in todo[n + 1:]], env, ceilings, out_dir)
-            _PRIOR, _SKIP = run.prior, frozenset(run.faulted)
             stopped = None
             try:
                 got = module.run(progress=progress, **{k: v for k, v in kwargs.items() if k != "progress"})
             except (TimeLimitReached, DeviceFault) as exc:
-                got = _CURRENT if _CURRENT is not None else Records()
+                got = _current_records()
                 if isinstance(exc, TimeLimitReached):
                     stopped = (f"time limit: {time_limit:g} s passed after {_clock() - t0:.0f} s, during this op "
                                f"({len(got)} timings); not run: {', '.join(run.later) or 'nothing'}")
@@ -961,7 +962,7 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
                     stopped = run.fault(exc.provider, str(exc))
             except KeyboardInterrupt:  # SIGINT (a lease's end, Ctrl-C): keep what was measured
                 _RUN = None
-                run.save(_CURRENT if _CURRENT is not None else Records(),
+                run.save(_current_records(),
                          f"interrupted after {_clock() - t0:.0f} s; not run: the rest of this op and "
                          f"{', '.join(run.later) or 'nothing'}", echo=echo)
                 raise
@@ -975,7 +976,6 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
         _DEADLINE = None
         _CURRENT = None
         _RUN = None
-        _PRIOR, _SKIP = {}, frozenset()
         if _SUITE is not None:
             _SUITE.close()
         _SUITE = None

@@ -509,24 +509,25 @@ def dgrad_phases(stride, padding, dilation):
     does it: the input pixels (h, w) with h % sh = a, w % sw = b receive gradient only through
     the taps r = r0, r0 + sh, ... with r0 = (a + ph) % sh (likewise s), so each phase is a
     stride-1 grad-input over those taps, with padding ((a + ph - r0) / sh, (b + pw - s0) / sw),
-    written into gx[:, :, a::sh, b::sw]. Yields (a, b, r0, s0, padding) for each phase; one phase,
-    (0, 0, 0, 0, padding), for stride 1 or a dilated filter (whose kernel skips the taps between
-    strides itself). The caller slices with step ``stride`` only when there are several."""
+    written into gx[:, :, a::sh, b::sw]. Yields, per phase, ``(a, b, r0, s0, step, stride,
+    padding, dilation)``: where its pixels and taps start, the step between them, and the
+    geometry of its GEMM. Stride 1, or a dilated filter (whose kernel skips the taps between
+    strides itself), is one phase: the whole tensors, step 1, the convolution's own geometry."""
     (sh, sw), (ph, pw) = stride, padding[:2]
     if (sh, sw) == (1, 1) or tuple(dilation) != (1, 1):
-        yield 0, 0, 0, 0, (ph, pw)
+        yield 0, 0, 0, 0, (1, 1), tuple(stride), (ph, pw), tuple(dilation)
         return
     for a in range(sh):
         for b in range(sw):
             r0, s0 = (a + ph) % sh, (b + pw) % sw
-            yield a, b, r0, s0, ((a + ph - r0) // sh, (b + pw - s0) // sw)
+            yield a, b, r0, s0, (sh, sw), (1, 1), ((a + ph - r0) // sh, (b + pw - s0) // sw), (1, 1)
 
 
 def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precision: str) -> None:
     """grad_x (N, C, H, W, preallocated, any strides) from grad_y (N, K, P, Q) and w; a strided
     convolution's phase by phase (:func:`dgrad_phases`), each over only the taps that reach it."""
     N, C, H, W = gx.shape
-    K, Cg, R, S = w.shape
+    K, Cg = w.shape[:2]
     _, _, P, Q = gy.shape
     if N * H * W == 0 or C == 0:
         return
@@ -535,10 +536,8 @@ def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precisio
         return
     for name, t in (("grad_output", gy), ("weight", w), ("grad_input", gx)):
         _check_int32_extent(name, t)
-    phases = list(dgrad_phases(stride, padding, dilation))
-    step_h, step_w = (stride[0], stride[1]) if len(phases) > 1 else (1, 1)
-    st, dil = ((1, 1), (1, 1)) if len(phases) > 1 else (stride, dilation)
-    for a, b, r0, s0, pad in phases:
+    cl = _is_cl(gx)
+    for a, b, r0, s0, (step_h, step_w), st, pad, dil in dgrad_phases(stride, padding, dilation):
         gxv = gx[:, :, a::step_h, b::step_w]
         wv = w[:, :, r0::step_h, s0::step_w]
         _, _, Hv, Wv = gxv.shape
@@ -550,7 +549,6 @@ def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precisio
             gxv.zero_()
             continue
         grid = lambda meta, M=M: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups)  # noqa: E731
-        cl = _is_cl(gx)
         _launch(_dgrad_kernel, grid, (M, K // groups, Cg, Rv, Sv, cl, gy.dtype), gy, wv, gxv, M, Hv, Wv, P, Q, Cg,
                 K // groups, *gy.stride(), *wv.stride(), *gxv.stride(), st[0], st[1], pad[0], pad[1],
                 dil[0], dil[1], R=Rv, S=Sv, IS_CL_X=cl, ACC=_acc(gx.dtype), PREC=precision)

@@ -475,7 +475,7 @@ def test_run_ops_resumes_a_device_fault_in_a_fresh_process(monkeypatch, tmp_path
     assert len(json.load(open(paths[1]))["results"]) == 4  # fake2 ran (the older run's file was not this run's)
     status = harness.run_status(paths)
     assert not status["device_fault"] and status["failures"] == 1 and status["faulted"] == ["fake: triton"]
-    assert harness._PRIOR == {} and harness._SKIP == frozenset()
+    assert harness._RUN is None  # no prior timings or skipped providers left for the next run
 
     timed.clear()  # resumed again: every op finished, nothing runs
     assert suite(run_id=run_id) == paths and timed == []
