@@ -137,6 +137,20 @@ def conv_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias, stride, padd
     return list(stride), pad, list(dilation)
 
 
+def residual(op: str, residual, x: torch.Tensor, out_shape, unbatched: bool):
+    """A fused residual (or None): a floating tensor of exactly the output's shape (3-D for an
+    unbatched input; no broadcasting), with the input's dtype and device. Returns it 4-D."""
+    if residual is None:
+        return None
+    tensor(op, "residual", residual)
+    same_dtype_device(op, "input", x, residual=residual)
+    want = tuple(out_shape[1:]) if unbatched else tuple(out_shape)
+    if tuple(residual.shape) != want:
+        raise ValueError(f"{op}: residual must have the output's shape {want}, got {tuple(residual.shape)} "
+                         "(no broadcasting; an option-A shortcut goes through residual_add)")
+    return residual.unsqueeze(0) if unbatched else residual
+
+
 def real(op: str, name: str, value) -> float:
     """A real number (int or float, not bool)."""
     import numbers

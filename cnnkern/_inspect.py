@@ -137,13 +137,17 @@ def _conv_specs():
     import triton.language as tl
 
     strides16 = ("sxn", "sxh", "sxw", "swk", "swr", "sws", "syn", "syp", "syq", "Cg", "Kg")
-    fwd = dict(R=3, S=3, IS_CL_X=True, HAS_BIAS=True, RELU=True, STATS=False, ACC=tl.float32, PREC="ieee")
+    fwd = dict(R=3, S=3, IS_CL_X=True, HAS_BIAS=True, HAS_RES=False, RELU=True, STATS=False, ACC=tl.float32,
+               PREC="ieee")
     return [
         TritonSpec("conv2d forward 3x3, bf16 NHWC", "conv2d", "_fwd_kernel", "bf16", fwd,
                    ones=("sxc", "swc", "syk"), div16=strides16, gate=True),
         TritonSpec("conv2d forward 1x1 (GEMM), bf16 NHWC", "conv2d", "_fwd_1x1_kernel", "bf16",
                    {**fwd, "R": 1, "S": 1}, ones=("sxc", "swc", "syk", "swr", "sws", "sh", "sw"), div16=strides16,
                    gate=True),
+        TritonSpec("conv2d forward 1x1 + residual + ReLU, bf16 NHWC", "conv2d", "_fwd_1x1_kernel", "bf16",
+                   {**fwd, "R": 1, "S": 1, "HAS_RES": True}, ones=("sxc", "swc", "syk", "swr", "sws", "sh", "sw"),
+                   div16=strides16, gate=True),
         TritonSpec("conv2d forward 7x7 C=3, bf16 NHWC", "conv2d", "_fwd_small_c_kernel", "bf16",
                    {**fwd, "R": 7, "S": 7}, ones=("sxc", "swc", "syk"), div16=("sxn", "syn", "syp", "syq", "Kg"),
                    gate=True),
@@ -216,8 +220,11 @@ def _triton_fn(spec: TritonSpec):
     mod = importlib.import_module(f"cnnkern.kernels.{spec.module}")
     obj = getattr(mod, spec.kernel)
     configs = spec.configs
-    if configs is None:  # an Autotuner: its configurations
-        configs = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in obj.configs]
+    if configs is None:  # an Autotuner: the configurations it would time on a GPU for this call
+        pruned = obj.configs
+        if hasattr(mod, "gpu_configs"):
+            pruned = mod.gpu_configs(pruned, **spec.constexprs)
+        configs = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in pruned]
         obj = obj.fn
     return obj, configs
 

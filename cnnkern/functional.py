@@ -60,9 +60,10 @@ def residual_add(x: torch.Tensor, shortcut: torch.Tensor, relu: bool = True, bac
 
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
-           dilation=1, groups: int = 1, *, activation: str | None = None, backend: str | None = None) -> torch.Tensor:
+           dilation=1, groups: int = 1, *, activation: str | None = None, residual: torch.Tensor | None = None,
+           backend: str | None = None) -> torch.Tensor:
     """2-D convolution with the semantics of ``torch.nn.functional.conv2d``, plus an optional fused
-    ReLU epilogue.
+    epilogue: ``activation(conv2d(input, weight, bias) + residual)``.
 
     Args:
         input: (N, C, H, W) or unbatched (C, H, W); float16, bfloat16, float32 or float64; any
@@ -74,6 +75,10 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
             an even kernel pads one more at the bottom/right, as PyTorch does).
         groups: positive, divides C and K.
         activation: None or "relu", applied in the kernel's epilogue.
+        residual: None, or a tensor of the output's shape (no broadcasting), dtype and device,
+            any layout, added in the epilogue before the activation (cuDNN's
+            conv-bias-add-activation; a ResNet block's shortcut): the sum is never written out
+            and read back. Differentiable (its gradient is the activation's masked gradient).
         backend: "auto" | "triton" | "cuda" | "torch", or None for the default.
 
     Returns:
@@ -85,17 +90,19 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """
     op = "conv2d"
     x = _batched(op, input)
-    x, weight, bias = _autocast.cast(op, x.device.type, x, weight, bias)
+    x, weight, bias, residual = _autocast.cast(op, x.device.type, x, weight, bias, residual)
     if activation not in (None, "relu"):
         raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
     stride_, pad, dilation_ = _checks.conv_args(op, x, weight, bias, stride, padding, dilation, groups)
+    res = _checks.residual(op, residual, x, _ops.conv2d.output_size(x.shape, weight.shape, stride_, pad, dilation_),
+                           input.dim() == 3)
     name = _backend.resolve(op, backend, x.device)
     if name == "torch":
-        y = reference.conv2d(x, weight, bias, stride, padding, dilation, groups, activation)
+        y = reference.conv2d(x, weight, bias, stride, padding, dilation, groups, activation, res)
         if _ops._common.output_channels_last(x) or _ops._common.output_channels_last(weight):
             y = y.contiguous(memory_format=torch.channels_last)  # PyTorch's CUDA fp64 conv returns NCHW
     else:
-        y = _ops.conv2d.conv2d_call(x, weight, bias, stride_, pad, dilation_, groups, activation == "relu",
+        y = _ops.conv2d.conv2d_call(x, weight, bias, res, stride_, pad, dilation_, groups, activation == "relu",
                                     _precision(x), name)
     return y.squeeze(0) if input.dim() == 3 else y
 
@@ -112,8 +119,10 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                  running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                  bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, training: bool = False,
                  momentum: float | None = 0.1, eps: float = 1e-5, stride=1, padding=0, dilation=1, groups: int = 1,
-                 relu: bool = True, *, backend: str | None = None) -> torch.Tensor:
-    """``relu(batch_norm(conv2d(input, weight, bias), ...))`` with PyTorch's BatchNorm semantics.
+                 relu: bool = True, *, residual: torch.Tensor | None = None,
+                 backend: str | None = None) -> torch.Tensor:
+    """``relu(batch_norm(conv2d(input, weight, bias), ...) + residual)`` with PyTorch's BatchNorm
+    semantics.
 
     Args:
         input, weight, bias, stride, padding, dilation, groups: as :func:`conv2d`.
@@ -126,18 +135,25 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         momentum: a float in [0, 1]. PyTorch's ``momentum=None`` (cumulative average) needs the
             batch count, which only the module keeps: use :class:`cnnkern.nn.ConvBNReLU2d`.
         eps: added to the variance.
-        relu: apply the ReLU.
+        relu: apply the ReLU (after the residual).
+        residual: None, or a tensor of the output's shape (no broadcasting), dtype and device, any
+            layout: a ResNet block's shortcut, added after BatchNorm and before the ReLU, in the
+            kernel that applies them (no separate residual add). Differentiable.
         backend: "auto" | "triton" | "cuda" | "torch", or None for the default.
 
-    Eval runs one convolution with BatchNorm folded into its weights and bias and the ReLU in its
-    epilogue. Training runs the convolution with per-channel statistics computed in its
-    epilogue (no extra pass over its output), then one normalise + ReLU pass; the backward fuses
-    BatchNorm's two reductions into one pass and reuses the convolution's backward kernels.
+    Eval runs one convolution with BatchNorm folded into its weights and bias and the residual
+    and ReLU in its epilogue. Training runs the convolution with per-channel statistics computed
+    in its epilogue (no extra pass over its output), then one normalise (+ residual) + ReLU
+    pass; the backward fuses BatchNorm's two reductions into one pass and reuses the
+    convolution's backward kernels.
     """
     op = "conv_bn_relu"
     x = _batched(op, input)
-    x, weight, bias = _autocast.cast(op, x.device.type, x, weight, bias)  # the BatchNorm tensors keep theirs
+    # the BatchNorm tensors keep their dtypes
+    x, weight, bias, residual = _autocast.cast(op, x.device.type, x, weight, bias, residual)
     stride_, pad, dilation_ = _checks.conv_args(op, x, weight, bias, stride, padding, dilation, groups)
+    shape = _ops.conv2d.output_size(x.shape, weight.shape, stride_, pad, dilation_)
+    res = _checks.residual(op, residual, x, shape, input.dim() == 3)
     k = weight.shape[0]
     _checks.bn_args(op, x, k, running_mean=running_mean, running_var=running_var, bn_weight=bn_weight,
                     bn_bias=bn_bias)
@@ -154,7 +170,7 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     batch_stats = training or running_mean is None
     empty = False
     if batch_stats:
-        _, _, p, q = _ops.conv2d.output_size(x.shape, weight.shape, stride_, pad, dilation_)
+        _, _, p, q = shape
         if x.shape[0] * p * q == 1:  # PyTorch's rule; an empty batch is allowed (below)
             raise ValueError(f"{op}: expected more than 1 value per channel when training, got output of "
                              f"{x.shape[0] * p * q} value(s) per channel (input {tuple(input.shape)})")
@@ -166,20 +182,21 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         # exactly that through the one convolution (no statistics of zero values are formed).
         neutral = (torch.zeros(k, dtype=weight.dtype, device=x.device), torch.ones(k, dtype=weight.dtype, device=x.device))
         w, b = fold_bn(weight, bias, *neutral, bn_weight, bn_bias, eps)
-        y = _ops.conv2d.conv2d_call(x, w, b, stride_, pad, dilation_, groups, relu, _precision(x), name)
+        y = _ops.conv2d.conv2d_call(x, w, b, res, stride_, pad, dilation_, groups, relu, _precision(x), name)
     elif name == "torch":
         y = reference.conv_bn_relu(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, batch_stats,
-                                   momentum, eps, stride, padding, dilation, groups, relu)
+                                   momentum, eps, stride, padding, dilation, groups, relu, res)
     elif batch_stats:
         y, _, mean, _, var = _ops.conv_bn_relu.conv_bn_relu_train_call(
-            x, weight, bias, bn_weight, bn_bias, float(eps), stride_, pad, dilation_, groups, relu, _precision(x), name)
+            x, weight, bias, res, bn_weight, bn_bias, float(eps), stride_, pad, dilation_, groups, relu,
+            _precision(x), name)
         if training and running_mean is not None:
             count = x.shape[0] * y.shape[2] * y.shape[3]
             _ops.conv_bn_relu.bn_update_running_stats_call(running_mean, running_var, mean.detach(), var.detach(),
                                                            count, float(momentum))
     else:
         w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
-        y = _ops.conv2d.conv2d_call(x, w, b, stride_, pad, dilation_, groups, relu, _precision(x), name)
+        y = _ops.conv2d.conv2d_call(x, w, b, res, stride_, pad, dilation_, groups, relu, _precision(x), name)
     return y.squeeze(0) if input.dim() == 3 else y
 
 

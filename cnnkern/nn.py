@@ -91,9 +91,14 @@ class Conv2d(torch.nn.Conv2d):
         new.bias = conv.bias
         return new
 
-    def _conv_forward(self, input, weight, bias):
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``activation(conv(input) + residual)``; ``residual`` (None, or the output's shape) is
+        added in the convolution's epilogue."""
+        return self._conv_forward(input, self.weight, self.bias, residual)
+
+    def _conv_forward(self, input, weight, bias, residual=None):
         return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups,
-                        activation=self.activation, backend=self.backend)
+                        activation=self.activation, residual=residual, backend=self.backend)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -141,8 +146,10 @@ class ConvBNReLU2d(torch.nn.Module):
         new.conv, new.bn, new.relu, new.backend = conv, bn, relu, backend
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_bn_forward(self.conv, self.bn, x, relu=self.relu, backend=self.backend)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``[relu](bn(conv(x)) + residual)``; ``residual`` (None, or the output's shape) is added
+        in the kernel that applies BatchNorm (training) or in the convolution's epilogue (eval)."""
+        return conv_bn_forward(self.conv, self.bn, x, relu=self.relu, backend=self.backend, residual=residual)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}" + (f", backend={self.backend!r}" if self.backend else "")
@@ -178,15 +185,16 @@ def _eval_weights(conv, bn):
 
 
 def conv_bn_forward(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, x: torch.Tensor, relu: bool = True,
-                    backend: str | None = None) -> torch.Tensor:
-    """``[relu](bn(conv(x)))`` (``bn`` may be None) on cnnkern's kernels, with exactly the module
-    semantics of ``torch.nn.Conv2d`` and ``torch.nn.BatchNorm2d`` (training flag, running
-    statistics, ``momentum=None``, ``num_batches_tracked``, ``track_running_stats=False``)."""
+                    backend: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``[relu](bn(conv(x)) + residual)`` (``bn`` and ``residual`` may be None) on cnnkern's
+    kernels, with exactly the module semantics of ``torch.nn.Conv2d`` and ``torch.nn.BatchNorm2d``
+    (training flag, running statistics, ``momentum=None``, ``num_batches_tracked``,
+    ``track_running_stats=False``); the residual is added by the kernel that applies the ReLU."""
     if conv.padding_mode != "zeros":
         raise ValueError(f"cnnkern: Conv2d with padding_mode={conv.padding_mode!r} is not supported, only 'zeros'")
     if bn is None:
         return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
-                        activation="relu" if relu else None, backend=backend)
+                        activation="relu" if relu else None, residual=residual, backend=backend)
     if bn.training or bn.running_mean is None:
         momentum = bn.momentum
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -198,15 +206,16 @@ def conv_bn_forward(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, x: t
                               bn.running_var if update else None, bn.weight, bn.bias, training=True,
                               momentum=0.0 if momentum is None else momentum, eps=bn.eps, stride=conv.stride,
                               padding=conv.padding, dilation=conv.dilation, groups=conv.groups, relu=relu,
-                              backend=backend)
+                              residual=residual, backend=backend)
     if _backend.resolve("conv_bn_relu", backend, x.device) == "torch":
         # the reference keeps conv and BatchNorm apart (and so does cnnkern.summary's trace)
         return F.conv_bn_relu(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                               training=False, eps=bn.eps, stride=conv.stride, padding=conv.padding,
-                              dilation=conv.dilation, groups=conv.groups, relu=relu, backend="torch")
+                              dilation=conv.dilation, groups=conv.groups, relu=relu, residual=residual,
+                              backend="torch")
     w, b = _eval_weights(conv, bn)
     return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups,
-                    activation="relu" if relu else None, backend=backend)
+                    activation="relu" if relu else None, residual=residual, backend=backend)
 
 
 class Sequential(torch.nn.Sequential):

@@ -29,18 +29,23 @@ def residual_add(x: torch.Tensor, shortcut: torch.Tensor, relu: bool = True, str
     return torch.relu(y) if relu else y
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation=None):
-    """``torch.nn.functional.conv2d`` followed by the optional activation (None or "relu")."""
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation=None, residual=None):
+    """``torch.nn.functional.conv2d``, plus ``residual`` (None or a tensor of the output's shape),
+    followed by the optional activation (None or "relu")."""
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        y = y + residual
     return torch.relu(y) if activation == "relu" else y
 
 
 def conv_bn_relu(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, training=False, momentum=0.1,
-                 eps=1e-5, stride=1, padding=0, dilation=1, groups=1, relu=True):
-    """``relu(batch_norm(conv2d(x)))`` with PyTorch's BatchNorm semantics (running statistics
-    updated in place in training)."""
+                 eps=1e-5, stride=1, padding=0, dilation=1, groups=1, relu=True, residual=None):
+    """``relu(batch_norm(conv2d(x)) + residual)`` (``residual`` None or a tensor of the output's
+    shape) with PyTorch's BatchNorm semantics (running statistics updated in place in training)."""
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
     return torch.relu(y) if relu else y
 
 

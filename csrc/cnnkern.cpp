@@ -24,9 +24,11 @@ TORCH_LIBRARY_FRAGMENT(cnnkern, m) {
   // grad-input kernel; tf32 lets fp32 run on the tensor cores (the mma.sync implicit GEMM) as
   // PyTorch's TF32 mode does, else fp32 is exact.
   // stats=True (relu off): also returns per-block BatchNorm statistics (rows, 3, K) of
-  // (count, mean, M2), fp32 (fp64 for double); otherwise an empty tensor
+  // (count, mean, M2), fp32 (fp64 for double); otherwise an empty tensor. residual (y's shape and
+  // strides) is added in the epilogue before the ReLU: y = [relu](conv + bias + residual)
   m.def("conv2d_forward_cuda(Tensor x, Tensor w, Tensor? bias, Tensor(a!) y, int[] stride, int[] padding, "
-        "int[] dilation, int groups, bool relu, str algo, bool stats=False, bool tf32=False) -> Tensor");
+        "int[] dilation, int groups, bool relu, str algo, bool stats=False, bool tf32=False, "
+        "Tensor? residual=None) -> Tensor");
   m.def("conv2d_backward_input_cuda(Tensor grad, Tensor w, Tensor(a!) grad_input, int[] stride, int[] padding, "
         "int[] dilation, int groups, str algo, bool tf32=False) -> ()");
   // grad_bias: an empty tensor when the bias gradient is not wanted; algo: the grad-weight kernel
@@ -39,7 +41,8 @@ TORCH_LIBRARY_FRAGMENT(cnnkern, m) {
   // into scale = gamma * invstd, shift = beta - mean * scale; gamma, beta: the module's dtype
   m.def("bn_finalize_cuda(Tensor stats, Tensor? gamma, Tensor? beta, float eps, Tensor(a!) mean, Tensor(b!) invstd, "
         "Tensor(c!) var, Tensor(d!) scale, Tensor(e!) shift) -> ()");
-  m.def("bn_apply_cuda(Tensor y, Tensor(a!) out, Tensor scale, Tensor shift, bool relu) -> ()");
+  // out = [relu](y * scale + shift + residual); residual: y's layout, or None
+  m.def("bn_apply_cuda(Tensor y, Tensor(a!) out, Tensor scale, Tensor shift, bool relu, Tensor? residual=None) -> ()");
   // per chunk of rows: (sum g', sum g' * y) with g' = grad masked by out > 0 when out is given
   m.def("bn_backward_reduce_cuda(Tensor grad, Tensor? out, Tensor y) -> Tensor");
   // part (chunks, 2, K) -> dy = a * g' + b * y + c over count values per channel, and the BN bias

@@ -50,7 +50,7 @@ def _configs(space, k_name="BLOCK_C"):
     """Autotuning space on a GPU: (BLOCK_M, BLOCK_N, reduction block, warps, stages) tuples.
 
     Under the interpreter (which ignores warps and stages and pays per program and per loop step,
-    not per element) two fixed tiles, of which ``_interpreter_pick`` keeps exactly one, so
+    not per element) two fixed tiles, of which ``_prune`` keeps exactly one, so
     nothing is ever benchmarked: a small one that gives the tests' small layers several tiles and
     reduction steps, and a wide one for full-width networks (hundreds of channels)."""
     if INTERPRET:
@@ -59,16 +59,25 @@ def _configs(space, k_name="BLOCK_C"):
                           num_warps=w, num_stages=st) for (bm, bn, bk, w, st) in space]
 
 
-def _interpreter_pick(configs, named_args, **kwargs):
-    # early_config_prune: on a GPU every configuration stays (the autotuner times them once per
-    # key); under the interpreter the wide tile serves layers with >= 64 channels on both sides.
-    if not INTERPRET:
-        return configs
-    wide = min(named_args["Cg"], named_args["Kg"]) >= 64
-    return [configs[1] if wide else configs[0]]
+def gpu_configs(configs, **constexprs):
+    """The configurations the autotuner times on a GPU for a call with these constexpr arguments:
+    all of them, but the 128x256 tiles of a forward with a residual, whose epilogue then holds a
+    second 128x256 tile and spills (``cnnkern inspect`` checks what remains)."""
+    if constexprs.get("HAS_RES"):
+        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+    return configs
 
 
-_PRUNE = {"early_config_prune": _interpreter_pick}
+def _prune(configs, named_args, **kwargs):
+    # early_config_prune: gpu_configs on a GPU; under the interpreter one fixed tile, the wide one
+    # for layers with >= 64 channels on both sides.
+    if INTERPRET:
+        wide = min(named_args["Cg"], named_args["Kg"]) >= 64
+        return [configs[1] if wide else configs[0]]
+    return gpu_configs(configs, **kwargs)
+
+
+_PRUNE = {"early_config_prune": _prune}
 
 
 # The spaces below keep only tiles that compile without spills for both sm_80 and sm_90 with
@@ -82,6 +91,7 @@ _GEMM_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 
 _SMALL_C_CONFIGS = _configs([(64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 8, 3)], k_name="BLOCK_K")
 _DGRAD_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4)])
 _CONV_KEY = ["M", "Kg", "Cg", "R", "S", "IS_CL_X"]
+_FWD_KEY = _CONV_KEY + ["HAS_RES"]  # a residual prunes the configurations (_prune)
 
 
 @triton.jit
@@ -109,8 +119,8 @@ def _mma(a, b, acc, ACC: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, b_ptr, y_ptr, st_ptr, pid_m, K, n, p, q, offs_k, mask_m, mask_k, syn, syk, syp, syq,
-              HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr):
+def _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, K, n, p, q, offs_k, mask_m, mask_k, syn, syk, syp, syq,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr):
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(acc.dtype)
         acc = acc + bias[None, :]
@@ -128,11 +138,14 @@ def _epilogue(acc, b_ptr, y_ptr, st_ptr, pid_m, K, n, p, q, offs_k, mask_m, mask
         tl.store(st, tl.zeros_like(mean) + cnt, mask=mask_k)
         tl.store(st + K, mean, mask=mask_k)
         tl.store(st + 2 * K, m2, mask=mask_k)
+    row = n.to(tl.int64) * syn + p * syp + q * syq
+    offs = row[:, None] + offs_k.to(tl.int64)[None, :] * syk
+    mask = mask_m[:, None] & mask_k[None, :]
+    if HAS_RES:  # the residual has y's strides (the launcher's contract); added before the activation
+        acc = acc + tl.load(r_ptr + offs, mask=mask, other=0.0).to(acc.dtype)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)
-    row = n.to(tl.int64) * syn + p * syp + q * syq
-    ptrs = y_ptr + row[:, None] + offs_k.to(tl.int64)[None, :] * syk
-    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -148,14 +161,15 @@ def _out_tile(M, P, Q, Kg, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M
     return g, pid_m, n, pq // Q, pq % Q, offs_m < M, offs_n < Kg, g * Kg + offs_n
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_CONV_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
+def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr,
                 M, H, W, P, Q, Cg, Kg,
                 sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
                 sh, sw, ph, pw, dh, dw,
                 R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
-                HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+                ACC: tl.constexpr,
                 PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
     g, pid_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, BLOCK_M, BLOCK_N, GROUP_M)
@@ -182,18 +196,19 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
         b = tl.load(w_col[None, :] + (offs_c * swc)[:, None] + (r * swr + s * sws),
                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         acc = _mma(a, b, acc, ACC, PREC)
-    _epilogue(acc, b_ptr, y_ptr, st_ptr, pid_m, Kg * tl.num_programs(1), n, p, q, k_glob, mask_m, mask_n,
-              syn, syk, syp, syq, HAS_BIAS, RELU, STATS)
+    _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, Kg * tl.num_programs(1), n, p, q, k_glob, mask_m, mask_n,
+              syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=_CONV_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_GEMM_CONFIGS, key=_FWD_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
+def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr,
                     M, H, W, P, Q, Cg, Kg,
                     sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
                     sh, sw, ph, pw, dh, dw,
                     R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+                ACC: tl.constexpr,
                 PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
     # A 1x1 convolution without padding is a plain GEMM: row m = (n, p, q) reads the C channels
@@ -212,18 +227,19 @@ def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
         acc = _mma(a, b, acc, ACC, PREC)
         a_ptrs += BLOCK_C * sxc
         b_ptrs += BLOCK_C * swc
-    _epilogue(acc, b_ptr, y_ptr, st_ptr, pid_m, Kg * tl.num_programs(1), n, p, q, k_glob, mask_m, mask_n,
-              syn, syk, syp, syq, HAS_BIAS, RELU, STATS)
+    _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, Kg * tl.num_programs(1), n, p, q, k_glob, mask_m, mask_n,
+              syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
 
 
-@triton.autotune(configs=_SMALL_C_CONFIGS, key=_CONV_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_SMALL_C_CONFIGS, key=_FWD_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
+def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr,
                         M, H, W, P, Q, Cg, Kg,
                         sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
                         sh, sw, ph, pw, dh, dw,
                         R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+                ACC: tl.constexpr,
                 PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
@@ -250,8 +266,8 @@ def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, st_ptr,
         b = tl.load(w_col[None, :] + (c * swc + r * swr + s * sws)[:, None],
                     mask=mask_t[:, None] & mask_n[None, :], other=0.0)
         acc = _mma(a, b, acc, ACC, PREC)
-    _epilogue(acc, b_ptr, y_ptr, st_ptr, pid_m, Kg * tl.num_programs(1), n, p, q, k_glob, mask_m, mask_n,
-              syn, syk, syp, syq, HAS_BIAS, RELU, STATS)
+    _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, Kg * tl.num_programs(1), n, p, q, k_glob, mask_m, mask_n,
+              syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
 
 
 @triton.autotune(configs=_DGRAD_CONFIGS, key=_CONV_KEY, prune_configs_by=_PRUNE)
@@ -433,7 +449,7 @@ def _launch(kernel, grid, key, *args, **kwargs) -> None:
             configs = kernel.configs
             prune = getattr(kernel, "early_config_prune", None)
             if prune is not None:
-                configs = prune(configs, named)
+                configs = prune(configs, named, **kwargs)
             cfg = deterministic_config(configs, named["M"], named[_GEMM_N[kernel]], _sm_count(args[0].device))
             cfg = _TUNED[(kernel, key, det)] = cfg.all_kwargs()
         else:
@@ -468,8 +484,10 @@ def stats_rows(M: int) -> int:
 
 
 def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool, precision: str,
-                   kernel: str | None = None, stats: torch.Tensor | None = None) -> None:
-    """y = [relu](conv2d(x, w, bias)) with ``padding = (top, left)`` (y's shape fixes the rest).
+                   kernel: str | None = None, stats: torch.Tensor | None = None,
+                   residual: torch.Tensor | None = None) -> None:
+    """y = [relu](conv2d(x, w, bias) + residual) with ``padding = (top, left)`` (y's shape fixes
+    the rest).
 
     x: (N, C, H, W), w: (K, C/groups, R, S), bias: (K,) or None, y: (N, K, P, Q) preallocated;
     all any strides, one dtype. ``precision``: "tf32" or "ieee" for fp32 inputs.
@@ -477,6 +495,7 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
     convolution, "small_c" for C/groups < 16, "main" otherwise.
     ``stats``: a zeroed (stats_rows(M), 3, K) fp32 (fp64 for fp64) workspace that receives, per
     M-tile and output channel, the (count, mean, M2) of y before the activation (BatchNorm).
+    ``residual``: None or a tensor of y's shape and strides, added before the activation.
     """
     N, C, H, W = x.shape
     K, Cg, R, S = w.shape
@@ -484,6 +503,9 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
     M = N * P * Q
     if M == 0 or K == 0:
         return
+    if residual is not None and (residual.shape != y.shape or residual.stride() != y.stride()):
+        raise ValueError(f"conv2d: residual {tuple(residual.shape)} with strides {residual.stride()} must have the "
+                         f"output's shape {tuple(y.shape)} and strides {y.stride()}")
     for name, t in (("input", x), ("weight", w), ("output", y)):
         _check_int32_extent(name, t)
     Kg = K // groups
@@ -497,11 +519,11 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]), groups)  # noqa: E731
     st = stats if stats is not None else y
     cl = _is_cl(x)
-    key = (M, Kg, Cg, R, S, cl, x.dtype, st.dtype)
-    _launch(fn, grid, key, x, w, bias if bias is not None else w, y, st, M, H, W, P, Q, Cg, Kg,
-            sxn, sxc, sxh, sxw, *w.stride(), *y.stride(), stride[0], stride[1], padding[0], padding[1],
-            dilation[0], dilation[1], R=R, S=S, IS_CL_X=cl, HAS_BIAS=bias is not None, RELU=relu,
-            STATS=stats is not None, ACC=_acc(x.dtype), PREC=precision)
+    key = (M, Kg, Cg, R, S, cl, residual is not None, x.dtype, st.dtype)
+    _launch(fn, grid, key, x, w, bias if bias is not None else w, y, residual if residual is not None else y, st,
+            M, H, W, P, Q, Cg, Kg, sxn, sxc, sxh, sxw, *w.stride(), *y.stride(), stride[0], stride[1], padding[0],
+            padding[1], dilation[0], dilation[1], R=R, S=S, IS_CL_X=cl, HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, RELU=relu, STATS=stats is not None, ACC=_acc(x.dtype), PREC=precision)
 
 
 def dgrad_phases(stride, padding, dilation):
@@ -555,7 +577,7 @@ def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precisio
 
 
 def _wgrad_tile(Kg: int, Cg: int) -> tuple[int, int, int]:
-    """(BLOCK_K, BLOCK_C, BLOCK_M) of the wgrad kernel (see _interpreter_pick for the interpreter)."""
+    """(BLOCK_K, BLOCK_C, BLOCK_M) of the wgrad kernel (see _prune for the interpreter)."""
     if not INTERPRET:
         return 64, 64, 64
     return (128, 128, 32) if min(Kg, Cg) >= 64 else (32, 32, 32)

@@ -8,7 +8,8 @@ This module holds the rest:
   al.'s merge into the batch mean and biased variance, the inverse std, and BatchNorm folded into
   scale = gamma * invstd and shift = beta - mean * scale (tiny tensors: rows x K; one launch
   instead of a dozen small PyTorch ops, whose host time would dominate a 20-100 us layer).
-* ``_apply_kernel``: out = [relu](y * scale[c] + shift[c]), one read of y, one write.
+* ``_apply_kernel``: out = [relu](y * scale[c] + shift[c] [+ residual]), one read of y (and of
+  the residual), one write.
 * ``_reduce_kernel``: the two BatchNorm-backward reductions in one pass over (grad, y):
   per channel sum(g') and sum(g' * y), with g' = grad masked by the ReLU (out > 0).
 * ``_coefficients_kernel``: one launch from those partial sums to the per-channel coefficients
@@ -39,8 +40,9 @@ def _channel(offs, K, PQ, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _apply_kernel(y_ptr, out_ptr, scale_ptr, shift_ptr, numel, K, PQ,
-                  CHANNELS_LAST: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _apply_kernel(y_ptr, r_ptr, out_ptr, scale_ptr, shift_ptr, numel, K, PQ,
+                  CHANNELS_LAST: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     c = _channel(offs, K, PQ, CHANNELS_LAST)
@@ -48,6 +50,8 @@ def _apply_kernel(y_ptr, out_ptr, scale_ptr, shift_ptr, numel, K, PQ,
     a = tl.load(scale_ptr + c, mask=mask)
     b = tl.load(shift_ptr + c, mask=mask)
     o = y * a + b
+    if HAS_RES:
+        o = o + tl.load(r_ptr + offs, mask=mask).to(ACC)
     if RELU:
         o = tl.where(o < 0.0, 0.0, o)
     tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=mask)
@@ -223,15 +227,21 @@ def bn_finalize(stats: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Ten
     return tuple(outs)
 
 
-def bn_apply(y: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool) -> None:
-    """out = [relu](y * scale[c] + shift[c]); y and out (N, K, P, Q) in one dense layout; scale and
-    shift (K,) in the accumulation dtype (fp32, fp64 for fp64)."""
+def bn_apply(y: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool,
+             residual: torch.Tensor | None = None) -> None:
+    """out = [relu](y * scale[c] + shift[c] + residual); y, out and residual (or None) (N, K, P, Q)
+    in one dense layout; scale and shift (K,) in the accumulation dtype (fp32, fp64 for fp64)."""
     numel = y.numel()
     if numel == 0:
         return
+    if residual is not None and (residual.shape != y.shape or residual.stride() != y.stride()):
+        raise ValueError(f"bn_apply: residual {tuple(residual.shape)} with strides {residual.stride()} must have "
+                         f"y's shape {tuple(y.shape)} and strides {y.stride()}")
     N, K, P, Q = y.shape
-    _apply_kernel[(triton.cdiv(numel, _BLOCK),)](y, out, scale, shift, numel, K, P * Q, CHANNELS_LAST=_layout(y),
-                                                 RELU=relu, ACC=_acc(scale.dtype), BLOCK=_BLOCK, num_warps=_WARPS)
+    _apply_kernel[(triton.cdiv(numel, _BLOCK),)](y, residual if residual is not None else y, out, scale, shift,
+                                                 numel, K, P * Q, CHANNELS_LAST=_layout(y),
+                                                 HAS_RES=residual is not None, RELU=relu, ACC=_acc(scale.dtype),
+                                                 BLOCK=_BLOCK, num_warps=_WARPS)
 
 
 def bn_backward_coefficients(part: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor | None,

@@ -133,15 +133,15 @@ def test_registered_kernels_cast_direct_op_calls():
     """torch.ops.cnnkern.* called directly (as torch.compile's graphs call them) cast too."""
     x, w = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3)
     with torch.autocast("cpu", dtype=CPU_AMP):
-        y = torch.ops.cnnkern.conv2d(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, "ieee", "triton")
+        y = torch.ops.cnnkern.conv2d(x, w, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, "ieee", "triton")
         z = torch.ops.cnnkern.local_response_norm(x.half(), 3, 1e-4, 0.75, 1.0, "triton")
         r = torch.ops.cnnkern.residual_add(x.half(), x, 1, True, "triton")
-        out = torch.ops.cnnkern.conv_bn_relu_train(x, w, None, torch.ones(8), torch.zeros(8), 1e-5, [1, 1],
+        out = torch.ops.cnnkern.conv_bn_relu_train(x, w, None, None, torch.ones(8), torch.zeros(8), 1e-5, [1, 1],
                                                    [1, 1, 1, 1], [1, 1], 1, True, "ieee", "triton")
     assert y.dtype == CPU_AMP and z.dtype == torch.float32 and r.dtype == torch.float32
     assert out[0].dtype == CPU_AMP and out[2].dtype == torch.float32  # statistics stay fp32
     # outside autocast nothing is cast
-    assert torch.ops.cnnkern.conv2d(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, "ieee",
+    assert torch.ops.cnnkern.conv2d(x, w, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, "ieee",
                                     "triton").dtype == torch.float32
 
 
@@ -156,7 +156,7 @@ def test_eager_fast_path_defers_to_the_op_when_a_cast_is_pending(monkeypatch):
     real = conv_ops.conv2d.eager_impl
     monkeypatch.setattr(conv_ops.conv2d, "eager_impl", lambda *a: calls.append([t.dtype for t in a[:2]]) or real(*a))
     x, w = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3)
-    args = (None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, "ieee", "triton")
+    args = (None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, "ieee", "triton")
     with torch.autocast("cpu", dtype=CPU_AMP):
         assert _autocast.pending("conv2d", (x, w))
         y = conv_ops.conv2d_call(x, w, *args)          # through the op: cast there

@@ -100,6 +100,48 @@ def test_fused_relu(backend, family):
         _check_grads(backend, torch.float32, "channels_last", family, activation="relu")
 
 
+# the residual in the other layout than the output (the op re-lays it out), or the same one
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("res_layout", ["same", "other"])
+@pytest.mark.parametrize("family", ["alexnet_11x11s4", "3x3s1p1", "3x3s2p1", "1x1s1", "groups2"])
+def test_fused_residual(backend, family, res_layout, activation):
+    """activation(conv + bias + residual), and the gradients of all four inputs (the residual's:
+    the activation's masked gradient), against float64 PyTorch."""
+    with ieee_fp32():
+        x, w, b, kw = _inputs(family, torch.float32, "channels_last", requires_grad=True)
+        shape = cnnkern.reference.conv2d(x.detach(), w.detach(), None, **kw).shape
+        r = make(tuple(shape), torch.float32, DEVICE, "channels_last" if res_layout == "same" else "contiguous",
+                 requires_grad=True)
+        out = F.conv2d(x, w, b, **kw, activation=activation, residual=r, backend=backend)
+        g = make(tuple(out.shape), torch.float32, DEVICE)
+        grads = torch.autograd.grad(out, (x, w, b, r), g)
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    rr = r.detach().double().requires_grad_()
+    ref = cnnkern.reference.conv2d(xr, wr, br, activation=activation, residual=rr, **kw)
+    rgrads = torch.autograd.grad(ref, (xr, wr, br, rr), g.double())
+    assert_rel_close(out, ref, torch.float32, matmul=True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for name, got, want in zip(("input", "weight", "bias", "residual"), grads, rgrads):
+        assert_rel_close(got, want, torch.float32, f"grad {name}", matmul=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+def test_fused_residual_dtypes_and_module(backend, dtype):
+    """fp16 and fp64 with a residual, through cnnkern.nn.Conv2d's forward(x, residual)."""
+    conv = cnnkern.nn.Conv2d(16, 24, 3, padding=1, activation="relu", backend=backend).to(DEVICE, dtype)
+    x = make((2, 16, 7, 7), dtype, DEVICE, "channels_last")
+    r = make((2, 24, 7, 7), dtype, DEVICE)
+    with torch.no_grad():
+        conv.weight.mul_((16 * 9) ** -0.5)
+        out = conv(x, r)
+    ref = cnnkern.reference.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1,
+                                   activation="relu", residual=r.double())
+    assert out.dtype == dtype
+    assert_rel_close(out, ref, dtype, matmul=True)
+
+
 @pytest.mark.parametrize("kernel", ["small_c", "main", "1x1"])
 @pytest.mark.parametrize("family", ["first_7x7s2", "3x3s2p1", "groups4", "rect", "1x1s2"])
 def test_every_forward_kernel_on_the_same_layer(kernel, family):
@@ -179,9 +221,12 @@ def test_opcheck(family, backend):
     stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
                                                  kw["groups"])
     ops = torch.ops.cnnkern
-    args = (x, w, b, stride, pad, dil, kw["groups"], True, "ieee", backend)
+    args = (x, w, b, None, stride, pad, dil, kw["groups"], True, "ieee", backend)
     torch.library.opcheck(ops.conv2d.default, args)
     y = ops.conv2d(*args).detach()
+    # with a fused residual (NCHW, where the output is channels_last: the op re-lays it out)
+    res = torch.randn(y.shape, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ops.conv2d.default, (x, w, b, res, *args[4:]))
     g = torch.randn_like(y)
     torch.library.opcheck(ops.conv2d_backward_input.default,
                           (g, w.detach(), list(x.shape), stride, pad, dil, kw["groups"], True, "ieee", backend))
@@ -239,6 +284,13 @@ BAD = [
      "padding='same' is not supported for strided"),
     (_t(1, 4, 2, 2), _t(8, 4, 5, 5), {}, ValueError, "is larger than the padded input (2x2"),
     (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"activation": "gelu"}, ValueError, "activation must be None or 'relu'"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"residual": _t(1, 8, 5, 5)}, ValueError,
+     "residual must have the output's shape (1, 8, 3, 3), got (1, 8, 5, 5)"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"residual": _t(8, 3, 3)}, ValueError,
+     "residual must have the output's shape (1, 8, 3, 3), got (8, 3, 3)"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"residual": _t(1, 8, 3, 3, dtype=torch.float64)}, TypeError,
+     "residual has dtype float64 but input has dtype float32"),
+    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"residual": [1.0]}, TypeError, "residual must be a torch.Tensor"),
     (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"backend": "cuda"}, cnnkern.BackendUnavailableError,
      "backend 'cuda' is unavailable"),
 ]
@@ -339,8 +391,9 @@ def _wgmma_here(dtype):
     return EMULATED_CUDA and os.environ.get("CUEMU_CC", "90") == "90"
 
 
-def _raw_cuda(x, w, b, kw, relu, algo, tf32=False):
-    """The CUDA ops called directly with a pinned algorithm: forward and grad-input into
+def _raw_cuda(x, w, b, kw, relu, algo, tf32=False, residual=None):
+    """The CUDA ops called directly with a pinned algorithm: forward (plus ``residual``, a
+    function of the output's shape and layout that returns it, or None) and grad-input into
     NaN-filled outputs (every element must be written)."""
     stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
                                                  kw["groups"])
@@ -348,7 +401,10 @@ def _raw_cuda(x, w, b, kw, relu, algo, tf32=False):
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
         else torch.contiguous_format
     y = torch.full(shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
-    cuda_ops().conv2d_forward_cuda(x, w, b, y, stride, pad[:2], dil, kw["groups"], relu, algo, False, tf32)
+    res = residual(shape, fmt) if residual is not None else None
+    cuda_ops().conv2d_forward_cuda(x, w, b, y, stride, pad[:2], dil, kw["groups"], relu, algo, False, tf32, res)
+    if residual is not None:
+        return y, res
     g = torch.randn_like(y)
     gx = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
     cuda_ops().conv2d_backward_input_cuda(g, w, gx, stride, pad[:2], dil, kw["groups"], algo, tf32)
@@ -389,6 +445,45 @@ def test_gpu_cuda_kernels_pinned(layer, layout, dtype, algo):
         return
     assert_rel_close(y, ref.relu(), dtype, matmul=True)
     assert_rel_close(gx, rgx, dtype, "grad input", matmul=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.emulated
+@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
+                    reason="needs CUDA and cnnkern._C")
+@pytest.mark.parametrize("algo", ["direct", "igemm", "wgmma"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "misaligned"])
+@pytest.mark.parametrize("layer", ["3x3s1p1", "resnet_3x3_c64", "bottleneck_1x1", "grouped_8"])
+def test_gpu_cuda_kernels_pinned_residual(layer, layout, dtype, algo):
+    """The residual in each kernel's epilogue: the staged 16-byte stores (channels_last), the
+    per-pair stores (NCHW, and a residual that does not start on 16 bytes, which turns the staged
+    stores off), added before the ReLU, in every output element (NaN-poisoned)."""
+    xs, k, ks, stride, pad, dil, groups = GPU_LAYERS[layer]
+    if algo == "wgmma" and not _wgmma_here(dtype):
+        pytest.skip("wgmma: a compute capability 9.0 GPU (or the emulator) only")
+    tf32 = dtype == torch.float32 and algo != "direct"
+    x = make(xs, dtype, DEVICE, "contiguous" if layout == "contiguous" else "channels_last")
+    w = make((k, xs[1] // groups, ks, ks), dtype, DEVICE) * (xs[1] // groups * ks * ks) ** -0.5
+    b = torch.randn(k, dtype=dtype, device=DEVICE)
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+
+    def residual(shape, fmt):
+        r = make(tuple(shape), dtype, DEVICE).contiguous(memory_format=fmt)
+        if layout == "misaligned":  # the same strides, one element past a 16-byte boundary
+            buf = torch.empty(r.numel() + 1, dtype=dtype, device=DEVICE)
+            r = buf[1:].as_strided(r.shape, r.stride()).copy_(r)
+        return r
+
+    with ieee_fp32():
+        y, r = _raw_cuda(x, w, b, kw, relu=True, algo=algo, tf32=tf32, residual=residual)
+    ref = (torch.nn.functional.conv2d(x.double(), w.double(), b.double(), **kw) + r.double()).relu()
+    assert not torch.isnan(y).any()
+    if tf32:
+        from helpers import rel_err
+        assert rel_err(y, ref) < 3e-3
+        return
+    assert_rel_close(y, ref, dtype, matmul=True)
 
 
 @pytest.mark.gpu

@@ -110,6 +110,45 @@ def test_training_steps_fp16_fp64(backend, dtype, family):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("res_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("family", ["3x3s1p1", "3x3s2p1", "1x1s1"])
+def test_fused_residual_training_and_eval(backend, family, res_layout, relu):
+    """[relu](BN(conv(x)) + residual), a ResNet block's end: two training steps (output, the
+    gradients of input, weight, gamma, beta and the residual, running statistics) and eval (the
+    residual in the folded convolution's epilogue), against float64 PyTorch."""
+    ours, ref, xs = _pair(family, torch.float32, relu, backend=backend)
+    ref[2] = torch.nn.Identity()  # the reference's ReLU comes after the residual
+    ours.train(), ref.train()
+    with ieee_fp32():
+        for step in range(3):
+            training = step < 2
+            ours.train(training), ref.train(training)
+            x = make(xs, torch.float32, DEVICE, "channels_last", requires_grad=True)
+            with torch.no_grad():
+                shape = ref[0](x.detach().double()).shape
+            r = make(tuple(shape), torch.float32, DEVICE, res_layout, requires_grad=True)
+            xr, rr = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+            out = ours(x, r)
+            want = ref(xr) + rr
+            want = want.relu() if relu else want
+            assert_rel_close(out, want, torch.float32, f"step {step} output")
+            g = make(tuple(out.shape), torch.float32, DEVICE)
+            for m in (ours, ref):
+                m.zero_grad()
+            gx, gr = torch.autograd.grad(out, (x, r), g, retain_graph=True)
+            rgx, rgr = torch.autograd.grad(want, (xr, rr), g.double(), retain_graph=True)
+            assert_rel_close(gx, rgx, torch.float32, f"step {step} grad input")
+            assert_rel_close(gr, rgr, torch.float32, f"step {step} grad residual")
+            out.backward(g)
+            want.backward(g.double())
+            for name, (a, b) in zip(["conv.weight", "bn.weight", "bn.bias"], _params(ours, ref)):
+                assert_rel_close(a.grad, b.grad, torch.float32, f"step {step} grad {name}")
+            assert_rel_close(ours.bn.running_mean, ref[1].running_mean, torch.float32, "running_mean")
+            assert_rel_close(ours.bn.running_var, ref[1].running_var, torch.float32, "running_var")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_momentum_none_and_no_relu(backend):
     _train_steps(backend, "3x3s1p1", torch.float32, "channels_last", relu=False, momentum=None)
 
@@ -173,7 +212,7 @@ def test_opcheck(backend):
     gamma = torch.rand(16, device=DEVICE, requires_grad=True)
     beta = torch.randn(16, device=DEVICE, requires_grad=True)
     ops = torch.ops.cnnkern
-    args = (x, w, None, gamma, beta, 1e-5, [1, 1], [1, 1, 1, 1], [1, 1], 1, True, "ieee", backend)
+    args = (x, w, None, None, gamma, beta, 1e-5, [1, 1], [1, 1, 1, 1], [1, 1], 1, True, "ieee", backend)
     torch.library.opcheck(ops.conv_bn_relu_train.default, args)
     out, y, mean, invstd, var = ops.conv_bn_relu_train(*args)
     g = torch.randn_like(out)

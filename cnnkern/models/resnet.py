@@ -3,7 +3,8 @@ the plain 18/34-layer networks, and the CIFAR-10 networks of the degradation exp
 
 Parameter names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``,
 ``fc``...), so torchvision's state_dicts load with ``strict=True``. Every conv->BN(->ReLU) runs as
-one fused cnnkern layer (cnnkern.nn.conv_bn_forward) and every block ends in cnnkern's residual add.
+one fused cnnkern layer (cnnkern.nn.conv_bn_forward); a block's shortcut is added by its last fused
+layer (or, for option A's subsampled, zero-padded shortcut, by cnnkern's residual add).
 
 ``variant``: "torchvision" (ResNet v1.5: a bottleneck's stride is on its 3x3 convolution) or
 "paper" (the original: the stride is on the first 1x1). Shortcuts (the seed's options):
@@ -57,12 +58,17 @@ class BasicBlock(nn.Module):
         return self._finish(self.conv2, self.bn2, out, x)
 
     def _finish(self, conv, bn, out, x):
-        """The block's last conv-BN: with its own ReLU in a plain network, else joined with the shortcut
-        (option A's subsample + zero-pad happens inside the residual add)."""
+        """The block's last conv-BN: with its own ReLU in a plain network, else joined with the shortcut.
+        A shortcut of the output's shape (identity, projection) is added by the kernel that applies
+        BatchNorm and the ReLU (the convolution's epilogue in eval); option A's subsample + zero-pad
+        happens inside the residual add."""
         if self.shortcut is None:
             return cnn.conv_bn_forward(conv, bn, out, relu=True, backend=self.backend)
-        out = cnn.conv_bn_forward(conv, bn, out, relu=False, backend=self.backend)
         identity = x if self.downsample is None else self._project(x)
+        # the last conv keeps its input's spatial size (stride 1, "same" padding)
+        if identity.shape == (out.shape[0], conv.out_channels, *out.shape[2:]):
+            return cnn.conv_bn_forward(conv, bn, out, relu=True, backend=self.backend, residual=identity)
+        out = cnn.conv_bn_forward(conv, bn, out, relu=False, backend=self.backend)
         return self.join(out, identity)
 
     def _project(self, x):

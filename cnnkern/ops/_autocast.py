@@ -41,8 +41,8 @@ import torch
 # op name -> (policy, positions of the tensor arguments the policy applies to, in the
 # torch.library op's schema order; functional.py passes its tensors in the same order)
 POLICY: dict[str, tuple[str, tuple[int, ...]]] = {
-    "conv2d": ("lower", (0, 1, 2)),
-    "conv_bn_relu": ("lower", (0, 1, 2)),
+    "conv2d": ("lower", (0, 1, 2, 3)),        # input, weight, bias, residual
+    "conv_bn_relu": ("lower", (0, 1, 2, 3)),  # the same; the BatchNorm tensors keep their dtypes
     "local_response_norm": ("fp32", (0,)),
     "residual_add": ("promote", (0, 1)),
 }

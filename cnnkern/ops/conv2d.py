@@ -4,7 +4,8 @@ Ops (``cnnkern`` namespace); ``padding`` is always ``[top, left, bottom, right]`
 an even kernel, which pads asymmetrically, needs no padded copy of the input) and ``precision`` is
 ``"tf32"`` or ``"ieee"`` (how fp32 inputs multiply; ignored for other dtypes):
 
-* ``conv2d(x, w, bias?, stride, padding, dilation, groups, relu, precision, backend) -> y``
+* ``conv2d(x, w, bias?, residual?, stride, padding, dilation, groups, relu, precision, backend) -> y``:
+  y = [relu](conv + bias + residual), the residual (the output's shape) added in the epilogue
 * ``conv2d_backward_input(grad, w, input_size, stride, padding, dilation, groups,
   channels_last, precision, backend) -> grad_x``
 * ``conv2d_backward_weight(grad, x, weight_size, stride, padding, dilation, groups, bias,
@@ -21,7 +22,7 @@ import os
 
 import torch
 
-from ._common import cuda_ops, custom_op, dispatcher, new_output, output_channels_last, pick
+from ._common import cuda_ops, custom_op, dispatcher, in_layout, new_output, output_channels_last, pick
 
 
 def _kernels():
@@ -63,20 +64,25 @@ if CUDA_ALGO not in CUDA_ALGOS:
 # forward
 # ---------------------------------------------------------------------------------------------
 @custom_op("cnnkern::conv2d")
-def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
-           dilation: list[int], groups: int, relu: bool, precision: str, backend: str) -> torch.Tensor:
+def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+           stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool, precision: str,
+           backend: str) -> torch.Tensor:
     _check_backend(backend)
-    y = new_output(output_size(x.shape, w.shape, stride, padding, dilation), x, _y_channels_last(x, w))
+    cl = _y_channels_last(x, w)
+    y = new_output(output_size(x.shape, w.shape, stride, padding, dilation), x, cl)
+    if residual is not None:  # the kernels read it through y's strides
+        residual = in_layout(residual, cl)
     if backend == "cuda":
         cuda_ops().conv2d_forward_cuda(x, w, bias, y, stride, padding[:2], dilation, groups, relu, CUDA_ALGO,
-                                              False, precision == "tf32")
+                                       False, precision == "tf32", residual)
     else:
-        _kernels().conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, relu, precision)
+        _kernels().conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, relu, precision,
+                                  residual=residual)
     return y
 
 
 @conv2d.register_fake
-def _(x, w, bias, stride, padding, dilation, groups, relu, precision, backend):
+def _(x, w, bias, residual, stride, padding, dilation, groups, relu, precision, backend):
     return new_output(output_size(x.shape, w.shape, stride, padding, dilation), x, _y_channels_last(x, w))
 
 
@@ -126,7 +132,7 @@ def _(grad, x, weight_size, stride, padding, dilation, groups, bias, channels_la
 # autograd
 # ---------------------------------------------------------------------------------------------
 def _setup_context(ctx, inputs, output):
-    x, w, bias, stride, padding, dilation, groups, relu, precision, backend = inputs
+    x, w, bias, residual, stride, padding, dilation, groups, relu, precision, backend = inputs
     ctx.save_for_backward(x, w, output if relu else None)
     ctx.has_bias = bias is not None
     ctx.args = (stride, padding, dilation, groups)
@@ -142,6 +148,7 @@ def _backward(ctx, grad):
         # that elementwise kernel (PyTorch's threshold_backward), so it is reused here.
         from .residual_add import residual_add_backward
         grad = pick(residual_add_backward, ctx)(grad, y, ctx.backend)
+    g_res = grad if ctx.needs_input_grad[3] else None  # the residual's gradient: the masked one itself
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
         gx = pick(conv2d_backward_input, ctx)(grad, w, list(x.shape), stride, padding, dilation, groups, ctx.x_cl,
@@ -151,7 +158,7 @@ def _backward(ctx, grad):
                                         ctx.w_cl, ctx.precision, ctx.backend)
         gw = gw if ctx.needs_input_grad[1] else None
         gb = gb if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return gx, gw, gb, None, None, None, None, None, None, None
+    return gx, gw, gb, g_res, None, None, None, None, None, None, None
 
 
 conv2d.register_autograd(_backward, setup_context=_setup_context)
@@ -175,7 +182,7 @@ def _dgrad_backward(ctx, ggx):
     stride, padding, dilation, groups, precision, backend = ctx.args
     d_grad = d_w = None
     if ctx.needs_input_grad[0]:
-        d_grad = conv2d(ggx, w, None, stride, padding, dilation, groups, False, precision, backend)
+        d_grad = conv2d(ggx, w, None, None, stride, padding, dilation, groups, False, precision, backend)
     if ctx.needs_input_grad[1]:
         d_w, _ = conv2d_backward_weight(grad, ggx, list(w.shape), stride, padding, dilation, groups, False,
                                         output_channels_last(w), precision, backend)
@@ -194,7 +201,7 @@ def _wgrad_backward(ctx, ggw, ggb):
     d_grad = d_x = None
     if ctx.needs_input_grad[0]:
         bias = ggb if ggb is not None and ggb.numel() else None
-        d_grad = conv2d(x, ggw, bias, stride, padding, dilation, groups, False, precision, backend)
+        d_grad = conv2d(x, ggw, bias, None, stride, padding, dilation, groups, False, precision, backend)
     if ctx.needs_input_grad[1]:
         d_x = conv2d_backward_input(grad, ggw, list(x.shape), stride, padding, dilation, groups,
                                     output_channels_last(x), precision, backend)

@@ -5,10 +5,10 @@ weights and bias and runs one ``cnnkern::conv2d`` with the ReLU in its epilogue.
 
 Ops (``cnnkern`` namespace; conv arguments as in cnnkern/ops/conv2d.py):
 
-* ``conv_bn_relu_train(x, w, bias?, bn_weight?, bn_bias?, eps, stride, padding, dilation, groups,
-  relu, precision, backend) -> (out, y, mean, invstd, var)``: the convolution writes y and its
-  per-tile statistics (no second pass over y), the statistics are merged into the batch mean and
-  biased variance, and one pass writes out = [relu](BN(y)). ``y``, ``mean`` and ``invstd`` are
+* ``conv_bn_relu_train(x, w, bias?, residual?, bn_weight?, bn_bias?, eps, stride, padding, dilation,
+  groups, relu, precision, backend) -> (out, y, mean, invstd, var)``: the convolution writes y and
+  its per-tile statistics (no second pass over y), the statistics are merged into the batch mean
+  and biased variance, and one pass writes out = [relu](BN(y) + residual). ``y``, ``mean`` and ``invstd`` are
   kept for the backward.
 * ``bn_update_running_stats(running_mean!, running_var!, mean, var, count, momentum)``: the
   in-place running-statistics update (unbiased variance, PyTorch's rule). A separate op because
@@ -37,8 +37,8 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 @custom_op("cnnkern::conv_bn_relu_train")
-def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bn_weight: torch.Tensor | None,
-                       bn_bias: torch.Tensor | None, eps: float, stride: list[int], padding: list[int],
+def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                       bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, eps: float, stride: list[int], padding: list[int],
                        dilation: list[int], groups: int, relu: bool, precision: str,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backend(backend)
@@ -57,18 +57,20 @@ def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
         stats = torch.zeros((kc.stats_rows(n_ * p * q), 3, k), dtype=acc_t, device=x.device)
         kc.conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, False, precision, stats=stats)
     out = new_output(shape, x, cl)
+    if residual is not None:  # the apply pass reads it through y's layout
+        residual = in_layout(residual, cl)
     if backend == "cuda":
         mean, invstd, var, scale, shift = (torch.empty(k, dtype=stats.dtype, device=x.device) for _ in range(5))
         cuda_ops().bn_finalize_cuda(stats, bn_weight, bn_bias, eps, mean, invstd, var, scale, shift)
-        cuda_ops().bn_apply_cuda(y, out, scale, shift, relu)
+        cuda_ops().bn_apply_cuda(y, out, scale, shift, relu, residual)
     else:
         mean, invstd, var, scale, shift = kb.bn_finalize(stats, bn_weight, bn_bias, eps)
-        kb.bn_apply(y, out, scale, shift, relu)
+        kb.bn_apply(y, out, scale, shift, relu, residual)
     return out, y, mean, invstd, var
 
 
 @conv_bn_relu_train.register_fake
-def _(x, w, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups, relu, precision, backend):
+def _(x, w, bias, residual, bn_weight, bn_bias, eps, stride, padding, dilation, groups, relu, precision, backend):
     shape = output_size(x.shape, w.shape, stride, padding, dilation)
     cl = _y_channels_last(x, w)
     stat = x.new_empty((shape[1],), dtype=_acc_dtype(x))
@@ -119,7 +121,7 @@ def _(grad, out, y, mean, invstd, bn_weight, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups, relu, precision, backend = inputs
+    x, w, bias, residual, bn_weight, bn_bias, eps, stride, padding, dilation, groups, relu, precision, backend = inputs
     out, y, mean, invstd, _ = output
     ctx.save_for_backward(x, w, y, out if relu else None, mean, invstd, bn_weight)
     ctx.conv = (stride, padding, dilation, groups)
@@ -133,6 +135,13 @@ def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_invstd, _grad_var):
     stride, padding, dilation, groups = ctx.conv
     has_bias, has_gamma, has_beta = ctx.has
     need = ctx.needs_input_grad
+    g_res = None
+    if need[3]:  # the residual's gradient is the ReLU-masked one: formed once, then BatchNorm's input
+        g_res = grad_out
+        if out is not None:
+            from .residual_add import residual_add_backward  # threshold_backward, as in conv2d's ReLU
+            g_res = pick(residual_add_backward, ctx)(grad_out, out, ctx.backend)
+        grad_out, out = g_res, None
     dy, dgamma, dbeta = pick(conv_bn_relu_backward, ctx)(grad_out, out, y, mean, invstd, bn_weight, ctx.backend)
     gx = gw = gb = None
     if need[0]:
@@ -143,8 +152,8 @@ def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_invstd, _grad_var):
                                         ctx.layouts[1], ctx.precision, ctx.backend)
         gw = gw if need[1] else None
         gb = gb if has_bias and need[2] else None
-    return (gx, gw, gb, dgamma if has_gamma and need[3] else None, dbeta if has_beta and need[4] else None,
-            *([None] * 8))
+    return (gx, gw, gb, g_res, dgamma if has_gamma and need[4] else None,
+            dbeta if has_beta and need[5] else None, *([None] * 8))
 
 
 conv_bn_relu_train.register_autograd(_backward, setup_context=_setup_context)

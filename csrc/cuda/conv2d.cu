@@ -235,12 +235,19 @@ DirectParams<T> direct_params(const at::Tensor& src, const at::Tensor& out, cons
 at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                                const at::Tensor& y, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups, bool relu, c10::string_view algo_sv,
-                               bool stats, bool tf32) {
+                               bool stats, bool tf32, const std::optional<at::Tensor>& residual) {
   const char* op = "conv2d (cuda)";
   const std::string algo(algo_sv.data(), algo_sv.size());
   CNNKERN_CHECK_CUDA(x, "input");
   check_same(op, x, w, "weight");
   check_same(op, x, y, "output");
+  if (residual.has_value()) {  // read through y's strides
+    check_same(op, x, *residual, "residual");
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->strides() == y.strides(), "cnnkern ", op, ": residual ",
+                residual->sizes(), " with strides ", residual->strides(), " must have the output's shape ", y.sizes(),
+                " and strides ", y.strides());
+    TORCH_CHECK(!stats, "cnnkern ", op, ": statistics are taken before the residual is added: pass one or the other");
+  }
   if (bias.has_value()) {
     check_same(op, x, *bias, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), "cnnkern ", op, ": bias ", bias->sizes(),
@@ -258,12 +265,15 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_forward_cuda", [&] {
     const scalar_t* pb = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     const Algo kernel = choose_algo<scalar_t>(op, algo, tf32, g.Cg, rows);
     if (kernel != Algo::Direct) {
       if constexpr (kTensorCore<scalar_t>) {
         const at::Tensor xs = aligned_copy(x.contiguous(at::MemoryFormat::ChannelsLast));
         const at::Tensor wp = aligned_copy(w.permute({0, 2, 3, 1}).contiguous());  // [K][R][S][Cg]
         IgemmParams<scalar_t> p = igemm_params<scalar_t>(xs, wp, pb, y, g, relu);
+        p.res = pr;
+        p.vec_store = p.vec_store && (pr == nullptr || aligned16(pr));  // the residual's 16-byte chunks too
         const int tile = igemm_tile(rows, g.Kg, g.G);
         if (stats) {
           const int bm = conv::igemm_tile_rows(tile);
@@ -279,6 +289,7 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
     p.w = w.const_data_ptr<scalar_t>();  // filter (g, o, i, r, s) = w[g*Kg + o][i][r][s]
     p.wg = g.Kg * w.stride(0), p.wo = w.stride(0), p.wi = w.stride(1), p.wr = w.stride(2), p.ws = w.stride(3);
     p.bias = pb;
+    p.res = pr;
     p.sh = g.sh, p.sw = g.sw, p.ph = g.ph, p.pw = g.pw;
     p.relu = relu;
     if (stats) {

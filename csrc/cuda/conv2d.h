@@ -46,6 +46,7 @@ struct DirectParams {
   const T* bias;  // nullptr: none
   T* y;
   int64_t yn, yc, yh, yw;
+  const T* res;  // residual added before the activation, y's strides; nullptr: none
   int N, OC, IC, G, R, S, P, Q;
   int sh, sw, ph, pw, dh, dw;
   int cb;              // source channels staged in shared memory per step
@@ -70,6 +71,7 @@ struct IgemmParams {
   const T* bias;
   T* y;
   int64_t yn, yc, yh, yw;
+  const T* res;  // residual added before the activation, y's strides; nullptr: none (forward only)
   int Nimg, Ho, Wo, M;
   int NO, CK, G, R, S, KK;
   int sh, sw, ph, pw, dh, dw;

@@ -152,10 +152,11 @@ __global__ void __launch_bounds__(kThreads, 2) direct_kernel(const DirectParams<
     }
   }
 
-  // epilogue: bias, ReLU (`v < 0` keeps NaN, as torch.relu does), store through y's strides
+  // epilogue: bias, residual, ReLU (`v < 0` keeps NaN, as torch.relu does), store through y's
+  // strides (the residual has the same strides)
   const int pp = p0 + pr;
   if (pp >= p.P) return;
-  T* y_n = p.y + static_cast<int64_t>(n) * p.yn + static_cast<int64_t>(pp) * p.yh;
+  const int64_t row = static_cast<int64_t>(n) * p.yn + static_cast<int64_t>(pp) * p.yh;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int o = o0 + og * 4 + i;
@@ -166,9 +167,11 @@ __global__ void __launch_bounds__(kThreads, 2) direct_kernel(const DirectParams<
     for (int j = 0; j < 4; ++j) {
       const int q = q0 + qc + 4 * j;
       if (q >= p.Q) continue;
+      const int64_t off = row + static_cast<int64_t>(oc) * p.yc + static_cast<int64_t>(q) * p.yw;
       A v = acc[i][j] + b;
+      if (p.res != nullptr) v += static_cast<A>(p.res[off]);
       if (p.relu && v < A(0)) v = A(0);
-      y_n[static_cast<int64_t>(oc) * p.yc + static_cast<int64_t>(q) * p.yw] = static_cast<T>(v);
+      p.y[off] = static_cast<T>(v);
     }
   }
 }

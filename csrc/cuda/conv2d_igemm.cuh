@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "conv2d.h"
 #include "tensor_core.cuh"
@@ -98,15 +99,22 @@ struct GatherB {
   }
 };
 
-// Bias and ReLU on an accumulator pair: output channel o of group g (oc = g*NO + o) and its right
-// neighbour, which exists only where o + 1 < NO.
+// Bias, residual and ReLU on an accumulator pair: output channel o of group g (oc = g*NO + o) and
+// its right neighbour, which exists only where o + 1 < NO. `res`: the pair's first residual
+// element (its neighbour p.yc further on: y's strides), or nullptr for none; `act`: apply the
+// ReLU here (false where a later step adds the residual first).
 template <typename T>
-__device__ __forceinline__ void epilogue_pair(const IgemmParams<T>& p, int oc, int o, float& v0, float& v1) {
+__device__ __forceinline__ void epilogue_pair(const IgemmParams<T>& p, int oc, int o, float& v0, float& v1,
+                                              const T* res, bool act) {
   if (p.bias != nullptr) {
     v0 += static_cast<float>(p.bias[oc]);
     if (o + 1 < p.NO) v1 += static_cast<float>(p.bias[oc + 1]);
   }
-  if (p.relu) {
+  if (res != nullptr) {
+    v0 += static_cast<float>(res[0]);
+    if (o + 1 < p.NO) v1 += static_cast<float>(res[p.yc]);
+  }
+  if (act && p.relu) {
     v0 = v0 < 0.f ? 0.f : v0;
     v1 = v1 < 0.f ? 0.f : v1;
   }
@@ -127,35 +135,86 @@ __device__ __forceinline__ void for_each_pair(const float (&acc)[MT][NT][4], int
       }
 }
 
+// A 16-byte chunk of T as its four 32-bit words (one float, or two 16-bit values low half first),
+// element by element through their bits, so that chunks move as uint4 without type punning.
+__device__ __forceinline__ uint32_t chunk_word(const uint4& c, int i) {
+  return i == 0 ? c.x : i == 1 ? c.y : i == 2 ? c.z : c.w;
+}
+template <typename T>
+__device__ __forceinline__ float value_of_bits(uint32_t bits) {  // the element in the low bits
+  if constexpr (std::is_same_v<T, float>) {
+    return __uint_as_float(bits);
+  } else {
+    return static_cast<float>(T(static_cast<uint16_t>(bits & 0xFFFFu), T::from_bits()));
+  }
+}
+template <typename T>
+__device__ __forceinline__ uint32_t bits_of_value(float v) {  // v rounded to T, in the low bits
+  if constexpr (std::is_same_v<T, float>) {
+    return __float_as_uint(v);
+  } else {
+    return static_cast<uint32_t>(static_cast<T>(v).x);
+  }
+}
+
 // The stores of the tile when p.vec_store: the output values go to shared memory as a BM x BN
-// tile of T, then each thread stores whole 16-byte chunks of its rows (a warp writes 512
-// contiguous bytes of a row pair instead of 8 rows x 16 bytes). Chunk c of tile row r sits at
-// chunk c ^ (r % 8) of its row (CPR, the chunks per row, is a multiple of 8): a fragment column's
-// 8 rows are written without a bank conflict.
-template <typename T, int BM, int BN, int MT, int NT>
+// tile, then each thread stores whole 16-byte chunks of its rows (a warp writes 512 contiguous
+// bytes of a row pair instead of 8 rows x 16 bytes). Without a residual (RES false) the tile is
+// staged as T, bias and ReLU applied; with one it is staged in fp32 with the bias only, and each
+// output chunk adds the matching 16-byte chunk of the residual (y's strides, 16-byte aligned:
+// conv2d.cu checks) before the ReLU, so the sum is rounded once. Staged chunk c of tile row r
+// sits at chunk c ^ (r % 8) of its row (CPR, the staged chunks per row, is a multiple of 8): a
+// fragment column's 8 rows are written without a bank conflict.
+template <typename T, bool RES, int BM, int BN, int MT, int NT>
 __device__ __forceinline__ void igemm_store_staged(const IgemmParams<T>& p, const float (&acc)[MT][NT][4], int m0,
                                                    int n0, int g, int row0, int col0, unsigned char* smem) {
-  constexpr int EPC = 16 / sizeof(T), CPR = BN / EPC;
+  using S = std::conditional_t<RES, float, T>;    // the staged element
+  constexpr int EPC = 16 / sizeof(T), OCPR = BN / EPC;  // output elements per chunk, output chunks per row
+  constexpr int EPS = 16 / sizeof(S), CPR = BN / EPS;   // the same for the staged tile
   static_assert(CPR % 8 == 0, "the swizzle takes rows of a multiple of 8 chunks");
   const int t = threadIdx.x;
-  auto chunk_at = [&](int r, int c) { return smem + (r * CPR + (c ^ (r & 7))) * 16; };
+  auto staged = [&](int r, int col) {  // element (r, col) of the staged tile
+    return reinterpret_cast<S*>(smem + (r * CPR + ((col / EPS) ^ (r & 7))) * 16) + col % EPS;
+  };
   __syncthreads();  // every warp is done with the pipeline's buffers (and the statistics' tile)
   for_each_pair(acc, row0, col0, [&](int lr, int lc, float v0, float v1) {
     const int o = n0 + lc;
     if (o >= p.NO) return;  // NO is a multiple of EPC: the pair is inside the output or outside
-    epilogue_pair(p, g * p.NO + o, o, v0, v1);
-    Mma<T>::store_pair(reinterpret_cast<T*>(chunk_at(lr, lc / EPC) + (lc % EPC) * sizeof(T)), v0, v1);
+    epilogue_pair(p, g * p.NO + o, o, v0, v1, static_cast<const T*>(nullptr), !RES);
+    if constexpr (RES) {
+      *reinterpret_cast<float2*>(staged(lr, lc)) = make_float2(v0, v1);
+    } else {
+      Mma<T>::store_pair(staged(lr, lc), v0, v1);
+    }
   });
   __syncthreads();
   const int HoWo = p.Ho * p.Wo;
-  for (int idx = t; idx < BM * CPR; idx += blockDim.x) {
-    const int r = idx / CPR, c = idx % CPR;
+  for (int idx = t; idx < BM * OCPR; idx += blockDim.x) {
+    const int r = idx / OCPR, c = idx % OCPR;
     const int m = m0 + r, o = n0 + c * EPC;
     if (m >= p.M || o >= p.NO) continue;
     const int n = m / HoWo, rem = m % HoWo;
     const int64_t off = static_cast<int64_t>(n) * p.yn + static_cast<int64_t>(rem / p.Wo) * p.yh +
                         static_cast<int64_t>(rem % p.Wo) * p.yw + g * p.NO + o;
-    *reinterpret_cast<uint4*>(p.y + off) = *reinterpret_cast<const uint4*>(chunk_at(r, c));
+    if constexpr (RES) {
+      constexpr int PER = 4 / sizeof(T);  // elements per 32-bit word
+      const uint4 rv = *reinterpret_cast<const uint4*>(p.res + off);
+      uint32_t out[4];
+#pragma unroll
+      for (int wd = 0; wd < 4; ++wd) {
+        const uint32_t in = chunk_word(rv, wd);
+        out[wd] = 0;
+#pragma unroll
+        for (int h = 0; h < PER; ++h) {
+          float v = *staged(r, c * EPC + wd * PER + h) + value_of_bits<T>(in >> (16 * h));
+          if (p.relu) v = v < 0.f ? 0.f : v;
+          out[wd] |= bits_of_value<T>(v) << (16 * h);
+        }
+      }
+      *reinterpret_cast<uint4*>(p.y + off) = make_uint4(out[0], out[1], out[2], out[3]);
+    } else {
+      *reinterpret_cast<uint4*>(p.y + off) = *reinterpret_cast<const uint4*>(staged(r, c * EPC));
+    }
   }
 }
 
@@ -203,7 +262,11 @@ __device__ __forceinline__ void igemm_epilogue(const IgemmParams<T>& p, const fl
     }
   }
   if (p.vec_store) {
-    igemm_store_staged<T, BM, BN>(p, acc, m0, n0, g, row0, col0, smem);
+    if (p.res != nullptr) {
+      igemm_store_staged<T, true, BM, BN>(p, acc, m0, n0, g, row0, col0, smem);
+    } else {
+      igemm_store_staged<T, false, BM, BN>(p, acc, m0, n0, g, row0, col0, smem);
+    }
     return;
   }
   const bool pair_store = p.yc == 1;
@@ -222,8 +285,9 @@ __device__ __forceinline__ void igemm_epilogue(const IgemmParams<T>& p, const fl
         if (o >= p.NO) continue;
         const int oc = g * p.NO + o;
         float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
-        epilogue_pair(p, oc, o, v0, v1);
-        T* dst = p.y + off + static_cast<int64_t>(oc) * p.yc;
+        const int64_t at = off + static_cast<int64_t>(oc) * p.yc;
+        epilogue_pair(p, oc, o, v0, v1, p.res != nullptr ? p.res + at : nullptr, true);
+        T* dst = p.y + at;
         if (pair_store && o + 1 < p.NO && (reinterpret_cast<uintptr_t>(dst) % (2 * sizeof(T))) == 0) {
           Mma<T>::store_pair(dst, v0, v1);
         } else {

@@ -4,7 +4,8 @@
 //   forward   the convolution's epilogue writes y and per-block (count, mean, M2) statistics
 //             (conv2d_forward_cuda with stats=True); bn_finalize_cuda merges them (Chan et al.)
 //             into the batch mean and variance and folds BN into per-channel scale/shift, in one
-//             launch; bn_apply_cuda writes out = [relu](y * scale[c] + shift[c]) in one pass.
+//             launch; bn_apply_cuda writes out = [relu](y * scale[c] + shift[c] [+ residual]) in one
+//             pass.
 //   backward  bn_backward_reduce_cuda: one pass over (grad, out, y) gives, per chunk of rows and
 //             channel, sum g' and sum g' * y with g' = grad masked by the ReLU (out > 0);
 //             bn_backward_coefficients_cuda adds the chunks in order and folds the BN backward
@@ -32,14 +33,15 @@ __device__ __forceinline__ int64_t channel_of(int64_t e, int64_t K, int64_t PQ) 
 }
 
 template <typename T, bool CL>
-__global__ void apply_kernel(const T* __restrict__ y, T* __restrict__ out, const at::opmath_type<T>* __restrict__ scale,
-                             const at::opmath_type<T>* __restrict__ shift, int64_t n, int64_t K, int64_t PQ,
-                             bool relu) {
+__global__ void apply_kernel(const T* __restrict__ y, const T* __restrict__ res, T* __restrict__ out,
+                             const at::opmath_type<T>* __restrict__ scale, const at::opmath_type<T>* __restrict__ shift,
+                             int64_t n, int64_t K, int64_t PQ, bool relu) {
   using A = at::opmath_type<T>;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t c = channel_of<CL>(e, K, PQ);
     A v = static_cast<A>(y[e]) * scale[c] + shift[c];
+    if (res != nullptr) v += static_cast<A>(res[e]);
     if (relu && v < A(0)) v = A(0);
     out[e] = static_cast<T>(v);
   }
@@ -264,10 +266,10 @@ void check_partials(const char* op, const at::Tensor& t, int64_t width, const ch
 }
 
 void bn_apply_cuda(const at::Tensor& y, const at::Tensor& out, const at::Tensor& scale, const at::Tensor& shift,
-                   bool relu) {
+                   bool relu, const std::optional<at::Tensor>& residual) {
   const char* op = "bn_apply (cuda)";
   CNNKERN_CHECK_CUDA(y, "y");
-  const bool cl = dense_layout(op, y, {&out});
+  const bool cl = residual.has_value() ? dense_layout(op, y, {&out, &*residual}) : dense_layout(op, y, {&out});
   check_vec(op, scale, y, "scale");
   check_vec(op, shift, y, "shift");
   const int64_t n = y.numel();
@@ -278,9 +280,10 @@ void bn_apply_cuda(const at::Tensor& y, const at::Tensor& out, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_apply_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     auto kernel = cl ? apply_kernel<scalar_t, true> : apply_kernel<scalar_t, false>;
-    kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(y.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                                           scale.const_data_ptr<A>(), shift.const_data_ptr<A>(), n, K,
-                                                           PQ, relu);
+    const scalar_t* res = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
+    kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(y.const_data_ptr<scalar_t>(), res,
+                                                           out.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
+                                                           shift.const_data_ptr<A>(), n, K, PQ, relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -85,6 +85,7 @@ inline float2 make_float2(float x, float y) { return float2{x, y}; }
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 struct alignas(4) __half2 {
   c10::Half x, y;
 };
