@@ -6,7 +6,9 @@ What it rewrites (parameters and buffers stay the same objects, state_dict keys 
   becomes one fused call (cnnkern.nn.conv_bn_forward: folded BatchNorm in eval, statistics from the
   convolution's epilogue in training, exactly BatchNorm2d's module semantics);
 * ``relu(a + b)`` on two tensors becomes cnnkern's residual add (when both are 4-D and b is a's
-  shape or an option-A shortcut of it; anything else still runs as ``relu(a + b)``);
+  shape or an option-A shortcut of it; anything else still runs as ``relu(a + b)``); where ``a``
+  (or ``b``) is a fused ``Conv2d [-> BatchNorm2d]`` used only there, a shortcut of its output's
+  shape is added by that layer's own kernel instead (a ResNet block's end: no separate add);
 * every ``LocalResponseNorm`` becomes cnnkern's.
 
 How: ``torch.fx.symbolic_trace`` sees through opaque ``forward`` methods (ResNet blocks,
@@ -57,6 +59,32 @@ def _fused_layer(conv, bn, relu, backend):
     return conv_bn_relu
 
 
+def _conv_out_shape(conv, x):
+    """The (N, K, P, Q) that ``conv`` (a zeros-padded torch Conv2d) gives for input x."""
+    n, _, h, w = x.shape
+    out = []
+    for i, size in enumerate((h, w)):
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        if conv.padding == "same":
+            out.append(size)
+            continue
+        pad = 0 if conv.padding == "valid" else conv.padding[i]
+        out.append((size + 2 * pad - d * (k - 1) - 1) // s + 1)
+    return (n, conv.out_channels, *out)
+
+
+def _fused_join(conv, bn, backend):
+    """relu(bn(conv(x)) + shortcut) as one fused layer whose kernel adds the shortcut; an
+    option-A (or otherwise mismatched) shortcut goes through the residual add instead."""
+    def conv_bn_add_relu(x, shortcut):
+        if isinstance(shortcut, torch.Tensor) and isinstance(x, torch.Tensor) and x.dim() == 4 \
+                and shortcut.dtype == x.dtype and shortcut.device == x.device \
+                and tuple(shortcut.shape) == _conv_out_shape(conv, x):
+            return cnn.conv_bn_forward(conv, bn, x, relu=True, backend=backend, residual=shortcut)
+        return _residual_add_or_sum(cnn.conv_bn_forward(conv, bn, x, relu=False, backend=backend), shortcut, backend)
+    return conv_bn_add_relu
+
+
 def _residual_join(backend):
     def residual_add(a, b):
         return _residual_add_or_sum(a, b, backend)
@@ -80,6 +108,7 @@ def _fuse(gm: fx.GraphModule, backend) -> int:
     modules = dict(gm.named_modules())
     graph = gm.graph
     count = 0
+    plain = {}  # fused conv[-BN] nodes without a ReLU -> (conv, bn): a residual join may absorb them
     for node in list(graph.nodes):
         if node.op != "call_module" or node.graph is None:
             continue
@@ -101,6 +130,8 @@ def _fuse(gm: fx.GraphModule, backend) -> int:
         chain[-1].replace_all_uses_with(fused)
         for old in reversed(chain):
             graph.erase_node(old)
+        if not relu:
+            plain[fused] = (conv, bn)
         count += 1
     for node in list(graph.nodes):  # relu(a + b)
         if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2 \
@@ -108,11 +139,19 @@ def _fuse(gm: fx.GraphModule, backend) -> int:
             relu = _only_user(node)
             if relu is None or not _is_relu(relu, modules) or relu.args[0] is not node:
                 continue
+            # a conv[-BN] branch used only here takes the shortcut into its own kernel
+            branch = next((a for a in node.args if a in plain and _only_user(a) is node), None)
             with graph.inserting_after(relu):
-                joined = graph.call_function(_residual_join(backend), node.args)
+                if branch is not None:
+                    shortcut = node.args[1] if node.args[0] is branch else node.args[0]
+                    joined = graph.call_function(_fused_join(*plain[branch], backend), (branch.args[0], shortcut))
+                else:
+                    joined = graph.call_function(_residual_join(backend), node.args)
             relu.replace_all_uses_with(joined)
             graph.erase_node(relu)
             graph.erase_node(node)
+            if branch is not None:
+                graph.erase_node(branch)
             count += 1
     graph.lint()
     gm.recompile()

@@ -47,13 +47,16 @@ def cases(backend, dtype, layout):
     # (fp16 rounding and TF32 in the outputs; ReLU-mask flips near zero in the gradients)
     tol, gtol = 2e-2, 1e-1
 
-    def conv(kernel_shape, c, padding, stride=1, groups=1):
+    def conv(kernel_shape, c, padding, stride=1, groups=1, residual=False):
         def run():
             x = _make((2, c, 9, 9), dtype, layout)
             w = (torch.randn(8, c // groups, *kernel_shape, device="cuda") * 0.2).to(dtype).requires_grad_()
             b = torch.randn(8, device="cuda").to(dtype).requires_grad_()
-            y = F.conv2d(x, w, b, stride=stride, padding=padding, groups=groups, activation="relu", backend=backend)
-            ref = torch.relu(TF.conv2d(x.float(), w.float(), b.float(), stride, padding, 1, groups))
+            pre = TF.conv2d(x.float(), w.float(), b.float(), stride, padding, 1, groups)
+            r = _make(tuple(pre.shape), dtype, layout) if residual else None
+            y = F.conv2d(x, w, b, stride=stride, padding=padding, groups=groups, activation="relu", residual=r,
+                         backend=backend)
+            ref = torch.relu(pre + r.float() if residual else pre)
             _check("out", y, ref, tol)
             gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
             rx, rw, rb = torch.autograd.grad(ref, (x, w, b), torch.ones_like(ref))
@@ -61,7 +64,7 @@ def cases(backend, dtype, layout):
                 _check(n_, a, r, gtol)
         return run
 
-    def cbr(training):
+    def cbr(training, residual=False):
         def run():
             x = _make((2, 16, 9, 9), dtype, layout)
             w = (torch.randn(8, 16, 3, 3, device="cuda") * 0.1).to(dtype).requires_grad_()
@@ -69,9 +72,11 @@ def cases(backend, dtype, layout):
             beta = torch.randn(8, device="cuda", requires_grad=True)
             rm, rv = torch.zeros(8, device="cuda"), torch.ones(8, device="cuda")
             rm2, rv2 = rm.clone(), rv.clone()
-            y = F.conv_bn_relu(x, w, None, rm, rv, gamma, beta, training=training, padding=1, backend=backend)
-            ref = torch.relu(TF.batch_norm(TF.conv2d(x.float(), w.float(), None, 1, 1), rm2, rv2, gamma, beta,
-                                           training))
+            r = _make((2, 8, 9, 9), dtype, layout) if residual else None
+            y = F.conv_bn_relu(x, w, None, rm, rv, gamma, beta, training=training, padding=1, residual=r,
+                               backend=backend)
+            ref = TF.batch_norm(TF.conv2d(x.float(), w.float(), None, 1, 1), rm2, rv2, gamma, beta, training)
+            ref = torch.relu(ref + r.float() if residual else ref)
             _check("out", y, ref, 3 * tol)
             got = torch.autograd.grad(y, (x, w, gamma, beta), torch.ones_like(y))
             assert all(torch.isfinite(g).all() for g in got)
@@ -107,8 +112,12 @@ def cases(backend, dtype, layout):
         ("conv2d", "3x3/2 small-channel", conv((3, 3), 3, 1, stride=2)),
         ("conv2d", "1x1", conv((1, 1), 16, 0)),
         ("conv2d", "3x3 groups=2", conv((3, 3), 16, 1, groups=2)),
+        ("conv2d", "1x1 + residual", conv((1, 1), 16, 0, residual=True)),
+        ("conv2d", "3x3 + residual", conv((3, 3), 16, 1, residual=True)),
         ("conv_bn_relu", "training", cbr(True)),
         ("conv_bn_relu", "eval", cbr(False)),
+        ("conv_bn_relu", "training + residual", cbr(True, residual=True)),
+        ("conv_bn_relu", "eval + residual", cbr(False, residual=True)),
         ("local_response_norm", "size 5", lrn(5)),
         ("local_response_norm", "size 4", lrn(4)),
         ("residual_add", "identity", residual(False)),

@@ -214,6 +214,8 @@ def test_opcheck(backend):
     ops = torch.ops.cnnkern
     args = (x, w, None, None, gamma, beta, 1e-5, [1, 1], [1, 1, 1, 1], [1, 1], 1, True, "ieee", backend)
     torch.library.opcheck(ops.conv_bn_relu_train.default, args)
+    res = torch.randn(2, 16, 5, 5, device=DEVICE, requires_grad=True)  # NCHW: the op re-lays it out
+    torch.library.opcheck(ops.conv_bn_relu_train.default, (x, w, None, res, *args[4:]))
     out, y, mean, invstd, var = ops.conv_bn_relu_train(*args)
     g = torch.randn_like(out)
     torch.library.opcheck(ops.conv_bn_relu_backward.default,

@@ -30,13 +30,37 @@ def test_eval_outputs_keys_and_shared_parameters(name):
     assert all(a is b for a, b in zip(conv.parameters(), ref.parameters()))
     code = conv.code
     n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in ref.modules())
-    assert code.count("= cnnkern_convert_conv_bn_relu") == n_convs  # every convolution rewritten
-    if name.startswith("resnet"):
+    joins = code.count("= cnnkern_convert_conv_bn_add_relu")  # conv-BN + shortcut + ReLU in one layer
+    assert code.count("= cnnkern_convert_conv_bn_relu") + joins == n_convs  # every convolution rewritten
+    if name.startswith("resnet"):  # every block ends in its last conv-BN, the shortcut added in its kernel
         blocks = sum(len(getattr(ref, f"layer{i}")) for i in range(1, 5))
-        assert code.count("= cnnkern_convert_residual_add") == blocks
+        assert joins == blocks and code.count("= cnnkern_convert_residual_add") == 0
+    else:
+        assert joins == 0
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad(), cnnkern.use_backend("torch"):
         assert rel_err(conv(x), ref(x)) < 1e-12
+
+
+def test_residual_join_falls_back_where_the_shortcut_does_not_fit():
+    """relu(bn(conv(x)) + s) with an option-A shortcut s (subsampled, fewer channels): the fused
+    layer cannot take it, so the join runs as cnnkern's residual add, with the same result."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
+            self.bn = torch.nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)) + x)
+
+    ref = Block().double().eval()
+    conv = cnnkern.convert(ref)
+    assert conv.code.count("= cnnkern_convert_conv_bn_add_relu") == 1
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad(), cnnkern.use_backend("torch"):
+        want = torch.relu(ref.bn(ref.conv(x)) + cnnkern.reference.option_a_shortcut(x, 8, 2))
+        assert rel_err(conv(x), want) < 1e-12
 
 
 def test_training_behaviour_matches():

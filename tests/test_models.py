@@ -105,6 +105,23 @@ def test_shortcut_options():
         M.resnet18(shortcut="D")
 
 
+def test_blocks_add_their_shortcut_in_their_last_fused_layer(monkeypatch):
+    """A shortcut of the block output's shape (identity, projection) goes into the last conv-BN
+    layer's kernel; only option A's subsampled, zero-padded shortcuts take the residual add."""
+    calls = []
+    real = cnnkern.nn.ResidualAdd.forward
+    monkeypatch.setattr(cnnkern.nn.ResidualAdd, "forward",
+                        lambda self, x, s: calls.append(tuple(s.shape)) or real(self, x, s))
+    with torch.no_grad(), cnnkern.use_backend("torch"):
+        for net in (M.resnet18(num_classes=10), M.resnet50(num_classes=10), M.resnet18(num_classes=10, shortcut="C")):
+            net.eval()(torch.randn(1, 3, 32, 32))
+        assert calls == []
+        M.cifar_resnet(20).eval()(torch.randn(1, 3, 32, 32))
+        M.resnet18(num_classes=10, shortcut="A").eval()(torch.randn(1, 3, 32, 32))
+    # the stage entries: CIFAR ResNet-20's two, ResNet-18's three
+    assert calls == [(1, 16, 32, 32), (1, 32, 16, 16), (1, 64, 8, 8), (1, 128, 4, 4), (1, 256, 2, 2)]
+
+
 @pytest.mark.parametrize("depth,params_m", [(20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85), (110, 1.7)])
 def test_cifar_networks_match_the_paper(depth, params_m):
     # He et al., Table 6: ResNet-20/32/44/56/110 have 0.27M/0.46M/0.66M/0.85M/1.7M parameters
