@@ -51,6 +51,7 @@ class Layer:
     dilation: tuple
     groups: int
     macs: int  # N*K*P*Q*(C/groups)*R*S, from cnnkern.summary
+    shortcut: str | None = None  # where it ends a ResNet block (conv-BN + shortcut): that layer's name
 
     @property
     def flops(self) -> int:
@@ -77,7 +78,7 @@ def network_layers(batches=(1, 32), networks=None, table=None, followed_by_bn=Fa
                 k = r.output_shape[1]
                 w_shape = (k, r.input_shape[1] // c["groups"], *c["kernel"])
                 out.append(Layer(net, r.name, r.input_shape, w_shape, tuple(c["stride"]), c["padding"],
-                                 tuple(c["dilation"]), c["groups"], r.macs))
+                                 tuple(c["dilation"]), c["groups"], r.macs, r.joins_shortcut))
     return out
 
 

@@ -34,6 +34,10 @@ class LayerRow:
     weights: int = 0           # weights only (the seed's GoogLeNet and VGG tables count these)
     macs: int = 0
     conv: dict | None = None   # conv rows: stride, padding, dilation, groups, kernel (for benchmarks)
+    # conv rows (conv_layers): the name of the first occurrence of this convolution whose output,
+    # after its BatchNorm, is added to a shortcut of the same shape (a ResNet block's last
+    # convolution, whose fused layer takes the shortcut), or None
+    joins_shortcut: str | None = None
 
     @property
     def activations(self) -> int:
@@ -182,16 +186,23 @@ def summary(model: torch.nn.Module, input_size, dtype_bytes: int = 4) -> Summary
 def conv_layers(model: torch.nn.Module, input_size, followed_by_bn: bool = False) -> list[LayerRow]:
     """The distinct convolutions of ``model`` (by input shape, weight shape and conv arguments),
     in the order they first run: the benchmark's layer list, taken from the network itself.
-    ``followed_by_bn``: only the convolutions whose output goes straight into a BatchNorm."""
-    seen, out = set(), []
+    ``followed_by_bn``: only the convolutions whose output goes straight into a BatchNorm. A
+    returned row's ``joins_shortcut`` is set where any of its occurrences ends a block: conv,
+    BatchNorm, then a residual add of the conv's output shape (to the name of that occurrence)."""
+    seen, out = {}, []
     rows = summary(model, input_size).rows
     for i, r in enumerate(rows):
         if r.kind != "conv":
             continue
-        if followed_by_bn and not (i + 1 < len(rows) and rows[i + 1].kind == "batchnorm"):
+        bn = i + 1 < len(rows) and rows[i + 1].kind == "batchnorm"
+        if followed_by_bn and not bn:
             continue
+        joins = bn and i + 2 < len(rows) and rows[i + 2].kind == "residual_add" and \
+            rows[i + 2].output_shape == r.output_shape and rows[i + 2].input_shape == r.output_shape
         key = (r.input_shape, r.output_shape, tuple(sorted((k, str(v)) for k, v in r.conv.items())))
         if key not in seen:
-            seen.add(key)
+            seen[key] = r
             out.append(r)
+        if joins and seen[key].joins_shortcut is None:
+            seen[key].joins_shortcut = r.name
     return out

@@ -122,7 +122,15 @@ def backends_for(device: torch.device, op: str | None = None) -> list:
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
-__all__ = ["HAS_CUDA", "EMULATED_CUDA", "DEVICE", "REL_TOL", "tol", "assert_as_close_as_pytorch", "ieee_fp32", "DTYPES", "LAYOUTS", "rel_err", "assert_rel_close", "make",
+
+def cuda_kernel_test(fn):
+    """Marks a test that calls the CUDA C++ kernels directly: a `gpu` test that also runs on the
+    emulator (`emulated`), skipped where neither CUDA nor the emulator, or cnnkern._C, is there."""
+    skip = pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or _backend.unavailable_reason("cuda", DEVICE) is not None,
+                              reason="needs CUDA and cnnkern._C")
+    return pytest.mark.gpu(pytest.mark.emulated(skip(fn)))
+
+__all__ = ["HAS_CUDA", "EMULATED_CUDA", "DEVICE", "cuda_kernel_test", "REL_TOL", "tol", "assert_as_close_as_pytorch", "ieee_fp32", "DTYPES", "LAYOUTS", "rel_err", "assert_rel_close", "make",
            "backends_for", "cnnkern"]
 
 

@@ -72,6 +72,24 @@ def test_conv_bn_relu_loop(fake_timer):
     assert torch.get_default_dtype() == torch.float32
 
 
+def test_block_ends_are_timed_with_their_shortcut(fake_timer):
+    """ResNet-50's block-ending convolutions are marked (from the network); each such layer is
+    also timed as relu(bn(conv(x)) + shortcut), checked against eager, forward and backward."""
+    fused = bench_conv2d.network_layers((32,), ["resnet50"], bench_conv_bn_relu.NETWORKS, followed_by_bn=True)
+    # (layer1.0.downsample.0 has layer1.0.conv3's shape and runs first: one distinct layer, both cases)
+    ends = {(l.name, l.shortcut) for l in fused if l.shortcut}
+    assert ends == {("layer1.0.downsample.0", "layer1.0.conv3"), ("layer2.0.conv3", "layer2.0.conv3"),
+                    ("layer3.0.conv3", "layer3.0.conv3"), ("layer4.0.conv3", "layer4.0.conv3")}, ends
+    layers = [bench_conv2d.Layer("tiny", "conv3", (2, 8, 6, 6), (16, 8, 1, 1), (1, 1), (0, 0), (1, 1), 1,
+                                 2 * 16 * 6 * 6 * 8, shortcut="conv3")]
+    recs = bench_conv_bn_relu.run(providers=["triton"], dtypes=("float32",), progress=False, device="cpu",
+                                  layers=layers)
+    assert not recs.failures
+    assert {(r.case, r.provider, r.direction) for r in recs} == {
+        (c, p, d) for c in ("tiny conv3", "tiny conv3 + shortcut") for p in ("torch", "triton") for d in ("fwd", "fwd+bwd")}
+    assert bench_conv_bn_relu.count(providers=["triton"], dtypes=("float32",), layers=layers) == 8
+
+
 @pytest.fixture
 def fake_compile(monkeypatch):
     """harness.compile_reference through Dynamo with the eager backend: the provider's plumbing

@@ -6,7 +6,8 @@ import os
 
 import pytest
 import torch
-from helpers import DEVICE, EMULATED_CUDA, HAS_CUDA, LAYOUTS, assert_rel_close, backends_for, ieee_fp32, make
+from helpers import (DEVICE, EMULATED_CUDA, HAS_CUDA, LAYOUTS, assert_rel_close, backends_for, cuda_kernel_test,
+                     ieee_fp32, make)
 
 import cnnkern
 from cnnkern import functional as F
@@ -411,10 +412,7 @@ def _raw_cuda(x, w, b, kw, relu, algo, tf32=False, residual=None):
     return y, g, gx
 
 
-@pytest.mark.gpu
-@pytest.mark.emulated
-@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
-                    reason="needs CUDA and cnnkern._C")
+@cuda_kernel_test
 @pytest.mark.parametrize("algo", ["direct", "igemm", "wgmma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
@@ -447,10 +445,7 @@ def test_gpu_cuda_kernels_pinned(layer, layout, dtype, algo):
     assert_rel_close(gx, rgx, dtype, "grad input", matmul=True)
 
 
-@pytest.mark.gpu
-@pytest.mark.emulated
-@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
-                    reason="needs CUDA and cnnkern._C")
+@cuda_kernel_test
 @pytest.mark.parametrize("algo", ["direct", "igemm", "wgmma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "misaligned"])
@@ -486,10 +481,7 @@ def test_gpu_cuda_kernels_pinned_residual(layer, layout, dtype, algo):
     assert_rel_close(y, ref, dtype, matmul=True)
 
 
-@pytest.mark.gpu
-@pytest.mark.emulated
-@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
-                    reason="needs CUDA and cnnkern._C")
+@cuda_kernel_test
 def test_gpu_cuda_pinned_kernel_refuses_what_it_cannot_run():
     xs, k, ks, stride, pad, dil, groups = GPU_LAYERS["resnet_3x3_c64"]
     kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
@@ -514,10 +506,7 @@ def test_gpu_cuda_pinned_kernel_refuses_what_it_cannot_run():
         cuda_ops().conv2d_backward_weight_cuda(*args, "igemm")  # fp32
 
 
-@pytest.mark.gpu
-@pytest.mark.emulated
-@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
-                    reason="needs CUDA and cnnkern._C")
+@cuda_kernel_test
 @pytest.mark.parametrize("layer", ["resnet_3x3_c64", "stage_entry_3x3s2"])
 def test_gpu_cuda_tf32_wgmma_rounds_like_mma_sync(layer):
     """TF32 on wgmma reads its operands from shared memory, where the kernel rounds them to tf32
@@ -556,10 +545,7 @@ def test_emulated_sm80_has_no_wgmma(monkeypatch):
     assert_rel_close(y, torch.nn.functional.conv2d(x.double(), w.double(), **kw), torch.float16, matmul=True)
 
 
-@pytest.mark.gpu
-@pytest.mark.emulated
-@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
-                    reason="needs CUDA and cnnkern._C")
+@cuda_kernel_test
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("layer", ["vgg_3x3_c128", "stage_entry_3x3s2", "grouped_8", "first_7x7s2"])
 def test_gpu_cuda_weight_grad_is_bitwise_reproducible(layer, dtype):
@@ -592,10 +578,7 @@ WGRAD_TC_LAYERS = {
 }
 
 
-@pytest.mark.gpu
-@pytest.mark.emulated
-@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
-                    reason="needs CUDA and cnnkern._C")
+@cuda_kernel_test
 @pytest.mark.parametrize("algo", ["auto", "igemm", "wgmma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layer", list(WGRAD_TC_LAYERS))

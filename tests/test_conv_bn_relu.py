@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from helpers import (DEVICE, EMULATED_CUDA, HAS_CUDA, REL_TOL, assert_as_close_as_pytorch, assert_rel_close,
-                     backends_for, ieee_fp32, make, merge_stats, rel_err)
+                     backends_for, cuda_kernel_test, ieee_fp32, make, merge_stats, rel_err)
 from test_conv2d import FAMILIES
 
 import cnnkern
@@ -266,10 +266,7 @@ def test_gpu_bf16_training_steps(family, backend):
     _train_steps(backend, family, torch.bfloat16, "channels_last")
 
 
-@pytest.mark.gpu
-@pytest.mark.emulated
-@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
-                    reason="needs CUDA and cnnkern._C")
+@cuda_kernel_test
 @pytest.mark.parametrize("algo", ["direct", "igemm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", [((4, 64, 9, 9), 72, 3, 1, 1), ((3, 32, 15, 15), 40, 1, 2, 0), ((2, 3, 17, 17), 8, 7, 2, 3)])
@@ -379,10 +376,7 @@ def test_bn_backward_coefficients_kernel(backend, acc, pdt, rows, k, affine):
         assert rel_err(got, want) < max(tol_acc, REL_TOL[dt]), what
 
 
-@pytest.mark.gpu
-@pytest.mark.emulated
-@pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or cnnkern._backend.unavailable_reason("cuda", DEVICE) is not None,
-                    reason="needs CUDA and cnnkern._C")
+@cuda_kernel_test
 def test_gpu_cuda_finalize_ops_refuse_bad_tensors():
     stats = torch.zeros(4, 3, 8, device=DEVICE)
     outs = [torch.empty(8, device=DEVICE) for _ in range(5)]
