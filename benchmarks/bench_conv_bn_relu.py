@@ -21,6 +21,7 @@ FLOPs are the convolution's (2*N*K*P*Q*(C/groups)*R*S; x3 for forward+backward).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
@@ -89,6 +90,8 @@ def _plan(providers, quick, networks, layers, batch):
     if layers is None:
         nets = [NETS.get(n, n) for n in networks] if networks else (["resnet50"] if quick else list(NETWORKS))
         layers = network_layers((batch,), nets, NETWORKS, followed_by_bn=True)
+        if quick:  # --quick keeps to the conv-BN-ReLU layers (its block ends need their own autotuning)
+            layers = [dataclasses.replace(layer, shortcut=None) for layer in layers]
     return providers, layers
 
 

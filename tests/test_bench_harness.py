@@ -4,7 +4,6 @@ the ceiling, speedup), the JSON round trip, the text table, and residual add's b
 import json
 import os
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -274,8 +273,9 @@ def test_suite_plan(monkeypatch, kernel_table):
     from cnnkern.benchmarks import bench_conv2d, bench_conv_bn_relu
 
     # the layer lists themselves are tested in test_bench_conv.py: here 23 layers per batch size
-    # (none ends a ResNet block, so each is one conv-BN-ReLU case)
-    fake_layers = lambda batches, networks=None, *a, **k: [SimpleNamespace(shortcut=None)] * 23 * len(batches)  # noqa: E731
+    # (each marked as a block's end, which --quick leaves out: one conv-BN-ReLU case each)
+    layer = bench_conv2d.Layer("net", "conv", (1, 1, 1, 1), (1, 1, 1, 1), (1, 1), (0, 0), (1, 1), 1, 1, shortcut="conv")
+    fake_layers = lambda batches, networks=None, *a, **k: [layer] * 23 * len(batches)  # noqa: E731
     monkeypatch.setattr(bench_conv2d, "network_layers", fake_layers)
     monkeypatch.setattr(bench_conv_bn_relu, "network_layers", fake_layers)
     plan = {op: (kw, n) for op, kw, n in harness.suite_plan(quick=True)}
