@@ -31,8 +31,10 @@ import torch
 from torch import fx
 from torch import nn as tnn
 
+from . import _checks
 from . import functional as F
 from . import nn as cnn
+from .ops.conv2d import output_size
 
 __all__ = ["convert"]
 
@@ -60,17 +62,14 @@ def _fused_layer(conv, bn, relu, backend):
 
 
 def _conv_out_shape(conv, x):
-    """The (N, K, P, Q) that ``conv`` (a zeros-padded torch Conv2d) gives for input x."""
-    n, _, h, w = x.shape
-    out = []
-    for i, size in enumerate((h, w)):
-        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
-        if conv.padding == "same":
-            out.append(size)
-            continue
-        pad = 0 if conv.padding == "valid" else conv.padding[i]
-        out.append((size + 2 * pad - d * (k - 1) - 1) // s + 1)
-    return (n, conv.out_channels, *out)
+    """The (N, K, P, Q) that ``conv`` (a zeros-padded torch Conv2d) gives for input x, by the
+    ops' own rule (an invalid call is left to the fused layer, which raises for it)."""
+    try:
+        stride, pad, dilation = _checks.conv_args("conv2d", x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                                  conv.dilation, conv.groups)
+    except (TypeError, ValueError):
+        return None
+    return tuple(output_size(x.shape, conv.weight.shape, stride, pad, dilation))
 
 
 def _fused_join(conv, bn, backend):
@@ -79,7 +78,7 @@ def _fused_join(conv, bn, backend):
     def conv_bn_add_relu(x, shortcut):
         if isinstance(shortcut, torch.Tensor) and isinstance(x, torch.Tensor) and x.dim() == 4 \
                 and shortcut.dtype == x.dtype and shortcut.device == x.device \
-                and tuple(shortcut.shape) == _conv_out_shape(conv, x):
+                and tuple(shortcut.shape) == _conv_out_shape(conv, x):  # else option A, or an error below
             return cnn.conv_bn_forward(conv, bn, x, relu=True, backend=backend, residual=shortcut)
         return _residual_add_or_sum(cnn.conv_bn_forward(conv, bn, x, relu=False, backend=backend), shortcut, backend)
     return conv_bn_add_relu

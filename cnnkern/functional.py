@@ -94,8 +94,10 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if activation not in (None, "relu"):
         raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
     stride_, pad, dilation_ = _checks.conv_args(op, x, weight, bias, stride, padding, dilation, groups)
-    res = _checks.residual(op, residual, x, _ops.conv2d.output_size(x.shape, weight.shape, stride_, pad, dilation_),
-                           input.dim() == 3)
+    res = None
+    if residual is not None:  # (the output's shape: only then, this is every call's host path)
+        res = _checks.residual(op, residual, x, _ops.conv2d.output_size(x.shape, weight.shape, stride_, pad,
+                                                                        dilation_), input.dim() == 3)
     name = _backend.resolve(op, backend, x.device)
     if name == "torch":
         y = reference.conv2d(x, weight, bias, stride, padding, dilation, groups, activation, res)
@@ -152,8 +154,6 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     # the BatchNorm tensors keep their dtypes
     x, weight, bias, residual = _autocast.cast(op, x.device.type, x, weight, bias, residual)
     stride_, pad, dilation_ = _checks.conv_args(op, x, weight, bias, stride, padding, dilation, groups)
-    shape = _ops.conv2d.output_size(x.shape, weight.shape, stride_, pad, dilation_)
-    res = _checks.residual(op, residual, x, shape, input.dim() == 3)
     k = weight.shape[0]
     _checks.bn_args(op, x, k, running_mean=running_mean, running_var=running_var, bn_weight=bn_weight,
                     bn_bias=bn_bias)
@@ -168,6 +168,9 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: running_mean and running_var must both be tensors or both be None")
     batch_stats = training or running_mean is None
+    shape = _ops.conv2d.output_size(x.shape, weight.shape, stride_, pad, dilation_) \
+        if batch_stats or residual is not None else None
+    res = _checks.residual(op, residual, x, shape, input.dim() == 3)
     empty = False
     if batch_stats:
         _, _, p, q = shape

@@ -174,8 +174,8 @@ def _conv2d_one(ctx, backend, case, dtype) -> Result:
     # Kaiming-like scale keeps fp16 activations far from overflow.
     w = ctx.randn((k, xs[1], ks, ks), dtype, cl, scale=(xs[1] * ks * ks) ** -0.5).requires_grad_()
     b = ctx.randn((k,), dtype).requires_grad_()
-    p = (xs[2] + 2 * pad - ks) // stride + 1
-    r = ctx.randn((xs[0], k, p, p), dtype, cl).requires_grad_() if residual else None
+    shape = cnnkern.ops.conv2d.output_size(xs, w.shape, (stride, stride), [pad] * 4, (1, 1))
+    r = ctx.randn(tuple(shape), dtype, cl).requires_grad_() if residual else None
     out = cnnkern.functional.conv2d(x, w, b, stride, pad, activation=activation, residual=r, backend=backend)
     g = ctx.randn(tuple(out.shape), dtype)
     ins = (x, w, b) + ((r,) if residual else ())

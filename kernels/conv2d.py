@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, check_like
 from .residual_add import _decompose  # linear index of a dense 4-D tensor -> its 4 indices
 
 _INT32_MAX = 2**31 - 1
@@ -503,9 +503,8 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
     M = N * P * Q
     if M == 0 or K == 0:
         return
-    if residual is not None and (residual.shape != y.shape or residual.stride() != y.stride()):
-        raise ValueError(f"conv2d: residual {tuple(residual.shape)} with strides {residual.stride()} must have the "
-                         f"output's shape {tuple(y.shape)} and strides {y.stride()}")
+    if residual is not None:
+        check_like("conv2d", "residual", residual, y, "the output")
     for name, t in (("input", x), ("weight", w), ("output", y)):
         _check_int32_extent(name, t)
     Kg = K // groups

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, check_like
 
 _BLOCK, _WARPS = (1024, 4) if INTERPRET else (2048, 8)
 
@@ -234,9 +234,8 @@ def bn_apply(y: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: tor
     numel = y.numel()
     if numel == 0:
         return
-    if residual is not None and (residual.shape != y.shape or residual.stride() != y.stride()):
-        raise ValueError(f"bn_apply: residual {tuple(residual.shape)} with strides {residual.stride()} must have "
-                         f"y's shape {tuple(y.shape)} and strides {y.stride()}")
+    if residual is not None:
+        check_like("bn_apply", "residual", residual, y, "y")
     N, K, P, Q = y.shape
     _apply_kernel[(triton.cdiv(numel, _BLOCK),)](y, residual if residual is not None else y, out, scale, shift,
                                                  numel, K, P * Q, CHANNELS_LAST=_layout(y),

@@ -173,10 +173,10 @@ void run_direct(DirectParams<T> p, int halo_h, int halo_w, int64_t channels, cud
 // The implicit GEMM's parameters for source `src` (logical N x Cs x Hs x Ws, NHWC in memory) and
 // output `out` (logical N x (G*NO) x Ho x Wo, any strides); the filter geometry and the
 // convolution's stride/padding/dilation come from `g` (the forward convolution's, also for the
-// grad-input gather).
+// grad-input gather); `res`: a residual with out's strides (forward only), or nullptr.
 template <typename T>
 IgemmParams<T> igemm_params(const at::Tensor& src, const at::Tensor& wp, const T* bias, const at::Tensor& out,
-                            const ConvGeom& g, bool relu) {
+                            const ConvGeom& g, bool relu, const T* res = nullptr) {
   IgemmParams<T> p{};
   p.src = src.const_data_ptr<T>();
   p.Cs = static_cast<int>(src.size(1));
@@ -199,8 +199,9 @@ IgemmParams<T> igemm_params(const at::Tensor& src, const at::Tensor& wp, const T
   p.sh = g.sh, p.sw = g.sw, p.ph = g.ph, p.pw = g.pw, p.dh = g.dh, p.dw = g.dw;
   p.relu = relu;
   constexpr int64_t epc = 16 / sizeof(T);  // elements per 16-byte chunk
+  p.res = res;  // (y's strides)
   p.vec_store = p.yc == 1 && p.yn % epc == 0 && p.yh % epc == 0 && p.yw % epc == 0 && p.NO % epc == 0 &&
-                aligned16(p.y);
+                aligned16(p.y) && (res == nullptr || aligned16(res));
   return p;
 }
 
@@ -271,9 +272,7 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
       if constexpr (kTensorCore<scalar_t>) {
         const at::Tensor xs = aligned_copy(x.contiguous(at::MemoryFormat::ChannelsLast));
         const at::Tensor wp = aligned_copy(w.permute({0, 2, 3, 1}).contiguous());  // [K][R][S][Cg]
-        IgemmParams<scalar_t> p = igemm_params<scalar_t>(xs, wp, pb, y, g, relu);
-        p.res = pr;
-        p.vec_store = p.vec_store && (pr == nullptr || aligned16(pr));  // the residual's 16-byte chunks too
+        IgemmParams<scalar_t> p = igemm_params<scalar_t>(xs, wp, pb, y, g, relu, pr);
         const int tile = igemm_tile(rows, g.Kg, g.G);
         if (stats) {
           const int bm = conv::igemm_tile_rows(tile);
