@@ -32,9 +32,10 @@ TORCH_LIBRARY_FRAGMENT(cnnkern, m) {
   m.def("conv2d_backward_input_cuda(Tensor grad, Tensor w, Tensor(a!) grad_input, int[] stride, int[] padding, "
         "int[] dilation, int groups, str algo, bool tf32=False) -> ()");
   // grad_bias: an empty tensor when the bias gradient is not wanted; algo: the grad-weight kernel
-  // ("auto" | "direct": SIMT | "igemm": mma.sync tensor cores | "wgmma")
+  // ("auto" | "direct": SIMT | "igemm": mma.sync tensor cores | "wgmma"); tf32: fp32 on the
+  // mma.sync tensor cores as TF32
   m.def("conv2d_backward_weight_cuda(Tensor grad, Tensor x, Tensor(a!) grad_weight, Tensor(b!) grad_bias, "
-        "int[] stride, int[] padding, int[] dilation, int groups, str algo=\"auto\") -> ()");
+        "int[] stride, int[] padding, int[] dilation, int groups, str algo=\"auto\", bool tf32=False) -> ()");
   // training-mode BatchNorm + ReLU around the convolution (csrc/cuda/conv_bn_relu.cu); y, out,
   // grad, dy: one dense layout; scale, shift, a, b, c: (K,) fp32 (fp64 for double)
   // stats (rows, 3, K) of (count, mean, M2) -> mean, 1/sqrt(var + eps), biased var, and BN folded

@@ -212,20 +212,21 @@ def test_wgmma_kernels_are_warpgroup_mma_only_on_sm90a(arch):
 @needs_ext
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_tensor_core_weight_gradient_kernels(arch):
-    """The tensor-core grad-weight (conv2d_wgrad_igemm.cu) per 32-pixel step: 2 k-steps x 2 x 4
-    warp MMAs of the dtype's kind, operands through transposing ldmatrix (LDSM .MT88) from a
-    cp.async pipeline."""
-    kinds = {"Half": "HMMA.16816.F32", "BFloat16": "HMMA.16816.F32.BF16"}
-    found = 0
+    """The tensor-core grad-weight (conv2d_wgrad_igemm.cu): fp16/bf16 per 32-pixel step, 2 k-steps
+    x 2 x 4 warp MMAs of the dtype's kind, operands through transposing ldmatrix (LDSM .MT88);
+    fp32 as TF32 per 16-pixel step, 2 k-steps x 2 x 4 m16n8k8 TF32 MMAs, operands read word by
+    word (ldmatrix cannot transpose 32-bit elements); both from a cp.async pipeline."""
+    kinds = {"Half": "HMMA.16816.F32", "BFloat16": "HMMA.16816.F32.BF16", "float": "HMMA.1688.F32.TF32"}
+    found = set()
     for name, ops in _inspect.sass_opcodes(_inspect.extension_path(), arch).items():
         if "wgrad_igemm_kernel" not in name:
             continue
-        found += 1
-        dtype = "BFloat16" if "BFloat16" in name else "Half"
+        dtype = "BFloat16" if "BFloat16" in name else "Half" if "Half" in name else "float"
+        found.add(dtype)
         assert {k: v for k, v in ops.items() if k.startswith("HMMA")} == {kinds[dtype]: 16}, (name, ops)
-        assert ops.get("LDSM.16.MT88.4", 0) == 8, (name, ops)
+        assert ops.get("LDSM.16.MT88.4", 0) == (0 if dtype == "float" else 8), (name, ops)
         assert any(k.startswith("LDGSTS") for k in ops), (name, ops)
-    assert found == 2, found  # fp16, bf16
+    assert found == set(kinds), found
 
 
 @needs_ext

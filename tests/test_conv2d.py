@@ -503,7 +503,9 @@ def test_gpu_cuda_pinned_kernel_refuses_what_it_cannot_run():
     with pytest.raises(RuntimeError, match="algo must be 'auto', 'direct', 'igemm' or 'wgmma', got 'fast'"):
         cuda_ops().conv2d_backward_weight_cuda(*args, "fast")
     with pytest.raises(RuntimeError, match="algo='igemm' \\(the tensor-core grad-weight\\) needs fp16/bf16"):
-        cuda_ops().conv2d_backward_weight_cuda(*args, "igemm")  # fp32
+        cuda_ops().conv2d_backward_weight_cuda(*args, "igemm")  # fp32 without tf32
+    with pytest.raises(RuntimeError, match="multiples of one 16-byte chunk"):
+        cuda_ops().conv2d_backward_weight_cuda(y, x[:, :62], torch.empty_like(w[:, :62]), *args[3:], "igemm", True)
 
 
 @cuda_kernel_test
@@ -580,28 +582,60 @@ WGRAD_TC_LAYERS = {
 
 @cuda_kernel_test
 @pytest.mark.parametrize("algo", ["auto", "igemm", "wgmma"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("layer", list(WGRAD_TC_LAYERS))
 def test_gpu_cuda_tensor_core_weight_grad(layer, dtype, algo):
-    """channels_last fp16/bf16 grad-weight runs on a tensor-core kernel (pinned: mma.sync, wgmma;
-    "auto": wgmma on sm_90), NCHW on the SIMT one. Both against float64, into NaN-poisoned
-    outputs."""
-    if algo == "wgmma" and not _wgmma_here(dtype):
-        pytest.skip("wgmma: fp16/bf16 on a compute capability 9.0 GPU (or the emulator) only")
+    """fp16/bf16 grad-weight runs on a tensor-core kernel (pinned: mma.sync, wgmma; "auto": wgmma
+    on sm_90), fp32 with tf32=True on mma.sync (wgmma has no transposed tf32 operands, so pinning
+    it is an error); NCHW inputs are copied to channels_last for them. Against float64, into
+    NaN-poisoned outputs."""
+    tf32 = dtype == torch.float32
+    if algo == "wgmma" and not _wgmma_here(torch.float16):
+        pytest.skip("wgmma: a compute capability 9.0 GPU (or the emulator) only")
     xs, k, ks, stride, pad, dil, groups = WGRAD_TC_LAYERS[layer]
     w_shape = (k, xs[1] // groups, ks, ks)
+    stride2, pad2, dil2 = [stride] * 2, [pad] * 2, [dil] * 2
     for layout in ("channels_last", "contiguous"):
         x = make(xs, dtype, DEVICE, layout)
-        stride2, pad2, dil2 = [stride] * 2, [pad] * 2, [dil] * 2
         shape = cnnkern.ops.conv2d.output_size(x.shape, w_shape, stride2, [pad] * 4, dil2)
         g = make(tuple(shape), dtype, DEVICE, layout)
         gw = torch.full(w_shape, float("nan"), dtype=dtype, device=DEVICE)
         gb = torch.full((k,), float("nan"), dtype=dtype, device=DEVICE)
-        if layout == "contiguous" and algo != "auto":  # a pinned tensor-core kernel refuses NCHW
-            with pytest.raises(RuntimeError, match=f"algo='{algo}' \\(the tensor-core grad-weight\\) needs"):
-                cuda_ops().conv2d_backward_weight_cuda(g, x, gw, gb, stride2, pad2, dil2, groups, algo)
-            continue
-        cuda_ops().conv2d_backward_weight_cuda(g, x, gw, gb, stride2, pad2, dil2, groups, algo)
+        if tf32 and algo == "wgmma":
+            with pytest.raises(RuntimeError, match="algo='wgmma' has no TF32 grad-weight"):
+                cuda_ops().conv2d_backward_weight_cuda(g, x, gw, gb, stride2, pad2, dil2, groups, algo, True)
+            return
+        cuda_ops().conv2d_backward_weight_cuda(g, x, gw, gb, stride2, pad2, dil2, groups, algo, tf32)
         ref = torch.nn.grad.conv2d_weight(x.double(), w_shape, g.double(), stride, pad, dil, groups)
+        if tf32:  # TF32 keeps 10 mantissa bits; the bias gradient is an exact fp32 sum
+            from helpers import rel_err
+            assert not torch.isnan(gw).any() and 1e-6 < rel_err(gw, ref) < 3e-3, (layout, rel_err(gw, ref))
+            assert_rel_close(gb, g.double().sum((0, 2, 3)), dtype, f"grad bias ({layout})", matmul=True)
+            continue
         assert_rel_close(gw, ref, dtype, f"grad weight ({layout})", matmul=True)
         assert_rel_close(gb, g.double().sum((0, 2, 3)), dtype, f"grad bias ({layout})", matmul=True)
+
+
+@cuda_kernel_test
+@pytest.mark.parametrize("layer", ["tails_3x3", "groups2"])
+def test_gpu_cuda_tf32_weight_grad_is_the_rounding_only(layer):
+    """The TF32 grad-weight rounds both operands to tf32 and accumulates in fp32: on operands that
+    are tf32 values already it agrees with float64 to fp32 accuracy, so the ~1e-3 error of the
+    test above is the operand rounding and nothing else (a misplaced fragment word would be off by
+    far more)."""
+    from helpers import rel_err
+
+    xs, k, ks, stride, pad, dil, groups = WGRAD_TC_LAYERS[layer]
+    w_shape = (k, xs[1] // groups, ks, ks)
+
+    def tf32_values(t):  # the 13 low mantissa bits cleared: exactly representable in tf32
+        return (t.view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+    x = tf32_values(make(xs, torch.float32, DEVICE, "channels_last"))
+    shape = cnnkern.ops.conv2d.output_size(x.shape, w_shape, [stride] * 2, [pad] * 4, [dil] * 2)
+    g = tf32_values(make(tuple(shape), torch.float32, DEVICE, "channels_last"))
+    gw = torch.full(w_shape, float("nan"), device=DEVICE)
+    cuda_ops().conv2d_backward_weight_cuda(g, x, gw, torch.empty(0, device=DEVICE), [stride] * 2, [pad] * 2,
+                                           [dil] * 2, groups, "igemm", True)
+    ref = torch.nn.grad.conv2d_weight(x.double(), w_shape, g.double(), stride, pad, dil, groups)
+    assert rel_err(gw, ref) < 1e-5, rel_err(gw, ref)

@@ -116,7 +116,8 @@ def conv2d_backward_weight(grad: torch.Tensor, x: torch.Tensor, weight_size: lis
     gw = new_output(weight_size, grad, channels_last)
     gb = new_output([weight_size[0] if bias else 0], grad, False)
     if backend == "cuda":
-        cuda_ops().conv2d_backward_weight_cuda(grad, x, gw, gb, stride, padding[:2], dilation, groups, CUDA_ALGO)
+        cuda_ops().conv2d_backward_weight_cuda(grad, x, gw, gb, stride, padding[:2], dilation, groups, CUDA_ALGO,
+                                               precision == "tf32")
     else:
         _kernels().conv2d_backward_weight(grad, x, gw, gb if bias else None, stride, padding[:2], dilation, groups,
                                           precision)

@@ -394,15 +394,18 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
 // ------------------------------------------------------------------------------------------------
 // grad-weight (+ grad-bias when grad_bias has elements)
 // ------------------------------------------------------------------------------------------------
-// The grad-weight partials: on the tensor cores (wgmma or mma.sync) where the host chose them
-// (16-bit types only), else on the SIMT kernel.
+// The grad-weight partials: on the tensor cores where the host chose them (wgmma: 16-bit types;
+// mma.sync: those and fp32 as TF32), else on the SIMT kernel.
 template <typename T, typename A>
 void run_wgrad(const WgradParams<T, A>& p, Algo kernel, cudaStream_t stream) {
-  if constexpr (std::is_same_v<A, float> && (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>)) {
+  constexpr bool k16 = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+  if constexpr (std::is_same_v<A, float> && k16) {
     if (kernel == Algo::Wgmma) {
       conv::launch_wgrad_wgmma<T>(p, stream);
       return;
     }
+  }
+  if constexpr (std::is_same_v<A, float> && (k16 || std::is_same_v<T, float>)) {
     if (kernel == Algo::Igemm) {
       conv::launch_wgrad_igemm<T>(p, stream);
       return;
@@ -411,31 +414,33 @@ void run_wgrad(const WgradParams<T, A>& p, Algo kernel, cudaStream_t stream) {
   conv::launch_wgrad<T, A>(p, stream);
 }
 
-// The grad-weight kernel: the tensor cores take fp16/bf16 inputs whose channels are contiguous,
-// every pixel (and group) starting on 16 bytes, with channels per group multiples of 8; "auto"
-// takes wgmma there on an sm_90 GPU (with the sm_90a build), mma.sync on others, and the SIMT
-// kernel for everything else; "direct", "igemm" and "wgmma" pin one and are errors where it does
-// not apply.
-Algo choose_wgrad(const char* op, const std::string& algo, bool eligible) {
+// The grad-weight kernel: the tensor cores take fp16/bf16, or fp32 when TF32 is allowed (mma.sync
+// only: wgmma has no transposed tf32 operands, and both operands of the grad-weight are read
+// transposed), with channels per group multiples of one 16-byte chunk (8 halves, 4 floats); "auto"
+// takes wgmma there for 16-bit types on an sm_90 GPU (with the sm_90a build), mma.sync otherwise,
+// and the SIMT kernel for everything else; "direct", "igemm" and "wgmma" pin one and are errors
+// where it does not apply.
+Algo choose_wgrad(const char* op, const std::string& algo, bool eligible, bool tf32) {
   check_algo_name(op, algo);
   if (algo == "direct") return Algo::Direct;
   if (algo != "auto") {
     TORCH_CHECK(eligible, "cnnkern ", op, ": algo='", algo, "' (the tensor-core grad-weight) needs fp16/bf16 inputs ",
-                "with contiguous channels (channels_last), 16-byte aligned pixels and channels per group multiples ",
-                "of 8");
+                "(or fp32 with tf32=True) with channels per group multiples of one 16-byte chunk (8, or 4 for fp32)");
   }
   if (algo == "wgmma") {
+    TORCH_CHECK(!tf32, "cnnkern ", op, ": algo='wgmma' has no TF32 grad-weight (wgmma reads tf32 operands only ",
+                "K-major); algo='igemm' runs it on mma.sync");
     require_wgmma(op);
     return Algo::Wgmma;
   }
   if (!eligible) return Algo::Direct;
-  if (algo == "auto" && conv::wgmma_available()) return Algo::Wgmma;
+  if (algo == "auto" && !tf32 && conv::wgmma_available()) return Algo::Wgmma;
   return Algo::Igemm;
 }
 
 void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& gw,
                                  const at::Tensor& gb, at::IntArrayRef stride, at::IntArrayRef padding,
-                                 at::IntArrayRef dilation, int64_t groups, c10::string_view algo_sv) {
+                                 at::IntArrayRef dilation, int64_t groups, c10::string_view algo_sv, bool tf32) {
   const char* op = "conv2d_backward_weight (cuda)";
   const std::string algo(algo_sv.data(), algo_sv.size());
   CNNKERN_CHECK_CUDA(grad, "grad_output");
@@ -463,15 +468,24 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
       if (want_bias) gb.zero_();
       return;
     }
-    // The tensor-core kernel takes 16-bit inputs whose channels are contiguous, with every pixel
-    // (and group) starting on 16 bytes; everything else runs on the SIMT kernel.
-    auto pixels_aligned = [](const at::Tensor& t) {
-      return t.stride(1) == 1 && aligned16(t.const_data_ptr()) && t.stride(0) % 8 == 0 && t.stride(2) % 8 == 0 &&
-             t.stride(3) % 8 == 0;
+    // The tensor-core kernels take 16-bit inputs, or fp32 as TF32, with channels per group
+    // multiples of one 16-byte chunk; they read both tensors with contiguous channels, every pixel
+    // (and group) starting on 16 bytes: other layouts (NCHW) are copied to channels_last for them
+    // (one pass over each tensor, as the forward does), and everything else runs on the SIMT kernel.
+    constexpr bool k16 = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+    constexpr bool kf32 = std::is_same_v<scalar_t, float>;
+    constexpr int64_t epc = 16 / static_cast<int64_t>(sizeof(scalar_t));
+    const bool use_tf32 = kf32 && tf32;
+    const bool eligible = (k16 || use_tf32) && g.Kg % epc == 0 && g.Cg % epc == 0;
+    const Algo kernel = choose_wgrad(op, algo, eligible, use_tf32);
+    auto pixels_aligned = [&](const at::Tensor& t) {
+      return t.stride(1) == 1 && aligned16(t.const_data_ptr()) && t.stride(0) % epc == 0 && t.stride(2) % epc == 0 &&
+             t.stride(3) % epc == 0;
     };
-    const bool eligible = (grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16) &&
-                          g.Kg % 8 == 0 && g.Cg % 8 == 0 && pixels_aligned(grad) && pixels_aligned(x);
-    const Algo kernel = choose_wgrad(op, algo, eligible);
+    auto tc_layout = [&](const at::Tensor& t) {
+      return kernel == Algo::Direct || pixels_aligned(t) ? t : aligned_copy(t.contiguous(at::MemoryFormat::ChannelsLast));
+    };
+    const at::Tensor gy = tc_layout(grad), xs = tc_layout(x);
     const int64_t tm = kernel == Algo::Wgmma   ? conv::wgrad_wgmma_tile_rows()
                        : kernel == Algo::Igemm ? conv::wgrad_igemm_tile_rows()
                                                : 64;
@@ -486,10 +500,10 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
     splits = (L + chunk - 1) / chunk;
     at::Tensor part = at::empty({splits * g.G * g.Kg * J}, acc_opts);
     WgradParams<scalar_t, A> p{};
-    p.gy = grad.const_data_ptr<scalar_t>();
-    p.gn = grad.stride(0), p.gc = grad.stride(1), p.gh = grad.stride(2), p.gw_ = grad.stride(3);
-    p.x = x.const_data_ptr<scalar_t>();
-    p.xn = x.stride(0), p.xc = x.stride(1), p.xh = x.stride(2), p.xw = x.stride(3);
+    p.gy = gy.const_data_ptr<scalar_t>();
+    p.gn = gy.stride(0), p.gc = gy.stride(1), p.gh = gy.stride(2), p.gw_ = gy.stride(3);
+    p.x = xs.const_data_ptr<scalar_t>();
+    p.xn = xs.stride(0), p.xc = xs.stride(1), p.xh = xs.stride(2), p.xw = xs.stride(3);
     p.part = part.mutable_data_ptr<A>();
     p.N = static_cast<int>(g.N);
     p.K = static_cast<int>(g.Kg);

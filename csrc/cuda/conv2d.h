@@ -12,9 +12,10 @@
 //                      5-stage cp.async pipeline with one wgmma group in flight
 //   conv2d_wgrad.cu    grad-weight and grad-bias: deterministic split-K (fixed slices, fixed-order
 //                      reduction, no atomics)
-//   conv2d_wgrad_igemm.cu  grad-weight on tensor cores (fp16/bf16, channels_last): the same
-//                      split-K partials from mma.sync, finished by the same reduction
-//   conv2d_wgrad_wgmma.cu  the same tensor-core grad-weight on wgmma (sm_90a only)
+//   conv2d_wgrad_igemm.cu  grad-weight on tensor cores (fp16/bf16, fp32 as TF32; channels_last,
+//                      NCHW copied to it): the same split-K partials from mma.sync, finished by
+//                      the same reduction
+//   conv2d_wgrad_wgmma.cu  the same tensor-core grad-weight on wgmma (sm_90a only; fp16/bf16)
 //
 // Index arithmetic: every offset into a tensor is int64; a GEMM row index (an output pixel
 // n*P*Q + p*Q + q) is int32 and the host refuses inputs where it would not fit.
@@ -123,14 +124,16 @@ void launch_wgmma(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t st
 template <typename T, typename A>
 void launch_wgrad(const WgradParams<T, A>& p, cudaStream_t stream);
 
-// Tensor-core grad-weight (conv2d_wgrad_igemm.cu; fp16/bf16, channels contiguous in x and gy with
-// 16-byte aligned pixels, channels per group multiples of 8): the same split-K partials as
+// Tensor-core grad-weight (conv2d_wgrad_igemm.cu; fp16/bf16, and fp32 as TF32; channels contiguous
+// in x and gy with 16-byte aligned pixels, channels per group multiples of one 16-byte chunk, 8
+// halves or 4 floats): the same split-K partials as
 // launch_wgrad, in the same layout, from a BM x BN = wgrad_igemm_tile_rows() x _cols() tile.
 template <typename T>
 void launch_wgrad_igemm(const WgradParams<T, float>& p, cudaStream_t stream);
 int wgrad_igemm_tile_rows();
 int wgrad_igemm_tile_cols();
-// The same on wgmma (conv2d_wgrad_wgmma.cu; the same inputs; only where wgmma_available()).
+// The same on wgmma (conv2d_wgrad_wgmma.cu; the same inputs, fp16/bf16 only; only where
+// wgmma_available()).
 template <typename T>
 void launch_wgrad_wgmma(const WgradParams<T, float>& p, cudaStream_t stream);
 int wgrad_wgmma_tile_rows();

@@ -17,8 +17,8 @@ struct WgradGather {
   bool a_ok, b_ok;
   int r, s;        // the tap of the B chunk
 
-  // the chunks of output channel a_o (A) and of column b_j = (r*S + s)*C + c (B), group g; K % 8
-  // == 0 and C % 8 == 0, so a chunk is all in or all out and has one tap
+  // the chunks of output channel a_o (A) and of column b_j = (r*S + s)*C + c (B), group g; K and C
+  // are multiples of the chunk's elements, so a chunk is all in or all out and has one tap
   __device__ WgradGather(const WgradParams<T, float>& p, int g, int a_o, int b_j) {
     a_ok = a_o < p.K;
     a_src = p.gy + static_cast<int64_t>(g) * p.K + (a_ok ? a_o : 0);
