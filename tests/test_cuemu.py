@@ -112,10 +112,23 @@ def test_ldmatrix_bank_conflicts_are_counted(emu):
     assert list(emu.cuemu_stats())[:2] == [4, 0]
 
 
+def test_lds32_bank_conflicts_are_counted(emu):
+    """A warp's 32-bit shared loads take one wavefront per distinct word in the busiest bank: lane l
+    reading word (l * stride) % 256: stride 2 puts two words in each even bank, stride 32 the eight
+    words 0, 32, ..., 224 in bank 0 (each read by four lanes: a broadcast costs nothing more),
+    stride 0 one word for all."""
+    for stride, extra in ((1, 0), (2, 1), (32, 7), (0, 0), (33, 0)):
+        emu.cuemu_stats()
+        out = emu.selftest_lds32_conflicts(torch.empty(1), stride)
+        assert list(emu.cuemu_stats())[4:] == [1, extra], stride
+        assert torch.equal(out, ((torch.arange(32) * stride) % 256).float()), stride
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_tensor_core_kernels_read_shared_memory_without_bank_conflicts(emu, dtype):
-    """The swizzles of the implicit-GEMM forward, grad-input and (16-bit) grad-weight kernels: every
-    ldmatrix phase of a real layer takes one wavefront."""
+    """The swizzles of the implicit-GEMM forward, grad-input and 16-bit grad-weight kernels: every
+    ldmatrix phase of a real layer takes one wavefront; so does every warp's 32-bit load of the
+    TF32 grad-weight's fragment words from its padded rows."""
     from helpers import make
 
     x = make((2, 64, 10, 10), dtype, "cpu", "channels_last")
@@ -126,19 +139,19 @@ def test_tensor_core_kernels_read_shared_memory_without_bank_conflicts(emu, dtyp
     emu.conv2d_forward_cuda(x, w, None, y, [1, 1], [1, 1], [1, 1], 1, False, "igemm", False, tf32)
     gx = torch.empty_like(x)
     emu.conv2d_backward_input_cuda(y, w, gx, [1, 1], [1, 1], [1, 1], 1, "igemm", tf32)
-    if dtype == torch.float16:
-        emu.conv2d_backward_weight_cuda(y, x, torch.empty_like(w), torch.empty(0, dtype=dtype), [1, 1], [1, 1],
-                                        [1, 1], 1, "igemm")
-    phases, extra, _, _ = emu.cuemu_stats()
+    emu.conv2d_backward_weight_cuda(y, x, torch.empty_like(w), torch.empty(0, dtype=dtype), [1, 1], [1, 1],
+                                    [1, 1], 1, "igemm", tf32)
+    phases, extra, _, _, words, word_extra = emu.cuemu_stats()
     assert phases > 0 and extra == 0, (phases, extra)
+    assert word_extra == 0 and (words > 0) == tf32, (words, word_extra)
 
 
 @pytest.mark.parametrize("cc", ["90", "80"])
 def test_auto_takes_wgmma_on_sm90_and_mma_sync_elsewhere(emu, cc, monkeypatch):
     """The CUDA convolution's "auto" choice, seen through the tensor-core instructions that ran:
     fp16/bf16 on wgmma on a compute capability 9.0 device, on mma.sync on an sm_80 one, forward,
-    grad-input and grad-weight; TF32 forward and grad-input likewise (its grad-weight on the SIMT
-    kernel)."""
+    grad-input and grad-weight; TF32 forward and grad-input likewise, its grad-weight on mma.sync
+    on both (wgmma has no transposed tf32 operands)."""
     from helpers import make
 
     monkeypatch.setenv("CUEMU_CC", cc)
@@ -150,15 +163,18 @@ def test_auto_takes_wgmma_on_sm90_and_mma_sync_elsewhere(emu, cc, monkeypatch):
         emu.conv2d_forward_cuda(x, w, None, y, [1, 1], [1, 1], [1, 1], 1, False, "auto", False, tf32)
         gx = torch.empty_like(x)
         emu.conv2d_backward_input_cuda(y, w, gx, [1, 1], [1, 1], [1, 1], 1, "auto", tf32)
-        _, _, mma, wgmma = emu.cuemu_stats()
+        _, _, mma, wgmma, *_ = emu.cuemu_stats()
         on_wgmma = cc == "90"
         assert (wgmma > 0, mma > 0) == (on_wgmma, not on_wgmma), (dtype, mma, wgmma)
-        # the grad-weight: 16-bit on wgmma or mma.sync alike; fp32 on the SIMT kernel (no TF32 one)
-        emu.conv2d_backward_weight_cuda(y, x, torch.empty_like(w), torch.empty(0, dtype=dtype), [1, 1], [1, 1],
-                                        [1, 1], 1, "auto")
-        _, _, mma, wgmma = emu.cuemu_stats()
-        sixteen = dtype != torch.float32
-        assert (wgmma > 0, mma > 0) == (on_wgmma and sixteen, cc == "80" and sixteen), (dtype, mma, wgmma)
+        # the grad-weight: 16-bit on wgmma or mma.sync alike; TF32 on mma.sync; fp32 without TF32
+        # on the SIMT kernel
+        for tf32_wgrad in sorted({tf32, False}):
+            emu.conv2d_backward_weight_cuda(y, x, torch.empty_like(w), torch.empty(0, dtype=dtype), [1, 1], [1, 1],
+                                            [1, 1], 1, "auto", tf32_wgrad)
+            _, _, mma, wgmma, *_ = emu.cuemu_stats()
+            sixteen = dtype != torch.float32
+            assert (wgmma > 0, mma > 0) == (on_wgmma and sixteen, not (on_wgmma and sixteen) and (sixteen or tf32_wgrad)), \
+                (dtype, tf32_wgrad, mma, wgmma)
 
 
 @pytest.mark.parametrize("algo", ["igemm", "wgmma"])
@@ -176,7 +192,7 @@ def test_strided_grad_input_computes_only_the_taps_that_reach_each_phase(emu, al
             memory_format=torch.channels_last)
         emu.cuemu_stats()
         emu.conv2d_backward_input_cuda(gy, w, gx, [stride] * 2, [0, 0], [1, 1], 1, algo, False)
-        _, _, mma, wgmma = emu.cuemu_stats()
+        _, _, mma, wgmma, *_ = emu.cuemu_stats()
         counts.append(wgmma if algo == "wgmma" else mma)
         ref = torch.nn.grad.conv2d_input((2, 64, size, size), w.double(), gy.double(), stride)
         assert not gx.isnan().any() and torch.allclose(gx.double(), ref, rtol=1e-2, atol=1e-2)

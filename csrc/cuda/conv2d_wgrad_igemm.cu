@@ -122,23 +122,24 @@ __global__ void __launch_bounds__(kThreads) wgrad_igemm_kernel(const WgradParams
       uint32_t af[MT][4], bf[NT][2];
       if constexpr (Tl::kTf32) {
         // A (o x l, m16n8k8): a0 (o gid, l tig), a1 (o gid + 8, l tig), a2, a3: l + 4; B (l x j):
-        // b0 (l tig, j gid), b1 (l tig + 4, j gid). Rows are pixels, words o or j.
-        const uint32_t* wA = reinterpret_cast<const uint32_t*>(tA) + (ks * KSTEP + tig) * Tl::A_LD;
-        const uint32_t* wB = reinterpret_cast<const uint32_t*>(tB) + (ks * KSTEP + tig) * Tl::B_LD;
+        // b0 (l tig, j gid), b1 (l tig + 4, j gid). Rows are pixels, words o or j (shared
+        // addresses, 4 bytes a word).
+        const uint32_t wA = ptx::smem_u32(tA + (ks * KSTEP + tig) * Tl::A_LD);
+        const uint32_t wB = ptx::smem_u32(tB + (ks * KSTEP + tig) * Tl::B_LD);
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
-          const int o = wm * WTM + i * 16 + gid;
-          af[i][0] = wA[o];
-          af[i][1] = wA[o + 8];
-          af[i][2] = wA[4 * Tl::A_LD + o];
-          af[i][3] = wA[4 * Tl::A_LD + o + 8];
+          const uint32_t o = 4 * (wm * WTM + i * 16 + gid);
+          af[i][0] = ptx::lds32(wA + o);
+          af[i][1] = ptx::lds32(wA + o + 4 * 8);
+          af[i][2] = ptx::lds32(wA + 4 * 4 * Tl::A_LD + o);
+          af[i][3] = ptx::lds32(wA + 4 * 4 * Tl::A_LD + o + 4 * 8);
           Mma<T>::prepare(af[i]);
         }
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-          const int n = wn * WTN + j * 8 + gid;
-          bf[j][0] = ptx::cvt_rna_tf32(wB[n]);
-          bf[j][1] = ptx::cvt_rna_tf32(wB[4 * Tl::B_LD + n]);
+          const uint32_t n = 4 * (wn * WTN + j * 8 + gid);
+          bf[j][0] = ptx::cvt_rna_tf32(ptx::lds32(wB + n));
+          bf[j][1] = ptx::cvt_rna_tf32(ptx::lds32(wB + 4 * 4 * Tl::B_LD + n));
         }
       } else {
 #pragma unroll

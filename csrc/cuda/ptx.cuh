@@ -36,6 +36,15 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
                : "r"(addr));
 }
 
+// One 32-bit word from shared address `addr`, read by all 32 lanes of a warp together (the TF32
+// grad-weight's fragment words, which ldmatrix cannot transpose); the warp's words take one
+// wavefront when they fall in 32 different banks ((addr / 4) % 32) or share words.
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t r;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(r) : "r"(addr));
+  return r;
+}
+
 // The same four matrices, transposed on the way: lane l receives in r[j] the elements (rows
 // 2*(l%4), 2*(l%4)+1; column l/4) of matrix j as stored (low half: the lower row).
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {

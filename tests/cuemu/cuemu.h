@@ -246,11 +246,14 @@ inline thread_local Block* g_block = nullptr;
 // Shared-memory bank accounting of the warp-collective loads (the one performance property the
 // emulator can see): an ldmatrix phase reads eight 16-byte rows, which take one wavefront when
 // they fall in eight different groups of four banks ((address / 16) % 8) and k wavefronts when
-// k of them share a group. Read (and reset) through the cnnkern_emu::cuemu_stats op.
+// k of them share a group; a warp's 32-bit shared loads (ptx::lds32) take as many wavefronts as
+// the most distinct words any one bank ((address / 4) % 32) holds among them. Read (and reset)
+// through the cnnkern_emu::cuemu_stats op.
 // The counters also record which tensor-core instructions ran (warp-level mma.sync and wgmma
 // operations), so a test can tell which kernel a call dispatched to.
 struct Stats {
   long long ldmatrix_phases = 0, ldmatrix_extra_wavefronts = 0, mma_sync = 0, wgmma = 0;
+  long long lds32_reads = 0, lds32_extra_wavefronts = 0;
 };
 inline Stats g_stats;
 
@@ -265,6 +268,24 @@ inline void count_ldmatrix_phases(const Block& b, int warp) {
     g_stats.ldmatrix_phases += 1;
     g_stats.ldmatrix_extra_wavefronts += worst - 1;
   }
+}
+
+inline void count_lds32(const Block& b, int warp) {
+  uint32_t addr[32];
+  for (int l = 0; l < 32; ++l) std::memcpy(&addr[l], b.threads[warp * 32 + l].slot, 4);
+  int worst = 0;
+  for (int bank = 0; bank < 32; ++bank) {
+    int distinct = 0;
+    for (int l = 0; l < 32; ++l) {
+      if ((addr[l] / 4) % 32 != static_cast<uint32_t>(bank)) continue;
+      bool seen = false;
+      for (int m = 0; m < l; ++m) seen = seen || addr[m] == addr[l];
+      distinct += !seen;
+    }
+    worst = std::max(worst, distinct);
+  }
+  g_stats.lds32_reads += 1;
+  g_stats.lds32_extra_wavefronts += worst - 1;
 }
 
 inline Thread& self() { return *g_block->cur; }

@@ -98,6 +98,23 @@ inline void ldmatrix_x4_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
 }
 
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldmatrix_x4_impl(r, addr, false); }
+
+// ld.shared.b32 by a whole warp: every lane publishes its address (for the bank count), then reads
+// its own word. (A 4-byte-aligned word inside the block's shared memory.)
+inline uint32_t lds32(uint32_t addr) {
+  auto& b = *::cuemu::g_block;
+  auto& me = ::cuemu::self();
+  TORCH_CHECK(addr >= kSharedBase && static_cast<size_t>(addr - kSharedBase) + 4 <= b.smem_bytes,
+              "cuemu: ld.shared.b32 at shared address ", addr, " is outside the block's ", b.smem_bytes, " bytes");
+  TORCH_CHECK(addr % 4 == 0, "cuemu: ld.shared.b32 at shared address ", addr, " is not 4-byte aligned");
+  std::memcpy(me.slot, &addr, 4);
+  ::cuemu::warp_sync();
+  if (me.lane == 0) ::cuemu::count_lds32(b, me.warp);
+  uint32_t r;
+  std::memcpy(&r, b.smem.data() + (addr - kSharedBase), 4);
+  ::cuemu::warp_sync();  // the slots are free again
+  return r;
+}
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix_x4_impl(r, addr, true); }
 
 struct MmaOperands {

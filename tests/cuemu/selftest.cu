@@ -73,6 +73,17 @@ __global__ void ldmatrix_kernel(float* out, bool swizzle) {
   out[lane] = static_cast<float>(r[0] + r[1] + r[2] + r[3]);
 }
 
+// One warp reads one 32-bit word per lane with ptx::lds32, lane l the word l * stride (mod 256
+// words): stride 1 hits 32 banks, stride 2 two words in each even bank, stride 32 eight words in
+// one bank, stride 0 one word (a broadcast).
+__global__ void lds32_kernel(float* out, int stride) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 256; i += 32) reinterpret_cast<float*>(smem_raw)[i] = static_cast<float>(i);
+  __syncthreads();
+  const uint32_t bits = cnnkern::ptx::lds32(cnnkern::ptx::smem_u32(smem_raw + 4 * ((lane * stride) % 256)));
+  out[lane] = __uint_as_float(bits);
+}
 
 // One warpgroup computes D (64 x 64, f32) = A (64 x 16) * B (64 x 16)^T, fp16, with one wgmma from
 // 128-byte-swizzled shared memory. flags: 1 = each thread fences its cp.async data into the async
@@ -138,6 +149,12 @@ at::Tensor ldmatrix_conflicts(const at::Tensor& x, bool swizzle) {
   return out;
 }
 
+at::Tensor lds32_conflicts(const at::Tensor& x, int64_t stride) {
+  auto out = at::empty({32}, x.options().dtype(at::kFloat));
+  lds32_kernel<<<1, 32, 256 * 4>>>(out.mutable_data_ptr<float>(), static_cast<int>(stride));
+  return out;
+}
+
 at::Tensor wgmma(const at::Tensor& a, const at::Tensor& b, int64_t flags) {
   TORCH_CHECK(a.scalar_type() == at::kHalf && b.scalar_type() == at::kHalf && a.is_contiguous() && b.is_contiguous() &&
                   a.numel() == 64 * 16 && b.numel() == 64 * 16,
@@ -150,10 +167,12 @@ at::Tensor wgmma(const at::Tensor& a, const at::Tensor& b, int64_t flags) {
 }
 
 // (ldmatrix phases, extra wavefronts from bank-group conflicts, warp mma.sync operations, warp
-// wgmma operations) since the last call; resets them
+// wgmma operations, warp 32-bit shared loads, their extra wavefronts from bank conflicts) since
+// the last call; resets them
 std::vector<int64_t> cuemu_stats() {
   const auto& g = cuemu::g_stats;
-  std::vector<int64_t> out = {g.ldmatrix_phases, g.ldmatrix_extra_wavefronts, g.mma_sync, g.wgmma};
+  std::vector<int64_t> out = {g.ldmatrix_phases, g.ldmatrix_extra_wavefronts, g.mma_sync, g.wgmma,
+                              g.lds32_reads, g.lds32_extra_wavefronts};
   cuemu::g_stats = cuemu::Stats{};
   return out;
 }
@@ -179,6 +198,7 @@ TORCH_LIBRARY_FRAGMENT(cnnkern_emu, m) {
   m.def("selftest_overflow(Tensor x) -> Tensor");
   m.def("selftest_big_smem(Tensor x, int bytes, int optin) -> Tensor");
   m.def("selftest_ldmatrix_conflicts(Tensor x, bool swizzle) -> Tensor");
+  m.def("selftest_lds32_conflicts(Tensor x, int stride) -> Tensor");
   m.def("selftest_wgmma(Tensor a, Tensor b, int flags) -> Tensor");
   m.def("cuemu_stats() -> int[]");
 }
@@ -190,6 +210,7 @@ TORCH_LIBRARY_IMPL(cnnkern_emu, CPU, m) {
   m.impl("selftest_overflow", &cnnkern_selftest::overflow);
   m.impl("selftest_big_smem", &cnnkern_selftest::big_smem);
   m.impl("selftest_ldmatrix_conflicts", &cnnkern_selftest::ldmatrix_conflicts);
+  m.impl("selftest_lds32_conflicts", &cnnkern_selftest::lds32_conflicts);
   m.impl("selftest_wgmma", &cnnkern_selftest::wgmma);
 }
 
