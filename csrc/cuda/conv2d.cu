@@ -113,12 +113,20 @@ void require_wgmma(const char* op) {
               "cnnkern._C built with sm_90a code");
 }
 
+// elements per 16-byte chunk, and whether the tensor cores take dtype T (fp32: only as TF32)
+template <typename T>
+constexpr int64_t kChunk = 16 / static_cast<int64_t>(sizeof(T));
+template <typename T>
+bool tensor_core_dtype(bool tf32) {
+  return kTensorCore<T> && (!std::is_same_v<T, float> || tf32);
+}
+
 template <typename T>
 Algo choose_algo(const char* op, const std::string& algo, bool tf32, int64_t reduced_channels, int64_t rows) {
   check_algo_name(op, algo);
   if (algo == "direct") return Algo::Direct;
-  const int64_t chunk = 16 / static_cast<int64_t>(sizeof(T));
-  const bool dtype_ok = kTensorCore<T> && (!std::is_same_v<T, float> || tf32);
+  const int64_t chunk = kChunk<T>;
+  const bool dtype_ok = tensor_core_dtype<T>(tf32);
   const bool fits = dtype_ok && reduced_channels % chunk == 0 && reduced_channels > 0 && rows <= kMaxRows;
   if (algo == "igemm" || algo == "wgmma") {
     TORCH_CHECK(fits, "cnnkern ", op, ": algo='", algo, "' needs fp16/bf16 (or fp32 with tf32=True), ",
@@ -472,11 +480,9 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
     // multiples of one 16-byte chunk; they read both tensors with contiguous channels, every pixel
     // (and group) starting on 16 bytes: other layouts (NCHW) are copied to channels_last for them
     // (one pass over each tensor, as the forward does), and everything else runs on the SIMT kernel.
-    constexpr bool k16 = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
-    constexpr bool kf32 = std::is_same_v<scalar_t, float>;
-    constexpr int64_t epc = 16 / static_cast<int64_t>(sizeof(scalar_t));
-    const bool use_tf32 = kf32 && tf32;
-    const bool eligible = (k16 || use_tf32) && g.Kg % epc == 0 && g.Cg % epc == 0;
+    constexpr int64_t epc = kChunk<scalar_t>;
+    const bool use_tf32 = std::is_same_v<scalar_t, float> && tf32;
+    const bool eligible = tensor_core_dtype<scalar_t>(tf32) && g.Kg % epc == 0 && g.Cg % epc == 0;
     const Algo kernel = choose_wgrad(op, algo, eligible, use_tf32);
     auto pixels_aligned = [&](const at::Tensor& t) {
       return t.stride(1) == 1 && aligned16(t.const_data_ptr()) && t.stride(0) % epc == 0 && t.stride(2) % epc == 0 &&
