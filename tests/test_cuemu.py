@@ -177,6 +177,34 @@ def test_auto_takes_wgmma_on_sm90_and_mma_sync_elsewhere(emu, cc, monkeypatch):
                 (dtype, tf32_wgrad, mma, wgmma)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_small_channel_layers_run_zero_padded_on_tensor_cores(emu, dtype):
+    """A 3-channel first layer (7x7, stride 2) runs on the tensor cores under "auto", forward and
+    grad-weight, on zero-padded channels: exactly the tensor-core work of the same layer with 8
+    (fp16) or 4 (TF32) real channels, and nothing more. A grouped layer whose channels per group
+    would need the padding stays on the SIMT kernels under "auto"."""
+    from helpers import make
+
+    tf32 = dtype == torch.float32
+    padded = 4 if tf32 else 8
+
+    def tensor_core_ops(c, groups=1, k=16):
+        x = make((2, c, 15, 13), dtype, "cpu", "contiguous")
+        w = make((k, c // groups, 7, 7), dtype, "cpu")
+        y = torch.empty(2, k, 8, 7, dtype=dtype)
+        emu.cuemu_stats()
+        emu.conv2d_forward_cuda(x, w, None, y, [2, 2], [3, 3], [1, 1], groups, False, "auto", False, tf32)
+        _, _, mma, wgmma, *_ = emu.cuemu_stats()
+        emu.conv2d_backward_weight_cuda(y, x, torch.empty_like(w), torch.empty(0, dtype=dtype), [2, 2], [3, 3],
+                                        [1, 1], groups, "auto", tf32)
+        _, _, wmma, wwgmma, *_ = emu.cuemu_stats()
+        return mma + wgmma, wmma + wwgmma
+
+    fwd, wgrad = tensor_core_ops(3)
+    assert fwd > 0 and wgrad > 0 and (fwd, wgrad) == tensor_core_ops(padded)
+    assert tensor_core_ops(6, groups=2) == (0, 0)
+
+
 @pytest.mark.parametrize("algo", ["igemm", "wgmma"])
 def test_strided_grad_input_computes_only_the_taps_that_reach_each_phase(emu, algo):
     """The implicit GEMM's grad-input of a stride-2 convolution runs phase by phase (conv2d.cu:

@@ -96,10 +96,12 @@ template <typename T>
 constexpr bool kTensorCore = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>;
 
 // Which kernel runs. The implicit GEMM applies to fp16/bf16, or fp32 when TF32 is allowed, with
-// the reduced channels per group a multiple of one 16-byte chunk (8 halves, 4 floats) and row
-// indices within int32. "auto" takes it where it applies, on wgmma (an sm_90 GPU with the sm_90a
-// build) or else on mma.sync, and the direct kernel everywhere else; "direct", "igemm" (mma.sync)
-// and "wgmma" pin one kernel and are errors where it does not apply.
+// row indices within int32; channels per group that are not a multiple of one 16-byte chunk (8
+// halves, 4 floats) run on zero-padded copies (padded_channels). "auto" takes it where it
+// applies, on wgmma (an sm_90 GPU with the sm_90a build) or else on mma.sync, except for a
+// grouped layer that would need the padding (a depthwise-like layer would multiply its work by up
+// to 8 and fill one column of a 64-wide tile); the direct kernel runs everything else.
+// "direct", "igemm" (mma.sync) and "wgmma" pin one kernel and are errors where it does not apply.
 enum class Algo { Direct, Igemm, Wgmma };
 
 void check_algo_name(const char* op, const std::string& algo) {
@@ -122,22 +124,19 @@ bool tensor_core_dtype(bool tf32) {
 }
 
 template <typename T>
-Algo choose_algo(const char* op, const std::string& algo, bool tf32, int64_t reduced_channels, int64_t rows) {
+Algo choose_algo(const char* op, const std::string& algo, bool tf32, bool aligned, int64_t groups, int64_t rows) {
   check_algo_name(op, algo);
   if (algo == "direct") return Algo::Direct;
-  const int64_t chunk = kChunk<T>;
-  const bool dtype_ok = tensor_core_dtype<T>(tf32);
-  const bool fits = dtype_ok && reduced_channels % chunk == 0 && reduced_channels > 0 && rows <= kMaxRows;
+  const bool fits = tensor_core_dtype<T>(tf32) && rows <= kMaxRows;
   if (algo == "igemm" || algo == "wgmma") {
-    TORCH_CHECK(fits, "cnnkern ", op, ": algo='", algo, "' needs fp16/bf16 (or fp32 with tf32=True), ",
-                "reduced channels per group a multiple of ", chunk, " (got ", reduced_channels,
-                ") and fewer than 2^31 output rows (got ", rows, ")");
+    TORCH_CHECK(fits, "cnnkern ", op, ": algo='", algo, "' needs fp16/bf16 (or fp32 with tf32=True) ",
+                "and fewer than 2^31 output rows (got ", rows, ")");
   }
   if (algo == "wgmma") {
     require_wgmma(op);
     return Algo::Wgmma;
   }
-  if (!fits) return Algo::Direct;
+  if (!fits || (!aligned && groups > 1)) return Algo::Direct;
   if (algo == "auto" && conv::wgmma_available()) return Algo::Wgmma;
   return Algo::Igemm;
 }
@@ -154,6 +153,41 @@ int igemm_tile(int64_t rows, int64_t cols, int64_t groups) {
 // offset) is copied to fresh, aligned memory first.
 at::Tensor aligned_copy(const at::Tensor& t) {
   return aligned16(t.const_data_ptr()) ? t : t.clone(t.suggest_memory_format());
+}
+
+// Channels per group rounded up to a whole number of 16-byte chunks. The tensor-core kernels
+// read channels in such chunks, so a layer whose channels per group are not a multiple of one
+// (the 3-channel first layers, 17 or 19 channels) runs on copies whose extra channels are zero:
+// a zero channel adds exactly 0 to every product, so the result is the same, for the price of
+// ceil(c / chunk) * chunk / c times the multiply-adds (3 -> 8 channels in fp16/bf16, 3 -> 4 in
+// TF32).
+template <typename T>
+int64_t padded_channels(int64_t c) {
+  return (c + kChunk<T> - 1) / kChunk<T> * kChunk<T>;
+}
+
+// `t` (N x (G*c) x H x W, any strides) as an aligned channels_last tensor with `cp` >= c channels
+// per group, the last cp - c of each group zero (one pass when cp == c and t is channels_last
+// already: none).
+at::Tensor pad_channels_last(const at::Tensor& t, int64_t groups, int64_t cp) {
+  const int64_t c = t.size(1) / groups;
+  if (cp == c) return aligned_copy(t.contiguous(at::MemoryFormat::ChannelsLast));
+  at::Tensor out = at::empty({t.size(0), groups * cp, t.size(2), t.size(3)},
+                             t.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor per_group = out.unflatten(1, {groups, cp});  // a view: N x G x cp x H x W
+  per_group.narrow(2, 0, c).copy_(t.unflatten(1, {groups, c}));
+  per_group.narrow(2, c, cp - c).zero_();
+  return out;
+}
+
+// A filter (G*k) x c x R x S with its output channels (dim 0, per group) or input channels
+// (dim 1) zero-padded to kp, cp: contiguous, aligned.
+at::Tensor pad_filter(const at::Tensor& w, int64_t groups, int64_t kp, int64_t cp) {
+  const int64_t k = w.size(0) / groups, c = w.size(1);
+  if (kp == k && cp == c) return w;
+  at::Tensor out = at::zeros({groups, kp, cp, w.size(2), w.size(3)}, w.options().memory_format(at::MemoryFormat::Contiguous));
+  out.narrow(1, 0, k).narrow(2, 0, c).copy_(w.unflatten(0, {groups, k}));
+  return out.view({groups * kp, cp, w.size(2), w.size(3)});
 }
 
 // The implicit GEMM on the chosen tensor-core kernel (both take the same parameters and tiles).
@@ -275,11 +309,12 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_forward_cuda", [&] {
     const scalar_t* pb = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
-    const Algo kernel = choose_algo<scalar_t>(op, algo, tf32, g.Cg, rows);
+    const int64_t cp = padded_channels<scalar_t>(g.Cg);
+    const Algo kernel = choose_algo<scalar_t>(op, algo, tf32, cp == g.Cg, g.G, rows);
     if (kernel != Algo::Direct) {
       if constexpr (kTensorCore<scalar_t>) {
-        const at::Tensor xs = aligned_copy(x.contiguous(at::MemoryFormat::ChannelsLast));
-        const at::Tensor wp = aligned_copy(w.permute({0, 2, 3, 1}).contiguous());  // [K][R][S][Cg]
+        const at::Tensor xs = pad_channels_last(x, g.G, cp);
+        const at::Tensor wp = aligned_copy(pad_filter(w, g.G, g.Kg, cp).permute({0, 2, 3, 1}).contiguous());  // [K][R][S][cp]
         IgemmParams<scalar_t> p = igemm_params<scalar_t>(xs, wp, pb, y, g, relu, pr);
         const int tile = igemm_tile(rows, g.Kg, g.G);
         if (stats) {
@@ -361,13 +396,15 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
   const int64_t rows = g.N * g.H * g.W;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_backward_input_cuda", [&] {
-    const Algo kernel = choose_algo<scalar_t>(op, algo, tf32, g.Kg, rows);
+    const int64_t kp = padded_channels<scalar_t>(g.Kg);
+    const Algo kernel = choose_algo<scalar_t>(op, algo, tf32, kp == g.Kg, g.G, rows);
     if (kernel != Algo::Direct) {
       if constexpr (kTensorCore<scalar_t>) {
-        const at::Tensor gs = aligned_copy(grad.contiguous(at::MemoryFormat::ChannelsLast));
-        // wp[g*Cg + c][(r*S + s)*Kg + k] = wt[g*Kg + k][c][r][s] (wt: the filter or a tap subset)
+        const at::Tensor gs = pad_channels_last(grad, g.G, kp);
+        const at::Tensor wk = pad_filter(w, g.G, kp, g.Cg);  // the reduced channels padded as grad's
+        // wp[g*Cg + c][(r*S + s)*kp + k] = wt[g*kp + k][c][r][s] (wt: the filter or a tap subset)
         auto pack = [&](const at::Tensor& wt) {
-          return aligned_copy(wt.reshape({g.G, g.Kg, g.Cg, wt.size(2), wt.size(3)})
+          return aligned_copy(wt.reshape({g.G, kp, g.Cg, wt.size(2), wt.size(3)})
                                   .permute({0, 2, 3, 4, 1}).contiguous().view({g.G * g.Cg, -1}));
         };
         for (const DgradPhase& ph : dgrad_phases(g)) {
@@ -376,7 +413,7 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
             out.zero_();
             continue;
           }
-          const at::Tensor wt = w.slice(2, ph.r0, g.R, ph.step_h).slice(3, ph.s0, g.S, ph.step_w);
+          const at::Tensor wt = wk.slice(2, ph.r0, g.R, ph.step_h).slice(3, ph.s0, g.S, ph.step_w);
           const at::Tensor wp = pack(wt);  // (freed after the launch: the allocator orders its reuse after the kernel)
           const IgemmParams<scalar_t> p = igemm_params<scalar_t>(gs, wp, nullptr, out, ph.g, false);
           launch_tensor_core<scalar_t>(p, kernel, true, igemm_tile(p.M, g.Cg, g.G), stream);
@@ -424,16 +461,17 @@ void run_wgrad(const WgradParams<T, A>& p, Algo kernel, cudaStream_t stream) {
 
 // The grad-weight kernel: the tensor cores take fp16/bf16, or fp32 when TF32 is allowed (mma.sync
 // only: wgmma has no transposed tf32 operands, and both operands of the grad-weight are read
-// transposed), with channels per group multiples of one 16-byte chunk (8 halves, 4 floats); "auto"
-// takes wgmma there for 16-bit types on an sm_90 GPU (with the sm_90a build), mma.sync otherwise,
-// and the SIMT kernel for everything else; "direct", "igemm" and "wgmma" pin one and are errors
-// where it does not apply.
-Algo choose_wgrad(const char* op, const std::string& algo, bool eligible, bool tf32) {
+// transposed), with channels per group zero-padded to whole 16-byte chunks where they are not
+// (as the forward pads them: not under "auto" for a grouped layer); "auto" takes wgmma for
+// 16-bit types on an sm_90 GPU (with the sm_90a build), mma.sync otherwise, and the SIMT kernel
+// for everything else; "direct", "igemm" and "wgmma" pin one and are errors where it does not
+// apply.
+Algo choose_wgrad(const char* op, const std::string& algo, bool dtype_ok, bool aligned, int64_t groups, bool tf32) {
   check_algo_name(op, algo);
   if (algo == "direct") return Algo::Direct;
   if (algo != "auto") {
-    TORCH_CHECK(eligible, "cnnkern ", op, ": algo='", algo, "' (the tensor-core grad-weight) needs fp16/bf16 inputs ",
-                "(or fp32 with tf32=True) with channels per group multiples of one 16-byte chunk (8, or 4 for fp32)");
+    TORCH_CHECK(dtype_ok, "cnnkern ", op, ": algo='", algo, "' (the tensor-core grad-weight) needs fp16/bf16 inputs ",
+                "(or fp32 with tf32=True)");
   }
   if (algo == "wgmma") {
     TORCH_CHECK(!tf32, "cnnkern ", op, ": algo='wgmma' has no TF32 grad-weight (wgmma reads tf32 operands only ",
@@ -441,7 +479,7 @@ Algo choose_wgrad(const char* op, const std::string& algo, bool eligible, bool t
     require_wgmma(op);
     return Algo::Wgmma;
   }
-  if (!eligible) return Algo::Direct;
+  if (!dtype_ok || (algo == "auto" && !aligned && groups > 1)) return Algo::Direct;
   if (algo == "auto" && !tf32 && conv::wgmma_available()) return Algo::Wgmma;
   return Algo::Igemm;
 }
@@ -465,7 +503,6 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
   const c10::cuda::CUDAGuard guard(grad.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t L = g.N * g.P * g.Q;
-  const int64_t J = g.Cg * g.R * g.S;
   const int sms = sm_count();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_backward_weight_cuda", [&] {
@@ -476,22 +513,28 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
       if (want_bias) gb.zero_();
       return;
     }
-    // The tensor-core kernels take 16-bit inputs, or fp32 as TF32, with channels per group
-    // multiples of one 16-byte chunk; they read both tensors with contiguous channels, every pixel
-    // (and group) starting on 16 bytes: other layouts (NCHW) are copied to channels_last for them
-    // (one pass over each tensor, as the forward does), and everything else runs on the SIMT kernel.
+    // The tensor-core kernels take 16-bit inputs, or fp32 as TF32; they read both tensors with
+    // contiguous channels, every pixel (and group) starting on 16 bytes, in whole 16-byte chunks:
+    // other layouts (NCHW) are copied to channels_last for them (one pass over each tensor, as the
+    // forward does), channels per group that are not whole chunks zero-padded (then the partials
+    // are summed into a padded filter gradient, and its real channels copied out); everything
+    // else runs on the SIMT kernel.
     constexpr int64_t epc = kChunk<scalar_t>;
     const bool use_tf32 = std::is_same_v<scalar_t, float> && tf32;
-    const bool eligible = tensor_core_dtype<scalar_t>(tf32) && g.Kg % epc == 0 && g.Cg % epc == 0;
-    const Algo kernel = choose_wgrad(op, algo, eligible, use_tf32);
+    int64_t kp = padded_channels<scalar_t>(g.Kg), cp = padded_channels<scalar_t>(g.Cg);
+    const Algo kernel =
+        choose_wgrad(op, algo, tensor_core_dtype<scalar_t>(tf32), kp == g.Kg && cp == g.Cg, g.G, use_tf32);
+    if (kernel == Algo::Direct) kp = g.Kg, cp = g.Cg;
+    const bool padded = kp != g.Kg || cp != g.Cg;
     auto pixels_aligned = [&](const at::Tensor& t) {
       return t.stride(1) == 1 && aligned16(t.const_data_ptr()) && t.stride(0) % epc == 0 && t.stride(2) % epc == 0 &&
              t.stride(3) % epc == 0;
     };
-    auto tc_layout = [&](const at::Tensor& t) {
-      return kernel == Algo::Direct || pixels_aligned(t) ? t : aligned_copy(t.contiguous(at::MemoryFormat::ChannelsLast));
+    auto tc_layout = [&](const at::Tensor& t, int64_t c, int64_t c_padded) {
+      return kernel == Algo::Direct || (c == c_padded && pixels_aligned(t)) ? t : pad_channels_last(t, g.G, c_padded);
     };
-    const at::Tensor gy = tc_layout(grad), xs = tc_layout(x);
+    const at::Tensor gy = tc_layout(grad, g.Kg, kp), xs = tc_layout(x, g.Cg, cp);
+    const int64_t J = cp * g.R * g.S;
     const int64_t tm = kernel == Algo::Wgmma   ? conv::wgrad_wgmma_tile_rows()
                        : kernel == Algo::Igemm ? conv::wgrad_igemm_tile_rows()
                                                : 64;
@@ -499,12 +542,12 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
                        : kernel == Algo::Igemm ? conv::wgrad_igemm_tile_cols()
                                                : 64;
     // splits: enough blocks for ~2 waves, at least 256 pixels per split
-    const int64_t tiles = ((g.Kg + tm - 1) / tm) * ((J + tn - 1) / tn) * g.G;
+    const int64_t tiles = ((kp + tm - 1) / tm) * ((J + tn - 1) / tn) * g.G;
     int64_t splits = std::max<int64_t>(1, std::min<int64_t>((2 * sms + tiles - 1) / tiles, (L + 255) / 256));
     splits = std::min<int64_t>(splits, 65535 / g.G);
     const int64_t chunk = (L + splits - 1) / splits;
     splits = (L + chunk - 1) / chunk;
-    at::Tensor part = at::empty({splits * g.G * g.Kg * J}, acc_opts);
+    at::Tensor part = at::empty({splits * g.G * kp * J}, acc_opts);
     WgradParams<scalar_t, A> p{};
     p.gy = gy.const_data_ptr<scalar_t>();
     p.gn = gy.stride(0), p.gc = gy.stride(1), p.gh = gy.stride(2), p.gw_ = gy.stride(3);
@@ -512,8 +555,8 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
     p.xn = xs.stride(0), p.xc = xs.stride(1), p.xh = xs.stride(2), p.xw = xs.stride(3);
     p.part = part.mutable_data_ptr<A>();
     p.N = static_cast<int>(g.N);
-    p.K = static_cast<int>(g.Kg);
-    p.C = static_cast<int>(g.Cg);
+    p.K = static_cast<int>(kp);
+    p.C = static_cast<int>(cp);
     p.G = static_cast<int>(g.G);
     p.H = static_cast<int>(g.H);
     p.W = static_cast<int>(g.W);
@@ -526,12 +569,16 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
     p.chunk = chunk;
     p.splits = static_cast<int>(splits);
     run_wgrad<scalar_t, A>(p, kernel, stream);
-    conv::launch_wgrad_reduce<scalar_t, A>(p.part, p.splits, p.G, p.K, p.C, p.R, p.S, gw.mutable_data_ptr<scalar_t>(),
-                                           gw.stride(0), gw.stride(1), gw.stride(2), gw.stride(3), stream);
-    if (want_bias) {
+    const at::Tensor gwp = padded ? at::empty({g.G * kp, cp, g.R, g.S}, gw.options()) : gw;
+    conv::launch_wgrad_reduce<scalar_t, A>(p.part, p.splits, p.G, p.K, p.C, p.R, p.S, gwp.mutable_data_ptr<scalar_t>(),
+                                           gwp.stride(0), gwp.stride(1), gwp.stride(2), gwp.stride(3), stream);
+    if (padded) gw.unflatten(0, {g.G, g.Kg}).copy_(gwp.view({g.G, kp, cp, g.R, g.S}).narrow(1, 0, g.Kg).narrow(2, 0, g.Cg));
+    if (want_bias) {  // (from the unpadded gradient: a padded one has other channel offsets)
+      const at::Tensor gyb = padded ? grad : gy;
       const int64_t bsplits = std::max<int64_t>(1, std::min<int64_t>(L / 1024, 256));
       at::Tensor bpart = at::empty({bsplits * g.K}, acc_opts);
-      conv::launch_bias_grad<scalar_t, A>(p.gy, p.gn, p.gc, p.gh, p.gw_, p.N, static_cast<int>(g.K), p.P, p.Q,
+      conv::launch_bias_grad<scalar_t, A>(gyb.const_data_ptr<scalar_t>(), gyb.stride(0), gyb.stride(1), gyb.stride(2),
+                                          gyb.stride(3), p.N, static_cast<int>(g.K), p.P, p.Q,
                                           bpart.mutable_data_ptr<A>(), static_cast<int>(bsplits),
                                           gb.mutable_data_ptr<scalar_t>(), stream);
     }
