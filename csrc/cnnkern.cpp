@@ -25,12 +25,14 @@ TORCH_LIBRARY_FRAGMENT(cnnkern, m) {
   // PyTorch's TF32 mode does, else fp32 is exact.
   // stats=True (relu off): also returns per-block BatchNorm statistics (rows, 3, K) of
   // (count, mean, M2), fp32 (fp64 for double); otherwise an empty tensor. residual (y's shape and
-  // strides) is added in the epilogue before the ReLU: y = [relu](conv + bias + residual)
+  // strides) is added in the epilogue before the ReLU: y = [relu](conv + bias + residual).
+  // split_k (forward and grad-input, the implicit GEMM only): 0 = chosen by the layer's size,
+  // 1 = no split, n = n slices of the reduction summed by a second kernel in a fixed order
   m.def("conv2d_forward_cuda(Tensor x, Tensor w, Tensor? bias, Tensor(a!) y, int[] stride, int[] padding, "
         "int[] dilation, int groups, bool relu, str algo, bool stats=False, bool tf32=False, "
-        "Tensor? residual=None) -> Tensor");
+        "Tensor? residual=None, int split_k=0) -> Tensor");
   m.def("conv2d_backward_input_cuda(Tensor grad, Tensor w, Tensor(a!) grad_input, int[] stride, int[] padding, "
-        "int[] dilation, int groups, str algo, bool tf32=False) -> ()");
+        "int[] dilation, int groups, str algo, bool tf32=False, int split_k=0) -> ()");
   // grad_bias: an empty tensor when the bias gradient is not wanted; algo: the grad-weight kernel
   // ("auto" | "direct": SIMT | "igemm": mma.sync tensor cores | "wgmma"); tf32: fp32 on the
   // mma.sync tensor cores as TF32

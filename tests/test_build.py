@@ -51,9 +51,10 @@ def test_no_kernel_spills_or_uses_a_stack():
     #  - the wgmma implicit GEMM (<= 168 registers: the TF32 tiles and the one-warpgroup 64 x 128
     #    tile take more than 128; every wgmma tile runs one block per SM anyway, its 5 stages take
     #    121-161 KiB of shared memory);
-    #  - the TF32 128 x 128 tiles of the mma.sync implicit GEMM (forward and grad-input, <= 136;
-    #    the shared epilogue, with its staged path for 16-byte stores, puts one of them at 128-132
-    #    depending on the build; forcing 128 with __launch_bounds__(256, 2) spills).
+    #  - the TF32 128 x 128 tiles of the mma.sync implicit GEMM (forward and grad-input, <= 144;
+    #    the shared epilogue, with its staged path for 16-byte stores and its split-K partial
+    #    stores, puts the sm_80 grad-input one at 141; forcing 128 with __launch_bounds__(256, 2)
+    #    spills; anything from 129 to 255 registers holds the same one block of 256 threads).
     conv = [r for r in rows if "conv" in r.name]
     kinds = ("direct_kernel", "igemm_kernel", "wgmma_kernel", "wgrad_kernel", "bias_grad_kernel")
     names = {k for r in conv for k in kinds if k in r.name}
@@ -61,7 +62,7 @@ def test_no_kernel_spills_or_uses_a_stack():
     wgmma_fwd = [r for r in conv if re.search(r"\dwgmma_kernelI(?:\w+E|f)Li\dELi\d+E", r.name) and r.arch == "sm_90a"]
     assert len(wgmma_fwd) == 18 and max(r.registers for r in wgmma_fwd) <= 168, [(r.name, r.registers) for r in wgmma_fwd]
     tf32 = [r for r in conv if re.search(r"\digemm_kernelIfLi128ELi128ELi2ELb[01]E", r.name)]
-    assert len(tf32) == 4 and max(r.registers for r in tf32) <= 136, tf32
+    assert len(tf32) == 4 and max(r.registers for r in tf32) <= 144, tf32
     rest = [r for r in conv if r not in wgmma_fwd + tf32]
     assert max(r.registers for r in rest) <= 128, [(r.name, r.registers) for r in rest if r.registers > 128]
 

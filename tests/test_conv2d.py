@@ -392,10 +392,11 @@ def _wgmma_here(dtype):
     return EMULATED_CUDA and os.environ.get("CUEMU_CC", "90") == "90"
 
 
-def _raw_cuda(x, w, b, kw, relu, algo, tf32=False, residual=None):
+def _raw_cuda(x, w, b, kw, relu, algo, tf32=False, residual=None, split_k=1):
     """The CUDA ops called directly with a pinned algorithm: forward (plus ``residual``, a
     function of the output's shape and layout that returns it, or None) and grad-input into
-    NaN-filled outputs (every element must be written)."""
+    NaN-filled outputs (every element must be written); ``split_k``: the implicit GEMM's
+    (1: unsplit, the epilogue in the kernel; 0: the op's own choice)."""
     stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
                                                  kw["groups"])
     shape = cnnkern.ops.conv2d.output_size(x.shape, w.shape, stride, pad, dil)
@@ -403,12 +404,13 @@ def _raw_cuda(x, w, b, kw, relu, algo, tf32=False, residual=None):
         else torch.contiguous_format
     y = torch.full(shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
     res = residual(shape, fmt) if residual is not None else None
-    cuda_ops().conv2d_forward_cuda(x, w, b, y, stride, pad[:2], dil, kw["groups"], relu, algo, False, tf32, res)
+    cuda_ops().conv2d_forward_cuda(x, w, b, y, stride, pad[:2], dil, kw["groups"], relu, algo, False, tf32, res,
+                                   split_k)
     if residual is not None:
         return y, res
     g = torch.randn_like(y)
     gx = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
-    cuda_ops().conv2d_backward_input_cuda(g, w, gx, stride, pad[:2], dil, kw["groups"], algo, tf32)
+    cuda_ops().conv2d_backward_input_cuda(g, w, gx, stride, pad[:2], dil, kw["groups"], algo, tf32, split_k)
     return y, g, gx
 
 
@@ -476,6 +478,65 @@ def test_gpu_cuda_kernels_pinned_residual(layer, layout, dtype, algo):
         assert rel_err(y, ref) < 3e-3
         return
     assert_rel_close(y, ref, dtype, matmul=True)
+
+
+SPLIT_LAYERS = {  # few output tiles, long reductions: where split-K applies
+    "last_stage_3x3": ((1, 64, 7, 7), 72, 3, 1, 1, 1, 1),     # 49 rows, K = 72: a column tail
+    "stride2_3x3": ((1, 32, 9, 9), 40, 3, 2, 1, 1, 1),        # strided gather; phased grad-input
+    "grouped": ((1, 32, 6, 6), 32, 3, 1, 1, 1, 2),           # splits x groups blocks in z
+    "first_3ch_7x7s2": ((1, 3, 15, 15), 16, 7, 2, 3, 1, 1),   # zero-padded channels, split
+}
+
+
+@cuda_kernel_test
+@pytest.mark.parametrize("algo", ["igemm", "wgmma"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("layer", list(SPLIT_LAYERS))
+def test_gpu_cuda_split_k(layer, dtype, algo):
+    """The implicit GEMM with its reduction split (forward and grad-input): every split's fp32
+    partials summed in order by the reduction kernel, which adds bias and residual and applies the
+    ReLU; NCHW and channels_last outputs, into NaN-poisoned outputs, against float64 and against
+    the unsplit kernel (which differs only in the order of the fp32 sums); split_k beyond the
+    reduction's steps is capped (every split has work)."""
+    if algo == "wgmma" and not _wgmma_here(dtype):
+        pytest.skip("wgmma: a compute capability 9.0 GPU (or the emulator) only")
+    from helpers import rel_err
+
+    xs, k, ks, stride, pad, dil, groups = SPLIT_LAYERS[layer]
+    tf32 = dtype == torch.float32
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+    for layout, split_k in (("channels_last", 3), ("contiguous", 2), ("channels_last", 1000)):
+        x = make(xs, dtype, DEVICE, layout)
+        w = make((k, xs[1] // groups, ks, ks), dtype, DEVICE) * (xs[1] // groups * ks * ks) ** -0.5
+        b = torch.randn(k, dtype=dtype, device=DEVICE)
+        with ieee_fp32():
+            y, g, gx = _raw_cuda(x, w, b, kw, relu=True, algo=algo, tf32=tf32, split_k=split_k)
+            y1, _, _ = _raw_cuda(x, w, b, kw, relu=True, algo=algo, tf32=tf32, split_k=1)
+            yr, r = _raw_cuda(x, w, b, kw, relu=True, algo=algo, tf32=tf32, split_k=split_k,
+                              residual=lambda shape, fmt: make(tuple(shape), dtype, DEVICE).contiguous(
+                                  memory_format=fmt))
+        xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+        ref = torch.nn.functional.conv2d(xr, wr, br, **kw)
+        (rgx,) = torch.autograd.grad(ref, xr, g.double())
+        assert not (y.isnan().any() or gx.isnan().any() or yr.isnan().any()), (layout, split_k)
+        bound = 3e-3 if tf32 else 2e-2 if dtype == torch.bfloat16 else 3e-3
+        for got, want, what in ((y, ref.relu(), "output"), (gx, rgx, "grad input"),
+                                (yr, (ref + r.double()).relu(), "output + residual")):
+            assert rel_err(got, want) < bound, (layout, split_k, what, rel_err(got, want))
+        assert rel_err(y, y1) < bound / 4, (layout, split_k, rel_err(y, y1))
+
+
+@cuda_kernel_test
+def test_gpu_cuda_split_k_refusals():
+    xs, k, ks, stride, pad, dil, groups = SPLIT_LAYERS["last_stage_3x3"]
+    x = make(xs, torch.float16, DEVICE, "channels_last")
+    w = make((k, xs[1], ks, ks), torch.float16, DEVICE)
+    y = torch.empty(1, k, 7, 7, dtype=torch.float16, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    args = (x, w, None, y, [1, 1], [1, 1], [1, 1], 1, False, "igemm")
+    with pytest.raises(RuntimeError, match="split_k must be >= 0"):
+        cuda_ops().conv2d_forward_cuda(*args, False, False, None, -1)
+    with pytest.raises(RuntimeError, match="split_k=4 cannot take the BatchNorm statistics"):
+        cuda_ops().conv2d_forward_cuda(*args, True, False, None, 4)
 
 
 @cuda_kernel_test

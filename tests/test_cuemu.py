@@ -205,6 +205,32 @@ def test_small_channel_layers_run_zero_padded_on_tensor_cores(emu, dtype):
     assert tensor_core_ops(6, groups=2) == (0, 0)
 
 
+@pytest.mark.parametrize("cc", ["90", "80"])
+def test_auto_splits_a_gemm_that_leaves_the_sms_idle(emu, cc, monkeypatch):
+    """split_k=0 (what the op passes): on a 32-SM device, a TF32 layer of two 64x128 tiles splits
+    its 1,152-long reduction (36 steps of 128 bytes) into 9 slices (16 per tile would leave
+    slices under four steps); its grad-input, one tile reducing over 2,304 values (72 steps),
+    into 18. The results are bitwise those of the explicit splits, not the unsplit ones (fp32
+    sums in another order); with the BatchNorm statistics the forward does not split."""
+    monkeypatch.setenv("CUEMU_SMS", "32")
+    monkeypatch.setenv("CUEMU_CC", cc)
+    x = torch.randn(1, 128, 7, 7).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 128, 3, 3) / 34
+    g = torch.randn(1, 256, 7, 7).contiguous(memory_format=torch.channels_last)
+
+    def run(split_k, stats=False):
+        y = torch.full((1, 256, 7, 7), float("nan")).contiguous(memory_format=torch.channels_last)
+        emu.conv2d_forward_cuda(x, w, None, y, [1, 1], [1, 1], [1, 1], 1, False, "auto", stats, True, None, split_k)
+        gx = torch.full_like(x, float("nan"))
+        emu.conv2d_backward_input_cuda(g, w, gx, [1, 1], [1, 1], [1, 1], 1, "auto", True, split_k)
+        return y, gx
+
+    auto, one = run(0), run(1)
+    assert torch.equal(auto[0], run(9)[0]) and not torch.equal(auto[0], one[0])
+    assert torch.equal(auto[1], run(18)[1]) and not torch.equal(auto[1], one[1])
+    assert torch.equal(run(0, stats=True)[0], one[0])
+
+
 @pytest.mark.parametrize("algo", ["igemm", "wgmma"])
 def test_strided_grad_input_computes_only_the_taps_that_reach_each_phase(emu, algo):
     """The implicit GEMM's grad-input of a stride-2 convolution runs phase by phase (conv2d.cu:

@@ -81,6 +81,15 @@ struct IgemmParams {
   // channels contiguous (yc == 1), the other strides, NO and y's address multiples of 16 bytes:
   // the epilogue stages the tile in shared memory and stores whole 16-byte chunks of rows
   bool vec_store;
+  // Split-K (splits > 1): the grid's z extent is splits * G, block z = s * G + g reduces kk in
+  // [s * kk_split, (s + 1) * kk_split) (kk_split: a multiple of 128 bytes of kk, so of both
+  // kernels' steps) and stores its fp32 accumulators, nothing added, at
+  // part[((s * G + g) * M + m) * part_ld + o] (part_ld even: pairs stored as float2);
+  // launch_igemm_reduce then adds the splits in order 0..splits-1 and applies bias, residual and
+  // ReLU. No statistics (the host refuses them with a split).
+  int splits;
+  int kk_split, part_ld;
+  float* part;
 };
 
 // Grad-weight: gw(g, o, c, r, s) = sum_{n, p, q} gy[n, g*K + o, p, q] * x[n, g*C + c, p*sh-ph+r*dh, q*sw-pw+s*dw].
@@ -113,6 +122,10 @@ size_t direct_bytes_per_channel(int halo_h, int halo_w, int R, int S);
 int igemm_tile_rows(int tile);
 template <typename T>
 void launch_igemm(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t stream);
+// The end of a split-K GEMM (either kernel): y = [relu](sum of p.part over the splits, in order,
+// + bias + residual), through y's strides.
+template <typename T>
+void launch_igemm_reduce(const IgemmParams<T>& p, cudaStream_t stream);
 
 // The wgmma implicit GEMM (fp16/bf16, and fp32 as TF32; the same tiles as launch_igemm). Launch it only where
 // wgmma_available() (the caller checks, once per call): the extension holds sm_90a code

@@ -27,6 +27,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+
+#include "common.h"
 #include "conv2d.h"
 #include "ptx.cuh"
 #include "conv2d_igemm.cuh"
@@ -66,17 +69,17 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
 
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   const int wm = warp % WARPS_M, wn = warp / WARPS_M;
-  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, g = blockIdx.z;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, g = blockIdx.z % p.G;
   const int chunk = t % 4;  // the 16-byte chunk of each row this thread copies
 
   // Per-thread gather state of its A and B rows (fixed across the kk loop): row (t + i*256) / 4.
   const GatherA<T, A_ITERS, DGRAD> ga(p, m0, g, t / 4, kThreads / 4);
   const GatherB<T, B_ITERS> gb(p, n0, g, t / 4, kThreads / 4);
 
-  const int KT = (p.KK + BK<T> - 1) / BK<T>;
+  const StepRange steps = step_range(p, BK<T>);
 
   auto load_stage = [&](int kt, int stage) {
-    const int kk = kt * BK<T> + chunk * EPC<T>;
+    const int kk = (steps.first + kt) * BK<T> + chunk * EPC<T>;
     const Tap tap = tap_of(p, kk);
     T* dA = sA + stage * STAGE_A;
 #pragma unroll
@@ -93,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(const IgemmParams<T> p)
   float acc[MT][NT][4];
   zero_tile(acc);
 
-  cp_async_pipeline<STAGES>(KT, load_stage, [&](int stage) {
+  cp_async_pipeline<STAGES>(steps.count, load_stage, [&](int stage) {
     const T* tA = sA + stage * STAGE_A;
     const T* tB = sB + stage * STAGE_B;
 #pragma unroll
@@ -130,7 +133,7 @@ void launch_one(const IgemmParams<T>& p, cudaStream_t stream) {
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  const dim3 grid((p.M + BM - 1) / BM, (p.NO + BN - 1) / BN, p.G);
+  const dim3 grid((p.M + BM - 1) / BM, (p.NO + BN - 1) / BN, p.G * std::max(1, p.splits));
   TORCH_CHECK(grid.y < 65536 && grid.z < 65536, "cnnkern conv2d (cuda, igemm): grid too large");
   kernel<<<grid, kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -145,9 +148,40 @@ void launch_tile(const IgemmParams<T>& p, int tile, cudaStream_t stream) {
   }
 }
 
+// The end of a split-K GEMM: one thread per output element (m, g, o), o fastest, adds the
+// splits' partials in order 0..splits-1, then bias and residual, applies the ReLU and rounds once,
+// as the unsplit epilogue does.
+template <typename T>
+__global__ void __launch_bounds__(256) igemm_reduce_kernel(const IgemmParams<T> p) {
+  const int64_t cols = static_cast<int64_t>(p.G) * p.NO, total = static_cast<int64_t>(p.M) * cols;
+  const int64_t split_stride = static_cast<int64_t>(p.G) * p.M * p.part_ld;
+  const int HoWo = p.Ho * p.Wo;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int m = static_cast<int>(i / cols), oc = static_cast<int>(i % cols);
+    const int g = oc / p.NO, o = oc % p.NO;
+    const float* src = p.part + (static_cast<int64_t>(g) * p.M + m) * p.part_ld + o;
+    float v = 0.f;
+    for (int s = 0; s < p.splits; ++s) v += src[s * split_stride];
+    if (p.bias != nullptr) v += static_cast<float>(p.bias[oc]);
+    const int n = m / HoWo, rem = m % HoWo;
+    const int64_t off = static_cast<int64_t>(n) * p.yn + static_cast<int64_t>(rem / p.Wo) * p.yh +
+                        static_cast<int64_t>(rem % p.Wo) * p.yw + static_cast<int64_t>(oc) * p.yc;
+    if (p.res != nullptr) v += static_cast<float>(p.res[off]);
+    if (p.relu) v = v < 0.f ? 0.f : v;
+    p.y[off] = static_cast<T>(v);
+  }
+}
+
 }  // namespace
 
 int igemm_tile_rows(int tile) { return tile == 1 ? 64 : 128; }
+
+template <typename T>
+void launch_igemm_reduce(const IgemmParams<T>& p, cudaStream_t stream) {
+  igemm_reduce_kernel<T><<<grid_for(static_cast<int64_t>(p.M) * p.G * p.NO, 256), 256, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 template <typename T>
 void launch_igemm(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t stream) {
@@ -163,6 +197,9 @@ void launch_igemm(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t st
 template void launch_igemm<c10::Half>(const IgemmParams<c10::Half>&, bool, int, cudaStream_t);
 template void launch_igemm<c10::BFloat16>(const IgemmParams<c10::BFloat16>&, bool, int, cudaStream_t);
 template void launch_igemm<float>(const IgemmParams<float>&, bool, int, cudaStream_t);
+template void launch_igemm_reduce<c10::Half>(const IgemmParams<c10::Half>&, cudaStream_t);
+template void launch_igemm_reduce<c10::BFloat16>(const IgemmParams<c10::BFloat16>&, cudaStream_t);
+template void launch_igemm_reduce<float>(const IgemmParams<float>&, cudaStream_t);
 
 }  // namespace conv
 }  // namespace cnnkern

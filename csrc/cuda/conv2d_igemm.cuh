@@ -32,6 +32,19 @@ __device__ __forceinline__ Tap tap_of(const IgemmParams<T>& p, int kk) {
   return t;
 }
 
+// The k steps (of BK elements) a block reduces: all KT of them, or its split's share
+// (IgemmParams::splits); blockIdx.z = split * G + g.
+struct StepRange {
+  int first, count;
+};
+template <typename T>
+__device__ __forceinline__ StepRange step_range(const IgemmParams<T>& p, int BK) {
+  const int KT = (p.KK + BK - 1) / BK;
+  if (p.splits <= 1) return {0, KT};
+  const int per = p.kk_split / BK, first = static_cast<int>(blockIdx.z / p.G) * per;
+  return {first, max(0, min(KT - first, per))};
+}
+
 // One thread's ITERS A rows, m = m0 + row(i) with row(i) = first + i*step: their image base and
 // the top-left source coordinate (forward) or the shifted output coordinate (grad-input), fixed
 // across the reduction loop.
@@ -229,6 +242,20 @@ __device__ __forceinline__ void igemm_epilogue(const IgemmParams<T>& p, const fl
   const int t = threadIdx.x, lane = t % 32;
   const int gid = lane / 4, tig = lane % 4;
   const int HoWo = p.Ho * p.Wo;
+  if (p.splits > 1) {  // split-K: this split's raw accumulators (o is even, part_ld too: float2)
+    float* part = p.part + static_cast<int64_t>(blockIdx.z) * p.M * p.part_ld;
+    for_each_pair(acc, row0, col0, [&](int lr, int lc, float a0, float a1) {
+      const int m = m0 + lr, o = n0 + lc;
+      if (m >= p.M || o >= p.NO) return;
+      float* dst = part + static_cast<int64_t>(m) * p.part_ld + o;
+      if (o + 1 < p.NO) {
+        *reinterpret_cast<float2*>(dst) = make_float2(a0, a1);
+      } else {
+        dst[0] = a0;
+      }
+    });
+    return;
+  }
   if (p.stats != nullptr) {
     // BatchNorm statistics of this tile: the fp32 tile (bias added) goes to shared memory, then
     // one thread per column takes count, mean and M2 over the valid rows in two passes (no

@@ -82,15 +82,15 @@ __global__ void __launch_bounds__(128 * WG) wgmma_kernel(const IgemmParams<T> p)
   const uint32_t s0 = ptx::smem_u32(smem);
 
   const int t = threadIdx.x, warp = t / 32, wg = warp / 4;
-  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, g = blockIdx.z;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, g = blockIdx.z % p.G;
   const int chunk = t % 8;  // the 16-byte chunk of each row this thread copies: rows t/8 + i*THREADS/8
 
   const GatherA<T, A_ITERS, DGRAD> ga(p, m0, g, t / 8, THREADS / 8);
   const GatherB<T, B_ITERS> gb(p, n0, g, t / 8, THREADS / 8);
-  const int KT = (p.KK + BK - 1) / BK;
+  const StepRange steps = step_range(p, BK);
 
   auto load_stage = [&](int kt, int stage) {
-    const int kk = kt * BK + chunk * EPC;
+    const int kk = (steps.first + kt) * BK + chunk * EPC;
     const Tap tap = tap_of(p, kk);
     const uint32_t dA = s0 + stage * STAGE, dB = dA + STAGE_A;
 #pragma unroll
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(128 * WG) wgmma_kernel(const IgemmParams<T> p)
   };
 
   cp_async_pipeline<STAGES, 1, true>(
-      KT, load_stage,
+      steps.count, load_stage,
       [&](int stage) {
         const uint32_t a = s0 + stage * STAGE + a_rows, b = s0 + stage * STAGE + STAGE_A;
         ptx::wgmma_fence();
@@ -150,7 +150,7 @@ void launch_one(const IgemmParams<T>& p, cudaStream_t stream) {
   constexpr size_t smem = static_cast<size_t>(STAGES) * (BM + BN) * ROW + 1024;  // + room to align to 1024
   auto kernel = wgmma_kernel<T, WG, BN, DGRAD>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 grid((p.M + BM - 1) / BM, (p.NO + BN - 1) / BN, p.G);
+  const dim3 grid((p.M + BM - 1) / BM, (p.NO + BN - 1) / BN, p.G * std::max(1, p.splits));
   TORCH_CHECK(grid.y < 65536 && grid.z < 65536, "cnnkern conv2d (cuda, wgmma): grid too large");
   kernel<<<grid, 128 * WG, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
