@@ -137,20 +137,26 @@ def _conv_specs():
     import triton.language as tl
 
     strides16 = ("sxn", "sxh", "sxw", "swk", "swr", "sws", "syn", "syp", "syq", "Cg", "Kg")
-    fwd = dict(R=3, S=3, IS_CL_X=True, HAS_BIAS=True, HAS_RES=False, RELU=True, STATS=False, ACC=tl.float32,
-               PREC="ieee")
+    fwd = dict(R=3, S=3, IS_CL_X=True, HAS_BIAS=True, HAS_RES=False, RELU=True, STATS=False, SPLIT=False,
+               ACC=tl.float32, PREC="ieee")
+    ws = {"ws_ptr": "fp32"}
     return [
         TritonSpec("conv2d forward 3x3, bf16 NHWC", "conv2d", "_fwd_kernel", "bf16", fwd,
-                   ones=("sxc", "swc", "syk"), div16=strides16, gate=True),
+                   ones=("sxc", "swc", "syk"), div16=strides16, gate=True, ptr_dtypes=ws),
+        TritonSpec("conv2d forward 3x3 split-K partials, bf16 NHWC", "conv2d", "_fwd_kernel", "bf16",
+                   {**fwd, "SPLIT": True}, ones=("sxc", "swc", "syk"), div16=strides16, gate=True, ptr_dtypes=ws),
         TritonSpec("conv2d forward 1x1 (GEMM), bf16 NHWC", "conv2d", "_fwd_1x1_kernel", "bf16",
                    {**fwd, "R": 1, "S": 1}, ones=("sxc", "swc", "syk", "swr", "sws", "sh", "sw"), div16=strides16,
-                   gate=True),
+                   gate=True, ptr_dtypes=ws),
         TritonSpec("conv2d forward 1x1 + residual + ReLU, bf16 NHWC", "conv2d", "_fwd_1x1_kernel", "bf16",
                    {**fwd, "R": 1, "S": 1, "HAS_RES": True}, ones=("sxc", "swc", "syk", "swr", "sws", "sh", "sw"),
-                   div16=strides16, gate=True),
+                   div16=strides16, gate=True, ptr_dtypes=ws),
         TritonSpec("conv2d forward 7x7 C=3, bf16 NHWC", "conv2d", "_fwd_small_c_kernel", "bf16",
                    {**fwd, "R": 7, "S": 7}, ones=("sxc", "swc", "syk"), div16=("sxn", "syn", "syp", "syq", "Kg"),
-                   gate=True),
+                   gate=True, ptr_dtypes=ws),
+        TritonSpec("conv2d forward split-K sum + residual + ReLU, bf16 NHWC", "conv2d", "_fwd_split_sum_kernel",
+                   "bf16", dict(HAS_BIAS=True, HAS_RES=True, RELU=True, ACC=tl.float32), ones=("syk",),
+                   ptr_dtypes=ws, configs=[({"BLOCK": 1024}, 4, 1)]),
         TritonSpec("conv2d dgrad 3x3, bf16 NHWC", "conv2d", "_dgrad_kernel", "bf16",
                    dict(R=3, S=3, IS_CL_X=True, ACC=tl.float32, PREC="ieee"),
                    ones=("sgk", "swc", "sxc"), div16=("sgn", "sgp", "sgq", "swk", "swr", "sws", "sxn", "sxh",

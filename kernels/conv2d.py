@@ -62,8 +62,10 @@ def _configs(space, k_name="BLOCK_C"):
 def gpu_configs(configs, **constexprs):
     """The configurations the autotuner times on a GPU for a call with these constexpr arguments:
     all of them, but the 128x256 tiles of a forward with a residual, whose epilogue then holds a
-    second 128x256 tile and spills (``cnnkern inspect`` checks what remains)."""
-    if constexprs.get("HAS_RES"):
+    second 128x256 tile and spills, and of a split forward, whose fp32 partial stores take a
+    stack frame on sm_80 (and which runs only on layers of a few tiles: ``cnnkern inspect``
+    checks what remains)."""
+    if constexprs.get("HAS_RES") or constexprs.get("SPLIT"):
         return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
     return configs
 
@@ -91,7 +93,7 @@ _GEMM_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 
 _SMALL_C_CONFIGS = _configs([(64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 8, 3)], k_name="BLOCK_K")
 _DGRAD_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4)])
 _CONV_KEY = ["M", "Kg", "Cg", "R", "S", "IS_CL_X"]
-_FWD_KEY = _CONV_KEY + ["HAS_RES"]  # a residual prunes the configurations (_prune)
+_FWD_KEY = _CONV_KEY + ["HAS_RES", "splits"]  # a residual prunes the configurations (_prune)
 
 
 @triton.jit
@@ -149,30 +151,49 @@ def _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, K, n, p, q, offs_k, mask_
 
 
 @triton.jit
-def _out_tile(M, P, Q, Kg, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def _out_tile(M, P, Q, Kg, splits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # The forward kernels' output tile: rows m = output pixels (n, p, q), columns = output
-    # channels of group g (program axis 1); k_glob indexes the full K.
-    g = tl.program_id(1)
+    # channels of group g, split j of the reduction (program axis 1 = g * splits + j); k_glob
+    # indexes the full K.
+    g = tl.program_id(1) // splits
+    j = tl.program_id(1) % splits
     pid_m, pid_n = _tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n = offs_m // (P * Q)
     pq = offs_m % (P * Q)
-    return g, pid_m, n, pq // Q, pq % Q, offs_m < M, offs_n < Kg, g * Kg + offs_n
+    return g, j, pid_m, offs_m, n, pq // Q, pq % Q, offs_m < M, offs_n < Kg, g * Kg + offs_n
+
+
+@triton.jit
+def _split_range(steps, j, splits):
+    # split j of a reduction of `steps` loop steps: [first, last)
+    per = tl.cdiv(steps, splits)
+    first = j * per
+    return first, tl.minimum(first + per, steps)
+
+
+@triton.jit
+def _store_partial(acc, ws_ptr, j, M, K, offs_m, k_glob, mask_m, mask_k):
+    # split-K: split j's raw accumulators at ws[j, m, k] (an (splits, M, K) workspace of the
+    # accumulator dtype); _fwd_split_sum_kernel adds the splits and applies the epilogue
+    offs = (j * M + offs_m).to(tl.int64)[:, None] * K + k_glob[None, :]
+    tl.store(ws_ptr + offs, acc, mask=mask_m[:, None] & mask_k[None, :])
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr,
-                M, H, W, P, Q, Cg, Kg,
+def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
+                M, H, W, P, Q, Cg, Kg, splits,
                 sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
                 sh, sw, ph, pw, dh, dw,
                 R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, SPLIT: tl.constexpr,
                 ACC: tl.constexpr,
                 PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
-    g, pid_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+    g, j, pid_m, offs_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, splits, BLOCK_M, BLOCK_N,
+                                                                     GROUP_M)
     # the receptive field of row (n, p, q) starts at (ih0, iw0)
     ih0 = p * sh - ph
     iw0 = q * sw - pw
@@ -181,7 +202,8 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr,
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     c_blocks = tl.cdiv(Cg, BLOCK_C)
-    for it in range(0, R * S * c_blocks):
+    first, last = _split_range(R * S * c_blocks, j, splits)
+    for it in range(first, last):
         rs = it // c_blocks
         c0 = (it % c_blocks) * BLOCK_C
         r = rs // S
@@ -196,54 +218,65 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr,
         b = tl.load(w_col[None, :] + (offs_c * swc)[:, None] + (r * swr + s * sws),
                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         acc = _mma(a, b, acc, ACC, PREC)
-    _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, Kg * tl.num_programs(1), n, p, q, k_glob, mask_m, mask_n,
-              syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
+    K = Kg * (tl.num_programs(1) // splits)
+    if SPLIT:
+        _store_partial(acc, ws_ptr, j, M, K, offs_m, k_glob, mask_m, mask_n)
+    else:
+        _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, K, n, p, q, k_glob, mask_m, mask_n,
+                  syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
 
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=_FWD_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr,
-                    M, H, W, P, Q, Cg, Kg,
+def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
+                    M, H, W, P, Q, Cg, Kg, splits,
                     sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
                     sh, sw, ph, pw, dh, dw,
                     R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, SPLIT: tl.constexpr,
                 ACC: tl.constexpr,
                 PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
     # A 1x1 convolution without padding is a plain GEMM: row m = (n, p, q) reads the C channels
     # of input pixel (p*sh, q*sw), always inside the image. The launcher folds the stride into
     # sxh/sxw (sh = sw = 1 here), so the A and B tiles just advance by BLOCK_C channels per step.
-    g, pid_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+    g, j, pid_m, offs_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, splits, BLOCK_M, BLOCK_N,
+                                                                     GROUP_M)
+    first, last = _split_range(tl.cdiv(Cg, BLOCK_C), j, splits)
     offs_c = tl.arange(0, BLOCK_C)
     a_ptrs = (x_ptr + (n.to(tl.int64) * sxn + p * sxh + q * sxw + (g * Cg).to(tl.int64) * sxc)[:, None]
-              + (offs_c * sxc)[None, :])
-    b_ptrs = w_ptr + (k_glob.to(tl.int64) * swk)[None, :] + (offs_c * swc)[:, None]
+              + ((first * BLOCK_C + offs_c) * sxc)[None, :])
+    b_ptrs = w_ptr + (k_glob.to(tl.int64) * swk)[None, :] + ((first * BLOCK_C + offs_c) * swc)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for c0 in range(0, Cg, BLOCK_C):
+    for c0 in range(first * BLOCK_C, tl.minimum(last * BLOCK_C, Cg), BLOCK_C):
         mask_c = (c0 + offs_c) < Cg
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         acc = _mma(a, b, acc, ACC, PREC)
         a_ptrs += BLOCK_C * sxc
         b_ptrs += BLOCK_C * swc
-    _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, Kg * tl.num_programs(1), n, p, q, k_glob, mask_m, mask_n,
-              syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
+    K = Kg * (tl.num_programs(1) // splits)
+    if SPLIT:
+        _store_partial(acc, ws_ptr, j, M, K, offs_m, k_glob, mask_m, mask_n)
+    else:
+        _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, K, n, p, q, k_glob, mask_m, mask_n,
+                  syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
 
 
 @triton.autotune(configs=_SMALL_C_CONFIGS, key=_FWD_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr,
-                        M, H, W, P, Q, Cg, Kg,
+def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
+                        M, H, W, P, Q, Cg, Kg, splits,
                         sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
                         sh, sw, ph, pw, dh, dw,
                         R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, SPLIT: tl.constexpr,
                 ACC: tl.constexpr,
                 PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
-    g, pid_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+    g, j, pid_m, offs_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, splits, BLOCK_M, BLOCK_N,
+                                                                     GROUP_M)
     ih0 = p * sh - ph
     iw0 = q * sw - pw
     x_row = x_ptr + n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc
@@ -251,7 +284,8 @@ def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr,
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     RSC = R * S * Cg
-    for k0 in range(0, RSC, BLOCK_K):
+    first, last = _split_range(tl.cdiv(RSC, BLOCK_K), j, splits)
+    for k0 in range(first * BLOCK_K, tl.minimum(last * BLOCK_K, RSC), BLOCK_K):
         # reduction index t = (r*S + s)*Cg + c, channel fastest
         t = k0 + tl.arange(0, BLOCK_K)
         mask_t = t < RSC
@@ -266,8 +300,12 @@ def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr,
         b = tl.load(w_col[None, :] + (c * swc + r * swr + s * sws)[:, None],
                     mask=mask_t[:, None] & mask_n[None, :], other=0.0)
         acc = _mma(a, b, acc, ACC, PREC)
-    _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, Kg * tl.num_programs(1), n, p, q, k_glob, mask_m, mask_n,
-              syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
+    K = Kg * (tl.num_programs(1) // splits)
+    if SPLIT:
+        _store_partial(acc, ws_ptr, j, M, K, offs_m, k_glob, mask_m, mask_n)
+    else:
+        _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, K, n, p, q, k_glob, mask_m, mask_n,
+                  syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
 
 
 @triton.autotune(configs=_DGRAD_CONFIGS, key=_CONV_KEY, prune_configs_by=_PRUNE)
@@ -400,6 +438,34 @@ def _split_sum_kernel(ws_ptr, gw_ptr, gb_ptr, splits, split_stride, NW, K, Cg, R
         tl.store(gb_ptr + (e - NW), acc.to(gb_ptr.dtype.element_ty), mask=mask & (e >= NW))
 
 
+@triton.jit
+def _fwd_split_sum_kernel(ws_ptr, b_ptr, y_ptr, r_ptr, M, K, P, Q, splits, syn, syk, syp, syq,
+                          HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    # The end of a split-K forward: y[m, k] = [relu](sum_j ws[j, m, k] + bias[k] + residual), the
+    # splits added in order j = 0, 1, ... (deterministic), then one rounding, as the unsplit
+    # epilogue does. Element e = m * K + k of the (M, K) output, k fastest.
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = e < M * K
+    acc = tl.zeros((BLOCK,), dtype=ACC)
+    ptrs = ws_ptr + e
+    for _ in range(0, splits):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += M * K  # 64-bit pointer arithmetic
+    m = e // K
+    k = e % K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + k, mask=mask, other=0.0).to(ACC)
+    n = m // (P * Q)
+    pq = m % (P * Q)
+    offs = n * syn + k * syk + (pq // Q) * syp + (pq % Q) * syq
+    if HAS_RES:
+        acc += tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
@@ -483,9 +549,22 @@ def stats_rows(M: int) -> int:
     return triton.cdiv(M, 32)
 
 
+def forward_splits(M: int, Kg: int, groups: int, reduction: int, device: torch.device) -> int:
+    """Split-K of the forward GEMM (as csrc/cuda/conv2d.cu's choose_splits does it): a layer whose
+    output would fill less than half of the SMs even in the smallest tiles the autotuner can pick,
+    64x64 (a small image, batch 1: ResNet-50's last stage at batch 1 makes 8 of them for 132 SMs,
+    each reducing over 4,608 values), splits its reduction into up to 32 slices of at least four
+    64-element steps, until the programs fill the SMs once; 1 otherwise."""
+    sms = _sm_count(device)
+    tiles = triton.cdiv(M, 64) * triton.cdiv(Kg, 64) * groups
+    if 2 * tiles > sms:
+        return 1
+    return max(1, min(sms // tiles, triton.cdiv(reduction, 64) // 4, 32))
+
+
 def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool, precision: str,
                    kernel: str | None = None, stats: torch.Tensor | None = None,
-                   residual: torch.Tensor | None = None) -> None:
+                   residual: torch.Tensor | None = None, splits: int | None = None) -> None:
     """y = [relu](conv2d(x, w, bias) + residual) with ``padding = (top, left)`` (y's shape fixes
     the rest).
 
@@ -496,6 +575,10 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
     ``stats``: a zeroed (stats_rows(M), 3, K) fp32 (fp64 for fp64) workspace that receives, per
     M-tile and output channel, the (count, mean, M2) of y before the activation (BatchNorm).
     ``residual``: None or a tensor of y's shape and strides, added before the activation.
+    ``splits``: split-K of the reduction (None: :func:`forward_splits` chooses; 1: none; never with
+    ``stats``, which the unsplit epilogue takes from its tile): each split stores its partial sums
+    in an fp32 (fp64) workspace and ``_fwd_split_sum_kernel`` adds them in a fixed order and
+    applies bias, residual and ReLU.
     """
     N, C, H, W = x.shape
     K, Cg, R, S = w.shape
@@ -515,14 +598,30 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
         fn, sxh, sxw, stride = _fwd_1x1_kernel, sxh * stride[0], sxw * stride[1], (1, 1)
     else:
         fn = {"main": _fwd_kernel, "small_c": _fwd_small_c_kernel}[kernel]
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]), groups)  # noqa: E731
+    if splits is None:
+        splits = 1 if stats is not None else forward_splits(M, Kg, groups, R * S * Cg, x.device)
+    if splits < 1 or (splits > 1 and stats is not None):
+        raise ValueError(f"conv2d: splits must be >= 1 and 1 with stats, got {splits}")
+    if splits > 1 and splits * M * K > _INT32_MAX:
+        splits = 1  # (never for the few-tile layers the heuristic splits)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]),  # noqa: E731
+                         groups * splits)
     st = stats if stats is not None else y
+    ws = torch.empty((splits, M, K), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                     device=x.device) if splits > 1 else y
     cl = _is_cl(x)
-    key = (M, Kg, Cg, R, S, cl, residual is not None, x.dtype, st.dtype)
-    _launch(fn, grid, key, x, w, bias if bias is not None else w, y, residual if residual is not None else y, st,
-            M, H, W, P, Q, Cg, Kg, sxn, sxc, sxh, sxw, *w.stride(), *y.stride(), stride[0], stride[1], padding[0],
-            padding[1], dilation[0], dilation[1], R=R, S=S, IS_CL_X=cl, HAS_BIAS=bias is not None,
-            HAS_RES=residual is not None, RELU=relu, STATS=stats is not None, ACC=_acc(x.dtype), PREC=precision)
+    key = (M, Kg, Cg, R, S, cl, residual is not None, splits, x.dtype, st.dtype)
+    res = residual if residual is not None else y
+    _launch(fn, grid, key, x, w, bias if bias is not None else w, y, res, st, ws,
+            M, H, W, P, Q, Cg, Kg, splits, sxn, sxc, sxh, sxw, *w.stride(), *y.stride(), stride[0], stride[1],
+            padding[0], padding[1], dilation[0], dilation[1], R=R, S=S, IS_CL_X=cl, HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, RELU=relu, STATS=stats is not None, SPLIT=splits > 1, ACC=_acc(x.dtype),
+            PREC=precision)
+    if splits > 1:
+        block = 1024
+        _fwd_split_sum_kernel[(triton.cdiv(M * K, block),)](
+            ws, bias if bias is not None else w, y, res, M, K, P, Q, splits, *y.stride(),
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, ACC=_acc(x.dtype), BLOCK=block)
 
 
 def dgrad_phases(stride, padding, dilation):

@@ -162,6 +162,48 @@ def test_every_forward_kernel_on_the_same_layer(kernel, family):
     assert_rel_close(y, ref, torch.float32)  # "ieee": full fp32 even on a GPU
 
 
+@pytest.mark.parametrize("kernel", ["small_c", "main", "1x1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_forward_split_k(kernel, dtype):
+    """The Triton forward with its reduction split: each split's partial sums into the workspace,
+    added in order by _fwd_split_sum_kernel with bias, residual and ReLU; NCHW and channels_last,
+    more splits than reduction steps (empty splits store zeros), into NaN-poisoned outputs."""
+    if cnnkern._backend.unavailable_reason("triton", DEVICE):
+        pytest.skip("Triton unavailable")
+    from cnnkern.kernels import conv2d as kc
+
+    family = {"small_c": "first_7x7s2", "main": "groups4", "1x1": "1x1s2"}[kernel]
+    for layout, splits in (("channels_last", 3), ("contiguous", 2), ("channels_last", 50)):
+        x, w, b, kw = _inputs(family, dtype, layout)
+        stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
+                                                     kw["groups"])
+        _, _, _, ref = _ref(x, w, b, kw)
+        r = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(
+            memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+        y = torch.full_like(r, float("nan"))
+        kc.conv2d_forward(x, w, b, y, stride, pad[:2], dil, kw["groups"], True, "ieee", kernel=kernel,
+                          residual=r, splits=splits)
+        assert not y.isnan().any(), (layout, splits)
+        assert_rel_close(y, (ref.double() + r.double()).relu(), dtype)
+    with pytest.raises(ValueError, match="splits must be >= 1 and 1 with stats"):
+        kc.conv2d_forward(x, w, b, y, stride, pad[:2], dil, kw["groups"], False, "ieee", kernel=kernel,
+                          stats=torch.zeros(kc.stats_rows(y.numel() // y.shape[1]), 3, y.shape[1], dtype=dtype),
+                          splits=2)
+
+
+def test_forward_split_k_choice(monkeypatch):
+    """Which layers split (kernels/conv2d.py: forward_splits) on a 132-SM GPU: ResNet-50's last
+    stage at batch 1 (8 tiles of 64x64) 16 ways, at batch 32 (200 tiles) not at all; a first layer
+    with a short reduction (147 values) not at all; never more than 32."""
+    from cnnkern.kernels import conv2d as kc
+
+    monkeypatch.setattr(kc, "_sm_count", lambda device: 132)
+    assert kc.forward_splits(49, 512, 1, 4608, "cuda") == 16
+    assert kc.forward_splits(32 * 49, 512, 1, 4608, "cuda") == 1
+    assert kc.forward_splits(12544, 64, 1, 147, "cuda") == 1
+    assert kc.forward_splits(1, 64, 1, 1 << 20, "cuda") == 32
+
+
 def test_unbatched_input_and_empty_batch():
     x, w, b, kw = _inputs("3x3s1p1", torch.float32, "contiguous")
     out = F.conv2d(x[0], w, b, **kw, backend="triton")
