@@ -166,6 +166,19 @@ def _out_tile(M, P, Q, Kg, splits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _fwd_end(acc, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr, j, splits, pid_m, M, Kg, offs_m, n, p, q, k_glob, mask_m,
+             mask_n, syn, syk, syp, syq, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+             STATS: tl.constexpr, SPLIT: tl.constexpr):
+    # the forward kernels' last step: the split's partial sums, or the epilogue
+    K = Kg * (tl.num_programs(1) // splits)
+    if SPLIT:
+        _store_partial(acc, ws_ptr, j, M, K, offs_m, k_glob, mask_m, mask_n)
+    else:
+        _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, K, n, p, q, k_glob, mask_m, mask_n,
+                  syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
+
+
+@triton.jit
 def _split_range(steps, j, splits):
     # split j of a reduction of `steps` loop steps: [first, last)
     per = tl.cdiv(steps, splits)
@@ -218,12 +231,8 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
         b = tl.load(w_col[None, :] + (offs_c * swc)[:, None] + (r * swr + s * sws),
                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         acc = _mma(a, b, acc, ACC, PREC)
-    K = Kg * (tl.num_programs(1) // splits)
-    if SPLIT:
-        _store_partial(acc, ws_ptr, j, M, K, offs_m, k_glob, mask_m, mask_n)
-    else:
-        _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, K, n, p, q, k_glob, mask_m, mask_n,
-                  syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
+    _fwd_end(acc, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr, j, splits, pid_m, M, Kg, offs_m, n, p, q, k_glob, mask_m,
+             mask_n, syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS, SPLIT)
 
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=_FWD_KEY, prune_configs_by=_PRUNE)
@@ -255,12 +264,8 @@ def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
         acc = _mma(a, b, acc, ACC, PREC)
         a_ptrs += BLOCK_C * sxc
         b_ptrs += BLOCK_C * swc
-    K = Kg * (tl.num_programs(1) // splits)
-    if SPLIT:
-        _store_partial(acc, ws_ptr, j, M, K, offs_m, k_glob, mask_m, mask_n)
-    else:
-        _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, K, n, p, q, k_glob, mask_m, mask_n,
-                  syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
+    _fwd_end(acc, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr, j, splits, pid_m, M, Kg, offs_m, n, p, q, k_glob, mask_m,
+             mask_n, syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS, SPLIT)
 
 
 @triton.autotune(configs=_SMALL_C_CONFIGS, key=_FWD_KEY, prune_configs_by=_PRUNE)
@@ -300,12 +305,8 @@ def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
         b = tl.load(w_col[None, :] + (c * swc + r * swr + s * sws)[:, None],
                     mask=mask_t[:, None] & mask_n[None, :], other=0.0)
         acc = _mma(a, b, acc, ACC, PREC)
-    K = Kg * (tl.num_programs(1) // splits)
-    if SPLIT:
-        _store_partial(acc, ws_ptr, j, M, K, offs_m, k_glob, mask_m, mask_n)
-    else:
-        _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, K, n, p, q, k_glob, mask_m, mask_n,
-                  syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
+    _fwd_end(acc, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr, j, splits, pid_m, M, Kg, offs_m, n, p, q, k_glob, mask_m,
+             mask_n, syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS, SPLIT)
 
 
 @triton.autotune(configs=_DGRAD_CONFIGS, key=_CONV_KEY, prune_configs_by=_PRUNE)
