@@ -440,31 +440,28 @@ def _split_sum_kernel(ws_ptr, gw_ptr, gb_ptr, splits, split_stride, NW, K, Cg, R
 
 
 @triton.jit
-def _fwd_split_sum_kernel(ws_ptr, b_ptr, y_ptr, r_ptr, M, K, P, Q, splits, syn, syk, syp, syq,
-                          HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    # The end of a split-K forward: y[m, k] = [relu](sum_j ws[j, m, k] + bias[k] + residual), the
-    # splits added in order j = 0, 1, ... (deterministic), then one rounding, as the unsplit
-    # epilogue does. Element e = m * K + k of the (M, K) output, k fastest.
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = e < M * K
-    acc = tl.zeros((BLOCK,), dtype=ACC)
-    ptrs = ws_ptr + e
+def _fwd_split_sum_kernel(ws_ptr, b_ptr, y_ptr, r_ptr, st_ptr, M, K, P, Q, splits, syn, syk, syp, syq,
+                          HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+                          ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The end of a split-K forward, one BLOCK_M x BLOCK_N tile of the (M, K) output per program:
+    # the splits' partials ws[j, m, k] added in order j = 0, 1, ... (deterministic), then the
+    # unsplit kernels' own epilogue (bias; the BatchNorm statistics of the tile, row block pid_m;
+    # residual; ReLU; one rounding).
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    mask = mask_m[:, None] & mask_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for _ in range(0, splits):
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += M * K  # 64-bit pointer arithmetic
-    m = e // K
-    k = e % K
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + k, mask=mask, other=0.0).to(ACC)
-    n = m // (P * Q)
-    pq = m % (P * Q)
-    offs = n * syn + k * syk + (pq // Q) * syp + (pq % Q) * syq
-    if HAS_RES:
-        acc += tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        acc = tl.where(acc < 0.0, 0.0, acc)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    n = offs_m // (P * Q)
+    pq = offs_m % (P * Q)
+    _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, K, n, pq // Q, pq % Q, offs_k, mask_m, mask_k,
+              syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,10 +573,10 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
     ``stats``: a zeroed (stats_rows(M), 3, K) fp32 (fp64 for fp64) workspace that receives, per
     M-tile and output channel, the (count, mean, M2) of y before the activation (BatchNorm).
     ``residual``: None or a tensor of y's shape and strides, added before the activation.
-    ``splits``: split-K of the reduction (None: :func:`forward_splits` chooses; 1: none; never with
-    ``stats``, which the unsplit epilogue takes from its tile): each split stores its partial sums
-    in an fp32 (fp64) workspace and ``_fwd_split_sum_kernel`` adds them in a fixed order and
-    applies bias, residual and ReLU.
+    ``splits``: split-K of the reduction (None: :func:`forward_splits` chooses; 1: none): each
+    split stores its partial sums in an fp32 (fp64) workspace and ``_fwd_split_sum_kernel`` adds
+    them in a fixed order, in 32-row tiles, and applies the same epilogue (bias, ``stats``,
+    residual, ReLU).
     """
     N, C, H, W = x.shape
     K, Cg, R, S = w.shape
@@ -600,9 +597,9 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
     else:
         fn = {"main": _fwd_kernel, "small_c": _fwd_small_c_kernel}[kernel]
     if splits is None:
-        splits = 1 if stats is not None else forward_splits(M, Kg, groups, R * S * Cg, x.device)
-    if splits < 1 or (splits > 1 and stats is not None):
-        raise ValueError(f"conv2d: splits must be >= 1 and 1 with stats, got {splits}")
+        splits = forward_splits(M, Kg, groups, R * S * Cg, x.device)
+    if splits < 1:
+        raise ValueError(f"conv2d: splits must be >= 1, got {splits}")
     if splits > 1 and splits * M * K > _INT32_MAX:
         splits = 1  # (never for the few-tile layers the heuristic splits)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]),  # noqa: E731
@@ -619,10 +616,11 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
             HAS_RES=residual is not None, RELU=relu, STATS=stats is not None, SPLIT=splits > 1, ACC=_acc(x.dtype),
             PREC=precision)
     if splits > 1:
-        block = 1024
-        _fwd_split_sum_kernel[(triton.cdiv(M * K, block),)](
-            ws, bias if bias is not None else w, y, res, M, K, P, Q, splits, *y.stride(),
-            HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, ACC=_acc(x.dtype), BLOCK=block)
+        bm, bn = 32, 64  # bm: the stats workspace's rows (stats_rows)
+        _fwd_split_sum_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bn))](
+            ws, bias if bias is not None else w, y, res, st, M, K, P, Q, splits, *y.stride(),
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats is not None,
+            ACC=_acc(x.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
 
 
 def dgrad_phases(stride, padding, dilation):

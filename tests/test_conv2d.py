@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from helpers import (DEVICE, EMULATED_CUDA, HAS_CUDA, LAYOUTS, assert_rel_close, backends_for, cuda_kernel_test,
-                     ieee_fp32, make)
+                     ieee_fp32, make, merge_stats)
 
 import cnnkern
 from cnnkern import functional as F
@@ -185,10 +185,40 @@ def test_forward_split_k(kernel, dtype):
                           residual=r, splits=splits)
         assert not y.isnan().any(), (layout, splits)
         assert_rel_close(y, (ref.double() + r.double()).relu(), dtype)
-    with pytest.raises(ValueError, match="splits must be >= 1 and 1 with stats"):
-        kc.conv2d_forward(x, w, b, y, stride, pad[:2], dil, kw["groups"], False, "ieee", kernel=kernel,
-                          stats=torch.zeros(kc.stats_rows(y.numel() // y.shape[1]), 3, y.shape[1], dtype=dtype),
-                          splits=2)
+    with pytest.raises(ValueError, match="splits must be >= 1"):
+        kc.conv2d_forward(x, w, b, y, stride, pad[:2], dil, kw["groups"], False, "ieee", kernel=kernel, splits=0)
+
+
+@pytest.mark.parametrize("kernel", ["small_c", "main", "1x1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_forward_split_k_statistics(kernel, dtype):
+    """Split-K with the BatchNorm statistics: _fwd_split_sum_kernel takes them from its summed
+    32-row tiles as the unsplit epilogue does from its own: count, mean and M2 per channel (bias
+    included) that merge to the float64 reference's, with partial last tiles, into a poisoned
+    output; the unsplit launch agrees."""
+    if cnnkern._backend.unavailable_reason("triton", DEVICE):
+        pytest.skip("Triton unavailable")
+    from cnnkern.kernels import conv2d as kc
+
+    family = {"small_c": "first_7x7s2", "main": "groups4", "1x1": "1x1s2"}[kernel]
+    x, w, b, kw = _inputs(family, dtype, "channels_last")
+    stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
+                                                 kw["groups"])
+    _, _, _, ref = _ref(x, w, b, kw)
+    K, M = ref.shape[1], ref.numel() // ref.shape[1]
+    want = ref.double().transpose(0, 1).reshape(K, M)
+    for splits in (1, 3):
+        y = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(
+            memory_format=torch.channels_last)
+        st = torch.zeros(kc.stats_rows(M), 3, K, dtype=dtype, device=DEVICE)
+        kc.conv2d_forward(x, w, b, y, stride, pad[:2], dil, kw["groups"], False, "ieee", kernel=kernel, stats=st,
+                          splits=splits)
+        assert not y.isnan().any(), splits
+        assert_rel_close(y, ref, dtype)
+        cnt, mu, var = merge_stats(st)
+        assert cnt.eq(M).all(), (splits, cnt)
+        assert_rel_close(mu, want.mean(1), dtype, "mean")
+        assert_rel_close(var, want.var(1, unbiased=False), dtype, "variance")
 
 
 def test_forward_split_k_choice(monkeypatch):
@@ -577,8 +607,47 @@ def test_gpu_cuda_split_k_refusals():
     args = (x, w, None, y, [1, 1], [1, 1], [1, 1], 1, False, "igemm")
     with pytest.raises(RuntimeError, match="split_k must be >= 0"):
         cuda_ops().conv2d_forward_cuda(*args, False, False, None, -1)
-    with pytest.raises(RuntimeError, match="split_k=4 cannot take the BatchNorm statistics"):
-        cuda_ops().conv2d_forward_cuda(*args, True, False, None, 4)
+
+
+@cuda_kernel_test
+@pytest.mark.parametrize("algo", ["igemm", "wgmma"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layer", list(SPLIT_LAYERS))
+def test_gpu_cuda_split_k_statistics(layer, dtype, algo):
+    """Split-K with the BatchNorm statistics (the training-mode conv-BN-ReLU's forward): the
+    reduction kernel takes count, mean and M2 per channel from the summed fp32 values (bias
+    added) over the unsplit tile's row blocks, so its statistics rows are those of the unsplit
+    epilogue (equal up to the order of the fp32 GEMM sums) and merge to the float64 reference's;
+    the output is written whole (NaN-poisoned)."""
+    if algo == "wgmma" and not _wgmma_here(dtype):
+        pytest.skip("wgmma: a compute capability 9.0 GPU (or the emulator) only")
+    from helpers import rel_err
+
+    xs, k, ks, stride, pad, dil, groups = SPLIT_LAYERS[layer]
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+    x = make(xs, dtype, DEVICE, "channels_last")
+    w = make((k, xs[1] // groups, ks, ks), dtype, DEVICE) * (xs[1] // groups * ks * ks) ** -0.5
+    b = torch.randn(k, dtype=dtype, device=DEVICE)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), **kw)
+    rows = ref.numel() // k
+    want = ref.transpose(0, 1).reshape(k, rows)
+    bound = 3e-3 if dtype == torch.float32 else 2e-2
+    got = {}
+    for split_k in (1, 3):
+        y = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(
+            memory_format=torch.channels_last)
+        with ieee_fp32():
+            st = cuda_ops().conv2d_forward_cuda(x, w, b, y, [stride] * 2, [pad] * 2, [dil] * 2, groups, False, algo,
+                                                True, dtype == torch.float32, None, split_k)
+        assert not y.isnan().any(), split_k
+        assert rel_err(y, ref) < bound, (split_k, rel_err(y, ref))
+        cnt, mu, var = merge_stats(st)
+        assert cnt.eq(rows).all(), (split_k, cnt)
+        assert rel_err(mu, want.mean(1)) < bound, (split_k, rel_err(mu, want.mean(1)))
+        assert rel_err(var, want.var(1, unbiased=False)) < bound, (split_k, rel_err(var, want.var(1, unbiased=False)))
+        got[split_k] = st
+    assert got[1].shape == got[3].shape and torch.equal(got[1][:, 0], got[3][:, 0])
+    assert rel_err(got[3][:, 1:], got[1][:, 1:]) < 1e-5, rel_err(got[3][:, 1:], got[1][:, 1:])
 
 
 @cuda_kernel_test

@@ -211,7 +211,8 @@ def test_auto_splits_a_gemm_that_leaves_the_sms_idle(emu, cc, monkeypatch):
     its 1,152-long reduction (36 steps of 128 bytes) into 9 slices (16 per tile would leave
     slices under four steps); its grad-input, one tile reducing over 2,304 values (72 steps),
     into 18. The results are bitwise those of the explicit splits, not the unsplit ones (fp32
-    sums in another order); with the BatchNorm statistics the forward does not split."""
+    sums in another order); with the BatchNorm statistics the forward splits alike (its
+    statistics come from the reduction kernel)."""
     monkeypatch.setenv("CUEMU_SMS", "32")
     monkeypatch.setenv("CUEMU_CC", cc)
     x = torch.randn(1, 128, 7, 7).contiguous(memory_format=torch.channels_last)
@@ -220,15 +221,18 @@ def test_auto_splits_a_gemm_that_leaves_the_sms_idle(emu, cc, monkeypatch):
 
     def run(split_k, stats=False):
         y = torch.full((1, 256, 7, 7), float("nan")).contiguous(memory_format=torch.channels_last)
-        emu.conv2d_forward_cuda(x, w, None, y, [1, 1], [1, 1], [1, 1], 1, False, "auto", stats, True, None, split_k)
+        st = emu.conv2d_forward_cuda(x, w, None, y, [1, 1], [1, 1], [1, 1], 1, False, "auto", stats, True, None,
+                                     split_k)
         gx = torch.full_like(x, float("nan"))
         emu.conv2d_backward_input_cuda(g, w, gx, [1, 1], [1, 1], [1, 1], 1, "auto", True, split_k)
-        return y, gx
+        return y, gx, st
 
     auto, one = run(0), run(1)
     assert torch.equal(auto[0], run(9)[0]) and not torch.equal(auto[0], one[0])
     assert torch.equal(auto[1], run(18)[1]) and not torch.equal(auto[1], one[1])
-    assert torch.equal(run(0, stats=True)[0], one[0])
+    (y, _, st), (y9, _, st9), (y1, _, st1) = run(0, stats=True), run(9, stats=True), run(1, stats=True)
+    assert torch.equal(y, y9) and torch.equal(st, st9) and not torch.equal(y, y1)
+    assert st.shape == st1.shape and torch.equal(st[:, 0], st1[:, 0])
 
 
 @pytest.mark.parametrize("algo", ["igemm", "wgmma"])

@@ -196,16 +196,14 @@ at::Tensor pad_filter(const at::Tensor& w, int64_t groups, int64_t kp, int64_t c
 // reducing over 4,608 values) splits its reduction into up to 32 slices of at least four
 // 128-byte steps each, until the blocks fill the SMs once: the partial sums go to an fp32
 // workspace and a second kernel adds them in a fixed order (so the result is the same on every
-// run) and applies bias, residual and ReLU. Never with the BatchNorm statistics, which the unsplit
-// epilogue takes from its tile.
-int choose_splits(const char* op, int64_t split_k, int64_t tiles, int64_t kk_steps, int64_t groups, bool stats) {
+// run), applies bias, residual and ReLU, and takes the BatchNorm statistics from the sums per
+// row block of the unsplit tile.
+int choose_splits(const char* op, int64_t split_k, int64_t tiles, int64_t kk_steps, int64_t groups) {
   TORCH_CHECK(split_k >= 0, "cnnkern ", op, ": split_k must be >= 0 (0: choose), got ", split_k);
-  TORCH_CHECK(!(stats && split_k > 1), "cnnkern ", op, ": split_k=", split_k, " cannot take the BatchNorm ",
-              "statistics (the unsplit epilogue takes them from its tile)");
   int64_t splits = split_k;
   if (split_k == 0) {
     const int64_t sms = sm_count();
-    splits = stats || 2 * tiles > sms ? 1 : std::min<int64_t>({sms / tiles, kk_steps / 4, 32});
+    splits = 2 * tiles > sms ? 1 : std::min<int64_t>({sms / tiles, kk_steps / 4, 32});
   }
   splits = std::max<int64_t>(1, std::min<int64_t>({splits, kk_steps, 65535 / groups}));
   // slices of whole steps; the last split takes the rest (none is empty)
@@ -216,13 +214,13 @@ int choose_splits(const char* op, int64_t split_k, int64_t tiles, int64_t kk_ste
 // The implicit GEMM on the chosen tensor-core kernel (both take the same parameters and tiles),
 // split as choose_splits says; `like`: a tensor on the device (the workspace's options).
 template <typename T>
-void launch_tensor_core(IgemmParams<T> p, Algo kernel, bool dgrad, int tile, int64_t split_k, bool stats,
+void launch_tensor_core(IgemmParams<T> p, Algo kernel, bool dgrad, int tile, int64_t split_k,
                         const at::Tensor& like, const char* op, cudaStream_t stream) {
   constexpr int64_t step = 128 / sizeof(T);  // elements of kk per 128 bytes: a whole step of either kernel
   const int64_t kk_steps = (p.KK + step - 1) / step;
   const int64_t bm = conv::igemm_tile_rows(tile), bn = tile == 2 ? 64 : 128;
   const int64_t tiles = ((p.M + bm - 1) / bm) * ((p.NO + bn - 1) / bn) * p.G;
-  p.splits = choose_splits(op, split_k, tiles, kk_steps, p.G, stats);
+  p.splits = choose_splits(op, split_k, tiles, kk_steps, p.G);
   at::Tensor part;  // (freed after the launches: the allocator orders its reuse after them)
   if (p.splits > 1) {
     p.kk_split = static_cast<int>((kk_steps + p.splits - 1) / p.splits * step);
@@ -235,7 +233,7 @@ void launch_tensor_core(IgemmParams<T> p, Algo kernel, bool dgrad, int tile, int
   } else {
     conv::launch_igemm<T>(p, dgrad, tile, stream);
   }
-  if (p.splits > 1) conv::launch_igemm_reduce<T>(p, stream);
+  if (p.splits > 1) conv::launch_igemm_reduce<T>(p, tile, stream);
 }
 
 template <typename T>
@@ -361,7 +359,7 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
           st = at::zeros({(rows + bm - 1) / bm, 3, g.K}, x.options().dtype(acc_type));
           p.stats = st.mutable_data_ptr<float>();
         }
-        launch_tensor_core<scalar_t>(p, kernel, false, tile, split_k, stats, x, op, stream);
+        launch_tensor_core<scalar_t>(p, kernel, false, tile, split_k, x, op, stream);
         return;
       }
     }
@@ -455,7 +453,7 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
           const at::Tensor wt = wk.slice(2, ph.r0, g.R, ph.step_h).slice(3, ph.s0, g.S, ph.step_w);
           const at::Tensor wp = pack(wt);  // (freed after the launch: the allocator orders its reuse after the kernel)
           const IgemmParams<scalar_t> p = igemm_params<scalar_t>(gs, wp, nullptr, out, ph.g, false);
-          launch_tensor_core<scalar_t>(p, kernel, true, igemm_tile(p.M, g.Cg, g.G), split_k, false, grad, op, stream);
+          launch_tensor_core<scalar_t>(p, kernel, true, igemm_tile(p.M, g.Cg, g.G), split_k, grad, op, stream);
         }
         return;
       }

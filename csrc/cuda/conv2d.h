@@ -85,8 +85,8 @@ struct IgemmParams {
   // [s * kk_split, (s + 1) * kk_split) (kk_split: a multiple of 128 bytes of kk, so of both
   // kernels' steps) and stores its fp32 accumulators, nothing added, at
   // part[((s * G + g) * M + m) * part_ld + o] (part_ld even: pairs stored as float2);
-  // launch_igemm_reduce then adds the splits in order 0..splits-1 and applies bias, residual and
-  // ReLU. No statistics (the host refuses them with a split).
+  // launch_igemm_reduce then adds the splits in order 0..splits-1, applies bias, residual and
+  // ReLU, and takes the statistics (stats) from the sums.
   int splits;
   int kk_split, part_ld;
   float* part;
@@ -123,9 +123,10 @@ int igemm_tile_rows(int tile);
 template <typename T>
 void launch_igemm(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t stream);
 // The end of a split-K GEMM (either kernel): y = [relu](sum of p.part over the splits, in order,
-// + bias + residual), through y's strides.
+// + bias + residual), through y's strides; with p.stats, also the BatchNorm statistics of the
+// sums (bias added) per row block of the unsplit `tile`'s rows.
 template <typename T>
-void launch_igemm_reduce(const IgemmParams<T>& p, cudaStream_t stream);
+void launch_igemm_reduce(const IgemmParams<T>& p, int tile, cudaStream_t stream);
 
 // The wgmma implicit GEMM (fp16/bf16, and fp32 as TF32; the same tiles as launch_igemm). Launch it only where
 // wgmma_available() (the caller checks, once per call): the extension holds sm_90a code

@@ -173,13 +173,57 @@ __global__ void __launch_bounds__(256) igemm_reduce_kernel(const IgemmParams<T> 
   }
 }
 
+// The same with the BatchNorm statistics (p.stats): block (x, y) sums rows [BM*x, BM*x + BM) of
+// 32 channels (y: the 32 across the groups' G*NO), the BM-row block of the unsplit tile, so the
+// statistics rows are the unsplit kernel's. Thread (tx, ty) = (t % 32, t / 32) takes channel tx
+// (the warp reads 32 consecutive partials), rows ty, ty + 8, ...; the summed values (bias added)
+// stay in shared memory, where one warp then takes each channel's count, mean and M2.
+template <typename T, int BM>
+__global__ void __launch_bounds__(256) igemm_reduce_stats_kernel(const IgemmParams<T> p) {
+  __shared__ float sC[BM][33];
+  const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+  const int cols = p.G * p.NO, oc = blockIdx.y * 32 + tx;
+  const int m0 = blockIdx.x * BM, rows = min(BM, p.M - m0);
+  if (oc < cols) {
+    const int64_t split_stride = static_cast<int64_t>(p.G) * p.M * p.part_ld;
+    const int g = oc / p.NO, o = oc % p.NO, HoWo = p.Ho * p.Wo;
+    const float b = p.bias != nullptr ? static_cast<float>(p.bias[oc]) : 0.f;
+    for (int r = ty; r < rows; r += 8) {
+      const int m = m0 + r;
+      const float* src = p.part + (static_cast<int64_t>(g) * p.M + m) * p.part_ld + o;
+      float v = 0.f;
+      for (int s = 0; s < p.splits; ++s) v += src[s * split_stride];
+      v += b;
+      sC[r][tx] = v;
+      const int n = m / HoWo, rem = m % HoWo;
+      const int64_t off = static_cast<int64_t>(n) * p.yn + static_cast<int64_t>(rem / p.Wo) * p.yh +
+                          static_cast<int64_t>(rem % p.Wo) * p.yw + static_cast<int64_t>(oc) * p.yc;
+      if (p.res != nullptr) v += static_cast<float>(p.res[off]);  // (after the statistics, as unsplit)
+      if (p.relu) v = v < 0.f ? 0.f : v;
+      p.y[off] = static_cast<T>(v);
+    }
+  }
+  __syncthreads();
+  if (ty == 0 && oc < cols) store_column_stats(&sC[0][tx], 33, rows, p.stats + static_cast<int64_t>(blockIdx.x) * 3 * cols + oc, cols);
+}
+
 }  // namespace
 
 int igemm_tile_rows(int tile) { return tile == 1 ? 64 : 128; }
 
 template <typename T>
-void launch_igemm_reduce(const IgemmParams<T>& p, cudaStream_t stream) {
-  igemm_reduce_kernel<T><<<grid_for(static_cast<int64_t>(p.M) * p.G * p.NO, 256), 256, 0, stream>>>(p);
+void launch_igemm_reduce(const IgemmParams<T>& p, int tile, cudaStream_t stream) {
+  if (p.stats == nullptr) {
+    igemm_reduce_kernel<T><<<grid_for(static_cast<int64_t>(p.M) * p.G * p.NO, 256), 256, 0, stream>>>(p);
+  } else {
+    const int bm = igemm_tile_rows(tile), cols = p.G * p.NO;
+    const dim3 grid((p.M + bm - 1) / bm, (cols + 31) / 32);
+    if (bm == 64) {
+      igemm_reduce_stats_kernel<T, 64><<<grid, 256, 0, stream>>>(p);
+    } else {
+      igemm_reduce_stats_kernel<T, 128><<<grid, 256, 0, stream>>>(p);
+    }
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -197,9 +241,9 @@ void launch_igemm(const IgemmParams<T>& p, bool dgrad, int tile, cudaStream_t st
 template void launch_igemm<c10::Half>(const IgemmParams<c10::Half>&, bool, int, cudaStream_t);
 template void launch_igemm<c10::BFloat16>(const IgemmParams<c10::BFloat16>&, bool, int, cudaStream_t);
 template void launch_igemm<float>(const IgemmParams<float>&, bool, int, cudaStream_t);
-template void launch_igemm_reduce<c10::Half>(const IgemmParams<c10::Half>&, cudaStream_t);
-template void launch_igemm_reduce<c10::BFloat16>(const IgemmParams<c10::BFloat16>&, cudaStream_t);
-template void launch_igemm_reduce<float>(const IgemmParams<float>&, cudaStream_t);
+template void launch_igemm_reduce<c10::Half>(const IgemmParams<c10::Half>&, int, cudaStream_t);
+template void launch_igemm_reduce<c10::BFloat16>(const IgemmParams<c10::BFloat16>&, int, cudaStream_t);
+template void launch_igemm_reduce<float>(const IgemmParams<float>&, int, cudaStream_t);
 
 }  // namespace conv
 }  // namespace cnnkern

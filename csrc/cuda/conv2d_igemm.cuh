@@ -231,6 +231,24 @@ __device__ __forceinline__ void igemm_store_staged(const IgemmParams<T>& p, cons
   }
 }
 
+// The BatchNorm statistics of one output channel over `rows` rows of a row block: its fp32 values
+// (bias added) at col[r * ld], r < rows, in shared memory; count, mean and M2 in two passes (no
+// E[y^2] - E[y]^2), stored at st[0], st[K], st[2K]. The unsplit epilogue and the split-K reduction
+// take them alike, one thread per channel.
+__device__ __forceinline__ void store_column_stats(const float* col, int ld, int rows, float* st, int64_t K) {
+  float sum = 0.f;
+  for (int r = 0; r < rows; ++r) sum += col[r * ld];
+  const float mean = sum / static_cast<float>(rows);
+  float m2 = 0.f;
+  for (int r = 0; r < rows; ++r) {
+    const float d = col[r * ld] - mean;
+    m2 += d * d;
+  }
+  st[0] = static_cast<float>(rows);
+  st[K] = mean;
+  st[2 * K] = m2;
+}
+
 // The epilogue of a BM x BN block tile (group g, first row m0, first column n0) whose warp holds
 // MT x NT m16n8 fragments: fragment (i, j) covers tile rows row0 + 16i .. +15 and columns
 // col0 + 8j .. +7, element e at row gid (+8 for e >= 2), column 2*tig + (e & 1) (the mma.sync
@@ -270,22 +288,10 @@ __device__ __forceinline__ void igemm_epilogue(const IgemmParams<T>& p, const fl
       sC[lr * BN + lc + 1] = a1 + b1;
     });
     __syncthreads();
-    const int rows = min(BM, p.M - m0);
     const int o = n0 + t;
     if (t < BN && o < p.NO) {
-      float sum = 0.f;
-      for (int r = 0; r < rows; ++r) sum += sC[r * BN + t];
-      const float mean = sum / static_cast<float>(rows);
-      float m2 = 0.f;
-      for (int r = 0; r < rows; ++r) {
-        const float d = sC[r * BN + t] - mean;
-        m2 += d * d;
-      }
       const int64_t K = static_cast<int64_t>(p.G) * p.NO;
-      float* st = p.stats + static_cast<int64_t>(blockIdx.x) * 3 * K + g * p.NO + o;
-      st[0] = static_cast<float>(rows);
-      st[K] = mean;
-      st[2 * K] = m2;
+      store_column_stats(sC + t, BN, min(BM, p.M - m0), p.stats + static_cast<int64_t>(blockIdx.x) * 3 * K + g * p.NO + o, K);
     }
   }
   if (p.vec_store) {
