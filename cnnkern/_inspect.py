@@ -140,6 +140,8 @@ def _conv_specs():
     fwd = dict(R=3, S=3, IS_CL_X=True, HAS_BIAS=True, HAS_RES=False, RELU=True, STATS=False, SPLIT=False,
                ACC=tl.float32, PREC="ieee")
     ws = {"ws_ptr": "fp32"}
+    dgrad = dict(R=3, S=3, IS_CL_X=True, SPLIT=False, ACC=tl.float32, PREC="ieee")
+    dgrad16 = ("sgn", "sgp", "sgq", "swk", "swr", "sws", "sxn", "sxh", "sxw", "Cg", "Kg")
     return [
         TritonSpec("conv2d forward 3x3, bf16 NHWC", "conv2d", "_fwd_kernel", "bf16", fwd,
                    ones=("sxc", "swc", "syk"), div16=strides16, gate=True, ptr_dtypes=ws),
@@ -160,10 +162,10 @@ def _conv_specs():
         TritonSpec("conv2d forward split-K sum + BatchNorm statistics, bf16 NHWC", "conv2d", "_fwd_split_sum_kernel",
                    "bf16", dict(HAS_BIAS=False, HAS_RES=False, RELU=False, STATS=True, ACC=tl.float32), ones=("syk",),
                    ptr_dtypes={**ws, "st_ptr": "fp32"}, configs=[({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 1)]),
-        TritonSpec("conv2d dgrad 3x3, bf16 NHWC", "conv2d", "_dgrad_kernel", "bf16",
-                   dict(R=3, S=3, IS_CL_X=True, ACC=tl.float32, PREC="ieee"),
-                   ones=("sgk", "swc", "sxc"), div16=("sgn", "sgp", "sgq", "swk", "swr", "sws", "sxn", "sxh",
-                                                      "sxw", "Cg", "Kg")),
+        TritonSpec("conv2d dgrad 3x3, bf16 NHWC", "conv2d", "_dgrad_kernel", "bf16", dgrad,
+                   ones=("sgk", "swc", "sxc"), div16=dgrad16, ptr_dtypes=ws),
+        TritonSpec("conv2d dgrad 3x3 split-K partials, bf16 NHWC", "conv2d", "_dgrad_kernel", "bf16",
+                   {**dgrad, "SPLIT": True}, ones=("sgk", "swc", "sxc"), div16=dgrad16, ptr_dtypes=ws),
         TritonSpec("conv2d wgrad 3x3, bf16 NHWC", "conv2d", "_wgrad_kernel", "bf16",
                    dict(R=3, S=3, WITH_BIAS=True, ACC=tl.float32, PREC="ieee"),
                    ones=("sgk", "sxc"), div16=("sgn", "sgp", "sgq", "sxn", "sxh", "sxw", "Cg", "Kg", "K"),

@@ -62,11 +62,14 @@ def _configs(space, k_name="BLOCK_C"):
 def gpu_configs(configs, **constexprs):
     """The configurations the autotuner times on a GPU for a call with these constexpr arguments:
     all of them, but the 128x256 tiles of a forward with a residual, whose epilogue then holds a
-    second 128x256 tile and spills, and of a split forward, whose fp32 partial stores take a
-    stack frame on sm_80 (and which runs only on layers of a few tiles: ``cnnkern inspect``
-    checks what remains)."""
+    second 128x256 tile and spills, and, for a split forward or grad-input, also the 128x128
+    tiles of 4 warps: their fp32 partial stores take a stack frame on sm_80 (a split runs only on
+    layers of a few tiles, where the smaller tiles serve; ``cnnkern inspect`` checks what
+    remains)."""
     if constexprs.get("HAS_RES") or constexprs.get("SPLIT"):
-        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+    if constexprs.get("SPLIT"):
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128 or c.num_warps > 4]
     return configs
 
 
@@ -94,6 +97,7 @@ _SMALL_C_CONFIGS = _configs([(64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 3
 _DGRAD_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4)])
 _CONV_KEY = ["M", "Kg", "Cg", "R", "S", "IS_CL_X"]
 _FWD_KEY = _CONV_KEY + ["HAS_RES", "splits"]  # a residual prunes the configurations (_prune)
+_DGRAD_KEY = _CONV_KEY + ["splits"]
 
 
 @triton.jit
@@ -309,18 +313,21 @@ def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
              mask_n, syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS, SPLIT)
 
 
-@triton.autotune(configs=_DGRAD_CONFIGS, key=_CONV_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_DGRAD_CONFIGS, key=_DGRAD_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _dgrad_kernel(gy_ptr, w_ptr, gx_ptr,
-                  M, H, W, P, Q, Cg, Kg,
+def _dgrad_kernel(gy_ptr, w_ptr, gx_ptr, ws_ptr,
+                  M, H, W, P, Q, Cg, Kg, splits,
                   sgn, sgk, sgp, sgq, swk, swc, swr, sws, sxn, sxc, sxh, sxw,
                   sh, sw, ph, pw, dh, dw,
-                  R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
+                  R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr, SPLIT: tl.constexpr,
                   ACC: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
     # GEMM: rows m = input pixels (n, h, w) (M = N*H*W), columns c (Cg), reduction over (r, s, k)
-    # in blocks of BLOCK_C output channels (the name is shared with the forward's configs).
-    g = tl.program_id(1)
+    # in blocks of BLOCK_C output channels (the name is shared with the forward's configs); split
+    # j of `splits` (program axis 1 = g * splits + j) takes its share of the reduction and stores
+    # raw partials (SPLIT), which _fwd_split_sum_kernel adds into gx.
+    g = tl.program_id(1) // splits
+    j = tl.program_id(1) % splits
     pid_m, pid_n = _tile_ids(M, Cg, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -336,7 +343,11 @@ def _dgrad_kernel(gy_ptr, w_ptr, gx_ptr,
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     k_blocks = tl.cdiv(Kg, BLOCK_C)
-    for it in range(0, R * S * k_blocks):
+    if SPLIT:
+        first, last = _split_range(R * S * k_blocks, j, splits)
+    else:  # (the plain bounds: with _split_range's the sm_80 build takes a stack frame)
+        first, last = 0, R * S * k_blocks
+    for it in range(first, last):
         rs = it // k_blocks
         k0 = (it % k_blocks) * BLOCK_C
         r = rs // S
@@ -354,9 +365,12 @@ def _dgrad_kernel(gy_ptr, w_ptr, gx_ptr,
         b = tl.load(w_col[None, :] + (offs_k.to(tl.int64) * swk)[:, None] + (r * swr + s * sws),
                     mask=mask_k[:, None] & mask_c[None, :], other=0.0)
         acc = _mma(a, b, acc, ACC, PREC)
-    row = n.to(tl.int64) * sxn + h * sxh + w * sxw
-    ptrs = gx_ptr + row[:, None] + c_glob.to(tl.int64)[None, :] * sxc
-    tl.store(ptrs, acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+    if SPLIT:
+        _store_partial(acc, ws_ptr, j, M, Cg * (tl.num_programs(1) // splits), offs_m, c_glob, mask_m, mask_c)
+    else:
+        row = n.to(tl.int64) * sxn + h * sxh + w * sxw
+        ptrs = gx_ptr + row[:, None] + c_glob.to(tl.int64)[None, :] * sxc
+        tl.store(ptrs, acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 
 
 @triton.jit
@@ -547,8 +561,9 @@ def stats_rows(M: int) -> int:
     return triton.cdiv(M, 32)
 
 
-def forward_splits(M: int, Kg: int, groups: int, reduction: int, device: torch.device) -> int:
-    """Split-K of the forward GEMM (as csrc/cuda/conv2d.cu's choose_splits does it): a layer whose
+def gemm_splits(M: int, Kg: int, groups: int, reduction: int, device: torch.device) -> int:
+    """Split-K of a forward or grad-input GEMM of M rows, Kg columns per group and a reduction of
+    ``reduction`` values (as csrc/cuda/conv2d.cu's choose_splits does it): a layer whose
     output would fill less than half of the SMs even in the smallest tiles the autotuner can pick,
     64x64 (a small image, batch 1: ResNet-50's last stage at batch 1 makes 8 of them for 132 SMs,
     each reducing over 4,608 values), splits its reduction into up to 32 slices of at least four
@@ -573,7 +588,7 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
     ``stats``: a zeroed (stats_rows(M), 3, K) fp32 (fp64 for fp64) workspace that receives, per
     M-tile and output channel, the (count, mean, M2) of y before the activation (BatchNorm).
     ``residual``: None or a tensor of y's shape and strides, added before the activation.
-    ``splits``: split-K of the reduction (None: :func:`forward_splits` chooses; 1: none): each
+    ``splits``: split-K of the reduction (None: :func:`gemm_splits` chooses; 1: none): each
     split stores its partial sums in an fp32 (fp64) workspace and ``_fwd_split_sum_kernel`` adds
     them in a fixed order, in 32-row tiles, and applies the same epilogue (bias, ``stats``,
     residual, ReLU).
@@ -597,7 +612,7 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
     else:
         fn = {"main": _fwd_kernel, "small_c": _fwd_small_c_kernel}[kernel]
     if splits is None:
-        splits = forward_splits(M, Kg, groups, R * S * Cg, x.device)
+        splits = gemm_splits(M, Kg, groups, R * S * Cg, x.device)
     if splits < 1:
         raise ValueError(f"conv2d: splits must be >= 1, got {splits}")
     if splits > 1 and splits * M * K > _INT32_MAX:
@@ -642,9 +657,14 @@ def dgrad_phases(stride, padding, dilation):
             yield a, b, r0, s0, (sh, sw), (1, 1), ((a + ph - r0) // sh, (b + pw - s0) // sw), (1, 1)
 
 
-def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precision: str) -> None:
+def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precision: str,
+                          splits: int | None = None) -> None:
     """grad_x (N, C, H, W, preallocated, any strides) from grad_y (N, K, P, Q) and w; a strided
-    convolution's phase by phase (:func:`dgrad_phases`), each over only the taps that reach it."""
+    convolution's phase by phase (:func:`dgrad_phases`), each over only the taps that reach it.
+    ``splits``: split-K of each phase's reduction (None: :func:`gemm_splits` chooses per phase;
+    1: none), the partials summed in a fixed order by ``_fwd_split_sum_kernel``."""
+    if splits is not None and splits < 1:
+        raise ValueError(f"conv2d: splits must be >= 1, got {splits}")
     N, C, H, W = gx.shape
     K, Cg = w.shape[:2]
     _, _, P, Q = gy.shape
@@ -667,10 +687,21 @@ def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precisio
         if Rv == 0 or Sv == 0:  # no filter tap reaches this phase: its gradient is zero
             gxv.zero_()
             continue
-        grid = lambda meta, M=M: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups)  # noqa: E731
-        _launch(_dgrad_kernel, grid, (M, K // groups, Cg, Rv, Sv, cl, gy.dtype), gy, wv, gxv, M, Hv, Wv, P, Q, Cg,
-                K // groups, *gy.stride(), *wv.stride(), *gxv.stride(), st[0], st[1], pad[0], pad[1],
-                dil[0], dil[1], R=Rv, S=Sv, IS_CL_X=cl, ACC=_acc(gx.dtype), PREC=precision)
+        n_split = gemm_splits(M, Cg, groups, Rv * Sv * (K // groups), gx.device) if splits is None else splits
+        if n_split > 1 and n_split * M * C > _INT32_MAX:
+            n_split = 1
+        ws = torch.empty((n_split, M, C), dtype=torch.float64 if gx.dtype == torch.float64 else torch.float32,
+                         device=gx.device) if n_split > 1 else gxv
+        grid = lambda meta, M=M, n_split=n_split: (  # noqa: E731
+            triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups * n_split)
+        _launch(_dgrad_kernel, grid, (M, K // groups, Cg, Rv, Sv, cl, n_split, gy.dtype), gy, wv, gxv, ws, M, Hv, Wv,
+                P, Q, Cg, K // groups, n_split, *gy.stride(), *wv.stride(), *gxv.stride(), st[0], st[1], pad[0],
+                pad[1], dil[0], dil[1], R=Rv, S=Sv, IS_CL_X=cl, SPLIT=n_split > 1, ACC=_acc(gx.dtype), PREC=precision)
+        if n_split > 1:  # rows (n, h, w) of the phase's view, written through its strides
+            bm, bn = 32, 64
+            _fwd_split_sum_kernel[(triton.cdiv(M, bm), triton.cdiv(C, bn))](
+                ws, gxv, gxv, gxv, gxv, M, C, Hv, Wv, n_split, *gxv.stride(), HAS_BIAS=False, HAS_RES=False,
+                RELU=False, STATS=False, ACC=_acc(gx.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
 
 
 def _wgrad_tile(Kg: int, Cg: int) -> tuple[int, int, int]:

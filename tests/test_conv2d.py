@@ -221,17 +221,42 @@ def test_forward_split_k_statistics(kernel, dtype):
         assert_rel_close(var, want.var(1, unbiased=False), dtype, "variance")
 
 
-def test_forward_split_k_choice(monkeypatch):
-    """Which layers split (kernels/conv2d.py: forward_splits) on a 132-SM GPU: ResNet-50's last
+@pytest.mark.parametrize("family", ["3x3s2p1", "groups4", "dilated", "1x1s2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_backward_input_split_k(family, dtype):
+    """The Triton grad-input with each stride phase's reduction split: partials summed in order by
+    _fwd_split_sum_kernel through the phase's strided view of grad_x (NCHW and channels_last, more
+    splits than steps), into NaN-poisoned gradients; the split choice per phase (None) too."""
+    if cnnkern._backend.unavailable_reason("triton", DEVICE):
+        pytest.skip("Triton unavailable")
+    from cnnkern.kernels import conv2d as kc
+
+    for layout, splits in (("channels_last", 3), ("contiguous", 2), ("channels_last", 50), ("contiguous", None)):
+        x, w, b, kw = _inputs(family, dtype, layout, requires_grad=True)
+        stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
+                                                     kw["groups"])
+        xr, _, _, ref = _ref(x, w, b, kw)
+        g = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(
+            memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+        (want,) = torch.autograd.grad(ref, xr, g.double())
+        gx = torch.full_like(x, float("nan"))
+        kc.conv2d_backward_input(g, w.detach(), gx, stride, pad[:2], dil, kw["groups"], "ieee", splits=splits)
+        assert_rel_close(gx, want, dtype, "grad input")
+    with pytest.raises(ValueError, match="splits must be >= 1"):
+        kc.conv2d_backward_input(g, w.detach(), gx, stride, pad[:2], dil, kw["groups"], "ieee", splits=0)
+
+
+def test_split_k_choice(monkeypatch):
+    """Which layers split (kernels/conv2d.py: gemm_splits) on a 132-SM GPU: ResNet-50's last
     stage at batch 1 (8 tiles of 64x64) 16 ways, at batch 32 (200 tiles) not at all; a first layer
     with a short reduction (147 values) not at all; never more than 32."""
     from cnnkern.kernels import conv2d as kc
 
     monkeypatch.setattr(kc, "_sm_count", lambda device: 132)
-    assert kc.forward_splits(49, 512, 1, 4608, "cuda") == 16
-    assert kc.forward_splits(32 * 49, 512, 1, 4608, "cuda") == 1
-    assert kc.forward_splits(12544, 64, 1, 147, "cuda") == 1
-    assert kc.forward_splits(1, 64, 1, 1 << 20, "cuda") == 32
+    assert kc.gemm_splits(49, 512, 1, 4608, "cuda") == 16
+    assert kc.gemm_splits(32 * 49, 512, 1, 4608, "cuda") == 1
+    assert kc.gemm_splits(12544, 64, 1, 147, "cuda") == 1
+    assert kc.gemm_splits(1, 64, 1, 1 << 20, "cuda") == 32
 
 
 def test_unbatched_input_and_empty_batch():

@@ -43,6 +43,7 @@ def test_every_kernel_and_arch_was_compiled(report):
             "conv2d wgrad 3x3, bf16 NHWC", "conv2d wgrad split-K sum, bf16 weight",
             "conv2d forward 3x3 split-K partials, bf16 NHWC", "conv2d forward split-K sum + residual + ReLU, bf16 NHWC",
             "conv2d forward split-K sum + BatchNorm statistics, bf16 NHWC",
+            "conv2d dgrad 3x3 split-K partials, bf16 NHWC",
             "conv_bn_relu finalize, fp32 stats, bf16 params", "conv_bn_relu finalize, fp64",
             "conv_bn_relu backward coefficients, bf16 params", "conv_bn_relu apply + ReLU, bf16 NHWC",
             "conv_bn_relu backward reductions, bf16 NHWC", "conv_bn_relu backward dy, bf16 NHWC"} <= labels
