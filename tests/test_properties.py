@@ -60,9 +60,9 @@ def _grads(out, inputs, g):
 # conv2d
 # ------------------------------------------------------------------------------------------------
 @st.composite
-def conv_configs(draw, max_groups=3):
+def conv_configs(draw, max_groups=3, max_c=3):
     groups = draw(st.integers(1, max_groups))
-    c = groups * draw(st.integers(1, 3))
+    c = groups * draw(st.integers(1, max_c))
     k = groups * draw(st.integers(1, 3))
     r, s = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     stride = (draw(st.integers(1, 3)), draw(st.integers(1, 2)))
@@ -109,6 +109,75 @@ def test_conv2d(backend, cfg, dtype, layout, has_bias, relu):
 def _conv_tol(dtype):
     from helpers import tol
     return tol(dtype, matmul=True)
+
+
+# Split-K (forward with bias, residual, ReLU or the BatchNorm statistics, and grad-input) forced
+# on random layers: the op picks it only for layers of few tiles and long reductions, which
+# random small layers rarely are (up to 40 channels per group here, so that the reductions have
+# steps to split). Triton through its launchers; CUDA C++ through the raw ops, on the implicit
+# GEMM pinned (16-bit: channels zero-padded where needed).
+SPLIT_BACKENDS = [p for p in _gpu_backends("conv2d") if p.values[0] in ("triton", "cuda")]  # (with their skips)
+SPLIT_DTYPES = {"triton": [torch.float32, torch.float64],
+                "cuda": [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])}
+
+
+def _split_conv(backend, x, w, b, y, stride, pad, dil, groups, relu, stats, res, splits):
+    """y = the split forward (returns the statistics rows, or None)."""
+    if backend == "triton":
+        from cnnkern.kernels import conv2d as kc
+        st_ = torch.zeros(kc.stats_rows(y.numel() // y.shape[1]), 3, y.shape[1], dtype=torch.float64
+                          if x.dtype == torch.float64 else torch.float32, device=DEVICE) if stats else None
+        kc.conv2d_forward(x, w, b, y, stride, pad, dil, groups, relu, "ieee", stats=st_, residual=res, splits=splits)
+        return st_
+    from cnnkern.ops._common import cuda_ops
+    st_ = cuda_ops().conv2d_forward_cuda(x, w, b, y, list(stride), list(pad), list(dil), groups, relu, "igemm", stats,
+                                         False, res, splits)
+    return st_ if stats else None
+
+
+def _split_dgrad(backend, g, w, gx, stride, pad, dil, groups, splits):
+    if backend == "triton":
+        from cnnkern.kernels import conv2d as kc
+        kc.conv2d_backward_input(g, w, gx, stride, pad, dil, groups, "ieee", splits=splits)
+    else:
+        from cnnkern.ops._common import cuda_ops
+        cuda_ops().conv2d_backward_input_cuda(g, w, gx, list(stride), list(pad), list(dil), groups, "igemm", False,
+                                              splits)
+
+
+@pytest.mark.parametrize("backend", SPLIT_BACKENDS)
+@settings(PROFILE, max_examples=25)
+@given(cfg=conv_configs(max_c=40), data=st.data(), layout=st.sampled_from(["contiguous", "channels_last"]),
+       splits=st.integers(2, 9), mode=st.sampled_from(["relu", "residual", "stats"]), has_bias=st.booleans())
+def test_conv2d_split_k(backend, cfg, data, layout, splits, mode, has_bias):
+    from helpers import merge_stats
+
+    dtype = data.draw(st.sampled_from(SPLIT_DTYPES[backend]), label="dtype")
+    x = _make(cfg["x"], dtype, layout, requires_grad=False)
+    w = make(cfg["w"], dtype, DEVICE, requires_grad=False) * (cfg["w"][1] * cfg["w"][2] * cfg["w"][3]) ** -0.5
+    b = torch.randn(cfg["w"][0], dtype=dtype, device=DEVICE) if has_bias else None
+    stride, pad, dil = _checks.conv_args("t", x, w, b, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"])
+    kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=cfg["groups"])
+    ref = reference.conv2d(x.double(), w.double(), None if b is None else b.double(), **kw)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    y = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
+    res = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt) \
+        if mode == "residual" else None
+    st_ = _split_conv(backend, x, w, b, y, stride, pad[:2], dil, cfg["groups"], mode != "stats", mode == "stats", res,
+                      splits)
+    want = ref if res is None else ref + res.double()
+    assert_rel_close(y, want if mode == "stats" else want.relu(), dtype, "output", matmul=True)
+    if mode == "stats":
+        cnt, mean, var = merge_stats(st_)
+        assert cnt.eq(ref.numel() // ref.shape[1]).all()
+        assert_rel_close(mean, ref.mean((0, 2, 3)), dtype, "mean", matmul=True)
+        assert_rel_close(var, ref.var((0, 2, 3), unbiased=False), dtype, "variance", matmul=True)
+    g = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
+    xr = x.double().requires_grad_()
+    (gwant,) = torch.autograd.grad(reference.conv2d(xr, w.double(), None, **kw), xr, g.double())
+    gx = torch.full_like(x, float("nan"))
+    _split_dgrad(backend, g, w, gx, stride, pad[:2], dil, cfg["groups"], splits)
+    assert_rel_close(gx, gwant, dtype, "grad input", matmul=True)
 
 
 # ------------------------------------------------------------------------------------------------
