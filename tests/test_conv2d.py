@@ -479,6 +479,46 @@ def test_cuda_conv_algo_env_is_checked():
     assert r.returncode == 0 and r.stdout.strip() == "igemm", r.stderr
 
 
+def test_conv_split_k_env(monkeypatch):
+    """CNNKERN_CONV_SPLIT_K=off turns split-K off for a process in both backends (a wrong value
+    fails at import); with "auto" a layer of one tile and a long reduction splits on the
+    interpreter's 4 SMs, forward and grad-input (the split sum runs), and with "off" it does not."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CNNKERN_CONV_SPLIT_K="no")
+    r = subprocess.run([sys.executable, "-c", "import cnnkern"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "CNNKERN_CONV_SPLIT_K must be 'auto' or 'off', got 'no'" in r.stderr
+    env["CNNKERN_CONV_SPLIT_K"] = "off"
+    r = subprocess.run([sys.executable, "-c", "import cnnkern.ops.conv2d as c; print(c.CUDA_SPLIT_K, c.TRITON_SPLITS)"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ["1", "1"], r.stderr
+    if cnnkern._backend.unavailable_reason("triton", DEVICE):
+        return
+    from cnnkern.kernels import conv2d as kc
+
+    sums = []
+    real = kc._fwd_split_sum_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            sums.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kc, "_fwd_split_sum_kernel", Recorder())
+    x = make((1, 64, 2, 2), torch.float32, DEVICE, "channels_last", requires_grad=True)
+    w = make((64, 64, 3, 3), torch.float32, DEVICE) / 24
+    for setting, want in ((None, 2), (1, 0)):
+        sums.clear()
+        monkeypatch.setattr(cnnkern.ops.conv2d, "TRITON_SPLITS", setting)
+        with ieee_fp32():
+            y = F.conv2d(x, w, padding=1, backend="triton")
+            (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        assert len(sums) == want, (setting, sums)
+        ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
+        assert_rel_close(y, ref, torch.float32)
+
+
 def _wgmma_here(dtype):
     """Whether the wgmma implicit GEMM runs here: fp16/bf16 (fp32 as TF32) on an sm_90 GPU, or on
     the emulator (an emulated compute capability 9.0 device unless CUEMU_CC says otherwise)."""

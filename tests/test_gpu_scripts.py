@@ -29,7 +29,7 @@ def stub(tmp_path):
           *"-m pytest"*) echo "stub pytest $*"; trap 'echo "stub pytest: SIGINT"; exit 2' INT; sleep 60 & wait ;;
           *setup.py*) echo "stub build"; exit 0 ;;
           *"pip install"*) exit 0 ;;
-          *"cnnkern.cli bench"*) echo "stub bench $*"; exit 0 ;;
+          *"cnnkern.cli bench"*) echo "stub bench split_k=${{CNNKERN_CONV_SPLIT_K:-auto}} $*"; exit 0 ;;
           *) exec {sys.executable} "$@" ;;
         esac
         """))
@@ -103,3 +103,18 @@ def test_lease_script_packs_one_archive(stub, tmp_path):
     with tarfile.open(archive) as tar:
         names = tar.getnames()
     assert "gpu_validate/summary.txt" in names and "gpu_validate/bench-quick.log" in names
+
+
+def test_bench_split_times_the_batch_1_layers_with_split_k_on_and_off(stub, tmp_path):
+    """bench-split: the quick conv2d layers at batch 1, once as the kernels choose split-K and once
+    with CNNKERN_CONV_SPLIT_K=off, into two result directories, each run in half of the step's cap."""
+    out = str(tmp_path / "out")
+    r = _run(VALIDATE, [out], stub, STEPS="bench-split:100")
+    assert _summary(out)["bench-split"] == "ok", r.stdout + r.stderr
+    runs = [ln for ln in open(os.path.join(out, "bench-split.log")).read().splitlines() if ln.startswith("stub bench")]
+    assert len(runs) == 2, runs
+    for line, mode, where in zip(runs, ("auto", "off"), ("results-split", "results-nosplit")):
+        args = line.split()
+        assert args[2] == f"split_k={mode}" and f"{out}/{where}" in args, line
+        assert args[args.index("--batch") + 1] == "1" and args[args.index("--ops") + 1] == "conv2d"
+        assert int(args[args.index("--time-limit") + 1]) <= 40, line

@@ -59,6 +59,16 @@ CUDA_ALGO = os.environ.get("CNNKERN_CUDA_CONV_ALGO", "auto")
 if CUDA_ALGO not in CUDA_ALGOS:
     raise ValueError(f"CNNKERN_CUDA_CONV_ALGO must be one of {', '.join(CUDA_ALGOS)}, got {CUDA_ALGO!r}")
 
+# Split-K of the forward and grad-input GEMMs of few tiles, both backends: "auto" (the kernels'
+# own choice: kernels/conv2d.py gemm_splits, csrc/cuda/conv2d.cu choose_splits) or "off" (never),
+# for a whole process through CNNKERN_CONV_SPLIT_K, so that a benchmark can time the same layers
+# with and without it. CUDA_SPLIT_K / TRITON_SPLITS: what the launchers take for that choice.
+SPLIT_K = os.environ.get("CNNKERN_CONV_SPLIT_K", "auto")
+if SPLIT_K not in ("auto", "off"):
+    raise ValueError(f"CNNKERN_CONV_SPLIT_K must be 'auto' or 'off', got {SPLIT_K!r}")
+CUDA_SPLIT_K = 0 if SPLIT_K == "auto" else 1
+TRITON_SPLITS = None if SPLIT_K == "auto" else 1
+
 
 # ---------------------------------------------------------------------------------------------
 # forward
@@ -74,10 +84,10 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual
         residual = in_layout(residual, cl)
     if backend == "cuda":
         cuda_ops().conv2d_forward_cuda(x, w, bias, y, stride, padding[:2], dilation, groups, relu, CUDA_ALGO,
-                                       False, precision == "tf32", residual)
+                                       False, precision == "tf32", residual, CUDA_SPLIT_K)
     else:
         _kernels().conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, relu, precision,
-                                  residual=residual)
+                                  residual=residual, splits=TRITON_SPLITS)
     return y
 
 
@@ -97,9 +107,10 @@ def conv2d_backward_input(grad: torch.Tensor, w: torch.Tensor, input_size: list[
     gx = new_output(input_size, grad, channels_last)
     if backend == "cuda":
         cuda_ops().conv2d_backward_input_cuda(grad, w, gx, stride, padding[:2], dilation, groups, CUDA_ALGO,
-                                                     precision == "tf32")
+                                              precision == "tf32", CUDA_SPLIT_K)
     else:
-        _kernels().conv2d_backward_input(grad, w, gx, stride, padding[:2], dilation, groups, precision)
+        _kernels().conv2d_backward_input(grad, w, gx, stride, padding[:2], dilation, groups, precision,
+                                         splits=TRITON_SPLITS)
     return gx
 
 
