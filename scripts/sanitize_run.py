@@ -2,7 +2,7 @@
 "sanitize"): each op forward and backward once on small CUDA tensors, for each GPU backend that has
 a kernel for it (Triton, CUDA C++), in the layouts and dtypes that select different kernels
 (NCHW, channels_last, a strided view; fp16 and fp32; identity and option-A shortcuts; the conv's
-main, small-channel and 1x1 kernels; training and eval conv-BN-ReLU).
+main, small-channel and 1x1 kernels and split-K; training and eval conv-BN-ReLU).
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python scripts/sanitize_run.py
 
@@ -64,10 +64,10 @@ def cases(backend, dtype, layout):
                 _check(n_, a, r, gtol)
         return run
 
-    def cbr(training, residual=False):
+    def cbr(training, residual=False, c=16):
         def run():
-            x = _make((2, 16, 9, 9), dtype, layout)
-            w = (torch.randn(8, 16, 3, 3, device="cuda") * 0.1).to(dtype).requires_grad_()
+            x = _make((2, c, 9, 9), dtype, layout)
+            w = (torch.randn(8, c, 3, 3, device="cuda") * 0.4 / c ** 0.5).to(dtype).requires_grad_()
             gamma = torch.rand(8, device="cuda").add(0.5).requires_grad_()
             beta = torch.randn(8, device="cuda", requires_grad=True)
             rm, rv = torch.zeros(8, device="cuda"), torch.ones(8, device="cuda")
@@ -114,10 +114,14 @@ def cases(backend, dtype, layout):
         ("conv2d", "3x3 groups=2", conv((3, 3), 16, 1, groups=2)),
         ("conv2d", "1x1 + residual", conv((1, 1), 16, 0, residual=True)),
         ("conv2d", "3x3 + residual", conv((3, 3), 16, 1, residual=True)),
+        # 128 channels on a 9x9 image: three tiles and a long reduction, so split-K (4 to 9 slices on an H100)
+        ("conv2d", "3x3 split-K", conv((3, 3), 128, 1)),
+        ("conv2d", "3x3 split-K + residual", conv((3, 3), 128, 1, residual=True)),
         ("conv_bn_relu", "training", cbr(True)),
         ("conv_bn_relu", "eval", cbr(False)),
         ("conv_bn_relu", "training + residual", cbr(True, residual=True)),
         ("conv_bn_relu", "eval + residual", cbr(False, residual=True)),
+        ("conv_bn_relu", "training, split-K (statistics from the split sum)", cbr(True, c=128)),
         ("local_response_norm", "size 5", lrn(5)),
         ("local_response_norm", "size 4", lrn(4)),
         ("residual_add", "identity", residual(False)),
