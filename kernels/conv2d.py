@@ -575,6 +575,28 @@ def gemm_splits(M: int, Kg: int, groups: int, reduction: int, device: torch.devi
     return max(1, min(sms // tiles, triton.cdiv(reduction, 64) // 4, 32))
 
 
+def _split_workspace(splits: int, M: int, K: int, like: torch.Tensor):
+    """(splits, ws) for a split-K GEMM of an (M, K) output: the (splits, M, K) fp32 (fp64 for
+    fp64) partials, or (1, None) unsplit, also where the workspace would pass int32 offsets
+    (never for the few-tile layers the heuristic splits)."""
+    if splits <= 1 or splits * M * K > _INT32_MAX:
+        return 1, None
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return splits, torch.empty((splits, M, K), dtype=dtype, device=like.device)
+
+
+def _split_sum(ws, bias, y, residual, stats, relu: bool) -> None:
+    """y (rows m = (n, p, q) of its own grid, through its strides) = the epilogue of the sum of the
+    partials ws (splits, M, K), in 32-row tiles (the rows of ``stats``: stats_rows)."""
+    splits, M, K = ws.shape
+    bm, bn = 32, 64
+    _fwd_split_sum_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bn))](
+        ws, bias if bias is not None else y, y, residual if residual is not None else y,
+        stats if stats is not None else y, M, K, y.shape[2], y.shape[3], splits, *y.stride(),
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats is not None,
+        ACC=_acc(ws.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+
+
 def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool, precision: str,
                    kernel: str | None = None, stats: torch.Tensor | None = None,
                    residual: torch.Tensor | None = None, splits: int | None = None) -> None:
@@ -615,27 +637,20 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
         splits = gemm_splits(M, Kg, groups, R * S * Cg, x.device)
     if splits < 1:
         raise ValueError(f"conv2d: splits must be >= 1, got {splits}")
-    if splits > 1 and splits * M * K > _INT32_MAX:
-        splits = 1  # (never for the few-tile layers the heuristic splits)
+    splits, ws = _split_workspace(splits, M, K, x)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]),  # noqa: E731
                          groups * splits)
     st = stats if stats is not None else y
-    ws = torch.empty((splits, M, K), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                     device=x.device) if splits > 1 else y
     cl = _is_cl(x)
     key = (M, Kg, Cg, R, S, cl, residual is not None, splits, x.dtype, st.dtype)
     res = residual if residual is not None else y
-    _launch(fn, grid, key, x, w, bias if bias is not None else w, y, res, st, ws,
+    _launch(fn, grid, key, x, w, bias if bias is not None else w, y, res, st, ws if ws is not None else y,
             M, H, W, P, Q, Cg, Kg, splits, sxn, sxc, sxh, sxw, *w.stride(), *y.stride(), stride[0], stride[1],
             padding[0], padding[1], dilation[0], dilation[1], R=R, S=S, IS_CL_X=cl, HAS_BIAS=bias is not None,
             HAS_RES=residual is not None, RELU=relu, STATS=stats is not None, SPLIT=splits > 1, ACC=_acc(x.dtype),
             PREC=precision)
-    if splits > 1:
-        bm, bn = 32, 64  # bm: the stats workspace's rows (stats_rows)
-        _fwd_split_sum_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bn))](
-            ws, bias if bias is not None else w, y, res, st, M, K, P, Q, splits, *y.stride(),
-            HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats is not None,
-            ACC=_acc(x.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    if ws is not None:
+        _split_sum(ws, bias, y, residual, stats, relu)
 
 
 def dgrad_phases(stride, padding, dilation):
@@ -687,21 +702,16 @@ def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precisio
         if Rv == 0 or Sv == 0:  # no filter tap reaches this phase: its gradient is zero
             gxv.zero_()
             continue
-        n_split = gemm_splits(M, Cg, groups, Rv * Sv * (K // groups), gx.device) if splits is None else splits
-        if n_split > 1 and n_split * M * C > _INT32_MAX:
-            n_split = 1
-        ws = torch.empty((n_split, M, C), dtype=torch.float64 if gx.dtype == torch.float64 else torch.float32,
-                         device=gx.device) if n_split > 1 else gxv
+        n_split, ws = _split_workspace(
+            gemm_splits(M, Cg, groups, Rv * Sv * (K // groups), gx.device) if splits is None else splits, M, C, gx)
         grid = lambda meta, M=M, n_split=n_split: (  # noqa: E731
             triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups * n_split)
-        _launch(_dgrad_kernel, grid, (M, K // groups, Cg, Rv, Sv, cl, n_split, gy.dtype), gy, wv, gxv, ws, M, Hv, Wv,
-                P, Q, Cg, K // groups, n_split, *gy.stride(), *wv.stride(), *gxv.stride(), st[0], st[1], pad[0],
-                pad[1], dil[0], dil[1], R=Rv, S=Sv, IS_CL_X=cl, SPLIT=n_split > 1, ACC=_acc(gx.dtype), PREC=precision)
-        if n_split > 1:  # rows (n, h, w) of the phase's view, written through its strides
-            bm, bn = 32, 64
-            _fwd_split_sum_kernel[(triton.cdiv(M, bm), triton.cdiv(C, bn))](
-                ws, gxv, gxv, gxv, gxv, M, C, Hv, Wv, n_split, *gxv.stride(), HAS_BIAS=False, HAS_RES=False,
-                RELU=False, STATS=False, ACC=_acc(gx.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+        _launch(_dgrad_kernel, grid, (M, K // groups, Cg, Rv, Sv, cl, n_split, gy.dtype), gy, wv, gxv,
+                ws if ws is not None else gxv, M, Hv, Wv, P, Q, Cg, K // groups, n_split, *gy.stride(), *wv.stride(),
+                *gxv.stride(), st[0], st[1], pad[0], pad[1], dil[0], dil[1], R=Rv, S=Sv, IS_CL_X=cl,
+                SPLIT=n_split > 1, ACC=_acc(gx.dtype), PREC=precision)
+        if ws is not None:  # rows (n, h, w) of the phase's view, written through its strides
+            _split_sum(ws, None, gxv, None, None, False)
 
 
 def _wgrad_tile(Kg: int, Cg: int) -> tuple[int, int, int]:
