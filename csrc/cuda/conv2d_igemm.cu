@@ -148,28 +148,37 @@ void launch_tile(const IgemmParams<T>& p, int tile, cudaStream_t stream) {
   }
 }
 
-// The end of a split-K GEMM: one thread per output element (m, g, o), o fastest, adds the
-// splits' partials in order 0..splits-1, then bias and residual, applies the ReLU and rounds once,
-// as the unsplit epilogue does.
+// Output element (m, oc) of a split-K GEMM: the splits' partials added in order, + bias (the
+// value the BatchNorm statistics take); then store_reduced adds the residual, applies the ReLU
+// and rounds once into y.
+template <typename T>
+__device__ __forceinline__ float split_sum(const IgemmParams<T>& p, int m, int oc) {
+  const int64_t split_stride = static_cast<int64_t>(p.G) * p.M * p.part_ld;
+  const float* src = p.part + (static_cast<int64_t>(oc / p.NO) * p.M + m) * p.part_ld + oc % p.NO;
+  float v = 0.f;
+  for (int s = 0; s < p.splits; ++s) v += src[s * split_stride];
+  return p.bias != nullptr ? v + static_cast<float>(p.bias[oc]) : v;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_reduced(const IgemmParams<T>& p, int m, int oc, float v) {
+  const int HoWo = p.Ho * p.Wo, n = m / HoWo, rem = m % HoWo;
+  const int64_t off = static_cast<int64_t>(n) * p.yn + static_cast<int64_t>(rem / p.Wo) * p.yh +
+                      static_cast<int64_t>(rem % p.Wo) * p.yw + static_cast<int64_t>(oc) * p.yc;
+  if (p.res != nullptr) v += static_cast<float>(p.res[off]);
+  if (p.relu) v = v < 0.f ? 0.f : v;
+  p.y[off] = static_cast<T>(v);
+}
+
+// The end of a split-K GEMM: one thread per output element (m, g, o), o fastest, as the unsplit
+// epilogue does it.
 template <typename T>
 __global__ void __launch_bounds__(256) igemm_reduce_kernel(const IgemmParams<T> p) {
   const int64_t cols = static_cast<int64_t>(p.G) * p.NO, total = static_cast<int64_t>(p.M) * cols;
-  const int64_t split_stride = static_cast<int64_t>(p.G) * p.M * p.part_ld;
-  const int HoWo = p.Ho * p.Wo;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int m = static_cast<int>(i / cols), oc = static_cast<int>(i % cols);
-    const int g = oc / p.NO, o = oc % p.NO;
-    const float* src = p.part + (static_cast<int64_t>(g) * p.M + m) * p.part_ld + o;
-    float v = 0.f;
-    for (int s = 0; s < p.splits; ++s) v += src[s * split_stride];
-    if (p.bias != nullptr) v += static_cast<float>(p.bias[oc]);
-    const int n = m / HoWo, rem = m % HoWo;
-    const int64_t off = static_cast<int64_t>(n) * p.yn + static_cast<int64_t>(rem / p.Wo) * p.yh +
-                        static_cast<int64_t>(rem % p.Wo) * p.yw + static_cast<int64_t>(oc) * p.yc;
-    if (p.res != nullptr) v += static_cast<float>(p.res[off]);
-    if (p.relu) v = v < 0.f ? 0.f : v;
-    p.y[off] = static_cast<T>(v);
+    store_reduced(p, m, oc, split_sum(p, m, oc));
   }
 }
 
@@ -185,22 +194,10 @@ __global__ void __launch_bounds__(256) igemm_reduce_stats_kernel(const IgemmPara
   const int cols = p.G * p.NO, oc = blockIdx.y * 32 + tx;
   const int m0 = blockIdx.x * BM, rows = min(BM, p.M - m0);
   if (oc < cols) {
-    const int64_t split_stride = static_cast<int64_t>(p.G) * p.M * p.part_ld;
-    const int g = oc / p.NO, o = oc % p.NO, HoWo = p.Ho * p.Wo;
-    const float b = p.bias != nullptr ? static_cast<float>(p.bias[oc]) : 0.f;
     for (int r = ty; r < rows; r += 8) {
-      const int m = m0 + r;
-      const float* src = p.part + (static_cast<int64_t>(g) * p.M + m) * p.part_ld + o;
-      float v = 0.f;
-      for (int s = 0; s < p.splits; ++s) v += src[s * split_stride];
-      v += b;
+      const float v = split_sum(p, m0 + r, oc);
       sC[r][tx] = v;
-      const int n = m / HoWo, rem = m % HoWo;
-      const int64_t off = static_cast<int64_t>(n) * p.yn + static_cast<int64_t>(rem / p.Wo) * p.yh +
-                          static_cast<int64_t>(rem % p.Wo) * p.yw + static_cast<int64_t>(oc) * p.yc;
-      if (p.res != nullptr) v += static_cast<float>(p.res[off]);  // (after the statistics, as unsplit)
-      if (p.relu) v = v < 0.f ? 0.f : v;
-      p.y[off] = static_cast<T>(v);
+      store_reduced(p, m0 + r, oc, v);  // (residual and ReLU after the statistics, as unsplit)
     }
   }
   __syncthreads();
