@@ -7,6 +7,9 @@ CUDA syntax is spelled, never what a kernel computes:
   smem, stream, args);``;
 - ``extern __shared__ [__align__(n)] T name[];`` becomes a pointer to the block's dynamic shared
   memory;
+- ``__shared__ T a[..], b[..];`` (static shared memory) becomes function statics, each followed by
+  ``::cuemu::static_smem(a, sizeof(a));``, which poisons it at the first thread of each block to
+  reach it (as the dynamic shared memory is), so a block never sees the previous block's values;
 - the includes of the CUDA runtime, cuda_fp16/cuda_bf16 and c10/cuda become ``cuemu.h``, and
   ``ptx.cuh`` (the only inline PTX) becomes ``cuemu_ptx.h``;
 - ``TORCH_LIBRARY_IMPL(cnnkern, CUDA, m)`` becomes ``TORCH_LIBRARY_IMPL(cnnkern_emu, CPU, m)`` and
@@ -37,6 +40,8 @@ BUILD = ROOT / "build" / "cuemu"
 
 _CUDA_INCLUDE = re.compile(r'#include\s*<(cuda_runtime\.h|cuda_fp16\.h|cuda_bf16\.h|c10/cuda/[\w/]+\.h)>')
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*)\s+(\w+)\s*\[\]\s*;")
+# (at the start of a line, so that comments that name __shared__ are left alone)
+_STATIC_SHARED = re.compile(r"(?m)^([ \t]*)__shared__\s+((?:__align__\(\d+\)\s+)?[\w:]+(?:\s*<[^<>;]*>)?)\s+([^;]+);")
 # the kernel expression right before <<<: a (qualified) name with optional, non-nested template
 # arguments
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:\s*<[^<>;()]*>)?)\s*<<<")
@@ -94,15 +99,27 @@ def _rewrite_launches(src: str, name: str) -> str:
     return "".join(out)
 
 
+def _static_shared(m: re.Match) -> str:
+    names = []
+    for d in _split_top(m.group(3)):
+        n = re.match(r"(\w+)\s*(\[[^\]]+\]\s*)+$", d)
+        if n is None:
+            raise ValueError(f"static shared memory that is not an array of fixed size: {m.group(0)}")
+        names.append(n.group(1))
+    return (f"{m.group(1)}static {m.group(2)} {m.group(3)};"
+            + "".join(f" ::cuemu::static_smem({n}, sizeof({n}));" for n in names))
+
+
 def rewrite(src: str, name: str) -> str:
     """The emulator's spelling of one csrc file (see the module docstring)."""
     s = _CUDA_INCLUDE.sub('#include "cuemu.h"', src)
     s = s.replace('#include "ptx.cuh"', '#include "cuemu_ptx.h"')
     s = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::cuemu::dynamic_smem());", s)
+    s = _STATIC_SHARED.sub(_static_shared, s)
     s = _rewrite_launches(s, name)
     s = re.sub(r"TORCH_LIBRARY_IMPL\(\s*cnnkern\s*,\s*CUDA\s*,", "TORCH_LIBRARY_IMPL(cnnkern_emu, CPU,", s)
     s = s.replace(".is_cuda()", ".is_cpu()")
-    if "<<<" in s or re.search(r"\basm\s*(volatile\s*)?\(", s):
+    if "<<<" in s or re.search(r"(?m)^[^/\n]*\b__shared__\b", s) or re.search(r"\basm\s*(volatile\s*)?\(", s):
         raise ValueError(f"{name}: CUDA syntax the emulator does not rewrite is left")
     return s
 

@@ -33,6 +33,16 @@ def test_missing_syncthreads_reads_poison(emu, schedule, monkeypatch):
     assert torch.isnan(emu.selftest_neighbor(x, False)).any()
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_static_shared_memory_is_poisoned_per_block(emu, schedule, monkeypatch):
+    # a static __shared__ array is a function static in the emulator: without the per-block poison,
+    # block 0 would read zeros and every later block the previous block's values, never NaN
+    monkeypatch.setenv("CUEMU_SCHEDULE", schedule)
+    x = torch.randn(3, 32)
+    assert torch.equal(emu.selftest_static_neighbor(x, True), x.roll(-1, 1))
+    assert torch.isnan(emu.selftest_static_neighbor(x, False)).any(dim=1).all()
+
+
 @pytest.mark.parametrize("mode", ["eager", "late"])
 def test_cp_async_without_wait(emu, mode, monkeypatch):
     monkeypatch.setenv("CUEMU_CP_ASYNC", mode)
@@ -79,6 +89,11 @@ TORCH_LIBRARY_IMPL(cnnkern, CUDA, m) { if (x.is_cuda()) {} }"""
     assert "TORCH_LIBRARY_IMPL(cnnkern_emu, CPU, m)" in out and "x.is_cpu()" in out
     with pytest.raises(ValueError, match="CUDA syntax the emulator does not rewrite"):
         cuda_emulator.rewrite('asm volatile("bar.sync 0;");', "t.cu")
+    out = cuda_emulator.rewrite("  __shared__ __align__(16) A s_x[8][32], s_y[4];", "t.cu")
+    assert out == ("  static __align__(16) A s_x[8][32], s_y[4]; ::cuemu::static_smem(s_x, sizeof(s_x));"
+                   " ::cuemu::static_smem(s_y, sizeof(s_y));")
+    with pytest.raises(ValueError, match="not an array of fixed size"):
+        cuda_emulator.rewrite("__shared__ float v;", "t.cu")
 
 
 FENCE, ALIGN, WAIT = 1, 2, 4

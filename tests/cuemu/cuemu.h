@@ -15,7 +15,8 @@
 //     with lanes missing;
 //   - dynamic shared memory is poisoned with 0xFF bytes (NaN in every float format) before each
 //     block and guarded by a canary after its end; static __shared__ arrays become function
-//     statics (blocks are sequential, so that is one block's shared memory);
+//     statics (blocks are sequential, so that is one block's shared memory), poisoned the same
+//     way by the first thread of each block to reach their declaration (static_smem);
 //   - the dynamic shared-memory size is checked against the 48 KiB default, or the opt-in size set
 //     with cudaFuncSetAttribute (at most 227 KiB, as on sm_90);
 //   - cuemu_ptx.h implements the inline PTX of csrc/cuda/ptx.cuh from the PTX ISA's definitions,
@@ -71,7 +72,6 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-#define __shared__ static
 
 // ---- runtime types and calls the host code uses --------------------------------------------------
 struct dim3 {
@@ -229,6 +229,7 @@ struct Block {
   size_t stack_bytes = 0;
   std::vector<unsigned char> smem;  // dynamic shared memory + canary
   size_t smem_bytes = 0;
+  std::vector<const void*> static_smem;  // the static __shared__ arrays poisoned for this block
   std::vector<uint8_t> generic;     // per 16-byte chunk: written by cp.async, not yet fenced into
                                     // the async proxy by its writer
   void* sched_sp = nullptr;  // the scheduler's saved stack pointer while a fiber runs
@@ -374,6 +375,16 @@ inline void* fiber_stack(unsigned char* base, size_t bytes) {
 
 inline unsigned char* dynamic_smem() { return g_block->smem.data(); }
 
+// Follows each static __shared__ declaration (tests/cuda_emulator.py): the array is a function
+// static, which would hold the previous block's values (or zeros, before the first block); the
+// first thread of a block to reach the declaration poisons it, as the dynamic shared memory is.
+inline void static_smem(void* p, size_t bytes) {
+  Block& b = *g_block;
+  if (std::find(b.static_smem.begin(), b.static_smem.end(), p) != b.static_smem.end()) return;
+  b.static_smem.push_back(p);
+  std::memset(p, kPoison, bytes);
+}
+
 inline std::string where(const Block& b) {
   return "block (" + std::to_string(b.bid.x) + ", " + std::to_string(b.bid.y) + ", " + std::to_string(b.bid.z) + ")";
 }
@@ -397,6 +408,7 @@ inline std::string run_block(Block& b, Schedule schedule) {
     t.sp = fiber_stack(t.stack, b.stack_bytes);
   }
   for (auto& w : b.warps) w.reset();
+  b.static_smem.clear();
   std::fill(b.generic.begin(), b.generic.end(), 0);
   std::fill(b.smem.begin(), b.smem.begin() + static_cast<std::ptrdiff_t>(b.smem_bytes), kPoison);
   std::fill(b.smem.begin() + static_cast<std::ptrdiff_t>(b.smem_bytes), b.smem.end(), kCanaryByte);

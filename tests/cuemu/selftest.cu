@@ -26,6 +26,17 @@ __global__ void neighbor_kernel(const float* x, float* out, int n, bool sync) {
   out[t] = s[(t + 1) % n];
 }
 
+// The same per block of 32 threads through a static __shared__ array (a function static in the
+// emulator, which would otherwise hold the previous block's values).
+__global__ void static_neighbor_kernel(const float* x, float* out, bool sync) {
+  __shared__ float s[32], unused[2][4];
+  const int t = threadIdx.x, base = blockIdx.x * 32;
+  s[t] = x[base + t];
+  if (t < 8) unused[t / 4][t % 4] = 0.f;
+  if (sync) __syncthreads();
+  out[base + t] = s[(t + 1) % 32];
+}
+
 // Each of 32 threads copies 16 bytes with cp.async and then reads its neighbour's 16 bytes; without
 // the wait the copies may not have landed.
 __global__ void cp_async_kernel(const float* x, float* out, bool wait) {
@@ -115,6 +126,14 @@ __global__ void wgmma_kernel(const c10::Half* a, const c10::Half* b, float* out,
   if (!(flags & 4)) ptx::wgmma_wait<0>();
 }
 
+at::Tensor static_neighbor(const at::Tensor& x, bool sync) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == 32, "x");
+  auto out = at::empty_like(x);
+  static_neighbor_kernel<<<static_cast<unsigned>(x.size(0)), 32>>>(x.const_data_ptr<float>(),
+                                                                 out.mutable_data_ptr<float>(), sync);
+  return out;
+}
+
 at::Tensor neighbor(const at::Tensor& x, bool sync) {
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.numel() >= 1 && x.numel() <= 1024, "x");
   auto out = at::empty_like(x);
@@ -193,6 +212,7 @@ at::Tensor big_smem(const at::Tensor& x, int64_t bytes, int64_t optin) {
 
 TORCH_LIBRARY_FRAGMENT(cnnkern_emu, m) {
   m.def("selftest_neighbor(Tensor x, bool sync) -> Tensor");
+  m.def("selftest_static_neighbor(Tensor x, bool sync) -> Tensor");
   m.def("selftest_cp_async(Tensor x, bool wait) -> Tensor");
   m.def("selftest_divergent_mma(Tensor x) -> Tensor");
   m.def("selftest_overflow(Tensor x) -> Tensor");
@@ -205,6 +225,7 @@ TORCH_LIBRARY_FRAGMENT(cnnkern_emu, m) {
 
 TORCH_LIBRARY_IMPL(cnnkern_emu, CPU, m) {
   m.impl("selftest_neighbor", &cnnkern_selftest::neighbor);
+  m.impl("selftest_static_neighbor", &cnnkern_selftest::static_neighbor);
   m.impl("selftest_cp_async", &cnnkern_selftest::cp_async);
   m.impl("selftest_divergent_mma", &cnnkern_selftest::divergent_mma);
   m.impl("selftest_overflow", &cnnkern_selftest::overflow);
