@@ -247,8 +247,8 @@ def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
                     sh, sw, ph, pw, dh, dw,
                     R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, SPLIT: tl.constexpr,
-                ACC: tl.constexpr,
-                PREC: tl.constexpr,
+                    ACC: tl.constexpr,
+                    PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
     # A 1x1 convolution without padding is a plain GEMM: row m = (n, p, q) reads the C channels
     # of input pixel (p*sh, q*sw), always inside the image. The launcher folds the stride into
@@ -280,8 +280,8 @@ def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
                         sh, sw, ph, pw, dh, dw,
                         R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, SPLIT: tl.constexpr,
-                ACC: tl.constexpr,
-                PREC: tl.constexpr,
+                        ACC: tl.constexpr,
+                        PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
     g, j, pid_m, offs_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, splits, BLOCK_M, BLOCK_N,

@@ -5,12 +5,15 @@ Kept small and bounded so the file runs in well under 90 s on a 2-core CPU machi
 interpreter. The "cnnkern" hypothesis profile is reproducible (derandomize=True: the examples are
 a function of the test alone; no example database), so a CI failure fails the same way on a
 developer's machine, and print_blob=True prints the ``@reproduce_failure`` line to replay it.
+``CNNKERN_FUZZ=N`` runs N random (not derandomized) examples per test instead, for a longer search.
 
 bf16 is GPU-only (the interpreter computes it wrongly); on a CPU machine the dtypes are fp32, fp64
 and fp16.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -23,15 +26,23 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+# CNNKERN_FUZZ=N: a longer, random search for a developer's machine: N examples per test, drawn
+# afresh each run (the failure still prints the blob that replays it)
+FUZZ = int(os.environ.get("CNNKERN_FUZZ", "0"))
 settings.register_profile(
     "cnnkern",
     deadline=None,            # the interpreter's first call of a kernel compiles nothing but is slow
-    derandomize=True,         # examples depend only on the test: reproducible in CI
+    derandomize=FUZZ == 0,    # examples depend only on the test: reproducible in CI
     database=None,            # no example database: nothing persists between runs
     print_blob=True,          # a failure prints @reproduce_failure(...) to replay it exactly
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
 )
 PROFILE = settings.get_profile("cnnkern")
+
+
+def _examples(n: int) -> int:
+    """n examples per test, or CNNKERN_FUZZ's number."""
+    return FUZZ if FUZZ > 0 else n
 
 DTYPES = [torch.float32, torch.float64, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 LAYOUTS = ["contiguous", "channels_last", "strided"]
@@ -79,7 +90,7 @@ def conv_configs(draw, max_groups=3, max_c=3):
 
 
 @pytest.mark.parametrize("backend", _gpu_backends("conv2d"))
-@settings(PROFILE, max_examples=40)
+@settings(PROFILE, max_examples=_examples(40))
 @given(cfg=conv_configs(), dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
        has_bias=st.booleans(), relu=st.booleans())
 def test_conv2d(backend, cfg, dtype, layout, has_bias, relu):
@@ -146,7 +157,7 @@ def _split_dgrad(backend, g, w, gx, stride, pad, dil, groups, splits):
 
 
 @pytest.mark.parametrize("backend", SPLIT_BACKENDS)
-@settings(PROFILE, max_examples=25)
+@settings(PROFILE, max_examples=_examples(25))
 @given(cfg=conv_configs(max_c=40), data=st.data(), layout=st.sampled_from(["contiguous", "channels_last"]),
        splits=st.integers(2, 9), mode=st.sampled_from(["relu", "residual", "stats"]), has_bias=st.booleans())
 def test_conv2d_split_k(backend, cfg, data, layout, splits, mode, has_bias):
@@ -184,7 +195,7 @@ def test_conv2d_split_k(backend, cfg, data, layout, splits, mode, has_bias):
 # conv_bn_relu (training: batch statistics, running-statistics update; eval: folded BatchNorm)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", _gpu_backends("conv_bn_relu"))
-@settings(PROFILE, max_examples=30)
+@settings(PROFILE, max_examples=_examples(30))
 @given(cfg=conv_configs(max_groups=2), dtype=st.sampled_from([torch.float32, torch.float64]),
        layout=st.sampled_from(LAYOUTS), training=st.booleans(), relu=st.booleans(), has_bias=st.booleans())
 def test_conv_bn_relu(backend, cfg, dtype, layout, training, relu, has_bias):
@@ -258,7 +269,7 @@ def _lrn_input(shape, layout, dtype):
 
 
 @pytest.mark.parametrize("backend", _gpu_backends("local_response_norm"))
-@settings(PROFILE, max_examples=40)
+@settings(PROFILE, max_examples=_examples(40))
 @given(inp=lrn_inputs(), dtype=st.sampled_from(DTYPES), size=st.integers(1, 7),
        alpha=st.floats(1e-4, 1.0), beta=st.floats(0.5, 1.0), k=st.floats(0.5, 2.0))
 def test_local_response_norm(backend, inp, dtype, size, alpha, beta, k):
@@ -291,7 +302,7 @@ def residual_shapes(draw):
 
 
 @pytest.mark.parametrize("backend", _gpu_backends("residual_add"))
-@settings(PROFILE, max_examples=60)
+@settings(PROFILE, max_examples=_examples(60))
 @given(shapes=residual_shapes(), dtype=st.sampled_from(DTYPES), lx=st.sampled_from(LAYOUTS),
        ls=st.sampled_from(LAYOUTS), relu=st.booleans())
 def test_residual_add(backend, shapes, dtype, lx, ls, relu):
