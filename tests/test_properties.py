@@ -240,8 +240,9 @@ def test_conv_bn_relu(backend, cfg, dtype, layout, training, relu, has_bias, see
     g = torch.randn_like(ref).to(dtype)
     cond = _bn_conditions(x, w, b, gamma, beta, rm_r, rv_r, g, training, relu, kw)
     assert_as_close_as_pytorch(out, eager, ref, dtype, cond=cond["output"])
-    assert_rel_close(rm, rm_r, dtype, "running_mean")
-    assert_rel_close(rv, rv_r, dtype, "running_var")
+    # (a running mean near zero is a difference of larger values: PyTorch's own error is the rule)
+    assert_as_close_as_pytorch(rm, rm_e, rm_r, dtype, "running_mean")
+    assert_as_close_as_pytorch(rv, rv_e, rv_r, dtype, "running_var")
     with ieee_fp32():
         got = _grads(out, leaves, g)
         ge = _grads(eager, eagers, g)
@@ -338,7 +339,27 @@ def test_local_response_norm(backend, inp, dtype, size, alpha, beta, k, seed):
     g = torch.randn_like(ref).to(dtype)
     (gx,) = torch.autograd.grad(out, x, g)
     (gr,) = torch.autograd.grad(ref, xr, g.double())
-    assert_rel_close(gx, gr, dtype, "grad input", limit=2 * _conv_tol(dtype))
+    cond = float(_lrn_grad_bound(x, g, size, alpha, beta, k).norm()) / (float(gr.norm()) or 1.0)
+    assert_rel_close(gx, gr, dtype, "grad input", limit=2 * _conv_tol(dtype) * max(1.0, cond))
+
+
+def _lrn_grad_bound(x, g, size, alpha, beta, k):
+    """An elementwise bound (float64, in units of the rounding) of the terms of LRN's input gradient
+    g_i s_i^-beta - 2 alpha beta / size x_i sum_j g_j x_j s_j^(-beta-1) (s = k + alpha / size *
+    the window's sum of x^2; j over the windows that hold i): with one channel and beta > 1/2 the
+    two terms cancel where x^2 = k size / (alpha (2 beta - 1)), a zero of the derivative."""
+    xd, gd = x.detach().double(), g.double()
+    n, c = xd.shape[:2]
+    xf, gf = xd.reshape(n, c, -1), gd.reshape(n, c, -1)
+
+    def window_sum(t, before, after):
+        t = torch.nn.functional.pad(t, (0, 0, before, after))
+        return sum(t[:, i:i + c] for i in range(before + after + 1))
+
+    s = k + alpha / size * window_sum(xf * xf, size // 2, (size - 1) // 2)
+    # (a superset of the windows that hold i: the bound may only grow)
+    cross = window_sum((gf * xf).abs() * s.pow(-beta - 1), size, size)
+    return (gf.abs() * s.pow(-beta) + 2 * alpha * beta / size * xf.abs() * cross).reshape(xd.shape)
 
 
 # ------------------------------------------------------------------------------------------------
