@@ -4,6 +4,7 @@ inputs in every layout the ops claim, and the backends a test can run here."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -132,6 +133,16 @@ def backends_for(device: torch.device, op: str | None = None) -> list:
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+def wgmma_here(dtype) -> bool:
+    """Whether the wgmma implicit GEMM runs here: fp16/bf16 (fp32 as TF32) on an sm_90 GPU, or on
+    the emulator (an emulated compute capability 9.0 device unless CUEMU_CC says otherwise)."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if HAS_CUDA:
+        return torch.cuda.get_device_capability() == (9, 0)
+    return EMULATED_CUDA and os.environ.get("CUEMU_CC", "90") == "90"
+
+
 def cuda_kernel_test(fn):
     """Marks a test that calls the CUDA C++ kernels directly: a `gpu` test that also runs on the
     emulator (`emulated`), skipped where neither CUDA nor the emulator, or cnnkern._C, is there."""
@@ -139,7 +150,7 @@ def cuda_kernel_test(fn):
                               reason="needs CUDA and cnnkern._C")
     return pytest.mark.gpu(pytest.mark.emulated(skip(fn)))
 
-__all__ = ["HAS_CUDA", "EMULATED_CUDA", "DEVICE", "cuda_kernel_test", "REL_TOL", "tol", "assert_as_close_as_pytorch", "ieee_fp32", "DTYPES", "LAYOUTS", "rel_err", "assert_rel_close", "make",
+__all__ = ["HAS_CUDA", "EMULATED_CUDA", "DEVICE", "cuda_kernel_test", "wgmma_here", "REL_TOL", "tol", "assert_as_close_as_pytorch", "ieee_fp32", "DTYPES", "LAYOUTS", "rel_err", "assert_rel_close", "make",
            "backends_for", "cnnkern"]
 
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from helpers import (DEVICE, EMULATED_CUDA, HAS_CUDA, LAYOUTS, assert_rel_close, backends_for, cuda_kernel_test,
-                     ieee_fp32, make, merge_stats)
+                     ieee_fp32, make, merge_stats, wgmma_here)
 
 import cnnkern
 from cnnkern import functional as F
@@ -519,16 +519,6 @@ def test_conv_split_k_env(monkeypatch):
         assert_rel_close(y, ref, torch.float32)
 
 
-def _wgmma_here(dtype):
-    """Whether the wgmma implicit GEMM runs here: fp16/bf16 (fp32 as TF32) on an sm_90 GPU, or on
-    the emulator (an emulated compute capability 9.0 device unless CUEMU_CC says otherwise)."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    if HAS_CUDA:
-        return torch.cuda.get_device_capability() == (9, 0)
-    return EMULATED_CUDA and os.environ.get("CUEMU_CC", "90") == "90"
-
-
 def _raw_cuda(x, w, b, kw, relu, algo, tf32=False, residual=None, split_k=1):
     """The CUDA ops called directly with a pinned algorithm: forward (plus ``residual``, a
     function of the output's shape and layout that returns it, or None) and grad-input into
@@ -560,7 +550,7 @@ def test_gpu_cuda_kernels_pinned(layer, layout, dtype, algo):
     xs, k, ks, stride, pad, dil, groups = GPU_LAYERS[layer]
     ks = (ks, ks) if isinstance(ks, int) else ks
     cg = xs[1] // groups  # (channels per group off whole 16-byte chunks run zero-padded)
-    if algo == "wgmma" and not _wgmma_here(dtype):
+    if algo == "wgmma" and not wgmma_here(dtype):
         pytest.skip("wgmma: a compute capability 9.0 GPU (or the emulator) only")
     tf32 = dtype == torch.float32 and algo != "direct"  # fp32 runs on the tensor cores only as TF32
     x = make(xs, dtype, DEVICE, layout)
@@ -591,7 +581,7 @@ def test_gpu_cuda_kernels_pinned_residual(layer, layout, dtype, algo):
     per-pair stores (NCHW, and a residual that does not start on 16 bytes, which turns the staged
     stores off), added before the ReLU, in every output element (NaN-poisoned)."""
     xs, k, ks, stride, pad, dil, groups = GPU_LAYERS[layer]
-    if algo == "wgmma" and not _wgmma_here(dtype):
+    if algo == "wgmma" and not wgmma_here(dtype):
         pytest.skip("wgmma: a compute capability 9.0 GPU (or the emulator) only")
     tf32 = dtype == torch.float32 and algo != "direct"
     x = make(xs, dtype, DEVICE, "contiguous" if layout == "contiguous" else "channels_last")
@@ -635,7 +625,7 @@ def test_gpu_cuda_split_k(layer, dtype, algo):
     ReLU; NCHW and channels_last outputs, into NaN-poisoned outputs, against float64 and against
     the unsplit kernel (which differs only in the order of the fp32 sums); split_k beyond the
     reduction's steps is capped (every split has work)."""
-    if algo == "wgmma" and not _wgmma_here(dtype):
+    if algo == "wgmma" and not wgmma_here(dtype):
         pytest.skip("wgmma: a compute capability 9.0 GPU (or the emulator) only")
     from helpers import rel_err
 
@@ -684,7 +674,7 @@ def test_gpu_cuda_split_k_statistics(layer, dtype, algo):
     added) over the unsplit tile's row blocks, so its statistics rows are those of the unsplit
     epilogue (equal up to the order of the fp32 GEMM sums) and merge to the float64 reference's;
     the output is written whole (NaN-poisoned)."""
-    if algo == "wgmma" and not _wgmma_here(dtype):
+    if algo == "wgmma" and not wgmma_here(dtype):
         pytest.skip("wgmma: a compute capability 9.0 GPU (or the emulator) only")
     from helpers import rel_err
 
@@ -726,7 +716,7 @@ def test_gpu_cuda_pinned_kernel_refuses_what_it_cannot_run():
             _raw_cuda(x, w, None, kw, relu=False, algo=algo, tf32=False)
     with pytest.raises(RuntimeError, match="algo must be 'auto', 'direct', 'igemm' or 'wgmma', got 'fast'"):
         _raw_cuda(x, w, None, kw, relu=False, algo="fast")
-    if not _wgmma_here(torch.float16):
+    if not wgmma_here(torch.float16):
         with pytest.raises(RuntimeError, match="algo='wgmma' needs a compute capability 9.0 GPU"):
             _raw_cuda(x.half(), w.half(), None, kw, relu=False, algo="wgmma")
     # the grad-weight kernel: the same names, the same refusals
@@ -747,7 +737,7 @@ def test_gpu_cuda_tf32_wgmma_rounds_like_mma_sync(layer):
     """TF32 on wgmma reads its operands from shared memory, where the kernel rounds them to tf32
     (to nearest) as the mma.sync kernel rounds them in registers: the two agree far more closely
     than TF32 agrees with fp32 (operands truncated to tf32 instead would differ by ~5e-4)."""
-    if not _wgmma_here(torch.float32):
+    if not wgmma_here(torch.float32):
         pytest.skip("wgmma: a compute capability 9.0 GPU (or the emulator) only")
     from helpers import rel_err
 
@@ -827,7 +817,7 @@ def test_gpu_cuda_tensor_core_weight_grad(layer, dtype, algo):
     it is an error); NCHW inputs are copied to channels_last for them. Against float64, into
     NaN-poisoned outputs."""
     tf32 = dtype == torch.float32
-    if algo == "wgmma" and not _wgmma_here(torch.float16):
+    if algo == "wgmma" and not wgmma_here(torch.float16):
         pytest.skip("wgmma: a compute capability 9.0 GPU (or the emulator) only")
     xs, k, ks, stride, pad, dil, groups = WGRAD_TC_LAYERS[layer]
     w_shape = (k, xs[1] // groups, ks, ks)

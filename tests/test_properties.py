@@ -17,8 +17,8 @@ import os
 
 import pytest
 import torch
-from helpers import (DEVICE, HAS_CUDA, assert_as_close_as_pytorch, assert_rel_close, backends_for, ieee_fp32, make,
-                     tol)
+from helpers import (DEVICE, EMULATED_CUDA, HAS_CUDA, REL_TOL, assert_as_close_as_pytorch, assert_rel_close, backends_for,
+                     cuda_kernel_test, ieee_fp32, make, tol, wgmma_here)
 
 from cnnkern import _checks, reference
 from cnnkern import functional as F
@@ -138,8 +138,8 @@ SPLIT_DTYPES = {"triton": [torch.float32, torch.float64],
                 "cuda": [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])}
 
 
-def _split_conv(backend, x, w, b, y, stride, pad, dil, groups, relu, stats, res, splits):
-    """y = the split forward (returns the statistics rows, or None)."""
+def _split_conv(backend, x, w, b, y, stride, pad, dil, groups, relu, stats, res, splits, algo="igemm", tf32=False):
+    """y = the split forward (returns the statistics rows, or None); CUDA: on the kernel ``algo``."""
     if backend == "triton":
         from cnnkern.kernels import conv2d as kc
         st_ = torch.zeros(kc.stats_rows(y.numel() // y.shape[1]), 3, y.shape[1], dtype=torch.float64
@@ -147,18 +147,18 @@ def _split_conv(backend, x, w, b, y, stride, pad, dil, groups, relu, stats, res,
         kc.conv2d_forward(x, w, b, y, stride, pad, dil, groups, relu, "ieee", stats=st_, residual=res, splits=splits)
         return st_
     from cnnkern.ops._common import cuda_ops
-    st_ = cuda_ops().conv2d_forward_cuda(x, w, b, y, list(stride), list(pad), list(dil), groups, relu, "igemm", stats,
-                                         False, res, splits)
+    st_ = cuda_ops().conv2d_forward_cuda(x, w, b, y, list(stride), list(pad), list(dil), groups, relu, algo, stats,
+                                         tf32, res, splits)
     return st_ if stats else None
 
 
-def _split_dgrad(backend, g, w, gx, stride, pad, dil, groups, splits):
+def _split_dgrad(backend, g, w, gx, stride, pad, dil, groups, splits, algo="igemm", tf32=False):
     if backend == "triton":
         from cnnkern.kernels import conv2d as kc
         kc.conv2d_backward_input(g, w, gx, stride, pad, dil, groups, "ieee", splits=splits)
     else:
         from cnnkern.ops._common import cuda_ops
-        cuda_ops().conv2d_backward_input_cuda(g, w, gx, list(stride), list(pad), list(dil), groups, "igemm", False,
+        cuda_ops().conv2d_backward_input_cuda(g, w, gx, list(stride), list(pad), list(dil), groups, algo, tf32,
                                               splits)
 
 
@@ -197,6 +197,73 @@ def test_conv2d_split_k(backend, cfg, data, layout, splits, mode, has_bias, seed
     gx = torch.full_like(x, float("nan"))
     _split_dgrad(backend, g, w, gx, stride, pad[:2], dil, cfg["groups"], splits)
     assert_rel_close(gx, gwant, dtype, "grad input", matmul=True)
+
+
+# The CUDA C++ tensor-core kernels pinned on random layers (the op's "auto" sends small random
+# layers to the direct kernel): the implicit GEMM on mma.sync or wgmma for the forward (bias,
+# ReLU, residual) and grad-input, unsplit or split as the op would choose, and the tensor-core
+# grad-weight with the bias gradient; fp16/bf16, or fp32 as TF32; channels per group up to 40,
+# zero-padded where they are not whole 16-byte chunks.
+TC_DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+
+@cuda_kernel_test
+@settings(PROFILE, max_examples=_examples(25))
+@given(cfg=conv_configs(max_groups=2, max_c=40), data=st.data(), layout=st.sampled_from(["contiguous", "channels_last"]),
+       algo=st.sampled_from(["igemm", "wgmma"]), tf32=st.booleans(), split=st.sampled_from([0, 1]),
+       has_bias=st.booleans(), residual=st.booleans(), seed=SEEDS)
+def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias, residual, seed):
+    torch.manual_seed(seed)
+    dtype = torch.float32 if tf32 else data.draw(st.sampled_from(TC_DTYPES), label="dtype")
+    if algo == "wgmma" and not wgmma_here(dtype):
+        algo = "igemm"
+    limit = REL_TOL["tf32"] if tf32 else tol(dtype, matmul=True)
+    from cnnkern.ops._common import cuda_ops
+    if EMULATED_CUDA:
+        cuda_ops().cuemu_stats()  # (reset: the emulator counts the tensor-core operations)
+    x = _make(cfg["x"], dtype, layout, requires_grad=False)
+    w = make(cfg["w"], dtype, DEVICE, requires_grad=False) * (cfg["w"][1] * cfg["w"][2] * cfg["w"][3]) ** -0.5
+    b = torch.randn(cfg["w"][0], dtype=dtype, device=DEVICE) if has_bias else None
+    groups = cfg["groups"]
+    stride, pad, dil = _checks.conv_args("t", x, w, b, cfg["stride"], cfg["padding"], cfg["dilation"], groups)
+    kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=groups)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    br = None if b is None else b.double().requires_grad_()
+    ref = reference.conv2d(xr, wr, br, **kw)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    y = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
+    res = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt) if residual else None
+    _split_conv("cuda", x, w, b, y, stride, pad[:2], dil, groups, True, False, res, split, algo, tf32)
+    g = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
+    gxr, gwr, *gbr = torch.autograd.grad(ref, [t for t in (xr, wr, br) if t is not None], g.double())
+    want = (ref.detach() + (0 if res is None else res.double())).relu()
+    # TF32 keeps 10 of the operands' 23 mantissa bits: each product is off by up to 2^-9 of |x w|,
+    # which a few-term sum that nearly cancels makes large next to the result. The bound: the same
+    # convolution (and its gradients) in absolute values, times 2^-9.
+    bounds = _abs_conv(x, w, g, kw) if tf32 else (0.0, 0.0, 0.0)
+    limits = [max(lim, 2.0**-9 * float(bd.norm()) / (float(r.norm()) or 1.0)) if tf32 else lim
+              for lim, bd, r in zip((limit, 2 * limit, 2 * limit), bounds, (want, gxr, gwr))]
+    assert_rel_close(y, want, dtype, "output", limit=limits[0])
+    gx = torch.full_like(x, float("nan"))
+    _split_dgrad("cuda", g, w, gx, stride, pad[:2], dil, groups, split, algo, tf32)
+    assert_rel_close(gx, gxr, dtype, "grad input", limit=limits[1])
+    gw = torch.full_like(w, float("nan"))
+    gb = torch.full_like(b, float("nan")) if b is not None else torch.empty(0, dtype=dtype, device=DEVICE)
+    cuda_ops().conv2d_backward_weight_cuda(g, x, gw, gb, list(stride), list(pad[:2]), list(dil), groups,
+                                           "igemm" if tf32 else algo, tf32)
+    assert_rel_close(gw, gwr, dtype, "grad weight", limit=limits[2])
+    if b is not None:  # (an fp32 sum of the gradient, also with TF32)
+        assert_rel_close(gb, gbr[0], dtype, "grad bias", limit=2 * tol(dtype, matmul=True))
+    if EMULATED_CUDA:  # all three ran on the tensor cores: mma.sync, and wgmma where pinned
+        mma, wgmma = cuda_ops().cuemu_stats()[2:4]
+        assert (wgmma > 0) == (algo == "wgmma") and (mma > 0) == (algo == "igemm" or tf32), (algo, tf32, mma, wgmma)
+
+
+def _abs_conv(x, w, g, kw):
+    """conv2d(|x|, |w|) and its input and weight gradients for |g|, in float64."""
+    xa, wa = x.detach().double().abs().requires_grad_(), w.detach().double().abs().requires_grad_()
+    ya = reference.conv2d(xa, wa, None, **kw)
+    return (ya.detach(), *torch.autograd.grad(ya, (xa, wa), g.double().abs()))
 
 
 # ------------------------------------------------------------------------------------------------
