@@ -211,8 +211,10 @@ TC_DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 @settings(PROFILE, max_examples=_examples(25))
 @given(cfg=conv_configs(max_groups=2, max_c=40), data=st.data(), layout=st.sampled_from(["contiguous", "channels_last"]),
        algo=st.sampled_from(["igemm", "wgmma"]), tf32=st.booleans(), split=st.sampled_from([0, 1]),
-       has_bias=st.booleans(), residual=st.booleans(), seed=SEEDS)
-def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias, residual, seed):
+       has_bias=st.booleans(), mode=st.sampled_from(["relu", "residual", "stats"]), seed=SEEDS)
+def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias, mode, seed):
+    from helpers import merge_stats
+
     torch.manual_seed(seed)
     dtype = torch.float32 if tf32 else data.draw(st.sampled_from(TC_DTYPES), label="dtype")
     if algo == "wgmma" and not wgmma_here(dtype):
@@ -232,11 +234,14 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias
     ref = reference.conv2d(xr, wr, br, **kw)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     y = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
-    res = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt) if residual else None
-    _split_conv("cuda", x, w, b, y, stride, pad[:2], dil, groups, True, False, res, split, algo, tf32)
+    res = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt) \
+        if mode == "residual" else None
+    st_ = _split_conv("cuda", x, w, b, y, stride, pad[:2], dil, groups, mode != "stats", mode == "stats", res, split,
+                      algo, tf32)
     g = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
     gxr, gwr, *gbr = torch.autograd.grad(ref, [t for t in (xr, wr, br) if t is not None], g.double())
-    want = (ref.detach() + (0 if res is None else res.double())).relu()
+    want = ref.detach() + (0 if res is None else res.double())
+    want = want if mode == "stats" else want.relu()
     # TF32 keeps 10 of the operands' 23 mantissa bits: each product is off by up to 2^-9 of |x w|,
     # which a few-term sum that nearly cancels makes large next to the result. The bound: the same
     # convolution (and its gradients) in absolute values, times 2^-9.
@@ -244,6 +249,19 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias
     limits = [max(lim, 2.0**-9 * float(bd.norm()) / (float(r.norm()) or 1.0)) if tf32 else lim
               for lim, bd, r in zip((limit, 2 * limit, 2 * limit), bounds, (want, gxr, gwr))]
     assert_rel_close(y, want, dtype, "output", limit=limits[0])
+    if mode == "stats":  # the epilogue's per-channel (count, mean, M2), from the fp32 accumulators
+        cnt, mean, var = merge_stats(st_)
+        assert cnt.eq(want.numel() // want.shape[1]).all()
+        dims = (0, 2, 3)
+        mlim, vlim = limit, limit
+        if tf32:  # (the mean moves by at most the mean of the bound, the variance by 2 mean(|y - mean| bound))
+            ya = 2.0**-9 * bounds[0]
+            mlim = max(limit, float(ya.mean(dims).norm()) / (float(want.mean(dims).norm()) or 1.0))
+            dev = (want - want.mean(dims, keepdim=True)).abs()
+            vlim = max(limit, 2 * float((dev * ya).mean(dims).norm()) / (float(want.var(dims, unbiased=False).norm())
+                                                                         or 1.0))
+        assert_rel_close(mean, want.mean(dims), dtype, "mean", limit=mlim)
+        assert_rel_close(var, want.var(dims, unbiased=False), dtype, "variance", limit=vlim)
     gx = torch.full_like(x, float("nan"))
     _split_dgrad("cuda", g, w, gx, stride, pad[:2], dil, groups, split, algo, tf32)
     assert_rel_close(gx, gxr, dtype, "grad input", limit=limits[1])
