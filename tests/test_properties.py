@@ -113,19 +113,50 @@ def test_conv2d(backend, cfg, dtype, layout, has_bias, relu, seed):
     br = b.detach().double().requires_grad_() if b is not None else None
     ref = reference.conv2d(xr, wr, br, activation=act, **kw)
     assert out.dtype == dtype
-    assert_rel_close(out, ref, dtype, "output", matmul=True)
     g = torch.randn_like(ref).to(dtype)
     with ieee_fp32():
         got = _grads(out, (x, w, b), g)
     want = _grads(ref, (xr, wr, br), g.double())
-    for name, a, r in zip(("grad input", "grad weight", "grad bias"), got, want):
+    limits = _conv_limits(x, w, b, None, g, kw, dtype, _conv_tol(dtype), (ref, *want))
+    assert_rel_close(out, ref, dtype, "output", limit=limits[0])
+    for name, a, r, lim in zip(("grad input", "grad weight", "grad bias"), got, want, limits[1:]):
         if r is not None:
             assert a.dtype == dtype
-            assert_rel_close(a, r, dtype, name, matmul=True, limit=2 * _conv_tol(dtype))
+            assert_rel_close(a, r, dtype, name, limit=lim)
 
 
 def _conv_tol(dtype):
     return tol(dtype, matmul=True)
+
+
+def _conv_limits(x, w, b, res, g, kw, dtype, base, refs, tf32=False):
+    """Relative error limits for a convolution's (output, grad input, grad weight, grad bias)
+    against the float64 ``refs`` (None where not computed): ``base`` for the output and twice it
+    for the gradients, or a worst-case rounding bound where that is larger, as it is where a sum
+    of few terms nearly cancels: each result is a sum of n terms in the accumulation type, off by
+    at most n u times the sum of their absolute values (u: its unit roundoff), and under TF32
+    each product also by 2^-9 of its magnitude (both operands keep 10 mantissa bits). The sums of
+    absolute values are the same convolution, with ``|b|`` and ``|res|`` (a residual added in the
+    epilogue), and its gradients for ``|g|`` in absolute values."""
+    xa, wa = x.detach().double().abs().requires_grad_(), w.detach().double().abs().requires_grad_()
+    ya = reference.conv2d(xa, wa, None, **kw)
+    gxa, gwa = torch.autograd.grad(ya, (xa, wa), g.double().abs())
+    ya = ya.detach() + (0 if b is None else b.detach().double().abs().view(1, -1, 1, 1)) \
+        + (0 if res is None else res.double().abs())
+    k, cg, r, s = w.shape
+    n_, _, p, q = ya.shape
+    u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    per = 2.0**-9 if tf32 else 0.0
+    terms = (cg * r * s + 2, k // kw["groups"] * r * s, n_ * p * q, n_ * p * q)
+    bounds = (ya, gxa, gwa, g.double().abs().sum((0, 2, 3)))
+    out = []
+    for i, (n, bd, ref) in enumerate(zip(terms, bounds, refs)):
+        lim = base if i == 0 else 2 * base
+        if ref is not None:
+            worst = (n * u + (per if i < 3 else 0.0)) * float(bd.norm()) / (float(ref.detach().norm()) or 1.0)
+            lim = max(lim, worst)
+        out.append(lim)
+    return out
 
 
 # Split-K (forward with bias, residual, ReLU or the BatchNorm statistics, and grad-input) forced
@@ -242,12 +273,7 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias
     gxr, gwr, *gbr = torch.autograd.grad(ref, [t for t in (xr, wr, br) if t is not None], g.double())
     want = ref.detach() + (0 if res is None else res.double())
     want = want if mode == "stats" else want.relu()
-    # TF32 keeps 10 of the operands' 23 mantissa bits: each product is off by up to 2^-9 of |x w|,
-    # which a few-term sum that nearly cancels makes large next to the result. The bound: the same
-    # convolution (and its gradients) in absolute values, times 2^-9.
-    bounds = _abs_conv(x, w, g, kw) if tf32 else (0.0, 0.0, 0.0)
-    limits = [max(lim, 2.0**-9 * float(bd.norm()) / (float(r.norm()) or 1.0)) if tf32 else lim
-              for lim, bd, r in zip((limit, 2 * limit, 2 * limit), bounds, (want, gxr, gwr))]
+    limits = _conv_limits(x, w, b, res, g, kw, dtype, limit, (want, gxr, gwr, gbr[0] if gbr else None), tf32)
     assert_rel_close(y, want, dtype, "output", limit=limits[0])
     if mode == "stats":  # the epilogue's per-channel (count, mean, M2), from the fp32 accumulators
         cnt, mean, var = merge_stats(st_)
@@ -255,7 +281,7 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias
         dims = (0, 2, 3)
         mlim, vlim = limit, limit
         if tf32:  # (the mean moves by at most the mean of the bound, the variance by 2 mean(|y - mean| bound))
-            ya = 2.0**-9 * bounds[0]
+            ya = 2.0**-9 * _abs_conv(x, w, kw)
             mlim = max(limit, float(ya.mean(dims).norm()) / (float(want.mean(dims).norm()) or 1.0))
             dev = (want - want.mean(dims, keepdim=True)).abs()
             vlim = max(limit, 2 * float((dev * ya).mean(dims).norm()) / (float(want.var(dims, unbiased=False).norm())
@@ -271,17 +297,15 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias
                                            "igemm" if tf32 else algo, tf32)
     assert_rel_close(gw, gwr, dtype, "grad weight", limit=limits[2])
     if b is not None:  # (an fp32 sum of the gradient, also with TF32)
-        assert_rel_close(gb, gbr[0], dtype, "grad bias", limit=2 * tol(dtype, matmul=True))
+        assert_rel_close(gb, gbr[0], dtype, "grad bias", limit=limits[3])
     if EMULATED_CUDA:  # all three ran on the tensor cores: mma.sync, and wgmma where pinned
         mma, wgmma = cuda_ops().cuemu_stats()[2:4]
         assert (wgmma > 0) == (algo == "wgmma") and (mma > 0) == (algo == "igemm" or tf32), (algo, tf32, mma, wgmma)
 
 
-def _abs_conv(x, w, g, kw):
-    """conv2d(|x|, |w|) and its input and weight gradients for |g|, in float64."""
-    xa, wa = x.detach().double().abs().requires_grad_(), w.detach().double().abs().requires_grad_()
-    ya = reference.conv2d(xa, wa, None, **kw)
-    return (ya.detach(), *torch.autograd.grad(ya, (xa, wa), g.double().abs()))
+def _abs_conv(x, w, kw):
+    """conv2d(|x|, |w|) in float64."""
+    return reference.conv2d(x.detach().double().abs(), w.detach().double().abs(), None, **kw)
 
 
 # ------------------------------------------------------------------------------------------------
