@@ -19,10 +19,11 @@ import os
 import pytest
 import torch
 from helpers import (DEVICE, EMULATED_CUDA, HAS_CUDA, REL_TOL, as_close_as_pytorch_limit, assert_as_close_as_pytorch,
-                     assert_rel_close, backends_for, cuda_kernel_test, ieee_fp32, make, tol, wgmma_here)
+                     assert_rel_close, backends_for, cuda_kernel_test, ieee_fp32, make, merge_stats, tol, wgmma_here)
 
 from cnnkern import _checks, reference
 from cnnkern import functional as F
+from cnnkern.ops._common import cuda_ops
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, event, example, given, settings  # noqa: E402
@@ -139,14 +140,12 @@ def _conv_limits(x, w, b, res, g, kw, dtype, base, refs, tf32=False):
     each product also by 2^-9 of its magnitude (both operands keep 10 mantissa bits). The sums of
     absolute values are the same convolution, with ``|b|`` and ``|res|`` (a residual added in the
     epilogue), and its gradients for ``|g|`` in absolute values."""
-    xa, wa = x.detach().double().abs().requires_grad_(), w.detach().double().abs().requires_grad_()
-    ya = reference.conv2d(xa, wa, None, **kw)
-    gxa, gwa = torch.autograd.grad(ya, (xa, wa), g.double().abs())
-    ya = ya.detach() + (0 if b is None else b.detach().double().abs().view(1, -1, 1, 1)) \
+    ya, gxa, gwa = _abs_conv(x, w, kw, g.double().abs())
+    ya = ya + (0 if b is None else b.detach().double().abs().view(1, -1, 1, 1)) \
         + (0 if res is None else res.double().abs())
     k, cg, r, s = w.shape
     n_, _, p, q = ya.shape
-    u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    u = _unit_roundoff(dtype)
     per = 2.0**-9 if tf32 else 0.0
     terms = (cg * r * s + 2, k // kw["groups"] * r * s, n_ * p * q, n_ * p * q)
     bounds = (ya, gxa, gwa, g.double().abs().sum((0, 2, 3)))
@@ -178,7 +177,6 @@ def _split_conv(backend, x, w, b, y, stride, pad, dil, groups, relu, stats, res,
                           if x.dtype == torch.float64 else torch.float32, device=DEVICE) if stats else None
         kc.conv2d_forward(x, w, b, y, stride, pad, dil, groups, relu, "ieee", stats=st_, residual=res, splits=splits)
         return st_
-    from cnnkern.ops._common import cuda_ops
     st_ = cuda_ops().conv2d_forward_cuda(x, w, b, y, list(stride), list(pad), list(dil), groups, relu, algo, stats,
                                          tf32, res, splits)
     return st_ if stats else None
@@ -189,7 +187,6 @@ def _split_dgrad(backend, g, w, gx, stride, pad, dil, groups, splits, algo="igem
         from cnnkern.kernels import conv2d as kc
         kc.conv2d_backward_input(g, w, gx, stride, pad, dil, groups, "ieee", splits=splits)
     else:
-        from cnnkern.ops._common import cuda_ops
         cuda_ops().conv2d_backward_input_cuda(g, w, gx, list(stride), list(pad), list(dil), groups, algo, tf32,
                                               splits)
 
@@ -201,8 +198,6 @@ def _split_dgrad(backend, g, w, gx, stride, pad, dil, groups, splits, algo="igem
        seed=SEEDS)
 def test_conv2d_split_k(backend, cfg, data, layout, splits, mode, has_bias, seed):
     torch.manual_seed(seed)
-    from helpers import merge_stats
-
     dtype = data.draw(st.sampled_from(SPLIT_DTYPES[backend]), label="dtype")
     x = _make(cfg["x"], dtype, layout, requires_grad=False)
     w = make(cfg["w"], dtype, DEVICE, requires_grad=False) * (cfg["w"][1] * cfg["w"][2] * cfg["w"][3]) ** -0.5
@@ -241,18 +236,16 @@ TC_DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 @cuda_kernel_test
 @settings(PROFILE, max_examples=_examples(25))
-@given(cfg=conv_configs(max_groups=2, max_c=40), data=st.data(), layout=st.sampled_from(["contiguous", "channels_last"]),
-       algo=st.sampled_from(["igemm", "wgmma"]), tf32=st.booleans(), split=st.sampled_from([0, 1]),
-       has_bias=st.booleans(), mode=st.sampled_from(["relu", "residual", "stats"]), seed=SEEDS)
+@given(cfg=conv_configs(max_groups=2, max_c=40), data=st.data(),
+       layout=st.sampled_from(["contiguous", "channels_last"]), algo=st.sampled_from(["igemm", "wgmma"]),
+       tf32=st.booleans(), split=st.sampled_from([0, 1]), has_bias=st.booleans(),
+       mode=st.sampled_from(["relu", "residual", "stats"]), seed=SEEDS)
 def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias, mode, seed):
-    from helpers import merge_stats
-
     torch.manual_seed(seed)
     dtype = torch.float32 if tf32 else data.draw(st.sampled_from(TC_DTYPES), label="dtype")
     if algo == "wgmma" and not wgmma_here(dtype):
         algo = "igemm"
     limit = REL_TOL["tf32"] if tf32 else tol(dtype, matmul=True)
-    from cnnkern.ops._common import cuda_ops
     if EMULATED_CUDA:
         cuda_ops().cuemu_stats()  # (reset: the emulator counts the tensor-core operations)
     x = _make(cfg["x"], dtype, layout, requires_grad=False)
@@ -304,9 +297,20 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias
         assert (wgmma > 0) == (algo == "wgmma") and (mma > 0) == (algo == "igemm" or tf32), (algo, tf32, mma, wgmma)
 
 
-def _abs_conv(x, w, kw):
-    """conv2d(|x|, |w|) in float64."""
-    return reference.conv2d(x.detach().double().abs(), w.detach().double().abs(), None, **kw)
+def _abs_conv(x, w, kw, g=None):
+    """conv2d(|x|, |w|) in float64; with ``g`` (non-negative, the output's shape) also its input
+    and weight gradients for g: the sums of absolute values that bound a convolution's rounding."""
+    xa, wa = x.detach().double().abs(), w.detach().double().abs()
+    if g is None:
+        return reference.conv2d(xa, wa, None, **kw)
+    xa, wa = xa.requires_grad_(), wa.requires_grad_()
+    ya = reference.conv2d(xa, wa, None, **kw)
+    return (ya.detach(), *torch.autograd.grad(ya, (xa, wa), g))
+
+
+def _unit_roundoff(dtype):
+    """The unit roundoff of the accumulation type: fp64 for fp64, fp32 for the rest."""
+    return 2.0**-53 if dtype == torch.float64 else 2.0**-24
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,7 +349,8 @@ def test_conv_bn_relu(backend, cfg, dtype, layout, training, relu, has_bias, see
     refs = [t.detach().double().requires_grad_() if t is not None else None for t in leaves]
     eagers = [t.detach().clone().requires_grad_() if t is not None else None for t in leaves]
     rm_r, rv_r, rm_e, rv_e = rm.double(), rv.double(), rm.clone(), rv.clone()
-    rs_bounds = _running_stat_bounds(x, w, b, rm_r, rv_r, 0.3, dtype, kw) if training else (0.0, 0.0)
+    y64 = reference.conv2d(x.detach().double(), w.detach().double(), None if b is None else b.detach().double(), **kw)
+    rs_bounds = _running_stat_bounds(y64, x, w, b, rm_r, rv_r, 0.3, dtype, kw) if training else (0.0, 0.0)
     with ieee_fp32():
         out = F.conv_bn_relu(x, w, b, rm, rv, gamma, beta, training=training, momentum=0.3, eps=1e-3,
                              relu=relu, backend=backend, **kw)
@@ -354,7 +359,7 @@ def test_conv_bn_relu(backend, cfg, dtype, layout, training, relu, has_bias, see
                                            **kw)
     ref = reference.conv_bn_relu(*refs[:3], rm_r, rv_r, *refs[3:], training, 0.3, 1e-3, relu=relu, **kw)
     g = torch.randn_like(ref).to(dtype)
-    cond = _bn_conditions(x, w, b, gamma, beta, rm_r, rv_r, g, training, relu, kw)
+    cond = _bn_conditions(y64, x, w, gamma, beta, rm_r, rv_r, g, training, relu, kw)
     assert_as_close_as_pytorch(out, eager, ref, dtype, cond=cond["output"])
     # (a running mean near zero is a difference of larger values: PyTorch's own error, or a bound)
     for name, got_, e, r, bound in (("running_mean", rm, rm_e, rm_r, rs_bounds[0]),
@@ -397,15 +402,13 @@ def _eager_conv():
         torch._C._set_mkldnn_enabled(saved)
 
 
-def _running_stat_bounds(x, w, b, rm, rv, momentum, dtype, kw):
+def _running_stat_bounds(y, x, w, b, rm, rv, momentum, dtype, kw):
     """Norms of worst-case rounding bounds of the running mean and variance after one training
-    step (float64; rm, rv: before it): the convolution output y is off by at most n u of its sum
+    step (float64; y: the convolution's output; rm, rv: before it): y is off by at most n u of its sum
     of absolute values (n terms, u the fp32 or fp64 unit roundoff), the batch mean and variance
     of N P Q values by those errors plus their own summation's, and each update by two roundings."""
-    u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    u = _unit_roundoff(dtype)
     dims = (0, 2, 3)
-    xd, wd = x.detach().double(), w.detach().double()
-    y = reference.conv2d(xd, wd, None if b is None else b.detach().double(), **kw)
     ya = _abs_conv(x, w, kw) + (0 if b is None else b.detach().double().abs().view(1, -1, 1, 1))
     n = y.numel() // y.shape[1]
     y_err = (w.shape[1] * w.shape[2] * w.shape[3] + 2) * u * ya + n * u * y.abs()
@@ -420,8 +423,9 @@ def _running_stat_bounds(x, w, b, rm, rv, momentum, dtype, kw):
     return float(rm_b.norm()), float(rv_b.norm())
 
 
-def _bn_conditions(x, w, b, gamma, beta, rm, rv, g, training, relu, kw):
-    """Bounds of how much conv-BN-ReLU amplifies rounding, from float64 values; for each gradient
+def _bn_conditions(y, x, w, gamma, beta, rm, rv, g, training, relu, kw):
+    """Bounds of how much conv-BN-ReLU amplifies rounding, from float64 values (y: the
+    convolution's output, bias included); for each gradient
     the norm of the sum of the absolute values of the terms it is made of, which bounds its error
     relative to that (the caller divides it by the reference gradient's norm and scales the
     dtype's tolerance by the ratio), and two ratios:
@@ -441,8 +445,6 @@ def _bn_conditions(x, w, b, gamma, beta, rm, rv, g, training, relu, kw):
       sum |g|;
     - "bias" (eval; training's is bounded by the caller): sum |g| gamma / std."""
     dims, view = (0, 2, 3), (1, -1, 1, 1)
-    xd, wd = x.detach().double(), w.detach().double()
-    y = torch.nn.functional.conv2d(xd, wd, None if b is None else b.detach().double(), **kw)
     gam, gd = gamma.detach().double(), g.double()
     out = {"bn_bias": float(gd.abs().sum(dims).norm()), "bias": 0.0}  # (training: bounded by the caller)
     if not training:
@@ -458,8 +460,7 @@ def _bn_conditions(x, w, b, gamma, beta, rm, rv, g, training, relu, kw):
     amp = max(1.0, float((y.pow(2).mean(dims).sqrt() / std).max()))
     dy = gm.abs() + gm.mean(dims).abs().view(view) + yhat.abs() * (gm * yhat).abs().mean(dims).view(view)
     dy = amp**2 * dy * (gam / std).view(view)
-    xa, wa = xd.abs().requires_grad_(), wd.abs().requires_grad_()
-    gx, gw = torch.autograd.grad(torch.nn.functional.conv2d(xa, wa, None, **kw), (xa, wa), dy)
+    _, gx, gw = _abs_conv(x, w, kw, dy)
     return {**out, "output": amp, "dy": amp * max(1.0, float((gam / std).max())), "input": float(gx.norm()),
             "weight": float(gw.norm()), "bn_weight": float((amp * (gd.abs() * yhat.abs()).sum(dims)).norm())}
 
