@@ -285,6 +285,9 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias
     gx = torch.full_like(x, float("nan"))
     _split_dgrad("cuda", g, w, gx, stride, pad[:2], dil, groups, split, algo, tf32)
     assert_rel_close(gx, gxr, dtype, "grad input", limit=limits[1])
+    if EMULATED_CUDA:  # forward and grad-input ran on the pinned kernel's tensor cores, and only there
+        mma, wgmma = cuda_ops().cuemu_stats()[2:4]
+        assert (wgmma > 0) == (algo == "wgmma") and (mma > 0) == (algo == "igemm"), (algo, tf32, mma, wgmma)
     gw = torch.full_like(w, float("nan"))
     gb = torch.full_like(b, float("nan")) if b is not None else torch.empty(0, dtype=dtype, device=DEVICE)
     cuda_ops().conv2d_backward_weight_cuda(g, x, gw, gb, list(stride), list(pad[:2]), list(dil), groups,
@@ -292,9 +295,10 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias
     assert_rel_close(gw, gwr, dtype, "grad weight", limit=limits[2])
     if b is not None:  # (an fp32 sum of the gradient, also with TF32)
         assert_rel_close(gb, gbr[0], dtype, "grad bias", limit=limits[3])
-    if EMULATED_CUDA:  # all three ran on the tensor cores: mma.sync, and wgmma where pinned
+    if EMULATED_CUDA:  # so did the grad-weight (TF32: on mma.sync)
         mma, wgmma = cuda_ops().cuemu_stats()[2:4]
-        assert (wgmma > 0) == (algo == "wgmma") and (mma > 0) == (algo == "igemm" or tf32), (algo, tf32, mma, wgmma)
+        wgrad_wgmma = algo == "wgmma" and not tf32
+        assert (wgmma > 0) == wgrad_wgmma and (mma > 0) == (not wgrad_wgmma), (algo, tf32, mma, wgmma)
 
 
 def _abs_conv(x, w, kw, g=None):

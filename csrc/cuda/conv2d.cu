@@ -136,9 +136,9 @@ Algo choose_algo(const char* op, const std::string& algo, bool tf32, bool aligne
     require_wgmma(op);
     return Algo::Wgmma;
   }
+  if (algo == "igemm") return Algo::Igemm;  // (a grouped layer off whole chunks too: zero-padded)
   if (!fits || (!aligned && groups > 1)) return Algo::Direct;
-  if (algo == "auto" && conv::wgmma_available()) return Algo::Wgmma;
-  return Algo::Igemm;
+  return conv::wgmma_available() ? Algo::Wgmma : Algo::Igemm;
 }
 
 // 128x128 tiles when they fill the GPU, 64-row tiles when they would not, 64-column tiles for
