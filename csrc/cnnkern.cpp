@@ -27,12 +27,16 @@ TORCH_LIBRARY_FRAGMENT(cnnkern, m) {
   // (count, mean, M2), fp32 (fp64 for double); otherwise an empty tensor. residual (y's shape and
   // strides) is added in the epilogue before the ReLU: y = [relu](conv + bias + residual).
   // split_k (forward and grad-input, the implicit GEMM only): 0 = chosen by the layer's size,
-  // 1 = no split, n = n slices of the reduction summed by a second kernel in a fixed order
+  // 1 = no split, n = n slices of the reduction summed by a second kernel in a fixed order.
+  // tile (the same): -1 = chosen by the layer's size, 0 = 128x128, 1 = 64x128, 2 = 128x64 output
+  // rows x columns per block; an error when the call runs the direct kernel
   m.def("conv2d_forward_cuda(Tensor x, Tensor w, Tensor? bias, Tensor(a!) y, int[] stride, int[] padding, "
         "int[] dilation, int groups, bool relu, str algo, bool stats=False, bool tf32=False, "
-        "Tensor? residual=None, int split_k=0) -> Tensor");
+        "Tensor? residual=None, int split_k=0, int tile=-1) -> Tensor");
   m.def("conv2d_backward_input_cuda(Tensor grad, Tensor w, Tensor(a!) grad_input, int[] stride, int[] padding, "
-        "int[] dilation, int groups, str algo, bool tf32=False, int split_k=0) -> ()");
+        "int[] dilation, int groups, str algo, bool tf32=False, int split_k=0, int tile=-1) -> ()");
+  // whether algo="wgmma" runs on like's device (an sm_90 GPU and the sm_90a build)
+  m.def("conv2d_wgmma_available_cuda(Tensor like) -> bool");
   // grad_bias: an empty tensor when the bias gradient is not wanted; algo: the grad-weight kernel
   // ("auto" | "direct": SIMT | "igemm": mma.sync tensor cores | "wgmma"); tf32: fp32 on the
   // mma.sync tensor cores as TF32

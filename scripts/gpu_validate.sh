@@ -16,7 +16,9 @@
 # bench-quick (`cnnkern bench --quick`, its duration is logged), bench-graph (the same subset timed
 # as CUDA-graph replays: kernel time without host launch cost, into OUTDIR/results-graph),
 # bench-mma (the quick conv2d layers with the CUDA convolution pinned to its mma.sync kernel, into
-# OUTDIR/results-mma: compare with bench-quick, where an H100 runs wgmma), bench-split (the quick
+# OUTDIR/results-mma: compare with bench-quick, where an H100 runs wgmma), bench-tune (the same
+# layers with CNNKERN_CUDA_CONV_ALGO=tune: each layer's fastest kernel, tile and split-K setting,
+# into OUTDIR/results-tune: compare with bench-quick), bench-split (the quick
 # conv2d layers at batch 1 with split-K on and off, into OUTDIR/results-split and -nosplit), and
 # degradation (scripts/degradation.py on the GPU: plain vs residual, depth 20/56, 3 seeds)). The first steps,
 # nvidia-smi, versions, build (incremental) and importable, always run.
@@ -250,6 +252,14 @@ bench_mma() {
   CNNKERN_CUDA_CONV_ALGO=igemm "$PY" -m cnnkern.cli bench --quick --ops conv2d --backends cuda --no-inductor \
     --out "$out/results-mma" --no-progress $(bench_limit)
 }
+# the same quick layers with the CUDA convolution's kernel, tile and split-K setting timed per
+# layer on its first call (CNNKERN_CUDA_CONV_ALGO=tune; the bench's warm-up takes that call):
+# what the size heuristics leave on the table (cnnkern bench --compare against bench-quick)
+# shellcheck disable=SC2046
+bench_tune() {
+  CNNKERN_CUDA_CONV_ALGO=tune "$PY" -m cnnkern.cli bench --quick --ops conv2d --backends cuda --no-inductor \
+    --out "$out/results-tune" --no-progress $(bench_limit)
+}
 # split-K's worth: ResNet-50's conv layers at batch 1 (where the few-tile layers split), both
 # backends, with split-K as the kernels choose it and turned off (CNNKERN_CONV_SPLIT_K=off), into
 # OUTDIR/results-split and OUTDIR/results-nosplit (cnnkern bench --compare the two)
@@ -316,7 +326,7 @@ selected="${STEPS:-pytest-cuda-conv pytest-gpu pytest-all selfcheck bench ptxas 
 step_fn() {
   case "$1" in
     pytest-cuda-conv|pytest-gpu|pytest-all|selfcheck|bench|ptxas|inspect|sanitize|overhead|bench-quick|bench-graph|\
-    bench-mma|bench-split|degradation) echo "${1//-/_}" ;;
+    bench-mma|bench-tune|bench-split|degradation) echo "${1//-/_}" ;;
   esac
 }
 for item in $selected; do  # fail before the build, not after it, on a misspelt step
@@ -326,7 +336,7 @@ for item in $selected; do  # fail before the build, not after it, on a misspelt 
   if [ -z "$(step_fn "$name")" ] || { [ -n "$cap" ] && ! [[ "$cap" =~ ^[0-9]+$ ]]; }; then
     echo "$0: STEPS: unknown step or bad time cap '$item' (NAME or NAME:SECONDS; names: pytest-cuda-conv" \
       "pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize overhead bench-quick bench-graph bench-mma" \
-      "bench-split degradation)" >&2
+      "bench-tune bench-split degradation)" >&2
     exit 2
   fi
 done

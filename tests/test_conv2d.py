@@ -472,7 +472,8 @@ def test_cuda_conv_algo_env_is_checked():
 
     env = dict(os.environ, CNNKERN_CUDA_CONV_ALGO="mma")
     r = subprocess.run([sys.executable, "-c", "import cnnkern"], env=env, capture_output=True, text=True)
-    assert r.returncode != 0 and "CNNKERN_CUDA_CONV_ALGO must be one of auto, direct, igemm, wgmma, got 'mma'" in r.stderr
+    assert r.returncode != 0
+    assert "CNNKERN_CUDA_CONV_ALGO must be one of auto, direct, igemm, wgmma, tune, got 'mma'" in r.stderr
     env["CNNKERN_CUDA_CONV_ALGO"] = "igemm"
     r = subprocess.run([sys.executable, "-c", "import cnnkern.ops.conv2d as c; print(c.CUDA_ALGO)"], env=env,
                        capture_output=True, text=True)
@@ -519,11 +520,12 @@ def test_conv_split_k_env(monkeypatch):
         assert_rel_close(y, ref, torch.float32)
 
 
-def _raw_cuda(x, w, b, kw, relu, algo, tf32=False, residual=None, split_k=1):
+def _raw_cuda(x, w, b, kw, relu, algo, tf32=False, residual=None, split_k=1, tile=-1):
     """The CUDA ops called directly with a pinned algorithm: forward (plus ``residual``, a
     function of the output's shape and layout that returns it, or None) and grad-input into
     NaN-filled outputs (every element must be written); ``split_k``: the implicit GEMM's
-    (1: unsplit, the epilogue in the kernel; 0: the op's own choice)."""
+    (1: unsplit, the epilogue in the kernel; 0: the op's own choice); ``tile``: its tile (-1: the
+    op's choice)."""
     stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
                                                  kw["groups"])
     shape = cnnkern.ops.conv2d.output_size(x.shape, w.shape, stride, pad, dil)
@@ -532,12 +534,12 @@ def _raw_cuda(x, w, b, kw, relu, algo, tf32=False, residual=None, split_k=1):
     y = torch.full(shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
     res = residual(shape, fmt) if residual is not None else None
     cuda_ops().conv2d_forward_cuda(x, w, b, y, stride, pad[:2], dil, kw["groups"], relu, algo, False, tf32, res,
-                                   split_k)
+                                   split_k, tile)
     if residual is not None:
         return y, res
     g = torch.randn_like(y)
     gx = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
-    cuda_ops().conv2d_backward_input_cuda(g, w, gx, stride, pad[:2], dil, kw["groups"], algo, tf32, split_k)
+    cuda_ops().conv2d_backward_input_cuda(g, w, gx, stride, pad[:2], dil, kw["groups"], algo, tf32, split_k, tile)
     return y, g, gx
 
 
@@ -569,6 +571,184 @@ def test_gpu_cuda_kernels_pinned(layer, layout, dtype, algo):
         return
     assert_rel_close(y, ref.relu(), dtype, matmul=True)
     assert_rel_close(gx, rgx, dtype, "grad input", matmul=True)
+
+
+@cuda_kernel_test
+@pytest.mark.parametrize("algo", ["igemm", "wgmma"])
+@pytest.mark.parametrize("tile", [0, 1, 2], ids=["128x128", "64x128", "128x64"])
+@pytest.mark.parametrize("layer", ["vgg_3x3_c128", "stage_entry_3x3s2", "grouped_8"])
+def test_gpu_cuda_tiles_pinned(layer, tile, algo):
+    """Each tile of the tensor-core kernels pinned (the candidates of CNNKERN_CUDA_CONV_ALGO=tune),
+    forward with bias and ReLU and grad-input (phase by phase for the strided layer), on layers
+    whose own choice is another tile: tails in rows and columns, groups; bf16 channels_last."""
+    xs, k, ks, stride, pad, dil, groups = GPU_LAYERS[layer]
+    dtype = torch.bfloat16
+    if algo == "wgmma" and not wgmma_here(dtype):
+        pytest.skip("wgmma: a compute capability 9.0 GPU (or the emulator) only")
+    x = make(xs, dtype, DEVICE, "channels_last")
+    w = make((k, xs[1] // groups, ks, ks), dtype, DEVICE) * (xs[1] // groups * ks * ks) ** -0.5
+    b = torch.randn(k, dtype=dtype, device=DEVICE)
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+    y, g, gx = _raw_cuda(x, w, b, kw, relu=True, algo=algo, tile=tile)
+    xr = x.detach().double().requires_grad_()
+    ref = torch.nn.functional.conv2d(xr, w.double(), b.double(), **kw)
+    (rgx,) = torch.autograd.grad(ref, xr, g.double())
+    assert_rel_close(y, ref.relu(), dtype, matmul=True)
+    assert_rel_close(gx, rgx, dtype, "grad input", matmul=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# CNNKERN_CUDA_CONV_ALGO=tune: the fastest kernel, tile and split-K setting per layer
+# ------------------------------------------------------------------------------------------------
+def _tuned_layer(dtype=torch.bfloat16):
+    x = make((2, 32, 9, 9), dtype, DEVICE, "channels_last", requires_grad=True)
+    w = (make((40, 32, 3, 3), dtype, DEVICE) / 17).requires_grad_()
+    b = torch.randn(40, dtype=dtype, device=DEVICE, requires_grad=True)
+    return x, w, b, dict(stride=2, padding=1)
+
+
+def _fwd_bwd(x, w, b, kw, g=None):
+    y = F.conv2d(x, w, b, **kw, backend="cuda")
+    g = torch.randn_like(y) if g is None else g
+    return (y, *torch.autograd.grad(y, (x, w, b), g)), g
+
+
+@pytest.fixture
+def tuning(monkeypatch):
+    """CNNKERN_CUDA_CONV_ALGO=tune for one test, starting from no choices."""
+    from cnnkern.ops import conv2d as C
+    monkeypatch.setattr(C, "CUDA_ALGO", "tune")
+    monkeypatch.setattr(C, "TUNER", cnnkern.ops._tune.Tuner("test"))
+    return C.TUNER
+
+
+@cuda_kernel_test
+def test_cuda_tune_keeps_the_fastest(tuning, monkeypatch):
+    """The first call of a layer times each candidate (here with made-up times, in the order of the
+    candidate list) for the forward, grad-input and grad-weight, and returns the winner's result:
+    the same bits as that configuration pinned; later calls launch the winners without timing."""
+    from cnnkern.ops import _tune, conv2d as C
+    x, w, b, kw = _tuned_layer()
+    gemm = C._gemm_candidates(x, False, 2 * 5 * 5)
+    wgrad = ["direct", "igemm"] + (["wgmma"] if wgmma_here(x.dtype) else [])
+    assert gemm[0] == ("direct", 0, -1) and len(gemm) == 1 + 6 * (len(wgrad) - 1)
+    assert {a for a, _, _ in gemm} == set(wgrad) and {t for _, _, t in gemm[1:]} == {0, 1, 2}
+    want = {"fwd": gemm[2], "dgrad": gemm[-1], "wgrad": "igemm"}  # (not the last timed of the forward)
+    times = iter([1.0 - 0.5 * (c == want["fwd"]) for c in gemm] + [1.0 - 0.5 * (c == want["dgrad"]) for c in gemm] +
+                 [1.0 - 0.5 * (c == want["wgrad"]) for c in wgrad])
+    calls = []
+
+    def fake_measure(run, device):  # nothing runs while timing: the result is the winner's own launch
+        calls.append(device)
+        return next(times)
+
+    monkeypatch.setattr(_tune, "measure", fake_measure)
+    (y, gx, gw, gb), g = _fwd_bwd(x, w, b, kw)
+    assert len(calls) == 2 * len(gemm) + len(wgrad) and next(times, None) is None
+    assert sorted(tuning.choices.values(), key=str) == sorted(want.values(), key=str)
+    assert {k[0]: v for k, v in tuning.choices.items()} == want
+    assert all(min(t, key=t.get) == tuning.choices[k] for k, t in tuning.timings.items())
+    # the pinned configurations give the same bits
+    stride, pad, dil = [2, 2], [1, 1], [1, 1]
+    y_pin = torch.empty_like(y)
+    cuda_ops().conv2d_forward_cuda(x, w, b, y_pin, stride, pad, dil, 1, False, want["fwd"][0], False, False, None,
+                                   *want["fwd"][1:])
+    gx_pin = torch.empty_like(x)
+    cuda_ops().conv2d_backward_input_cuda(g, w, gx_pin, stride, pad, dil, 1, want["dgrad"][0], False,
+                                          *want["dgrad"][1:])
+    gw_pin, gb_pin = torch.empty_like(w), torch.empty_like(b)
+    cuda_ops().conv2d_backward_weight_cuda(g, x, gw_pin, gb_pin, stride, pad, dil, 1, "igemm", False)
+    for got, pinned in ((y, y_pin), (gx, gx_pin), (gw, gw_pin), (gb, gb_pin)):
+        assert torch.equal(got, pinned)
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.nn.functional.conv2d(xr, wr, br, **kw)
+    assert_rel_close(y, ref, x.dtype, matmul=True)
+    for got, r, what in zip((gx, gw, gb), torch.autograd.grad(ref, (xr, wr, br), g.double()), ("x", "w", "b")):
+        assert_rel_close(got, r, x.dtype, f"grad {what}", matmul=True)
+
+    def no_timing(run, device):
+        raise AssertionError("a known layer was timed again")
+
+    monkeypatch.setattr(_tune, "measure", no_timing)
+    again, _ = _fwd_bwd(x, w, b, kw, g)
+    assert all(torch.equal(a, b_) for a, b_ in zip(again, (y, gx, gw, gb)))
+    # another layer (another batch size) is a new key
+    monkeypatch.setattr(_tune, "measure", fake_measure)
+    times = iter([1.0] * 100)
+    _fwd_bwd(x[:1].detach().requires_grad_(), w, b, kw)
+    assert len(tuning.choices) == 6
+
+
+@cuda_kernel_test
+def test_cuda_tune_times_on_this_device(tuning):
+    """With the real timer (CUDA events on a GPU, the host clock on the emulator): every candidate
+    gets a time, the fastest is kept, and the conv-BN-ReLU's training forward (BatchNorm statistics
+    in the epilogue) is tuned as its own layer with the same results as "auto" within rounding."""
+    x, w, b, kw = _tuned_layer()
+    (y, gx, gw, gb), g = _fwd_bwd(x, w, b, kw)
+    assert len(tuning.timings) == 3
+    for key, t in tuning.timings.items():
+        assert all(v > 0 for v in t.values()) and tuning.choices[key] == min(t, key=t.get), (key, t)
+    args = (torch.zeros(40, device=DEVICE), torch.ones(40, device=DEVICE), torch.ones(40, device=DEVICE),
+            torch.zeros(40, device=DEVICE))
+    out = F.conv_bn_relu(x.detach(), w.detach(), None, *[a.clone() for a in args], training=True, **kw,
+                         backend="cuda")
+    assert [k[-3:] for k in tuning.choices if k[0] == "fwd"] == [(False, False, False), (False, True, False)]
+    cnnkern.ops.conv2d.CUDA_ALGO = "auto"
+    want = F.conv_bn_relu(x.detach(), w.detach(), None, *[a.clone() for a in args], training=True, **kw,
+                          backend="cuda")
+    assert_rel_close(out, want, x.dtype, matmul=True)
+
+
+@cuda_kernel_test
+def test_cuda_tune_is_off_under_deterministic_algorithms(tuning, monkeypatch):
+    """Deterministic algorithms: the kernels "auto" chooses (the same on every run), nothing timed
+    or kept; a layer with one candidate (fp32 without TF32: the direct kernel) is not timed."""
+    from cnnkern.ops import _tune
+
+    def no_timing(run, device):
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(_tune, "measure", no_timing)
+    x, w, b, kw = _tuned_layer()
+    torch.use_deterministic_algorithms(True)
+    try:
+        (y, *_), g = _fwd_bwd(x, w, b, kw)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not tuning.choices
+    y_auto = torch.empty_like(y)
+    cuda_ops().conv2d_forward_cuda(x, w, b, y_auto, [2, 2], [1, 1], [1, 1], 1, False, "auto")
+    assert torch.equal(y, y_auto)
+    x, w, b, kw = _tuned_layer(torch.float32)
+    with ieee_fp32():
+        _fwd_bwd(x, w, b, kw)
+    assert set(tuning.choices.values()) == {("direct", 0, -1), "direct"} and not tuning.timings
+
+
+@cuda_kernel_test
+@pytest.mark.parametrize("op", ["forward", "backward_input"])
+def test_cuda_tile_argument_is_checked(op):
+    """A tile outside -1..2, or a tile pinned for a call that runs the direct kernel, is an error
+    that names the argument, before anything runs."""
+    x = make((1, 16, 6, 6), torch.float16, DEVICE, "channels_last")
+    w = make((16, 16, 3, 3), torch.float16, DEVICE)
+    y = torch.empty(1, 16, 4, 4, dtype=torch.float16, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    geom = ([1, 1], [0, 0], [1, 1], 1)
+
+    def call(algo, tile):
+        if op == "forward":
+            cuda_ops().conv2d_forward_cuda(x, w, None, y, *geom, False, algo, False, False, None, 1, tile)
+        else:
+            cuda_ops().conv2d_backward_input_cuda(y, w, x, *geom, algo, False, 1, tile)
+
+    with pytest.raises(RuntimeError, match=r"tile must be -1 \(chosen by the layer's size\), 0 \(128x128\), "
+                                           r"1 \(64x128\) or 2 \(128x64\), got 3"):
+        call("igemm", 3)
+    with pytest.raises(RuntimeError, match="tile=0 pins a tile of the tensor-core kernels, but this call runs the "
+                                           "direct kernel"):
+        call("direct", 0)
+    call("igemm", 2)  # (a valid pin runs)
 
 
 @cuda_kernel_test

@@ -169,8 +169,10 @@ SPLIT_DTYPES = {"triton": [torch.float32, torch.float64],
                 "cuda": [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])}
 
 
-def _split_conv(backend, x, w, b, y, stride, pad, dil, groups, relu, stats, res, splits, algo="igemm", tf32=False):
-    """y = the split forward (returns the statistics rows, or None); CUDA: on the kernel ``algo``."""
+def _split_conv(backend, x, w, b, y, stride, pad, dil, groups, relu, stats, res, splits, algo="igemm", tf32=False,
+                tile=-1):
+    """y = the split forward (returns the statistics rows, or None); CUDA: on the kernel ``algo``
+    with ``tile`` (-1: the op's choice)."""
     if backend == "triton":
         from cnnkern.kernels import conv2d as kc
         st_ = torch.zeros(kc.stats_rows(y.numel() // y.shape[1]), 3, y.shape[1], dtype=torch.float64
@@ -178,17 +180,17 @@ def _split_conv(backend, x, w, b, y, stride, pad, dil, groups, relu, stats, res,
         kc.conv2d_forward(x, w, b, y, stride, pad, dil, groups, relu, "ieee", stats=st_, residual=res, splits=splits)
         return st_
     st_ = cuda_ops().conv2d_forward_cuda(x, w, b, y, list(stride), list(pad), list(dil), groups, relu, algo, stats,
-                                         tf32, res, splits)
+                                         tf32, res, splits, tile)
     return st_ if stats else None
 
 
-def _split_dgrad(backend, g, w, gx, stride, pad, dil, groups, splits, algo="igemm", tf32=False):
+def _split_dgrad(backend, g, w, gx, stride, pad, dil, groups, splits, algo="igemm", tf32=False, tile=-1):
     if backend == "triton":
         from cnnkern.kernels import conv2d as kc
         kc.conv2d_backward_input(g, w, gx, stride, pad, dil, groups, "ieee", splits=splits)
     else:
         cuda_ops().conv2d_backward_input_cuda(g, w, gx, list(stride), list(pad), list(dil), groups, algo, tf32,
-                                              splits)
+                                              splits, tile)
 
 
 @pytest.mark.parametrize("backend", SPLIT_BACKENDS)
@@ -228,7 +230,8 @@ def test_conv2d_split_k(backend, cfg, data, layout, splits, mode, has_bias, seed
 
 # The CUDA C++ tensor-core kernels pinned on random layers (the op's "auto" sends small random
 # layers to the direct kernel): the implicit GEMM on mma.sync or wgmma for the forward (bias,
-# ReLU, residual) and grad-input, unsplit or split as the op would choose, and the tensor-core
+# ReLU, residual) and grad-input, unsplit or split as the op would choose, on the tile the op
+# would choose or on one pinned (as CNNKERN_CUDA_CONV_ALGO=tune pins each), and the tensor-core
 # grad-weight with the bias gradient; fp16/bf16, or fp32 as TF32; channels per group up to 40,
 # zero-padded where they are not whole 16-byte chunks.
 TC_DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
@@ -238,9 +241,9 @@ TC_DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 @settings(PROFILE, max_examples=_examples(25))
 @given(cfg=conv_configs(max_groups=2, max_c=40), data=st.data(),
        layout=st.sampled_from(["contiguous", "channels_last"]), algo=st.sampled_from(["igemm", "wgmma"]),
-       tf32=st.booleans(), split=st.sampled_from([0, 1]), has_bias=st.booleans(),
-       mode=st.sampled_from(["relu", "residual", "stats"]), seed=SEEDS)
-def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias, mode, seed):
+       tf32=st.booleans(), split=st.sampled_from([0, 1]), tile=st.sampled_from([-1, 0, 1, 2]),
+       has_bias=st.booleans(), mode=st.sampled_from(["relu", "residual", "stats"]), seed=SEEDS)
+def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, tile, has_bias, mode, seed):
     torch.manual_seed(seed)
     dtype = torch.float32 if tf32 else data.draw(st.sampled_from(TC_DTYPES), label="dtype")
     if algo == "wgmma" and not wgmma_here(dtype):
@@ -262,7 +265,7 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias
     res = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt) \
         if mode == "residual" else None
     st_ = _split_conv("cuda", x, w, b, y, stride, pad[:2], dil, groups, mode != "stats", mode == "stats", res, split,
-                      algo, tf32)
+                      algo, tf32, tile)
     g = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
     gxr, gwr, *gbr = torch.autograd.grad(ref, [t for t in (xr, wr, br) if t is not None], g.double())
     want = ref.detach() + (0 if res is None else res.double())
@@ -283,7 +286,7 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, has_bias
         assert_rel_close(mean, want.mean(dims), dtype, "mean", limit=mlim)
         assert_rel_close(var, want.var(dims, unbiased=False), dtype, "variance", limit=vlim)
     gx = torch.full_like(x, float("nan"))
-    _split_dgrad("cuda", g, w, gx, stride, pad[:2], dil, groups, split, algo, tf32)
+    _split_dgrad("cuda", g, w, gx, stride, pad[:2], dil, groups, split, algo, tf32, tile)
     assert_rel_close(gx, gxr, dtype, "grad input", limit=limits[1])
     if EMULATED_CUDA:  # forward and grad-input ran on the pinned kernel's tensor cores, and only there
         mma, wgmma = cuda_ops().cuemu_stats()[2:4]

@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from . import _tune
 from ._common import cuda_ops, custom_op, dispatcher, in_layout, new_output, output_channels_last, pick
 
 
@@ -51,10 +52,13 @@ def _check_backend(backend: str) -> None:
 
 # The CUDA C++ kernel choice for forward, grad-input and grad-weight: "auto" (the tensor cores
 # where they apply, on wgmma on a compute capability 9.0 GPU and on mma.sync elsewhere, else the
-# SIMT kernels); the GPU tests pin "direct", "igemm" (mma.sync) and "wgmma" through the raw ops.
-# CNNKERN_CUDA_CONV_ALGO pins one for a whole process (benchmarks: mma.sync against wgmma on the
-# same GPU); a pinned kernel that cannot run a layer is an error, not a fallback.
-CUDA_ALGOS = ("auto", "direct", "igemm", "wgmma")
+# SIMT kernels, with tiles and split-K chosen by the layer's size); the GPU tests pin "direct",
+# "igemm" (mma.sync) and "wgmma" through the raw ops. CNNKERN_CUDA_CONV_ALGO pins one for a whole
+# process (benchmarks: mma.sync against wgmma on the same GPU); a pinned kernel that cannot run a
+# layer is an error, not a fallback. "tune" times every kernel, tile and split-K setting that can
+# run a layer on its first call and keeps the fastest (cnnkern/ops/_tune.py: not under
+# deterministic algorithms or during a CUDA graph capture, where "auto" runs).
+CUDA_ALGOS = ("auto", "direct", "igemm", "wgmma", "tune")
 CUDA_ALGO = os.environ.get("CNNKERN_CUDA_CONV_ALGO", "auto")
 if CUDA_ALGO not in CUDA_ALGOS:
     raise ValueError(f"CNNKERN_CUDA_CONV_ALGO must be one of {', '.join(CUDA_ALGOS)}, got {CUDA_ALGO!r}")
@@ -71,6 +75,94 @@ TRITON_SPLITS = None if SPLIT_K == "auto" else 1
 
 
 # ---------------------------------------------------------------------------------------------
+# the CUDA C++ launches, with CUDA_ALGO's choice
+# ---------------------------------------------------------------------------------------------
+TUNER = _tune.Tuner("cnnkern conv2d (cuda)")
+_TILES = (0, 1, 2)  # 128x128, 64x128, 128x64 (csrc/cuda/conv2d.cu: igemm_tile)
+_WGMMA: dict[torch.device, bool] = {}
+
+
+def _wgmma_available(like: torch.Tensor) -> bool:
+    if like.device not in _WGMMA:
+        _WGMMA[like.device] = bool(cuda_ops().conv2d_wgmma_available_cuda(like))
+    return _WGMMA[like.device]
+
+
+def _tensor_cores(x: torch.Tensor, tf32: bool, rows: int) -> bool:
+    # csrc/cuda/conv2d.cu choose_algo: fp16/bf16, or fp32 as TF32, with row indices within int32
+    return (x.dtype in (torch.float16, torch.bfloat16) or (x.dtype == torch.float32 and tf32)) and rows < 2**31
+
+
+def _gemm_candidates(x: torch.Tensor, tf32: bool, rows: int) -> list[tuple[str, int, int]]:
+    """(algo, split_k, tile) of every forward / grad-input configuration that runs the layer: the
+    direct kernel, and each tensor-core kernel with each tile, split as the kernels choose and
+    unsplit (only unsplit under CNNKERN_CONV_SPLIT_K=off)."""
+    out = [("direct", 0, -1)]
+    if _tensor_cores(x, tf32, rows):
+        algos = ("igemm", "wgmma") if _wgmma_available(x) else ("igemm",)
+        splits = (CUDA_SPLIT_K,) if CUDA_SPLIT_K else (0, 1)
+        out += [(a, sk, t) for a in algos for t in _TILES for sk in splits]
+    return out
+
+
+def cuda_forward(x, w, bias, y, stride, padding, dilation, groups, relu, stats, tf32, residual) -> torch.Tensor:
+    """``conv2d_forward_cuda`` into ``y`` with :data:`CUDA_ALGO`'s kernel choice (the BatchNorm
+    statistics when ``stats``, else an empty tensor); padding = [top, left, ...]."""
+    args = (x, w, bias, y, stride, padding[:2], dilation, groups, relu)
+    if CUDA_ALGO != "tune":
+        return cuda_ops().conv2d_forward_cuda(*args, CUDA_ALGO, stats, tf32, residual, CUDA_SPLIT_K)
+
+    def launch(c):
+        algo, split_k, tile = c
+        return cuda_ops().conv2d_forward_cuda(*args, algo, stats, tf32, residual, split_k, tile)
+
+    key = ("fwd", *map(_tune.tensor_key, (x, w, bias, y, residual)), tuple(stride), tuple(padding[:2]),
+           tuple(dilation), groups, relu, stats, tf32)
+    rows = y.shape[0] * y.shape[2] * y.shape[3]
+    return TUNER.run(key, lambda: _gemm_candidates(x, tf32, rows), launch, ("auto", CUDA_SPLIT_K, -1), x.device)
+
+
+def cuda_backward_input(grad, w, gx, stride, padding, dilation, groups, tf32) -> None:
+    """``conv2d_backward_input_cuda`` into ``gx`` with :data:`CUDA_ALGO`'s kernel choice."""
+    args = (grad, w, gx, stride, padding[:2], dilation, groups)
+    if CUDA_ALGO != "tune":
+        cuda_ops().conv2d_backward_input_cuda(*args, CUDA_ALGO, tf32, CUDA_SPLIT_K)
+        return
+
+    def launch(c):
+        algo, split_k, tile = c
+        cuda_ops().conv2d_backward_input_cuda(*args, algo, tf32, split_k, tile)
+
+    key = ("dgrad", *map(_tune.tensor_key, (grad, w, gx)), tuple(stride), tuple(padding[:2]), tuple(dilation),
+           groups, tf32)
+    rows = gx.shape[0] * gx.shape[2] * gx.shape[3]
+    TUNER.run(key, lambda: _gemm_candidates(grad, tf32, rows), launch, ("auto", CUDA_SPLIT_K, -1), grad.device)
+
+
+def cuda_backward_weight(grad, x, gw, gb, stride, padding, dilation, groups, tf32) -> None:
+    """``conv2d_backward_weight_cuda`` into ``gw`` (and ``gb`` when it has elements) with
+    :data:`CUDA_ALGO`'s kernel choice (tuned: the direct kernel, mma.sync, and wgmma where it
+    runs: 16-bit inputs on an sm_90 GPU; the kernels choose their own tiles and splits)."""
+    args = (grad, x, gw, gb, stride, padding[:2], dilation, groups)
+    if CUDA_ALGO != "tune":
+        cuda_ops().conv2d_backward_weight_cuda(*args, CUDA_ALGO, tf32)
+        return
+
+    def candidates():
+        out = ["direct"]
+        if _tensor_cores(grad, tf32, 0):
+            out.append("igemm")
+            if grad.dtype != torch.float32 and _wgmma_available(grad):
+                out.append("wgmma")
+        return out
+
+    key = ("wgrad", *map(_tune.tensor_key, (grad, x, gw, gb)), tuple(stride), tuple(padding[:2]), tuple(dilation),
+           groups, tf32)
+    TUNER.run(key, candidates, lambda algo: cuda_ops().conv2d_backward_weight_cuda(*args, algo, tf32), "auto",
+              grad.device)
+
+
+# ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
 @custom_op("cnnkern::conv2d")
@@ -83,8 +175,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual
     if residual is not None:  # the kernels read it through y's strides
         residual = in_layout(residual, cl)
     if backend == "cuda":
-        cuda_ops().conv2d_forward_cuda(x, w, bias, y, stride, padding[:2], dilation, groups, relu, CUDA_ALGO,
-                                       False, precision == "tf32", residual, CUDA_SPLIT_K)
+        cuda_forward(x, w, bias, y, stride, padding, dilation, groups, relu, False, precision == "tf32", residual)
     else:
         _kernels().conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, relu, precision,
                                   residual=residual, splits=TRITON_SPLITS)
@@ -106,8 +197,7 @@ def conv2d_backward_input(grad: torch.Tensor, w: torch.Tensor, input_size: list[
     _check_backend(backend)
     gx = new_output(input_size, grad, channels_last)
     if backend == "cuda":
-        cuda_ops().conv2d_backward_input_cuda(grad, w, gx, stride, padding[:2], dilation, groups, CUDA_ALGO,
-                                              precision == "tf32", CUDA_SPLIT_K)
+        cuda_backward_input(grad, w, gx, stride, padding, dilation, groups, precision == "tf32")
     else:
         _kernels().conv2d_backward_input(grad, w, gx, stride, padding[:2], dilation, groups, precision,
                                          splits=TRITON_SPLITS)
@@ -127,8 +217,7 @@ def conv2d_backward_weight(grad: torch.Tensor, x: torch.Tensor, weight_size: lis
     gw = new_output(weight_size, grad, channels_last)
     gb = new_output([weight_size[0] if bias else 0], grad, False)
     if backend == "cuda":
-        cuda_ops().conv2d_backward_weight_cuda(grad, x, gw, gb, stride, padding[:2], dilation, groups, CUDA_ALGO,
-                                               precision == "tf32")
+        cuda_backward_weight(grad, x, gw, gb, stride, padding, dilation, groups, precision == "tf32")
     else:
         _kernels().conv2d_backward_weight(grad, x, gw, gb if bias else None, stride, padding[:2], dilation, groups,
                                           precision)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from ._common import cuda_ops, custom_op, dispatcher, in_layout, new_output, pick
-from .conv2d import CUDA_ALGO, CUDA_SPLIT_K, TRITON_SPLITS, _check_backend, _y_channels_last, conv2d_backward_input, conv2d_backward_weight, output_size
+from .conv2d import (TRITON_SPLITS, _check_backend, _y_channels_last, conv2d_backward_input, conv2d_backward_weight,
+                     cuda_forward, output_size)
 
 
 def _kernels():
@@ -49,8 +50,7 @@ def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
     n_, k, p, q = shape
     acc_t = _acc_dtype(x)
     if backend == "cuda":  # the statistics' workspace comes back from the kernel that fills it
-        stats = cuda_ops().conv2d_forward_cuda(x, w, bias, y, stride, padding[:2], dilation, groups, False,
-                                                      CUDA_ALGO, True, precision == "tf32", None, CUDA_SPLIT_K)
+        stats = cuda_forward(x, w, bias, y, stride, padding, dilation, groups, False, True, precision == "tf32", None)
         if stats.dim() != 3:  # no output element (K = 0; an empty batch never gets here): no statistics
             stats = torch.zeros((0, 3, k), dtype=acc_t, device=x.device)
     else:

@@ -142,11 +142,22 @@ Algo choose_algo(const char* op, const std::string& algo, bool tf32, bool aligne
 }
 
 // 128x128 tiles when they fill the GPU, 64-row tiles when they would not, 64-column tiles for
-// narrow outputs (K/groups <= 64), which would leave half of a 128-column tile idle.
-int igemm_tile(int64_t rows, int64_t cols, int64_t groups) {
+// narrow outputs (K/groups <= 64), which would leave half of a 128-column tile idle. `pinned`
+// (the ops' tile argument): -1 = that choice, 0 = 128x128, 1 = 64x128, 2 = 128x64 (rows x
+// columns) for every launch of the call (the Python side's tuner times each).
+int igemm_tile(int64_t rows, int64_t cols, int64_t groups, int64_t pinned) {
+  if (pinned >= 0) return static_cast<int>(pinned);
   if (cols <= 64) return 2;
   const int64_t blocks = ((rows + 127) / 128) * ((cols + 127) / 128) * groups;
   return blocks < sm_count() ? 1 : 0;
+}
+
+// The tile argument: -1, 0, 1 or 2, and only for a call that runs a tensor-core kernel.
+void check_tile(const char* op, int64_t tile, bool tensor_core) {
+  TORCH_CHECK(tile >= -1 && tile <= 2, "cnnkern ", op, ": tile must be -1 (chosen by the layer's size), ",
+              "0 (128x128), 1 (64x128) or 2 (128x64), got ", tile);
+  TORCH_CHECK(tile == -1 || tensor_core, "cnnkern ", op, ": tile=", tile, " pins a tile of the tensor-core ",
+              "kernels, but this call runs the direct kernel (algo='igemm' or 'wgmma' selects them)");
 }
 
 // cp.async moves 16-byte chunks: a view whose data does not start on 16 bytes (an odd storage
@@ -315,9 +326,10 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
                                const at::Tensor& y, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups, bool relu, c10::string_view algo_sv,
                                bool stats, bool tf32, const std::optional<at::Tensor>& residual,
-                               int64_t split_k) {
+                               int64_t split_k, int64_t tile_arg) {
   const char* op = "conv2d (cuda)";
   const std::string algo(algo_sv.data(), algo_sv.size());
+  check_tile(op, tile_arg, true);  // its range (whether a tensor-core kernel runs: below)
   CNNKERN_CHECK_CUDA(x, "input");
   check_same(op, x, w, "weight");
   check_same(op, x, y, "output");
@@ -348,12 +360,13 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
     const scalar_t* pr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     const int64_t cp = padded_channels<scalar_t>(g.Cg);
     const Algo kernel = choose_algo<scalar_t>(op, algo, tf32, cp == g.Cg, g.G, rows);
+    check_tile(op, tile_arg, kernel != Algo::Direct);
     if (kernel != Algo::Direct) {
       if constexpr (kTensorCore<scalar_t>) {
         const at::Tensor xs = pad_channels_last(x, g.G, cp);
         const at::Tensor wp = aligned_copy(pad_filter(w, g.G, g.Kg, cp).permute({0, 2, 3, 1}).contiguous());  // [K][R][S][cp]
         IgemmParams<scalar_t> p = igemm_params<scalar_t>(xs, wp, pb, y, g, relu, pr);
-        const int tile = igemm_tile(rows, g.Kg, g.G);
+        const int tile = igemm_tile(rows, g.Kg, g.G, tile_arg);
         if (stats) {
           const int bm = conv::igemm_tile_rows(tile);
           st = at::zeros({(rows + bm - 1) / bm, 3, g.K}, x.options().dtype(acc_type));
@@ -420,9 +433,11 @@ std::vector<DgradPhase> dgrad_phases(const ConvGeom& g) {
 
 void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& gx,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                int64_t groups, c10::string_view algo_sv, bool tf32, int64_t split_k) {
+                                int64_t groups, c10::string_view algo_sv, bool tf32, int64_t split_k,
+                                int64_t tile_arg) {
   const char* op = "conv2d_backward_input (cuda)";
   const std::string algo(algo_sv.data(), algo_sv.size());
+  check_tile(op, tile_arg, true);
   CNNKERN_CHECK_CUDA(grad, "grad_output");
   check_same(op, grad, w, "weight");
   check_same(op, grad, gx, "grad_input");
@@ -435,6 +450,7 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_backward_input_cuda", [&] {
     const int64_t kp = padded_channels<scalar_t>(g.Kg);
     const Algo kernel = choose_algo<scalar_t>(op, algo, tf32, kp == g.Kg, g.G, rows);
+    check_tile(op, tile_arg, kernel != Algo::Direct);
     if (kernel != Algo::Direct) {
       if constexpr (kTensorCore<scalar_t>) {
         const at::Tensor gs = pad_channels_last(grad, g.G, kp);
@@ -453,7 +469,8 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
           const at::Tensor wt = wk.slice(2, ph.r0, g.R, ph.step_h).slice(3, ph.s0, g.S, ph.step_w);
           const at::Tensor wp = pack(wt);  // (freed after the launch: the allocator orders its reuse after the kernel)
           const IgemmParams<scalar_t> p = igemm_params<scalar_t>(gs, wp, nullptr, out, ph.g, false);
-          launch_tensor_core<scalar_t>(p, kernel, true, igemm_tile(p.M, g.Cg, g.G), split_k, grad, op, stream);
+          launch_tensor_core<scalar_t>(p, kernel, true, igemm_tile(p.M, g.Cg, g.G, tile_arg), split_k, grad, op,
+                                       stream);
         }
         return;
       }
@@ -622,10 +639,18 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
   });
 }
 
+// Whether algo='wgmma' can run on `like`'s device (the tuner's candidates, cnnkern/ops/conv2d.py).
+bool conv2d_wgmma_available_cuda(const at::Tensor& like) {
+  CNNKERN_CHECK_CUDA(like, "like");
+  const c10::cuda::CUDAGuard guard(like.device());
+  return conv::wgmma_available();
+}
+
 }  // namespace
 }  // namespace cnnkern
 
 TORCH_LIBRARY_IMPL(cnnkern, CUDA, m) {
+  m.impl("conv2d_wgmma_available_cuda", &cnnkern::conv2d_wgmma_available_cuda);
   m.impl("conv2d_forward_cuda", &cnnkern::conv2d_forward_cuda);
   m.impl("conv2d_backward_input_cuda", &cnnkern::conv2d_backward_input_cuda);
   m.impl("conv2d_backward_weight_cuda", &cnnkern::conv2d_backward_weight_cuda);
