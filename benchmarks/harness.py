@@ -231,7 +231,8 @@ def environment() -> dict:
 
     Keys: gpu_name, sm_count, compute_capability, gpu_memory_GiB (None without CUDA), torch,
     triton, cuda, cudnn, python, allow_tf32_matmul, allow_tf32_cudnn, cudnn_benchmark, commit,
-    hostname, timestamp_utc (ISO 8601), extension_loaded, extension_archs.
+    hostname, timestamp_utc (ISO 8601), extension_loaded, extension_archs, cnnkern_env (every
+    CNNKERN_* environment variable set: kernel pins, split-K, tuning).
     """
     from cnnkern import _backend
 
@@ -260,6 +261,7 @@ def environment() -> dict:
         timestamp_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         extension_loaded=_backend.has_extension(),
         extension_archs=getattr(_backend._C, "cuda_archs", None),
+        cnnkern_env={k: v for k, v in sorted(os.environ.items()) if k.startswith("CNNKERN_")},
     )
     return env
 

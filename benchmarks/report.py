@@ -197,6 +197,9 @@ def environment_lines(data: dict) -> list[str]:
         f"- numerics: cudnn.benchmark={env.get('cudnn_benchmark')}, cudnn.allow_tf32={env.get('allow_tf32_cudnn')}, "
         f"matmul.allow_tf32={env.get('allow_tf32_matmul')}",
     ]
+    settings = {k: v for k, v in (env.get("cnnkern_env") or {}).items() if k != "CNNKERN_GIT_COMMIT"}
+    if settings:  # (kernel pins, split-K, tuning: what makes this run differ from the defaults)
+        lines.append("- cnnkern settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()))
     if ceil:
         lines.append(f"- ceilings measured in the same run: device copy {ceil.get('copy_GBps', 0):,.0f} GB/s "
                      f"(1 GiB bf16 copy_, read + write), bf16 matmul {ceil.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s "

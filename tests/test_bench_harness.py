@@ -13,7 +13,7 @@ from helpers import bench_cli_in_process, write_run_json
 
 ENV_KEYS = {"gpu_name", "sm_count", "compute_capability", "gpu_memory_GiB", "torch", "triton", "cuda", "cudnn",
             "python", "allow_tf32_matmul", "allow_tf32_cudnn", "cudnn_benchmark", "commit", "hostname",
-            "timestamp_utc", "extension_loaded", "extension_archs"}
+            "timestamp_utc", "extension_loaded", "extension_archs", "cnnkern_env"}
 
 
 def _rec(provider, median, case="c1", direction="fwd", p20=None, p80=None, nbytes=3 * 2**30):
@@ -38,6 +38,8 @@ def test_environment_has_every_key():
 def test_git_commit_override(monkeypatch):
     monkeypatch.setenv("CNNKERN_GIT_COMMIT", "abc123")
     assert harness.environment()["commit"] == "abc123"
+    monkeypatch.setenv("CNNKERN_CUDA_CONV_ALGO", "tune")  # (the settings a run was made with)
+    assert harness.environment()["cnnkern_env"]["CNNKERN_CUDA_CONV_ALGO"] == "tune"
     monkeypatch.delenv("CNNKERN_GIT_COMMIT")
     assert harness.git_commit("/nonexistent-dir") == "unknown"
 

@@ -159,3 +159,12 @@ def test_latest_report_is_the_newest_run(tmp_path):
     assert report.latest_report(str(tmp_path)) == str(tmp_path / "new" / "report.md")
     # the committed tree has a report
     assert report.latest_report(harness.RESULTS_DIR) is not None
+
+
+def test_environment_lines_name_the_cnnkern_settings():
+    """A run made with kernel pins or tuning says so in its report (the commit override does not)."""
+    data = dict(_committed("conv2d"))
+    assert not any("cnnkern settings" in line for line in report.environment_lines(data))
+    data["env"] = dict(data["env"], cnnkern_env={"CNNKERN_CUDA_CONV_ALGO": "tune", "CNNKERN_GIT_COMMIT": "abc"})
+    lines = report.environment_lines(data)
+    assert "- cnnkern settings: `CNNKERN_CUDA_CONV_ALGO=tune`" in lines

@@ -16,12 +16,14 @@ the result would then depend on timing noise or the timing is not possible:
   layers up before the capture, as CUDA graphs need anyway, and the capture replays the winners).
 
 Choices are kept for the process only (nothing is written to disk). The ``cnnkern.tune`` logger
-reports each choice with every candidate's time at INFO level.
+reports each choice with every candidate's time at INFO level; ``CNNKERN_TUNE_LOG=1`` sends those
+lines to stderr without configuring logging (for the benchmark's worker processes).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from typing import Any, Callable, Hashable, Sequence
@@ -29,6 +31,11 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 
 log = logging.getLogger("cnnkern.tune")
+if os.environ.get("CNNKERN_TUNE_LOG", "0") not in ("", "0"):
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
 
 REPS = 5  # timed runs per candidate (after one warm-up run)
 
