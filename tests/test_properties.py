@@ -304,6 +304,48 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, tile, ha
         assert (wgmma > 0) == wgrad_wgmma and (mma > 0) == (not wgrad_wgmma), (algo, tf32, mma, wgmma)
 
 
+# CNNKERN_CUDA_CONV_ALGO=tune on random layers, through the op and its autograd: the tuner runs
+# every candidate configuration of the forward, grad-input and grad-weight (each must run, the
+# padded ones included), and the kept one's results must be right.
+@cuda_kernel_test
+@settings(PROFILE, max_examples=_examples(12))
+@given(cfg=conv_configs(max_groups=3, max_c=20), data=st.data(), layout=st.sampled_from(LAYOUTS),
+       tf32=st.booleans(), has_bias=st.booleans(), relu=st.booleans(), seed=SEEDS)
+def test_conv2d_cuda_tuned(cfg, data, layout, tf32, has_bias, relu, seed):
+    from cnnkern.ops import _tune
+    from cnnkern.ops import conv2d as C
+    torch.manual_seed(seed)
+    dtype = torch.float32 if tf32 else data.draw(st.sampled_from(TC_DTYPES), label="dtype")
+    relu = relu and not tf32  # (a TF32 rounding that flips a mask element is not a kernel error)
+    x = _make(cfg["x"], dtype, layout)
+    w = (make(cfg["w"], dtype, DEVICE) * (cfg["w"][1] * cfg["w"][2] * cfg["w"][3]) ** -0.5).requires_grad_()
+    b = torch.randn(cfg["w"][0], dtype=dtype, device=DEVICE, requires_grad=True) if has_bias else None
+    groups = cfg["groups"]
+    stride, pad, dil = _checks.conv_args("t", x, w, b, cfg["stride"], cfg["padding"], cfg["dilation"], groups)
+    kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=groups)
+    saved = C.CUDA_ALGO, C.TUNER
+    C.CUDA_ALGO, C.TUNER = "tune", _tune.Tuner("property test")
+    try:
+        out = C.conv2d_call(x, w, b, None, list(stride), list(pad), list(dil), groups, relu,
+                            "tf32" if tf32 else "ieee", "cuda")
+        g = torch.randn_like(out)
+        got = _grads(out, (x, w, b), g)
+        kinds = {key[0] for key in C.TUNER.choices}
+    finally:
+        C.CUDA_ALGO, C.TUNER = saved
+    assert kinds == {"fwd", "dgrad", "wgrad"}
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    br = b.detach().double().requires_grad_() if b is not None else None
+    ref = reference.conv2d(xr, wr, br, activation="relu" if relu else None, **kw)
+    want = _grads(ref, (xr, wr, br), g.double())
+    base = REL_TOL["tf32"] if tf32 else tol(dtype, matmul=True)
+    limits = _conv_limits(x, w, b, None, g, kw, dtype, base, (ref, *want), tf32)
+    assert_rel_close(out, ref, dtype, "output", limit=limits[0])
+    for name, a, r, lim in zip(("grad input", "grad weight", "grad bias"), got, want, limits[1:]):
+        if r is not None:
+            assert_rel_close(a, r, dtype, name, limit=lim)
+
+
 def _abs_conv(x, w, kw, g=None):
     """conv2d(|x|, |w|) in float64; with ``g`` (non-negative, the output's shape) also its input
     and weight gradients for g: the sums of absolute values that bound a convolution's rounding."""
