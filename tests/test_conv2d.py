@@ -680,6 +680,35 @@ def test_cuda_tune_keeps_the_fastest(tuning, monkeypatch):
 
 
 @cuda_kernel_test
+def test_cuda_tune_skips_a_candidate_out_of_memory(tuning, monkeypatch):
+    """A candidate that runs out of memory while timed is left out (the others still race); when
+    every one does, the error is raised and nothing is kept."""
+    from cnnkern.ops import _tune
+    x, w, b, kw = _tuned_layer()
+    seen = []
+
+    def measure(run, device):
+        seen.append(device)
+        if len(seen) % 2:  # every other candidate "runs out of memory", the first among them
+            raise torch.OutOfMemoryError("test")
+        return float(len(seen))
+
+    monkeypatch.setattr(_tune, "measure", measure)
+    y = F.conv2d(x.detach(), w.detach(), b.detach(), **kw, backend="cuda")
+    ((key, choice),) = tuning.choices.items()
+    times = tuning.timings[key]
+    assert len(times) == len(seen) // 2 and choice == min(times, key=times.get)
+    assert not torch.isnan(y).any()
+    def out_of_memory(run, device):
+        raise torch.OutOfMemoryError("test")
+
+    monkeypatch.setattr(_tune, "measure", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="every candidate ran out of memory"):
+        F.conv2d(x[:1].detach(), w.detach(), b.detach(), **kw, backend="cuda")
+    assert len(tuning.choices) == 1
+
+
+@cuda_kernel_test
 def test_cuda_tune_times_on_this_device(tuning):
     """With the real timer (CUDA events on a GPU, the host clock on the emulator): every candidate
     gets a time, the fastest is kept, and the conv-BN-ReLU's training forward (BatchNorm statistics

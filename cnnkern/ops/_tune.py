@@ -7,6 +7,10 @@ outputs, so the last run, of the winner, leaves the result), times each with CUD
 current stream (the median of ``REPS`` runs after one warm-up run), and keeps the fastest for the
 rest of the process; later calls with that key launch it at once (a dictionary lookup).
 
+A candidate that runs out of memory (a zero-padded copy or a split-K workspace the device cannot
+hold) is left out of the race, as cudnn.benchmark leaves out an algorithm whose workspace cannot
+be allocated; only if every candidate does is the error raised.
+
 It does not time, and launches the op's own default choice instead (without remembering it), when
 the result would then depend on timing noise or the timing is not possible:
 
@@ -102,7 +106,14 @@ class Tuner:
             return launch(candidates[0])
         if not can_tune(device):
             return launch(default)
-        times = {c: measure(lambda c=c: launch(c), device) for c in candidates}
+        times = {}
+        for c in candidates:
+            try:
+                times[c] = measure(lambda c=c: launch(c), device)
+            except torch.OutOfMemoryError:  # (a padded copy or a split-K workspace too large here: skip it)
+                log.info("%s %s: %s skipped, out of memory", self.name, key, c)
+        if not times:
+            raise torch.OutOfMemoryError(f"{self.name}: every candidate ran out of memory ({list(candidates)})")
         best = min(times, key=times.get)
         self.choices[key] = best
         self.timings[key] = times
