@@ -660,8 +660,7 @@ def test_cuda_tune_keeps_the_fastest(tuning, monkeypatch):
     cuda_ops().conv2d_backward_weight_cuda(g, x, gw_pin, gb_pin, stride, pad, dil, 1, "igemm", False)
     for got, pinned in ((y, y_pin), (gx, gx_pin), (gw, gw_pin), (gb, gb_pin)):
         assert torch.equal(got, pinned)
-    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
-    ref = torch.nn.functional.conv2d(xr, wr, br, **kw)
+    xr, wr, br, ref = _ref(x, w, b, kw)
     assert_rel_close(y, ref, x.dtype, matmul=True)
     for got, r, what in zip((gx, gw, gb), torch.autograd.grad(ref, (xr, wr, br), g.double()), ("x", "w", "b")):
         assert_rel_close(got, r, x.dtype, f"grad {what}", matmul=True)

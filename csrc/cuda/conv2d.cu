@@ -152,12 +152,16 @@ int igemm_tile(int64_t rows, int64_t cols, int64_t groups, int64_t pinned) {
   return blocks < sm_count() ? 1 : 0;
 }
 
-// The tile argument: -1, 0, 1 or 2, and only for a call that runs a tensor-core kernel.
-void check_tile(const char* op, int64_t tile, bool tensor_core) {
+// The tile argument: -1, 0, 1 or 2 (checked before anything else) ...
+void check_tile_range(const char* op, int64_t tile) {
   TORCH_CHECK(tile >= -1 && tile <= 2, "cnnkern ", op, ": tile must be -1 (chosen by the layer's size), ",
               "0 (128x128), 1 (64x128) or 2 (128x64), got ", tile);
-  TORCH_CHECK(tile == -1 || tensor_core, "cnnkern ", op, ": tile=", tile, " pins a tile of the tensor-core ",
-              "kernels, but this call runs the direct kernel (algo='igemm' or 'wgmma' selects them)");
+}
+
+// ... and pinned only for a call that runs a tensor-core kernel (checked once the kernel is chosen).
+void check_tile_kernel(const char* op, int64_t tile, Algo kernel) {
+  TORCH_CHECK(tile == -1 || kernel != Algo::Direct, "cnnkern ", op, ": tile=", tile, " pins a tile of the ",
+              "tensor-core kernels, but this call runs the direct kernel (algo='igemm' or 'wgmma' selects them)");
 }
 
 // cp.async moves 16-byte chunks: a view whose data does not start on 16 bytes (an odd storage
@@ -329,7 +333,7 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
                                int64_t split_k, int64_t tile_arg) {
   const char* op = "conv2d (cuda)";
   const std::string algo(algo_sv.data(), algo_sv.size());
-  check_tile(op, tile_arg, true);  // its range (whether a tensor-core kernel runs: below)
+  check_tile_range(op, tile_arg);
   CNNKERN_CHECK_CUDA(x, "input");
   check_same(op, x, w, "weight");
   check_same(op, x, y, "output");
@@ -360,7 +364,7 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& w, const s
     const scalar_t* pr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     const int64_t cp = padded_channels<scalar_t>(g.Cg);
     const Algo kernel = choose_algo<scalar_t>(op, algo, tf32, cp == g.Cg, g.G, rows);
-    check_tile(op, tile_arg, kernel != Algo::Direct);
+    check_tile_kernel(op, tile_arg, kernel);
     if (kernel != Algo::Direct) {
       if constexpr (kTensorCore<scalar_t>) {
         const at::Tensor xs = pad_channels_last(x, g.G, cp);
@@ -437,7 +441,7 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
                                 int64_t tile_arg) {
   const char* op = "conv2d_backward_input (cuda)";
   const std::string algo(algo_sv.data(), algo_sv.size());
-  check_tile(op, tile_arg, true);
+  check_tile_range(op, tile_arg);
   CNNKERN_CHECK_CUDA(grad, "grad_output");
   check_same(op, grad, w, "weight");
   check_same(op, grad, gx, "grad_input");
@@ -450,7 +454,7 @@ void conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& w, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_backward_input_cuda", [&] {
     const int64_t kp = padded_channels<scalar_t>(g.Kg);
     const Algo kernel = choose_algo<scalar_t>(op, algo, tf32, kp == g.Kg, g.G, rows);
-    check_tile(op, tile_arg, kernel != Algo::Direct);
+    check_tile_kernel(op, tile_arg, kernel);
     if (kernel != Algo::Direct) {
       if constexpr (kTensorCore<scalar_t>) {
         const at::Tensor gs = pad_channels_last(grad, g.G, kp);
