@@ -254,11 +254,13 @@ bench_mma() {
 }
 # the same quick layers with the CUDA convolution's kernel, tile and split-K setting timed per
 # layer on its first call (CNNKERN_CUDA_CONV_ALGO=tune; the bench's check takes that call; the
-# step's log lists each layer's choice with every candidate's time):
+# step's log lists each layer's choice with every candidate's time, and OUTDIR/tune-cache.json
+# holds them as CNNKERN_TUNE_CACHE writes them):
 # what the size heuristics leave on the table (cnnkern bench --compare against bench-quick)
 # shellcheck disable=SC2046
 bench_tune() {
-  CNNKERN_CUDA_CONV_ALGO=tune CNNKERN_TUNE_LOG=1 "$PY" -m cnnkern.cli bench --quick --ops conv2d --backends cuda --no-inductor \
+  CNNKERN_CUDA_CONV_ALGO=tune CNNKERN_TUNE_LOG=1 CNNKERN_TUNE_CACHE="$out/tune-cache.json" \
+    "$PY" -m cnnkern.cli bench --quick --ops conv2d --backends cuda --no-inductor \
     --out "$out/results-tune" --no-progress $(bench_limit)
 }
 # split-K's worth: ResNet-50's conv layers at batch 1 (where the few-tile layers split), both

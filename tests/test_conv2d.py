@@ -2,6 +2,7 @@
 AlexNet, VGG, GoogLeNet and ResNet at reduced spatial size, in every backend that can run here;
 layouts, dtypes, groups, dilation, "same" padding, the fused ReLU; registration; bad input."""
 
+import json
 import os
 
 import pytest
@@ -752,6 +753,153 @@ def test_cuda_tune_is_off_under_deterministic_algorithms(tuning, monkeypatch):
     with ieee_fp32():
         _fwd_bwd(x, w, b, kw)
     assert set(tuning.choices.values()) == {("direct", 0, -1), "direct"} and not tuning.timings
+
+
+# CNNKERN_TUNE_CACHE: the tuned choices in a file that later processes start from
+def _cache_tuner(path, build="build a"):
+    from cnnkern.ops import _tune
+    return _tune.Tuner("test", _tune.TuneCache(str(path), lambda: {"extension": build}))
+
+
+_KEY = ("fwd", ((2, 32, 9, 9), (2592, 1, 288, 32), torch.bfloat16, torch.device("cpu"), True), None, (2, 2), True)
+_CANDIDATES = [("direct", 0, -1), ("igemm", 0, 1), ("igemm", 1, 2), ("wgmma", 0, 0)]
+
+
+def _race(tuner, monkeypatch, times, key=_KEY, candidates=_CANDIDATES):
+    """tuner.run on made-up times (None: timing is an error); returns (launched choices, times taken)."""
+    from cnnkern.ops import _tune
+    taken, launched = [], []
+
+    def fake_measure(run, device):
+        if times is None:
+            raise AssertionError("timed")
+        run()
+        taken.append(times[len(taken)])
+        return taken[-1]
+
+    monkeypatch.setattr(_tune, "measure", fake_measure)
+    tuner.run(key, lambda: list(candidates), launched.append, ("auto", 0, -1), torch.device("cpu"))
+    return launched, taken
+
+
+def test_tune_cache_is_read_by_a_later_process(tmp_path, monkeypatch):
+    """A choice timed by one tuner is written to the file; a new tuner on that file (a later
+    process) launches it without timing, the tuple choice read back as a tuple; a new key is still
+    timed, and added to the file beside the first."""
+    path = tmp_path / "sub" / "tune.json"  # (the folder is made)
+    launched, _ = _race(_cache_tuner(path), monkeypatch, [3.0, 1.0, 2.0, 4.0])
+    assert launched == _CANDIDATES + [("igemm", 0, 1)]
+    later = _cache_tuner(path)
+    launched, _ = _race(later, monkeypatch, None)
+    assert launched == [("igemm", 0, 1)] and later.choices == {_KEY: ("igemm", 0, 1)} and not later.timings
+    other = (*_KEY[:-1], False)
+    launched, taken = _race(later, monkeypatch, [1.0, 2.0, 3.0, 0.5], key=other)
+    assert launched[-1] == ("wgmma", 0, 0) and len(taken) == 4
+    data = json.loads(path.read_text())
+    assert data["format"] == 1 and data["fingerprint"] == {"extension": "build a"}
+    entries = data["tuners"]["test"]
+    assert sorted(e["choice"] for e in entries.values()) == [["igemm", 0, 1], ["wgmma", 0, 0]]
+    assert all(len(e["ms"]) == 4 for e in entries.values())
+    assert '"cpu"' in next(iter(entries)) and "torch.bfloat16" in next(iter(entries))  # (devices as their kind)
+
+
+def test_tune_cache_of_another_build_or_candidate_set_is_not_used(tmp_path, monkeypatch):
+    """A file written by another build is ignored (timed anew) and replaced; a recorded choice that
+    is no longer a candidate is timed anew and replaced; under deterministic algorithms the file is
+    not used (the default runs, as without it)."""
+    path = tmp_path / "tune.json"
+    _race(_cache_tuner(path, "old build"), monkeypatch, [3.0, 1.0, 2.0, 4.0])
+    launched, taken = _race(_cache_tuner(path, "new build"), monkeypatch, [1.0, 3.0, 2.0, 4.0])
+    assert launched[-1] == ("direct", 0, -1) and len(taken) == 4
+    data = json.loads(path.read_text())
+    assert data["fingerprint"] == {"extension": "new build"}
+    assert [e["choice"] for e in data["tuners"]["test"].values()] == [["direct", 0, -1]]
+    fewer = [c for c in _CANDIDATES if c[0] != "direct"]  # (the recorded choice is gone)
+    launched, taken = _race(_cache_tuner(path, "new build"), monkeypatch, [5.0, 1.0, 6.0], candidates=fewer)
+    assert launched[-1] == ("igemm", 1, 2) and len(taken) == 3
+    torch.use_deterministic_algorithms(True)
+    try:
+        launched, _ = _race(_cache_tuner(path, "new build"), monkeypatch, None, candidates=fewer)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert launched == [("auto", 0, -1)]
+
+
+def test_tune_cache_that_cannot_be_read_or_written_warns(tmp_path, monkeypatch):
+    """A damaged file is a warning naming the variable and the file; tuning goes on and the first
+    store replaces it with a valid one. A path that can be neither read nor written is one warning,
+    not one per layer; the choices are still kept in the process."""
+    path = tmp_path / "tune.json"
+    path.write_text("{not json")
+    tuner = _cache_tuner(path)
+    with pytest.warns(RuntimeWarning, match=f"CNNKERN_TUNE_CACHE={path}: cannot read it"):
+        launched, _ = _race(tuner, monkeypatch, [3.0, 1.0, 2.0, 4.0])
+    assert launched[-1] == ("igemm", 0, 1)
+    assert json.loads(path.read_text())["tuners"]["test"]
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    tuner = _cache_tuner(blocked / "tune.json")  # (its folder is a file)
+    with pytest.warns(RuntimeWarning, match="cannot read it") as seen:
+        _race(tuner, monkeypatch, [3.0, 1.0, 2.0, 4.0])
+        _race(tuner, monkeypatch, [3.0, 1.0, 2.0, 0.5], key=(*_KEY[:-1], False))
+    assert len([w for w in seen if "CNNKERN_TUNE_CACHE" in str(w.message)]) == 1
+    assert list(tuner.choices.values()) == [("igemm", 0, 1), ("wgmma", 0, 0)]
+
+
+_WRITER = """
+import os, sys, time, torch
+from cnnkern.ops import _tune
+path, first, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+tuner = _tune.Tuner("test", _tune.TuneCache(path, lambda: {"extension": "x"}))
+_tune.measure = lambda run, device: 1.0
+open(go + str(first), "w").close()
+while not os.path.exists(go):  # (both start storing together)
+    time.sleep(0.001)
+for i in range(first, first + 150):
+    tuner.run(("layer", i), lambda: ["a", "b"], lambda c: None, "a", torch.device("cpu"))
+"""
+
+
+def test_tune_cache_keeps_what_concurrent_processes_write(tmp_path):
+    """Two processes adding choices to one file at the same time (benchmark workers) lose none of
+    them (each store re-reads the file under a lock)."""
+    import subprocess
+    import sys
+    import time
+    path, go = tmp_path / "tune.json", tmp_path / "go"
+    starts = (0, 1000)
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(s), str(go)]) for s in starts]
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"go{s}").exists() for s in starts) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "a writer failed to start"
+        time.sleep(0.01)
+    go.touch()
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    keys = json.loads(path.read_text())["tuners"]["test"]
+    assert sorted(json.loads(k)[1] for k in keys) == [i + s for s in starts for i in range(150)]
+
+
+@cuda_kernel_test
+def test_cuda_tune_cache_gives_the_same_kernels_later(tuning, tmp_path, monkeypatch):
+    """The conv's forward, grad-input and grad-weight tuned with a cache file: a later tuner (a new
+    process) on the file times nothing and returns the same bits."""
+    from cnnkern.ops import _tune, conv2d as C
+    path = str(tmp_path / "tune.json")
+    monkeypatch.setattr(C, "TUNER", _tune.Tuner("conv", _tune.TuneCache(path, C._build_fingerprint)))
+    x, w, b, kw = _tuned_layer()
+    first, g = _fwd_bwd(x, w, b, kw)
+    chosen = dict(C.TUNER.choices)
+    assert len(chosen) == 3 and set(json.loads(open(path).read())["tuners"]["conv"]) == set(
+        map(_tune._text, chosen))
+
+    def no_timing(run, device):
+        raise AssertionError("a recorded layer was timed")
+
+    monkeypatch.setattr(_tune, "measure", no_timing)
+    monkeypatch.setattr(C, "TUNER", _tune.Tuner("conv", _tune.TuneCache(path, C._build_fingerprint)))
+    again, _ = _fwd_bwd(x, w, b, kw, g)
+    assert C.TUNER.choices == chosen
+    assert all(torch.equal(a, b_) for a, b_ in zip(again, first))
 
 
 @cuda_kernel_test

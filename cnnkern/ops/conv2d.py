@@ -19,6 +19,7 @@ Backends: ``"triton"`` (kernels/conv2d.py) and ``"cuda"`` (csrc/cuda/conv2d*.cu,
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -77,7 +78,15 @@ TRITON_SPLITS = None if SPLIT_K == "auto" else 1
 # ---------------------------------------------------------------------------------------------
 # the CUDA C++ launches, with CUDA_ALGO's choice
 # ---------------------------------------------------------------------------------------------
-TUNER = _tune.Tuner("cnnkern conv2d (cuda)")
+def _build_fingerprint() -> dict:
+    """What built the CUDA kernels, for CNNKERN_TUNE_CACHE: the digest of the compiled extension
+    (its kernels and their launch choices) and the versions of torch and CUDA."""
+    ext = getattr(sys.modules.get("cnnkern._C"), "__file__", None)
+    return {"extension": _tune.file_digest(ext) if ext else None, "torch": torch.__version__,
+            "cuda": torch.version.cuda}
+
+
+TUNER = _tune.Tuner("cnnkern conv2d (cuda)", _tune.cache_from_env(_build_fingerprint))
 _TILES = (0, 1, 2)  # 128x128, 64x128, 128x64 (csrc/cuda/conv2d.cu: igemm_tile)
 _WGMMA: dict[torch.device, bool] = {}
 
