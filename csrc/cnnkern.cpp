@@ -39,9 +39,15 @@ TORCH_LIBRARY_FRAGMENT(cnnkern, m) {
   m.def("conv2d_wgmma_available_cuda(Tensor like) -> bool");
   // grad_bias: an empty tensor when the bias gradient is not wanted; algo: the grad-weight kernel
   // ("auto" | "direct": SIMT | "igemm": mma.sync tensor cores | "wgmma"); tf32: fp32 on the
-  // mma.sync tensor cores as TF32
+  // mma.sync tensor cores as TF32; splits: of the N*P*Q pixels summed over, into fp32 partials
+  // added by a second kernel in a fixed order (0 = chosen by the layer's size, n = n splits, fewer
+  // where the pixels run out)
   m.def("conv2d_backward_weight_cuda(Tensor grad, Tensor x, Tensor(a!) grad_weight, Tensor(b!) grad_bias, "
-        "int[] stride, int[] padding, int[] dilation, int groups, str algo=\"auto\", bool tf32=False) -> ()");
+        "int[] stride, int[] padding, int[] dilation, int groups, str algo=\"auto\", bool tf32=False, "
+        "int splits=0) -> ()");
+  // the splits conv2d_backward_weight_cuda takes with these arguments (0 when it has nothing to sum)
+  m.def("conv2d_backward_weight_splits_cuda(Tensor grad, Tensor x, Tensor grad_weight, int[] stride, "
+        "int[] padding, int[] dilation, int groups, str algo=\"auto\", bool tf32=False, int splits=0) -> int");
   // training-mode BatchNorm + ReLU around the convolution (csrc/cuda/conv_bn_relu.cu); y, out,
   // grad, dy: one dense layout; scale, shift, a, b, c: (K,) fp32 (fp64 for double)
   // stats (rows, 3, K) of (count, mean, M2) -> mean, 1/sqrt(var + eps), biased var, and BN folded

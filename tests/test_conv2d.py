@@ -597,9 +597,55 @@ def test_gpu_cuda_tiles_pinned(layer, tile, algo):
     assert_rel_close(y, ref.relu(), dtype, matmul=True)
     assert_rel_close(gx, rgx, dtype, "grad input", matmul=True)
 
+@cuda_kernel_test
+@pytest.mark.parametrize("algo", ["direct", "igemm", "wgmma"])
+@pytest.mark.parametrize("layer", ["resnet_3x3_c64", "stage_entry_3x3s2", "grouped_8", "odd_3x3"])
+def test_gpu_cuda_wgrad_splits_pinned(layer, algo):
+    """The grad-weight with its pixel splits pinned (the candidates of CNNKERN_CUDA_CONV_ALGO=tune):
+    one, a few that do not divide the pixels, and more splits than pixels; the weight and bias
+    gradients against float64, and each split count as the kernels count it (the _splits query)."""
+    xs, k, ks, stride, pad, dil, groups = GPU_LAYERS[layer]
+    dtype = torch.float32 if algo == "direct" else torch.bfloat16
+    if algo == "wgmma" and not wgmma_here(dtype):
+        pytest.skip("wgmma: a compute capability 9.0 GPU (or the emulator) only")
+    x = make(xs, dtype, DEVICE, "channels_last")
+    w = make((k, xs[1] // groups, ks, ks), dtype, DEVICE)
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+    xr, wr = x.double(), w.double().requires_grad_()
+    br = torch.zeros(k, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    ref = torch.nn.functional.conv2d(xr, wr, br, **kw)
+    g = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    rgw, rgb = torch.autograd.grad(ref, (wr, br), g.double())
+    pixels = ref.shape[0] * ref.shape[2] * ref.shape[3]
+    geom = ([stride] * 2, [pad] * 2, [dil] * 2, groups)
+    chosen = cuda_ops().conv2d_backward_weight_splits_cuda(g, x, w, *geom, algo)
+    assert 1 <= chosen <= pixels
+    blocks = {}  # split count -> blocks launched (the emulator counts them)
+    for splits in (1, 3, 7, chosen, pixels + 5):
+        count = cuda_ops().conv2d_backward_weight_splits_cuda(g, x, w, *geom, algo, False, splits)
+        assert count == min(splits, pixels) or (splits not in (1, pixels + 5) and count < splits), (splits, count)
+        gw, gb = torch.full_like(w, float("nan")), torch.full((k,), float("nan"), dtype=dtype, device=DEVICE)
+        if EMULATED_CUDA:
+            cuda_ops().cuemu_stats()
+        cuda_ops().conv2d_backward_weight_cuda(g, x, gw, gb, *geom, algo, False, splits)
+        if EMULATED_CUDA:
+            blocks[count] = cuda_ops().cuemu_stats()[6]
+        assert_rel_close(gw, rgw, dtype, f"grad weight, {splits} splits", matmul=True)
+        assert_rel_close(gb, rgb, dtype, f"grad bias, {splits} splits", matmul=True)
+    if EMULATED_CUDA:  # the same tiles once per split (the reduction and the bias gradient do not depend on it)
+        per_split = (blocks[pixels] - blocks[1]) / (pixels - 1)
+        assert per_split >= groups and per_split == int(per_split), blocks
+        assert all(b - blocks[1] == per_split * (n - 1) for n, b in blocks.items()), blocks
+    for op in ("conv2d_backward_weight_cuda", "conv2d_backward_weight_splits_cuda"):
+        args = (g, x, w, torch.empty(0, dtype=dtype, device=DEVICE)) if op == "conv2d_backward_weight_cuda" else (
+            g, x, w)
+        with pytest.raises(RuntimeError, match=r"splits must be >= 0 \(0: choose\), got -1"):
+            getattr(cuda_ops(), op)(*args, *geom, algo, False, -1)
+
+
 
 # ------------------------------------------------------------------------------------------------
-# CNNKERN_CUDA_CONV_ALGO=tune: the fastest kernel, tile and split-K setting per layer
+# CNNKERN_CUDA_CONV_ALGO=tune: the fastest kernel, tile and split setting per layer
 # ------------------------------------------------------------------------------------------------
 def _tuned_layer(dtype=torch.bfloat16):
     x = make((2, 32, 9, 9), dtype, DEVICE, "channels_last", requires_grad=True)
@@ -631,10 +677,14 @@ def test_cuda_tune_keeps_the_fastest(tuning, monkeypatch):
     from cnnkern.ops import _tune, conv2d as C
     x, w, b, kw = _tuned_layer()
     gemm = C._gemm_candidates(x, False, 2 * 5 * 5)
-    wgrad = ["direct", "igemm"] + (["wgmma"] if wgmma_here(x.dtype) else [])
-    assert gemm[0] == ("direct", 0, -1) and len(gemm) == 1 + 6 * (len(wgrad) - 1)
-    assert {a for a, _, _ in gemm} == set(wgrad) and {t for _, _, t in gemm[1:]} == {0, 1, 2}
-    want = {"fwd": gemm[2], "dgrad": gemm[-1], "wgrad": "igemm"}  # (not the last timed of the forward)
+    algos = ["direct", "igemm"] + (["wgmma"] if wgmma_here(x.dtype) else [])
+    assert gemm[0] == ("direct", 0, -1) and len(gemm) == 1 + 6 * (len(algos) - 1)
+    assert {a for a, _, _ in gemm} == set(algos) and {t for _, _, t in gemm[1:]} == {0, 1, 2}
+    wgrad = C._wgrad_candidates(torch.empty(2, 40, 5, 5, dtype=x.dtype, device=DEVICE), x, w, [2, 2], [1, 1],
+                                [1, 1], 1, False)
+    assert [a for a, _ in wgrad] == [a for a in algos for _ in range(2)]  # (50 pixels: 1 split chosen, or 2)
+    assert {n for _, n in wgrad} == {1, 2}
+    want = {"fwd": gemm[2], "dgrad": gemm[-1], "wgrad": ("igemm", 2)}  # (not the last timed of the forward)
     times = iter([1.0 - 0.5 * (c == want["fwd"]) for c in gemm] + [1.0 - 0.5 * (c == want["dgrad"]) for c in gemm] +
                  [1.0 - 0.5 * (c == want["wgrad"]) for c in wgrad])
     calls = []
@@ -658,7 +708,7 @@ def test_cuda_tune_keeps_the_fastest(tuning, monkeypatch):
     cuda_ops().conv2d_backward_input_cuda(g, w, gx_pin, stride, pad, dil, 1, want["dgrad"][0], False,
                                           *want["dgrad"][1:])
     gw_pin, gb_pin = torch.empty_like(w), torch.empty_like(b)
-    cuda_ops().conv2d_backward_weight_cuda(g, x, gw_pin, gb_pin, stride, pad, dil, 1, "igemm", False)
+    cuda_ops().conv2d_backward_weight_cuda(g, x, gw_pin, gb_pin, stride, pad, dil, 1, "igemm", False, 2)
     for got, pinned in ((y, y_pin), (gx, gx_pin), (gw, gw_pin), (gb, gb_pin)):
         assert torch.equal(got, pinned)
     xr, wr, br, ref = _ref(x, w, b, kw)
@@ -732,7 +782,8 @@ def test_cuda_tune_times_on_this_device(tuning):
 @cuda_kernel_test
 def test_cuda_tune_is_off_under_deterministic_algorithms(tuning, monkeypatch):
     """Deterministic algorithms: the kernels "auto" chooses (the same on every run), nothing timed
-    or kept; a layer with one candidate (fp32 without TF32: the direct kernel) is not timed."""
+    or kept; a layer with one candidate (the forward and grad-input of fp32 without TF32: the
+    direct kernel) is not timed."""
     from cnnkern.ops import _tune
 
     def no_timing(run, device):
@@ -751,8 +802,9 @@ def test_cuda_tune_is_off_under_deterministic_algorithms(tuning, monkeypatch):
     assert torch.equal(y, y_auto)
     x, w, b, kw = _tuned_layer(torch.float32)
     with ieee_fp32():
-        _fwd_bwd(x, w, b, kw)
-    assert set(tuning.choices.values()) == {("direct", 0, -1), "direct"} and not tuning.timings
+        y = F.conv2d(x.detach(), w.detach(), b.detach(), **kw, backend="cuda")
+        torch.autograd.grad(F.conv2d(x, w.detach(), b.detach(), **kw, backend="cuda"), x, torch.randn_like(y))
+    assert list(tuning.choices.values()) == [("direct", 0, -1)] * 2 and not tuning.timings
 
 
 # CNNKERN_TUNE_CACHE: the tuned choices in a file that later processes start from

@@ -232,8 +232,9 @@ def test_conv2d_split_k(backend, cfg, data, layout, splits, mode, has_bias, seed
 # layers to the direct kernel): the implicit GEMM on mma.sync or wgmma for the forward (bias,
 # ReLU, residual) and grad-input, unsplit or split as the op would choose, on the tile the op
 # would choose or on one pinned (as CNNKERN_CUDA_CONV_ALGO=tune pins each), and the tensor-core
-# grad-weight with the bias gradient; fp16/bf16, or fp32 as TF32; channels per group up to 40,
-# zero-padded where they are not whole 16-byte chunks.
+# grad-weight with the bias gradient, its pixel splits as it chooses or pinned (one, three, more
+# than there are pixels); fp16/bf16, or fp32 as TF32; channels per group up to 40, zero-padded
+# where they are not whole 16-byte chunks.
 TC_DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 
@@ -242,8 +243,9 @@ TC_DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 @given(cfg=conv_configs(max_groups=2, max_c=40), data=st.data(),
        layout=st.sampled_from(["contiguous", "channels_last"]), algo=st.sampled_from(["igemm", "wgmma"]),
        tf32=st.booleans(), split=st.sampled_from([0, 1]), tile=st.sampled_from([-1, 0, 1, 2]),
-       has_bias=st.booleans(), mode=st.sampled_from(["relu", "residual", "stats"]), seed=SEEDS)
-def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, tile, has_bias, mode, seed):
+       wgrad_splits=st.sampled_from([0, 1, 3, 1 << 20]), has_bias=st.booleans(),
+       mode=st.sampled_from(["relu", "residual", "stats"]), seed=SEEDS)
+def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, tile, wgrad_splits, has_bias, mode, seed):
     torch.manual_seed(seed)
     dtype = torch.float32 if tf32 else data.draw(st.sampled_from(TC_DTYPES), label="dtype")
     if algo == "wgmma" and not wgmma_here(dtype):
@@ -294,7 +296,7 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, tile, ha
     gw = torch.full_like(w, float("nan"))
     gb = torch.full_like(b, float("nan")) if b is not None else torch.empty(0, dtype=dtype, device=DEVICE)
     cuda_ops().conv2d_backward_weight_cuda(g, x, gw, gb, list(stride), list(pad[:2]), list(dil), groups,
-                                           "igemm" if tf32 else algo, tf32)
+                                           "igemm" if tf32 else algo, tf32, wgrad_splits)
     assert_rel_close(gw, gwr, dtype, "grad weight", limit=limits[2])
     if b is not None:  # (an fp32 sum of the gradient, also with TF32)
         assert_rel_close(gb, gbr[0], dtype, "grad bias", limit=limits[3])

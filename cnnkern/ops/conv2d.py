@@ -56,7 +56,7 @@ def _check_backend(backend: str) -> None:
 # SIMT kernels, with tiles and split-K chosen by the layer's size); the GPU tests pin "direct",
 # "igemm" (mma.sync) and "wgmma" through the raw ops. CNNKERN_CUDA_CONV_ALGO pins one for a whole
 # process (benchmarks: mma.sync against wgmma on the same GPU); a pinned kernel that cannot run a
-# layer is an error, not a fallback. "tune" times every kernel, tile and split-K setting that can
+# layer is an error, not a fallback. "tune" times every kernel, tile and split setting that can
 # run a layer on its first call and keeps the fastest (cnnkern/ops/_tune.py: not under
 # deterministic algorithms or during a CUDA graph capture, where "auto" runs).
 CUDA_ALGOS = ("auto", "direct", "igemm", "wgmma", "tune")
@@ -148,27 +148,42 @@ def cuda_backward_input(grad, w, gx, stride, padding, dilation, groups, tf32) ->
     TUNER.run(key, lambda: _gemm_candidates(grad, tf32, rows), launch, ("auto", CUDA_SPLIT_K, -1), grad.device)
 
 
+def _wgrad_candidates(grad, x, gw, stride, padding, dilation, groups, tf32) -> list[tuple[str, int]]:
+    """(algo, splits) of every grad-weight configuration that runs the layer: the direct kernel,
+    mma.sync, and wgmma where it runs (16-bit inputs on an sm_90 GPU), each with the pixel splits
+    it chooses (about two waves of blocks), half and twice as many (one and four waves): as the
+    kernels count them, each count once."""
+    algos = ["direct"]
+    if _tensor_cores(grad, tf32, 0):
+        algos.append("igemm")
+        if grad.dtype != torch.float32 and _wgmma_available(grad):
+            algos.append("wgmma")
+    geom = (grad, x, gw, stride, padding[:2], dilation, groups)
+    out = []
+    for algo in algos:
+        chosen = cuda_ops().conv2d_backward_weight_splits_cuda(*geom, algo, tf32)
+        counts = {chosen} | {cuda_ops().conv2d_backward_weight_splits_cuda(*geom, algo, tf32, n)
+                             for n in (chosen // 2, 2 * chosen) if n > 0}
+        out += [(algo, n) for n in sorted(counts)]
+    return out
+
+
 def cuda_backward_weight(grad, x, gw, gb, stride, padding, dilation, groups, tf32) -> None:
     """``conv2d_backward_weight_cuda`` into ``gw`` (and ``gb`` when it has elements) with
-    :data:`CUDA_ALGO`'s kernel choice (tuned: the direct kernel, mma.sync, and wgmma where it
-    runs: 16-bit inputs on an sm_90 GPU; the kernels choose their own tiles and splits)."""
+    :data:`CUDA_ALGO`'s kernel choice (tuned: :func:`_wgrad_candidates`)."""
     args = (grad, x, gw, gb, stride, padding[:2], dilation, groups)
     if CUDA_ALGO != "tune":
         cuda_ops().conv2d_backward_weight_cuda(*args, CUDA_ALGO, tf32)
         return
 
-    def candidates():
-        out = ["direct"]
-        if _tensor_cores(grad, tf32, 0):
-            out.append("igemm")
-            if grad.dtype != torch.float32 and _wgmma_available(grad):
-                out.append("wgmma")
-        return out
+    def launch(c):
+        algo, splits = c
+        cuda_ops().conv2d_backward_weight_cuda(*args, algo, tf32, splits)
 
     key = ("wgrad", *map(_tune.tensor_key, (grad, x, gw, gb)), tuple(stride), tuple(padding[:2]), tuple(dilation),
            groups, tf32)
-    TUNER.run(key, candidates, lambda algo: cuda_ops().conv2d_backward_weight_cuda(*args, algo, tf32), "auto",
-              grad.device)
+    TUNER.run(key, lambda: _wgrad_candidates(grad, x, gw, stride, padding, dilation, groups, tf32), launch,
+              ("auto", 0), grad.device)
 
 
 # ---------------------------------------------------------------------------------------------

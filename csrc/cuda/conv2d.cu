@@ -542,11 +542,51 @@ Algo choose_wgrad(const char* op, const std::string& algo, bool dtype_ok, bool a
   return Algo::Igemm;
 }
 
+// How a grad-weight call runs: the kernel, the channels per group it reads (zero-padded to whole
+// 16-byte chunks for the tensor cores where they are not), and the split of the N*P*Q pixels of
+// its reduction. splits: 0 = chosen (enough blocks for about two waves, at least 256 pixels per
+// split), n = n splits; either way at most one per pixel and 65535 / groups, in equal chunks of
+// whole pixels (the last takes the rest; none is empty).
+struct WgradPlan {
+  Algo kernel;
+  int64_t kp, cp, J, splits, chunk;
+};
+
+void check_wgrad_splits(const char* op, int64_t splits) {
+  TORCH_CHECK(splits >= 0, "cnnkern ", op, ": splits must be >= 0 (0: choose), got ", splits);
+}
+
+template <typename scalar_t>
+WgradPlan plan_wgrad(const char* op, const std::string& algo, bool tf32, const ConvGeom& g, int64_t L, int64_t splits) {
+  const bool use_tf32 = std::is_same_v<scalar_t, float> && tf32;
+  WgradPlan w{};
+  w.kp = padded_channels<scalar_t>(g.Kg), w.cp = padded_channels<scalar_t>(g.Cg);
+  w.kernel = choose_wgrad(op, algo, tensor_core_dtype<scalar_t>(tf32), w.kp == g.Kg && w.cp == g.Cg, g.G, use_tf32);
+  if (w.kernel == Algo::Direct) w.kp = g.Kg, w.cp = g.Cg;
+  w.J = w.cp * g.R * g.S;
+  const int64_t tm = w.kernel == Algo::Wgmma   ? conv::wgrad_wgmma_tile_rows()
+                     : w.kernel == Algo::Igemm ? conv::wgrad_igemm_tile_rows()
+                                               : 64;
+  const int64_t tn = w.kernel == Algo::Wgmma   ? conv::wgrad_wgmma_tile_cols()
+                     : w.kernel == Algo::Igemm ? conv::wgrad_igemm_tile_cols()
+                                               : 64;
+  if (splits == 0) {
+    const int64_t tiles = ((w.kp + tm - 1) / tm) * ((w.J + tn - 1) / tn) * g.G;
+    splits = std::min<int64_t>((2 * sm_count() + tiles - 1) / tiles, (L + 255) / 256);
+  }
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, L, 65535 / g.G}));
+  w.chunk = (L + splits - 1) / splits;
+  w.splits = (L + w.chunk - 1) / w.chunk;
+  return w;
+}
+
 void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& gw,
                                  const at::Tensor& gb, at::IntArrayRef stride, at::IntArrayRef padding,
-                                 at::IntArrayRef dilation, int64_t groups, c10::string_view algo_sv, bool tf32) {
+                                 at::IntArrayRef dilation, int64_t groups, c10::string_view algo_sv, bool tf32,
+                                 int64_t splits_arg) {
   const char* op = "conv2d_backward_weight (cuda)";
   const std::string algo(algo_sv.data(), algo_sv.size());
+  check_wgrad_splits(op, splits_arg);
   CNNKERN_CHECK_CUDA(grad, "grad_output");
   check_same(op, grad, x, "input");
   check_same(op, grad, gw, "grad_weight");
@@ -561,7 +601,6 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
   const c10::cuda::CUDAGuard guard(grad.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t L = g.N * g.P * g.Q;
-  const int sms = sm_count();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_backward_weight_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -578,11 +617,9 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
     // are summed into a padded filter gradient, and its real channels copied out); everything
     // else runs on the SIMT kernel.
     constexpr int64_t epc = kChunk<scalar_t>;
-    const bool use_tf32 = std::is_same_v<scalar_t, float> && tf32;
-    int64_t kp = padded_channels<scalar_t>(g.Kg), cp = padded_channels<scalar_t>(g.Cg);
-    const Algo kernel =
-        choose_wgrad(op, algo, tensor_core_dtype<scalar_t>(tf32), kp == g.Kg && cp == g.Cg, g.G, use_tf32);
-    if (kernel == Algo::Direct) kp = g.Kg, cp = g.Cg;
+    const WgradPlan plan = plan_wgrad<scalar_t>(op, algo, tf32, g, L, splits_arg);
+    const Algo kernel = plan.kernel;
+    const int64_t kp = plan.kp, cp = plan.cp, J = plan.J, splits = plan.splits, chunk = plan.chunk;
     const bool padded = kp != g.Kg || cp != g.Cg;
     auto pixels_aligned = [&](const at::Tensor& t) {
       return t.stride(1) == 1 && aligned16(t.const_data_ptr()) && t.stride(0) % epc == 0 && t.stride(2) % epc == 0 &&
@@ -592,19 +629,6 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
       return kernel == Algo::Direct || (c == c_padded && pixels_aligned(t)) ? t : pad_channels_last(t, g.G, c_padded);
     };
     const at::Tensor gy = tc_layout(grad, g.Kg, kp), xs = tc_layout(x, g.Cg, cp);
-    const int64_t J = cp * g.R * g.S;
-    const int64_t tm = kernel == Algo::Wgmma   ? conv::wgrad_wgmma_tile_rows()
-                       : kernel == Algo::Igemm ? conv::wgrad_igemm_tile_rows()
-                                               : 64;
-    const int64_t tn = kernel == Algo::Wgmma   ? conv::wgrad_wgmma_tile_cols()
-                       : kernel == Algo::Igemm ? conv::wgrad_igemm_tile_cols()
-                                               : 64;
-    // splits: enough blocks for ~2 waves, at least 256 pixels per split
-    const int64_t tiles = ((kp + tm - 1) / tm) * ((J + tn - 1) / tn) * g.G;
-    int64_t splits = std::max<int64_t>(1, std::min<int64_t>((2 * sms + tiles - 1) / tiles, (L + 255) / 256));
-    splits = std::min<int64_t>(splits, 65535 / g.G);
-    const int64_t chunk = (L + splits - 1) / splits;
-    splits = (L + chunk - 1) / chunk;
     at::Tensor part = at::empty({splits * g.G * kp * J}, acc_opts);
     WgradParams<scalar_t, A> p{};
     p.gy = gy.const_data_ptr<scalar_t>();
@@ -643,6 +667,27 @@ void conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& x, co
   });
 }
 
+// The pixel splits conv2d_backward_weight_cuda takes for these arguments (its splits: 0 = its own
+// choice, n = n asked for), for the tuner's candidates (cnnkern/ops/conv2d.py).
+int64_t conv2d_backward_weight_splits_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& gw,
+                                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                           int64_t groups, c10::string_view algo_sv, bool tf32, int64_t splits) {
+  const char* op = "conv2d_backward_weight_splits (cuda)";
+  const std::string algo(algo_sv.data(), algo_sv.size());
+  check_wgrad_splits(op, splits);
+  CNNKERN_CHECK_CUDA(grad, "grad_output");
+  check_same(op, grad, x, "input");
+  check_same(op, grad, gw, "grad_weight");
+  const ConvGeom g = geometry(op, x, gw, grad, stride, padding, dilation, groups, true);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t L = g.N * g.P * g.Q;
+  int64_t out = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_backward_weight_splits_cuda", [&] {
+    out = L == 0 || gw.numel() == 0 ? 0 : plan_wgrad<scalar_t>(op, algo, tf32, g, L, splits).splits;
+  });
+  return out;
+}
+
 // Whether algo='wgmma' can run on `like`'s device (the tuner's candidates, cnnkern/ops/conv2d.py).
 bool conv2d_wgmma_available_cuda(const at::Tensor& like) {
   CNNKERN_CHECK_CUDA(like, "like");
@@ -658,4 +703,5 @@ TORCH_LIBRARY_IMPL(cnnkern, CUDA, m) {
   m.impl("conv2d_forward_cuda", &cnnkern::conv2d_forward_cuda);
   m.impl("conv2d_backward_input_cuda", &cnnkern::conv2d_backward_input_cuda);
   m.impl("conv2d_backward_weight_cuda", &cnnkern::conv2d_backward_weight_cuda);
+  m.impl("conv2d_backward_weight_splits_cuda", &cnnkern::conv2d_backward_weight_splits_cuda);
 }

@@ -252,9 +252,10 @@ inline thread_local Block* g_block = nullptr;
 // through the cnnkern_emu::cuemu_stats op.
 // The counters also record which tensor-core instructions ran (warp-level mma.sync and wgmma
 // operations), so a test can tell which kernel a call dispatched to.
+// They count the blocks launched as well, so a test can tell how a call split its work.
 struct Stats {
   long long ldmatrix_phases = 0, ldmatrix_extra_wavefronts = 0, mma_sync = 0, wgmma = 0;
-  long long lds32_reads = 0, lds32_extra_wavefronts = 0;
+  long long lds32_reads = 0, lds32_extra_wavefronts = 0, blocks = 0;
 };
 inline Stats g_stats;
 
@@ -499,6 +500,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
                 " (above 48 KiB needs cudaFuncSetAttribute)");
   }
   std::lock_guard<std::mutex> lock(launch_mutex());
+  g_stats.blocks += 1ll * grid.x * grid.y * grid.z;
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
   const std::function<void()> body = [&] { std::apply(kernel, params); };
   Block b;

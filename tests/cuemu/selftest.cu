@@ -186,12 +186,12 @@ at::Tensor wgmma(const at::Tensor& a, const at::Tensor& b, int64_t flags) {
 }
 
 // (ldmatrix phases, extra wavefronts from bank-group conflicts, warp mma.sync operations, warp
-// wgmma operations, warp 32-bit shared loads, their extra wavefronts from bank conflicts) since
-// the last call; resets them
+// wgmma operations, warp 32-bit shared loads, their extra wavefronts from bank conflicts, blocks
+// launched) since the last call; resets them
 std::vector<int64_t> cuemu_stats() {
   const auto& g = cuemu::g_stats;
   std::vector<int64_t> out = {g.ldmatrix_phases, g.ldmatrix_extra_wavefronts, g.mma_sync, g.wgmma,
-                              g.lds32_reads, g.lds32_extra_wavefronts};
+                              g.lds32_reads, g.lds32_extra_wavefronts, g.blocks};
   cuemu::g_stats = cuemu::Stats{};
   return out;
 }
