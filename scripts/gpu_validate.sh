@@ -9,7 +9,8 @@
 # lists each step's status and duration, and the exit status is 1 if any step failed.
 #
 # Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda), MAX_JOBS (nvcc
-# jobs), CNNKERN_GIT_COMMIT (the commit to record in the results when this tree has no .git),
+# jobs), CNNKERN_PREBUILT (default 1: use a carried extension whose key matches, see build below),
+# CNNKERN_GIT_COMMIT (the commit to record in the results when this tree has no .git),
 # STEPS (the optional steps to run, space-separated, in the order to run them, each NAME or
 # NAME:SECONDS, a cap on that step's time; default: pytest-cuda-conv pytest-gpu pytest-all
 # selfcheck bench ptxas inspect sanitize; a misspelt name fails at once; and, only when named: overhead (scripts/gpu_overhead.py: host vs kernel time of a conv call),
@@ -184,7 +185,13 @@ EOF
 }
 
 build() {
-  # Incremental ninja build of cnnkern/_C*.so, in place, with this machine's torch.
+  # An extension built on the development machine for this stack and carried here (scripts/dev
+  # device-setup; scripts/prebuilt.py) is used as it is when its key matches these sources, this
+  # Python and torch, and it loads (CNNKERN_PREBUILT=0: always compile). Otherwise: an incremental
+  # ninja build of cnnkern/_C*.so, in place, with this machine's torch.
+  if [ "${CNNKERN_PREBUILT:-1}" != 0 ] && "$PY" scripts/prebuilt.py check; then
+    return 0
+  fi
   "$PY" setup.py build_ext --inplace
 }
 

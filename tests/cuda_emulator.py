@@ -185,7 +185,10 @@ def _load_locked(torch, cpp_extension, verbose):
     # tensors' memory); the process must start with the ASan runtime (and libstdc++, so that ASan
     # finds __cxa_throw) preloaded: `CUEMU_ASAN=1 scripts/dev test-emulated` does that.
     asan = os.environ.get("CUEMU_ASAN", "0") not in ("", "0")
-    build = BUILD / ("obj-asan" if asan else "obj")
+    # one object folder per Python and torch (a second virtual environment on another stack,
+    # requirements-device.txt, must not rebuild this one's objects, nor load them)
+    stack = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__.split('+')[0]}"
+    build = BUILD / (("obj-asan-" if asan else "obj-") + stack)
     build.mkdir(parents=True, exist_ok=True)
     flags = ["-O2", "-Wno-unknown-pragmas"] + (["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else [])
     cpp_extension.load(

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="bash scripts")
 @pytest.fixture
 def stub(tmp_path):
     """A PYTHON for the scripts: pytest sleeps until SIGINT (then exits 2, as pytest does when
-    interrupted), the build and pip succeed at once, the bench prints its arguments; everything
+    interrupted), the build and pip succeed at once, the prebuilt extension's check exits
+    STUB_PREBUILT_RC (default 1: none usable), the bench prints its arguments; everything
     else (the scripts' small probes) runs on the real interpreter."""
     path = tmp_path / "python"
     path.write_text(textwrap.dedent(f"""\
@@ -28,6 +29,7 @@ def stub(tmp_path):
         case "$*" in
           *"-m pytest"*) echo "stub pytest $*"; trap 'echo "stub pytest: SIGINT"; exit 2' INT; sleep 60 & wait ;;
           *setup.py*) echo "stub build"; exit 0 ;;
+          *prebuilt.py*) echo "stub prebuilt $*"; exit "${{STUB_PREBUILT_RC:-1}}" ;;
           *"pip install"*) exit 0 ;;
           *"cnnkern.cli bench"*) echo "stub bench split_k=${{CNNKERN_CONV_SPLIT_K:-auto}} $*"; exit 0 ;;
           *) exec {sys.executable} "$@" ;;
@@ -118,3 +120,54 @@ def test_bench_split_times_the_batch_1_layers_with_split_k_on_and_off(stub, tmp_
         assert args[2] == f"split_k={mode}" and f"{out}/{where}" in args, line
         assert args[args.index("--batch") + 1] == "1" and args[args.index("--ops") + 1] == "conv2d"
         assert int(args[args.index("--time-limit") + 1]) <= 40, line
+
+
+@pytest.mark.parametrize("usable, enabled", [(True, "1"), (False, "1"), (True, "0")])
+def test_the_build_step_uses_a_carried_extension_only_when_its_key_matches(stub, tmp_path, usable, enabled):
+    """A matching prebuilt extension (scripts/prebuilt.py check exits 0) replaces the compile;
+    one that does not match, or CNNKERN_PREBUILT=0, leaves the build to setup.py."""
+    out = str(tmp_path / "out")
+    _run(VALIDATE, [out], stub, STEPS="bench-quick", STUB_PREBUILT_RC="0" if usable else "1", CNNKERN_PREBUILT=enabled)
+    assert _summary(out)["build"] == "ok"
+    log = open(os.path.join(out, "build.log")).read()
+    assert ("stub prebuilt scripts/prebuilt.py check" in log) == (enabled == "1"), log
+    assert ("stub build" in log) == (not usable or enabled == "0"), log
+
+
+def _prebuilt(root):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prebuilt", os.path.join(ROOT, "scripts", "prebuilt.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_prebuilt_key_catches_other_sources_torch_or_binary(tmp_path, monkeypatch):
+    """The key of a carried extension: it matches only the tree, torch and binary it was written
+    for, and a matching binary must still load (this one is not an extension: it fails there)."""
+    import torch
+    pb = _prebuilt(tmp_path)
+    root = str(tmp_path)
+    (tmp_path / "csrc" / "cuda").mkdir(parents=True)
+    (tmp_path / "cnnkern").mkdir()
+    (tmp_path / "setup.py").write_text("flags = ['-O3']\n")
+    (tmp_path / "csrc" / "cuda" / "a.cu").write_text("__global__ void k() {}\n")
+    so = pb.extension_path(root)
+    with open(so, "wb") as f:
+        f.write(b"not an ELF file")
+    assert pb.check(root) == (False, f"no prebuilt extension ({os.path.relpath(so, root)} with its key)")
+    pb.write(root)
+    ok, why = pb.check(root)
+    assert not ok and why.startswith("prebuilt extension does not load"), why  # key matches; load fails
+    (tmp_path / "csrc" / "cuda" / "a.cu").write_text("__global__ void k() { }\n")
+    ok, why = pb.check(root)
+    assert not ok and "sources: built" in why and "extension" not in why.split("match:")[1], why
+    pb.write(root)
+    with open(so, "ab") as f:
+        f.write(b"!")
+    ok, why = pb.check(root)
+    assert not ok and "extension: built" in why, why
+    pb.write(root)
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130" if torch.__version__ != "2.11.0+cu130" else "2.14.1")
+    ok, why = pb.check(root)
+    assert not ok and "torch: built" in why, why
