@@ -49,11 +49,21 @@ def _run(flag: str, path: str) -> str:
 
 def embedded_code(path: str) -> dict[str, list[str]]:
     """``{"elf": ["sm_80", ...], "ptx": ["sm_90", ...]}``: the architectures compiled into ``path``."""
-    out = {}
-    for kind in ("elf", "ptx"):
-        text = _run(f"--list-{kind}", path)
-        out[kind] = sorted(set(re.findall(r"\.(sm_\d+a?)\.(?:cubin|ptx)", text)))
-    return out
+    # read from the resource-usage dump's "Fatbin elf|ptx code:" headers and their "arch = sm_NN"
+    # lines, which name arch-specific code (sm_90a) in every cuobjdump release; --list-elf's file
+    # names do not in 12.8 (Triton 3.6 ships that one: it lists sm_90a cubins as .sm_90.cubin)
+    out = {"elf": set(), "ptx": set()}
+    kind = None
+    for line in _run("--dump-resource-usage", path).splitlines():
+        m = re.match(r"Fatbin (elf|ptx) code:", line)
+        if m:
+            kind = m.group(1)
+            continue
+        m = re.match(r"\s*arch = (sm_\d+a?)\s*$", line)
+        if m and kind:
+            out[kind].add(m.group(1))
+            kind = None
+    return {k: sorted(v) for k, v in out.items()}
 
 
 @dataclass
@@ -225,16 +235,16 @@ def triton_specs() -> list[TritonSpec]:
     return _conv_specs() + _lrn_specs() + _bn_specs()
 
 
-def _triton_fn(spec: TritonSpec):
+def _triton_fn(spec: TritonSpec, arch: int):
     import importlib
 
     mod = importlib.import_module(f"cnnkern.kernels.{spec.module}")
     obj = getattr(mod, spec.kernel)
     configs = spec.configs
-    if configs is None:  # an Autotuner: the configurations it would time on a GPU for this call
+    if configs is None:  # an Autotuner: the configurations it would time on sm_<arch> for this call
         pruned = obj.configs
         if hasattr(mod, "gpu_configs"):
-            pruned = mod.gpu_configs(pruned, **spec.constexprs)
+            pruned = mod.gpu_configs(pruned, kernel=spec.kernel, arch=arch, **spec.constexprs)
         configs = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in pruned]
         obj = obj.fn
     return obj, configs
@@ -274,7 +284,7 @@ def compile_triton(spec: TritonSpec, arch: int) -> list[TritonReport]:
     if kernels.INTERPRET:
         raise RuntimeError("cnnkern.kernels was imported under TRITON_INTERPRET=1: the kernels are interpreted "
                            "functions and cannot be compiled; run the inspection without TRITON_INTERPRET")
-    fn, configs = _triton_fn(spec)
+    fn, configs = _triton_fn(spec, arch)
     names = fn.arg_names
     reports = []
     for kwargs, warps, stages in configs:

@@ -36,6 +36,8 @@ a tensor may exceed 2^31 elements as long as one image (C*H*W) and the weight st
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -59,27 +61,52 @@ def _configs(space, k_name="BLOCK_C"):
                           num_warps=w, num_stages=st) for (bm, bn, bk, w, st) in space]
 
 
-def gpu_configs(configs, **constexprs):
+# Tiles that one Triton release compiles with register spills for one GPU (compute capability
+# major * 10 + minor), by kernel: the autotuner does not time them there. `cnnkern inspect` on
+# Triton 3.6, the GPU machine's (requirements-device.txt, scripts/dev device-test), found these;
+# Triton 3.8 compiles every tile of the spaces below without spills.
+_SPILLS = {
+    (3, 6): {"_fwd_kernel": {80: {(128, 64, 64, 4, 4), (128, 256, 64, 8, 3)}},
+             "_fwd_small_c_kernel": {90: {(64, 64, 64, 4, 4)}}},
+}
+_TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2])
+
+
+def _tile(c):
+    """(BLOCK_M, BLOCK_N, reduction block, warps, stages) of a triton.Config, as _configs takes it."""
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("BLOCK_C", c.kwargs.get("BLOCK_K")),
+            c.num_warps, c.num_stages)
+
+
+def gpu_configs(configs, kernel=None, arch=None, **constexprs):
     """The configurations the autotuner times on a GPU for a call with these constexpr arguments:
     all of them, but the 128x256 tiles of a forward with a residual, whose epilogue then holds a
     second 128x256 tile and spills, and, for a split forward or grad-input, also the 128x128
     tiles of 4 warps: their fp32 partial stores take a stack frame on sm_80 (a split runs only on
     layers of a few tiles, where the smaller tiles serve; ``cnnkern inspect`` checks what
-    remains)."""
+    remains); and, for ``kernel`` (its name) on compute capability ``arch`` (e.g. 90), the tiles
+    this Triton release spills in (:data:`_SPILLS`)."""
     if constexprs.get("HAS_RES") or constexprs.get("SPLIT"):
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
     if constexprs.get("SPLIT"):
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128 or c.num_warps > 4]
-    return configs
+    spills = _SPILLS.get(_TRITON_VERSION, {}).get(kernel, {}).get(arch, ())
+    return [c for c in configs if _tile(c) not in spills]
 
 
-def _prune(configs, named_args, **kwargs):
+def _capability(device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def _prune(configs, named_args, kernel=None, **kwargs):
     # early_config_prune: gpu_configs on a GPU; under the interpreter one fixed tile, the wide one
     # for layers with >= 64 channels on both sides.
     if INTERPRET:
         wide = min(named_args["Cg"], named_args["Kg"]) >= 64
         return [configs[1] if wide else configs[0]]
-    return gpu_configs(configs, **kwargs)
+    device = next(v.device for v in named_args.values() if isinstance(v, torch.Tensor))
+    return gpu_configs(configs, kernel=kernel, arch=_capability(device), **kwargs)
 
 
 def _untimed(kernel_call, quantiles=None):
@@ -89,8 +116,10 @@ def _untimed(kernel_call, quantiles=None):
     return [0.0] * len(quantiles) if quantiles else 0.0
 
 
-# the autotuner's arguments shared by the four convolution kernels
-_TUNE = {"prune_configs_by": {"early_config_prune": _prune}, **({"do_bench": _untimed} if INTERPRET else {})}
+def _tune(kernel: str) -> dict:
+    """The autotuner's arguments of the convolution kernel named ``kernel``."""
+    return {"prune_configs_by": {"early_config_prune": functools.partial(_prune, kernel=kernel)},
+            **({"do_bench": _untimed} if INTERPRET else {})}
 
 
 # The spaces below keep only tiles that compile without spills for both sm_80 and sm_90 with
@@ -206,7 +235,7 @@ def _store_partial(acc, ws_ptr, j, M, K, offs_m, k_glob, mask_m, mask_k):
     tl.store(ws_ptr + offs, acc, mask=mask_m[:, None] & mask_k[None, :])
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY, **_TUNE)
+@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY, **_tune("_fwd_kernel"))
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
                 M, H, W, P, Q, Cg, Kg, splits,
@@ -247,7 +276,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
              mask_n, syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS, SPLIT)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=_FWD_KEY, **_TUNE)
+@triton.autotune(configs=_GEMM_CONFIGS, key=_FWD_KEY, **_tune("_fwd_1x1_kernel"))
 @triton.jit
 def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
                     M, H, W, P, Q, Cg, Kg, splits,
@@ -280,7 +309,7 @@ def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
              mask_n, syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS, SPLIT)
 
 
-@triton.autotune(configs=_SMALL_C_CONFIGS, key=_FWD_KEY, **_TUNE)
+@triton.autotune(configs=_SMALL_C_CONFIGS, key=_FWD_KEY, **_tune("_fwd_small_c_kernel"))
 @triton.jit
 def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
                         M, H, W, P, Q, Cg, Kg, splits,
@@ -321,7 +350,7 @@ def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
              mask_n, syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS, SPLIT)
 
 
-@triton.autotune(configs=_DGRAD_CONFIGS, key=_DGRAD_KEY, **_TUNE)
+@triton.autotune(configs=_DGRAD_CONFIGS, key=_DGRAD_KEY, **_tune("_dgrad_kernel"))
 @triton.jit
 def _dgrad_kernel(gy_ptr, w_ptr, gx_ptr, ws_ptr,
                   M, H, W, P, Q, Cg, Kg, splits,

@@ -50,3 +50,44 @@ def test_every_kernel_and_arch_was_compiled(report):
     assert {r["arch"] for r in data["triton"]} == {80, 90}
     sm80_main = [r for r in data["triton"] if r["arch"] == 80 and r["label"].startswith("conv2d forward 3x3")]
     assert all(r["mma"] > 0 for r in sm80_main)
+
+
+def _small_c_configs():
+    import triton
+
+    tiles = [(64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 8, 3)]
+    return tiles, [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+                   for (m, n, k, w, s) in tiles]
+
+
+def test_tiles_a_triton_release_spills_in_are_left_out_for_that_kernel_and_arch_only(monkeypatch):
+    """kernels/conv2d.py's _SPILLS: Triton 3.6 (the GPU machine's) spills in the 64x64x64 small-channel
+    tile on sm_90, which Triton 3.8 compiles cleanly; the autotuner does not time it there."""
+    from cnnkern.kernels import conv2d
+
+    tiles, configs = _small_c_configs()
+
+    def kept(**kw):
+        return [conv2d._tile(c) for c in conv2d.gpu_configs(configs, **kw)]
+
+    monkeypatch.setattr(conv2d, "_TRITON_VERSION", (3, 6))
+    assert kept(kernel="_fwd_small_c_kernel", arch=90) == tiles[1:]
+    assert kept(kernel="_fwd_small_c_kernel", arch=80) == tiles
+    assert kept(kernel="_dgrad_kernel", arch=90) == tiles
+    monkeypatch.setattr(conv2d, "_TRITON_VERSION", (3, 8))
+    assert kept(kernel="_fwd_small_c_kernel", arch=90) == tiles
+
+
+@pytest.mark.gpu
+def test_prune_leaves_out_the_spilling_tiles_of_this_gpu(monkeypatch):
+    import torch
+
+    from cnnkern.kernels import conv2d
+
+    _, configs = _small_c_configs()
+    monkeypatch.setattr(conv2d, "_TRITON_VERSION", (3, 6))
+    major, minor = torch.cuda.get_device_capability()
+    named = {"x_ptr": torch.empty(1, device="cuda"), "Cg": 3, "Kg": 64}
+    pruned = conv2d._prune(configs, named, kernel="_fwd_small_c_kernel", HAS_RES=False, SPLIT=False)
+    assert pruned == conv2d.gpu_configs(configs, kernel="_fwd_small_c_kernel", arch=major * 10 + minor)
+    assert len(pruned) == (2 if (major, minor) == (9, 0) else 3)
