@@ -155,6 +155,9 @@ def _conv_specs():
     return [
         TritonSpec("conv2d forward 3x3, bf16 NHWC", "conv2d", "_fwd_kernel", "bf16", fwd,
                    ones=("sxc", "swc", "syk"), div16=strides16, gate=True, ptr_dtypes=ws),
+        TritonSpec("conv2d forward 3x3 + BatchNorm statistics, bf16 NHWC", "conv2d", "_fwd_kernel", "bf16",
+                   {**fwd, "STATS": True, "RELU": False}, ones=("sxc", "swc", "syk"), div16=strides16, gate=True,
+                   ptr_dtypes={**ws, "st_ptr": "fp32"}),
         TritonSpec("conv2d forward 3x3 split-K partials, bf16 NHWC", "conv2d", "_fwd_kernel", "bf16",
                    {**fwd, "SPLIT": True}, ones=("sxc", "swc", "syk"), div16=strides16, gate=True, ptr_dtypes=ws),
         TritonSpec("conv2d forward 1x1 (GEMM), bf16 NHWC", "conv2d", "_fwd_1x1_kernel", "bf16",
@@ -235,6 +238,11 @@ def triton_specs() -> list[TritonSpec]:
     return _conv_specs() + _lrn_specs() + _bn_specs()
 
 
+_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
+# opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB
+_SMEM_OPTIN = {80: 166912, 90: 232448}
+
+
 def _triton_fn(spec: TritonSpec, arch: int):
     import importlib
 
@@ -244,7 +252,8 @@ def _triton_fn(spec: TritonSpec, arch: int):
     if configs is None:  # an Autotuner: the configurations it would time on sm_<arch> for this call
         pruned = obj.configs
         if hasattr(mod, "gpu_configs"):
-            pruned = mod.gpu_configs(pruned, kernel=spec.kernel, arch=arch, **spec.constexprs)
+            pruned = mod.gpu_configs(pruned, kernel=spec.kernel, arch=arch, elem_bytes=_BYTES[spec.dtype],
+                                     smem_limit=_SMEM_OPTIN.get(arch), **spec.constexprs)
         configs = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in pruned]
         obj = obj.fn
     return obj, configs

@@ -65,8 +65,10 @@ def _configs(space, k_name="BLOCK_C"):
 # major * 10 + minor), by kernel: the autotuner does not time them there. `cnnkern inspect` on
 # Triton 3.6, the GPU machine's (requirements-device.txt, scripts/dev device-test), found these;
 # Triton 3.8 compiles every tile of the spaces below without spills.
+# A name with "+STATS" holds the tiles spilled in only with the BatchNorm statistics epilogue.
 _SPILLS = {
     (3, 6): {"_fwd_kernel": {80: {(128, 64, 64, 4, 4), (128, 256, 64, 8, 3)}},
+             "_fwd_kernel+STATS": {90: {(128, 128, 32, 4, 4)}},
              "_fwd_small_c_kernel": {90: {(64, 64, 64, 4, 4)}}},
 }
 _TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2])
@@ -78,35 +80,58 @@ def _tile(c):
             c.num_warps, c.num_stages)
 
 
-def gpu_configs(configs, kernel=None, arch=None, **constexprs):
+def smem_bound(c, elem_bytes: int) -> int:
+    """Bytes of shared memory a configuration's operand pipeline takes at most: ``num_stages``
+    buffers of the A (BLOCK_M x reduction block) and B (reduction block x BLOCK_N) tiles. Triton
+    keeps that many on sm_90's wgmma path and one fewer on mma and FMA paths; the epilogue reuses
+    them (what ``cnnkern inspect`` reads back from the compiled kernels)."""
+    m, n, k, _, stages = _tile(c)
+    return stages * (m * k + k * n) * elem_bytes
+
+
+def gpu_configs(configs, kernel=None, arch=None, elem_bytes=None, smem_limit=None, **constexprs):
     """The configurations the autotuner times on a GPU for a call with these constexpr arguments:
-    all of them, but the 128x256 tiles of a forward with a residual, whose epilogue then holds a
-    second 128x256 tile and spills, and, for a split forward or grad-input, also the 128x128
-    tiles of 4 warps: their fp32 partial stores take a stack frame on sm_80 (a split runs only on
-    layers of a few tiles, where the smaller tiles serve; ``cnnkern inspect`` checks what
-    remains); and, for ``kernel`` (its name) on compute capability ``arch`` (e.g. 90), the tiles
-    this Triton release spills in (:data:`_SPILLS`)."""
-    if constexprs.get("HAS_RES") or constexprs.get("SPLIT"):
+    all of them, but the 128x256 tiles of a forward with a residual or the BatchNorm statistics,
+    whose epilogue then holds a second 128x256 tile and spills, and, for a split forward or
+    grad-input, also the 128x128 tiles of 4 warps: their fp32 partial stores take a stack frame
+    on sm_80 (a split runs only on layers of a few tiles, where the smaller tiles serve; ``cnnkern
+    inspect`` checks what remains); for ``kernel`` (its name) on compute capability ``arch``
+    (e.g. 90), the tiles this Triton release spills in (:data:`_SPILLS`); and, given the operands'
+    element size and the device's shared memory per block, the tiles whose pipeline cannot fit
+    (:func:`smem_bound`: fp32's 128x256 tiles on any GPU, most of fp64's), keeping the smallest
+    if none fits. Without that, the autotuner would compile them only to see the launch fail,
+    and the deterministic mode's shape-based choice could pick one."""
+    if constexprs.get("HAS_RES") or constexprs.get("SPLIT") or constexprs.get("STATS"):
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
     if constexprs.get("SPLIT"):
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128 or c.num_warps > 4]
-    spills = _SPILLS.get(_TRITON_VERSION, {}).get(kernel, {}).get(arch, ())
-    return [c for c in configs if _tile(c) not in spills]
+    spilling = _SPILLS.get(_TRITON_VERSION, {})
+    for name in (kernel, f"{kernel}+STATS" if constexprs.get("STATS") else None):
+        spills = spilling.get(name, {}).get(arch, ())
+        configs = [c for c in configs if _tile(c) not in spills]
+    if elem_bytes and smem_limit and configs:
+        fits = [c for c in configs if smem_bound(c, elem_bytes) <= smem_limit]
+        configs = fits or [min(configs, key=lambda c: smem_bound(c, elem_bytes))]
+    return configs
 
 
-def _capability(device) -> int:
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> tuple[int, int]:
+    """(compute capability as major * 10 + minor, opt-in shared memory per block) of a GPU."""
+    props = torch.cuda.get_device_properties(index)
+    return props.major * 10 + props.minor, props.shared_memory_per_block_optin
 
 
 def _prune(configs, named_args, kernel=None, **kwargs):
     # early_config_prune: gpu_configs on a GPU; under the interpreter one fixed tile, the wide one
-    # for layers with >= 64 channels on both sides.
+    # for layers with >= 64 channels on both sides. The first tensor argument is the GEMM's A
+    # operand (the input, or the output gradient), whose dtype the B operand shares.
     if INTERPRET:
         wide = min(named_args["Cg"], named_args["Kg"]) >= 64
         return [configs[1] if wide else configs[0]]
-    device = next(v.device for v in named_args.values() if isinstance(v, torch.Tensor))
-    return gpu_configs(configs, kernel=kernel, arch=_capability(device), **kwargs)
+    a = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+    arch, smem = _device_limits(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    return gpu_configs(configs, kernel=kernel, arch=arch, elem_bytes=a.element_size(), smem_limit=smem, **kwargs)
 
 
 def _untimed(kernel_call, quantiles=None):

@@ -91,3 +91,27 @@ def test_prune_leaves_out_the_spilling_tiles_of_this_gpu(monkeypatch):
     pruned = conv2d._prune(configs, named, kernel="_fwd_small_c_kernel", HAS_RES=False, SPLIT=False)
     assert pruned == conv2d.gpu_configs(configs, kernel="_fwd_small_c_kernel", arch=major * 10 + minor)
     assert len(pruned) == (2 if (major, minor) == (9, 0) else 3)
+
+
+def test_tiles_whose_pipeline_cannot_fit_in_shared_memory_are_left_out():
+    """An H100 gives a block 227 KiB: fp32's 128x256x64 tile of 3 stages needs 288 KiB (what Triton
+    allocates for it on sm_90), so neither the autotuner nor the deterministic mode's shape-based
+    choice gets it; where nothing fits (fp64), the smallest tile stays."""
+    import triton
+
+    from cnnkern.kernels import conv2d
+
+    tiles = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_C": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+               for (m, n, k, w, s) in tiles]
+
+    def kept(**kw):
+        return [conv2d._tile(c) for c in conv2d.gpu_configs(configs, **kw)]
+
+    assert conv2d.smem_bound(configs[0], 4) == 294912
+    assert kept(elem_bytes=2, smem_limit=232448) == tiles
+    assert kept(elem_bytes=4, smem_limit=232448) == tiles[1:]
+    assert kept(elem_bytes=8, smem_limit=232448) == tiles[2:]
+    assert kept() == tiles  # no device limits given: nothing to check against
+    # the statistics epilogue, like a residual, holds a second tile: no 128x256
+    assert kept(STATS=True) == tiles[1:] and kept(HAS_RES=True) == tiles[1:]
