@@ -89,7 +89,9 @@ def test_prune_leaves_out_the_spilling_tiles_of_this_gpu(monkeypatch):
     major, minor = torch.cuda.get_device_capability()
     named = {"x_ptr": torch.empty(1, device="cuda"), "Cg": 3, "Kg": 64}
     pruned = conv2d._prune(configs, named, kernel="_fwd_small_c_kernel", HAS_RES=False, SPLIT=False)
-    assert pruned == conv2d.gpu_configs(configs, kernel="_fwd_small_c_kernel", arch=major * 10 + minor)
+    smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    assert pruned == conv2d.gpu_configs(configs, kernel="_fwd_small_c_kernel", arch=major * 10 + minor,
+                                        elem_bytes=4, smem_limit=smem)
     assert len(pruned) == (2 if (major, minor) == (9, 0) else 3)
 
 
