@@ -238,6 +238,36 @@ def triton_specs() -> list[TritonSpec]:
     return _conv_specs() + _lrn_specs() + _bn_specs()
 
 
+def variant_specs() -> list[TritonSpec]:
+    """The autotuned convolution kernels of :func:`triton_specs` (checked there in bf16 NHWC, the
+    fast path) in the other dtypes and layouts they run: fp16, fp32 as TF32 and as full fp32, fp64
+    (fp64 accumulation and split-K partials) in NHWC, and bf16 and TF32 in NCHW (channel strides
+    unknown: no divisibility hints). For ``cnnkern inspect --variants``: their spills are
+    reported, not errors (these paths are correct, not tuned); a kept configuration whose shared
+    memory exceeds the architecture's is an error, since it could not launch."""
+    import dataclasses
+
+    import triton.language as tl
+
+    variants = [("fp16", "fp16", {"PREC": "ieee"}, True), ("fp32 TF32", "fp32", {"PREC": "tf32"}, True),
+                ("fp32", "fp32", {"PREC": "ieee"}, True), ("fp64", "fp64", {"ACC": tl.float64, "PREC": "ieee"}, True),
+                ("bf16", "bf16", {}, False), ("fp32 TF32", "fp32", {"PREC": "tf32"}, False)]
+    out = []
+    for s in _conv_specs():
+        if s.configs is not None or "bf16 NHWC" not in s.label:
+            continue
+        for name, dtype, constexprs, channels_last in variants:
+            const = {**s.constexprs, **constexprs}
+            if "IS_CL_X" in const:
+                const["IS_CL_X"] = channels_last
+            ptr = {k: ("fp64" if dtype == "fp64" and k == "ws_ptr" else v) for k, v in s.ptr_dtypes.items()}
+            out.append(dataclasses.replace(
+                s, label=s.label.replace("bf16 NHWC", f"{name} {'NHWC' if channels_last else 'NCHW'}"), dtype=dtype,
+                constexprs=const, ones=s.ones if channels_last else (), div16=s.div16 if channels_last else (),
+                ptr_dtypes=ptr, gate=s.gate and (dtype in ("fp16", "bf16") or const.get("PREC") == "tf32")))
+    return out
+
+
 _BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
 # opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB
 _SMEM_OPTIN = {80: 166912, 90: 232448}
@@ -330,9 +360,9 @@ def _demangle(name: str) -> str:
     return out.split("(")[0]  # drop the parameter list
 
 
-def report(archs=(90, 80), triton_kernels: bool = True, cuda_kernels: bool = True) -> dict:
+def report(archs=(90, 80), triton_kernels: bool = True, cuda_kernels: bool = True, variants: bool = False) -> dict:
     """Everything ``cnnkern inspect`` shows, as plain data."""
-    out: dict = {"cuda": None, "triton": []}
+    out: dict = {"cuda": None, "triton": [], "variants": []}
     path = extension_path()
     if cuda_kernels and path is not None and cuobjdump() is not None:
         out["cuda"] = {
@@ -345,6 +375,11 @@ def report(archs=(90, 80), triton_kernels: bool = True, cuda_kernels: bool = Tru
         for spec in triton_specs():
             for arch in archs:
                 out["triton"] += [dict(r.__dict__, ok=r.ok) for r in compile_triton(spec, arch)]
+    if variants:
+        for spec in variant_specs():
+            for arch in archs:
+                out["variants"] += [dict(r.__dict__, ok=r.ok, fits=r.shared <= _SMEM_OPTIN.get(arch, r.shared))
+                                    for r in compile_triton(spec, arch)]
     return out
 
 
@@ -361,9 +396,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--no-cuda", action="store_true")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    ap.add_argument("--variants", action="store_true", help=(
+        "also compile the autotuned conv kernels in fp16, fp32 (TF32 and full), fp64 and NCHW: spills are "
+        "reported; a kept configuration over the architecture's shared memory is a problem"))
     args = ap.parse_args(argv)
-    data = report(tuple(int(a) for a in args.arch.split(",")), not args.no_triton, not args.no_cuda)
-    bad = [r for r in data["triton"] if not r["ok"]]
+    data = report(tuple(int(a) for a in args.arch.split(",")), not args.no_triton, not args.no_cuda, args.variants)
+    bad = [r for r in data["triton"] if not r["ok"]] + [r for r in data["variants"] if not r["fits"]]
     cuda = data["cuda"]
     if cuda:
         bad += [k for k in cuda["kernels"] if k["local"] or k["stack"]]
@@ -384,6 +422,16 @@ def main(argv=None) -> int:
         for r in data["triton"]:
             print(f"  {'ok' if r['ok'] else '!!':2} sm{r['arch']:<2} {r['registers']:4d} {r['stack']:5d} {r['shared']:6d} "
                   f"{r['wgmma']:5d} {r['mma']:4d}  {r['label']} [{r['config']}]")
+    if data["variants"]:
+        print(f"\nOther dtypes and layouts of the autotuned conv kernels (spills reported, not problems)\n"
+              f"  {'ok':2} {'arch':4} {'regs':>4} {'stack':>5} {'smem':>6} {'wgmma':>5} {'mma':>4}  kernel / config")
+        for r in data["variants"]:
+            mark = "ok" if r["ok"] else "~~" if r["fits"] else "!!"
+            print(f"  {mark:2} sm{r['arch']:<2} {r['registers']:4d} {r['stack']:5d} {r['shared']:6d} "
+                  f"{r['wgmma']:5d} {r['mma']:4d}  {r['label']} [{r['config']}]")
+        spilled = sum(not r["ok"] for r in data["variants"])
+        print(f"  {len(data['variants'])} configurations: {spilled} spill or miss the tensor cores (~~), "
+              f"{sum(not r['fits'] for r in data['variants'])} over the shared memory (!!)")
     print(f"\n{len(bad)} problem(s)" if bad else "\nno spills; every main kernel uses the tensor cores")
     return 1 if bad else 0
 

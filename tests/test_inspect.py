@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -98,7 +99,7 @@ def test_prune_leaves_out_the_spilling_tiles_of_this_gpu(monkeypatch):
 def test_tiles_whose_pipeline_cannot_fit_in_shared_memory_are_left_out():
     """An H100 gives a block 227 KiB: fp32's 128x256x64 tile of 3 stages needs 288 KiB (what Triton
     allocates for it on sm_90), so neither the autotuner nor the deterministic mode's shape-based
-    choice gets it; where nothing fits (fp64), the smallest tile stays."""
+    choice gets it; where nothing fits (fp64), the smallest tile runs with fewer stages."""
     import triton
 
     from cnnkern.kernels import conv2d
@@ -113,7 +114,33 @@ def test_tiles_whose_pipeline_cannot_fit_in_shared_memory_are_left_out():
     assert conv2d.smem_bound(configs[0], 4) == 294912
     assert kept(elem_bytes=2, smem_limit=232448) == tiles
     assert kept(elem_bytes=4, smem_limit=232448) == tiles[1:]
-    assert kept(elem_bytes=8, smem_limit=232448) == tiles[2:]
+    # fp64: no tile fits with its stages (64x64x64 x 4 stages: 256 KiB); the smallest runs with 3
+    assert kept(elem_bytes=8, smem_limit=232448) == [(64, 64, 64, 4, 3)]
+    assert kept(elem_bytes=8, smem_limit=166912) == [(64, 64, 64, 4, 2)]  # an A100's 163 KiB
     assert kept() == tiles  # no device limits given: nothing to check against
     # the statistics epilogue, like a residual, holds a second tile: no 128x256
     assert kept(STATS=True) == tiles[1:] and kept(HAS_RES=True) == tiles[1:]
+
+
+def test_variant_configurations_fit_in_shared_memory():
+    """`cnnkern inspect --variants`: the autotuned conv kernels in the other dtypes and layouts; here
+    the fp64 and TF32 forwards on sm_90, whose pipelines are the largest: every configuration the
+    pruning keeps is within the H100's 227 KiB per block as compiled (fp64 keeps one tile at
+    fewer stages)."""
+    code = textwrap.dedent("""
+        import json
+        from cnnkern import _inspect
+        specs = {s.label: s for s in _inspect.variant_specs()}
+        picked = ["conv2d forward 3x3, fp64 NHWC", "conv2d forward 3x3, fp32 TF32 NHWC"]
+        rows = [r.__dict__ for label in picked for r in _inspect.compile_triton(specs[label], 90)]
+        print(json.dumps({"n": len(specs), "labels": sorted(specs), "rows": rows}))
+        """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["n"] == len(set(data["labels"])) and data["n"] >= 6 * 6, data["labels"]
+    assert all("bf16 NHWC" not in label for label in data["labels"])
+    fp64 = [r for r in data["rows"] if "fp64" in r["label"]]
+    assert len(fp64) == 1 and fp64[0]["config"].endswith("stages=3"), fp64
+    assert data["rows"] and all(r["shared"] <= 232448 for r in data["rows"]), data["rows"]
