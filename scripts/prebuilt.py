@@ -38,11 +38,8 @@ def key_path(root: str = ROOT) -> str:
 
 
 def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()  # Python 3.11+ (both stacks)
 
 
 def source_hash(root: str = ROOT) -> str:
