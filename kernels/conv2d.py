@@ -48,16 +48,16 @@ from .residual_add import _decompose  # linear index of a dense 4-D tensor -> it
 _INT32_MAX = 2**31 - 1
 
 
-def _configs(space, k_name="BLOCK_C"):
+def _configs(space, k_name="BLOCK_C", interpret=INTERPRET):
     """Autotuning space on a GPU: (BLOCK_M, BLOCK_N, reduction block, warps, stages) tuples.
 
     Under the interpreter (which ignores warps and stages and pays per program and per loop step,
     not per element) two fixed tiles, of which ``_prune`` keeps exactly one, so
     nothing is ever benchmarked: a small one that gives the tests' small layers several tiles and
     reduction steps, and a wide one for full-width networks (hundreds of channels)."""
-    if INTERPRET:
+    if interpret:
         space = [(32, 32, 32 if k_name == "BLOCK_K" else 16, 4, 1), (32, 128, 128, 4, 1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, k_name: bk, "GROUP_M": 8 if not INTERPRET else 4},
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, k_name: bk, "GROUP_M": 8 if not interpret else 4},
                           num_warps=w, num_stages=st) for (bm, bn, bk, w, st) in space]
 
 
@@ -157,12 +157,16 @@ def _tune(kernel: str) -> dict:
 # bf16/fp16 NHWC inputs and use wgmma on sm_90 (checked by `cnnkern inspect` and
 # tests/test_inspect.py). 128x128 and 128x64 tiles with 3-4 stages are the tensor-core sweet spot;
 # the 64-wide ones serve small-K and small-M layers (late ResNet stages, batch 1).
-_FWD_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                         (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)])
-_GEMM_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 8, 4),
-                          (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)])
-_SMALL_C_CONFIGS = _configs([(64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 8, 3)], k_name="BLOCK_K")
-_DGRAD_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4)])
+_FWD_SPACE = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+              (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)]
+_GEMM_SPACE = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 8, 4),
+               (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)]
+_SMALL_C_SPACE = [(64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 8, 3)]
+_DGRAD_SPACE = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4)]
+_FWD_CONFIGS = _configs(_FWD_SPACE)
+_GEMM_CONFIGS = _configs(_GEMM_SPACE)
+_SMALL_C_CONFIGS = _configs(_SMALL_C_SPACE, k_name="BLOCK_K")
+_DGRAD_CONFIGS = _configs(_DGRAD_SPACE)
 _CONV_KEY = ["M", "Kg", "Cg", "R", "S", "IS_CL_X"]
 _FWD_KEY = _CONV_KEY + ["HAS_RES", "splits"]  # a residual prunes the configurations (_prune)
 _DGRAD_KEY = _CONV_KEY + ["splits"]

@@ -144,3 +144,21 @@ def test_variant_configurations_fit_in_shared_memory():
     fp64 = [r for r in data["rows"] if "fp64" in r["label"]]
     assert len(fp64) == 1 and fp64[0]["config"].endswith("stages=3"), fp64
     assert data["rows"] and all(r["shared"] <= 232448 for r in data["rows"]), data["rows"]
+
+
+@pytest.mark.parametrize("dtype_bytes, smem", [(2, 232448), (4, 232448), (8, 232448), (4, 166912)])
+def test_the_deterministic_tile_fits_in_shared_memory(dtype_bytes, smem):
+    """Under torch.use_deterministic_algorithms(True) the forward's tile comes from the shape: the
+    largest that still fills the SMs. For ResNet-50's first 3x3 layer at batch 32 (M = 100,352
+    output pixels, 64 channels) in fp32 that was the 128x256 tile, whose 288 KiB pipeline no GPU
+    can give a block; from the pruned GPU space it is a tile that fits (H100: 227 KiB, A100: 163)."""
+    from cnnkern.kernels import conv2d
+
+    configs = conv2d.gpu_configs(conv2d._configs(conv2d._FWD_SPACE, interpret=False), kernel="_fwd_kernel", arch=90,
+                                 elem_bytes=dtype_bytes, smem_limit=smem, HAS_RES=False, SPLIT=False, STATS=False)
+    cfg = conv2d.deterministic_config(configs, 32 * 56 * 56, 64, 132)
+    assert conv2d.smem_bound(cfg, dtype_bytes) <= smem, cfg
+    unpruned = conv2d.deterministic_config(conv2d._configs(conv2d._FWD_SPACE, interpret=False), 32 * 56 * 56, 64, 132)
+    assert conv2d._tile(unpruned)[:2] == (128, 256)  # what it chose before the pruning knew the limit
+    if dtype_bytes == 2:
+        assert conv2d._tile(cfg) == conv2d._tile(unpruned)  # bf16/fp16: 144 KiB, unchanged
