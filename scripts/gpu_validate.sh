@@ -289,8 +289,9 @@ degradation() {
 
 ptxas() {
   local so tool
-  so="$(ls cnnkern/_C*.so 2>/dev/null | head -n 1)"
-  [ -n "$so" ] || { echo "no cnnkern/_C*.so: the build step did not produce the extension"; return 1; }
+  # this interpreter's extension (a tree may hold one per Python, e.g. a carried cpython-312 one)
+  so="cnnkern/_C$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+  [ -f "$so" ] || { echo "no $so: the build step did not produce the extension"; return 1; }
   # CUDA_HOME's, PATH's, or the one inside Triton's wheel (cnnkern._inspect looks in that order)
   tool="$("$PY" -c 'from cnnkern._inspect import cuobjdump; print(cuobjdump() or "")')"
   [ -n "$tool" ] || { echo "cuobjdump not found (CUDA_HOME/bin, PATH, Triton's backends/nvidia/bin)"; return 1; }
