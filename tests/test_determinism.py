@@ -148,3 +148,24 @@ def test_deterministic_mode_picks_conv_tiles_by_shape_not_by_timing(monkeypatch,
     k.conv2d_forward(x, w, None, y, [1, 1], [1, 1], [1, 1], 1, False, "ieee")
     torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, padding=1), rtol=1e-5, atol=1e-5)
     assert any(key[-1] is True for key in k._TUNED)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, batch", [(torch.float32, 32), (torch.float64, 4)])
+def test_deterministic_triton_conv_on_a_large_layer_launches(dtype, batch, deterministic):
+    """The shape-based tile of a large layer: ResNet-50's first 3x3 (64 channels, 56x56) would have
+    been the 128x256 tile, whose fp32 pipeline (288 KiB) and fp64 one exceed any GPU's shared
+    memory per block, and the launch would have failed; the pruning now keeps only tiles that fit.
+    Forward and backward, against float64."""
+    from helpers import assert_rel_close
+
+    x = make((batch, 64, 56, 56), dtype, DEVICE, "channels_last", requires_grad=True)
+    w = make((64, 64, 3, 3), dtype, DEVICE, "channels_last", requires_grad=True)
+    y = F.conv2d(x, w, padding=1, backend="triton")
+    gy = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), gy)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.nn.functional.conv2d(xd, wd, padding=1)
+    gxd, gwd = torch.autograd.grad(ref, (xd, wd), gy.double())
+    for out, r, what in ((y, ref, "output"), (gx, gxd, "grad input"), (gw, gwd, "grad weight")):
+        assert_rel_close(out, r, dtype, what, matmul=True)
