@@ -99,8 +99,8 @@ def gpu_configs(configs, kernel=None, arch=None, elem_bytes=None, smem_limit=Non
     (e.g. 90), the tiles this Triton release spills in (:data:`_SPILLS`); and, given the operands'
     element size and the device's shared memory per block, the tiles whose pipeline cannot fit
     (:func:`smem_bound`: fp32's 128x256 tiles on any GPU, most of fp64's); where none fits, the
-    smallest with fewer pipeline stages. Without that, the autotuner would compile them only to see the launch fail,
-    and the deterministic mode's shape-based choice could pick one."""
+    smallest with fewer pipeline stages. Without that, the autotuner would compile them only to
+    see the launch fail, and the deterministic mode's shape-based choice could pick one."""
     if constexprs.get("HAS_RES") or constexprs.get("SPLIT") or constexprs.get("STATS"):
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
     if constexprs.get("SPLIT"):
@@ -111,12 +111,10 @@ def gpu_configs(configs, kernel=None, arch=None, elem_bytes=None, smem_limit=Non
         configs = [c for c in configs if _tile(c) not in spills]
     if elem_bytes and smem_limit and configs:
         fits = [c for c in configs if smem_bound(c, elem_bytes) <= smem_limit]
-        if not fits:  # the smallest tile, with as few pipeline stages as it takes to fit
+        if not fits:  # the smallest tile, with as many pipeline stages as fit (at least one)
             c = min(configs, key=lambda c: smem_bound(c, elem_bytes))
-            stages = c.num_stages
-            while stages > 1 and smem_bound(triton.Config(c.kwargs, num_stages=stages), elem_bytes) > smem_limit:
-                stages -= 1
-            fits = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages)]
+            stages = max(1, smem_limit // (smem_bound(c, elem_bytes) // c.num_stages))
+            fits = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=min(stages, c.num_stages))]
         configs = fits
     return configs
 
