@@ -134,7 +134,7 @@ def test_the_build_step_uses_a_carried_extension_only_when_its_key_matches(stub,
     assert ("stub build" in log) == (not usable or enabled == "0"), log
 
 
-def _prebuilt(root):
+def _prebuilt():
     import importlib.util
     spec = importlib.util.spec_from_file_location("prebuilt", os.path.join(ROOT, "scripts", "prebuilt.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -146,7 +146,7 @@ def test_prebuilt_key_catches_other_sources_torch_or_binary(tmp_path, monkeypatc
     """The key of a carried extension: it matches only the tree, torch and binary it was written
     for, and a matching binary must still load (this one is not an extension: it fails there)."""
     import torch
-    pb = _prebuilt(tmp_path)
+    pb = _prebuilt()
     root = str(tmp_path)
     (tmp_path / "csrc" / "cuda").mkdir(parents=True)
     (tmp_path / "cnnkern").mkdir()
