@@ -4,6 +4,7 @@ inputs in every layout the ops claim, and the backends a test can run here."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 
 import pytest
@@ -192,3 +193,12 @@ def write_run_json(out_dir, run_id: str, op: str, **fields) -> str:
     with open(path, "w") as f:
         json.dump(data, f)
     return path
+
+
+def load_script(name: str):
+    """scripts/<name>.py loaded as a module (the scripts are not a package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "scripts", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

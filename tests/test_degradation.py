@@ -1,20 +1,14 @@
 """scripts/degradation.py (the seed's plain-vs-residual experiment): its summary and plot from a
 training log, on synthetic curves (a real run trains four networks: minutes on a GPU, see README)."""
 
-import importlib.util
 import json
-import os
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("degradation", os.path.join(ROOT, "scripts", "degradation.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("degradation")
 
 
 def _log(path, final):

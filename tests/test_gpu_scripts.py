@@ -135,11 +135,8 @@ def test_the_build_step_uses_a_carried_extension_only_when_its_key_matches(stub,
 
 
 def _prebuilt():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("prebuilt", os.path.join(ROOT, "scripts", "prebuilt.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from helpers import load_script
+    return load_script("prebuilt")
 
 
 def test_prebuilt_key_catches_other_sources_torch_or_binary(tmp_path, monkeypatch):
