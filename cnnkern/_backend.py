@@ -1,6 +1,6 @@
 """Backend selection: ``"auto" | "triton" | "cuda" | "torch"``.
 
-Rules (DESIGN.md):
+Rules (docs/design.md, docs/backends.md):
 
 * ``"auto"`` (the default): a CUDA tensor goes to the preferred available GPU backend for that op
   (``AUTO_ORDER``), a CPU tensor to ``"torch"``. ``"auto"`` never raises for availability.

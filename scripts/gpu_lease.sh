@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared command for a short GPU lease (the device tool: 15 minutes of device time per
-# session, the machine's start included; one command at most 10 minutes; at most 8 files back).
+# The prepared command for a short session on the GPU machine (a fixed time budget of about 15
+# minutes, the machine's start included; one command at most 10 minutes; few files come back).
 #
 #   CNNKERN_GIT_COMMIT=<commit> scripts/gpu_lease.sh ARCHIVE.tgz
 #

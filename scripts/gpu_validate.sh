@@ -9,7 +9,7 @@
 # lists each step's status and duration, and the exit status is 1 if any step failed.
 #
 # Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda), MAX_JOBS (nvcc
-# jobs), CNNKERN_PREBUILT (default 1: use a carried extension whose key matches, see build below),
+# jobs), CNNKERN_PREBUILT (default 1: use a prebuilt extension whose key matches, see build below),
 # CNNKERN_GIT_COMMIT (the commit to record in the results when this tree has no .git),
 # STEPS (the optional steps to run, space-separated, in the order to run them, each NAME or
 # NAME:SECONDS, a cap on that step's time; default: pytest-cuda-conv pytest-gpu pytest-all
@@ -28,15 +28,15 @@
 # JSON (OUTDIR/results/ and a copy in OUTDIR/), ptxas.txt (per-kernel resource usage of cnnkern._C)
 # and summary.txt. Commit the JSON under the benchmarks/results/ directory printed in the summary.
 #
-# A GPU lease of fixed length (the device tool: 15 minutes for a whole session, start included):
+# A GPU session of fixed length (about 15 minutes for a whole session, start included):
 #   DEADLINE_S   seconds for the whole script from its start. A step that would start with less
 #                than STEP_MIN_S (default 45) left is skipped and listed as such; each step after
 #                the build runs in its own process group and gets SIGINT (pytest then writes its
 #                junit XML and summary), then SIGTERM/SIGKILL, when its share runs out; the bench
 #                steps get `--time-limit` so that they stop by themselves and write what they
 #                measured. RESERVE_S (default 25) is kept for the summary and PACK.
-#   PACK         a path: OUTDIR packed into that one .tar.gz at the end (the device tool brings
-#                back at most 8 files).
+#   PACK         a path: OUTDIR packed into that one .tar.gz at the end (a session brings back
+#                only a few files).
 #   TEST_WORKERS pytest -n for the test steps (default 8 where pytest-xdist is importable, else
 #                serial); CNNKERN_NVCC_THREADS (default 3: the three GPU targets of a file at once)
 #                for the build.
@@ -185,7 +185,7 @@ EOF
 }
 
 build() {
-  # An extension built on the development machine for this stack and carried here (scripts/dev
+  # An extension built on the development machine for this stack and sent here (scripts/dev
   # device-setup; scripts/prebuilt.py) is used as it is when its key matches these sources, this
   # Python and torch, and it loads (CNNKERN_PREBUILT=0: always compile). Otherwise: an incremental
   # ninja build of cnnkern/_C*.so, in place, with this machine's torch.
@@ -289,7 +289,7 @@ degradation() {
 
 ptxas() {
   local so tool
-  # this interpreter's extension (a tree may hold one per Python, e.g. a carried cpython-312 one)
+  # this interpreter's extension (a tree may hold one per Python, e.g. a prebuilt cpython-312 one)
   so="cnnkern/_C$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
   [ -f "$so" ] || { echo "no $so: the build step did not produce the extension"; return 1; }
   # CUDA_HOME's, PATH's, or the one inside Triton's wheel (cnnkern._inspect looks in that order)
@@ -379,7 +379,7 @@ commit_dir="$("$PY" -c 'import os; from cnnkern.benchmarks import harness as h; 
   if [ $failed -eq 0 ]; then echo "all steps passed"; else echo "SOME STEPS FAILED"; fi
 } | tee "$summary"
 if [ -n "${PACK:-}" ]; then
-  # one archive for the device tool's few returned files (OUTDIR inside it as its base name)
+  # one archive for the session's few returned files (OUTDIR inside it as its base name)
   tar -czf "$PACK" -C "$(dirname "$out")" "$(basename "$out")" && echo "packed $out into $PACK ($(du -h "$PACK" | cut -f1))"
 fi
 exit $failed
