@@ -19,8 +19,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 
-# a fenced block: its info string and its body; the (optional) comment line right above it
-_FENCE = re.compile(r"^(?P<pre>[^\n]*)\n```(?P<lang>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
 _NO_TEST = re.compile(r"<!--\s*no-test\b")
 
 
@@ -31,15 +29,26 @@ def _pages() -> list[str]:
 
 
 def _python_blocks():
-    """(page, line, code, skipped) for every ```python block."""
+    """(page, line, code, skipped) for every ```python block; ``skipped`` when the line right
+    above its opening fence is a no-test comment."""
     out = []
     for page in _pages():
-        text = "\n" + open(page, encoding="utf-8").read()
-        for m in _FENCE.finditer(text):
-            if m.group("lang").strip() != "python":
-                continue
-            line = text.count("\n", 0, m.start("lang"))
-            out.append((os.path.relpath(page, ROOT), line, m.group("body"), bool(_NO_TEST.search(m.group("pre")))))
+        with open(page, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        fence = None  # (language, line number, the line above) of the open block
+        body: list[str] = []
+        for i, line in enumerate(lines):
+            if fence is None and line.startswith("```"):
+                fence, body = (line[3:].strip(), i + 1, lines[i - 1] if i else ""), []
+            elif fence is not None and line.strip() == "```":
+                lang, start, above = fence
+                if lang == "python":
+                    out.append((os.path.relpath(page, ROOT), start, "\n".join(body) + "\n",
+                                bool(_NO_TEST.search(above))))
+                fence = None
+            elif fence is not None:
+                body.append(line)
+        assert fence is None, f"{page}: a code block opened at line {fence[1]} is never closed"
     return out
 
 
