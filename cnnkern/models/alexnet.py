@@ -23,7 +23,7 @@ from .. import nn as cnn
 __all__ = ["AlexNet", "alexnet"]
 
 
-class AlexNet(nn.Module):
+class AlexNet(cnn._NoScript, nn.Module):
     def __init__(self, num_classes: int = 1000, variant: str = "paper", dropout: float = 0.5, backend=None):
         super().__init__()
         if variant not in ("paper", "torchvision"):

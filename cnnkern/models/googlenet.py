@@ -25,20 +25,22 @@ __all__ = ["GoogLeNet", "GoogLeNetOutputs", "Inception", "googlenet"]
 GoogLeNetOutputs = namedtuple("GoogLeNetOutputs", ["logits", "aux_logits2", "aux_logits1"])
 
 
-class BasicConv2d(nn.Module):
-    """conv [-> BN] -> ReLU, fused. ``bn=False`` (the paper variant) gives the convolution a bias."""
+class BasicConv2d(cnn._NoScript, nn.Module):
+    """conv [-> BN] -> ReLU, fused (``fused``, a FusedConv2d view over ``conv`` and ``bn``; a hook on
+    either makes it run them one by one). ``bn=False`` (the paper variant) gives the convolution a bias."""
 
     def __init__(self, cin, cout, kernel_size, stride=1, padding=0, bn=True, backend=None):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=not bn)
         self.bn = nn.BatchNorm2d(cout, eps=0.001) if bn else None
         self.backend = backend
+        self.fused = cnn.FusedConv2d(self.conv, self.bn, True, backend=backend, names={"conv": "conv", "bn": "bn"})
 
     def forward(self, x):
-        return cnn.conv_bn_forward(self.conv, self.bn, x, relu=True, backend=self.backend)
+        return self.fused(x)
 
 
-class Inception(nn.Module):
+class Inception(cnn._NoScript, nn.Module):
     """Four branches concatenated on channels: 1x1 | 1x1 -> 3x3 | 1x1 -> 5x5 (or 3x3) | pool -> 1x1."""
 
     def __init__(self, cin, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj, bn=True, k5=3, backend=None):
@@ -77,7 +79,7 @@ _INCEPTIONS = {
 }
 
 
-class GoogLeNet(nn.Module):
+class GoogLeNet(cnn._NoScript, nn.Module):
     def __init__(self, num_classes=1000, variant="torchvision", aux_logits=False, backend=None):
         super().__init__()
         if variant not in ("paper", "torchvision"):

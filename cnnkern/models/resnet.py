@@ -4,7 +4,9 @@ the plain 18/34-layer networks, and the CIFAR-10 networks of the degradation exp
 Parameter names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``,
 ``fc``...), so torchvision's state_dicts load with ``strict=True``. Every conv->BN(->ReLU) runs as
 one fused cnnkern layer (cnnkern.nn.conv_bn_forward); a block's shortcut is added by its last fused
-layer (or, for option A's subsampled, zero-padded shortcut, by cnnkern's residual add).
+layer (or, for option A's subsampled, zero-padded shortcut, by cnnkern's residual add). The fused
+layers are ``FusedConv2d`` views (``fused``, ``layer1.0.fused1``...) over torchvision's modules;
+a hook on any of those modules makes its fused layer run them one by one.
 
 ``variant``: "torchvision" (ResNet v1.5: a bottleneck's stride is on its 3x3 convolution) or
 "paper" (the original: the stride is on the first 1x1). Shortcuts (the seed's options):
@@ -28,12 +30,29 @@ def _conv(cin, cout, k, stride=1):
     return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
 
 
-def _projection(cin, cout, stride):
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+def _projection(cin, cout, stride, backend):
+    # a fusing Sequential: conv + BN as one cnnkern layer, torchvision's names (downsample.0/.1)
+    return cnn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout), backend=backend)
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers and a shortcut (``shortcut=None``: a plain block, no shortcut)."""
+class _Fused(cnn._NoScript):
+    """The fused layers of a block or network: ``FusedConv2d`` views over its own modules."""
+
+    def _fuse(self, name, conv, bn, residual=False, backend=None):
+        names = {"conv": conv, "bn": bn, "relu": "relu", "shortcut": "downsample", "join": "join"}
+        mods = {k: getattr(self, v, None) for k, v in names.items()}
+        if not residual:
+            mods["shortcut"] = mods["join"] = None
+        setattr(self, name, cnn.FusedConv2d(mods["conv"], mods["bn"], mods["relu"], shortcut=mods["shortcut"],
+                                            join=mods["join"], residual=residual, backend=backend, names=names))
+
+
+class BasicBlock(_Fused, nn.Module):
+    """Two 3x3 conv-BN layers and a shortcut (``shortcut=None``: a plain block, no shortcut).
+
+    Runs as torchvision's block (conv1, bn1, relu, conv2, bn2, downsample, add, relu) on two fused
+    layers: ``fused1`` (conv1-bn1-relu) and ``fused2`` (conv2-bn2, the shortcut added in its kernel,
+    relu; option A's subsampled, zero-padded shortcut goes through ``join``, a ResidualAdd)."""
 
     expansion = 1
 
@@ -41,43 +60,28 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = _conv(cin, planes, 3, stride)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)  # kept for torchvision's module tree; fused into the convs
+        self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv(planes, planes, 3)
         self.bn2 = nn.BatchNorm2d(planes)
         self._shortcut(downsample, stride, shortcut, backend)
+        self._fuse("fused1", "conv1", "bn1", backend=backend)
+        self._fuse("fused2", "conv2", "bn2", residual=shortcut is not None, backend=backend)
 
     def _shortcut(self, downsample, stride, shortcut, backend):
         self.downsample = downsample
         self.stride = stride
         self.shortcut = shortcut
         self.backend = backend
-        self.join = cnn.ResidualAdd(relu=True, backend=backend)
+        if shortcut == "A":
+            self.join = cnn.ResidualAdd(relu=True, backend=backend)
 
     def forward(self, x):
-        out = cnn.conv_bn_forward(self.conv1, self.bn1, x, relu=True, backend=self.backend)
-        return self._finish(self.conv2, self.bn2, out, x)
-
-    def _finish(self, conv, bn, out, x):
-        """The block's last conv-BN: with its own ReLU in a plain network, else joined with the shortcut.
-        A shortcut of the output's shape (identity, projection) is added by the kernel that applies
-        BatchNorm and the ReLU (the convolution's epilogue in eval); option A's subsample + zero-pad
-        happens inside the residual add."""
-        if self.shortcut is None:
-            return cnn.conv_bn_forward(conv, bn, out, relu=True, backend=self.backend)
-        identity = x if self.downsample is None else self._project(x)
-        # the last conv keeps its input's spatial size (stride 1, "same" padding)
-        if identity.shape == (out.shape[0], conv.out_channels, *out.shape[2:]):
-            return cnn.conv_bn_forward(conv, bn, out, relu=True, backend=self.backend, residual=identity)
-        out = cnn.conv_bn_forward(conv, bn, out, relu=False, backend=self.backend)
-        return self.join(out, identity)
-
-    def _project(self, x):
-        conv, bn = self.downsample[0], self.downsample[1]
-        return cnn.conv_bn_forward(conv, bn, x, relu=False, backend=self.backend)
+        out = self.fused1(x)
+        return self.fused2(out, x) if self.shortcut is not None else self.fused2(out)
 
 
 class Bottleneck(BasicBlock):
-    """1x1 reduce, 3x3, 1x1 expand (x4), and a shortcut."""
+    """1x1 reduce, 3x3, 1x1 expand (x4), and a shortcut; fused layers ``fused1``..``fused3``."""
 
     expansion = 4
 
@@ -92,14 +96,16 @@ class Bottleneck(BasicBlock):
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self._shortcut(downsample, stride, shortcut, backend)
+        self._fuse("fused1", "conv1", "bn1", backend=backend)
+        self._fuse("fused2", "conv2", "bn2", backend=backend)
+        self._fuse("fused3", "conv3", "bn3", residual=shortcut is not None, backend=backend)
 
     def forward(self, x):
-        out = cnn.conv_bn_forward(self.conv1, self.bn1, x, relu=True, backend=self.backend)
-        out = cnn.conv_bn_forward(self.conv2, self.bn2, out, relu=True, backend=self.backend)
-        return self._finish(self.conv3, self.bn3, out, x)
+        out = self.fused2(self.fused1(x))
+        return self.fused3(out, x) if self.shortcut is not None else self.fused3(out)
 
 
-class ResNet(nn.Module):
+class ResNet(_Fused, nn.Module):
     """The ImageNet ResNet: 7x7/2 conv, 3x3/2 max pool, four stages, global average pool, fc.
 
     Args:
@@ -132,6 +138,7 @@ class ResNet(nn.Module):
             self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
+        self._fuse("fused", "conv1", "bn1", backend=backend)  # the stem: conv1-bn1-relu
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         for i, (w, n) in enumerate(zip(widths, layers)):
             setattr(self, f"layer{i + 1}", self._stage(block, w, n, 1 if i == 0 else 2, variant))
@@ -153,14 +160,13 @@ class ResNet(nn.Module):
             reshape = s != 1 or self.inplanes != cout
             downsample = None
             if self.shortcut == "C" or (self.shortcut == "B" and reshape):
-                downsample = _projection(self.inplanes, cout, s)
+                downsample = _projection(self.inplanes, cout, s, self.backend)
             layers.append(block(self.inplanes, planes, s, downsample, self.shortcut, self.backend, variant))
             self.inplanes = cout
         return nn.Sequential(*layers)
 
     def forward(self, x):
-        x = cnn.conv_bn_forward(self.conv1, self.bn1, x, relu=True, backend=self.backend)
-        x = self.maxpool(x)
+        x = self.maxpool(self.fused(x))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -20,7 +20,7 @@ CFGS = {
 }
 
 
-class VGG(nn.Module):
+class VGG(cnn._NoScript, nn.Module):
     def __init__(self, depth: int, num_classes: int = 1000, batch_norm: bool = False, dropout: float = 0.5,
                  backend: str | None = None):
         super().__init__()
