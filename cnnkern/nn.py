@@ -413,11 +413,6 @@ class FusedConv2d(_NoScript, torch.nn.Module):
             parts.append("relu=True")
         return ", ".join(parts) + (f", backend={self.backend!r}" if self.backend else "")
 
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_where"] = None  # a closure over the converted model: not picklable
-        return state
-
 
 def _chains(mods):
     """(start, conv, bn, relu module, end) of every ``Conv2d [-> BatchNorm2d] [-> ReLU]`` run in ``mods``."""

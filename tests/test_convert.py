@@ -10,6 +10,7 @@ from helpers import DEVICE, rel_err
 
 import cnnkern
 from cnnkern import nn as cnn
+from cnnkern.convert import ResidualReLU
 
 tv = pytest.importorskip("torchvision")
 
@@ -28,13 +29,15 @@ def test_eval_outputs_keys_and_shared_parameters(name):
     conv = cnnkern.convert(ref)
     assert list(conv.state_dict()) == list(ref.state_dict())
     assert all(a is b for a, b in zip(conv.parameters(), ref.parameters()))
-    code = conv.code
     n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in ref.modules())
-    joins = code.count("= cnnkern_convert_conv_bn_add_relu")  # conv-BN + shortcut + ReLU in one layer
-    assert code.count("= cnnkern_convert_conv_bn_relu") + joins == n_convs  # every convolution rewritten
+    fused = [m for m in conv.modules() if isinstance(m, cnn.FusedConv2d)]
+    joins = sum(m.residual for m in fused)  # conv-BN + shortcut + ReLU in one layer
+    assert len(fused) == n_convs  # every convolution rewritten, one fused layer each
+    assert not any(n.op == "call_module" and isinstance(conv.get_submodule(n.target), torch.nn.Conv2d)
+                   for n in conv.graph.nodes)
     if name.startswith("resnet"):  # every block ends in its last conv-BN, the shortcut added in its kernel
         blocks = sum(len(getattr(ref, f"layer{i}")) for i in range(1, 5))
-        assert joins == blocks and code.count("= cnnkern_convert_residual_add") == 0
+        assert joins == blocks and not any(isinstance(m, ResidualReLU) for m in conv.modules())
     else:
         assert joins == 0
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
@@ -56,7 +59,7 @@ def test_residual_join_falls_back_where_the_shortcut_does_not_fit():
 
     ref = Block().double().eval()
     conv = cnnkern.convert(ref)
-    assert conv.code.count("= cnnkern_convert_conv_bn_add_relu") == 1
+    assert sum(isinstance(m, cnn.FusedConv2d) and m.residual for m in conv.modules()) == 1
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     with torch.no_grad(), cnnkern.use_backend("torch"):
         want = torch.relu(ref.bn(ref.conv(x)) + cnnkern.reference.option_a_shortcut(x, 8, 2))
@@ -93,7 +96,7 @@ def test_lrn_and_sequential_chains():
                               torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8)).double().eval()
     conv = cnnkern.convert(ref)
     assert isinstance(conv.get_submodule("2"), cnn.LocalResponseNorm)
-    assert conv.code.count("= cnnkern_convert_conv_bn_relu") == 2
+    assert sum(isinstance(m, cnn.FusedConv2d) for m in conv.modules()) == 2
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     with torch.no_grad(), cnnkern.use_backend("torch"):
         assert rel_err(conv(x), ref(x)) < 1e-12
