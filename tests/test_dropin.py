@@ -14,6 +14,7 @@ from helpers import rel_err
 import cnnkern
 from cnnkern import models as M
 from cnnkern import nn as cnn
+from cnnkern.convert import ResidualReLU
 
 tv = pytest.importorskip("torchvision")
 from torchvision.models.feature_extraction import create_feature_extractor  # noqa: E402
@@ -322,7 +323,7 @@ def _plumbing_checks(model, x):
 def test_network_plumbing():
     ours, _, x = _pair("resnet18")
     with cnnkern.use_backend("torch"):
-        _plumbing_checks(ours, x.repeat(2, 1, 1, 1))
+        _plumbing_checks(ours, torch.randn(2, 3, 16, 16, dtype=torch.float64))
 
 
 def test_converted_model_plumbing():
@@ -330,4 +331,96 @@ def test_converted_model_plumbing():
     _randomise_bn(ref)
     conv = cnnkern.convert(ref)
     with cnnkern.use_backend("torch"):
-        _plumbing_checks(conv, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+        _plumbing_checks(conv, torch.randn(2, 3, 16, 16, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------
+# cnnkern.convert
+# ------------------------------------------------------------------------------------------------
+def _converted(make):
+    ref = make().double().eval()
+    _randomise_bn(ref)
+    return cnnkern.convert(ref), ref
+
+
+CONVERTED = {"resnet18": lambda: tv.models.resnet18(), "alexnet": lambda: tv.models.alexnet()}
+
+
+@pytest.mark.parametrize("name", list(CONVERTED))
+def test_converted_model_hooks_match_the_original(name):
+    """Every leaf module of the converted model fires its hooks as in the original (fx traced
+    through the containers, so theirs do not fire in a GraphModule, as with any traced model)."""
+    conv, ref = _converted(CONVERTED[name])
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    leaves = {n for n, m in ref.named_modules() if not list(m.children())}
+    got, y = _record(conv, x, leaves)
+    want, y_ref = _record(ref, x, leaves)
+    _same_log(got, want)
+    assert rel_err(y, y_ref) < 1e-12
+    views = {n for n, m in conv.named_modules() if isinstance(m, cnn.FusedConv2d)}
+    assert views and views.isdisjoint(leaves)
+    assert "(conv1_fused): ConvBNReLU2d(conv=conv1, bn=bn1, relu=relu)" in repr(conv) if name == "resnet18" else \
+        "(0_fused): ConvReLU2d(conv=features.0, relu=features.1)" in repr(conv)
+
+
+def test_converted_model_traces_and_extracts_features():
+    conv, ref = _converted(CONVERTED["resnet18"])
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    gm = torch.fx.symbolic_trace(conv)
+    assert _runs_cnnkern(gm)
+    ret = {"layer2.1.conv2_fused": "l2", "fc": "fc"}
+    fe = create_feature_extractor(conv, ret)
+    fe_ref = create_feature_extractor(ref, {"layer2.1.relu_1": "l2", "fc": "fc"})
+    with torch.no_grad(), cnnkern.use_backend("torch"):
+        assert rel_err(gm(x), ref(x)) < 1e-12
+        got, want = fe(x), fe_ref(x)
+    for k in want:
+        assert rel_err(got[k], want[k]) < 1e-12, k
+
+
+def test_convert_warns_instead_of_falling_back_in_silence(monkeypatch):
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+            self.relu = torch.nn.ReLU()
+
+        def forward(self, x, y):
+            return self.relu(self.conv(x) + y)
+
+    ref = Odd().double()
+    with pytest.warns(UserWarning, match=r"left in PyTorch: conv \(padding_mode='reflect'\)"):
+        conv = cnnkern.convert(ref)
+    x, y = torch.randn(2, 3, 5, 5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)  # y broadcasts
+    with cnnkern.use_backend("torch"), torch.no_grad():
+        with pytest.warns(UserWarning, match=r"relu_add runs relu\(a \+ b\) in PyTorch.*not 4-D"):
+            assert rel_err(conv(x, y), ref(x, y)) < 1e-12
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            conv(x, y)  # once per layer
+    # an error inside cnnkern's residual add (a bug) is not swallowed
+    join = ResidualReLU(torch.nn.ReLU(), name="join")
+
+    def bug(*a, **k):
+        raise ValueError("a bug")
+    monkeypatch.setattr(cnnkern.functional, "residual_add", bug)
+    with torch.no_grad(), pytest.raises(ValueError, match="a bug"):
+        join(x, x)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cnnkern._backend.unavailable_reason("triton", torch.device("cpu")) is not None,
+                    reason="Triton unavailable")
+def test_hooks_on_triton_kernels():
+    """The Triton kernels (interpreter on CPU): hooked chains run their modules, the rest fuse."""
+    model = M.cifar_resnet(20).double().eval()
+    _randomise_bn(model)
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad(), cnnkern.use_backend("torch"):
+        want = model(x)
+    log = []
+    model.layer2[0].conv1.register_forward_hook(lambda m, a, o: log.append(o.clone()))
+    with torch.no_grad(), cnnkern.use_backend("triton"):
+        assert rel_err(model(x), want) < 1e-10
+    with torch.no_grad(), cnnkern.use_backend("torch"):
+        assert rel_err(log[0], model.layer2[0].conv1(model.layer1(model.fused(x)))) < 1e-12
