@@ -424,3 +424,22 @@ def test_hooks_on_triton_kernels():
         assert rel_err(model(x), want) < 1e-10
     with torch.no_grad(), cnnkern.use_backend("torch"):
         assert rel_err(log[0], model.layer2[0].conv1(model.layer1(model.fused(x)))) < 1e-12
+
+
+def test_standalone_layers_honour_hooks_and_trace_as_leaves():
+    fused = cnn.ConvBNReLU2d(3, 4, 3).double().eval()
+    _randomise_bn(fused)
+    lrn = cnn.LocalResponseNorm(3)
+    log = []
+    fused.bn.register_forward_hook(lambda m, a, o: log.append(o.clone()))
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    with cnnkern.use_backend("torch"), torch.no_grad():
+        y = fused(x)
+        assert len(log) == 1 and rel_err(y, torch.relu(log[0])) < 1e-12
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(fused, lrn))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+
+
+def test_jit_script_of_a_converted_model_names_the_alternatives():
+    with pytest.raises(TypeError, match=r"torch\.compile.*torch\.export\.export.*torch\.jit\.trace"):
+        torch.jit.script(cnnkern.convert(tv.models.resnet18()))
