@@ -17,7 +17,9 @@ import torch
 
 from . import _backend, _checks, reference
 from . import ops as _ops  # registers torch.ops.cnnkern.*
-from .ops import _autocast
+from .ops import _autocast, _plan
+
+_Tensor = torch.Tensor
 
 __all__ = ["conv2d", "conv_bn_relu", "residual_add", "local_response_norm"]
 
@@ -46,6 +48,20 @@ def residual_add(x: torch.Tensor, shortcut: torch.Tensor, relu: bool = True, bac
         >>> y = cnnkern.functional.residual_add(branch_out, block_input)       # identity
         >>> y = cnnkern.functional.residual_add(branch_out, block_input[:, :64])  # option A
     """
+    key = None
+    if type(x) is _Tensor and _plan.eager():
+        try:
+            key = ("residual_add", _plan.tkey(x), _plan.tkey(shortcut), relu, backend or _backend.get_backend(),
+                   _plan.state())
+            plan = _plan.PLANS.get(key)
+        except (AttributeError, TypeError):  # the full path says what is wrong
+            key = plan = None
+        if plan is not None:
+            return plan(x, shortcut)
+    return _plan.run_and_plan(key, lambda: _residual_add(x, shortcut, relu, backend), (x, shortcut))
+
+
+def _residual_add(x, shortcut, relu, backend):
     op = "residual_add"
     _checks.tensor(op, "x", x, ndim=4)
     _checks.tensor(op, "shortcut", shortcut, ndim=4)
@@ -88,6 +104,21 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         accumulation; fp16/bf16 accumulate in fp32, fp64 in fp64. Differentiable in input,
         weight and bias (the backend's own backward kernels; the weight gradient is deterministic).
     """
+    key = None
+    if type(input) is _Tensor and residual is None and _plan.eager():
+        try:
+            key = ("conv2d", _plan.tkey(input), _plan.tkey(weight), _plan.tkey(bias), stride, padding, dilation,
+                   groups, activation, backend or _backend.get_backend(), _plan.state())
+            plan = _plan.PLANS.get(key)
+        except (AttributeError, TypeError):  # not tensors, unhashable arguments: the full path says what is wrong
+            key = plan = None
+        if plan is not None:
+            return plan(input, weight, bias)
+    return _plan.run_and_plan(key, lambda: _conv2d(input, weight, bias, stride, padding, dilation, groups, activation,
+                                                   residual, backend), (input, weight, bias))
+
+
+def _conv2d(input, weight, bias, stride, padding, dilation, groups, activation, residual, backend):
     op = "conv2d"
     x = _batched(op, input)
     x, weight, bias, residual = _autocast.cast(op, x.device.type, x, weight, bias, residual)
@@ -255,6 +286,20 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
         supported by the kernel backends). The kernels compute in fp32 (fp64 for fp64 inputs)
         with one read and one write of the tensor in the forward and one pass in the backward.
     """
+    key = None
+    if type(input) is _Tensor and _plan.eager():
+        try:
+            key = ("local_response_norm", _plan.tkey(input), size, alpha, beta, k, backend or _backend.get_backend(),
+                   _plan.state())
+            plan = _plan.PLANS.get(key)
+        except (AttributeError, TypeError):  # the full path says what is wrong
+            key = plan = None
+        if plan is not None:
+            return plan(input)
+    return _plan.run_and_plan(key, lambda: _local_response_norm(input, size, alpha, beta, k, backend), (input,))
+
+
+def _local_response_norm(input, size, alpha, beta, k, backend):
     op = "local_response_norm"
     size, alpha, beta, k = _checks.lrn_args(op, input, size, alpha, beta, k)
     (input,) = _autocast.cast(op, input.device.type, input)

@@ -13,6 +13,11 @@ import os
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of two ints (``triton.cdiv`` without its per-call overhead)."""
+    return -(-a // b)
+
+
 def check_like(op: str, name: str, t, like, like_name: str) -> None:
     """``t`` (a tensor the kernel reads at ``like``'s offsets, e.g. a fused residual) has exactly
     ``like``'s shape and strides."""

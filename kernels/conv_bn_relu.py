@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, check_like
+from . import INTERPRET, cdiv, check_like
+from . import _launch as _fast
 
 _BLOCK, _WARPS = (1024, 4) if INTERPRET else (2048, 8)
 
@@ -220,7 +221,7 @@ def bn_finalize(stats: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Ten
     outs = [torch.empty(K, dtype=stats.dtype, device=stats.device) for _ in range(5)]
     if K:
         block_k = 64
-        _finalize_kernel[(triton.cdiv(K, block_k),)](stats, gamma if gamma is not None else stats,
+        _fast.launch(_finalize_kernel, (cdiv(K, block_k),), stats, gamma if gamma is not None else stats,
                                                       beta if beta is not None else stats, *outs, rows, K, eps,
                                                       HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
                                                       ACC=_acc(stats.dtype), BLOCK_R=32, BLOCK_K=block_k, num_warps=4)
@@ -237,7 +238,7 @@ def bn_apply(y: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: tor
     if residual is not None:
         check_like("bn_apply", "residual", residual, y, "y")
     N, K, P, Q = y.shape
-    _apply_kernel[(triton.cdiv(numel, _BLOCK),)](y, residual if residual is not None else y, out, scale, shift,
+    _fast.launch(_apply_kernel, (cdiv(numel, _BLOCK),), y, residual if residual is not None else y, out, scale, shift,
                                                  numel, K, P * Q, CHANNELS_LAST=_layout(y),
                                                  HAS_RES=residual is not None, RELU=relu, ACC=_acc(scale.dtype),
                                                  BLOCK=_BLOCK, num_warps=_WARPS)
@@ -254,7 +255,7 @@ def bn_backward_coefficients(part: torch.Tensor, mean: torch.Tensor, invstd: tor
     sg, sgx = (torch.empty(K, dtype=param_dtype, device=part.device) for _ in range(2))
     if K:
         block_k = 64
-        _coefficients_kernel[(triton.cdiv(K, block_k),)](part, mean, invstd, gamma if gamma is not None else mean,
+        _fast.launch(_coefficients_kernel, (cdiv(K, block_k),), part, mean, invstd, gamma if gamma is not None else mean,
                                                          a, b, c, sg, sgx, chunks, K, M, HAS_GAMMA=gamma is not None,
                                                          ACC=_acc(part.dtype), BLOCK_R=32, BLOCK_K=block_k,
                                                          num_warps=4)
@@ -279,17 +280,17 @@ def bn_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, d
     block_r = 64 if cl else 256
     if cl:
         rows_per_prog = block_r * (4 if INTERPRET else 16)
-        progs = triton.cdiv(max(M, 1), rows_per_prog)
+        progs = cdiv(max(M, 1), rows_per_prog)
     else:
         rows_per_prog, progs = PQ, N
     part = (torch.empty if M else torch.zeros)((progs, 2, K), dtype=acc_t, device=y.device)  # every entry written
     if M:
-        _reduce_kernel[(progs, triton.cdiv(K, block_k))](grad, out if out is not None else y, y, part, M, K, PQ,
+        _fast.launch(_reduce_kernel, (progs, cdiv(K, block_k)), grad, out if out is not None else y, y, part, M, K, PQ,
                                                          rows_per_prog, CHANNELS_LAST=cl, RELU=out is not None,
                                                          ACC=acc, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
     a, b, c, sg, sgx = bn_backward_coefficients(part, mean, invstd, gamma, M, param_dtype)
     if M:
-        _dy_kernel[(triton.cdiv(dy.numel(), _BLOCK),)](grad, out if out is not None else y, y, dy, a, b, c, dy.numel(),
+        _fast.launch(_dy_kernel, (cdiv(dy.numel(), _BLOCK),), grad, out if out is not None else y, y, dy, a, b, c, dy.numel(),
                                                       K, PQ, CHANNELS_LAST=cl, RELU=out is not None, ACC=acc,
                                                       BLOCK=_BLOCK, num_warps=_WARPS)
     return sg, sgx

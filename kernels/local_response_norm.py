@@ -54,7 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, cdiv
+from . import _launch as _fast
 
 _INT32_MAX = 2**31 - 1
 
@@ -270,7 +271,7 @@ def _block(hw: int, channels_last: bool, backward: bool, fp64: bool) -> tuple[in
     else:
         per_thread = max(1, (2 if backward else 4) // (2 if fp64 else 1))
     cands = [32 * per_thread * w for w in (2, 4, 8)]
-    best = min(cands, key=lambda b: (triton.cdiv(hw, b) * b, -b))
+    best = min(cands, key=lambda b: (cdiv(hw, b) * b, -b))
     return best, best // (32 * per_thread)
 
 
@@ -345,12 +346,12 @@ def local_response_norm_forward(x: torch.Tensor, out: torch.Tensor, size: int, a
     syn, syc, sys_ = _dense_out_strides(out, "out")
     cl = syc == 1 and c > 1
     block, warps = _block(h * w, cl, backward=False, fp64=x.dtype == torch.float64)
-    n_tiles = triton.cdiv(h * w, block)
+    n_tiles = cdiv(h * w, block)
     p, q = _window_halves(size, c)
     ch = _channel_chunk(n * h * w, c, p + q + 1, _sm_count(x.device), chunk)
-    n_chunks = triton.cdiv(c, ch)
+    n_chunks = cdiv(c, ch)
     _check_grid(n * n_chunks * n_tiles, x.shape)
-    _fwd_kernel[(n * n_chunks * n_tiles,)](
+    _fast.launch(_fwd_kernel, (n * n_chunks * n_tiles,), 
         x, out, c, h * w, w, n_tiles, n_chunks, ch, *x.stride(), syn, syc, sys_, p, q,
         *_split(k), *_split(alpha / size), *_split(-beta),
         X_FLAT=_flat(x), ACC=_acc(x.dtype), BLOCK=block, num_warps=warps)
@@ -368,12 +369,12 @@ def local_response_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, grad_i
     son, soc, sos = _dense_out_strides(grad_in, "grad_in")
     cl = soc == 1 and c > 1
     block, warps = _block(h * w, cl, backward=True, fp64=x.dtype == torch.float64)
-    n_tiles = triton.cdiv(h * w, block)
+    n_tiles = cdiv(h * w, block)
     p, q = _window_halves(size, c)
     ch = _channel_chunk(n * h * w, c, p + q + 1, _sm_count(x.device), chunk)
-    n_chunks = triton.cdiv(c, ch)
+    n_chunks = cdiv(c, ch)
     _check_grid(n * n_chunks * n_tiles, x.shape)
-    _bwd_kernel[(n * n_chunks * n_tiles,)](
+    _fast.launch(_bwd_kernel, (n * n_chunks * n_tiles,), 
         x, grad_out, grad_in, c, h * w, w, n_tiles, n_chunks, ch, *x.stride(), *grad_out.stride(), son, soc, sos, p, q,
         *_split(k), *_split(alpha / size), *_split(-beta), *_split(-beta - 1.0),
         *_split(2.0 * alpha * beta / size),

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, cdiv
+from . import _launch as _fast
 
 _INT32_MAX = 2**31 - 1
 # Memory-bound kernels: large blocks so each thread moves several 16-byte vectors. The
@@ -123,8 +124,8 @@ def _same_dense(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _launch_flat(a, b, out, relu_grad: bool, relu: bool) -> None:
     numel = out.numel()
-    grid = (triton.cdiv(numel, _FLAT_BLOCK),)
-    _flat_kernel[grid](a, b, out, numel, RELU_GRAD=relu_grad, RELU=relu, ACC=_acc(out.dtype), BLOCK=_FLAT_BLOCK,
+    grid = (cdiv(numel, _FLAT_BLOCK),)
+    _fast.launch(_flat_kernel, grid, a, b, out, numel, RELU_GRAD=relu_grad, RELU=relu, ACC=_acc(out.dtype), BLOCK=_FLAT_BLOCK,
                        INT64=numel + _FLAT_BLOCK > _INT32_MAX, num_warps=_FLAT_WARPS)
 
 
@@ -143,8 +144,8 @@ def residual_add_forward(x: torch.Tensor, shortcut: torch.Tensor, out: torch.Ten
     _, C, H, W = x.shape
     ssn, ssc, ssh, ssw = shortcut.stride()
     numel = out.numel()
-    grid = (triton.cdiv(numel, _STRIDED_BLOCK),)
-    _strided_kernel[grid](x, shortcut, out, numel, C, H, W, shortcut.shape[1], *x.stride(),
+    grid = (cdiv(numel, _STRIDED_BLOCK),)
+    _fast.launch(_strided_kernel, grid, x, shortcut, out, numel, C, H, W, shortcut.shape[1], *x.stride(),
                           ssn, ssc, ssh * stride, ssw * stride, CHANNELS_LAST=cl, RELU=relu, ACC=_acc(out.dtype),
                           BLOCK=_STRIDED_BLOCK, num_warps=_STRIDED_WARPS)
 
@@ -166,8 +167,8 @@ def residual_add_shortcut_backward(grad: torch.Tensor, grad_shortcut: torch.Tens
         return
     cl = _dense_channels_last(grad_shortcut, "grad_shortcut")
     _, Cs, Hs, Ws = grad_shortcut.shape
-    grid = (triton.cdiv(numel, _STRIDED_BLOCK),)
-    _shortcut_bwd_kernel[grid](grad, grad_shortcut, numel, Cs, Hs, Ws, *grad.stride(), stride,
+    grid = (cdiv(numel, _STRIDED_BLOCK),)
+    _fast.launch(_shortcut_bwd_kernel, grid, grad, grad_shortcut, numel, Cs, Hs, Ws, *grad.stride(), stride,
                                CHANNELS_LAST=cl, BLOCK=_STRIDED_BLOCK, num_warps=_STRIDED_WARPS)
 
 

@@ -1,0 +1,444 @@
+"""Host-side launch work of every public cnnkern call, measured without a GPU.
+
+A GPU kernel call costs host (CPU) time before the GPU sees it: argument checks, backend choice,
+output allocation, autograd bookkeeping and the launch itself. That cost is CPU work, so this
+benchmark measures it on any Linux machine with gcc:
+
+* a stand-in CUDA driver (benchmarks/host/stub_libcuda.c, built here with gcc) is loaded as
+  ``libcuda.so.1`` before Triton, so Triton compiles its real C launcher against it and its real
+  JIT compiles the kernels for sm_90 (ptxas included); every driver call succeeds and a launch
+  only counts itself;
+* ``torch.cuda``'s leaves (is_available, device properties, the current stream) report one
+  H100-like device;
+* the tensors are CPU tensors carried through the real launch path (the driver never touches
+  them), and the Triton and CUDA C++ backends accept them;
+* the CUDA C++ backend's ``*_cuda`` ops get CPU kernels that return outputs of the right shape
+  and run nothing: what is counted is cnnkern's Python side and the torch.ops dispatch, not the
+  C++ launch (which needs the CUDA runtime).
+
+Per call it reports microseconds (the minimum over repeats; this machine's wall clock moves by
+25% run to run) and, with ``--callgrind``, instructions counted by callgrind with the
+instrumentation switched on only around the measured loop (these repeat to 0.1%).
+
+Not included: the real driver's own work in cuLaunchKernelEx (about 2-5 us on a GPU host), the
+CUDA caching allocator (CPU tensors come from the CPU allocator), and the GPU host's CPU, which
+may be slower or faster than this one. The stand-in driver refuses to load on a machine with an
+NVIDIA driver, and it only ever runs in a child process of its own.
+
+Usage::
+
+    python -m benchmarks.bench_host                   # wall clock, every case
+    python -m benchmarks.bench_host --callgrind       # plus instructions per call
+    python -m benchmarks.bench_host --callgrind --json out.json --cases conv2d_inference
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+STUB_SOURCE = os.path.join(HERE, "host", "stub_libcuda.c")
+
+# Instruction budgets per warm call (callgrind, this repository's pinned torch and Triton): the CI
+# gate (tests/test_host_cost.py) fails when a case exceeds its budget by more than 10%.
+BUDGETS = {
+    "conv2d_inference[triton]": 80_000,
+    "nn.Conv2d_no_grad[triton]": 100_000,
+    "conv2d_fwd_bwd[triton]": 300_000,
+    "residual_add_fwd[triton]": 60_000,
+    "local_response_norm_fwd[triton]": 60_000,
+    "conv_bn_relu_eval[triton]": 100_000,
+    "conv_bn_relu_train_step[triton]": 500_000,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# parent side: build the stand-in driver, run the child (plain, then under callgrind)
+# ---------------------------------------------------------------------------------------------
+def _triton_include() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("bench_host: Triton is not installed")
+    return os.path.join(spec.submodule_search_locations[0], "backends", "nvidia", "include")
+
+
+def build_stub(out_dir: str) -> str:
+    """Compile the stand-in driver into ``out_dir/libcuda.so.1`` (gcc, against Triton's cuda.h)."""
+    os.makedirs(out_dir, exist_ok=True)
+    lib = os.path.join(out_dir, "libcuda.so.1")
+    cmd = ["gcc", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", f"-I{_triton_include()}",
+           "-Wl,-soname,libcuda.so.1", "-o", lib, STUB_SOURCE]
+    subprocess.run(cmd, check=True)
+    return lib
+
+
+def _child_env(stub_dir: str) -> dict:
+    env = dict(os.environ)
+    env["TRITON_LIBCUDA_PATH"] = stub_dir
+    env["CNNKERN_HOST_BENCH_STUB"] = os.path.join(stub_dir, "libcuda.so.1")
+    env["CUDA_VISIBLE_DEVICES"] = ""  # torch's own CUDA runtime never looks for a device
+    for var in ("TRITON_INTERPRET", "CNNKERN_POISON", "CNNKERN_BACKEND"):
+        env.pop(var, None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _parse_callgrind(out_dir: str) -> dict[str, int]:
+    """{case: instructions in its measured loop} from callgrind's client-request dumps."""
+    counts: dict[str, int] = {}
+    for path in glob.glob(os.path.join(out_dir, "cg.out*")):
+        name = total = None
+        with open(path) as f:
+            for line in f:
+                if line.startswith("desc: Trigger: Client Request: "):
+                    name = line[len("desc: Trigger: Client Request: "):].strip()
+                elif line.startswith(("totals:", "summary:")):
+                    total = int(line.split()[1])
+        if name and total is not None:
+            counts[name] = total
+    return counts
+
+
+def run(cases: list[str] | None, callgrind: bool, repeats: int) -> dict:
+    """Measure ``cases`` (None: all) in child processes; returns the result dictionary."""
+    if os.path.exists("/proc/driver/nvidia"):
+        raise SystemExit("bench_host: this machine has an NVIDIA driver; the stand-in driver would shadow it. "
+                         "Run the GPU half instead: scripts/gpu_overhead.py")
+    work = tempfile.mkdtemp(prefix="cnnkern-host-")
+    try:
+        stub_dir = os.path.join(work, "stub")
+        build_stub(stub_dir)
+        env = _child_env(stub_dir)
+        args = [sys.executable, "-m", "benchmarks.bench_host", "--child", "--repeats", str(repeats)]
+        if cases:
+            args += ["--cases", *cases]
+        res_path = os.path.join(work, "wall.json")
+        subprocess.run([*args, "--out", res_path], env=env, check=True, cwd=ROOT)
+        with open(res_path) as f:
+            result = json.load(f)
+        if callgrind:
+            if shutil.which("valgrind") is None:
+                raise SystemExit("bench_host: --callgrind needs valgrind")
+            cg_dir = os.path.join(work, "cg")
+            os.makedirs(cg_dir)
+            cg_res = os.path.join(work, "cg.json")
+            cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--quiet",
+                   f"--callgrind-out-file={cg_dir}/cg.out.%p", *args, "--callgrind-loops", "--out", cg_res]
+            subprocess.run(cmd, env=env, check=True, cwd=ROOT)
+            with open(cg_res) as f:
+                loops = json.load(f)["loops"]
+            totals = _parse_callgrind(cg_dir)
+            for name, n in loops.items():
+                if name in totals:
+                    result["cases"][name]["instructions"] = totals[name] // n
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def format_table(result: dict) -> str:
+    lines = [f"host work per call: torch {result['torch']}, triton {result['triton']}, python {result['python']}, "
+             f"stand-in driver (no GPU)",
+             f"{'case':44s} {'us (min)':>9s} {'instructions':>13s} {'launches':>9s} {'budget':>9s}"]
+    for name, c in result["cases"].items():
+        ins = c.get("instructions")
+        budget = BUDGETS.get(name)
+        lines.append(f"{name:44s} {c['us']:9.1f} {ins if ins is not None else '-':>13} {c['launches']:>9} "
+                     f"{budget if budget else '':>9}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# child side: the stand-in driver and the patched torch.cuda, then the cases
+# ---------------------------------------------------------------------------------------------
+_H100 = types.SimpleNamespace(name="stand-in H100 (no GPU)", major=9, minor=0, multi_processor_count=132,
+                              shared_memory_per_block_optin=232448, total_memory=80 * 2**30, warp_size=32,
+                              L2_cache_size=50 * 2**20, is_integrated=False, gcnArchName="", uuid="stand-in")
+
+
+def _install_stand_in():
+    """Load the stand-in driver and make torch.cuda report one H100-like device; returns the
+    driver library (its launch counter and the callgrind controls)."""
+    lib = ctypes.CDLL(os.environ["CNNKERN_HOST_BENCH_STUB"], mode=ctypes.RTLD_GLOBAL)
+    lib.cnnkern_stub_launches.restype = ctypes.c_ulonglong
+    import torch
+
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.set_device = lambda device: None
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
+    torch.cuda.get_device_properties = lambda device=None: _H100
+    torch.cuda.get_device_name = lambda device=None: _H100.name
+    torch._C._cuda_getCurrentRawStream = lambda index: 0
+    return lib
+
+
+def _accept_cpu_tensors():
+    """Let the GPU backends take CPU tensors, and give the CUDA C++ ops CPU kernels that allocate
+    their outputs as the real ones would and run nothing."""
+    import torch
+
+    from cnnkern import _backend
+    from cnnkern.ops import _common
+
+    real = _backend.unavailable_reason
+
+    def unavailable_reason(name, device=None):
+        if name in ("triton", "cuda") and (device is None or torch.device(device).type == "cpu"):
+            return None if name == "triton" or _backend.has_extension() else real(name, "cuda")
+        return real(name, device)
+
+    _backend.unavailable_reason = unavailable_reason
+    if not _backend.has_extension():
+        return
+    lib = torch.library.Library("cnnkern", "IMPL")
+    new, cl = _common.new_output, _common.output_channels_last
+    impls = {
+        "conv2d_forward_cuda": lambda x, w, b, y, *a: y,
+        "conv2d_backward_input_cuda": lambda *a: None,
+        "conv2d_backward_weight_cuda": lambda *a: None,
+        "residual_add_cuda": lambda x, s, stride, relu: new(x.shape, x, cl(x)),
+        "residual_add_backward_cuda": lambda g, out: new(out.shape, out, cl(out)),
+        "residual_add_shortcut_backward_cuda": lambda g, size, stride, c: new(size, g, c),
+        "local_response_norm_cuda": lambda x, *a: new(x.shape, x, cl(x)),
+        "local_response_norm_backward_cuda": lambda g, x, *a: new(x.shape, x, cl(x)),
+    }
+    for name, fn in impls.items():
+        lib.impl(name, fn, "CPU")
+    _accept_cpu_tensors.lib = lib  # the registrations live as long as the library object
+
+
+def _untimed_autotuning():
+    """The autotuners pick their first pruned configuration without timing (nothing runs)."""
+    import triton
+
+    from cnnkern import kernels
+
+    def do_bench(fn, quantiles=None, **kwargs):
+        return [1.0] * len(quantiles) if quantiles else 1.0
+
+    for mod in (kernels.conv2d, kernels.conv_bn_relu, kernels.residual_add, kernels.local_response_norm):
+        for obj in vars(mod).values():
+            if isinstance(obj, triton.runtime.Autotuner):
+                obj.do_bench = do_bench
+
+
+def _cases(backend: str) -> dict:
+    """{name: (setup, call)}: setup() builds the inputs once, call(state) is one measured call."""
+    import torch
+
+    import cnnkern
+    from cnnkern import functional as F
+
+    bf = dict(dtype=torch.bfloat16)
+    cl = torch.channels_last
+
+    def conv_in(req=False):
+        x = torch.randn(32, 64, 56, 56, **bf).to(memory_format=cl).requires_grad_(req)
+        w = (torch.randn(64, 64, 3, 3, **bf) * 0.05).to(memory_format=cl).requires_grad_(req)
+        return x, w
+
+    def conv_inference():
+        x, w = conv_in()
+        return lambda: F.conv2d(x, w, padding=1, backend=backend)
+
+    def conv_fwd_bwd():
+        x, w = conv_in(True)
+        g = torch.randn(32, 64, 56, 56, **bf).to(memory_format=cl)
+
+        def call():
+            y = F.conv2d(x, w, padding=1, backend=backend)
+            torch.autograd.grad(y, (x, w), g)
+        return call
+
+    def module():
+        m = cnnkern.nn.Conv2d(64, 64, 3, padding=1, bias=False, backend=backend).to(**bf, memory_format=cl)
+        x, _ = conv_in()
+        return lambda: m(x)
+
+    def bn_tensors():
+        k = 64
+        return (torch.zeros(k), torch.ones(k), torch.rand(k) + 0.5, torch.randn(k))
+
+    def cbr_eval():
+        x, w = conv_in()
+        rm, rv, g, b = bn_tensors()
+        return lambda: F.conv_bn_relu(x, w, None, rm, rv, g.to(torch.bfloat16), b.to(torch.bfloat16),
+                                      training=False, padding=1, backend=backend)
+
+    def cbr_module_eval():
+        m = cnnkern.nn.ConvBNReLU2d(64, 64, 3, padding=1, backend=backend).to(**bf, memory_format=cl).eval()
+        x, _ = conv_in()
+        return lambda: m(x)
+
+    def cbr_train_step():
+        m = cnnkern.nn.ConvBNReLU2d(64, 64, 3, padding=1, backend=backend).to(**bf, memory_format=cl).train()
+        x, _ = conv_in(True)
+        g = torch.randn(32, 64, 56, 56, **bf).to(memory_format=cl)
+        params = [p for p in m.parameters()]
+
+        def call():
+            y = m(x)
+            torch.autograd.grad(y, [x, *params], g)
+        return call
+
+    def res_in(req=False):
+        x = torch.randn(32, 256, 56, 56, **bf).to(memory_format=cl).requires_grad_(req)
+        s = torch.randn(32, 256, 56, 56, **bf).to(memory_format=cl).requires_grad_(req)
+        return x, s
+
+    def res_fwd():
+        x, s = res_in()
+        return lambda: F.residual_add(x, s, backend=backend)
+
+    def res_fwd_bwd():
+        x, s = res_in(True)
+        g = torch.randn_like(x)
+
+        def call():
+            y = F.residual_add(x, s, backend=backend)
+            torch.autograd.grad(y, (x, s), g)
+        return call
+
+    def lrn_in(req=False):
+        return torch.randn(32, 96, 55, 55, **bf).to(memory_format=cl).requires_grad_(req)
+
+    def lrn_fwd():
+        x = lrn_in()
+        return lambda: F.local_response_norm(x, 5, alpha=5e-4, beta=0.75, k=2.0, backend=backend)
+
+    def lrn_fwd_bwd():
+        x = lrn_in(True)
+        g = torch.randn_like(x)
+
+        def call():
+            y = F.local_response_norm(x, 5, alpha=5e-4, beta=0.75, k=2.0, backend=backend)
+            torch.autograd.grad(y, (x,), g)
+        return call
+
+    def resnet50():
+        from cnnkern import models
+        m = models.resnet50().to(**bf, memory_format=cl).eval()
+        x = torch.randn(32, 3, 224, 224, **bf).to(memory_format=cl)
+
+        def call():
+            with cnnkern.use_backend(backend):
+                return m(x)
+        return call
+
+    # name: (setup, calls per measured loop, whether the loop runs under torch.no_grad(), as a
+    # network's forward in inference does: the context is entered once, not per layer)
+    cases = {
+        "conv2d_inference": (conv_inference, 50, False),
+        "conv2d_fwd_bwd": (conv_fwd_bwd, 20, False),
+        "nn.Conv2d_no_grad": (module, 50, True),
+        "nn.Conv2d_grad": (module, 50, False),
+        "conv_bn_relu_eval": (cbr_eval, 20, False),
+        "nn.ConvBNReLU2d_eval": (cbr_module_eval, 50, True),
+        "conv_bn_relu_train_step": (cbr_train_step, 10, False),
+        "residual_add_fwd": (res_fwd, 50, False),
+        "residual_add_fwd_bwd": (res_fwd_bwd, 20, False),
+        "local_response_norm_fwd": (lrn_fwd, 50, False),
+        "local_response_norm_fwd_bwd": (lrn_fwd_bwd, 20, False),
+        "resnet50_eval_batch32": (resnet50, 2, True),
+    }
+    return cases
+
+
+_BACKEND_CASES = {
+    "triton": None,  # every case
+    "cuda": ("conv2d_inference", "conv2d_fwd_bwd", "nn.Conv2d_no_grad", "residual_add_fwd", "residual_add_fwd_bwd"),
+}
+
+
+def child(selected: list[str] | None, repeats: int, callgrind_loops: bool, out: str) -> None:
+    lib = _install_stand_in()
+    import torch
+    import triton
+
+    import cnnkern
+
+    _accept_cpu_tensors()
+    _untimed_autotuning()
+    torch.manual_seed(0)
+    result = {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
+              "cases": {}}
+    loops = {}
+    for backend, only in _BACKEND_CASES.items():
+        if backend == "cuda" and not cnnkern._backend.has_extension():
+            continue
+        for name, (setup, n, no_grad) in _cases(backend).items():
+            full = f"{name}[{backend}]"
+            if only is not None and name not in only:
+                continue
+            if selected and name not in selected and full not in selected:
+                continue
+            grad = torch.no_grad() if no_grad else contextlib.nullcontext()
+            grad.__enter__()
+            call = setup()
+            for _ in range(3):  # cold: compile, tune, fill the caches
+                call()
+            if callgrind_loops:
+                lib.cnnkern_callgrind_start()
+                for _ in range(n):
+                    call()
+                lib.cnnkern_callgrind_stop(full.encode())
+                loops[full] = n
+                result["cases"][full] = {"us": 0.0, "launches": 0}
+                grad.__exit__(None, None, None)
+                continue
+            best = float("inf")
+            before = lib.cnnkern_stub_launches()
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    call()
+                best = min(best, (time.perf_counter() - t0) / n)
+            launches = (lib.cnnkern_stub_launches() - before) / (repeats * n)
+            result["cases"][full] = {"us": best * 1e6, "launches": round(launches, 2)}
+            grad.__exit__(None, None, None)
+    if callgrind_loops:
+        result["loops"] = loops
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", nargs="*", help="case names (e.g. conv2d_inference or conv2d_inference[triton])")
+    p.add_argument("--callgrind", action="store_true", help="also count instructions per call with callgrind")
+    p.add_argument("--repeats", type=int, default=5, help="wall-clock repeats (the minimum is reported)")
+    p.add_argument("--json", help="write the results to this file")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--callgrind-loops", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        child(a.cases, a.repeats, a.callgrind_loops, a.out)
+        return 0
+    result = run(a.cases, a.callgrind, a.repeats)
+    print(format_table(result))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

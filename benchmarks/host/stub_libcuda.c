@@ -1,0 +1,172 @@
+/* A stand-in CUDA driver (libcuda.so.1) for measuring host-side launch work without a GPU.
+ *
+ * It defines the driver entry points that Triton's launcher and runtime call (cuda.h's own
+ * prototypes, so the versioned names match). Every call succeeds; a kernel launch runs nothing
+ * and only counts itself (cnnkern_stub_launches). The device it reports is H100-like: compute
+ * capability 9.0, 132 SMs, 227 KiB of shared memory per block.
+ *
+ * It refuses to load on a machine with an NVIDIA GPU driver (/proc/driver/nvidia), so it can never
+ * shadow a real driver. benchmarks/bench_host.py builds it with gcc and loads it in a child process
+ * of its own, before Triton.
+ */
+#include "cuda.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#if __has_include(<valgrind/callgrind.h>)
+#include <valgrind/callgrind.h>
+#define HAVE_CALLGRIND 1
+#else
+#define HAVE_CALLGRIND 0
+#endif
+
+static unsigned long long launches;
+static int fake_object;  /* the address handed out as context, module and function */
+
+__attribute__((constructor)) static void refuse_real_gpu(void) {
+  if (access("/proc/driver/nvidia", F_OK) == 0 && !getenv("CNNKERN_STUB_DRIVER_FORCE")) {
+    fprintf(stderr, "cnnkern stand-in libcuda: this machine has an NVIDIA driver; refusing to load\n");
+    abort();
+  }
+}
+
+unsigned long long cnnkern_stub_launches(void) { return launches; }
+
+/* Callgrind's client requests, for the benchmark to count instructions around its measured loops
+ * only (valgrind --tool=callgrind --instr-atstart=no). Outside valgrind they do nothing. */
+int cnnkern_callgrind_available(void) { return HAVE_CALLGRIND; }
+void cnnkern_callgrind_start(void) {
+#if HAVE_CALLGRIND
+  CALLGRIND_ZERO_STATS;
+  CALLGRIND_START_INSTRUMENTATION;
+#endif
+}
+void cnnkern_callgrind_stop(const char *name) {
+#if HAVE_CALLGRIND
+  CALLGRIND_STOP_INSTRUMENTATION;
+  CALLGRIND_DUMP_STATS_AT(name);
+#else
+  (void)name;
+#endif
+}
+
+CUresult CUDAAPI cuInit(unsigned int flags) { (void)flags; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuDriverGetVersion(int *v) { *v = 13000; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuDeviceGetCount(int *n) { *n = 1; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuDeviceGet(CUdevice *d, int ordinal) { *d = ordinal; return CUDA_SUCCESS; }
+
+CUresult CUDAAPI cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevice dev) {
+  (void)dev;
+  switch (attrib) {
+    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *pi = 9; break;
+    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *pi = 0; break;
+    case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: *pi = 132; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *pi = 232448; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR: *pi = 233472; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_BLOCK: *pi = 65536; break;
+    case CU_DEVICE_ATTRIBUTE_WARP_SIZE: *pi = 32; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *pi = 1024; break;
+    case CU_DEVICE_ATTRIBUTE_CLOCK_RATE: *pi = 1980000; break;
+    case CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE: *pi = 2619000; break;
+    case CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH: *pi = 5120; break;
+    default: *pi = 1; break;
+  }
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuCtxGetCurrent(CUcontext *c) { *c = (CUcontext)&fake_object; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuCtxSetCurrent(CUcontext c) { (void)c; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuCtxGetDevice(CUdevice *d) { *d = 0; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuDevicePrimaryCtxRetain(CUcontext *c, CUdevice d) {
+  (void)d;
+  *c = (CUcontext)&fake_object;
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuCtxGetLimit(size_t *v, CUlimit limit) { (void)limit; *v = 1 << 20; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuCtxSetLimit(CUlimit limit, size_t v) { (void)limit; (void)v; return CUDA_SUCCESS; }
+
+CUresult CUDAAPI cuModuleLoadData(CUmodule *m, const void *image) {
+  (void)image;
+  *m = (CUmodule)&fake_object;
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuModuleUnload(CUmodule m) { (void)m; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuModuleGetFunction(CUfunction *f, CUmodule m, const char *name) {
+  (void)m; (void)name;
+  *f = (CUfunction)&fake_object;
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuFuncGetAttribute(int *pi, CUfunction_attribute attrib, CUfunction f) {
+  (void)f;
+  switch (attrib) {
+    case CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *pi = 1024; break;
+    case CU_FUNC_ATTRIBUTE_NUM_REGS: *pi = 128; break;
+    default: *pi = 0; break;  /* no spills, no static shared memory */
+  }
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuFuncSetAttribute(CUfunction f, CUfunction_attribute a, int v) {
+  (void)f; (void)a; (void)v;
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuFuncSetCacheConfig(CUfunction f, CUfunc_cache c) { (void)f; (void)c; return CUDA_SUCCESS; }
+
+CUresult CUDAAPI cuPointerGetAttribute(void *data, CUpointer_attribute attribute, CUdeviceptr ptr) {
+  (void)attribute;
+  *(CUdeviceptr *)data = ptr;  /* every pointer is a device pointer to itself */
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuPointerGetAttributes(unsigned int n, CUpointer_attribute *attrs, void **data, CUdeviceptr ptr) {
+  (void)attrs;
+  for (unsigned int i = 0; i < n; i++) *(CUdeviceptr *)data[i] = ptr;
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuOccupancyMaxActiveClusters(int *n, CUfunction f, const CUlaunchConfig *config) {
+  (void)f; (void)config;
+  *n = 1;
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {
+  (void)config; (void)f; (void)params; (void)extra;
+  launches++;
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
+                                unsigned int by, unsigned int bz, unsigned int smem, CUstream stream, void **params,
+                                void **extra) {
+  (void)f; (void)gx; (void)gy; (void)gz; (void)bx; (void)by; (void)bz; (void)smem; (void)stream; (void)params;
+  (void)extra;
+  launches++;
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuTensorMapEncodeTiled(CUtensorMap *m, CUtensorMapDataType t, cuuint32_t rank, void *addr,
+                                        const cuuint64_t *dims, const cuuint64_t *strides, const cuuint32_t *box,
+                                        const cuuint32_t *estrides, CUtensorMapInterleave il, CUtensorMapSwizzle sw,
+                                        CUtensorMapL2promotion l2, CUtensorMapFloatOOBfill oob) {
+  (void)t; (void)rank; (void)addr; (void)dims; (void)strides; (void)box; (void)estrides; (void)il; (void)sw;
+  (void)l2; (void)oob;
+  memset(m, 0, sizeof *m);
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuTensorMapEncodeIm2col(CUtensorMap *m, CUtensorMapDataType t, cuuint32_t rank, void *addr,
+                                         const cuuint64_t *dims, const cuuint64_t *strides, const int *lower,
+                                         const int *upper, cuuint32_t channels, cuuint32_t pixels,
+                                         const cuuint32_t *estrides, CUtensorMapInterleave il,
+                                         CUtensorMapSwizzle sw, CUtensorMapL2promotion l2,
+                                         CUtensorMapFloatOOBfill oob) {
+  (void)t; (void)rank; (void)addr; (void)dims; (void)strides; (void)lower; (void)upper; (void)channels;
+  (void)pixels; (void)estrides; (void)il; (void)sw; (void)l2; (void)oob;
+  memset(m, 0, sizeof *m);
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuGetErrorString(CUresult error, const char **s) {
+  (void)error;
+  *s = "cnnkern stand-in driver error";
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuGetErrorName(CUresult error, const char **s) { return cuGetErrorString(error, s); }

@@ -1,0 +1,139 @@
+"""Launching compiled Triton kernels without Triton's per-call Python.
+
+``kernel[grid](*args)`` costs tens of microseconds of host time on every call: Triton binds the
+arguments, computes their specialization key, looks the compiled kernel up, builds launch
+metadata, and an autotuned kernel first goes through the autotuner. All of that depends only on
+what this module calls a call's *signature*: every scalar argument's value, every tensor's dtype
+and 16-byte alignment (what Triton specializes on), and the constexpr keyword arguments. So a
+:class:`Plan` is made once per signature, through Triton's own path, and later calls with the
+same signature launch its compiled kernel directly (``CompiledKernel.run``, Triton's C launcher).
+
+A signature holds exact values, so a plan is never reused for a call that Triton would have
+compiled differently. The direct launch is skipped, and Triton's own path taken, under the
+interpreter, while Triton's launch hooks are installed (profilers), and for a kernel whose
+constexpr parameters do not all follow its runtime ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton import knobs
+
+from . import INTERPRET
+
+_Tensor = torch.Tensor
+
+
+def signature(args, kwargs) -> tuple:
+    """What a compiled kernel depends on: scalars by value, tensors by dtype and 16-byte alignment,
+    and the keyword (constexpr) values."""
+    return (tuple((a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, _Tensor) else a for a in args),
+            *kwargs.values())
+
+
+def hooks_active() -> bool:
+    rt = knobs.runtime
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+class Plan:
+    """One compiled kernel with its launch grid and constexpr tail, for one call signature:
+    ``plan(args)`` launches it on the current stream with the call's runtime arguments."""
+
+    __slots__ = ("run", "direct", "function", "metadata", "grid", "tail", "stream")
+
+    def __init__(self, compiled, grid, tail):
+        self.run = run = compiled.run  # Triton's launcher (the compiled kernel is loaded by now)
+        # Triton >= 3.7's launcher object wraps one C function, and for a kernel that needs no
+        # scratch memory and no sanitizer its __call__ only forwards the arguments to it:
+        # ``direct`` is (that function, cooperative-grid flag, PDL flag, argument annotations,
+        # signature) for such a kernel, so a plan can call it with the same arguments itself.
+        utils = triton.runtime.driver.active.utils
+        self.direct = None
+        if (getattr(run, "launch", None) is getattr(utils, "launch", False) and hasattr(run, "arg_annotations")
+                and not run.global_scratch_size and not run.profile_scratch_size
+                and not getattr(run, "gsan_enabled", False)):
+            self.direct = (run.launch, run.launch_cooperative_grid, run.launch_pdl, run.arg_annotations,
+                           run.kernel_signature)
+        self.function = compiled.function
+        self.metadata = compiled.packed_metadata
+        self.grid = grid
+        self.tail = tail
+        driver = triton.runtime.driver.active
+        device, stream = driver.get_current_device, driver.get_current_stream
+        self.stream = lambda: stream(device())
+
+    def __call__(self, args, grid=None) -> None:
+        g = self.grid if grid is None else grid
+        if self.direct is not None:
+            c_launch, coop, pdl, ann, sig = self.direct
+            c_launch(g[0], g[1], g[2], self.stream(), self.function, coop, pdl, self.metadata, None, None, None, None,
+                     None, ann, sig, (*args, *self.tail))
+        else:
+            self.run(g[0], g[1], g[2], self.stream(), self.function, self.metadata, None, None, None, *args,
+                     *self.tail)
+        if RECORD is not None:
+            RECORD.append((self, args, g))
+
+
+# While an op records its launches (cnnkern/ops/_plan.py), each launch appends (plan, runtime
+# arguments, grid) here, or (None, None, None) when it was not a direct launch.
+RECORD: list | None = None
+
+
+def record_miss() -> None:
+    if RECORD is not None:
+        RECORD.append((None, None, None))
+
+
+def make_plan(jit_fn, compiled, args, kwargs, grid) -> Plan | None:
+    """The plan of a call that Triton just compiled (``compiled``, its CompiledKernel) for
+    ``jit_fn`` with positional runtime ``args`` and keyword ``kwargs`` (constexprs and, for an
+    autotuned kernel, the chosen configuration's values); ``grid`` a tuple or Triton's callable
+    of the bound arguments. None where the kernel's parameters do not allow a direct launch."""
+    if compiled is None or not hasattr(compiled, "packed_metadata"):
+        return None
+    params = jit_fn.params
+    if any(not p.is_constexpr for p in params[len(args):]):
+        return None
+    named = dict(zip(jit_fn.arg_names, args))
+    tail = []
+    for p in params[len(args):]:
+        if p.name in kwargs:
+            value = kwargs[p.name]
+        elif p.has_default:
+            value = p.default
+        else:
+            return None
+        named[p.name] = value
+        tail.append(value)
+    if callable(grid):
+        grid = grid(named)
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    return Plan(compiled, grid, tuple(tail))
+
+
+PLANS: dict = {}
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` for a plain ``@triton.jit`` kernel, through its plan
+    when one exists for the call's signature (``grid`` a tuple of 1 to 3 ints)."""
+    if INTERPRET or hooks_active():
+        record_miss()
+        kernel[grid](*args, **kwargs)
+        return
+    key = (kernel, signature(args, kwargs))
+    plan = PLANS.get(key)
+    if plan is not None:
+        plan(args, grid if len(grid) == 3 else (*grid, 1, 1)[:3])
+        return
+    record_miss()
+    compiled = kernel.run(*args, grid=grid, warmup=False, **kwargs)
+    plan = make_plan(kernel, compiled, args, kwargs, grid)
+    if plan is not None:
+        PLANS[key] = plan
