@@ -36,12 +36,28 @@ def _launch_module():
     return _launch
 
 
+try:
+    from triton import knobs as _knobs
+    _RUNTIME = _knobs.runtime
+except ImportError:  # no Triton: nothing is ever planned (only Triton launches are recorded)
+    _RUNTIME = None
+
+
+def _hooks() -> bool:
+    """Whether Triton's launch hooks (a profiler's) are installed: then every launch goes through
+    Triton's own path, which calls them."""
+    if _RUNTIME is None:
+        return True
+    enter, leave = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
+    return (enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True))
+
+
 def eager() -> bool:
     """Whether this call may be planned or replayed: plain eager mode (no torch.compile, torch
-    function or dispatch mode, functorch transform or autocast)."""
+    function or dispatch mode, functorch transform, autocast or Triton launch hook)."""
     return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
                 or torch._C._are_functorch_transforms_active() or torch._C._is_any_autocast_enabled()
-                or _dispatch_modes())
+                or _dispatch_modes() or _hooks())
 
 
 def tkey(t):

@@ -1,0 +1,108 @@
+"""Checks, under the stand-in driver, that a warm call's direct launches (kernels/_launch.py and
+cnnkern/ops/_plan.py) pass Triton's C launcher exactly what Triton's own path passes.
+
+Run by tests/test_host_cost.py in a child process that benchmarks/bench_host.py prepares. For each
+call: warm it (plans made), record the launches of one warm call, then install a Triton launch
+hook (which sends every launch through Triton's own JIT path) and record the same call again.
+The two records must match launch for launch: grid, function, flags, metadata, signature, and
+every argument (tensors by shape, strides, dtype and whether they are one of the call's inputs).
+Prints one line per call and exits non-zero on a mismatch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from benchmarks import bench_host
+
+LOG: list = []
+
+
+def _record(real):
+    def launch(*a):
+        LOG.append(a)
+        return real(*a)
+    return launch
+
+
+def _norm(records, inputs):
+    import torch
+
+    ptrs = {t.data_ptr() for t in inputs}
+    out = []
+    for a in records:
+        args = tuple((tuple(v.shape), v.stride(), v.dtype, v.data_ptr() in ptrs) if isinstance(v, torch.Tensor) else v
+                     for v in a[15])
+        out.append((a[0], a[1], a[2], a[4], a[5], a[6], a[7], id(a[13]), bytes(a[14]), args))
+    return out
+
+
+def main() -> int:
+    bench_host._install_stand_in()
+    import triton
+
+    utils = triton.runtime.driver.active.utils
+    utils.launch = _record(utils.launch)  # before any kernel loads: every launcher takes the recorder
+    import torch
+
+    import cnnkern
+    from cnnkern import functional as F
+
+    bench_host._accept_cpu_tensors()
+    bench_host._untimed_autotuning()
+    torch.manual_seed(0)
+    bf, cl = torch.bfloat16, torch.channels_last
+
+    def t(*shape, dtype=bf, fmt=cl, grad=False):
+        return torch.randn(*shape, dtype=dtype).to(memory_format=fmt).requires_grad_(grad)
+
+    x, w, b = t(4, 32, 14, 14), t(48, 32, 3, 3), torch.randn(48, dtype=bf)
+    xs = t(2, 3, 33, 33)
+    w1 = t(64, 32, 1, 1)
+    xn = t(2, 16, 9, 9, dtype=torch.float32, fmt=torch.contiguous_format)
+    wn = t(8, 4, 3, 3, dtype=torch.float32, fmt=torch.contiguous_format)
+    r1, r2 = t(4, 64, 8, 8), t(4, 64, 8, 8)
+    rs = t(4, 32, 16, 16)
+    lx = t(2, 24, 7, 7)
+    xg, wg, gy = t(4, 32, 14, 14, grad=True), t(48, 32, 3, 3, grad=True), t(4, 48, 7, 7)
+    lg, lgy = t(2, 24, 7, 7, grad=True), t(2, 24, 7, 7)
+    cbr = cnnkern.nn.ConvBNReLU2d(32, 48, 3, padding=1, backend="triton").to(bf, memory_format=cl).train()
+    calls = {
+        "conv 3x3 bias relu": (lambda: F.conv2d(x, w, b, padding=1, activation="relu", backend="triton"), (x, w, b)),
+        "conv 3x3 stride 2": (lambda: F.conv2d(x, w, stride=2, padding=1, backend="triton"), (x, w)),
+        "conv 1x1 stride 2": (lambda: F.conv2d(x, w1, stride=2, backend="triton"), (x, w1)),
+        "conv small C": (lambda: F.conv2d(xs, t(16, 3, 7, 7), stride=2, padding=3, backend="triton"), (xs,)),
+        "conv fp32 NCHW groups": (lambda: F.conv2d(xn, wn, padding=1, groups=4, backend="triton"), (xn, wn)),
+        "residual add": (lambda: F.residual_add(r1, r2, backend="triton"), (r1, r2)),
+        "residual add option A": (lambda: F.residual_add(r1, rs, backend="triton"), (r1, rs)),
+        "local response norm": (lambda: F.local_response_norm(lx, 5, 5e-4, 0.75, 2.0, backend="triton"), (lx,)),
+        "conv forward + backward": (lambda: torch.autograd.grad(
+            F.conv2d(xg, wg, stride=2, padding=1, backend="triton"), (xg, wg), gy), (xg, wg, gy)),
+        "local response norm backward": (lambda: torch.autograd.grad(
+            F.local_response_norm(lg, 5, 5e-4, 0.75, 2.0, backend="triton"), (lg,), lgy), (lg, lgy)),
+        "conv-BN-ReLU training step": (lambda: torch.autograd.grad(
+            cbr(xg).sum(), [xg, *cbr.parameters()]), (xg, *cbr.parameters())),
+    }
+    hook = lambda *a, **k: None  # noqa: E731
+    bad = 0
+    for name, (call, inputs) in calls.items():
+        for _ in range(3):
+            call()
+        LOG.clear()
+        call()
+        fast = _norm(LOG, inputs)
+        triton.knobs.runtime.launch_enter_hook.add(hook)
+        LOG.clear()
+        call()
+        slow = _norm(LOG, inputs)
+        triton.knobs.runtime.launch_enter_hook.remove(hook)
+        ok = fast == slow and len(fast) > 0
+        bad += not ok
+        print(f"{'ok' if ok else 'MISMATCH'}: {name}: {len(fast)} launches direct, {len(slow)} through Triton")
+        if not ok:
+            print("  direct:", fast, "\n  triton:", slow)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

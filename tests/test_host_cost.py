@@ -1,0 +1,52 @@
+"""Host work per warm call, gated (benchmarks/bench_host.py, under a stand-in CUDA driver).
+
+* The direct launches of a warm call pass Triton's C launcher exactly what Triton's own path
+  passes (benchmarks/host/check_launches.py): the fast path launches the same kernels with the
+  same arguments, so what the GPU computes is what Triton's path would have it compute.
+* Instructions per warm call, counted by callgrind, stay within the budgets of
+  benchmarks/bench_host.py (BUDGETS) plus 10%.
+
+Both need gcc and Triton's real (non-interpreter) compiler; the budgets also need valgrind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from benchmarks import bench_host
+
+pytestmark = pytest.mark.skipif(os.path.exists("/proc/driver/nvidia"),
+                                reason="a real NVIDIA driver is present: the stand-in driver never loads there")
+
+
+def test_direct_launches_match_triton():
+    work = tempfile.mkdtemp(prefix="cnnkern-host-test-")
+    try:
+        stub = os.path.join(work, "stub")
+        bench_host.build_stub(stub)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.host.check_launches"], env=bench_host._child_env(stub),
+                              cwd=bench_host.ROOT, capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok:", "MISMATCH:"))]
+    assert len(lines) >= 10 and all(line.startswith("ok:") for line in lines), proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_instruction_budgets():
+    cases = sorted(bench_host.BUDGETS)
+    result = bench_host.run(cases, callgrind=True, repeats=1)
+    over = []
+    for name, budget in bench_host.BUDGETS.items():
+        ins = result["cases"][name].get("instructions")
+        assert ins is not None, f"{name}: no instruction count"
+        if ins > 1.1 * budget:
+            over.append(f"{name}: {ins} instructions per call, budget {budget} (+10%)")
+    assert not over, "\n".join(over) + "\n" + bench_host.format_table(result)
