@@ -197,8 +197,13 @@ def conv_layers(model: torch.nn.Module, input_size, followed_by_bn: bool = False
         bn = i + 1 < len(rows) and rows[i + 1].kind == "batchnorm"
         if followed_by_bn and not bn:
             continue
-        joins = bn and i + 2 < len(rows) and rows[i + 2].kind == "residual_add" and \
-            rows[i + 2].output_shape == r.output_shape and rows[i + 2].input_shape == r.output_shape
+        # the add follows the BatchNorm, or the projection shortcut (".downsample."), which a block
+        # runs between its last BatchNorm and the add, as torchvision's blocks do
+        j = i + 2
+        while j < len(rows) and ".downsample." in rows[j].name and ".downsample." not in r.name:
+            j += 1
+        joins = bn and ".downsample." not in r.name and j < len(rows) and rows[j].kind == "residual_add" and \
+            rows[j].output_shape == r.output_shape and rows[j].input_shape == r.output_shape
         key = (r.input_shape, r.output_shape, tuple(sorted((k, str(v)) for k, v in r.conv.items())))
         if key not in seen:
             seen[key] = r

@@ -76,9 +76,10 @@ def test_block_ends_are_timed_with_their_shortcut(fake_timer):
     """ResNet-50's block-ending convolutions are marked (from the network); each such layer is
     also timed as relu(bn(conv(x)) + shortcut), checked against eager, forward and backward."""
     fused = bench_conv2d.network_layers((32,), ["resnet50"], bench_conv_bn_relu.NETWORKS, followed_by_bn=True)
-    # (layer1.0.downsample.0 has layer1.0.conv3's shape and runs first: one distinct layer, both cases)
+    # (layer1.0.downsample.0 has layer1.0.conv3's shape and runs after it, between bn3 and the add,
+    # as in torchvision: one distinct layer; a projection shortcut itself never ends a block)
     ends = {(l.name, l.shortcut) for l in fused if l.shortcut}
-    assert ends == {("layer1.0.downsample.0", "layer1.0.conv3"), ("layer2.0.conv3", "layer2.0.conv3"),
+    assert ends == {("layer1.0.conv3", "layer1.0.conv3"), ("layer2.0.conv3", "layer2.0.conv3"),
                     ("layer3.0.conv3", "layer3.0.conv3"), ("layer4.0.conv3", "layer4.0.conv3")}, ends
     layers = [bench_conv2d.Layer("tiny", "conv3", (2, 8, 6, 6), (16, 8, 1, 1), (1, 1), (0, 0), (1, 1), 1,
                                  2 * 16 * 6 * 6 * 8, shortcut="conv3")]
