@@ -18,11 +18,15 @@ benchmark measures it on any Linux machine with gcc:
 
 Per call it reports microseconds (the minimum over repeats; this machine's wall clock moves by
 25% run to run) and, with ``--callgrind``, instructions counted by callgrind with the
-instrumentation switched on only around the measured loop (these repeat to 0.1%).
+instrumentation switched on only around the measured loop (these repeat to 0.1%). The measured
+loops run with Python's cyclic garbage collector off, as ``timeit``'s do.
 
 Not included: the real driver's own work in cuLaunchKernelEx (about 2-5 us on a GPU host), the
 CUDA caching allocator (CPU tensors come from the CPU allocator), and the GPU host's CPU, which
-may be slower or faster than this one. The stand-in driver refuses to load on a machine with an
+may be slower or faster than this one. Counted although it is not launch work: the PyTorch
+operations a call runs besides cnnkern's kernels (a BatchNorm fold, a zero fill, ResNet-50's
+max-pool, average pool and fc) compute on the CPU here, where on a GPU each is one launch; the
+conv-BN-ReLU and ResNet-50 rows are dominated by that and overstate the launch work. The stand-in driver refuses to load on a machine with an
 NVIDIA driver, and it only ever runs in a child process of its own.
 
 Usage::
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import glob
 import json
 import os
@@ -160,7 +165,7 @@ def run(cases: list[str] | None, callgrind: bool, repeats: int) -> dict:
 
 def format_table(result: dict) -> str:
     lines = [f"host work per call: torch {result['torch']}, triton {result['triton']}, python {result['python']}, "
-             f"stand-in driver (no GPU)",
+             f"{result.get('device', 'stand-in driver (no GPU)')}",
              f"{'case':44s} {'us (min)':>9s} {'instructions':>13s} {'launches':>9s} {'budget':>9s}"]
     for name, c in result["cases"].items():
         ins = c.get("instructions")
@@ -246,14 +251,18 @@ def _untimed_autotuning():
                 obj.do_bench = do_bench
 
 
-def _cases(backend: str) -> dict:
-    """{name: (setup, call)}: setup() builds the inputs once, call(state) is one measured call."""
+def _cases(backend: str, device: str = "cpu") -> dict:
+    """{name: (setup, calls per loop, no_grad)}: setup() builds the inputs once and returns the
+    measured call. ``backend`` "pytorch" gives PyTorch's own layers (cuDNN on a GPU) for the same
+    cases: the reference a GPU run compares with."""
     import torch
 
     import cnnkern
     from cnnkern import functional as F
 
-    bf = dict(dtype=torch.bfloat16)
+    if backend == "pytorch":
+        return _pytorch_cases(device)
+    bf = dict(dtype=torch.bfloat16, device=device)
     cl = torch.channels_last
 
     def conv_in(req=False):
@@ -281,7 +290,7 @@ def _cases(backend: str) -> dict:
 
     def bn_tensors():
         k = 64
-        return (torch.zeros(k), torch.ones(k), torch.rand(k) + 0.5, torch.randn(k))
+        return tuple(t.to(device) for t in (torch.zeros(k), torch.ones(k), torch.rand(k) + 0.5, torch.randn(k)))
 
     def cbr_eval():
         x, w = conv_in()
@@ -368,29 +377,127 @@ def _cases(backend: str) -> dict:
     return cases
 
 
+def _pytorch_cases(device: str) -> dict:
+    """The same cases with PyTorch's own layers (cuDNN convolutions on a GPU)."""
+    import torch
+    import torch.nn.functional as TF
+
+    bf = dict(dtype=torch.bfloat16, device=device)
+    cl = torch.channels_last
+
+    def t(*shape, req=False):
+        return torch.randn(*shape, **bf).to(memory_format=cl).requires_grad_(req)
+
+    def conv_inference():
+        x, w = t(32, 64, 56, 56), t(64, 64, 3, 3)
+        return lambda: TF.conv2d(x, w, padding=1)
+
+    def conv_fwd_bwd():
+        x, w, g = t(32, 64, 56, 56, req=True), t(64, 64, 3, 3, req=True), t(32, 64, 56, 56)
+        return lambda: torch.autograd.grad(TF.conv2d(x, w, padding=1), (x, w), g)
+
+    def module():
+        m = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).to(**bf, memory_format=cl)
+        x = t(32, 64, 56, 56)
+        return lambda: m(x)
+
+    def cbr(train):
+        def setup():
+            m = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1, bias=False), torch.nn.BatchNorm2d(64),
+                                    torch.nn.ReLU()).to(**bf, memory_format=cl).train(train)
+            x = t(32, 64, 56, 56, req=train)
+            if not train:
+                return lambda: m(x)
+            g = t(32, 64, 56, 56)
+            return lambda: torch.autograd.grad(m(x), [x, *m.parameters()], g)
+        return setup
+
+    def res(bwd):
+        def setup():
+            x, s = t(32, 256, 56, 56, req=bwd), t(32, 256, 56, 56, req=bwd)
+            if not bwd:
+                return lambda: torch.relu(x + s)
+            g = t(32, 256, 56, 56)
+            return lambda: torch.autograd.grad(torch.relu(x + s), (x, s), g)
+        return setup
+
+    def lrn(bwd):
+        def setup():
+            x = t(32, 96, 55, 55, req=bwd)
+            if not bwd:
+                return lambda: TF.local_response_norm(x, 5, 5e-4, 0.75, 2.0)
+            g = t(32, 96, 55, 55)
+            return lambda: torch.autograd.grad(TF.local_response_norm(x, 5, 5e-4, 0.75, 2.0), (x,), g)
+        return setup
+
+    def resnet50():
+        import torchvision
+        m = torchvision.models.resnet50().to(**bf, memory_format=cl).eval()
+        x = t(32, 3, 224, 224)
+        return lambda: m(x)
+
+    return {
+        "conv2d_inference": (conv_inference, 50, False),
+        "conv2d_fwd_bwd": (conv_fwd_bwd, 20, False),
+        "nn.Conv2d_no_grad": (module, 50, True),
+        "nn.Conv2d_grad": (module, 50, False),
+        "nn.ConvBNReLU2d_eval": (cbr(False), 50, True),
+        "conv_bn_relu_train_step": (cbr(True), 10, False),
+        "residual_add_fwd": (res(False), 50, False),
+        "residual_add_fwd_bwd": (res(True), 20, False),
+        "local_response_norm_fwd": (lrn(False), 50, False),
+        "local_response_norm_fwd_bwd": (lrn(True), 20, False),
+        "resnet50_eval_batch32": (resnet50, 2, True),
+    }
+
+
+# the GPU backends each case runs on (None: every case); with --device cuda also "pytorch"
 _BACKEND_CASES = {
-    "triton": None,  # every case
+    "triton": None,
     "cuda": ("conv2d_inference", "conv2d_fwd_bwd", "nn.Conv2d_no_grad", "residual_add_fwd", "residual_add_fwd_bwd"),
 }
 
 
-def child(selected: list[str] | None, repeats: int, callgrind_loops: bool, out: str) -> None:
-    lib = _install_stand_in()
+class _NoDriver:
+    """The launch counter and callgrind controls where the real driver runs (GPU host)."""
+
+    def cnnkern_stub_launches(self):
+        return 0
+
+    def cnnkern_callgrind_start(self):
+        pass
+
+    def cnnkern_callgrind_stop(self, name):
+        pass
+
+
+def child(selected: list[str] | None, repeats: int, callgrind_loops: bool, out: str, device: str = "cpu") -> None:
+    """Measure the cases in this process: on the stand-in driver with CPU tensors (``device``
+    "cpu"), or on a real GPU with CUDA tensors (``device`` "cuda": host time per call, the GPU
+    working behind; PyTorch's own layers measured too)."""
+    if device == "cpu":
+        lib = _install_stand_in()
+    else:
+        lib = _NoDriver()
     import torch
     import triton
 
     import cnnkern
 
-    _accept_cpu_tensors()
-    _untimed_autotuning()
+    if device == "cpu":
+        _accept_cpu_tensors()
+        _untimed_autotuning()
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_host --device cuda: no CUDA device")
     torch.manual_seed(0)
     result = {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
               "cases": {}}
     loops = {}
-    for backend, only in _BACKEND_CASES.items():
+    backends = dict(_BACKEND_CASES, **({"pytorch": None} if device == "cuda" else {}))
+    for backend, only in backends.items():
         if backend == "cuda" and not cnnkern._backend.has_extension():
             continue
-        for name, (setup, n, no_grad) in _cases(backend).items():
+        for name, (setup, n, no_grad) in _cases(backend, device).items():
             full = f"{name}[{backend}]"
             if only is not None and name not in only:
                 continue
@@ -401,6 +508,8 @@ def child(selected: list[str] | None, repeats: int, callgrind_loops: bool, out: 
             call = setup()
             for _ in range(3):  # cold: compile, tune, fill the caches
                 call()
+            gc.collect()  # the measured loops run without the cyclic garbage collector, as timeit's do:
+            gc.disable()  # a collection's cost depends on the whole heap, not on the call
             if callgrind_loops:
                 lib.cnnkern_callgrind_start()
                 for _ in range(n):
@@ -409,10 +518,13 @@ def child(selected: list[str] | None, repeats: int, callgrind_loops: bool, out: 
                 loops[full] = n
                 result["cases"][full] = {"us": 0.0, "launches": 0}
                 grad.__exit__(None, None, None)
+                gc.enable()
                 continue
             best = float("inf")
             before = lib.cnnkern_stub_launches()
             for _ in range(repeats):
+                if device == "cuda":  # an empty queue: the calls below never wait for the GPU
+                    torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 for _ in range(n):
                     call()
@@ -420,6 +532,9 @@ def child(selected: list[str] | None, repeats: int, callgrind_loops: bool, out: 
             launches = (lib.cnnkern_stub_launches() - before) / (repeats * n)
             result["cases"][full] = {"us": best * 1e6, "launches": round(launches, 2)}
             grad.__exit__(None, None, None)
+            gc.enable()
+    if device == "cuda":
+        result["device"] = torch.cuda.get_device_name()
     if callgrind_loops:
         result["loops"] = loops
     with open(out, "w") as f:
@@ -432,6 +547,9 @@ def main(argv=None) -> int:
     p.add_argument("--callgrind", action="store_true", help="also count instructions per call with callgrind")
     p.add_argument("--repeats", type=int, default=5, help="wall-clock repeats (the minimum is reported)")
     p.add_argument("--json", help="write the results to this file")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: the stand-in driver (no GPU needed); cuda: the real driver and CUDA tensors, in this "
+                        "process, with PyTorch's own layers beside (a GPU machine)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--callgrind-loops", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -439,7 +557,15 @@ def main(argv=None) -> int:
     if a.child:
         child(a.cases, a.repeats, a.callgrind_loops, a.out)
         return 0
-    result = run(a.cases, a.callgrind, a.repeats)
+    if a.device == "cuda":
+        if a.callgrind:
+            raise SystemExit("bench_host: --callgrind counts the stand-in driver's runs (--device cpu)")
+        out = a.json or os.path.join(tempfile.mkdtemp(prefix="cnnkern-host-"), "host.json")
+        child(a.cases, a.repeats, False, out, device="cuda")
+        with open(out) as f:
+            result = json.load(f)
+    else:
+        result = run(a.cases, a.callgrind, a.repeats)
     print(format_table(result))
     if a.json:
         with open(a.json, "w") as f:

@@ -4,8 +4,10 @@
 #
 #   CNNKERN_GIT_COMMIT=<commit> scripts/gpu_lease.sh ARCHIVE.tgz
 #
-# runs scripts/gpu_validate.sh under a deadline, most valuable first: the build, the CUDA C++
-# convolution's tests, the quick benchmark against cuDNN, the same conv layers on the mma.sync
+# runs scripts/gpu_validate.sh under a deadline, most valuable first: the build, the host time per
+# warm call of every op beside PyTorch's (bench-host: calibrates the instruction counts CI gates),
+# a conv call's host vs kernel time, eager and in a CUDA graph, against cuDNN (overhead), the CUDA
+# C++ convolution's tests, the quick benchmark against cuDNN, the same conv layers on the mma.sync
 # kernel, then the GPU tests for whatever time is left; and packs every log, junit XML and
 # benchmark JSON into ARCHIVE.tgz. Each step has a cap so that one slow step cannot take the
 # others' time; a step that runs out is stopped (pytest writes its results first; the bench
@@ -25,7 +27,7 @@ esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [ -n "${CNNKERN_GIT_COMMIT:-}" ] || echo "warning: CNNKERN_GIT_COMMIT is unset: results will say commit 'unknown'" >&2
 export DEADLINE_S="${DEADLINE_S:-540}"
-export STEPS="${STEPS:-pytest-cuda-conv:150 bench-quick:180 bench-mma:60 pytest-gpu}"
+export STEPS="${STEPS:-bench-host:60 overhead:90 pytest-cuda-conv:120 bench-quick:150 bench-mma:60 pytest-gpu}"
 export PACK="$archive"
 out="$(mktemp -d /tmp/cnnkern-gpu.XXXXXX)/gpu_validate"
 exec "$root/scripts/gpu_validate.sh" "$out"

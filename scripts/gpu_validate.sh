@@ -14,6 +14,7 @@
 # STEPS (the optional steps to run, space-separated, in the order to run them, each NAME or
 # NAME:SECONDS, a cap on that step's time; default: pytest-cuda-conv pytest-gpu pytest-all
 # selfcheck bench ptxas inspect sanitize; a misspelt name fails at once; and, only when named: overhead (scripts/gpu_overhead.py: host vs kernel time of a conv call),
+# bench-host (benchmarks/bench_host.py --device cuda: host time per warm call of every op, PyTorch's beside),
 # bench-quick (`cnnkern bench --quick`, its duration is logged), bench-graph (the same subset timed
 # as CUDA-graph replays: kernel time without host launch cost, into OUTDIR/results-graph),
 # bench-mma (the quick conv2d layers with the CUDA convolution pinned to its mma.sync kernel, into
@@ -283,6 +284,9 @@ bench_split() {
   return $rc
 }
 overhead() { "$PY" scripts/gpu_overhead.py; }
+# host time per warm call of every public op on the real driver, PyTorch's own layers beside
+# (benchmarks/bench_host.py --device cuda): calibrates the instruction counts CI gates without a GPU
+bench_host() { "$PY" -m benchmarks.bench_host --device cuda --json "$out/bench_host.json"; }
 degradation() {
   "$PY" scripts/degradation.py --epochs 40 --seeds 0,1,2 --channels-last --out "$out/degradation"
 }
@@ -336,8 +340,8 @@ selected="${STEPS:-pytest-cuda-conv pytest-gpu pytest-all selfcheck bench ptxas 
 # the function of an optional step (empty for an unknown name)
 step_fn() {
   case "$1" in
-    pytest-cuda-conv|pytest-gpu|pytest-all|selfcheck|bench|ptxas|inspect|sanitize|overhead|bench-quick|bench-graph|\
-    bench-mma|bench-tune|bench-split|degradation) echo "${1//-/_}" ;;
+    pytest-cuda-conv|pytest-gpu|pytest-all|selfcheck|bench|ptxas|inspect|sanitize|overhead|bench-host|bench-quick|\
+    bench-graph|bench-mma|bench-tune|bench-split|degradation) echo "${1//-/_}" ;;
   esac
 }
 for item in $selected; do  # fail before the build, not after it, on a misspelt step
@@ -346,7 +350,7 @@ for item in $selected; do  # fail before the build, not after it, on a misspelt 
   cap="${cap#:}"
   if [ -z "$(step_fn "$name")" ] || { [ -n "$cap" ] && ! [[ "$cap" =~ ^[0-9]+$ ]]; }; then
     echo "$0: STEPS: unknown step or bad time cap '$item' (NAME or NAME:SECONDS; names: pytest-cuda-conv" \
-      "pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize overhead bench-quick bench-graph bench-mma" \
+      "pytest-gpu pytest-all selfcheck bench ptxas inspect sanitize overhead bench-host bench-quick bench-graph bench-mma" \
       "bench-tune bench-split degradation)" >&2
     exit 2
   fi

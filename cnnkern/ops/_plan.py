@@ -18,6 +18,8 @@ whose launches take a workspace or a view.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 # what torch.utils._python_dispatch._get_current_dispatch_mode() reads, without its Python frame
@@ -75,26 +77,25 @@ def state() -> tuple:
 class OpPlan:
     """The output's allocation and the recorded launches of one call key."""
 
-    __slots__ = ("shape", "dtype", "device", "fmt", "launches", "direct", "stream")
+    __slots__ = ("shape", "strides", "dtype", "device", "launches", "direct", "stream")
 
     def __init__(self, out: torch.Tensor, launches, stream):
-        self.shape, self.dtype, self.device = tuple(out.shape), out.dtype, out.device
-        self.fmt = _CL if (out.dim() == 4 and not out.is_contiguous()) else torch.contiguous_format
+        self.shape, self.strides, self.dtype, self.device = tuple(out.shape), out.stride(), out.dtype, out.device
         self.launches = launches
         self.direct = all(launch[0] is not None for launch in launches)
         self.stream = stream
 
     def __call__(self, *tensors) -> torch.Tensor:
-        y = torch.empty(self.shape, dtype=self.dtype, device=self.device, memory_format=self.fmt)
+        y = torch.empty_strided(self.shape, self.strides, dtype=self.dtype, device=self.device)
         t = (*tensors, y)
         stream = self.stream()
         if self.direct:  # Triton's C launcher itself (kernels/_launch.py: Plan.direct)
-            for (c_launch, coop, pdl, ann, sig), run, g0, g1, g2, fn, meta, idx, tail in self.launches:
+            for (c_launch, coop, pdl, ann, sig), run, g0, g1, g2, fn, meta, pick, tail in self.launches:
                 c_launch(g0, g1, g2, stream, fn, coop, pdl, meta, None, None, None, None, None, ann, sig,
-                         (*[t[i] for i in idx], *tail))
+                         (*pick(t), *tail))
         else:
-            for _, run, g0, g1, g2, fn, meta, idx, tail in self.launches:
-                run(g0, g1, g2, stream, fn, meta, None, None, None, *[t[i] for i in idx], *tail)
+            for _, run, g0, g1, g2, fn, meta, pick, tail in self.launches:
+                run(g0, g1, g2, stream, fn, meta, None, None, None, *pick(t), *tail)
         return y
 
 
@@ -127,7 +128,9 @@ def _build(out, tensors, recorded):
         tail = tuple(args[k:])
         if any(isinstance(a, _Tensor) for a in tail):
             return None
-        launches.append((plan.direct, plan.run, grid[0], grid[1], grid[2], plan.function, plan.metadata, tuple(idx),
+        # the launch's tensors, picked from (call's tensors..., output) as a tuple
+        pick = operator.itemgetter(*idx) if len(idx) > 1 else (lambda t, i=idx[0]: (t[i],))
+        launches.append((plan.direct, plan.run, grid[0], grid[1], grid[2], plan.function, plan.metadata, pick,
                          tail + plan.tail))
     return OpPlan(out, tuple(launches), recorded[0][0].stream)
 
