@@ -56,8 +56,8 @@ def residual_add(x: torch.Tensor, shortcut: torch.Tensor, relu: bool = True, bac
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # the full path says what is wrong
             key = plan = None
-        if plan is not None:
-            return plan(x, shortcut)
+        if plan is not None and (y := plan(x, shortcut)) is not None:
+            return y
     return _plan.run_and_plan(key, lambda: _residual_add(x, shortcut, relu, backend), (x, shortcut))
 
 
@@ -112,8 +112,8 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # not tensors, unhashable arguments: the full path says what is wrong
             key = plan = None
-        if plan is not None:
-            return plan(input, weight, bias)
+        if plan is not None and (y := plan(input, weight, bias)) is not None:
+            return y
     return _plan.run_and_plan(key, lambda: _conv2d(input, weight, bias, stride, padding, dilation, groups, activation,
                                                    residual, backend), (input, weight, bias))
 
@@ -294,8 +294,8 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # the full path says what is wrong
             key = plan = None
-        if plan is not None:
-            return plan(input)
+        if plan is not None and (y := plan(input)) is not None:
+            return y
     return _plan.run_and_plan(key, lambda: _local_response_norm(input, size, alpha, beta, k, backend), (input,))
 
 

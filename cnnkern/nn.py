@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.fx import Proxy as _Proxy  # bound once: torch.fx is a lazily imported attribute of torch
 
 from . import _backend, _checks
 from . import functional as F
@@ -28,7 +29,7 @@ def hooks_active(*modules) -> bool:
 def _proxy(*args):
     """The first torch.fx Proxy among ``args`` (symbolic tracing), else None."""
     for a in args:
-        if isinstance(a, torch.fx.Proxy):
+        if isinstance(a, _Proxy):
             return a
     return None
 
@@ -92,7 +93,7 @@ class LocalResponseNorm(torch.nn.LocalResponseNorm):
         self.backend = backend
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if isinstance(input, torch.fx.Proxy):
+        if isinstance(input, _Proxy):
             return _trace_as_leaf(self, input, (input,))
         return F.local_response_norm(input, self.size, self.alpha, self.beta, self.k, backend=self.backend)
 
@@ -448,7 +449,7 @@ class Sequential(_NoScript, torch.nn.Sequential):
             for m in mods[i:start]:
                 x = m(x)
             backend = getattr(conv, "backend", None) or self.backend
-            if isinstance(x, torch.fx.Proxy):
+            if isinstance(x, _Proxy):
                 x = _trace_fused(x, x, None, (conv, bn, act, None, None), act is not None, backend)
             else:
                 x = fused_conv(x, None, conv, bn, act, backend=backend)

@@ -42,9 +42,11 @@ def hooks_active() -> bool:
 
 class Plan:
     """One compiled kernel with its launch grid and constexpr tail, for one call signature:
-    ``plan(args)`` launches it on the current stream with the call's runtime arguments."""
+    ``plan(args)`` launches it on the current stream with the call's runtime arguments and
+    returns True, or returns False, launching nothing, when the current device is not the one
+    the kernel was loaded on (then Triton's own path loads it there)."""
 
-    __slots__ = ("run", "direct", "function", "metadata", "grid", "tail", "stream")
+    __slots__ = ("run", "direct", "function", "metadata", "grid", "tail", "device", "get_device", "get_stream")
 
     def __init__(self, compiled, grid, tail):
         self.run = run = compiled.run  # Triton's launcher (the compiled kernel is loaded by now)
@@ -64,20 +66,24 @@ class Plan:
         self.grid = grid
         self.tail = tail
         driver = triton.runtime.driver.active
-        device, stream = driver.get_current_device, driver.get_current_stream
-        self.stream = lambda: stream(device())
+        self.get_device, self.get_stream = driver.get_current_device, driver.get_current_stream
+        self.device = self.get_device()  # Triton loads a kernel on the current device, as here
 
-    def __call__(self, args, grid=None) -> None:
+    def __call__(self, args, grid=None) -> bool:
+        device = self.get_device()
+        if device != self.device:
+            return False
         g = self.grid if grid is None else grid
         if self.direct is not None:
             c_launch, coop, pdl, ann, sig = self.direct
-            c_launch(g[0], g[1], g[2], self.stream(), self.function, coop, pdl, self.metadata, None, None, None, None,
-                     None, ann, sig, (*args, *self.tail))
+            c_launch(g[0], g[1], g[2], self.get_stream(device), self.function, coop, pdl, self.metadata, None, None,
+                     None, None, None, ann, sig, (*args, *self.tail))
         else:
-            self.run(g[0], g[1], g[2], self.stream(), self.function, self.metadata, None, None, None, *args,
+            self.run(g[0], g[1], g[2], self.get_stream(device), self.function, self.metadata, None, None, None, *args,
                      *self.tail)
         if RECORD is not None:
             RECORD.append((self, args, g))
+        return True
 
 
 # While an op records its launches (cnnkern/ops/_plan.py), each launch appends (plan, runtime
@@ -129,11 +135,10 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         return
     key = (kernel, signature(args, kwargs))
     plan = PLANS.get(key)
-    if plan is not None:
-        plan(args, grid if len(grid) == 3 else (*grid, 1, 1)[:3])
+    if plan is not None and plan(args, grid if len(grid) == 3 else (*grid, 1, 1)[:3]):
         return
     record_miss()
     compiled = kernel.run(*args, grid=grid, warmup=False, **kwargs)
     plan = make_plan(kernel, compiled, args, kwargs, grid)
-    if plan is not None:
+    if plan is not None and key not in PLANS:
         PLANS[key] = plan

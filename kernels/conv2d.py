@@ -595,8 +595,7 @@ def _launch(kernel, grid, key, *args, **kwargs) -> None:
     if fast:
         sig = (kernel, det, _fast.signature(args, kwargs))
         plan = _fast.PLANS.get(sig)
-        if plan is not None:
-            plan(args)
+        if plan is not None and plan(args):
             return
     _fast.record_miss()
     cfg = _TUNED.get((kernel, key, det))
@@ -616,7 +615,7 @@ def _launch(kernel, grid, key, *args, **kwargs) -> None:
     compiled = kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **cfg)
     if fast:
         plan = _fast.make_plan(kernel.fn, compiled, args, {**kwargs, **cfg}, grid)
-        if plan is not None:
+        if plan is not None and sig not in _fast.PLANS:
             _fast.PLANS[sig] = plan
 
 

@@ -77,18 +77,24 @@ def state() -> tuple:
 class OpPlan:
     """The output's allocation and the recorded launches of one call key."""
 
-    __slots__ = ("shape", "strides", "dtype", "device", "launches", "direct", "stream")
+    __slots__ = ("shape", "strides", "dtype", "device", "launches", "direct", "kernel_device", "get_device",
+                 "get_stream")
 
-    def __init__(self, out: torch.Tensor, launches, stream):
+    def __init__(self, out: torch.Tensor, launches, first):
         self.shape, self.strides, self.dtype, self.device = tuple(out.shape), out.stride(), out.dtype, out.device
         self.launches = launches
         self.direct = all(launch[0] is not None for launch in launches)
-        self.stream = stream
+        self.kernel_device, self.get_device, self.get_stream = first.device, first.get_device, first.get_stream
 
-    def __call__(self, *tensors) -> torch.Tensor:
+    def __call__(self, *tensors) -> torch.Tensor | None:
+        """The output, or None (nothing done) when the current device is not the one the
+        kernels were loaded on: the caller runs the full path."""
+        device = self.get_device()
+        if device != self.kernel_device:
+            return None
         y = torch.empty_strided(self.shape, self.strides, dtype=self.dtype, device=self.device)
         t = (*tensors, y)
-        stream = self.stream()
+        stream = self.get_stream(device)
         if self.direct:  # Triton's C launcher itself (kernels/_launch.py: Plan.direct)
             for (c_launch, coop, pdl, ann, sig), run, g0, g1, g2, fn, meta, pick, tail in self.launches:
                 c_launch(g0, g1, g2, stream, fn, coop, pdl, meta, None, None, None, None, None, ann, sig,
@@ -132,10 +138,11 @@ def _build(out, tensors, recorded):
         pick = operator.itemgetter(*idx) if len(idx) > 1 else (lambda t, i=idx[0]: (t[i],))
         launches.append((plan.direct, plan.run, grid[0], grid[1], grid[2], plan.function, plan.metadata, pick,
                          tail + plan.tail))
-    return OpPlan(out, tuple(launches), recorded[0][0].stream)
+    return OpPlan(out, tuple(launches), recorded[0][0])
 
 
 def run_and_plan(key, full, tensors):
+    # (a key with a plan reaches here only when the current device is not its kernels')
     """``full()`` (the op's full path, returning its output), recorded into a plan for ``key``
     when the call may be replayed (no autograd, a GPU backend's direct launches only)."""
     if _POISON or key is None or key in PLANS or (
