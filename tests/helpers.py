@@ -202,3 +202,18 @@ def load_script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def randomise_bn(*models):
+    """Non-trivial BatchNorm statistics and affine parameters, the same in every model."""
+    gen = torch.Generator().manual_seed(0)
+    named = [dict(m.named_modules()) for m in models]
+    for name, mod in named[0].items():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            vals = [torch.rand(mod.num_features, generator=gen) * s + o for s, o in ((0.2, -0.1), (1.0, 0.5),
+                                                                                     (1.0, 0.5), (0.2, -0.1))]
+            for nm in named:
+                bn = nm[name]
+                with torch.no_grad():
+                    for t, v in zip((bn.running_mean, bn.running_var, bn.weight, bn.bias), vals):
+                        t.copy_(v)

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import randomise_bn, rel_err
 
 import cnnkern
 from cnnkern import models as M
@@ -36,21 +36,6 @@ NETS = {
 }
 
 
-def _randomise_bn(*models):
-    """Non-trivial BatchNorm statistics and affine parameters, the same in every model."""
-    gen = torch.Generator().manual_seed(0)
-    named = [dict(m.named_modules()) for m in models]
-    for name, mod in named[0].items():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            vals = [torch.rand(mod.num_features, generator=gen) * s + o for s, o in ((0.2, -0.1), (1.0, 0.5),
-                                                                                     (1.0, 0.5), (0.2, -0.1))]
-            for nm in named:
-                with torch.no_grad():
-                    for t, v in zip((nm[name].running_mean, nm[name].running_var, nm[name].weight, nm[name].bias),
-                                    vals):
-                        t.copy_(v)
-
-
 def _pair(name):
     make, make_tv, shape = NETS[name]
     torch.manual_seed(0)
@@ -58,10 +43,10 @@ def _pair(name):
     ref = make_tv() if make_tv is not None else None
     if ref is not None:
         ours.load_state_dict(ref.state_dict(), strict=True)
-        _randomise_bn(ref, ours)
+        randomise_bn(ref, ours)
         ref.double().eval()
     else:
-        _randomise_bn(ours)
+        randomise_bn(ours)
     return ours.double().eval(), ref, torch.randn(shape, dtype=torch.float64)
 
 
@@ -328,7 +313,7 @@ def test_network_plumbing():
 
 def test_converted_model_plumbing():
     ref = tv.models.resnet18().double().eval()
-    _randomise_bn(ref)
+    randomise_bn(ref)
     conv = cnnkern.convert(ref)
     with cnnkern.use_backend("torch"):
         _plumbing_checks(conv, torch.randn(2, 3, 16, 16, dtype=torch.float64))
@@ -339,7 +324,7 @@ def test_converted_model_plumbing():
 # ------------------------------------------------------------------------------------------------
 def _converted(make):
     ref = make().double().eval()
-    _randomise_bn(ref)
+    randomise_bn(ref)
     return cnnkern.convert(ref), ref
 
 
@@ -414,7 +399,7 @@ def test_convert_warns_instead_of_falling_back_in_silence(monkeypatch):
 def test_hooks_on_triton_kernels():
     """The Triton kernels (interpreter on CPU): hooked chains run their modules, the rest fuse."""
     model = M.cifar_resnet(20).double().eval()
-    _randomise_bn(model)
+    randomise_bn(model)
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad(), cnnkern.use_backend("torch"):
         want = model(x)
@@ -428,7 +413,7 @@ def test_hooks_on_triton_kernels():
 
 def test_standalone_layers_honour_hooks_and_trace_as_leaves():
     fused = cnn.ConvBNReLU2d(3, 4, 3).double().eval()
-    _randomise_bn(fused)
+    randomise_bn(fused)
     lrn = cnn.LocalResponseNorm(3)
     log = []
     fused.bn.register_forward_hook(lambda m, a, o: log.append(o.clone()))

@@ -7,27 +7,12 @@ import copy
 
 import pytest
 import torch
-from helpers import DEVICE, rel_err
+from helpers import DEVICE, randomise_bn, rel_err
 
 import cnnkern
 from cnnkern import models as M
 
 tv = pytest.importorskip("torchvision")
-
-
-def _randomise_bn(*models):
-    """Non-trivial BatchNorm statistics and affine parameters, the same in every model."""
-    gen = torch.Generator().manual_seed(0)
-    named = [dict(m.named_modules()) for m in models]
-    for name, mod in named[0].items():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            vals = [torch.rand(mod.num_features, generator=gen) * s + o for s, o in ((0.2, -0.1), (1.0, 0.5),
-                                                                                     (1.0, 0.5), (0.2, -0.1))]
-            for nm in named:
-                bn = nm[name]
-                with torch.no_grad():
-                    for t, v in zip((bn.running_mean, bn.running_var, bn.weight, bn.bias), vals):
-                        t.copy_(v)
 
 
 TORCHVISION_PAIRS = {
@@ -56,7 +41,7 @@ def test_torchvision_state_dict_and_outputs(name):
     ours, ref = make_ours(), make_tv()
     ours.load_state_dict(ref.state_dict(), strict=True)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
-    _randomise_bn(ref, ours)
+    randomise_bn(ref, ours)
     ours.double().eval()
     ref.double().eval()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)

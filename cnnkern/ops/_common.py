@@ -52,15 +52,14 @@ def in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Eager fast path
+# Eager autograd path
 # ---------------------------------------------------------------------------------------------
-# torch.library's Python dispatch of a custom op costs ~150 us of host time per call with the
-# GPU machine's torch 2.11 (measured on an H100 host: a ResNet-50 conv took 275 us of host time
-# through the op and 90-166 us calling the launcher directly, for 12-37 us of kernel time). So
-# for plain tensors outside torch.compile each op runs its implementation directly, under a
+# For plain tensors outside torch.compile each op runs its implementation directly, under a
 # torch.autograd.Function whose backward is the op's own registered formula calling the backward
-# implementations directly too. Everything else (torch.compile, fake/meta tensors, tensor
-# subclasses, dispatch or torch-function modes, functorch transforms) goes through the op.
+# implementations directly too; this skips torch.library's Python dispatch (its cost on this
+# path: benchmarks/bench_host.py). Everything else (torch.compile, fake/meta tensors, tensor
+# subclasses, dispatch or torch-function modes, functorch transforms) goes through the op. Warm
+# calls that need no autograd do not come here at all: cnnkern/ops/_plan.py replays them.
 
 
 def custom_op(name: str, mutates_args=()):
