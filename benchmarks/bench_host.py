@@ -26,14 +26,16 @@ CUDA caching allocator (CPU tensors come from the CPU allocator), and the GPU ho
 may be slower or faster than this one. Counted although it is not launch work: the PyTorch
 operations a call runs besides cnnkern's kernels (a BatchNorm fold, a zero fill, ResNet-50's
 max-pool, average pool and fc) compute on the CPU here, where on a GPU each is one launch; the
-conv-BN-ReLU and ResNet-50 rows are dominated by that and overstate the launch work. The stand-in driver refuses to load on a machine with an
-NVIDIA driver, and it only ever runs in a child process of its own.
+conv-BN-ReLU and ResNet-50 rows are dominated by that and overstate the launch work. The
+stand-in driver refuses to load on a machine with an NVIDIA driver, and it only ever runs in a
+child process of its own.
 
 Usage::
 
     python -m benchmarks.bench_host                   # wall clock, every case
     python -m benchmarks.bench_host --callgrind       # plus instructions per call
     python -m benchmarks.bench_host --callgrind --json out.json --cases conv2d_inference
+    python -m benchmarks.bench_host --device cuda     # on a GPU machine: the real driver
 """
 
 from __future__ import annotations
@@ -489,6 +491,9 @@ def child(selected: list[str] | None, repeats: int, callgrind_loops: bool, out: 
     if device == "cpu":
         _accept_cpu_tensors()
         _untimed_autotuning()
+        # PyTorch's own CPU operations in a call (see the module docstring) on one thread: a
+        # thread pool's spin-waiting would make the instruction counts vary from run to run
+        torch.set_num_threads(1)
     elif not torch.cuda.is_available():
         raise SystemExit("bench_host --device cuda: no CUDA device")
     torch.manual_seed(0)

@@ -51,8 +51,8 @@ def residual_add(x: torch.Tensor, shortcut: torch.Tensor, relu: bool = True, bac
     key = None
     if type(x) is _Tensor and _plan.eager():
         try:
-            key = ("residual_add", _plan.tkey(x), _plan.tkey(shortcut), relu, backend or _backend.get_backend(),
-                   _plan.state())
+            key = ("residual_add", _plan.tkey(x), _plan.tkey(shortcut), type(relu), relu,
+                   backend or _backend.get_backend(), _plan.state())
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # the full path says what is wrong
             key = plan = None
@@ -108,7 +108,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if type(input) is _Tensor and residual is None and _plan.eager():
         try:
             key = ("conv2d", _plan.tkey(input), _plan.tkey(weight), _plan.tkey(bias), stride, padding, dilation,
-                   groups, activation, backend or _backend.get_backend(), _plan.state())
+                   type(groups), groups, activation, backend or _backend.get_backend(), _plan.state())
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # not tensors, unhashable arguments: the full path says what is wrong
             key = plan = None
@@ -289,8 +289,8 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
     key = None
     if type(input) is _Tensor and _plan.eager():
         try:
-            key = ("local_response_norm", _plan.tkey(input), size, alpha, beta, k, backend or _backend.get_backend(),
-                   _plan.state())
+            key = ("local_response_norm", _plan.tkey(input), type(size), size, alpha, beta, k,
+                   backend or _backend.get_backend(), _plan.state())
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # the full path says what is wrong
             key = plan = None

@@ -51,7 +51,8 @@ def _hooks() -> bool:
     if _RUNTIME is None:
         return True
     enter, leave = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
-    return (enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True))
+    return ((enter is not None and getattr(enter, "calls", True))
+            or (leave is not None and getattr(leave, "calls", True)))
 
 
 def eager() -> bool:
