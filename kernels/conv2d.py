@@ -167,7 +167,7 @@ _GEMM_CONFIGS = _configs(_GEMM_SPACE)
 _SMALL_C_CONFIGS = _configs(_SMALL_C_SPACE, k_name="BLOCK_K")
 _DGRAD_CONFIGS = _configs(_DGRAD_SPACE)
 _CONV_KEY = ["M", "Kg", "Cg", "R", "S", "IS_CL_X"]
-_FWD_KEY = _CONV_KEY + ["HAS_RES", "splits"]  # a residual prunes the configurations (_prune)
+_FWD_KEY = _CONV_KEY + ["HAS_RES", "STATS", "splits"]  # a residual or the statistics prune the configurations
 _DGRAD_KEY = _CONV_KEY + ["splits"]
 
 
@@ -724,7 +724,7 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
                          groups * splits)
     st = stats if stats is not None else y
     cl = _is_cl(x)
-    key = (M, Kg, Cg, R, S, cl, residual is not None, splits, x.dtype, st.dtype)
+    key = (M, Kg, Cg, R, S, cl, residual is not None, stats is not None, splits, x.dtype, st.dtype)
     res = residual if residual is not None else y
     _launch(fn, grid, key, x, w, bias if bias is not None else w, y, res, st, ws if ws is not None else y,
             M, H, W, P, Q, Cg, Kg, splits, sxn, sxc, sxh, sxw, *w.stride(), *y.stride(), stride[0], stride[1],

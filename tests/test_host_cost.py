@@ -50,3 +50,15 @@ def test_instruction_budgets():
         if ins > 1.1 * budget:
             over.append(f"{name}: {ins} instructions per call, budget {budget} (+10%)")
     assert not over, "\n".join(over) + "\n" + bench_host.format_table(result)
+
+
+def test_forward_autotune_key_separates_the_statistics_forward():
+    """The statistics forward prunes its own configurations (kernels/conv2d.py gpu_configs), so
+    the forward kernels' autotune key holds STATS: every key name is a parameter of each forward
+    kernel (Triton ignores a name that is not), and STATS is one."""
+    from cnnkern.kernels import conv2d as K
+
+    assert "STATS" in K._FWD_KEY
+    for kernel in (K._fwd_kernel, K._fwd_1x1_kernel, K._fwd_small_c_kernel):
+        assert set(K._FWD_KEY) <= set(kernel.fn.arg_names), kernel.fn.arg_names
+        assert kernel.keys == K._FWD_KEY
