@@ -255,6 +255,21 @@ def _untimed_autotuning():
                 obj.do_bench = do_bench
 
 
+# case: (calls per measured loop, whether the loop runs under torch.no_grad(), as a network's
+# forward in inference does: the context is entered once, not per layer)
+_LOOPS = {
+    "conv2d_inference": (50, False), "conv2d_fwd_bwd": (20, False), "nn.Conv2d_no_grad": (50, True),
+    "nn.Conv2d_grad": (50, False), "conv_bn_relu_eval": (20, False), "nn.ConvBNReLU2d_eval": (50, True),
+    "conv_bn_relu_train_step": (10, False), "residual_add_fwd": (50, False), "residual_add_fwd_bwd": (20, False),
+    "local_response_norm_fwd": (50, False), "local_response_norm_fwd_bwd": (20, False),
+    "resnet50_eval_batch32": (2, True),
+}
+
+
+def _with_loops(setups: dict) -> dict:
+    return {name: (setup, *_LOOPS[name]) for name, setup in setups.items()}
+
+
 def _cases(backend: str, device: str = "cpu") -> dict:
     """{name: (setup, calls per loop, no_grad)}: setup() builds the inputs once and returns the
     measured call. ``backend`` "pytorch" gives PyTorch's own layers (cuDNN on a GPU) for the same
@@ -362,23 +377,13 @@ def _cases(backend: str, device: str = "cpu") -> dict:
                 return m(x)
         return call
 
-    # name: (setup, calls per measured loop, whether the loop runs under torch.no_grad(), as a
-    # network's forward in inference does: the context is entered once, not per layer)
-    cases = {
-        "conv2d_inference": (conv_inference, 50, False),
-        "conv2d_fwd_bwd": (conv_fwd_bwd, 20, False),
-        "nn.Conv2d_no_grad": (module, 50, True),
-        "nn.Conv2d_grad": (module, 50, False),
-        "conv_bn_relu_eval": (cbr_eval, 20, False),
-        "nn.ConvBNReLU2d_eval": (cbr_module_eval, 50, True),
-        "conv_bn_relu_train_step": (cbr_train_step, 10, False),
-        "residual_add_fwd": (res_fwd, 50, False),
-        "residual_add_fwd_bwd": (res_fwd_bwd, 20, False),
-        "local_response_norm_fwd": (lrn_fwd, 50, False),
-        "local_response_norm_fwd_bwd": (lrn_fwd_bwd, 20, False),
-        "resnet50_eval_batch32": (resnet50, 2, True),
-    }
-    return cases
+    return _with_loops({
+        "conv2d_inference": conv_inference, "conv2d_fwd_bwd": conv_fwd_bwd, "nn.Conv2d_no_grad": module,
+        "nn.Conv2d_grad": module, "conv_bn_relu_eval": cbr_eval, "nn.ConvBNReLU2d_eval": cbr_module_eval,
+        "conv_bn_relu_train_step": cbr_train_step, "residual_add_fwd": res_fwd, "residual_add_fwd_bwd": res_fwd_bwd,
+        "local_response_norm_fwd": lrn_fwd, "local_response_norm_fwd_bwd": lrn_fwd_bwd,
+        "resnet50_eval_batch32": resnet50,
+    })
 
 
 def _pytorch_cases(device: str) -> dict:
@@ -440,19 +445,12 @@ def _pytorch_cases(device: str) -> dict:
         x = t(32, 3, 224, 224)
         return lambda: m(x)
 
-    return {
-        "conv2d_inference": (conv_inference, 50, False),
-        "conv2d_fwd_bwd": (conv_fwd_bwd, 20, False),
-        "nn.Conv2d_no_grad": (module, 50, True),
-        "nn.Conv2d_grad": (module, 50, False),
-        "nn.ConvBNReLU2d_eval": (cbr(False), 50, True),
-        "conv_bn_relu_train_step": (cbr(True), 10, False),
-        "residual_add_fwd": (res(False), 50, False),
-        "residual_add_fwd_bwd": (res(True), 20, False),
-        "local_response_norm_fwd": (lrn(False), 50, False),
-        "local_response_norm_fwd_bwd": (lrn(True), 20, False),
-        "resnet50_eval_batch32": (resnet50, 2, True),
-    }
+    return _with_loops({
+        "conv2d_inference": conv_inference, "conv2d_fwd_bwd": conv_fwd_bwd, "nn.Conv2d_no_grad": module,
+        "nn.Conv2d_grad": module, "nn.ConvBNReLU2d_eval": cbr(False), "conv_bn_relu_train_step": cbr(True),
+        "residual_add_fwd": res(False), "residual_add_fwd_bwd": res(True), "local_response_norm_fwd": lrn(False),
+        "local_response_norm_fwd_bwd": lrn(True), "resnet50_eval_batch32": resnet50,
+    })
 
 
 # the GPU backends each case runs on (None: every case); with --device cuda also "pytorch"
