@@ -126,19 +126,34 @@ def make_plan(jit_fn, compiled, args, kwargs, grid) -> Plan | None:
 PLANS: dict = {}
 
 
+def direct_ok() -> bool:
+    """Whether launches may go direct: compiled kernels (not the interpreter) and no launch hooks."""
+    return not INTERPRET and not hooks_active()
+
+
+def launch_planned(key, args, grid=None) -> bool:
+    """Launch the plan kept for ``key`` with ``args``; False when there is none or it declines."""
+    plan = PLANS.get(key)
+    return plan is not None and plan(args, grid)
+
+
+def run_and_keep(key, jit_fn, grid, args, kwargs) -> None:
+    """``jit_fn[grid](*args, **kwargs)`` through Triton, its compiled kernel kept as the plan of
+    ``key`` for the calls that follow."""
+    record_miss()
+    compiled = jit_fn.run(*args, grid=grid, warmup=False, **kwargs)
+    plan = make_plan(jit_fn, compiled, args, kwargs, grid)
+    if plan is not None:
+        PLANS.setdefault(key, plan)
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` for a plain ``@triton.jit`` kernel, through its plan
     when one exists for the call's signature (``grid`` a tuple of 1 to 3 ints)."""
-    if INTERPRET or hooks_active():
+    if not direct_ok():
         record_miss()
         kernel[grid](*args, **kwargs)
         return
     key = (kernel, signature(args, kwargs))
-    plan = PLANS.get(key)
-    if plan is not None and plan(args, grid if len(grid) == 3 else (*grid, 1, 1)[:3]):
-        return
-    record_miss()
-    compiled = kernel.run(*args, grid=grid, warmup=False, **kwargs)
-    plan = make_plan(kernel, compiled, args, kwargs, grid)
-    if plan is not None and key not in PLANS:
-        PLANS[key] = plan
+    if not launch_planned(key, args, grid if len(grid) == 3 else (*grid, 1, 1)[:3]):
+        run_and_keep(key, kernel, grid, args, kwargs)

@@ -591,13 +591,11 @@ def _launch(kernel, grid, key, *args, **kwargs) -> None:
     directly for every later call of the same signature (kernels/_launch.py): a warm call never
     reaches the autotuner or Triton's argument binding."""
     det = torch.are_deterministic_algorithms_enabled()
-    fast = not INTERPRET and not _fast.hooks_active()
+    fast = _fast.direct_ok()
     if fast:
         sig = (kernel, det, _fast.signature(args, kwargs))
-        plan = _fast.PLANS.get(sig)
-        if plan is not None and plan(args):
+        if _fast.launch_planned(sig, args):
             return
-    _fast.record_miss()
     cfg = _TUNED.get((kernel, key, det))
     if cfg is None:
         if det:
@@ -609,14 +607,15 @@ def _launch(kernel, grid, key, *args, **kwargs) -> None:
             cfg = deterministic_config(configs, named["M"], named[_GEMM_N[kernel]], _sm_count(args[0].device))
             cfg = _TUNED[(kernel, key, det)] = cfg.all_kwargs()
         else:
+            _fast.record_miss()
             kernel[grid](*args, **kwargs)  # times the configurations; the next call makes the plan
             _TUNED[(kernel, key, det)] = kernel.best_config.all_kwargs()
             return
-    compiled = kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **cfg)
     if fast:
-        plan = _fast.make_plan(kernel.fn, compiled, args, {**kwargs, **cfg}, grid)
-        if plan is not None and sig not in _fast.PLANS:
-            _fast.PLANS[sig] = plan
+        _fast.run_and_keep(sig, kernel.fn, grid, args, {**kwargs, **cfg})
+    else:
+        _fast.record_miss()
+        kernel.fn[grid](*args, **kwargs, **cfg)
 
 
 def _acc(dtype: torch.dtype):

@@ -19,48 +19,27 @@ whose launches take a workspace or a view.
 from __future__ import annotations
 
 import operator
+import sys
 
 import torch
-
-# what torch.utils._python_dispatch._get_current_dispatch_mode() reads, without its Python frame
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-_allow_tf32 = torch._C._get_cudnn_allow_tf32  # torch.backends.cudnn.allow_tf32
 
 from ._common import _POISON
 
 _Tensor = torch.Tensor
 _CL = torch.channels_last
+# what torch.utils._python_dispatch._get_current_dispatch_mode() reads, without its Python frame
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_allow_tf32 = torch._C._get_cudnn_allow_tf32  # torch.backends.cudnn.allow_tf32
 PLANS: dict = {}  # call key -> OpPlan, or None for a key whose calls cannot be planned
-
-
-def _launch_module():
-    from cnnkern.kernels import _launch  # on first use: see cnnkern/ops/residual_add.py
-    return _launch
-
-
-try:
-    from triton import knobs as _knobs
-    _RUNTIME = _knobs.runtime
-except ImportError:  # no Triton: nothing is ever planned (only Triton launches are recorded)
-    _RUNTIME = None
-
-
-def _hooks() -> bool:
-    """Whether Triton's launch hooks (a profiler's) are installed: then every launch goes through
-    Triton's own path, which calls them."""
-    if _RUNTIME is None:
-        return True
-    enter, leave = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
-    return ((enter is not None and getattr(enter, "calls", True))
-            or (leave is not None and getattr(leave, "calls", True)))
 
 
 def eager() -> bool:
     """Whether this call may be planned or replayed: plain eager mode (no torch.compile, torch
-    function or dispatch mode, functorch transform, autocast or Triton launch hook)."""
+    function or dispatch mode, functorch transform or autocast). Triton's launch hooks are
+    checked by the plan itself (kernels/_launch.py: direct_ok)."""
     return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
                 or torch._C._are_functorch_transforms_active() or torch._C._is_any_autocast_enabled()
-                or _dispatch_modes() or _hooks())
+                or _dispatch_modes())
 
 
 def tkey(t):
@@ -79,19 +58,20 @@ class OpPlan:
     """The output's allocation and the recorded launches of one call key."""
 
     __slots__ = ("shape", "strides", "dtype", "device", "launches", "direct", "kernel_device", "get_device",
-                 "get_stream")
+                 "get_stream", "hooks_active")
 
-    def __init__(self, out: torch.Tensor, launches, first):
+    def __init__(self, out: torch.Tensor, launches, first, hooks_active):
         self.shape, self.strides, self.dtype, self.device = tuple(out.shape), out.stride(), out.dtype, out.device
         self.launches = launches
         self.direct = all(launch[0] is not None for launch in launches)
         self.kernel_device, self.get_device, self.get_stream = first.device, first.get_device, first.get_stream
+        self.hooks_active = hooks_active
 
     def __call__(self, *tensors) -> torch.Tensor | None:
-        """The output, or None (nothing done) when the current device is not the one the
-        kernels were loaded on: the caller runs the full path."""
+        """The output, or None (nothing done) when Triton's launch hooks are installed or the
+        current device is not the one the kernels were loaded on: the caller runs the full path."""
         device = self.get_device()
-        if device != self.kernel_device:
+        if device != self.kernel_device or self.hooks_active():
             return None
         y = torch.empty_strided(self.shape, self.strides, dtype=self.dtype, device=self.device)
         t = (*tensors, y)
@@ -109,7 +89,7 @@ class OpPlan:
 _RETRY = object()
 
 
-def _build(out, tensors, recorded):
+def _build(out, tensors, recorded, hooks_active):
     """The plan of a recorded call; ``_RETRY`` when a launch was not direct this time (Triton
     compiled or tuned it: the next call records again), None when the call cannot be planned."""
     if any(plan is None for plan, _, _ in recorded):
@@ -121,43 +101,33 @@ def _build(out, tensors, recorded):
     pool = (*tensors, out)
     launches = []
     for plan, args, grid in recorded:
-        idx = []
-        k = 0
-        for k, a in enumerate(args):
-            if not isinstance(a, _Tensor):
-                break
-            pos = next((i for i, t in enumerate(pool) if t is a), None)
-            if pos is None:
-                return None
-            idx.append(pos)
-        else:
-            k = len(args)
+        k = next((i for i, a in enumerate(args) if not isinstance(a, _Tensor)), len(args))  # the tensors lead
         tail = tuple(args[k:])
-        if any(isinstance(a, _Tensor) for a in tail):
+        idx = [next((i for i, t in enumerate(pool) if t is a), None) for a in args[:k]]
+        if None in idx or any(isinstance(a, _Tensor) for a in tail):
             return None
         # the launch's tensors, picked from (call's tensors..., output) as a tuple
         pick = operator.itemgetter(*idx) if len(idx) > 1 else (lambda t, i=idx[0]: (t[i],))
         launches.append((plan.direct, plan.run, grid[0], grid[1], grid[2], plan.function, plan.metadata, pick,
                          tail + plan.tail))
-    return OpPlan(out, tuple(launches), recorded[0][0])
+    return OpPlan(out, tuple(launches), recorded[0][0], hooks_active)
 
 
 def run_and_plan(key, full, tensors):
-    # (a key with a plan reaches here only when the current device is not its kernels')
     """``full()`` (the op's full path, returning its output), recorded into a plan for ``key``
-    when the call may be replayed (no autograd, a GPU backend's direct launches only)."""
-    if _POISON or key is None or key in PLANS or (
+    when the call may be replayed (no autograd, a GPU backend's direct launches only). A key that
+    has a plan reaches here only when the plan declined (launch hooks, another current device)."""
+    # no Triton kernel loaded yet: nothing to record (the Triton backend's first call loads them)
+    launch = sys.modules.get("cnnkern.kernels._launch")
+    if launch is None or _POISON or key is None or key in PLANS or not launch.direct_ok() or (
             torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
-        return full()
-    launch = _launch_module()
-    if launch.INTERPRET or launch.hooks_active():
         return full()
     launch.RECORD = []
     try:
         out = full()
     finally:
         recorded, launch.RECORD = launch.RECORD, None
-    plan = _build(out, tensors, recorded)
+    plan = _build(out, tensors, recorded, launch.hooks_active)
     if plan is not _RETRY:
         PLANS[key] = plan
     return out
