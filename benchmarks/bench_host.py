@@ -224,9 +224,20 @@ def _accept_cpu_tensors():
     if not _backend.has_extension():
         return
     lib = torch.library.Library("cnnkern", "IMPL")
-    new, cl = _common.new_output, _common.output_channels_last
+    cl = _common.output_channels_last
+
+    def new(shape, like, channels_last):  # allocated as the C++ ops allocate: outside cnnkern's Python
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+    def conv_forward(x, w, b, y, stride, padding, dilation, groups, relu, algo, stats, *a):
+        # the BatchNorm statistics' workspace (rows, 3, K) when ``stats``, else an empty tensor
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return torch.empty((max(1, y.shape[0] * y.shape[2] * y.shape[3] // 64), 3, y.shape[1]) if stats else (0,),
+                           dtype=acc, device=x.device)
+
     impls = {
-        "conv2d_forward_cuda": lambda x, w, b, y, *a: y,
+        "conv2d_forward_cuda": conv_forward,
         "conv2d_backward_input_cuda": lambda *a: None,
         "conv2d_backward_weight_cuda": lambda *a: None,
         "residual_add_cuda": lambda x, s, stride, relu: new(x.shape, x, cl(x)),
@@ -314,8 +325,8 @@ def _cases(backend: str, device: str = "cpu") -> dict:
     def cbr_eval():
         x, w = conv_in()
         rm, rv, g, b = bn_tensors()
-        return lambda: F.conv_bn_relu(x, w, None, rm, rv, g.to(torch.bfloat16), b.to(torch.bfloat16),
-                                      training=False, padding=1, backend=backend)
+        g, b = g.to(torch.bfloat16), b.to(torch.bfloat16)
+        return lambda: F.conv_bn_relu(x, w, None, rm, rv, g, b, training=False, padding=1, backend=backend)
 
     def cbr_module_eval():
         m = cnnkern.nn.ConvBNReLU2d(64, 64, 3, padding=1, backend=backend).to(**bf, memory_format=cl).eval()

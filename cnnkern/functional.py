@@ -72,7 +72,7 @@ def _residual_add(x, shortcut, relu, backend):
     name = _backend.resolve(op, backend, x.device)
     if name == "torch":
         return reference.residual_add(x, shortcut, relu, stride)
-    return _ops.residual_add.residual_add_call(x, shortcut, stride, relu, name)
+    return _plan.op_call(_ops.residual_add.residual_add, x, shortcut, stride, relu, name)
 
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
@@ -135,7 +135,7 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, activation, 
         if _ops._common.output_channels_last(x) or _ops._common.output_channels_last(weight):
             y = y.contiguous(memory_format=torch.channels_last)  # PyTorch's CUDA fp64 conv returns NCHW
     else:
-        y = _ops.conv2d.conv2d_call(x, weight, bias, res, stride_, pad, dilation_, groups, activation == "relu",
+        y = _plan.op_call(_ops.conv2d.conv2d, x, weight, bias, res, stride_, pad, dilation_, groups, activation == "relu",
                                     _precision(x), name)
     return y.squeeze(0) if input.dim() == 3 else y
 
@@ -180,6 +180,25 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     pass; the backward fuses BatchNorm's two reductions into one pass and reuses the
     convolution's backward kernels.
     """
+    key = None
+    if type(input) is _Tensor and training is False and residual is None and running_mean is not None and _plan.eager():
+        try:
+            key = ("conv_bn_relu", _plan.tkey(input), _plan.tkey(weight), type(momentum), momentum, type(eps), eps,
+                   stride, padding, dilation, type(groups), groups, type(relu), relu, backend or _backend.get_backend(),
+                   _plan.state())
+            plan = _plan.PLANS.get(key)
+        except (AttributeError, TypeError):  # the full path says what is wrong
+            key = plan = None
+        sources = (weight, bias, running_mean, running_var, bn_weight, bn_bias)
+        if plan is not None and (y := plan(input, sources)) is not None:
+            return y
+    return _plan.run_and_plan_folded(key, lambda: _conv_bn_relu(
+        input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, stride, padding,
+        dilation, groups, relu, residual, backend), input, (weight, bias, running_mean, running_var, bn_weight, bn_bias))
+
+
+def _conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, stride,
+                  padding, dilation, groups, relu, residual, backend):
     op = "conv_bn_relu"
     x = _batched(op, input)
     # the BatchNorm tensors keep their dtypes
@@ -216,21 +235,21 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         # exactly that through the one convolution (no statistics of zero values are formed).
         neutral = (torch.zeros(k, dtype=weight.dtype, device=x.device), torch.ones(k, dtype=weight.dtype, device=x.device))
         w, b = fold_bn(weight, bias, *neutral, bn_weight, bn_bias, eps)
-        y = _ops.conv2d.conv2d_call(x, w, b, res, stride_, pad, dilation_, groups, relu, _precision(x), name)
+        y = _plan.op_call(_ops.conv2d.conv2d, x, w, b, res, stride_, pad, dilation_, groups, relu, _precision(x), name)
     elif name == "torch":
         y = reference.conv_bn_relu(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, batch_stats,
                                    momentum, eps, stride, padding, dilation, groups, relu, res)
     elif batch_stats:
-        y, _, mean, _, var = _ops.conv_bn_relu.conv_bn_relu_train_call(
-            x, weight, bias, res, bn_weight, bn_bias, float(eps), stride_, pad, dilation_, groups, relu,
+        y, _, mean, _, var = _plan.op_call(
+            _ops.conv_bn_relu.conv_bn_relu_train, x, weight, bias, res, bn_weight, bn_bias, float(eps), stride_, pad, dilation_, groups, relu,
             _precision(x), name)
         if training and running_mean is not None:
             count = x.shape[0] * y.shape[2] * y.shape[3]
-            _ops.conv_bn_relu.bn_update_running_stats_call(running_mean, running_var, mean.detach(), var.detach(),
+            _ops.conv_bn_relu.bn_update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
                                                            count, float(momentum))
     else:
         w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
-        y = _ops.conv2d.conv2d_call(x, w, b, res, stride_, pad, dilation_, groups, relu, _precision(x), name)
+        y = _plan.op_call(_ops.conv2d.conv2d, x, w, b, res, stride_, pad, dilation_, groups, relu, _precision(x), name)
     return y.squeeze(0) if input.dim() == 3 else y
 
 
@@ -316,5 +335,5 @@ def _local_response_norm(input, size, alpha, beta, k, backend):
         for d in shape[2:-1]:
             inner *= d
         x = input.reshape(shape[0], shape[1], inner, shape[-1])
-    y = _ops.local_response_norm.local_response_norm_call(x, size, alpha, beta, k, name)
+    y = _plan.op_call(_ops.local_response_norm.local_response_norm, x, size, alpha, beta, k, name)
     return y if input.dim() == 4 else y.reshape(shape)

@@ -82,18 +82,28 @@ class Plan:
             self.run(g[0], g[1], g[2], self.get_stream(device), self.function, self.metadata, None, None, None, *args,
                      *self.tail)
         if RECORD is not None:
-            RECORD.append((self, args, g))
+            RECORD.add(("launch", self, args, g))
         return True
 
 
-# While an op records its launches (cnnkern/ops/_plan.py), each launch appends (plan, runtime
-# arguments, grid) here, or (None, None, None) when it was not a direct launch.
-RECORD: list | None = None
+# While a call is recorded into a plan (cnnkern/ops/_plan.py), the list its work is recorded in:
+# each direct launch adds ("launch", plan, runtime arguments, grid), each allocation through
+# alloc() adds ("alloc", tensor, zeroed), and anything a plan cannot replay (a launch through
+# Triton's own path, tensor work outside the kernels) adds ("miss",).
+RECORD = None
 
 
 def record_miss() -> None:
     if RECORD is not None:
-        RECORD.append((None, None, None))
+        RECORD.add(("miss",))
+
+
+def alloc(shape, dtype: torch.dtype, device, zero: bool = False) -> torch.Tensor:
+    """A launcher's workspace: ``torch.empty`` (``torch.zeros`` when ``zero``), recorded."""
+    t = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+    if RECORD is not None:
+        RECORD.add(("alloc", t, zero))
+    return t
 
 
 def make_plan(jit_fn, compiled, args, kwargs, grid) -> Plan | None:

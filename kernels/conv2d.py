@@ -663,7 +663,7 @@ def _split_workspace(splits: int, M: int, K: int, like: torch.Tensor):
     if splits <= 1 or splits * M * K > _INT32_MAX:
         return 1, None
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return splits, torch.empty((splits, M, K), dtype=dtype, device=like.device)
+    return splits, _fast.alloc((splits, M, K), dtype, like.device)
 
 
 def _split_sum(ws, bias, y, residual, stats, relu: bool) -> None:
@@ -767,20 +767,24 @@ def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precisio
     if N * H * W == 0 or C == 0:
         return
     if K == 0 or P == 0 or Q == 0:
+        _fast.record_miss()
         gx.zero_()
         return
     for name, t in (("grad_output", gy), ("weight", w), ("grad_input", gx)):
         _check_int32_extent(name, t)
     cl = _is_cl(gx)
     for a, b, r0, s0, (step_h, step_w), st, pad, dil in dgrad_phases(stride, padding, dilation):
-        gxv = gx[:, :, a::step_h, b::step_w]
-        wv = w[:, :, r0::step_h, s0::step_w]
+        if (step_h, step_w) == (1, 1):  # one phase: the whole tensors
+            gxv, wv = gx, w
+        else:
+            gxv, wv = gx[:, :, a::step_h, b::step_w], w[:, :, r0::step_h, s0::step_w]
         _, _, Hv, Wv = gxv.shape
         Rv, Sv = wv.shape[2], wv.shape[3]
         M = N * Hv * Wv
         if M == 0:
             continue
         if Rv == 0 or Sv == 0:  # no filter tap reaches this phase: its gradient is zero
+            _fast.record_miss()
             gxv.zero_()
             continue
         n_split, ws = _split_workspace(
@@ -837,7 +841,7 @@ def conv2d_backward_weight(gy, x, gw, gb, stride, padding, dilation, groups, pre
     split_stride = nw + K if with_bias else nw
     # one workspace: per split, the weight partials then the bias partials; the kernel writes every
     # element when M > 0 (each tile, tap and split stores its block, zeros for an empty range)
-    ws = (torch.empty if M else torch.zeros)((splits, split_stride), dtype=acc_dtype, device=x.device)
+    ws = _fast.alloc((splits, split_stride), acc_dtype, x.device, zero=not M)
     if M:
         grid = (cdiv(Kg, BK) * cdiv(Cg, BC), groups * R * S, splits)
         _fast.launch(_wgrad_kernel, grid, gy, x, ws, ws[:, nw:] if with_bias else ws, M, H, W, P, Q, Cg, Kg, K,

@@ -218,7 +218,7 @@ def bn_finalize(stats: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Ten
     invstd, shift = beta - mean * scale (gamma 1 and beta 0 when None; any float dtype). One
     launch; fixed summation order, so bitwise reproducible."""
     rows, _, K = stats.shape
-    outs = [torch.empty(K, dtype=stats.dtype, device=stats.device) for _ in range(5)]
+    outs = [_fast.alloc(K, stats.dtype, stats.device) for _ in range(5)]
     if K:
         block_k = 64
         _fast.launch(_finalize_kernel, (cdiv(K, block_k),), stats, gamma if gamma is not None else stats,
@@ -251,8 +251,8 @@ def bn_backward_coefficients(part: torch.Tensor, mean: torch.Tensor, invstd: tor
     (added in chunk order: deterministic). Returns (a, b, c) in the accumulation dtype and
     (sum g', sum g' * xhat), the BatchNorm bias and weight gradients, in ``param_dtype``. One launch."""
     chunks, _, K = part.shape
-    a, b, c = (torch.empty(K, dtype=part.dtype, device=part.device) for _ in range(3))
-    sg, sgx = (torch.empty(K, dtype=param_dtype, device=part.device) for _ in range(2))
+    a, b, c = (_fast.alloc(K, part.dtype, part.device) for _ in range(3))
+    sg, sgx = (_fast.alloc(K, param_dtype, part.device) for _ in range(2))
     if K:
         block_k = 64
         _fast.launch(_coefficients_kernel, (cdiv(K, block_k),), part, mean, invstd, gamma if gamma is not None else mean,
@@ -283,7 +283,7 @@ def bn_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, d
         progs = cdiv(max(M, 1), rows_per_prog)
     else:
         rows_per_prog, progs = PQ, N
-    part = (torch.empty if M else torch.zeros)((progs, 2, K), dtype=acc_t, device=y.device)  # every entry written
+    part = _fast.alloc((progs, 2, K), acc_t, y.device, zero=not M)  # every entry written when M > 0
     if M:
         _fast.launch(_reduce_kernel, (progs, cdiv(K, block_k)), grad, out if out is not None else y, y, part, M, K, PQ,
                                                          rows_per_prog, CHANNELS_LAST=cl, RELU=out is not None,

@@ -147,23 +147,16 @@ def test_registered_kernels_cast_direct_op_calls():
 
 @pytest.mark.skipif("triton" not in cnnkern.available_backends() and DEVICE.type == "cpu",
                     reason="needs the Triton interpreter")
-def test_eager_fast_path_defers_to_the_op_when_a_cast_is_pending(monkeypatch):
-    """The fast path (cnnkern/ops/_common.py) bypasses dispatch, so under autocast it runs only
-    on already-cast arguments; uncast ones go through the op and its Autocast kernel."""
+def test_the_op_casts_under_autocast():
+    """Called directly, the registered op casts its arguments itself (its Autocast kernel)."""
     from cnnkern.ops import conv2d as conv_ops
 
-    calls = []
-    real = conv_ops.conv2d.eager_impl
-    monkeypatch.setattr(conv_ops.conv2d, "eager_impl", lambda *a: calls.append([t.dtype for t in a[:2]]) or real(*a))
     x, w = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3)
     args = (None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, "ieee", "triton")
     with torch.autocast("cpu", dtype=CPU_AMP):
-        assert _autocast.pending("conv2d", (x, w))
-        y = conv_ops.conv2d_call(x, w, *args)          # through the op: cast there
-        assert not _autocast.pending("conv2d", (x.half(), w.half()))
-        z = conv_ops.conv2d_call(x.half(), w.half(), *args)  # already cast: fast path
+        y = conv_ops.conv2d(x, w, *args)
+        z = conv_ops.conv2d(x.to(CPU_AMP), w.to(CPU_AMP), *args)
     assert y.dtype == z.dtype == CPU_AMP
-    assert calls[-1] == [CPU_AMP, CPU_AMP]  # the fast path ran on fp16 tensors
     torch.testing.assert_close(y, z)
 
 

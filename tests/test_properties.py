@@ -328,7 +328,7 @@ def test_conv2d_cuda_tuned(cfg, data, layout, tf32, has_bias, relu, seed):
     saved = C.CUDA_ALGO, C.TUNER
     C.CUDA_ALGO, C.TUNER = "tune", _tune.Tuner("property test")
     try:
-        out = C.conv2d_call(x, w, b, None, list(stride), list(pad), list(dil), groups, relu,
+        out = C.conv2d(x, w, b, None, list(stride), list(pad), list(dil), groups, relu,
                             "tf32" if tf32 else "ieee", "cuda")
         g = torch.randn_like(out)
         got = _grads(out, (x, w, b), g)

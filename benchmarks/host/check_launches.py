@@ -26,14 +26,22 @@ def _record(real):
 
 
 def _norm(records, inputs):
+    """The launches with each tensor named by what it is: the call's input i ("in", i), or the
+    j-th other memory address the launches touch, in order of first use ("t", j), so that a
+    launch given the wrong tensor of the same shape (an input for another, one workspace for
+    another) differs."""
     import torch
 
-    ptrs = {t.data_ptr() for t in inputs}
+    names = {t.data_ptr(): ("in", i) for i, t in enumerate(inputs)}
     out = []
     for a in records:
-        args = tuple((tuple(v.shape), v.stride(), v.dtype, v.data_ptr() in ptrs) if isinstance(v, torch.Tensor) else v
-                     for v in a[15])
-        out.append((a[0], a[1], a[2], a[4], a[5], a[6], a[7], id(a[13]), bytes(a[14]), args))
+        args = []
+        for v in a[15]:
+            if isinstance(v, torch.Tensor):
+                name = names.setdefault(v.data_ptr(), ("t", len(names)))
+                v = (tuple(v.shape), v.stride(), v.dtype, name)
+            args.append(v)
+        out.append((a[0], a[1], a[2], a[4], a[5], a[6], a[7], id(a[13]), bytes(a[14]), tuple(args)))
     return out
 
 
@@ -66,6 +74,8 @@ def main() -> int:
     lx = t(2, 24, 7, 7)
     xg, wg, gy = t(4, 32, 14, 14, grad=True), t(48, 32, 3, 3, grad=True), t(4, 48, 7, 7)
     lg, lgy = t(2, 24, 7, 7, grad=True), t(2, 24, 7, 7)
+    bg, gy1 = torch.randn(48, dtype=bf, requires_grad=True), t(4, 48, 14, 14)
+    rg1, rg2, rgs = t(4, 64, 8, 8, grad=True), t(4, 64, 8, 8, grad=True), t(4, 32, 16, 16, grad=True)
     cbr = cnnkern.nn.ConvBNReLU2d(32, 48, 3, padding=1, backend="triton").to(bf, memory_format=cl).train()
     calls = {
         "conv 3x3 bias relu": (lambda: F.conv2d(x, w, b, padding=1, activation="relu", backend="triton"), (x, w, b)),
@@ -78,6 +88,15 @@ def main() -> int:
         "local response norm": (lambda: F.local_response_norm(lx, 5, 5e-4, 0.75, 2.0, backend="triton"), (lx,)),
         "conv forward + backward": (lambda: torch.autograd.grad(
             F.conv2d(xg, wg, stride=2, padding=1, backend="triton"), (xg, wg), gy), (xg, wg, gy)),
+        "conv bias relu forward + backward": (lambda: torch.autograd.grad(
+            F.conv2d(xg, wg, bg, padding=1, activation="relu", backend="triton"), (xg, wg, bg), gy1),
+            (xg, wg, bg, gy1)),
+        "conv forward + input gradient": (lambda: torch.autograd.grad(
+            F.conv2d(xg, w, padding=1, backend="triton"), (xg,), gy1), (xg, w, gy1)),
+        "residual add forward + backward": (lambda: torch.autograd.grad(
+            F.residual_add(rg1, rg2, backend="triton"), (rg1, rg2), r1), (rg1, rg2, r1)),
+        "residual add option A forward + backward": (lambda: torch.autograd.grad(
+            F.residual_add(rg1, rgs, relu=False, backend="triton"), (rg1, rgs), r1), (rg1, rgs, r1)),
         "local response norm backward": (lambda: torch.autograd.grad(
             F.local_response_norm(lg, 5, 5e-4, 0.75, 2.0, backend="triton"), (lg,), lgy), (lg, lgy)),
         "conv-BN-ReLU training step": (lambda: torch.autograd.grad(

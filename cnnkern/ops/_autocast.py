@@ -68,10 +68,6 @@ def enabled(device_type: str) -> bool:
         return False
 
 
-# one call instead of one per device type (absent from very old torch)
-_ANY_ENABLED = getattr(torch._C, "_is_any_autocast_enabled", None)
-
-
 def _eligible(t, device_type: str) -> bool:
     # autocast's rule: floating tensors on the autocast device, never float64
     return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == device_type
@@ -111,32 +107,6 @@ def cast(op: str, device_type: str, *tensors):
             t = t.to(dtype)
         out.append(t)
     return tuple(out)
-
-
-def pending(op: str, args) -> bool:
-    """Whether autocast would still cast any of ``args`` (a forward op's arguments in schema
-    order): the eager fast path then defers to the op, whose Autocast kernel casts them."""
-    if _ANY_ENABLED is not None and not _ANY_ENABLED():
-        return False
-    positions = POLICY[op][1]
-    tensors = [args[i] for i in positions if i < len(args)]
-    devs = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
-    for dev in devs:
-        if dev in DEVICE_TYPES and enabled(dev):
-            dtype = target_dtype(op, dev, tensors)
-            if dtype is not None and any(isinstance(t, torch.Tensor) and t.dtype != dtype and
-                                         (t.device.type == dev) for t in tensors):
-                return True
-    return False
-
-
-def op_name_for(qualname: str) -> str | None:
-    """The public op whose forward ``torch.library`` op is ``qualname`` ("cnnkern::conv2d")."""
-    short = qualname.split("::")[-1]
-    for name, fwd in _OPS.items():
-        if fwd == short:
-            return name
-    return None
 
 
 _LIB = None
@@ -192,4 +162,4 @@ def registered() -> list[tuple[str, str]]:
     return list(_REGISTERED)
 
 
-__all__ = ["POLICY", "cast", "enabled", "target_dtype", "pending", "register", "registered"]
+__all__ = ["POLICY", "cast", "enabled", "target_dtype", "register", "registered"]

@@ -1,13 +1,13 @@
-"""Helpers shared by the op registrations: output allocation and its layout rule."""
+"""Helpers shared by the op registrations: output allocation and its layout rule, the CUDA C++
+ops, and the recording of a call for a plan (cnnkern/ops/_plan.py)."""
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-from . import _autocast
 
 # Test harnesses set CNNKERN_POISON=1: every output a cnnkern op allocates is then filled with NaN
 # before the kernel runs, so an element the kernel forgets to write fails the comparison.
@@ -21,8 +21,9 @@ _CUDA_OPS = torch.ops.cnnkern
 
 
 def cuda_ops():
-    """The namespace holding the ``*_cuda`` ops: ``torch.ops.cnnkern``."""
-    return _CUDA_OPS
+    """The namespace holding the ``*_cuda`` ops: ``torch.ops.cnnkern`` (recording its calls while
+    a call is recorded into a plan)."""
+    return _CUDA_OPS if RECORD is None else _RECORDING_OPS
 
 
 def output_channels_last(t: torch.Tensor) -> bool:
@@ -38,7 +39,17 @@ def new_output(shape, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
     out = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
     if _POISON and out.is_floating_point():
         out.fill_(float("nan"))
+    if RECORD is not None:
+        RECORD.add(("alloc", out, False))
     return out
+
+
+def new_workspace(shape, dtype: torch.dtype, device, zero: bool = False) -> torch.Tensor:
+    """A kernel's workspace or small output: ``torch.empty`` (``torch.zeros`` when ``zero``)."""
+    t = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+    if RECORD is not None:
+        RECORD.add(("alloc", t, zero))
+    return t
 
 
 def in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -48,89 +59,82 @@ def in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     want = (c * h * w, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
     if t.stride() == want:
         return t
+    record_miss()
     return new_output(t.shape, t, channels_last).copy_(t)
 
 
 # ---------------------------------------------------------------------------------------------
-# Eager autograd path
+# Recording a call for a plan (cnnkern/ops/_plan.py)
 # ---------------------------------------------------------------------------------------------
-# For plain tensors outside torch.compile each op runs its implementation directly, under a
-# torch.autograd.Function whose backward is the op's own registered formula calling the backward
-# implementations directly too; this skips torch.library's Python dispatch (its cost on this
-# path: benchmarks/bench_host.py). Everything else (torch.compile, fake/meta tensors, tensor
-# subclasses, dispatch or torch-function modes, functorch transforms) goes through the op. Warm
-# calls that need no autograd do not come here at all: cnnkern/ops/_plan.py replays them.
+class Recording(list):
+    """The work of one call, in order, as a plan needs it: ``("launch", plan, args, grid)`` from the
+    Triton launchers (kernels/_launch.py), ``("alloc", tensor, zeroed)`` for each output or
+    workspace, ``("call", op, args, result)`` for each CUDA C++ op, ``("op", op, args, result)``
+    for the registered op the call ran, and ``("miss",)`` for work a plan cannot replay. Entries
+    from another thread than the recording one (which would interleave) spoil the recording."""
+
+    def __init__(self):
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.spoilt = False
+
+    def add(self, entry) -> None:
+        if threading.get_ident() == self.thread:
+            self.append(entry)
+        else:
+            self.spoilt = True
 
 
-def custom_op(name: str, mutates_args=()):
-    """``torch.library.custom_op`` that also keeps the undecorated function as ``op.eager_impl``."""
-    def wrap(fn):
-        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
-        op.eager_impl = fn
-        return op
-    return wrap
+RECORD: Recording | None = None
 
 
-def pick(op, ctx):
-    """In a registered backward formula: ``op``'s implementation when the backward runs on the eager
-    path (and builds no graph of its own), else the op itself (torch.compile, double backward)."""
-    return op.eager_impl if getattr(ctx, "eager", False) and not torch.is_grad_enabled() else op
+def record_miss() -> None:
+    """Mark the call being recorded as one a plan cannot replay (tensor work outside a kernel)."""
+    if RECORD is not None:
+        RECORD.add(("miss",))
 
 
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+def start_recording() -> Recording:
+    """Record the work that follows, here and in the Triton launchers, until :func:`stop_recording`."""
+    global RECORD
+    RECORD = Recording()
+    launch = sys.modules.get("cnnkern.kernels._launch")
+    if launch is not None:
+        launch.RECORD = RECORD
+    return RECORD
 
 
-def eager_ok(args) -> bool:
-    """Whether a call with ``args`` may skip the op's dispatch: plain tensors (no subclass, no
-    meta tensor) outside torch.compile, torch-function and dispatch modes and functorch transforms.
-    Called on every op call, so it is written for speed (a few microseconds of host time)."""
-    if torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
-        return False
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN_TYPES or a.is_meta:
-                return False
-        elif type(a) in (list, tuple) and a and not isinstance(a[0], (int, float, str)):  # Tensor[] / Tensor?[]
-            for t in a:
-                if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN_TYPES or t.is_meta):
-                    return False
-    return True
+def stop_recording() -> None:
+    global RECORD
+    RECORD = None
+    launch = sys.modules.get("cnnkern.kernels._launch")
+    if launch is not None:
+        launch.RECORD = None
 
 
-def dispatcher(op, setup_context=None, backward=None):
-    """``call(*args)``: the same result as ``op(*args)`` (positional arguments in the op's schema
-    order), on the eager fast path where :func:`eager_ok` allows it.
+class _RecordingOps:
+    """``torch.ops.cnnkern`` (or its stand-in, :data:`_CUDA_OPS`) whose kernel calls are recorded:
+    those that return nothing, a tensor or a tuple of tensors (queries, which return numbers, are
+    not work to replay)."""
 
-    Under ``torch.autocast`` the fast path is taken only when the arguments are already in the
-    dtypes autocast would give them (cnnkern/functional.py casts first); otherwise the call goes
-    through the op, whose Autocast kernel (cnnkern/ops/_autocast.py) casts them."""
-    fn = None
-    amp_name = _autocast.op_name_for(op._name)
-    if backward is not None:
-        class _Eager(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *args):
-                out = op.eager_impl(*args)
-                ctx.eager = True
-                setup_context(ctx, args, out)
-                return out
+    def __getattr__(self, name):
+        packet = getattr(_CUDA_OPS, name)
+        op = getattr(packet, "default", packet)
 
-            @staticmethod
-            def backward(ctx, *grads):
-                return backward(ctx, *grads)
+        def call(*args):
+            out = packet(*args)
+            if RECORD is not None and (out is None or isinstance(out, torch.Tensor) or (
+                    type(out) is tuple and all(isinstance(t, torch.Tensor) for t in out))):
+                RECORD.add(("call", op, args, out))
+            return out
+        return call
 
-        _Eager.__name__ = _Eager.__qualname__ = f"{op._name.split('::')[-1]}_eager"
-        fn = _Eager
 
-    def call(*args):
-        if not eager_ok(args) or (amp_name is not None and _autocast.pending(amp_name, args)):
-            return op(*args)
-        if fn is not None and torch.is_grad_enabled() and any(
-                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return fn.apply(*args)
-        return op.eager_impl(*args)
+_RECORDING_OPS = _RecordingOps()
 
-    call.op = op
-    return call
+
+def register_autograd(op, backward, setup_context) -> None:
+    """``op.register_autograd(backward, setup_context=setup_context)``, the two functions also kept
+    as ``op.formulas`` for the plans that replay the op's calls (cnnkern/ops/_plan.py)."""
+    op.register_autograd(backward, setup_context=setup_context)
+    op.formulas = (setup_context, backward)

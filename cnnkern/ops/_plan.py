@@ -1,42 +1,52 @@
-"""Warm eager calls replayed from a plan: one dictionary lookup, one allocation, the launches.
+"""Warm eager calls replayed from a plan: one dictionary lookup, the allocations, the launches.
 
-The first eager call of an op with a given *call key* (every tensor argument's type, shape,
+Every public op has one route: ``cnnkern.functional`` validates the arguments, picks the backend
+and calls the registered op (``torch.ops.cnnkern.*``), whose implementation allocates the outputs
+and calls a backend's launchers; the op's autograd formula calls the backward ops the same way.
+That route runs on the first eager call of each *call key*: every tensor argument's type, shape,
 strides, dtype, device, ``requires_grad`` and 16-byte alignment, every other argument, and the
-global state the op reads: backend default, grad mode, deterministic mode, TF32) runs the full
-path: validation, backend choice, the op's implementation and its launchers. While it runs, the
-Triton launchers record each launch (kernels/_launch.py). When every launch was a direct launch
-of a compiled kernel and every tensor it took is one of the call's tensors or its output, the
-call is kept as an :class:`OpPlan`; later calls with the same key allocate the output and replay
-the launches with their own tensors. The key holds everything the full path decides from, so the
-validation it skips would pass again and the layout it computed is the same.
+global state the route reads (backend default, grad mode, deterministic mode, TF32). While it
+runs, its work is recorded (cnnkern/ops/_common.py: Recording): the outputs and workspaces it
+allocates, the Triton kernels it launches directly (kernels/_launch.py) and the CUDA C++ ops it
+calls. The call is kept as a plan of that work; later calls with the same key allocate and launch
+the same way with their own tensors. The key holds everything the route decides from, so the
+validation a plan skips would pass again and the layouts and launch arguments it computed are
+the same.
 
-Not planned (the full path runs every time): calls that need autograd, calls under torch.compile,
-tensor subclasses, torch-function or dispatch modes, functorch transforms, autocast, Triton launch
-hooks, the interpreter, NaN-poisoned outputs (CNNKERN_POISON), the CUDA C++ backend, and calls
-whose launches take a workspace or a view.
+A call that needs autograd is kept as a :class:`GradPlan`: an autograd.Function that replays the
+forward, saves what the op's own ``setup_context`` saves, and in the backward replays the work
+that the op's own backward formula recorded on the first backward with the same gradient key
+(double backward, ``create_graph=True``, runs the formula through the ops).
+
+Not planned (the route runs every time): calls under torch.compile, tensor subclasses, torch-
+function or dispatch modes, functorch transforms, autocast, Triton launch hooks, the interpreter,
+NaN-poisoned outputs (CNNKERN_POISON), and calls whose work a plan cannot replay (a launch
+through Triton's own path, PyTorch tensor work outside the kernels, a tensor made any other way).
 """
 
 from __future__ import annotations
 
 import operator
 import sys
+import weakref
 
 import torch
 
-from ._common import _POISON
+from . import _common
 
 _Tensor = torch.Tensor
-_CL = torch.channels_last
+_empty_strided = torch.empty_strided
+_as_strided = torch.as_strided
 # what torch.utils._python_dispatch._get_current_dispatch_mode() reads, without its Python frame
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _allow_tf32 = torch._C._get_cudnn_allow_tf32  # torch.backends.cudnn.allow_tf32
-PLANS: dict = {}  # call key -> OpPlan, or None for a key whose calls cannot be planned
+PLANS: dict = {}  # call key -> Replay or GradPlan, or None for a key whose calls cannot be planned
 
 
 def eager() -> bool:
     """Whether this call may be planned or replayed: plain eager mode (no torch.compile, torch
     function or dispatch mode, functorch transform or autocast). Triton's launch hooks are
-    checked by the plan itself (kernels/_launch.py: direct_ok)."""
+    checked by the plan itself."""
     return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
                 or torch._C._are_functorch_transforms_active() or torch._C._is_any_autocast_enabled()
                 or _dispatch_modes())
@@ -50,84 +60,399 @@ def tkey(t):
 
 
 def state() -> tuple:
-    """The global state every op's full path reads: grad mode, deterministic mode, TF32."""
+    """The global state every op's route reads: grad mode, deterministic mode, TF32."""
     return torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled(), _allow_tf32()
 
 
-class OpPlan:
-    """The output's allocation and the recorded launches of one call key."""
+def _pick(idx):
+    """A function of the pool that returns the tensors at ``idx`` as a tuple."""
+    if len(idx) == 1:
+        i = idx[0]
+        return lambda pool: (pool[i],)
+    return operator.itemgetter(*idx)
 
-    __slots__ = ("shape", "strides", "dtype", "device", "launches", "direct", "kernel_device", "get_device",
-                 "get_stream", "hooks_active")
 
-    def __init__(self, out: torch.Tensor, launches, first, hooks_active):
-        self.shape, self.strides, self.dtype, self.device = tuple(out.shape), out.stride(), out.dtype, out.device
-        self.launches = launches
-        self.direct = all(launch[0] is not None for launch in launches)
-        self.kernel_device, self.get_device, self.get_stream = first.device, first.get_device, first.get_stream
-        self.hooks_active = hooks_active
+class Replay:
+    """The recorded work of one call: ``replay(tensors)`` runs it with the call's tensors and
+    returns the pool (the tensors, then every tensor the work made), or None when it may not run
+    now: Triton's launch hooks are installed, or the current device is not the one its kernels
+    were loaded on (the caller runs the route instead)."""
 
-    def __call__(self, *tensors) -> torch.Tensor | None:
-        """The output, or None (nothing done) when Triton's launch hooks are installed or the
-        current device is not the one the kernels were loaded on: the caller runs the full path."""
-        device = self.get_device()
-        if device != self.kernel_device or self.hooks_active():
-            return None
-        y = torch.empty_strided(self.shape, self.strides, dtype=self.dtype, device=self.device)
-        t = (*tensors, y)
-        stream = self.get_stream(device)
-        if self.direct:  # Triton's C launcher itself (kernels/_launch.py: Plan.direct)
-            for (c_launch, coop, pdl, ann, sig), run, g0, g1, g2, fn, meta, pick, tail in self.launches:
+    __slots__ = ("allocs", "views", "steps", "outs", "kernel_device", "get_device", "get_stream", "hooks_active")
+
+    def ready(self) -> bool:
+        return self.get_device is None or (self.get_device() == self.kernel_device and not self.hooks_active())
+
+    def __call__(self, tensors):
+        stream = None
+        if self.get_device is not None:
+            device = self.get_device()
+            if device != self.kernel_device or self.hooks_active():
+                return None
+            stream = self.get_stream(device)
+        pool = [*tensors]
+        for shape, strides, dtype, device, zero in self.allocs:
+            t = _empty_strided(shape, strides, dtype=dtype, device=device)
+            pool.append(t.zero_() if zero else t)
+        for base, size, stride, delta in self.views:
+            b = pool[base]
+            pool.append(_as_strided(b, size, stride, b.storage_offset() + delta))
+        for step in self.steps:
+            if step[0] == 0:    # Triton's C launcher itself (kernels/_launch.py: Plan.direct)
+                _, c_launch, g0, g1, g2, fn, coop, pdl, meta, ann, sig, pick, tail = step
                 c_launch(g0, g1, g2, stream, fn, coop, pdl, meta, None, None, None, None, None, ann, sig,
-                         (*pick(t), *tail))
-        else:
-            for _, run, g0, g1, g2, fn, meta, pick, tail in self.launches:
-                run(g0, g1, g2, stream, fn, meta, None, None, None, *pick(t), *tail)
-        return y
+                         (*pick(pool), *tail))
+            elif step[0] == 1:  # Triton's launcher object
+                _, run, g0, g1, g2, fn, meta, pick, tail = step
+                run(g0, g1, g2, stream, fn, meta, None, None, None, *pick(pool), *tail)
+            else:               # a CUDA C++ op: (2, op, args with pool indices, number of tensors it returns)
+                _, op, spec, n_out = step
+                out = op(*[pool[v] if is_t else v for is_t, v in spec])
+                if n_out == 1:
+                    pool.append(out)
+                elif n_out:
+                    pool.extend(out)
+        return pool
 
 
 _RETRY = object()
 
 
-def _build(out, tensors, recorded, hooks_active):
-    """The plan of a recorded call; ``_RETRY`` when a launch was not direct this time (Triton
-    compiled or tuned it: the next call records again), None when the call cannot be planned."""
-    if any(plan is None for plan, _, _ in recorded):
+def _storage(t: _Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def build(recorded, inputs, outputs):
+    """The :class:`Replay` of ``recorded`` (a Recording) run with ``inputs`` (tensors or None),
+    with ``outputs`` as its outputs; ``_RETRY`` when the work missed (compiled or tuned this
+    time: the next call records again), None when it cannot be replayed."""
+    if recorded.spoilt or any(e[0] == "miss" for e in recorded):
         return _RETRY
-    if not recorded or type(out) is not _Tensor:
+    work = [e for e in recorded if e[0] in ("launch", "call")]
+    if not work:
         return None
-    if not (out.is_contiguous() or (out.dim() == 4 and out.is_contiguous(memory_format=_CL))):
-        return None
-    pool = (*tensors, out)
-    launches = []
-    for plan, args, grid in recorded:
-        k = next((i for i, a in enumerate(args) if not isinstance(a, _Tensor)), len(args))  # the tensors lead
-        tail = tuple(args[k:])
-        idx = [next((i for i, t in enumerate(pool) if t is a), None) for a in args[:k]]
-        if None in idx or any(isinstance(a, _Tensor) for a in tail):
+    index: dict[int, int] = {}  # id(tensor) -> its place in the pool
+    pool: list = []
+    for t in inputs:
+        if t is not None:
+            if id(t) in index:  # one tensor passed twice: a later call may pass two
+                return None
+            index[id(t)] = len(pool)
+        pool.append(t)
+    # what the work and the outputs use: by identity, or (a view) through a storage
+    used = [a for e in work for a in e[2] if isinstance(a, _Tensor)] + [t for t in outputs if t is not None]
+    used_ids = {id(t) for t in used}
+    used_storages = {_storage(t) for t in used if id(t) not in index and t.numel()}
+    allocs = []
+    for e in recorded:
+        if e[0] == "alloc":
+            t = e[1]
+            if id(t) in used_ids or (t.numel() and _storage(t) in used_storages):
+                if id(t) in index:
+                    return None
+                index[id(t)] = len(pool)
+                pool.append(t)
+                allocs.append((tuple(t.shape), t.stride(), t.dtype, t.device, e[2]))
+    made_by_calls = {id(t) for e in work if e[0] == "call" for t in
+                     ((e[3],) if isinstance(e[3], _Tensor) else e[3] or ())}
+    views = []
+    n_bases = len(pool)  # the inputs and the allocations: what a view may be a view of
+
+    def place(a):
+        """The pool index of tensor ``a``: a pool tensor itself, or a view of one (added)."""
+        i = index.get(id(a))
+        if i is not None or id(a) in made_by_calls:
+            return i
+        if not a.numel():
             return None
-        # the launch's tensors, picked from (call's tensors..., output) as a tuple
-        pick = operator.itemgetter(*idx) if len(idx) > 1 else (lambda t, i=idx[0]: (t[i],))
-        launches.append((plan.direct, plan.run, grid[0], grid[1], grid[2], plan.function, plan.metadata, pick,
-                         tail + plan.tail))
-    return OpPlan(out, tuple(launches), recorded[0][0], hooks_active)
+        ptr = _storage(a)
+        bases = [j for j, t in enumerate(pool[:n_bases]) if t is not None and t.numel() and _storage(t) == ptr]
+        if len(bases) != 1:
+            return None  # no base (a tensor made otherwise, or by a CUDA C++ op) or an ambiguous one
+        base = pool[bases[0]]
+        views.append((bases[0], tuple(a.shape), a.stride(), a.storage_offset() - base.storage_offset()))
+        index[id(a)] = len(pool)
+        pool.append(a)
+        return index[id(a)]
+
+    # the views first (their bases are inputs or allocations), then the steps in order
+    for e in work:
+        for a in e[2]:
+            if isinstance(a, _Tensor) and id(a) not in made_by_calls and place(a) is None:
+                return None
+    steps = []
+    first = None
+    for e in work:
+        if e[0] == "launch":
+            _, plan, args, grid = e
+            k = next((i for i, a in enumerate(args) if not isinstance(a, _Tensor)), len(args))  # tensors lead
+            tail = tuple(args[k:])
+            if any(isinstance(a, _Tensor) for a in tail):
+                return None
+            idx = [index.get(id(a)) for a in args[:k]]
+            if None in idx:
+                return None
+            pick = _pick(idx)
+            first = first or plan
+            if plan.direct is not None:
+                c_launch, coop, pdl, ann, sig = plan.direct
+                steps.append((0, c_launch, grid[0], grid[1], grid[2], plan.function, coop, pdl, plan.metadata, ann,
+                              sig, pick, tail + plan.tail))
+            else:
+                steps.append((1, plan.run, grid[0], grid[1], grid[2], plan.function, plan.metadata, pick,
+                              tail + plan.tail))
+        else:
+            _, op, args, out = e
+            spec = []
+            for a in args:
+                if isinstance(a, _Tensor):
+                    i = index.get(id(a))
+                    if i is None:
+                        return None
+                    spec.append((True, i))
+                elif isinstance(a, (list, tuple)) and any(isinstance(v, _Tensor) for v in a):
+                    return None
+                else:
+                    spec.append((False, a))
+            made = (out,) if isinstance(out, _Tensor) else (out or ())
+            for t in made:
+                if id(t) in index:
+                    return None
+                index[id(t)] = len(pool)
+                pool.append(t)
+            steps.append((2, op, tuple(spec), 1 if isinstance(out, _Tensor) else len(made)))
+    outs = []
+    for t in outputs:
+        i = None if t is None else index.get(id(t))
+        if t is not None and i is None:
+            return None
+        outs.append(i)
+    r = Replay()
+    r.allocs, r.views, r.steps, r.outs = tuple(allocs), tuple(views), tuple(steps), tuple(outs)
+    r.kernel_device = r.get_device = r.get_stream = r.hooks_active = None
+    if first is not None:
+        launch = sys.modules["cnnkern.kernels._launch"]
+        r.kernel_device, r.get_device, r.get_stream = first.device, first.get_device, first.get_stream
+        r.hooks_active = launch.hooks_active
+    return r
+
+
+class OpPlan:
+    """A call that needs no autograd: ``plan(*tensors)`` is its output, or None (run the route)."""
+
+    __slots__ = ("replay", "out")
+
+    def __init__(self, replay: Replay):
+        self.replay, self.out = replay, replay.outs[0]
+
+    def __call__(self, *tensors):
+        pool = self.replay(tensors)
+        return None if pool is None else pool[self.out]
+
+
+class _Ctx:
+    """What an op's ``setup_context`` and backward formula see of autograd's ctx."""
+
+    def __init__(self, needs_input_grad):
+        self.needs_input_grad = needs_input_grad
+        self.saved_tensors = ()
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+class GradPlan:
+    """A call of one registered op that needs autograd: ``plan(*tensors)`` is its output (through
+    :class:`_Replayed`), or None (run the route)."""
+
+    __slots__ = ("fwd", "out", "saves", "attrs", "backward", "needs", "grad_of", "bwd")
+
+    def __call__(self, *tensors):
+        if not self.fwd.ready():
+            return None
+        return _Replayed.apply(self, *tensors)
+
+    def formula(self, saved, grads, record: bool):
+        """The call tensors' gradients from the op's own backward formula (through the ops),
+        recorded into a backward :class:`Replay` when ``record``."""
+        ctx = _Ctx(self.needs)
+        ctx.__dict__.update(self.attrs)
+        ctx.saved_tensors = saved
+        if not record:
+            op_grads = self.backward(ctx, *grads)
+            return [None if i is None else op_grads[i] for i in self.grad_of]
+        key = tuple(map(_grad_key, grads))
+        recorded = _common.start_recording()
+        try:
+            op_grads = self.backward(ctx, *grads)
+        finally:
+            _common.stop_recording()
+        out = [None if i is None else op_grads[i] for i in self.grad_of]
+        replay = build(recorded, (*saved, *grads), out)
+        if replay is not _RETRY:
+            self.bwd[key] = replay
+        return out
+
+
+def _grad_key(g):
+    """What a backward replay depends on of an incoming gradient: its type, strides and 16-byte
+    alignment (autograd gives it the output's shape, dtype and device)."""
+    return type(g), g.stride(), g.data_ptr() & 15
+
+
+class _Replayed(torch.autograd.Function):
+    """A planned call of an op under autograd: the forward and backward replayed."""
+
+    @staticmethod
+    def forward(ctx, plan, *tensors):
+        pool = plan.fwd(tensors)
+        ctx.plan = plan
+        ctx.save_for_backward(*[None if i is None else pool[i] for i in plan.saves])
+        return pool[plan.out]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        plan = ctx.plan
+        saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the formula through the ops, which are differentiable
+            return None, *plan.formula(saved, grads, False)
+        replay = plan.bwd.get(tuple(map(_grad_key, grads)), _RETRY)
+        if replay is not None and replay is not _RETRY:
+            pool = replay((*saved, *grads))
+            if pool is not None:
+                return None, *[None if i is None else pool[i] for i in replay.outs]
+        record = replay is _RETRY and _recording_ok()
+        return None, *plan.formula(saved, grads, record)
+
+
+def _recording_ok() -> bool:
+    # (a Triton launch that cannot go direct, under the interpreter or launch hooks, records a miss)
+    return not _common._POISON and _common.RECORD is None
+
+
+def _grad_plan(recorded, tensors, out):
+    """The :class:`GradPlan` of a recorded call that needs autograd, or None."""
+    ops = [e for e in recorded if e[0] == "op"]
+    if len(ops) != 1 or ops[0][3] is not out or not hasattr(ops[0][1], "formulas"):
+        return None
+    _, op, args, _ = ops[0]
+    position = {id(t): j for j, t in enumerate(tensors) if t is not None}
+    if any(isinstance(a, _Tensor) and id(a) not in position for a in args):
+        return None  # the op got a tensor the call did not pass (a cast, a copy)
+    fwd = build(recorded, tensors, (out,))
+    if fwd is None or fwd is _RETRY:
+        return fwd
+    setup, backward = op.formulas
+    needs = tuple(isinstance(a, _Tensor) and a.requires_grad for a in args)
+    ctx = _Ctx(needs)
+    setup(ctx, args, out)
+    saves = []
+    for t in ctx.saved_tensors:
+        if t is None:
+            saves.append(None)
+        elif t is out:
+            saves.append(fwd.outs[0])
+        elif id(t) in position:
+            saves.append(position[id(t)])
+        else:
+            return None
+    plan = GradPlan()
+    plan.fwd, plan.out, plan.saves, plan.backward, plan.needs = fwd, fwd.outs[0], tuple(saves), backward, needs
+    plan.attrs = {k: v for k, v in vars(ctx).items() if k not in ("needs_input_grad", "saved_tensors")}
+    arg_of = {id(a): i for i, a in enumerate(args) if isinstance(a, _Tensor)}
+    plan.grad_of = tuple(None if t is None else arg_of.get(id(t)) for t in tensors)
+    plan.bwd = {}
+    return plan
 
 
 def run_and_plan(key, full, tensors):
-    """``full()`` (the op's full path, returning its output), recorded into a plan for ``key``
-    when the call may be replayed (no autograd, a GPU backend's direct launches only). A key that
-    has a plan reaches here only when the plan declined (launch hooks, another current device)."""
-    # no Triton kernel loaded yet: nothing to record (the Triton backend's first call loads them)
-    launch = sys.modules.get("cnnkern.kernels._launch")
-    if launch is None or _POISON or key is None or key in PLANS or not launch.direct_ok() or (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+    """``full()`` (the op's route, returning its output), recorded into a plan for ``key`` when
+    the call may be replayed. A key that has a plan reaches here only when the plan declined
+    (launch hooks, another current device)."""
+    if key is None or key in PLANS or not _recording_ok():
         return full()
-    launch.RECORD = []
+    launch = sys.modules.get("cnnkern.kernels._launch")
+    recorded = _common.start_recording()
     try:
         out = full()
     finally:
-        recorded, launch.RECORD = launch.RECORD, None
-    plan = _build(out, tensors, recorded, launch.hooks_active)
+        _common.stop_recording()
+    if sys.modules.get("cnnkern.kernels._launch") is not launch:
+        return out  # the Triton kernels were loaded by this call, unrecorded: the next call records
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        plan = _grad_plan(recorded, tensors, out) if isinstance(out, _Tensor) else None
+    else:
+        replay = build(recorded, tensors, (out,)) if isinstance(out, _Tensor) else None
+        plan = OpPlan(replay) if isinstance(replay, Replay) else replay
     if plan is not _RETRY:
         PLANS[key] = plan
+    return out
+
+
+class FoldPlan:
+    """A convolution with BatchNorm folded into its weights (conv_bn_relu in eval): the folded
+    weight and bias kept while the tensors they were folded from are the same tensors, unchanged
+    (each in-place change bumps a tensor's version), and the convolution replayed with them.
+    ``plan(x, sources)`` is the output, or None (run the route, which folds and plans again)."""
+
+    __slots__ = ("refs", "versions", "weight", "bias", "replay", "out", "used")
+
+    def __call__(self, x, sources):
+        for ref, version, t in zip(self.refs, self.versions, sources):
+            if t is None:
+                if ref is not None:
+                    return None
+            elif ref is None or ref() is not t or t._version != version or (t.requires_grad and _grad_enabled()):
+                return None
+        pool = self.replay((x, self.weight, self.bias))
+        if pool is None:
+            return None
+        self.used = True
+        return pool[self.out]
+
+
+_grad_enabled = torch.is_grad_enabled
+
+
+def run_and_plan_folded(key, full, x, sources):
+    """``full()`` (conv_bn_relu's route in eval), kept as a :class:`FoldPlan` for ``key``: recorded
+    again when the kept one declines (new or changed BatchNorm tensors) after it was used; a key
+    whose plan is stale before its first use (the tensors change on every call) is not planned."""
+    kept = PLANS.get(key, _RETRY)
+    if key is None or kept is None or not _recording_ok():
+        return full()
+    if kept is not _RETRY and not kept.used:
+        PLANS[key] = None
+        return full()
+    launch = sys.modules.get("cnnkern.kernels._launch")
+    recorded = _common.start_recording()
+    try:
+        out = full()
+    finally:
+        _common.stop_recording()
+    if sys.modules.get("cnnkern.kernels._launch") is not launch or (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *sources))):
+        return out  # (a fold that autograd records is not kept)
+    ops = [e for e in recorded if e[0] == "op"]
+    plan = None
+    if len(ops) == 1 and ops[0][3] is out and ops[0][2][0] is x and isinstance(out, _Tensor):
+        _, _, args, _ = ops[0]
+        replay = build(recorded, (x, args[1], args[2]), (out,))
+        if replay is _RETRY:
+            return out
+        if replay is not None:
+            plan = FoldPlan()
+            plan.refs = tuple(None if t is None else weakref.ref(t) for t in sources)
+            plan.versions = tuple(None if t is None else t._version for t in sources)
+            plan.weight, plan.bias, plan.replay, plan.out = args[1], args[2], replay, replay.outs[0]
+            plan.used = False
+    PLANS[key] = plan
+    return out
+
+
+def op_call(op, *args):
+    """``op(*args)``: a registered op called by an op's route, recorded as the call's op."""
+    out = op(*args)
+    if _common.RECORD is not None:
+        _common.RECORD.add(("op", op, args, out))
     return out

@@ -47,6 +47,8 @@ from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
+from . import _common
+
 log = logging.getLogger("cnnkern.tune")
 if os.environ.get("CNNKERN_TUNE_LOG", "0") not in ("", "0"):
     _handler = logging.StreamHandler()
@@ -264,6 +266,7 @@ class Tuner:
         choice = self.choices.get(key)
         if choice is not None:
             return launch(choice)
+        _common.record_miss()  # timed, or a choice for now only: not work for a plan to replay
         candidates = candidates()
         if not candidates:
             raise ValueError(f"{self.name}: no candidate to tune")

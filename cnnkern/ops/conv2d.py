@@ -22,9 +22,10 @@ import os
 import sys
 
 import torch
+from torch.library import custom_op
 
 from . import _tune
-from ._common import cuda_ops, custom_op, dispatcher, in_layout, new_output, output_channels_last, pick
+from ._common import cuda_ops, in_layout, new_output, output_channels_last, register_autograd
 
 
 def _kernels():
@@ -189,7 +190,7 @@ def cuda_backward_weight(grad, x, gw, gb, stride, padding, dilation, groups, tf3
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
-@custom_op("cnnkern::conv2d")
+@custom_op("cnnkern::conv2d", mutates_args=())
 def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
            stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool, precision: str,
            backend: str) -> torch.Tensor:
@@ -214,7 +215,7 @@ def _(x, w, bias, residual, stride, padding, dilation, groups, relu, precision, 
 # ---------------------------------------------------------------------------------------------
 # backward ops
 # ---------------------------------------------------------------------------------------------
-@custom_op("cnnkern::conv2d_backward_input")
+@custom_op("cnnkern::conv2d_backward_input", mutates_args=())
 def conv2d_backward_input(grad: torch.Tensor, w: torch.Tensor, input_size: list[int], stride: list[int],
                           padding: list[int], dilation: list[int], groups: int, channels_last: bool,
                           precision: str, backend: str) -> torch.Tensor:
@@ -233,7 +234,7 @@ def _(grad, w, input_size, stride, padding, dilation, groups, channels_last, pre
     return new_output(input_size, grad, channels_last)
 
 
-@custom_op("cnnkern::conv2d_backward_weight")
+@custom_op("cnnkern::conv2d_backward_weight", mutates_args=())
 def conv2d_backward_weight(grad: torch.Tensor, x: torch.Tensor, weight_size: list[int], stride: list[int],
                            padding: list[int], dilation: list[int], groups: int, bias: bool,
                            channels_last: bool, precision: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,22 +273,21 @@ def _backward(ctx, grad):
         # The fused ReLU's derivative: grad where y > 0. cnnkern::residual_add_backward is exactly
         # that elementwise kernel (PyTorch's threshold_backward), so it is reused here.
         from .residual_add import residual_add_backward
-        grad = pick(residual_add_backward, ctx)(grad, y, ctx.backend)
+        grad = residual_add_backward(grad, y, ctx.backend)
     g_res = grad if ctx.needs_input_grad[3] else None  # the residual's gradient: the masked one itself
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
-        gx = pick(conv2d_backward_input, ctx)(grad, w, list(x.shape), stride, padding, dilation, groups, ctx.x_cl,
+        gx = conv2d_backward_input(grad, w, list(x.shape), stride, padding, dilation, groups, ctx.x_cl,
                                    ctx.precision, ctx.backend)
     if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-        gw, gb = pick(conv2d_backward_weight, ctx)(grad, x, list(w.shape), stride, padding, dilation, groups, ctx.has_bias,
+        gw, gb = conv2d_backward_weight(grad, x, list(w.shape), stride, padding, dilation, groups, ctx.has_bias,
                                         ctx.w_cl, ctx.precision, ctx.backend)
         gw = gw if ctx.needs_input_grad[1] else None
         gb = gb if ctx.has_bias and ctx.needs_input_grad[2] else None
     return gx, gw, gb, g_res, None, None, None, None, None, None, None
 
 
-conv2d.register_autograd(_backward, setup_context=_setup_context)
-conv2d_call = dispatcher(conv2d, _setup_context, _backward)
+register_autograd(conv2d, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,5 +333,5 @@ def _wgrad_backward(ctx, ggw, ggb):
     return d_grad, d_x, None, None, None, None, None, None, None, None, None
 
 
-conv2d_backward_input.register_autograd(_dgrad_backward, setup_context=_dgrad_setup)
-conv2d_backward_weight.register_autograd(_wgrad_backward, setup_context=_wgrad_setup)
+register_autograd(conv2d_backward_input, _dgrad_backward, _dgrad_setup)
+register_autograd(conv2d_backward_weight, _wgrad_backward, _wgrad_setup)

@@ -21,8 +21,9 @@ Ops (``cnnkern`` namespace; conv arguments as in cnnkern/ops/conv2d.py):
 from __future__ import annotations
 
 import torch
+from torch.library import custom_op
 
-from ._common import cuda_ops, custom_op, dispatcher, in_layout, new_output, pick
+from ._common import cuda_ops, in_layout, new_output, new_workspace, record_miss, register_autograd
 from .conv2d import (TRITON_SPLITS, _check_backend, _y_channels_last, conv2d_backward_input, conv2d_backward_weight,
                      cuda_forward, output_size)
 
@@ -37,7 +38,7 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@custom_op("cnnkern::conv_bn_relu_train")
+@custom_op("cnnkern::conv_bn_relu_train", mutates_args=())
 def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                        bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, eps: float, stride: list[int], padding: list[int],
                        dilation: list[int], groups: int, relu: bool, precision: str,
@@ -52,16 +53,16 @@ def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
     if backend == "cuda":  # the statistics' workspace comes back from the kernel that fills it
         stats = cuda_forward(x, w, bias, y, stride, padding, dilation, groups, False, True, precision == "tf32", None)
         if stats.dim() != 3:  # no output element (K = 0; an empty batch never gets here): no statistics
-            stats = torch.zeros((0, 3, k), dtype=acc_t, device=x.device)
+            stats = new_workspace((0, 3, k), acc_t, x.device, zero=True)
     else:
-        stats = torch.zeros((kc.stats_rows(n_ * p * q), 3, k), dtype=acc_t, device=x.device)
+        stats = new_workspace((kc.stats_rows(n_ * p * q), 3, k), acc_t, x.device, zero=True)
         kc.conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, False, precision, stats=stats,
                           splits=TRITON_SPLITS)
     out = new_output(shape, x, cl)
     if residual is not None:  # the apply pass reads it through y's layout
         residual = in_layout(residual, cl)
     if backend == "cuda":
-        mean, invstd, var, scale, shift = (torch.empty(k, dtype=stats.dtype, device=x.device) for _ in range(5))
+        mean, invstd, var, scale, shift = (new_workspace(k, stats.dtype, x.device) for _ in range(5))
         cuda_ops().bn_finalize_cuda(stats, bn_weight, bn_bias, eps, mean, invstd, var, scale, shift)
         cuda_ops().bn_apply_cuda(y, out, scale, shift, relu, residual)
     else:
@@ -82,6 +83,7 @@ def _(x, w, bias, residual, bn_weight, bn_bias, eps, stride, padding, dilation, 
 def bn_update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
                             var: torch.Tensor, count: int, momentum: float) -> None:
     # running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance
+    record_miss()  # PyTorch's own in-place ops: not a plan's to replay
     running_mean.lerp_(mean.to(running_mean.dtype), momentum)
     running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
@@ -91,7 +93,7 @@ def _(running_mean, running_var, mean, var, count, momentum):
     return None
 
 
-@custom_op("cnnkern::conv_bn_relu_backward")
+@custom_op("cnnkern::conv_bn_relu_backward", mutates_args=())
 def conv_bn_relu_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, mean: torch.Tensor,
                           invstd: torch.Tensor, bn_weight: torch.Tensor | None,
                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,8 +106,8 @@ def conv_bn_relu_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch
     if backend == "cuda":
         k = y.shape[1]
         part = cuda_ops().bn_backward_reduce_cuda(grad, out, y)
-        a, b, c = (torch.empty(k, dtype=mean.dtype, device=y.device) for _ in range(3))
-        sg, sgx = (torch.empty(k, dtype=pdt, device=y.device) for _ in range(2))
+        a, b, c = (new_workspace(k, mean.dtype, y.device) for _ in range(3))
+        sg, sgx = (new_workspace(k, pdt, y.device) for _ in range(2))
         cuda_ops().bn_backward_coefficients_cuda(part, mean, invstd, bn_weight, y.numel() // max(k, 1),
                                                  a, b, c, sg, sgx)
         cuda_ops().bn_backward_dy_cuda(grad, out, y, dy, a, b, c)
@@ -141,15 +143,15 @@ def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_invstd, _grad_var):
         g_res = grad_out
         if out is not None:
             from .residual_add import residual_add_backward  # threshold_backward, as in conv2d's ReLU
-            g_res = pick(residual_add_backward, ctx)(grad_out, out, ctx.backend)
+            g_res = residual_add_backward(grad_out, out, ctx.backend)
         grad_out, out = g_res, None
-    dy, dgamma, dbeta = pick(conv_bn_relu_backward, ctx)(grad_out, out, y, mean, invstd, bn_weight, ctx.backend)
+    dy, dgamma, dbeta = conv_bn_relu_backward(grad_out, out, y, mean, invstd, bn_weight, ctx.backend)
     gx = gw = gb = None
     if need[0]:
-        gx = pick(conv2d_backward_input, ctx)(dy, w, list(x.shape), stride, padding, dilation, groups, ctx.layouts[0],
+        gx = conv2d_backward_input(dy, w, list(x.shape), stride, padding, dilation, groups, ctx.layouts[0],
                                    ctx.precision, ctx.backend)
     if need[1] or (has_bias and need[2]):
-        gw, gb = pick(conv2d_backward_weight, ctx)(dy, x, list(w.shape), stride, padding, dilation, groups, has_bias,
+        gw, gb = conv2d_backward_weight(dy, x, list(w.shape), stride, padding, dilation, groups, has_bias,
                                         ctx.layouts[1], ctx.precision, ctx.backend)
         gw = gw if need[1] else None
         gb = gb if has_bias and need[2] else None
@@ -157,6 +159,4 @@ def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_invstd, _grad_var):
             dbeta if has_beta and need[5] else None, *([None] * 8))
 
 
-conv_bn_relu_train.register_autograd(_backward, setup_context=_setup_context)
-conv_bn_relu_train_call = dispatcher(conv_bn_relu_train, _setup_context, _backward)
-bn_update_running_stats_call = dispatcher(bn_update_running_stats)
+register_autograd(conv_bn_relu_train, _backward, _setup_context)

@@ -20,9 +20,10 @@ channels_last when ``x`` is, NCHW-contiguous otherwise. Arguments reach these op
 from __future__ import annotations
 
 import torch
+from torch.library import custom_op
 
 from .. import _backend
-from ._common import cuda_ops, custom_op, dispatcher, new_output, output_channels_last, pick
+from ._common import cuda_ops, new_output, output_channels_last, register_autograd
 
 
 def _kernels():
@@ -35,7 +36,7 @@ def _like(x: torch.Tensor) -> torch.Tensor:
     return new_output(x.shape, x, output_channels_last(x))
 
 
-@custom_op("cnnkern::local_response_norm")
+@custom_op("cnnkern::local_response_norm", mutates_args=())
 def local_response_norm(x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
                         backend: str) -> torch.Tensor:
     if backend == "cuda":
@@ -50,7 +51,7 @@ def _(x, size, alpha, beta, k, backend):
     return _like(x)
 
 
-@custom_op("cnnkern::local_response_norm_backward")
+@custom_op("cnnkern::local_response_norm_backward", mutates_args=())
 def local_response_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, size: int, alpha: float, beta: float,
                                  k: float, backend: str) -> torch.Tensor:
     if backend == "cuda":
@@ -76,12 +77,11 @@ def _backward(ctx, grad):
     (x,) = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None
-    return pick(local_response_norm_backward, ctx)(grad, x, *ctx.args), None, None, None, None, None
+    return local_response_norm_backward(grad, x, *ctx.args), None, None, None, None, None
 
 
 # The backward op has no autograd formula of its own: double backward through LRN raises.
-local_response_norm.register_autograd(_backward, setup_context=_setup_context)
-local_response_norm_call = dispatcher(local_response_norm, _setup_context, _backward)
+register_autograd(local_response_norm, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------------

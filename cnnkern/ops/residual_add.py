@@ -18,9 +18,10 @@ formula below. Arguments reach these ops validated (cnnkern/functional.py).
 from __future__ import annotations
 
 import torch
+from torch.library import custom_op
 
 from .. import _backend
-from ._common import cuda_ops, custom_op, dispatcher, in_layout, new_output, output_channels_last, pick
+from ._common import cuda_ops, in_layout, new_output, output_channels_last, register_autograd
 
 
 def _kernels():
@@ -36,7 +37,7 @@ def _shortcut_output(grad: torch.Tensor, shortcut_size, channels_last: bool) -> 
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
-@custom_op("cnnkern::residual_add")
+@custom_op("cnnkern::residual_add", mutates_args=())
 def residual_add(x: torch.Tensor, shortcut: torch.Tensor, stride: int, relu: bool, backend: str) -> torch.Tensor:
     if backend == "cuda":
         return cuda_ops().residual_add_cuda(x, shortcut, stride, relu)
@@ -53,7 +54,7 @@ def _(x, shortcut, stride, relu, backend):
 # ---------------------------------------------------------------------------------------------
 # backward ops
 # ---------------------------------------------------------------------------------------------
-@custom_op("cnnkern::residual_add_backward")
+@custom_op("cnnkern::residual_add_backward", mutates_args=())
 def residual_add_backward(grad_out: torch.Tensor, out: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "cuda":
         return cuda_ops().residual_add_backward_cuda(grad_out, out)
@@ -72,7 +73,7 @@ def _(grad_out, out, backend):
     return new_output(out.shape, out, output_channels_last(out))
 
 
-@custom_op("cnnkern::residual_add_shortcut_backward")
+@custom_op("cnnkern::residual_add_shortcut_backward", mutates_args=())
 def residual_add_shortcut_backward(grad: torch.Tensor, shortcut_size: list[int], stride: int,
                                    channels_last: bool, backend: str) -> torch.Tensor:
     if backend == "cuda":
@@ -103,17 +104,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     (out,) = ctx.saved_tensors
     # d/d(sum): the ReLU's mask, or the incoming gradient itself when there is no ReLU.
-    grad_sum = grad if out is None else pick(residual_add_backward, ctx)(grad, out, ctx.backend)
+    grad_sum = grad if out is None else residual_add_backward(grad, out, ctx.backend)
     grad_x = grad_sum if ctx.needs_input_grad[0] else None
     grad_shortcut = None
     if ctx.needs_input_grad[1]:
-        grad_shortcut = grad_sum if ctx.identity else pick(residual_add_shortcut_backward, ctx)(
+        grad_shortcut = grad_sum if ctx.identity else residual_add_shortcut_backward(
             grad_sum, ctx.shortcut_size, ctx.stride, ctx.shortcut_channels_last, ctx.backend)
     return grad_x, grad_shortcut, None, None, None
 
 
-residual_add.register_autograd(_backward, setup_context=_setup_context)
-residual_add_call = dispatcher(residual_add, _setup_context, _backward)
+register_autograd(residual_add, _backward, _setup_context)
 
 
 # The backward ops are differentiable too (double backward): both are linear in their gradient
@@ -129,7 +129,7 @@ def _relu_bwd_backward(ctx, gg):
     return residual_add_backward(gg, out, ctx.backend), None, None
 
 
-residual_add_backward.register_autograd(_relu_bwd_backward, setup_context=_relu_bwd_setup)
+register_autograd(residual_add_backward, _relu_bwd_backward, _relu_bwd_setup)
 
 
 def _shortcut_bwd_setup(ctx, inputs, output):
@@ -148,7 +148,7 @@ def _shortcut_bwd_backward(ctx, gg):
     return residual_add(zeros, gg, ctx.stride, False, ctx.backend), None, None, None, None
 
 
-residual_add_shortcut_backward.register_autograd(_shortcut_bwd_backward, setup_context=_shortcut_bwd_setup)
+register_autograd(residual_add_shortcut_backward, _shortcut_bwd_backward, _shortcut_bwd_setup)
 
 
 # ---------------------------------------------------------------------------------------------

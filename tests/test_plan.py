@@ -1,0 +1,128 @@
+"""Plans (cnnkern/ops/_plan.py): warm calls replayed from the recorded work of a first call give
+the same results as the route, forward and backward, and calls a plan cannot replay are not planned.
+
+Replays compute only where kernels really run: on a GPU (both backends), and on the CPU emulator
+of the CUDA C++ kernels (backend "cuda", CNNKERN_EMULATE_CUDA=1). Under Triton's interpreter
+nothing is planned (the launches are not direct); benchmarks/host/check_launches.py checks the
+Triton replays' launch arguments under the stand-in driver (tests/test_host_cost.py).
+"""
+
+import pytest
+import torch
+
+from cnnkern import functional as F
+from cnnkern.ops import _common, _plan
+from conftest import EMULATE_CUDA, HAS_CUDA
+from helpers import rel_err
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+BACKENDS = ["triton", "cuda"] if HAS_CUDA else ["cuda"] if EMULATE_CUDA else []
+TOL = 5e-3 if HAS_CUDA else 1e-5  # (fp32 convolutions multiply in TF32 on a GPU, as PyTorch's do)
+pytestmark = pytest.mark.skipif(not BACKENDS, reason="plans replay compiled kernels: a GPU or the CUDA emulator")
+
+
+@pytest.fixture
+def planning(monkeypatch):
+    """Plans on (the tests' NaN-poisoned outputs turn them off), starting from none."""
+    monkeypatch.setattr(_common, "_POISON", False)
+    monkeypatch.setattr(_plan, "PLANS", {})
+    return _plan
+
+
+def _t(*shape, dtype=torch.float32, cl=True, grad=False):
+    t = torch.randn(*shape, dtype=dtype, device=DEVICE)
+    if cl and t.dim() == 4:
+        t = t.to(memory_format=torch.channels_last)
+    return t.requires_grad_(grad)
+
+
+def _f64(t):
+    return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+
+CASES = {
+    "conv bias relu": (lambda a, b: F.conv2d(*a, padding=1, activation="relu", backend=b),
+                       lambda a: F.conv2d(*a, padding=1, activation="relu", backend="torch"),
+                       lambda g: (_t(2, 8, 6, 6, grad=g), _t(12, 8, 3, 3, grad=g) * 0.2, _t(12, grad=g, cl=False))),
+    "conv stride 2 groups": (lambda a, b: F.conv2d(*a, stride=2, padding=1, groups=2, backend=b),
+                             lambda a: F.conv2d(*a, stride=2, padding=1, groups=2, backend="torch"),
+                             lambda g: (_t(2, 8, 7, 7, grad=g, cl=False), _t(6, 4, 3, 3, grad=g, cl=False))),
+    "residual add": (lambda a, b: F.residual_add(*a, backend=b), lambda a: F.residual_add(*a, backend="torch"),
+                     lambda g: (_t(2, 8, 4, 4, grad=g), _t(2, 8, 4, 4, grad=g))),
+    "residual add option A": (lambda a, b: F.residual_add(*a, relu=False, backend=b),
+                              lambda a: F.residual_add(*a, relu=False, backend="torch"),
+                              lambda g: (_t(2, 8, 4, 4, grad=g), _t(2, 4, 8, 8, grad=g))),
+    "local response norm": (lambda a, b: F.local_response_norm(*a, 5, 1e-2, 0.75, 2.0, backend=b),
+                            lambda a: F.local_response_norm(*a, 5, 1e-2, 0.75, 2.0, backend="torch"),
+                            lambda g: (_t(2, 9, 5, 5, grad=g),)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.emulated
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_replayed_calls_match_the_reference(planning, case, grad, backend):
+    if backend not in BACKENDS:
+        pytest.skip(f"backend {backend!r} does not run compiled kernels here")
+    call, ref, make = CASES[case]
+    kinds = []
+    for _ in range(5):  # new tensors of the same metadata each time: one call key
+        args = make(grad)
+        y = call(args, backend)
+        args64 = [_f64(a) for a in args]
+        want = ref(args64)
+        assert rel_err(y, want) < TOL
+        kinds.append(type(y.grad_fn).__name__ if grad else "")
+        if grad:
+            g = torch.randn_like(y)
+            got = torch.autograd.grad(y, args, g)
+            for a, e in zip(got, torch.autograd.grad(want, args64, g.double())):
+                assert rel_err(a, e) < TOL
+    plans = [p for p in planning.PLANS.values() if p is not None]
+    assert len(plans) == 1, planning.PLANS
+    if grad:
+        assert isinstance(plans[0], _plan.GradPlan) and plans[0].bwd, "the backward was not planned"
+        assert kinds[-1] == "_ReplayedBackward", kinds
+    else:
+        assert isinstance(plans[0], _plan.OpPlan)
+
+
+@pytest.mark.gpu
+@pytest.mark.emulated
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_folded_batchnorm_follows_its_tensors(planning, backend):
+    """conv_bn_relu in eval keeps BatchNorm folded into the weights while the tensors it was folded
+    from are the same and unchanged: an in-place update, or other tensors, fold again."""
+    if backend not in BACKENDS:
+        pytest.skip(f"backend {backend!r} does not run compiled kernels here")
+    w = _t(12, 8, 3, 3) * 0.2
+    bn = [torch.randn(12, device=DEVICE), torch.rand(12, device=DEVICE) + 0.5, torch.randn(12, device=DEVICE),
+          torch.randn(12, device=DEVICE)]
+
+    def call(x, w, bn):
+        return F.conv_bn_relu(x, w, None, *bn, training=False, padding=1, backend=backend)
+
+    def check(x, w, bn):
+        y = call(x, w, bn)
+        want = F.conv_bn_relu(_f64(x), _f64(w), None, *map(_f64, bn), training=False, padding=1, backend="torch")
+        assert rel_err(y, want) < TOL
+
+    for change in (None, None, "running_var", None, "other tensors", None, "weight", None):
+        if change == "running_var":
+            bn[1].mul_(2.0)  # in place
+        elif change == "other tensors":
+            bn = [t.clone() for t in bn]
+            bn[2].add_(1.0)
+        elif change == "weight":
+            w = w.clone().neg_()
+        check(_t(2, 8, 6, 6), w, bn)
+    plans = [p for p in planning.PLANS.values() if p is not None]
+    assert len(plans) == 1 and isinstance(plans[0], _plan.FoldPlan)
+    assert plans[0].refs[0]() is w and plans[0].refs[4]() is bn[2] and plans[0].used
+
+    # tensors that change on every call: the key is left unplanned after its plan went unused
+    for _ in range(3):
+        check(_t(2, 8, 6, 6), w, [t.clone() for t in bn])
+    assert [plan for key, plan in planning.PLANS.items() if key[-2] == backend] == [None]
