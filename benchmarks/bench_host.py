@@ -230,8 +230,9 @@ def _accept_cpu_tensors():
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
-    def conv_forward(x, w, b, y, stride, padding, dilation, groups, relu, algo, stats, *a):
+    def conv_forward(x, w, b, y, *a, **kw):
         # the BatchNorm statistics' workspace (rows, 3, K) when ``stats``, else an empty tensor
+        stats = kw.get("stats", a[6] if len(a) > 6 else False)  # (arguments left at their default are not passed)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         return torch.empty((max(1, y.shape[0] * y.shape[2] * y.shape[3] // 64), 3, y.shape[1]) if stats else (0,),
                            dtype=acc, device=x.device)
