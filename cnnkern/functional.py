@@ -180,6 +180,9 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     pass; the backward fuses BatchNorm's two reductions into one pass and reuses the
     convolution's backward kernels.
     """
+    if type(input) is _Tensor and training is True and residual is None and _plan.eager():
+        return _conv_bn_relu_train(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, momentum, eps,
+                                   stride, padding, dilation, groups, relu, backend)
     key = None
     if type(input) is _Tensor and training is False and residual is None and running_mean is not None and _plan.eager():
         try:
@@ -197,8 +200,39 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         dilation, groups, relu, residual, backend), input, (weight, bias, running_mean, running_var, bn_weight, bn_bias))
 
 
+def _conv_bn_relu_train(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, momentum, eps, stride,
+                        padding, dilation, groups, relu, backend):
+    """conv_bn_relu in training (no residual): the convolution with its statistics and the
+    normalisation planned as one op call (the momentum, which may change from call to call, is
+    not part of the key), then the running statistics updated."""
+    key = plan = outs = None
+    try:
+        key = ("conv_bn_relu_train", _plan.tkey(input), _plan.tkey(weight), _plan.tkey(bias), _plan.tkey(running_mean),
+               _plan.tkey(running_var), _plan.tkey(bn_weight), _plan.tkey(bn_bias), type(momentum), type(eps), eps,
+               stride, padding, dilation, type(groups), groups, type(relu), relu, backend or _backend.get_backend(),
+               _plan.state())
+        plan = _plan.PLANS.get(key)
+    except (AttributeError, TypeError):  # the full path says what is wrong
+        key = None
+    tensors = (input, weight, bias, bn_weight, bn_bias)
+    if plan is not None:
+        outs = plan(*tensors)
+    if outs is None:
+        outs = _plan.run_and_plan(key, lambda: _conv_bn_relu(
+            input, weight, bias, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, stride, padding,
+            dilation, groups, relu, None, backend, update=False), tensors)
+    if type(outs) is not tuple:  # (a path without the kernels' op: finished, statistics updated)
+        return outs
+    y, _, mean, _, var = outs
+    if running_mean is not None:
+        count = y.shape[-2] * y.shape[-1] * (y.shape[0] if y.dim() == 4 else 1)
+        _ops.conv_bn_relu.update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count,
+                                               float(momentum))
+    return y
+
+
 def _conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, stride,
-                  padding, dilation, groups, relu, residual, backend):
+                  padding, dilation, groups, relu, residual, backend, update=True):
     op = "conv_bn_relu"
     x = _batched(op, input)
     # the BatchNorm tensors keep their dtypes
@@ -240,13 +274,15 @@ def _conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_
         y = reference.conv_bn_relu(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, batch_stats,
                                    momentum, eps, stride, padding, dilation, groups, relu, res)
     elif batch_stats:
-        y, _, mean, _, var = _plan.op_call(
-            _ops.conv_bn_relu.conv_bn_relu_train, x, weight, bias, res, bn_weight, bn_bias, float(eps), stride_, pad, dilation_, groups, relu,
-            _precision(x), name)
+        outs = _plan.op_call(_ops.conv_bn_relu.conv_bn_relu_train, x, weight, bias, res, bn_weight, bn_bias,
+                             float(eps), stride_, pad, dilation_, groups, relu, _precision(x), name)
+        if not update:  # the caller updates the running statistics (_conv_bn_relu_train)
+            return outs if input.dim() == 4 else (outs[0].squeeze(0), *outs[1:])
+        y, _, mean, _, var = outs
         if training and running_mean is not None:
             count = x.shape[0] * y.shape[2] * y.shape[3]
             _ops.conv_bn_relu.bn_update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
-                                                           count, float(momentum))
+                                                      count, float(momentum))
     else:
         w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
         y = _plan.op_call(_ops.conv2d.conv2d, x, w, b, res, stride_, pad, dilation_, groups, relu, _precision(x), name)

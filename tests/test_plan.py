@@ -126,3 +126,45 @@ def test_folded_batchnorm_follows_its_tensors(planning, backend):
     for _ in range(3):
         check(_t(2, 8, 6, 6), w, [t.clone() for t in bn])
     assert [plan for key, plan in planning.PLANS.items() if key[-2] == backend] == [None]
+
+
+@pytest.mark.gpu
+@pytest.mark.emulated
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+def test_replayed_training_steps_match_the_reference(planning, backend, grad):
+    """conv_bn_relu in training, replayed: output, gradients, and the running statistics, which
+    are updated after the replay with each call's momentum (cnnkern.nn's momentum=None changes it
+    on every call)."""
+    if backend not in BACKENDS:
+        pytest.skip(f"backend {backend!r} does not run compiled kernels here")
+    k = 12
+    w, gamma, beta = _t(k, 8, 3, 3, grad=grad) * 0.2, torch.rand(k, device=DEVICE) + 0.5, torch.randn(k, device=DEVICE)
+    gamma.requires_grad_(grad)
+    stats = [torch.zeros(k, device=DEVICE), torch.ones(k, device=DEVICE)]
+    stats64 = [t.double() for t in stats]
+    kinds = []
+    for step in range(5):
+        momentum = 1.0 / (step + 1)
+        x = _t(2, 8, 6, 6, grad=grad)
+        y = F.conv_bn_relu(x, w, None, *stats, gamma, beta, training=True, momentum=momentum, padding=1,
+                           backend=backend)
+        args64 = [_f64(t) for t in (x, w, gamma, beta)]
+        want = F.conv_bn_relu(args64[0], args64[1], None, *stats64, args64[2], args64[3], training=True,
+                              momentum=momentum, padding=1, backend="torch")
+        assert rel_err(y, want) < TOL
+        for got, exp in zip(stats, stats64):
+            assert rel_err(got, exp) < TOL
+        kinds.append(type(y.grad_fn).__name__ if grad else "")
+        if grad:
+            g = torch.randn_like(y)
+            got = torch.autograd.grad(y, (x, w, gamma), g)
+            exp = torch.autograd.grad(want, args64[:3], g.double())
+            for a, e in zip(got, exp):
+                assert rel_err(a, e) < TOL
+    plans = [p for key, p in planning.PLANS.items() if p is not None]
+    assert len(plans) == 1
+    if grad:
+        assert isinstance(plans[0], _plan.GradPlan) and plans[0].bwd and kinds[-1] == "_ReplayedBackward", kinds
+    else:
+        assert isinstance(plans[0], _plan.OpPlan)

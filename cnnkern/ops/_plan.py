@@ -240,14 +240,16 @@ def build(recorded, inputs, outputs):
 class OpPlan:
     """A call that needs no autograd: ``plan(*tensors)`` is its output, or None (run the route)."""
 
-    __slots__ = ("replay", "out")
+    __slots__ = ("replay", "out", "outs")
 
-    def __init__(self, replay: Replay):
-        self.replay, self.out = replay, replay.outs[0]
+    def __init__(self, replay: Replay, single: bool):
+        self.replay, self.out, self.outs = replay, replay.outs[0] if single else None, replay.outs
 
     def __call__(self, *tensors):
         pool = self.replay(tensors)
-        return None if pool is None else pool[self.out]
+        if pool is None:
+            return None
+        return pool[self.out] if self.out is not None else tuple(pool[i] for i in self.outs)
 
 
 class _Ctx:
@@ -297,7 +299,7 @@ class GradPlan:
 def _grad_key(g):
     """What a backward replay depends on of an incoming gradient: its type, strides and 16-byte
     alignment (autograd gives it the output's shape, dtype and device)."""
-    return type(g), g.stride(), g.data_ptr() & 15
+    return None if g is None else (type(g), g.stride(), g.data_ptr() & 15)
 
 
 class _Replayed(torch.autograd.Function):
@@ -308,7 +310,10 @@ class _Replayed(torch.autograd.Function):
         pool = plan.fwd(tensors)
         ctx.plan = plan
         ctx.save_for_backward(*[None if i is None else pool[i] for i in plan.saves])
-        return pool[plan.out]
+        if plan.out is not None:
+            return pool[plan.out]
+        ctx.set_materialize_grads(False)  # (the gradients of outputs a formula ignores stay None)
+        return tuple(pool[i] for i in plan.fwd.outs)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -339,9 +344,11 @@ def _grad_plan(recorded, tensors, out):
     position = {id(t): j for j, t in enumerate(tensors) if t is not None}
     if any(isinstance(a, _Tensor) and id(a) not in position for a in args):
         return None  # the op got a tensor the call did not pass (a cast, a copy)
-    fwd = build(recorded, tensors, (out,))
+    outputs = (out,) if isinstance(out, _Tensor) else out
+    fwd = build(recorded, tensors, outputs)
     if fwd is None or fwd is _RETRY:
         return fwd
+    made = {id(t): i for t, i in zip(outputs, fwd.outs)}
     setup, backward = op.formulas
     needs = tuple(isinstance(a, _Tensor) and a.requires_grad for a in args)
     ctx = _Ctx(needs)
@@ -350,14 +357,15 @@ def _grad_plan(recorded, tensors, out):
     for t in ctx.saved_tensors:
         if t is None:
             saves.append(None)
-        elif t is out:
-            saves.append(fwd.outs[0])
+        elif id(t) in made:
+            saves.append(made[id(t)])
         elif id(t) in position:
             saves.append(position[id(t)])
         else:
             return None
     plan = GradPlan()
-    plan.fwd, plan.out, plan.saves, plan.backward, plan.needs = fwd, fwd.outs[0], tuple(saves), backward, needs
+    plan.fwd, plan.saves, plan.backward, plan.needs = fwd, tuple(saves), backward, needs
+    plan.out = fwd.outs[0] if isinstance(out, _Tensor) else None
     plan.attrs = {k: v for k, v in vars(ctx).items() if k not in ("needs_input_grad", "saved_tensors")}
     arg_of = {id(a): i for i, a in enumerate(args) if isinstance(a, _Tensor)}
     plan.grad_of = tuple(None if t is None else arg_of.get(id(t)) for t in tensors)
@@ -379,11 +387,14 @@ def run_and_plan(key, full, tensors):
         _common.stop_recording()
     if sys.modules.get("cnnkern.kernels._launch") is not launch:
         return out  # the Triton kernels were loaded by this call, unrecorded: the next call records
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        plan = _grad_plan(recorded, tensors, out) if isinstance(out, _Tensor) else None
+    single = isinstance(out, _Tensor)
+    if not single and not (type(out) is tuple and all(isinstance(t, _Tensor) for t in out)):
+        plan = None
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        plan = _grad_plan(recorded, tensors, out)
     else:
-        replay = build(recorded, tensors, (out,)) if isinstance(out, _Tensor) else None
-        plan = OpPlan(replay) if isinstance(replay, Replay) else replay
+        replay = build(recorded, tensors, (out,) if single else out)
+        plan = OpPlan(replay, single) if isinstance(replay, Replay) else replay
     if plan is not _RETRY:
         PLANS[key] = plan
     return out

@@ -79,13 +79,20 @@ def _(x, w, bias, residual, bn_weight, bn_bias, eps, stride, padding, dilation, 
     return new_output(shape, x, cl), new_output(shape, x, cl), stat, stat.clone(), stat.clone()
 
 
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                         var: torch.Tensor, count: int, momentum: float) -> None:
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance
+    (PyTorch's in-place ops: what the op below runs, and what a replayed training call runs
+    after its plan, cnnkern/functional.py)."""
+    record_miss()  # not a plan's to replay
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+
+
 @custom_op("cnnkern::bn_update_running_stats", mutates_args=("running_mean", "running_var"))
 def bn_update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
                             var: torch.Tensor, count: int, momentum: float) -> None:
-    # running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance
-    record_miss()  # PyTorch's own in-place ops: not a plan's to replay
-    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+    update_running_stats(running_mean, running_var, mean, var, count, momentum)
 
 
 @bn_update_running_stats.register_fake
