@@ -77,7 +77,14 @@ BUDGETS = {
     "nn.Conv2d_no_grad[triton]": 100_000,
     "residual_add_fwd[triton]": 60_000,
     "local_response_norm_fwd[triton]": 60_000,
-    "conv2d_fwd_bwd[triton]": 1_000_000,  # target 300_000, not met: the autograd route is not planned
+    "conv_bn_relu_eval[triton]": 100_000,
+    # targets not met (docs/performance.md says why): torch.autograd.grad's own work is about 200k
+    # of a forward+backward, and the stand-in counts the statistics workspace's zero fill (a
+    # memset launch on a GPU) and the running-statistics update as CPU computation
+    "conv2d_fwd_bwd[triton]": 380_000,
+    "conv_bn_relu_train_step[triton]": 1_400_000,
+    "conv2d_inference[cuda]": 125_000,
+    "conv2d_fwd_bwd[cuda]": 470_000,
 }
 
 
@@ -192,6 +199,7 @@ def _install_stand_in():
     driver library (its launch counter and the callgrind controls)."""
     lib = ctypes.CDLL(os.environ["CNNKERN_HOST_BENCH_STUB"], mode=ctypes.RTLD_GLOBAL)
     lib.cnnkern_stub_launches.restype = ctypes.c_ulonglong
+    lib.cnnkern_stub_loads.restype = ctypes.c_ulonglong
     import torch
 
     torch.cuda.is_available = lambda: True
@@ -246,6 +254,12 @@ def _accept_cpu_tensors():
         "residual_add_shortcut_backward_cuda": lambda g, size, stride, c: new(size, g, c),
         "local_response_norm_cuda": lambda x, *a: new(x.shape, x, cl(x)),
         "local_response_norm_backward_cuda": lambda g, x, *a: new(x.shape, x, cl(x)),
+        "bn_finalize_cuda": lambda *a: None,
+        "bn_apply_cuda": lambda *a: None,
+        "bn_backward_reduce_cuda": lambda g, out, y: torch.empty((64, 2, y.shape[1]), dtype=torch.float64
+                                                                  if y.dtype == torch.float64 else torch.float32),
+        "bn_backward_coefficients_cuda": lambda *a: None,
+        "bn_backward_dy_cuda": lambda *a: None,
     }
     for name, fn in impls.items():
         lib.impl(name, fn, "CPU")

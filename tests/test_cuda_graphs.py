@@ -148,3 +148,93 @@ def test_cuda_graph_capture_and_replay(op, backend):
         if op == "conv_bn_relu_train":  # the in-place running-statistics update is replayed too
             torch.testing.assert_close(got_stats[0], case.rm)
             torch.testing.assert_close(got_stats[1], case.rv)
+
+
+# ------------------------------------------------------------------------------------------------
+# whole networks: a manual capture of the eval forward and of a training step, and
+# torch.compile(mode="reduce-overhead") (which captures the compiled forward in a CUDA graph)
+# ------------------------------------------------------------------------------------------------
+def _networks():
+    from cnnkern import models
+
+    return {
+        "resnet18": (lambda: models.resnet18(), 64),
+        "resnet50-A": (lambda: models.resnet50(shortcut="A"), 64),
+        "alexnet-paper": (lambda: models.alexnet(variant="paper"), 224),
+        "vgg11-bn": (lambda: models.vgg11(batch_norm=True), 64),
+        "googlenet-paper": (lambda: models.googlenet(variant="paper"), 64),
+        "cifar-resnet20": (lambda: models.cifar_resnet(20), 32),
+    }
+
+
+NETWORKS = ("resnet18", "resnet50-A", "alexnet-paper", "vgg11-bn", "googlenet-paper", "cifar-resnet20")
+
+
+def _network(name, backend):
+    import cnnkern
+
+    make, size = _networks()[name]
+    torch.manual_seed(0)
+    model = make().cuda().half().to(memory_format=torch.channels_last)
+    for m in model.modules():  # backend per layer: the network's own default is "auto"
+        if hasattr(m, "backend"):
+            m.backend = backend
+    x = torch.randn(2, 3, size, size, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    return model, x, cnnkern
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name", NETWORKS)
+def test_network_forward_and_training_step_capture(name, backend):
+    model, x, cnnkern = _network(name, backend)
+    if backend == "cuda" and not cnnkern._backend.has_extension():
+        pytest.skip("cnnkern._C is not built")
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        model.eval()
+        for _ in range(3):
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = model(static_x)
+    for seed in (1, 2):
+        static_x.copy_(torch.randn(static_x.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
+        graph.replay()
+        with torch.no_grad():
+            want = model(static_x)
+        torch.testing.assert_close(static_out, want, rtol=2e-2, atol=2e-2)
+
+    # a training step: forward and backward captured (the BatchNorm running statistics updated in it)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        out = model(static_x)
+        out = out.logits if hasattr(out, "logits") else out
+        return torch.autograd.grad(out.float().square().mean(), params)
+
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_grads = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(g).all() for g in static_grads)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "googlenet-paper"])
+def test_network_reduce_overhead_compile(name):
+    model, x, _ = _network(name, "triton")
+    model.eval()
+    compiled = torch.compile(model, mode="reduce-overhead")
+    with torch.no_grad():
+        want = model(x)
+        for _ in range(3):
+            got = compiled(x)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

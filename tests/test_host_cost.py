@@ -5,6 +5,8 @@
   same arguments, so what the GPU computes is what Triton's path would have it compute.
 * Instructions per warm call, counted by callgrind, stay within the budgets of
   benchmarks/bench_host.py (BUDGETS) plus 10%.
+* Warm network forwards and training steps do nothing a CUDA graph capture forbids, as far as
+  the CPU can tell (benchmarks/host/check_capture.py).
 
 Both need gcc and Triton's real (non-interpreter) compiler; the budgets also need valgrind.
 """
@@ -37,6 +39,22 @@ def test_direct_launches_match_triton():
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok:", "MISMATCH:"))]
     assert len(lines) >= 10 and all(line.startswith("ok:") for line in lines), proc.stdout
+
+
+def test_networks_do_nothing_a_cuda_graph_capture_forbids():
+    """benchmarks/host/check_capture.py: warm eval forwards of the networks and warm training steps
+    read no tensor on the host, synchronise nothing and load no kernel (both GPU backends)."""
+    work = tempfile.mkdtemp(prefix="cnnkern-host-test-")
+    try:
+        stub = os.path.join(work, "stub")
+        bench_host.build_stub(stub)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.host.check_capture"], env=bench_host._child_env(stub),
+                              cwd=bench_host.ROOT, capture_output=True, text=True, timeout=900)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok:", "FOUND:"))]
+    assert len(lines) >= 8 and all(line.startswith("ok:") for line in lines), proc.stdout
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")

@@ -32,6 +32,8 @@ __attribute__((constructor)) static void refuse_real_gpu(void) {
 }
 
 unsigned long long cnnkern_stub_launches(void) { return launches; }
+static unsigned long long loads;  /* modules loaded: a kernel compiled or first used */
+unsigned long long cnnkern_stub_loads(void) { return loads; }
 
 /* Callgrind's client requests, for the benchmark to count instructions around its measured loops
  * only (valgrind --tool=callgrind --instr-atstart=no). Outside valgrind they do nothing. */
@@ -88,6 +90,7 @@ CUresult CUDAAPI cuCtxSetLimit(CUlimit limit, size_t v) { (void)limit; (void)v; 
 
 CUresult CUDAAPI cuModuleLoadData(CUmodule *m, const void *image) {
   (void)image;
+  ++loads;
   *m = (CUmodule)&fake_object;
   return CUDA_SUCCESS;
 }
