@@ -22,6 +22,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="pytest-be
 BF16 = torch.bfloat16
 
 
+@pytest.fixture(autouse=True)
+def _restore_cudnn_benchmark():
+    """The tests set ``torch.backends.cudnn.benchmark`` for their baselines; it is restored after each."""
+    saved = torch.backends.cudnn.benchmark
+    yield
+    torch.backends.cudnn.benchmark = saved
+
+
 def _available(provider: str, op: str) -> bool:
     import cnnkern
 

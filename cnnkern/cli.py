@@ -6,6 +6,8 @@
     cnnkern bench --report DIR            report.md + plots from the JSON in DIR (no GPU needed)
     cnnkern bench --compare A.json B.json per-layer change between two runs, regressions first
     cnnkern inspect [...]     static inspection of the compiled kernels (see cnnkern._inspect)
+    cnnkern summary NETWORK   per-layer shapes, parameters, MACs and activation memory
+    cnnkern train [...]       train a network on the bundled digits (see cnnkern.train)
 
 ``bench`` on a CUDA machine measures the device's ceilings, runs each op's benchmark module
 (and the whole networks) against PyTorch/cuDNN and Inductor, prints the tables, writes JSON and

@@ -10,12 +10,21 @@ was imported.
 
 import os
 
+import torch
+import triton.language as tl
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of two ints (``triton.cdiv`` without its per-call overhead)."""
     return -(-a // b)
+
+
+def acc_type(dtype):
+    """The kernels' compute type for a tensor dtype: fp32 for fp16, bf16 and fp32 (PyTorch's
+    opmath), fp64 for fp64."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def check_like(op: str, name: str, t, like, like_name: str) -> None:

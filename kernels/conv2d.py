@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, cdiv, check_like
+from . import INTERPRET, acc_type, cdiv, check_like
 from . import _launch as _fast
 from .residual_add import _decompose  # linear index of a dense 4-D tensor -> its 4 indices
 
@@ -618,10 +618,6 @@ def _launch(kernel, grid, key, *args, **kwargs) -> None:
         kernel.fn[grid](*args, **kwargs, **cfg)
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _check_int32_extent(name: str, t: torch.Tensor) -> None:
     # Offsets within one image (or the weight) are int32; only the batch stride is scaled in int64.
     if t.numel() <= _INT32_MAX and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
@@ -675,7 +671,7 @@ def _split_sum(ws, bias, y, residual, stats, relu: bool) -> None:
                  ws, bias if bias is not None else y, y, residual if residual is not None else y,
                  stats if stats is not None else y, M, K, y.shape[2], y.shape[3], splits, *y.stride(),
                  HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats is not None,
-                 ACC=_acc(ws.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+                 ACC=acc_type(ws.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
 
 
 def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool, precision: str,
@@ -728,7 +724,7 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
     _launch(fn, grid, key, x, w, bias if bias is not None else w, y, res, st, ws if ws is not None else y,
             M, H, W, P, Q, Cg, Kg, splits, sxn, sxc, sxh, sxw, *w.stride(), *y.stride(), stride[0], stride[1],
             padding[0], padding[1], dilation[0], dilation[1], R=R, S=S, IS_CL_X=cl, HAS_BIAS=bias is not None,
-            HAS_RES=residual is not None, RELU=relu, STATS=stats is not None, SPLIT=splits > 1, ACC=_acc(x.dtype),
+            HAS_RES=residual is not None, RELU=relu, STATS=stats is not None, SPLIT=splits > 1, ACC=acc_type(x.dtype),
             PREC=precision)
     if ws is not None:
         _split_sum(ws, bias, y, residual, stats, relu)
@@ -794,7 +790,7 @@ def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precisio
         _launch(_dgrad_kernel, grid, (M, K // groups, Cg, Rv, Sv, cl, n_split, gy.dtype), gy, wv, gxv,
                 ws if ws is not None else gxv, M, Hv, Wv, P, Q, Cg, K // groups, n_split, *gy.stride(), *wv.stride(),
                 *gxv.stride(), st[0], st[1], pad[0], pad[1], dil[0], dil[1], R=Rv, S=Sv, IS_CL_X=cl,
-                SPLIT=n_split > 1, ACC=_acc(gx.dtype), PREC=precision)
+                SPLIT=n_split > 1, ACC=acc_type(gx.dtype), PREC=precision)
         if ws is not None:  # rows (n, h, w) of the phase's view, written through its strides
             _split_sum(ws, None, gxv, None, None, False)
 
@@ -846,14 +842,14 @@ def conv2d_backward_weight(gy, x, gw, gb, stride, padding, dilation, groups, pre
         grid = (cdiv(Kg, BK) * cdiv(Cg, BC), groups * R * S, splits)
         _fast.launch(_wgrad_kernel, grid, gy, x, ws, ws[:, nw:] if with_bias else ws, M, H, W, P, Q, Cg, Kg, K,
                      m_per_split, split_stride, *gy.stride(), *x.stride(), stride[0], stride[1], padding[0],
-                     padding[1], dilation[0], dilation[1], R=R, S=S, WITH_BIAS=with_bias, ACC=_acc(gw.dtype),
+                     padding[1], dilation[0], dilation[1], R=R, S=S, WITH_BIAS=with_bias, ACC=acc_type(gw.dtype),
                      PREC=precision, BLOCK_K=BK, BLOCK_C=BC, BLOCK_M=BM, num_warps=4,
                      num_stages=1 if INTERPRET else 3)
     total = split_stride
     if total:
         block = 1024
         _fast.launch(_split_sum_kernel, (cdiv(total, block),), ws, gw, gb if with_bias else gw, splits,
-                     split_stride, nw, K, Cg, R, S, *gw.stride(), WITH_BIAS=with_bias, ACC=_acc(gw.dtype),
+                     split_stride, nw, K, Cg, R, S, *gw.stride(), WITH_BIAS=with_bias, ACC=acc_type(gw.dtype),
                      BLOCK=block, num_warps=4)
 
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, cdiv, check_like
+from . import INTERPRET, acc_type, cdiv, check_like
 from . import _launch as _fast
 
 _BLOCK, _WARPS = (1024, 4) if INTERPRET else (2048, 8)
@@ -198,10 +198,6 @@ def _dy_kernel(g_ptr, out_ptr, y_ptr, dy_ptr, a_ptr, b_ptr, c_ptr, numel, K, PQ,
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _layout(t: torch.Tensor) -> bool:
     if t.is_contiguous():
         return False
@@ -224,7 +220,7 @@ def bn_finalize(stats: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Ten
         _fast.launch(_finalize_kernel, (cdiv(K, block_k),), stats, gamma if gamma is not None else stats,
                                                       beta if beta is not None else stats, *outs, rows, K, eps,
                                                       HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-                                                      ACC=_acc(stats.dtype), BLOCK_R=32, BLOCK_K=block_k, num_warps=4)
+                                                      ACC=acc_type(stats.dtype), BLOCK_R=32, BLOCK_K=block_k, num_warps=4)
     return tuple(outs)
 
 
@@ -240,7 +236,7 @@ def bn_apply(y: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: tor
     N, K, P, Q = y.shape
     _fast.launch(_apply_kernel, (cdiv(numel, _BLOCK),), y, residual if residual is not None else y, out, scale, shift,
                                                  numel, K, P * Q, CHANNELS_LAST=_layout(y),
-                                                 HAS_RES=residual is not None, RELU=relu, ACC=_acc(scale.dtype),
+                                                 HAS_RES=residual is not None, RELU=relu, ACC=acc_type(scale.dtype),
                                                  BLOCK=_BLOCK, num_warps=_WARPS)
 
 
@@ -257,7 +253,7 @@ def bn_backward_coefficients(part: torch.Tensor, mean: torch.Tensor, invstd: tor
         block_k = 64
         _fast.launch(_coefficients_kernel, (cdiv(K, block_k),), part, mean, invstd, gamma if gamma is not None else mean,
                                                          a, b, c, sg, sgx, chunks, K, M, HAS_GAMMA=gamma is not None,
-                                                         ACC=_acc(part.dtype), BLOCK_R=32, BLOCK_K=block_k,
+                                                         ACC=acc_type(part.dtype), BLOCK_R=32, BLOCK_K=block_k,
                                                          num_warps=4)
     return a, b, c, sg, sgx
 
@@ -275,7 +271,7 @@ def bn_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, d
     M, PQ = N * P * Q, P * Q
     acc_t = mean.dtype
     cl = _layout(y)
-    acc = _acc(acc_t)
+    acc = acc_type(acc_t)
     block_k = 32 if cl else 16
     block_r = 64 if cl else 256
     if cl:

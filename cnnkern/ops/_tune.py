@@ -89,11 +89,6 @@ def measure(run: Callable[[], Any], device: torch.device) -> float:
     return statistics.median(times)
 
 
-def can_tune(device: torch.device) -> bool:
-    """False under deterministic algorithms and during a CUDA graph capture (see the module doc)."""
-    return not torch.are_deterministic_algorithms_enabled() and not _capturing(device)
-
-
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
