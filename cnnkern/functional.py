@@ -132,8 +132,6 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, activation, 
     name = _backend.resolve(op, backend, x.device)
     if name == "torch":
         y = reference.conv2d(x, weight, bias, stride, padding, dilation, groups, activation, res)
-        if _ops._common.output_channels_last(x) or _ops._common.output_channels_last(weight):
-            y = y.contiguous(memory_format=torch.channels_last)  # PyTorch's CUDA fp64 conv returns NCHW
     else:
         y = _plan.op_call(_ops.conv2d.conv2d, x, weight, bias, res, stride_, pad, dilation_, groups, activation == "relu",
                                     _precision(x), name)

@@ -263,6 +263,10 @@ def conv_bn_forward(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, x: t
                               momentum=0.0 if momentum is None else momentum, eps=bn.eps, stride=conv.stride,
                               padding=conv.padding, dilation=conv.dilation, groups=conv.groups, relu=relu,
                               residual=residual, backend=backend)
+    if residual is None:  # BatchNorm folded while its tensors are unchanged (cnnkern/ops/_plan.py: FoldPlan)
+        return F.conv_bn_relu(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                              training=False, eps=bn.eps, stride=conv.stride, padding=conv.padding,
+                              dilation=conv.dilation, groups=conv.groups, relu=relu, backend=backend)
     if _backend.resolve("conv_bn_relu", backend, x.device) == "torch":
         # the reference keeps conv and BatchNorm apart (and so does cnnkern.summary's trace)
         return F.conv_bn_relu(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import randomise_bn, rel_err
+from helpers import DEVICE, backends_for, randomise_bn, rel_err
 
 import cnnkern
 from cnnkern import models as M
@@ -428,3 +428,87 @@ def test_standalone_layers_honour_hooks_and_trace_as_leaves():
 def test_jit_script_of_a_converted_model_names_the_alternatives():
     with pytest.raises(TypeError, match=r"torch\.compile.*torch\.export\.export.*torch\.jit\.trace"):
         torch.jit.script(cnnkern.convert(tv.models.resnet18()))
+
+
+# ------------------------------------------------------------------------------------------------
+# output layouts: PyTorch's own rule (suggest_memory_format), ambiguous strides included
+# ------------------------------------------------------------------------------------------------
+def _layouts(c=4):
+    """(name, tensor) inputs whose layouts PyTorch decides between NCHW and channels_last,
+    including the ambiguous ones (one channel, 1x1 pixels, one item, size-1 dims with odd strides)."""
+    def t(*shape, cl=False):
+        x = torch.randn(*shape, device=DEVICE, dtype=torch.float32)
+        return x.to(memory_format=torch.channels_last) if cl else x
+
+    odd = torch.randn(2 * 7 * 25, device=DEVICE).as_strided((2, 1, 5, 5), (175, 3, 5, 1))  # C == 1, stride 3
+    spread = torch.randn(2 * 25 * 9, device=DEVICE).as_strided((2, 1, 5, 5), (225, 7, 45, 9))  # C == 1, strided
+    return [
+        ("nchw", t(2, c, 5, 5)), ("channels_last", t(2, c, 5, 5, cl=True)),
+        ("one channel", t(2, 1, 6, 6)), ("one channel, channels_last", t(2, 1, 6, 6, cl=True)),
+        ("1x1 pixels", t(2, c, 1, 1)), ("1x1 pixels, channels_last", t(2, c, 1, 1, cl=True)),
+        ("one item, channels_last", t(1, c, 5, 5, cl=True)),
+        ("channels_last sliced in width", t(2, c, 5, 10, cl=True)[..., ::2]),
+        ("nchw sliced in channels", t(2, 2 * c, 5, 5)[:, ::2]),
+        ("one channel, odd stride", odd), ("one channel, spread out", spread),
+    ]
+
+
+def _layout_ids():
+    return [name for name, _ in _layouts()]
+
+
+def _same_layout(got, want):
+    """Equal strides on every dim of size > 1 (a size-1 dim's stride never addresses memory)."""
+    return got.shape == want.shape and all(a == b for a, b, n in zip(got.stride(), want.stride(), got.shape) if n > 1)
+
+
+@pytest.mark.parametrize("backend", backends_for(DEVICE))
+@pytest.mark.parametrize("case", _layout_ids())
+def test_output_layouts_follow_pytorch(case, backend):
+    """Every op's output has the layout PyTorch's own op gives for the same inputs: convolutions by
+    the inputs' and weights' suggested memory formats, elementwise ops by TensorIterator's rule
+    over all their operands (dense NCHW and channels_last outputs; the kernels write no other)."""
+    import torch.nn.functional as TF
+
+    from cnnkern import functional as F
+
+    x = dict(_layouts())[case]
+    c = x.shape[1]
+    w = torch.randn(3, c, 3, 3, device=x.device)
+    rm, rv = torch.zeros(3, device=x.device), torch.ones(3, device=x.device)
+    for w_layout in (w, w.to(memory_format=torch.channels_last)):
+        checks = {
+            "conv2d": (TF.conv2d(x, w_layout, padding=1), F.conv2d(x, w_layout, padding=1, backend=backend)),
+            "conv_bn_relu": (TF.relu(TF.batch_norm(TF.conv2d(x, w_layout, padding=1), rm, rv)),
+                             F.conv_bn_relu(x, w_layout, None, rm, rv, None, None, padding=1, backend=backend)),
+        }
+        for op, (want, got) in checks.items():
+            assert _same_layout(got, want), (case, op, got.stride(), want.stride())
+    for s in (torch.randn(x.shape, device=x.device), torch.randn(x.shape, device=x.device).to(
+            memory_format=torch.channels_last), x.clone()):
+        for relu in (True, False):
+            want = torch.relu(x + s) if relu else x + s
+            got = F.residual_add(x, s, relu=relu, backend=backend)
+            assert _same_layout(got, want), (case, "residual_add", relu, s.stride(), got.stride(), want.stride())
+    want, got = TF.local_response_norm(x, 3), F.local_response_norm(x, 3, backend=backend)
+    assert _same_layout(got, want), (case, "local_response_norm", got.stride(), want.stride())
+
+
+def test_output_layout_rule_is_suggest_memory_format():
+    """cnnkern's layout rule (cnnkern/ops/_common.py) is PyTorch's suggest_memory_format, on
+    random permuted and sliced strides too."""
+    from torch._prims_common import suggest_memory_format
+
+    from cnnkern.ops._common import output_channels_last
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        shape = [int(v) for v in torch.randint(1, 4, (4,), generator=gen)]
+        perm = torch.randperm(4, generator=gen).tolist()
+        base = torch.empty([shape[i] for i in perm]).permute(*[perm.index(i) for i in range(4)])
+        steps = [int(v) for v in torch.randint(1, 3, (4,), generator=gen)]
+        for t in (base, torch.empty([s * k for s, k in zip(shape, steps)])[::steps[0], ::steps[1], ::steps[2],
+                                                                             ::steps[3]]):
+            assert output_channels_last(t) == (suggest_memory_format(t) == torch.channels_last), (t.shape, t.stride())
+    for _, t in _layouts():
+        assert output_channels_last(t) == (suggest_memory_format(t) == torch.channels_last), (t.shape, t.stride())

@@ -27,10 +27,89 @@ def cuda_ops():
 
 
 def output_channels_last(t: torch.Tensor) -> bool:
-    """The layout rule for an output that follows ``t``: channels_last when ``t`` is
-    channels_last (and not also plainly contiguous), NCHW-contiguous otherwise. The CUDA C++ side
-    implements the same rule (csrc/common.h: output_memory_format)."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    """The layout rule for an output that follows ``t``, PyTorch's own: whether
+    ``t.suggest_memory_format()`` is channels_last (c10's is_channels_last_strides_2d), so that
+    ambiguous strides (size-1 channels or pixels) decide as PyTorch decides. The CUDA C++ side
+    calls suggest_memory_format itself (csrc/common.h: output_memory_format)."""
+    if t.dim() != 4:
+        return False
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:  # a broadcast channel dimension: NCHW
+        return False
+    smallest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < smallest:
+            return False
+        if d == 0 and smallest == strides[1]:  # N111 and the like: NCHW, PyTorch's default when ambiguous
+            return False
+        smallest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
+
+
+_NCHW, _CL = (3, 2, 1, 0), (1, 3, 2, 0)  # the dims, fastest first
+
+
+def _dense_in(shape, strides, order) -> bool:
+    """Whether (shape, strides) is dense in the dim order ``order`` (size-1 dims ignored, as
+    PyTorch's is_contiguous ignores them)."""
+    if 0 in shape:
+        return True
+    expected = 1
+    for d in order:
+        if shape[d] != 1:
+            if strides[d] != expected:
+                return False
+            expected *= shape[d]
+    return True
+
+
+def elementwise_channels_last(*operands) -> bool:
+    """The layout rule of PyTorch's elementwise ops (TensorIterator) for an output of the 4-D
+    operands' common shape, each operand a tensor or a (shape, strides) pair: NCHW when every
+    operand is contiguous, channels_last when every one is channels_last-contiguous, else the dim
+    order of the first operand whose strides tell the dims apart. (Where that order is neither,
+    an exotic permutation no cnnkern kernel writes, channels_last when the channels move fastest.)"""
+    ops = [(tuple(o.shape), o.stride()) if isinstance(o, torch.Tensor) else o for o in operands]
+    if all(_dense_in(sh, st, _NCHW) for sh, st in ops):
+        return False
+    if all(_dense_in(sh, st, _CL) for sh, st in ops):
+        return True
+    shape = ops[0][0]
+
+    def should_swap(d0, d1):
+        for _, st in ops:
+            s0, s1 = st[d0], st[d1]
+            if s0 == 0 or s1 == 0:
+                continue
+            if s0 != s1:
+                return -1 if s0 < s1 else 1
+            if shape[d0] > shape[d1]:
+                return 1
+        return 0
+
+    perm = list(_NCHW)
+    for i in range(1, 4):  # TensorIterator's insertion sort, ambiguous comparisons left in place
+        d1 = i
+        for d0 in range(i - 1, -1, -1):
+            c = should_swap(perm[d0], perm[d1])
+            if c > 0:
+                perm[d0], perm[d1] = perm[d1], perm[d0]
+                d1 = d0
+            elif c < 0:
+                break
+    return perm[0] == 1
+
+
+def unary_channels_last(shape, channels_last: bool) -> bool:
+    """The layout of an elementwise op (a ReLU) applied to a dense output of ``shape`` in the given
+    layout: channels_last only where that is not also NCHW-contiguous (PyTorch's rule for
+    ambiguous sizes)."""
+    return channels_last and not _dense_in(shape, _cl_strides(shape), _NCHW)
+
+
+def _cl_strides(shape):
+    _, c, h, w = shape
+    return (c * h * w, 1, w * c, c)
 
 
 def new_output(shape, like: torch.Tensor, channels_last: bool) -> torch.Tensor:

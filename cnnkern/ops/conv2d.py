@@ -43,7 +43,11 @@ def output_size(x_shape, w_shape, stride, padding, dilation) -> list[int]:
 
 
 def _y_channels_last(x: torch.Tensor, w: torch.Tensor) -> bool:
-    # PyTorch's conv rule: channels_last when the input or the weight is channels_last.
+    """PyTorch's rule for a convolution's output (cuDNN's on a GPU, oneDNN's and the native one's on
+    the CPU): channels_last when the input's or the weight's suggested memory format is, except
+    float64 on a GPU, which cuDNN computes in NCHW."""
+    if x.dtype == torch.float64 and x.is_cuda:
+        return False
     return output_channels_last(x) or output_channels_last(w)
 
 

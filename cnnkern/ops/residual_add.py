@@ -21,7 +21,8 @@ import torch
 from torch.library import custom_op
 
 from .. import _backend
-from ._common import cuda_ops, in_layout, new_output, output_channels_last, register_autograd
+from ._common import (cuda_ops, elementwise_channels_last, in_layout, new_output, output_channels_last, register_autograd,
+                      unary_channels_last)
 
 
 def _kernels():
@@ -34,6 +35,13 @@ def _shortcut_output(grad: torch.Tensor, shortcut_size, channels_last: bool) -> 
     return new_output(shortcut_size, grad, channels_last)
 
 
+def out_channels_last(x: torch.Tensor, shortcut: torch.Tensor, relu: bool) -> bool:
+    """The output layout PyTorch gives ``[relu](x + shortcut)``: the sum's (its elementwise rule over
+    both operands; x's alone for option A, whose shortcut is mapped first), then the ReLU's."""
+    cl = elementwise_channels_last(x, shortcut) if shortcut.shape == x.shape else elementwise_channels_last(x)
+    return unary_channels_last(x.shape, cl) if relu else cl
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
@@ -41,14 +49,14 @@ def _shortcut_output(grad: torch.Tensor, shortcut_size, channels_last: bool) -> 
 def residual_add(x: torch.Tensor, shortcut: torch.Tensor, stride: int, relu: bool, backend: str) -> torch.Tensor:
     if backend == "cuda":
         return cuda_ops().residual_add_cuda(x, shortcut, stride, relu)
-    out = new_output(x.shape, x, output_channels_last(x))
+    out = new_output(x.shape, x, out_channels_last(x, shortcut, relu))
     _kernels().residual_add_forward(x, shortcut, out, stride, relu)
     return out
 
 
 @residual_add.register_fake
 def _(x, shortcut, stride, relu, backend):
-    return new_output(x.shape, x, output_channels_last(x))
+    return new_output(x.shape, x, out_channels_last(x, shortcut, relu))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +165,7 @@ register_autograd(residual_add_shortcut_backward, _shortcut_bwd_backward, _short
 if _backend.has_extension():
     @torch.library.register_fake("cnnkern::residual_add_cuda")
     def _(x, shortcut, stride, relu):
-        return new_output(x.shape, x, output_channels_last(x))
+        return new_output(x.shape, x, out_channels_last(x, shortcut, relu))
 
     @torch.library.register_fake("cnnkern::residual_add_backward_cuda")
     def _(grad_out, out):

@@ -250,10 +250,17 @@ Params<A> params(int64_t size, double alpha, double beta, double k) {
                    static_cast<A>(2.0 * alpha * beta / n)};
 }
 
+// PyTorch's composite LRN ends with x / div, div NCHW-contiguous: that elementwise op's layout.
+at::MemoryFormat lrn_memory_format(const at::Tensor& x) {
+  const int64_t c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t nchw[4] = {c * h * w, h * w, w, 1};
+  return elementwise_memory_format(x.sizes(), {x.strides(), at::IntArrayRef(nchw, 4)});
+}
+
 at::Tensor local_response_norm_cuda(const at::Tensor& x, int64_t size, double alpha, double beta, double k) {
   check_args("local_response_norm", x, size);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(output_memory_format(x)));
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(lrn_memory_format(x)));
   if (out.numel() == 0) return out;
   const Geometry g = geometry(x, out, size);
   const unsigned int grid = grid_for(g.N * g.n_chunks * g.HW, kThreads);
@@ -278,7 +285,7 @@ at::Tensor local_response_norm_backward_cuda(const at::Tensor& grad_out, const a
   TORCH_CHECK(grad_out.device() == x.device(), "cnnkern: local_response_norm_backward: grad_out is on ",
               grad_out.device(), " but x is on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor gi = at::empty(x.sizes(), x.options().memory_format(output_memory_format(x)));
+  at::Tensor gi = at::empty(x.sizes(), x.options().memory_format(lrn_memory_format(x)));
   if (gi.numel() == 0) return gi;
   Geometry g = geometry(x, gi, size);
   for (int d = 0; d < 4; ++d) g.sg[d] = grad_out.stride(d);  // read through its strides (expanded too)

@@ -197,7 +197,10 @@ at::Tensor residual_add_cuda(const at::Tensor& x, const at::Tensor& shortcut, in
               x.sizes(), " with stride ", stride);
 
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::MemoryFormat fmt = output_memory_format(x);
+  // PyTorch's layout for [relu](x + shortcut): the sum's (x's alone for option A), then the ReLU's
+  at::MemoryFormat fmt = shortcut.sizes() == x.sizes() ? elementwise_memory_format(x.sizes(), {x.strides(), shortcut.strides()})
+                                                       : elementwise_memory_format(x.sizes(), {x.strides()});
+  if (relu) fmt = unary_memory_format(x.sizes(), fmt);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
   const int64_t numel = out.numel();
   if (numel == 0) return out;
