@@ -288,7 +288,7 @@ _LOOPS = {
     "nn.Conv2d_grad": (50, False), "conv_bn_relu_eval": (20, False), "nn.ConvBNReLU2d_eval": (50, True),
     "conv_bn_relu_train_step": (10, False), "residual_add_fwd": (50, False), "residual_add_fwd_bwd": (20, False),
     "local_response_norm_fwd": (50, False), "local_response_norm_fwd_bwd": (20, False),
-    "resnet50_eval_batch32": (2, True),
+    "resnet50_eval_batch32": (2, True), "resnet50_eval_batch1_64px": (5, True),
 }
 
 
@@ -393,10 +393,10 @@ def _cases(backend: str, device: str = "cpu") -> dict:
             torch.autograd.grad(y, (x,), g)
         return call
 
-    def resnet50():
+    def resnet50(n=32, size=224):
         from cnnkern import models
         m = models.resnet50().to(**bf, memory_format=cl).eval()
-        x = torch.randn(32, 3, 224, 224, **bf).to(memory_format=cl)
+        x = torch.randn(n, 3, size, size, **bf).to(memory_format=cl)
 
         def call():
             with cnnkern.use_backend(backend):
@@ -409,6 +409,9 @@ def _cases(backend: str, device: str = "cpu") -> dict:
         "conv_bn_relu_train_step": cbr_train_step, "residual_add_fwd": res_fwd, "residual_add_fwd_bwd": res_fwd_bwd,
         "local_response_norm_fwd": lrn_fwd, "local_response_norm_fwd_bwd": lrn_fwd_bwd,
         "resnet50_eval_batch32": resnet50,
+        # the same network's launches with little CPU computation around them (one 64x64 image:
+        # PyTorch's pooling and fc layers, which compute on the CPU here, are small)
+        "resnet50_eval_batch1_64px": lambda: resnet50(1, 64),
     })
 
 
@@ -465,10 +468,10 @@ def _pytorch_cases(device: str) -> dict:
             return lambda: torch.autograd.grad(TF.local_response_norm(x, 5, 5e-4, 0.75, 2.0), (x,), g)
         return setup
 
-    def resnet50():
+    def resnet50(n=32, size=224):
         import torchvision
         m = torchvision.models.resnet50().to(**bf, memory_format=cl).eval()
-        x = t(32, 3, 224, 224)
+        x = t(n, 3, size, size)
         return lambda: m(x)
 
     return _with_loops({
@@ -476,6 +479,7 @@ def _pytorch_cases(device: str) -> dict:
         "nn.Conv2d_grad": module, "nn.ConvBNReLU2d_eval": cbr(False), "conv_bn_relu_train_step": cbr(True),
         "residual_add_fwd": res(False), "residual_add_fwd_bwd": res(True), "local_response_norm_fwd": lrn(False),
         "local_response_norm_fwd_bwd": lrn(True), "resnet50_eval_batch32": resnet50,
+        "resnet50_eval_batch1_64px": lambda: resnet50(1, 64),
     })
 
 
