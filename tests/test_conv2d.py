@@ -466,14 +466,23 @@ GPU_LAYERS = {
 }
 
 
+_BAD_ENV_CALL = """
+import torch, cnnkern
+x, w = torch.randn(1, 2, 4, 4), torch.randn(2, 2, 3, 3)
+print(cnnkern.functional.conv2d(x, w, backend="torch").shape)  # the reference: no kernel, no error
+cnnkern.functional.conv2d(x, w, backend="triton")
+"""
+
+
 def test_cuda_conv_algo_env_is_checked():
-    """CNNKERN_CUDA_CONV_ALGO pins the CUDA kernel for a process; a wrong name fails at import."""
+    """CNNKERN_CUDA_CONV_ALGO pins the CUDA kernel for a process; a wrong name is an error at the
+    first convolution on a kernel backend, never at import."""
     import subprocess
     import sys
 
-    env = dict(os.environ, CNNKERN_CUDA_CONV_ALGO="mma")
-    r = subprocess.run([sys.executable, "-c", "import cnnkern"], env=env, capture_output=True, text=True)
-    assert r.returncode != 0
+    env = dict(os.environ, CNNKERN_CUDA_CONV_ALGO="mma", TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _BAD_ENV_CALL], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "torch.Size([1, 2, 2, 2])" in r.stdout, r.stderr
     assert "CNNKERN_CUDA_CONV_ALGO must be one of auto, direct, igemm, wgmma, tune, got 'mma'" in r.stderr
     env["CNNKERN_CUDA_CONV_ALGO"] = "igemm"
     r = subprocess.run([sys.executable, "-c", "import cnnkern.ops.conv2d as c; print(c.CUDA_ALGO)"], env=env,
@@ -482,15 +491,17 @@ def test_cuda_conv_algo_env_is_checked():
 
 
 def test_conv_split_k_env(monkeypatch):
-    """CNNKERN_CONV_SPLIT_K=off turns split-K off for a process in both backends (a wrong value
-    fails at import); with "auto" a layer of one tile and a long reduction splits on the
-    interpreter's 4 SMs, forward and grad-input (the split sum runs), and with "off" it does not."""
+    """CNNKERN_CONV_SPLIT_K=off turns split-K off for a process in both backends (a wrong value is
+    an error at the first convolution on a kernel backend); with "auto" a layer of one tile and a
+    long reduction splits on the interpreter's 4 SMs, forward and grad-input (the split sum runs),
+    and with "off" it does not."""
     import subprocess
     import sys
 
-    env = dict(os.environ, CNNKERN_CONV_SPLIT_K="no")
-    r = subprocess.run([sys.executable, "-c", "import cnnkern"], env=env, capture_output=True, text=True)
-    assert r.returncode != 0 and "CNNKERN_CONV_SPLIT_K must be 'auto' or 'off', got 'no'" in r.stderr
+    env = dict(os.environ, CNNKERN_CONV_SPLIT_K="no", TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _BAD_ENV_CALL], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "torch.Size([1, 2, 2, 2])" in r.stdout, r.stderr
+    assert "CNNKERN_CONV_SPLIT_K must be 'auto' or 'off', got 'no'" in r.stderr
     env["CNNKERN_CONV_SPLIT_K"] = "off"
     r = subprocess.run([sys.executable, "-c", "import cnnkern.ops.conv2d as c; print(c.CUDA_SPLIT_K, c.TRITON_SPLITS)"],
                        env=env, capture_output=True, text=True)

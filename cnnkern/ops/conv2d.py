@@ -52,6 +52,8 @@ def _y_channels_last(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _check_backend(backend: str) -> None:
+    if _ENV_ERRORS:
+        raise ValueError("cnnkern::conv2d: " + "; ".join(_ENV_ERRORS))
     if backend not in ("triton", "cuda"):
         raise ValueError(f"cnnkern::conv2d: no {backend!r} kernel (backends: 'triton', 'cuda')")
 
@@ -64,10 +66,13 @@ def _check_backend(backend: str) -> None:
 # layer is an error, not a fallback. "tune" times every kernel, tile and split setting that can
 # run a layer on its first call and keeps the fastest (cnnkern/ops/_tune.py: not under
 # deterministic algorithms or during a CUDA graph capture, where "auto" runs).
+# A bad value of either variable is an error at the first convolution on a kernel backend (not at
+# import: `import cnnkern` never fails on the environment).
 CUDA_ALGOS = ("auto", "direct", "igemm", "wgmma", "tune")
 CUDA_ALGO = os.environ.get("CNNKERN_CUDA_CONV_ALGO", "auto")
+_ENV_ERRORS = []
 if CUDA_ALGO not in CUDA_ALGOS:
-    raise ValueError(f"CNNKERN_CUDA_CONV_ALGO must be one of {', '.join(CUDA_ALGOS)}, got {CUDA_ALGO!r}")
+    _ENV_ERRORS.append(f"CNNKERN_CUDA_CONV_ALGO must be one of {', '.join(CUDA_ALGOS)}, got {CUDA_ALGO!r}")
 
 # Split-K of the forward and grad-input GEMMs of few tiles, both backends: "auto" (the kernels'
 # own choice: kernels/conv2d.py gemm_splits, csrc/cuda/conv2d.cu choose_splits) or "off" (never),
@@ -75,7 +80,7 @@ if CUDA_ALGO not in CUDA_ALGOS:
 # with and without it. CUDA_SPLIT_K / TRITON_SPLITS: what the launchers take for that choice.
 SPLIT_K = os.environ.get("CNNKERN_CONV_SPLIT_K", "auto")
 if SPLIT_K not in ("auto", "off"):
-    raise ValueError(f"CNNKERN_CONV_SPLIT_K must be 'auto' or 'off', got {SPLIT_K!r}")
+    _ENV_ERRORS.append(f"CNNKERN_CONV_SPLIT_K must be 'auto' or 'off', got {SPLIT_K!r}")
 CUDA_SPLIT_K = 0 if SPLIT_K == "auto" else 1
 TRITON_SPLITS = None if SPLIT_K == "auto" else 1
 
