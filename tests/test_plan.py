@@ -122,10 +122,16 @@ def test_folded_batchnorm_follows_its_tensors(planning, backend):
     assert len(plans) == 1 and isinstance(plans[0], _plan.FoldPlan)
     assert plans[0].refs[0]() is w and plans[0].refs[4]() is bn[2] and plans[0].used
 
+    # another input shape: a plan of its own, the same folded weights (one copy per layer)
+    for _ in range(2):
+        check(_t(3, 8, 5, 5), w, bn)
+    plans = [p for p in planning.PLANS.values() if p is not None]
+    assert len(plans) == 2 and plans[0].weight is plans[1].weight and plans[0].bias is plans[1].bias
+
     # tensors that change on every call: the key is left unplanned after its plan went unused
     for _ in range(3):
         check(_t(2, 8, 6, 6), w, [t.clone() for t in bn])
-    assert [plan for key, plan in planning.PLANS.items() if key[-2] == backend] == [None]
+    assert [plan for key, plan in planning.PLANS.items() if key[-2] == backend and key[1][1][0] == 2] == [None]
 
 
 @pytest.mark.gpu

@@ -40,7 +40,14 @@ _as_strided = torch.as_strided
 # what torch.utils._python_dispatch._get_current_dispatch_mode() reads, without its Python frame
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _allow_tf32 = torch._C._get_cudnn_allow_tf32  # torch.backends.cudnn.allow_tf32
-PLANS: dict = {}  # call key -> Replay or GradPlan, or None for a key whose calls cannot be planned
+PLANS: dict = {}  # call key -> OpPlan, GradPlan or FoldPlan, or None for a key whose calls cannot be planned
+MAX_PLANS = 4096  # a process that makes more keys (every input shape a new one) starts again from none
+
+
+def _keep(key, plan) -> None:
+    if len(PLANS) >= MAX_PLANS:
+        PLANS.clear()
+    PLANS[key] = plan
 
 
 def eager() -> bool:
@@ -396,7 +403,7 @@ def run_and_plan(key, full, tensors):
         replay = build(recorded, tensors, (out,) if single else out)
         plan = OpPlan(replay, single) if isinstance(replay, Replay) else replay
     if plan is not _RETRY:
-        PLANS[key] = plan
+        _keep(key, plan)
     return out
 
 
@@ -455,10 +462,30 @@ def run_and_plan_folded(key, full, x, sources):
             plan = FoldPlan()
             plan.refs = tuple(None if t is None else weakref.ref(t) for t in sources)
             plan.versions = tuple(None if t is None else t._version for t in sources)
-            plan.weight, plan.bias, plan.replay, plan.out = args[1], args[2], replay, replay.outs[0]
-            plan.used = False
-    PLANS[key] = plan
+            plan.weight, plan.bias = _shared_fold(sources, plan.refs, plan.versions, args[1], args[2])
+            plan.replay, plan.out, plan.used = replay, replay.outs[0], False
+    _keep(key, plan)
     return out
+
+
+_FOLDS: dict = {}  # id()s of the folded tensors' sources -> (their weak references, versions, weight, bias)
+
+
+def _shared_fold(sources, refs, versions, weight, bias):
+    """The folded weight and bias of ``sources`` at ``versions``: the ones already kept for another
+    key (another input shape) when they were folded from these very tensors, unchanged, so that
+    each layer keeps one folded copy; else these (the fold is deterministic: a kept pair holds the
+    same values in the same layout)."""
+    ident = tuple(id(t) for t in sources)
+    kept = _FOLDS.get(ident)
+    if (kept is not None and kept[1] == versions and kept[2].shape == weight.shape
+            and kept[2].stride() == weight.stride()
+            and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(kept[0], sources))):
+        return kept[2], kept[3]
+    if kept is None and sources[0] is not None:
+        weakref.finalize(sources[0], _FOLDS.pop, ident, None)  # forgotten with the convolution's weight
+    _FOLDS[ident] = (refs, versions, weight, bias)
+    return weight, bias
 
 
 def op_call(op, *args):
