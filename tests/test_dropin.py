@@ -411,6 +411,30 @@ def test_hooks_on_triton_kernels():
         assert rel_err(log[0], model.layer2[0].conv1(model.layer1(model.fused(x)))) < 1e-12
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(cnnkern._backend.unavailable_reason("triton", torch.device("cpu")) is not None,
+                    reason="Triton unavailable")
+@pytest.mark.parametrize("name", ["alexnet-paper", "vgg11-bn", "googlenet-paper"])
+def test_hooks_on_triton_kernels_in_every_family(name):
+    """The other families on the Triton kernels (interpreter on CPU, the smallest inputs the
+    networks take): the output and a hooked convolution's output as on the torch backend."""
+    make, size = {"alexnet-paper": (lambda: M.alexnet(variant="paper", num_classes=10), 67),
+                  "vgg11-bn": (lambda: M.vgg11(batch_norm=True, num_classes=10), 32),
+                  "googlenet-paper": (lambda: M.googlenet(variant="paper", num_classes=10), 32)}[name]
+    model = make().double().eval()
+    randomise_bn(model)
+    x = torch.randn(1, 3, size, size, dtype=torch.float64)
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][1]
+    logs = {"torch": [], "triton": []}
+    for backend, log in logs.items():
+        handle = conv.register_forward_hook(lambda m, a, o, log=log: log.append(o.clone()))
+        with torch.no_grad(), cnnkern.use_backend(backend):
+            log.append(model(x))
+        handle.remove()
+    (hook_t, out_t), (hook_k, out_k) = logs["torch"], logs["triton"]
+    assert rel_err(out_k, out_t) < 1e-10 and rel_err(hook_k, hook_t) < 1e-10
+
+
 def test_standalone_layers_honour_hooks_and_trace_as_leaves():
     fused = cnn.ConvBNReLU2d(3, 4, 3).double().eval()
     randomise_bn(fused)
