@@ -105,17 +105,18 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         weight and bias (the backend's own backward kernels; the weight gradient is deterministic).
     """
     key = None
-    if type(input) is _Tensor and residual is None and _plan.eager():
+    if type(input) is _Tensor and _plan.eager():
         try:
-            key = ("conv2d", _plan.tkey(input), _plan.tkey(weight), _plan.tkey(bias), stride, padding, dilation,
-                   type(groups), groups, activation, backend or _backend.get_backend(), _plan.state())
+            key = ("conv2d", _plan.tkey(input), _plan.tkey(weight), _plan.tkey(bias), _plan.tkey(residual), stride,
+                   padding, dilation, type(groups), groups, activation, backend or _backend.get_backend(),
+                   _plan.state())
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # not tensors, unhashable arguments: the full path says what is wrong
             key = plan = None
-        if plan is not None and (y := plan(input, weight, bias)) is not None:
+        if plan is not None and (y := plan(input, weight, bias, residual)) is not None:
             return y
     return _plan.run_and_plan(key, lambda: _conv2d(input, weight, bias, stride, padding, dilation, groups, activation,
-                                                   residual, backend), (input, weight, bias))
+                                                   residual, backend), (input, weight, bias, residual))
 
 
 def _conv2d(input, weight, bias, stride, padding, dilation, groups, activation, residual, backend):
@@ -184,9 +185,11 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     key = None
     if type(input) is _Tensor and training is False and residual is None and running_mean is not None and _plan.eager():
         try:
-            key = ("conv_bn_relu", _plan.tkey(input), _plan.tkey(weight), type(momentum), momentum, type(eps), eps,
-                   stride, padding, dilation, type(groups), groups, type(relu), relu, backend or _backend.get_backend(),
-                   _plan.state())
+            # (the weight's id: a plan keeps the weights folded from one layer's tensors, so layers of
+            # one shape need keys of their own; the plan checks the tensors themselves)
+            key = ("conv_bn_relu", _plan.tkey(input), _plan.tkey(weight), id(weight), type(momentum), momentum,
+                   type(eps), eps, stride, padding, dilation, type(groups), groups, type(relu), relu,
+                   backend or _backend.get_backend(), _plan.state())
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # the full path says what is wrong
             key = plan = None

@@ -88,14 +88,15 @@ class Plan:
 
 # While a call is recorded into a plan (cnnkern/ops/_plan.py), the list its work is recorded in:
 # each direct launch adds ("launch", plan, runtime arguments, grid), each allocation through
-# alloc() adds ("alloc", tensor, zeroed), and anything a plan cannot replay (a launch through
-# Triton's own path, tensor work outside the kernels) adds ("miss",).
+# alloc() adds ("alloc", tensor, zeroed); a launch through Triton's own path (a first launch, or
+# under launch hooks or the interpreter) adds ("miss",): the next call records again; tensor
+# work outside the kernels adds ("never",): calls of that key are not planned.
 RECORD = None
 
 
-def record_miss() -> None:
+def record_miss(again: bool) -> None:
     if RECORD is not None:
-        RECORD.add(("miss",))
+        RECORD.add(("miss",) if again else ("never",))
 
 
 def alloc(shape, dtype: torch.dtype, device, zero: bool = False) -> torch.Tensor:
@@ -150,7 +151,7 @@ def launch_planned(key, args, grid=None) -> bool:
 def run_and_keep(key, jit_fn, grid, args, kwargs) -> None:
     """``jit_fn[grid](*args, **kwargs)`` through Triton, its compiled kernel kept as the plan of
     ``key`` for the calls that follow."""
-    record_miss()
+    record_miss(again=True)
     compiled = jit_fn.run(*args, grid=grid, warmup=False, **kwargs)
     plan = make_plan(jit_fn, compiled, args, kwargs, grid)
     if plan is not None:
@@ -161,7 +162,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` for a plain ``@triton.jit`` kernel, through its plan
     when one exists for the call's signature (``grid`` a tuple of 1 to 3 ints)."""
     if not direct_ok():
-        record_miss()
+        record_miss(again=True)
         kernel[grid](*args, **kwargs)
         return
     key = (kernel, signature(args, kwargs))

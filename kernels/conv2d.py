@@ -607,14 +607,14 @@ def _launch(kernel, grid, key, *args, **kwargs) -> None:
             cfg = deterministic_config(configs, named["M"], named[_GEMM_N[kernel]], _sm_count(args[0].device))
             cfg = _TUNED[(kernel, key, det)] = cfg.all_kwargs()
         else:
-            _fast.record_miss()
+            _fast.record_miss(again=True)
             kernel[grid](*args, **kwargs)  # times the configurations; the next call makes the plan
             _TUNED[(kernel, key, det)] = kernel.best_config.all_kwargs()
             return
     if fast:
         _fast.run_and_keep(sig, kernel.fn, grid, args, {**kwargs, **cfg})
     else:
-        _fast.record_miss()
+        _fast.record_miss(again=True)
         kernel.fn[grid](*args, **kwargs, **cfg)
 
 
@@ -763,7 +763,7 @@ def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precisio
     if N * H * W == 0 or C == 0:
         return
     if K == 0 or P == 0 or Q == 0:
-        _fast.record_miss()
+        _fast.record_miss(again=False)
         gx.zero_()
         return
     for name, t in (("grad_output", gy), ("weight", w), ("grad_input", gx)):
@@ -780,7 +780,7 @@ def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precisio
         if M == 0:
             continue
         if Rv == 0 or Sv == 0:  # no filter tap reaches this phase: its gradient is zero
-            _fast.record_miss()
+            _fast.record_miss(again=False)
             gxv.zero_()
             continue
         n_split, ws = _split_workspace(

@@ -44,6 +44,10 @@ CASES = {
     "conv bias relu": (lambda a, b: F.conv2d(*a, padding=1, activation="relu", backend=b),
                        lambda a: F.conv2d(*a, padding=1, activation="relu", backend="torch"),
                        lambda g: (_t(2, 8, 6, 6, grad=g), _t(12, 8, 3, 3, grad=g) * 0.2, _t(12, grad=g, cl=False))),
+    "conv 1x1 residual relu": (lambda a, b: F.conv2d(*a[:2], activation="relu", residual=a[2], backend=b),
+                               lambda a: F.conv2d(*a[:2], activation="relu", residual=a[2], backend="torch"),
+                               lambda g: (_t(2, 8, 5, 5, grad=g), _t(12, 8, 1, 1, grad=g) * 0.3,
+                                          _t(2, 12, 5, 5, grad=g))),
     "conv stride 2 groups": (lambda a, b: F.conv2d(*a, stride=2, padding=1, groups=2, backend=b),
                              lambda a: F.conv2d(*a, stride=2, padding=1, groups=2, backend="torch"),
                              lambda g: (_t(2, 8, 7, 7, grad=g, cl=False), _t(6, 4, 3, 3, grad=g, cl=False))),
@@ -118,20 +122,24 @@ def test_folded_batchnorm_follows_its_tensors(planning, backend):
         elif change == "weight":
             w = w.clone().neg_()
         check(_t(2, 8, 6, 6), w, bn)
-    plans = [p for p in planning.PLANS.values() if p is not None]
+    def plans_of(w):  # (a plan per layer: the key holds the weight's id)
+        return [p for p in planning.PLANS.values() if p is not None and p.refs[0]() is w]
+
+    plans = plans_of(w)
     assert len(plans) == 1 and isinstance(plans[0], _plan.FoldPlan)
-    assert plans[0].refs[0]() is w and plans[0].refs[4]() is bn[2] and plans[0].used
+    assert plans[0].refs[4]() is bn[2] and plans[0].used
 
     # another input shape: a plan of its own, the same folded weights (one copy per layer)
     for _ in range(2):
         check(_t(3, 8, 5, 5), w, bn)
-    plans = [p for p in planning.PLANS.values() if p is not None]
+    plans = plans_of(w)
     assert len(plans) == 2 and plans[0].weight is plans[1].weight and plans[0].bias is plans[1].bias
 
     # tensors that change on every call: the key is left unplanned after its plan went unused
     for _ in range(3):
         check(_t(2, 8, 6, 6), w, [t.clone() for t in bn])
-    assert [plan for key, plan in planning.PLANS.items() if key[-2] == backend and key[1][1][0] == 2] == [None]
+    assert [plan for key, plan in planning.PLANS.items() if key[-2] == backend and key[1][1][0] == 2
+            and key[3] == id(w)] == [None]
 
 
 @pytest.mark.gpu

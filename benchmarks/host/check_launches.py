@@ -67,6 +67,7 @@ def main() -> int:
     x, w, b = t(4, 32, 14, 14), t(48, 32, 3, 3), torch.randn(48, dtype=bf)
     xs = t(2, 3, 33, 33)
     w1 = t(64, 32, 1, 1)
+    res = t(4, 64, 14, 14)
     xn = t(2, 16, 9, 9, dtype=torch.float32, fmt=torch.contiguous_format)
     wn = t(8, 4, 3, 3, dtype=torch.float32, fmt=torch.contiguous_format)
     r1, r2 = t(4, 64, 8, 8), t(4, 64, 8, 8)
@@ -81,6 +82,8 @@ def main() -> int:
         "conv 3x3 bias relu": (lambda: F.conv2d(x, w, b, padding=1, activation="relu", backend="triton"), (x, w, b)),
         "conv 3x3 stride 2": (lambda: F.conv2d(x, w, stride=2, padding=1, backend="triton"), (x, w)),
         "conv 1x1 stride 2": (lambda: F.conv2d(x, w1, stride=2, backend="triton"), (x, w1)),
+        "conv 1x1 residual relu": (lambda: F.conv2d(x, w1, activation="relu", residual=res, backend="triton"),
+                                   (x, w1, res)),
         "conv small C": (lambda: F.conv2d(xs, t(16, 3, 7, 7), stride=2, padding=3, backend="triton"), (xs,)),
         "conv fp32 NCHW groups": (lambda: F.conv2d(xn, wn, padding=1, groups=4, backend="triton"), (xn, wn)),
         "residual add": (lambda: F.residual_add(r1, r2, backend="triton"), (r1, r2)),

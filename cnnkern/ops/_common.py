@@ -138,7 +138,7 @@ def in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     want = (c * h * w, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
     if t.stride() == want:
         return t
-    record_miss()
+    record_miss(again=False)
     return new_output(t.shape, t, channels_last).copy_(t)
 
 
@@ -149,7 +149,8 @@ class Recording(list):
     """The work of one call, in order, as a plan needs it: ``("launch", plan, args, grid)`` from the
     Triton launchers (kernels/_launch.py), ``("alloc", tensor, zeroed)`` for each output or
     workspace, ``("call", op, args, result)`` for each CUDA C++ op, ``("op", op, args, result)``
-    for the registered op the call ran, and ``("miss",)`` for work a plan cannot replay. Entries
+    for the registered op the call ran, ``("miss",)`` for a compilation or a timing that the next
+    call will not repeat, and ``("never",)`` for work a plan cannot replay. Entries
     from another thread than the recording one (which would interleave) spoil the recording."""
 
     def __init__(self):
@@ -167,10 +168,12 @@ class Recording(list):
 RECORD: Recording | None = None
 
 
-def record_miss() -> None:
-    """Mark the call being recorded as one a plan cannot replay (tensor work outside a kernel)."""
+def record_miss(again: bool) -> None:
+    """Mark the call being recorded as one a plan cannot replay: PyTorch tensor work outside the
+    kernels (``again=False``: calls of this key are never planned), or a first time that the
+    next call will not repeat (a compilation, a timing: ``again=True``, the next call records)."""
     if RECORD is not None:
-        RECORD.add(("miss",))
+        RECORD.add(("miss",) if again else ("never",))
 
 
 def start_recording() -> Recording:

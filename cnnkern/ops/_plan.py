@@ -133,6 +133,8 @@ def build(recorded, inputs, outputs):
     """The :class:`Replay` of ``recorded`` (a Recording) run with ``inputs`` (tensors or None),
     with ``outputs`` as its outputs; ``_RETRY`` when the work missed (compiled or tuned this
     time: the next call records again), None when it cannot be replayed."""
+    if any(e[0] == "never" for e in recorded):
+        return None
     if recorded.spoilt or any(e[0] == "miss" for e in recorded):
         return _RETRY
     work = [e for e in recorded if e[0] in ("launch", "call")]

@@ -261,7 +261,7 @@ class Tuner:
         choice = self.choices.get(key)
         if choice is not None:
             return launch(choice)
-        _common.record_miss()  # timed, or a choice for now only: not work for a plan to replay
+        _common.record_miss(again=True)  # timed, or a choice for now only: the next call records
         candidates = candidates()
         if not candidates:
             raise ValueError(f"{self.name}: no candidate to tune")

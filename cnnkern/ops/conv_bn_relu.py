@@ -84,7 +84,7 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, 
     """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance
     (PyTorch's in-place ops: what the op below runs, and what a replayed training call runs
     after its plan, cnnkern/functional.py)."""
-    record_miss()  # not a plan's to replay
+    record_miss(again=False)  # not a plan's to replay
     running_mean.lerp_(mean.to(running_mean.dtype), momentum)
     running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
