@@ -165,19 +165,23 @@ def test_no_running_stats_uses_batch_statistics_in_eval(backend):
 
 
 def test_eval_fold_is_cached_and_never_stale():
+    # (a call with a residual keeps its fold on the module; one without, in its plan on a GPU
+    # backend: tests/test_plan.py)
     ours, ref, xs = _pair("3x3s1p1", torch.float32, backend="triton")
     ours.eval()
     ref.eval()
     x = make(xs, torch.float32, DEVICE)
+    r = torch.zeros_like(ours(x))
     with torch.no_grad():
-        ours(x)
+        ours(x, r)
         first = ours.bn._cnnkern_folded
-        ours(x)
+        ours(x, r)
         assert ours.bn._cnnkern_folded is first  # nothing changed: the fold is reused
         for m in (ours.bn, ref[1]):
             m.running_var.mul_(2.0)  # an in-place change bumps the version: refold
-        assert_rel_close(ours(x), ref(x.double()), torch.float32, matmul=True)
+        assert_rel_close(ours(x, r), ref(x.double()), torch.float32, matmul=True)
         assert ours.bn._cnnkern_folded is not first
+        assert_rel_close(ours(x), ref(x.double()), torch.float32, matmul=True)
     # with autograd recording, the fold is recomputed differentiably
     out = ours(x)
     out.sum().backward()
