@@ -154,26 +154,15 @@ def test_cuda_graph_capture_and_replay(op, backend):
 # whole networks: a manual capture of the eval forward and of a training step, and
 # torch.compile(mode="reduce-overhead") (which captures the compiled forward in a CUDA graph)
 # ------------------------------------------------------------------------------------------------
-def _networks():
-    from cnnkern import models
-
-    return {
-        "resnet18": (lambda: models.resnet18(), 64),
-        "resnet50-A": (lambda: models.resnet50(shortcut="A"), 64),
-        "alexnet-paper": (lambda: models.alexnet(variant="paper"), 224),
-        "vgg11-bn": (lambda: models.vgg11(batch_norm=True), 64),
-        "googlenet-paper": (lambda: models.googlenet(variant="paper"), 64),
-        "cifar-resnet20": (lambda: models.cifar_resnet(20), 32),
-    }
-
-
-NETWORKS = ("resnet18", "resnet50-A", "alexnet-paper", "vgg11-bn", "googlenet-paper", "cifar-resnet20")
+NETWORKS = ("resnet18", "resnet50 option A", "alexnet (paper)", "vgg11-bn", "googlenet (paper)", "cifar resnet20")
 
 
 def _network(name, backend):
     import cnnkern
 
-    make, size = _networks()[name]
+    from benchmarks.host.check_capture import networks  # (the same list the CPU capture check runs)
+
+    make, size = networks()[name]
     torch.manual_seed(0)
     model = make().cuda().half().to(memory_format=torch.channels_last)
     for m in model.modules():  # backend per layer: the network's own default is "auto"
@@ -228,7 +217,7 @@ def test_network_forward_and_training_step_capture(name, backend):
     assert all(torch.isfinite(g).all() for g in static_grads)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "googlenet-paper"])
+@pytest.mark.parametrize("name", ["resnet18", "googlenet (paper)"])
 def test_network_reduce_overhead_compile(name):
     model, x, _ = _network(name, "triton")
     model.eval()

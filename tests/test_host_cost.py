@@ -27,34 +27,30 @@ pytestmark = pytest.mark.skipif(os.path.exists("/proc/driver/nvidia"),
                                 reason="a real NVIDIA driver is present: the stand-in driver never loads there")
 
 
-def test_direct_launches_match_triton():
+def _run_check(module: str) -> list[str]:
+    """Run ``module`` in a child process under the stand-in driver; its lines of findings."""
     work = tempfile.mkdtemp(prefix="cnnkern-host-test-")
     try:
         stub = os.path.join(work, "stub")
         bench_host.build_stub(stub)
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.host.check_launches"], env=bench_host._child_env(stub),
-                              cwd=bench_host.ROOT, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([sys.executable, "-m", module], env=bench_host._child_env(stub), cwd=bench_host.ROOT,
+                              capture_output=True, text=True, timeout=900)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok:", "MISMATCH:"))]
-    assert len(lines) >= 10 and all(line.startswith("ok:") for line in lines), proc.stdout
+    return [line for line in proc.stdout.splitlines() if line.startswith(("ok:", "MISMATCH:", "FOUND:"))]
+
+
+def test_direct_launches_match_triton():
+    lines = _run_check("benchmarks.host.check_launches")
+    assert len(lines) >= 10 and all(line.startswith("ok:") for line in lines), lines
 
 
 def test_networks_do_nothing_a_cuda_graph_capture_forbids():
     """benchmarks/host/check_capture.py: warm eval forwards of the networks and warm training steps
     read no tensor on the host, synchronise nothing and load no kernel (both GPU backends)."""
-    work = tempfile.mkdtemp(prefix="cnnkern-host-test-")
-    try:
-        stub = os.path.join(work, "stub")
-        bench_host.build_stub(stub)
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.host.check_capture"], env=bench_host._child_env(stub),
-                              cwd=bench_host.ROOT, capture_output=True, text=True, timeout=900)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok:", "FOUND:"))]
-    assert len(lines) >= 8 and all(line.startswith("ok:") for line in lines), proc.stdout
+    lines = _run_check("benchmarks.host.check_capture")
+    assert len(lines) >= 8 and all(line.startswith("ok:") for line in lines), lines
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")

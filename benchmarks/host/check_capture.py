@@ -27,13 +27,27 @@ HOST_READS = ("_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "
               "_assert_async", "unique", "_unique2", "bincount", "repeat_interleave")
 
 
+def networks() -> dict:
+    """{name: (factory, input size)}: a network of each family, the smallest input each takes or
+    a small one (also the GPU capture tests' list, tests/test_cuda_graphs.py)."""
+    from cnnkern import models
+
+    return {
+        "resnet18": (lambda: models.resnet18(), 64),
+        "resnet50 option A": (lambda: models.resnet50(shortcut="A"), 64),
+        "alexnet (paper)": (lambda: models.alexnet(variant="paper"), 224),
+        "vgg11-bn": (lambda: models.vgg11(batch_norm=True), 64),
+        "googlenet (paper)": (lambda: models.googlenet(variant="paper"), 64),
+        "cifar resnet20": (lambda: models.cifar_resnet(20), 32),
+    }
+
+
 def main() -> int:
     lib = bench_host._install_stand_in()
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import cnnkern
-    from cnnkern import models
 
     bench_host._accept_cpu_tensors()
     bench_host._untimed_autotuning()
@@ -57,14 +71,7 @@ def main() -> int:
         print("FOUND: the dispatch mode does not see a host read")
         return 1
     bf, cl = torch.bfloat16, torch.channels_last
-    nets = {
-        "resnet18": (lambda: models.resnet18(), 64),
-        "resnet50 option A": (lambda: models.resnet50(shortcut="A"), 64),
-        "alexnet (paper)": (lambda: models.alexnet(variant="paper"), 224),
-        "vgg11-bn": (lambda: models.vgg11(batch_norm=True), 64),
-        "googlenet (paper)": (lambda: models.googlenet(variant="paper"), 64),
-        "cifar resnet20": (lambda: models.cifar_resnet(20), 32),
-    }
+    nets = networks()
     bad = 0
     for backend in ("triton", "cuda"):
         if backend == "cuda" and not cnnkern._backend.has_extension():

@@ -382,20 +382,27 @@ def _grad_plan(recorded, tensors, out):
     return plan
 
 
-def run_and_plan(key, full, tensors):
-    """``full()`` (the op's route, returning its output), recorded into a plan for ``key`` when
-    the call may be replayed. A key that has a plan reaches here only when the plan declined
-    (launch hooks, another current device)."""
-    if key is None or key in PLANS or not _recording_ok():
-        return full()
+def _recorded(full):
+    """(``full()``, the Recording of its work), the recording None when the Triton kernels were
+    loaded during the call (their launchers did not record: the next call records)."""
     launch = sys.modules.get("cnnkern.kernels._launch")
     recorded = _common.start_recording()
     try:
         out = full()
     finally:
         _common.stop_recording()
-    if sys.modules.get("cnnkern.kernels._launch") is not launch:
-        return out  # the Triton kernels were loaded by this call, unrecorded: the next call records
+    return out, recorded if sys.modules.get("cnnkern.kernels._launch") is launch else None
+
+
+def run_and_plan(key, full, tensors):
+    """``full()`` (the op's route, returning its output), recorded into a plan for ``key`` when
+    the call may be replayed. A key that has a plan reaches here only when the plan declined
+    (launch hooks, another current device)."""
+    if key is None or key in PLANS or not _recording_ok():
+        return full()
+    out, recorded = _recorded(full)
+    if recorded is None:
+        return out
     single = isinstance(out, _Tensor)
     if not single and not (type(out) is tuple and all(isinstance(t, _Tensor) for t in out)):
         plan = None
@@ -444,14 +451,9 @@ def run_and_plan_folded(key, full, x, sources):
     if kept is not _RETRY and not kept.used:
         PLANS[key] = None
         return full()
-    launch = sys.modules.get("cnnkern.kernels._launch")
-    recorded = _common.start_recording()
-    try:
-        out = full()
-    finally:
-        _common.stop_recording()
-    if sys.modules.get("cnnkern.kernels._launch") is not launch or (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *sources))):
+    out, recorded = _recorded(full)
+    if recorded is None or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                            for t in (x, *sources))):
         return out  # (a fold that autograd records is not kept)
     ops = [e for e in recorded if e[0] == "op"]
     plan = None
