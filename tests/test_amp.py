@@ -5,7 +5,7 @@ parameter's dtype.
 
 On a CPU machine the rules run under CPU autocast with float16 (the interpreter computes bf16
 wrongly), through the public functions (every backend), through the ops' Autocast kernels
-(``torch.ops.cnnkern.*``) and through the eager fast path. The GPU tests compare against
+(``torch.ops.cnnkern.*``) called directly. The GPU tests compare against
 PyTorch's own ops under CUDA autocast, bf16 and fp16.
 """
 

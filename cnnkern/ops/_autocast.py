@@ -25,8 +25,8 @@ back in each parameter's own dtype.
 Two ways in, one policy (:data:`POLICY`):
 
 * :func:`cast` is called by cnnkern/functional.py before validation, for every backend (the
-  pure-PyTorch one included), so the eager fast path (cnnkern/ops/_common.py) receives inputs
-  that are already cast and keeps its low host overhead under AMP.
+  pure-PyTorch one included), so the ops receive inputs that are already cast (their Autocast
+  kernels then have nothing to do).
 * :func:`register` puts an Autocast kernel (``AutocastCUDA``, ``AutocastCPU``) on each forward
   ``torch.library`` op, so calling ``torch.ops.cnnkern.*`` directly, or through torch.compile,
   casts the same way. ``torch.library.register_autocast`` is not used: it casts to one dtype
