@@ -112,6 +112,12 @@ def _cl_strides(shape):
     return (c * h * w, 1, w * c, c)
 
 
+def nchw_strides(shape):
+    """The strides of a dense NCHW tensor of 4-D ``shape``."""
+    _, c, h, w = shape
+    return (c * h * w, h * w, w, 1)
+
+
 def new_output(shape, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """An uninitialised (or, under CNNKERN_POISON, NaN-filled) output in the given layout."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -134,8 +140,7 @@ def new_workspace(shape, dtype: torch.dtype, device, zero: bool = False) -> torc
 def in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``t`` (4-D) itself if it already has exactly the strides :func:`new_output` would give it
     (dense NCHW or channels_last), else a copy that does."""
-    _, c, h, w = t.shape
-    want = (c * h * w, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+    want = _cl_strides(t.shape) if channels_last else nchw_strides(t.shape)
     if t.stride() == want:
         return t
     record_miss(again=False)

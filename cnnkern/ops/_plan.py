@@ -292,16 +292,11 @@ class GradPlan:
         if not record:
             op_grads = self.backward(ctx, *grads)
             return [None if i is None else op_grads[i] for i in self.grad_of]
-        key = tuple(map(_grad_key, grads))
-        recorded = _common.start_recording()
-        try:
-            op_grads = self.backward(ctx, *grads)
-        finally:
-            _common.stop_recording()
+        op_grads, recorded = _recorded(lambda: self.backward(ctx, *grads))
         out = [None if i is None else op_grads[i] for i in self.grad_of]
-        replay = build(recorded, (*saved, *grads), out)
+        replay = _RETRY if recorded is None else build(recorded, (*saved, *grads), out)
         if replay is not _RETRY:
-            self.bwd[key] = replay
+            self.bwd[tuple(map(_grad_key, grads))] = replay
         return out
 
 
@@ -429,7 +424,7 @@ class FoldPlan:
             if t is None:
                 if ref is not None:
                     return None
-            elif ref is None or ref() is not t or t._version != version or (t.requires_grad and _grad_enabled()):
+            elif ref is None or ref() is not t or t._version != version or (t.requires_grad and torch.is_grad_enabled()):
                 return None
         pool = self.replay((x, self.weight, self.bias))
         if pool is None:
@@ -437,8 +432,6 @@ class FoldPlan:
         self.used = True
         return pool[self.out]
 
-
-_grad_enabled = torch.is_grad_enabled
 
 
 def run_and_plan_folded(key, full, x, sources):

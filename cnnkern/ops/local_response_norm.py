@@ -23,7 +23,7 @@ import torch
 from torch.library import custom_op
 
 from .. import _backend
-from ._common import cuda_ops, elementwise_channels_last, new_output, register_autograd
+from ._common import cuda_ops, elementwise_channels_last, new_output, nchw_strides, register_autograd
 
 
 def _kernels():
@@ -35,12 +35,7 @@ def _kernels():
 def _like(x: torch.Tensor) -> torch.Tensor:
     """An output in the layout PyTorch's composite LRN gives: its last step, ``x / div``, is an
     elementwise op over x and an NCHW-contiguous ``div``."""
-    return new_output(x.shape, x, elementwise_channels_last(x, (tuple(x.shape), _nchw_strides(x.shape))))
-
-
-def _nchw_strides(shape):
-    _, c, h, w = shape
-    return (c * h * w, h * w, w, 1)
+    return new_output(x.shape, x, elementwise_channels_last(x, (tuple(x.shape), nchw_strides(x.shape))))
 
 
 @custom_op("cnnkern::local_response_norm", mutates_args=())
