@@ -1,7 +1,8 @@
 """An extension built on the development machine for the GPU machine: its key, written and checked.
 
-Compiling cnnkern._C on the GPU machine costs part of its fixed, short time budget. The development machine can build the same binary in a second environment on the GPU
-machine's stack (requirements-device.txt: Python 3.12, torch 2.11.0+cu130; `scripts/dev
+Compiling cnnkern._C on the GPU machine costs part of its fixed, short time budget. The
+development machine can build the same binary in a second environment on the GPU machine's
+stack (requirements-device.txt: Python 3.12, torch 2.11.0+cu130; `scripts/dev
 device-setup`) and send the .so and its key along with the working tree.
 scripts/gpu_validate.sh uses it instead of compiling when this script's check passes:
 
