@@ -67,18 +67,24 @@ def _nvcc_threads():
 
 def _extensions():
     if os.environ.get("CNNKERN_SKIP_CUDA_BUILD", "0") not in ("", "0"):
-        _say("CNNKERN_SKIP_CUDA_BUILD is set: not compiling cnnkern._C (one already built in place, "
-             "cnnkern/_C*.so, is still used; without it the 'cuda' backend is unavailable).")
+        _say(
+            "CNNKERN_SKIP_CUDA_BUILD is set: not compiling cnnkern._C (one already built in place, "
+            "cnnkern/_C*.so, is still used; without it the 'cuda' backend is unavailable)."
+        )
         return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     except ImportError:
-        _say("torch is not installed in the build environment: building no CUDA extension "
-             "(install torch first and build with --no-build-isolation).")
+        _say(
+            "torch is not installed in the build environment: building no CUDA extension "
+            "(install torch first and build with --no-build-isolation)."
+        )
         return [], {}
     if _find_nvcc() is None:
-        _say("no CUDA toolkit found (no nvcc in CUDA_HOME or on PATH): building no CUDA extension; "
-             "the 'cuda' backend will be unavailable.")
+        _say(
+            "no CUDA toolkit found (no nvcc in CUDA_HOME or on PATH): building no CUDA extension; "
+            "the 'cuda' backend will be unavailable."
+        )
         return [], {}
 
     sources = ["csrc/cnnkern.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
@@ -88,8 +94,7 @@ def _extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
             "cxx": ["-O3", "-std=c++20"],
-            "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", *NVCC_ARCH_FLAGS,
-                     *_nvcc_threads()],
+            "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", *NVCC_ARCH_FLAGS, *_nvcc_threads()],
         },
         py_limited_api=False,
     )

@@ -77,8 +77,20 @@ def network_layers(batches=(1, 32), networks=None, table=None, followed_by_bn=Fa
                 c = r.conv
                 k = r.output_shape[1]
                 w_shape = (k, r.input_shape[1] // c["groups"], *c["kernel"])
-                out.append(Layer(net, r.name, r.input_shape, w_shape, tuple(c["stride"]), c["padding"],
-                                 tuple(c["dilation"]), c["groups"], r.macs, r.joins_shortcut))
+                out.append(
+                    Layer(
+                        net,
+                        r.name,
+                        r.input_shape,
+                        w_shape,
+                        tuple(c["stride"]),
+                        c["padding"],
+                        tuple(c["dilation"]),
+                        c["groups"],
+                        r.macs,
+                        r.joins_shortcut,
+                    )
+                )
     return out
 
 
@@ -87,8 +99,9 @@ def _check(got, want, what):
     # result, relative to its norm (cuDNN and ours accumulate in different orders).
     err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
     if not err < 2e-2:
-        raise harness.WrongResult(f"{OP} benchmark: {what} differs from cuDNN by {err:.2e} (relative norm); "
-                                  "not timing it")
+        raise harness.WrongResult(
+            f"{OP} benchmark: {what} differs from cuDNN by {err:.2e} (relative norm); not timing it"
+        )
 
 
 def _plan(providers, dtypes, quick, networks, layers, batches):
@@ -102,8 +115,14 @@ def _plan(providers, dtypes, quick, networks, layers, batches):
     return providers, layers, directions
 
 
-def count(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False, networks=None,
-          layers=None, batches=None) -> int:
+def count(
+    providers=None,
+    dtypes=("bfloat16", "float16", "float32"),
+    quick: bool = False,
+    networks=None,
+    layers=None,
+    batches=None,
+) -> int:
     """How many timings :func:`run` makes with these arguments (the suite's progress bar)."""
     providers, layers, directions = _plan(providers, dtypes, quick, networks, layers, batches)
     return len(layers) * len(dtypes) * len(directions) * len(providers)
@@ -125,8 +144,27 @@ def _forward_fn(p, direction, x, w, b, args):
     return lambda: conv2d(x, w, b, **args, activation="relu" if relu else None, backend=p)
 
 
-def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False, progress: bool = True,
-        device: torch.device | str = "cuda", networks=None, layers=None, batches=None) -> list[harness.Result]:
+def _verified(records, providers, baseline, check, **fields) -> list[str]:
+    """The providers that pass ``check(p, want)``, ``want = baseline()`` (the baseline always
+    passes); ``want`` is freed on return, before anything is timed."""
+    want = baseline()
+    return [
+        p
+        for p in providers
+        if p == harness.BASELINE or harness.verify(records, p, lambda p=p: check(p, want), **fields)
+    ]
+
+
+def run(
+    providers=None,
+    dtypes=("bfloat16", "float16", "float32"),
+    quick: bool = False,
+    progress: bool = True,
+    device: torch.device | str = "cuda",
+    networks=None,
+    layers=None,
+    batches=None,
+) -> list[harness.Result]:
     """Time every layer, dtype, direction and provider. ``quick``: ResNet-50 at batch 32 only (or
     ``networks``/``batches`` when given), the forward and the fused epilogue, with shorter timing
     budgets. ``layers`` replaces the networks' layer list (the tests drive the loop on CPU with a
@@ -142,54 +180,65 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
             fmt = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
             layout = "NCHW" if fmt is torch.contiguous_format else "NHWC"
             x = torch.randn(layer.x_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
-            w = (torch.randn(layer.w_shape, dtype=dtype, device=device) * (layer.w_shape[1] * layer.w_shape[2] *
-                                                                           layer.w_shape[3]) ** -0.5)
+            w = (
+                torch.randn(layer.w_shape, dtype=dtype, device=device)
+                * (layer.w_shape[1] * layer.w_shape[2] * layer.w_shape[3]) ** -0.5
+            )
             w = w.contiguous(memory_format=fmt)
             b = torch.randn(layer.w_shape[0], dtype=dtype, device=device)
             args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
             for direction in directions:
-                case = f"{layer.network} {layer.name}" + (" +bias+relu" if direction == "fwd+relu" else "")
-                common = dict(op=OP, case=case, shape=layer.shape, dtype=dname, layout=layout,
-                              direction="fwd" if direction != "fwd+bwd" else "fwd+bwd")
-                flops = layer.flops
-                leaves = []
-                if direction == "fwd+bwd":
-                    xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
-                    leaves = [xg, wg, bg]
-                    g = torch.randn_like(torch.nn.functional.conv2d(x, w, b, **args))
-                    fwd = {p: _forward_fn(p, "fwd", xg, wg, bg, args) for p in providers}
-                    fns = {p: (lambda f=f: f().backward(g)) for p, f in fwd.items()}
-                    flops *= 3
-
-                    def grads(p):
-                        fwd[p]().backward(g)
-                        got = [t.grad for t in leaves]
-                        for t in leaves:
-                            t.grad = None
-                        return got
-
-                    want = grads("torch")
-
-                    def check(p):
-                        for nm, a, c in zip(("grad input", "grad weight", "grad bias"), grads(p), want):
-                            _check(a, c, f"{p} {nm}, {case} {dname}")
-                else:
-                    fns = {p: _forward_fn(p, direction, x, w, b, args) for p in providers}
-                    want = fns["torch"]()
-
-                    def check(p):
-                        _check(fns[p](), want, f"{p} {direction}, {case} {dname}")
-                ok = [p for p in providers if p == harness.BASELINE or
-                      harness.verify(records, p, lambda p=p: check(p), **common)]
-                del want
-                for p in providers:
-                    bar.set_postfix_str(f"{case} {dname} {direction} {p}")
-                    if p in ok:
-                        harness.measure(records, fns[p], provider=p, flops=flops, grad_to_none=leaves or None,
-                                        **budget, **common)
-                    bar.update()
+                _run_direction(records, bar, providers, budget, layer, dname, layout, direction, (x, w, b), args)
     bar.close()
     return records
+
+
+def _run_direction(records, bar, providers, budget, layer, dname, layout, direction, inputs, args):
+    """One layer, dtype and direction: every provider checked against cuDNN, then timed."""
+    x, w, b = inputs
+    case = f"{layer.network} {layer.name}" + (" +bias+relu" if direction == "fwd+relu" else "")
+    common = dict(
+        op=OP,
+        case=case,
+        shape=layer.shape,
+        dtype=dname,
+        layout=layout,
+        direction="fwd" if direction != "fwd+bwd" else "fwd+bwd",
+    )
+    flops = layer.flops
+    leaves = []
+    if direction == "fwd+bwd":
+        xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
+        leaves = [xg, wg, bg]
+        g = torch.randn_like(torch.nn.functional.conv2d(x, w, b, **args))
+        fwd = {p: _forward_fn(p, "fwd", xg, wg, bg, args) for p in providers}
+        fns = {p: (lambda f=f: f().backward(g)) for p, f in fwd.items()}
+        flops *= 3
+
+        def grads(p):
+            fwd[p]().backward(g)
+            got = [t.grad for t in leaves]
+            for t in leaves:
+                t.grad = None
+            return got
+
+        def check(p, want):
+            for nm, a, c in zip(("grad input", "grad weight", "grad bias"), grads(p), want):
+                _check(a, c, f"{p} {nm}, {case} {dname}")
+
+        ok = _verified(records, providers, lambda: grads("torch"), check, **common)
+    else:
+        fns = {p: _forward_fn(p, direction, x, w, b, args) for p in providers}
+
+        def check(p, want):
+            _check(fns[p](), want, f"{p} {direction}, {case} {dname}")
+
+        ok = _verified(records, providers, fns["torch"], check, **common)
+    for p in providers:
+        bar.set_postfix_str(f"{case} {dname} {direction} {p}")
+        if p in ok:
+            harness.measure(records, fns[p], provider=p, flops=flops, grad_to_none=leaves or None, **budget, **common)
+        bar.update()
 
 
 def main(argv=None) -> int:

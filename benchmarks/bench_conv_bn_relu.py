@@ -5,13 +5,14 @@ Layers: every distinct convolution followed by a BatchNorm in ResNet-50, VGG-16-
 a ResNet block's last convolution also as the block's end, ``relu(bn(conv(x)) + shortcut)``
 (case "... + shortcut": eager runs conv, BatchNorm, add and ReLU, cnnkern one fused layer that
 adds the shortcut in its own kernel);
-bf16 and fp16 in channels_last, fp32 (TF32 as PyTorch's default says) in NCHW. Directions: inference (eval: BatchNorm folded, one
-cnnkern kernel) as "fwd", and a training step (train-mode forward + backward of input, weight and
-BatchNorm parameters) as "fwd+bwd". Providers: ``"torch"`` (``nn.Sequential(Conv2d, BatchNorm2d,
-ReLU)`` in eager mode, the baseline), cnnkern's GPU backends with the fused op, ``"inductor"``:
-the same three modules under ``torch.compile(mode="max-autotune...")`` (see
-:func:`harness.compile_reference`), and, when asked for, ``"compile"``: ``torch.compile`` in its
-default mode (``run(providers=["torch", "triton", "compile"])``).
+bf16 and fp16 in channels_last, fp32 (TF32 as PyTorch's default says) in NCHW. Directions:
+inference (eval: BatchNorm folded, one cnnkern kernel) as "fwd", and a training step (train-mode
+forward + backward of input, weight and BatchNorm parameters) as "fwd+bwd". Providers:
+``"torch"`` (``nn.Sequential(Conv2d, BatchNorm2d, ReLU)`` in eager mode, the baseline), cnnkern's
+GPU backends with the fused op, ``"inductor"``: the same three modules under
+``torch.compile(mode="max-autotune...")`` (see :func:`harness.compile_reference`), and, when asked
+for, ``"compile"``: ``torch.compile`` in its default mode
+(``run(providers=["torch", "triton", "compile"])``).
 
 FLOPs are the convolution's (2*N*K*P*Q*(C/groups)*R*S; x3 for forward+backward).
 
@@ -42,8 +43,16 @@ NETS = {"resnet50": "resnet50", "vgg16": "vgg16_bn", "googlenet": "googlenet"}
 
 
 def _reference(layer, dtype, device, fmt=torch.channels_last) -> torch.nn.Sequential:
-    conv = torch.nn.Conv2d(layer.x_shape[1], layer.w_shape[0], layer.w_shape[2:], layer.stride, layer.padding,
-                           layer.dilation, layer.groups, bias=False)
+    conv = torch.nn.Conv2d(
+        layer.x_shape[1],
+        layer.w_shape[0],
+        layer.w_shape[2:],
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        layer.groups,
+        bias=False,
+    )
     bn = torch.nn.BatchNorm2d(layer.w_shape[0])
     with torch.no_grad():
         bn.running_mean.uniform_(-0.1, 0.1)
@@ -95,8 +104,14 @@ def _plan(providers, quick, networks, layers, batch):
     return providers, layers
 
 
-def count(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False, networks=None,
-          layers=None, batches=None) -> int:
+def count(
+    providers=None,
+    dtypes=("bfloat16", "float16", "float32"),
+    quick: bool = False,
+    networks=None,
+    layers=None,
+    batches=None,
+) -> int:
     """How many timings :func:`run` makes with these arguments (the suite's progress bar)."""
     providers, layers = _plan(providers, quick, networks, layers, (batches or (32,))[-1])
     return _timings(providers, dtypes, layers)
@@ -106,9 +121,17 @@ def _timings(providers, dtypes, layers) -> int:
     return sum(len(_variants(layer)) for layer in layers) * len(dtypes) * 2 * len(providers)
 
 
-def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False, progress: bool = True,
-        device: torch.device | str = "cuda", batch: int = 32, layers=None, networks=None,
-        batches=None) -> list[harness.Result]:
+def run(
+    providers=None,
+    dtypes=("bfloat16", "float16", "float32"),
+    quick: bool = False,
+    progress: bool = True,
+    device: torch.device | str = "cuda",
+    batch: int = 32,
+    layers=None,
+    networks=None,
+    batches=None,
+) -> list[harness.Result]:
     """Time every conv-BN(-ReLU) layer in inference and in a training step. ``quick``: ResNet-50
     only, shorter timing budgets. ``networks``: names from NETS or NETWORKS. ``batches``: the last
     one replaces ``batch`` (the layers are timed at one batch size). ``layers`` replaces the
@@ -120,13 +143,18 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
     device = torch.device(device)
     records = harness.new_records()
     bar = harness.progress_bar(_timings(providers, dtypes, layers), OP, progress)
-    for layer, shortcut, dname in ((layer, v, d) for layer in layers for v in _variants(layer) for d in dtypes):
+    for layer, shortcut, dname in ((lay, v, d) for lay in layers for v in _variants(lay) for d in dtypes):
         dtype = getattr(torch, dname)
         fmt = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
         x = torch.randn(layer.x_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
         name = f"{layer.shortcut} + shortcut" if shortcut else layer.name
-        common = dict(op=OP, case=f"{layer.network} {name}",
-                      shape=layer.shape, dtype=dname, layout="NCHW" if dtype == torch.float32 else "NHWC")
+        common = dict(
+            op=OP,
+            case=f"{layer.network} {name}",
+            shape=layer.shape,
+            dtype=dname,
+            layout="NCHW" if dtype == torch.float32 else "NHWC",
+        )
         ref = _reference(layer, dtype, device, fmt)
         mods = {p: _module(ref, p, shortcut) for p in providers}
         s = None
@@ -141,27 +169,17 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
 
 def _time_layer(records, bar, layer, mods, args, common, budget):
     """One layer (and dtype, with or without its shortcut): inference, then a training step."""
-    providers = list(mods)
     # inference
     with torch.no_grad():
         for m in mods.values():
             m.eval()
-        want = mods["torch"](*args)
-
-        def check(p):
-            got = mods[p](*args)
-            err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-            if not err < 2e-2:
-                raise harness.WrongResult(f"{OP} benchmark: {p} inference differs from eager by {err:.2e}")
-
-        ok = [p for p in providers if p == harness.BASELINE or
-              harness.verify(records, p, lambda p=p: check(p), direction="fwd", **common)]
-        del want
+        ok = _inference_checked(records, mods, args, common)
         for p, m in mods.items():
             bar.set_postfix_str(f"{common['case']} eval {p}")
             if p in ok:
-                harness.measure(records, lambda m=m: m(*args), provider=p, direction="fwd",
-                                flops=layer.flops, **budget, **common)
+                harness.measure(
+                    records, lambda m=m: m(*args), provider=p, direction="fwd", flops=layer.flops, **budget, **common
+                )
             bar.update()
     # training step (its outputs, gradients and running statistics are the tests' business;
     # here a provider that raises is recorded and skipped); the shortcut takes its gradient
@@ -172,9 +190,35 @@ def _time_layer(records, bar, layer, mods, args, common, budget):
     for p, m in mods.items():
         params = [*grads, *m.parameters()]
         bar.set_postfix_str(f"{common['case']} train {p}")
-        harness.measure(records, lambda m=m: m(*grads).backward(g), provider=p, direction="fwd+bwd",
-                        flops=3 * layer.flops, grad_to_none=params, **budget, **common)
+        harness.measure(
+            records,
+            lambda m=m: m(*grads).backward(g),
+            provider=p,
+            direction="fwd+bwd",
+            flops=3 * layer.flops,
+            grad_to_none=params,
+            **budget,
+            **common,
+        )
         bar.update()
+
+
+def _inference_checked(records, mods, args, common) -> list[str]:
+    """The providers whose inference agrees with eager's (the baseline always does); eager's output
+    is freed on return, before anything is timed."""
+    want = mods["torch"](*args)
+
+    def check(p):
+        got = mods[p](*args)
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        if not err < 2e-2:
+            raise harness.WrongResult(f"{OP} benchmark: {p} inference differs from eager by {err:.2e}")
+
+    return [
+        p
+        for p in mods
+        if p == harness.BASELINE or harness.verify(records, p, lambda p=p: check(p), direction="fwd", **common)
+    ]
 
 
 def main(argv=None) -> int:

@@ -47,7 +47,6 @@ import gc
 import glob
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -104,8 +103,20 @@ def build_stub(out_dir: str) -> str:
     """Compile the stand-in driver into ``out_dir/libcuda.so.1`` (gcc, against Triton's cuda.h)."""
     os.makedirs(out_dir, exist_ok=True)
     lib = os.path.join(out_dir, "libcuda.so.1")
-    cmd = ["gcc", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", f"-I{_triton_include()}",
-           "-Wl,-soname,libcuda.so.1", "-o", lib, STUB_SOURCE]
+    cmd = [
+        "gcc",
+        "-O2",
+        "-shared",
+        "-fPIC",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        f"-I{_triton_include()}",
+        "-Wl,-soname,libcuda.so.1",
+        "-o",
+        lib,
+        STUB_SOURCE,
+    ]
     subprocess.run(cmd, check=True)
     return lib
 
@@ -129,7 +140,7 @@ def _parse_callgrind(out_dir: str) -> dict[str, int]:
         with open(path) as f:
             for line in f:
                 if line.startswith("desc: Trigger: Client Request: "):
-                    name = line[len("desc: Trigger: Client Request: "):].strip()
+                    name = line[len("desc: Trigger: Client Request: ") :].strip()
                 elif line.startswith(("totals:", "summary:")):
                     total = int(line.split()[1])
         if name and total is not None:
@@ -140,8 +151,10 @@ def _parse_callgrind(out_dir: str) -> dict[str, int]:
 def run(cases: list[str] | None, callgrind: bool, repeats: int) -> dict:
     """Measure ``cases`` (None: all) in child processes; returns the result dictionary."""
     if os.path.exists("/proc/driver/nvidia"):
-        raise SystemExit("bench_host: this machine has an NVIDIA driver; the stand-in driver would shadow it. "
-                         "Run the GPU half instead: scripts/gpu_overhead.py")
+        raise SystemExit(
+            "bench_host: this machine has an NVIDIA driver; the stand-in driver would shadow it. "
+            "Run the GPU half instead: scripts/gpu_overhead.py"
+        )
     work = tempfile.mkdtemp(prefix="cnnkern-host-")
     try:
         stub_dir = os.path.join(work, "stub")
@@ -160,8 +173,17 @@ def run(cases: list[str] | None, callgrind: bool, repeats: int) -> dict:
             cg_dir = os.path.join(work, "cg")
             os.makedirs(cg_dir)
             cg_res = os.path.join(work, "cg.json")
-            cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--quiet",
-                   f"--callgrind-out-file={cg_dir}/cg.out.%p", *args, "--callgrind-loops", "--out", cg_res]
+            cmd = [
+                "valgrind",
+                "--tool=callgrind",
+                "--instr-atstart=no",
+                "--quiet",
+                f"--callgrind-out-file={cg_dir}/cg.out.%p",
+                *args,
+                "--callgrind-loops",
+                "--out",
+                cg_res,
+            ]
             subprocess.run(cmd, env=env, check=True, cwd=ROOT)
             with open(cg_res) as f:
                 loops = json.load(f)["loops"]
@@ -175,23 +197,37 @@ def run(cases: list[str] | None, callgrind: bool, repeats: int) -> dict:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"host work per call: torch {result['torch']}, triton {result['triton']}, python {result['python']}, "
-             f"{result.get('device', 'stand-in driver (no GPU)')}",
-             f"{'case':44s} {'us (min)':>9s} {'instructions':>13s} {'launches':>9s} {'budget':>9s}"]
+    lines = [
+        f"host work per call: torch {result['torch']}, triton {result['triton']}, python {result['python']}, "
+        f"{result.get('device', 'stand-in driver (no GPU)')}",
+        f"{'case':44s} {'us (min)':>9s} {'instructions':>13s} {'launches':>9s} {'budget':>9s}",
+    ]
     for name, c in result["cases"].items():
         ins = c.get("instructions")
         budget = BUDGETS.get(name, TARGETS.get(name))
-        lines.append(f"{name:44s} {c['us']:9.1f} {ins if ins is not None else '-':>13} {c['launches']:>9} "
-                     f"{budget if budget else '':>9}")
+        lines.append(
+            f"{name:44s} {c['us']:9.1f} {ins if ins is not None else '-':>13} {c['launches']:>9} "
+            f"{budget if budget else '':>9}"
+        )
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
 # child side: the stand-in driver and the patched torch.cuda, then the cases
 # ---------------------------------------------------------------------------------------------
-_H100 = types.SimpleNamespace(name="stand-in H100 (no GPU)", major=9, minor=0, multi_processor_count=132,
-                              shared_memory_per_block_optin=232448, total_memory=80 * 2**30, warp_size=32,
-                              L2_cache_size=50 * 2**20, is_integrated=False, gcnArchName="", uuid="stand-in")
+_H100 = types.SimpleNamespace(
+    name="stand-in H100 (no GPU)",
+    major=9,
+    minor=0,
+    multi_processor_count=132,
+    shared_memory_per_block_optin=232448,
+    total_memory=80 * 2**30,
+    warp_size=32,
+    L2_cache_size=50 * 2**20,
+    is_integrated=False,
+    gcnArchName="",
+    uuid="stand-in",
+)
 
 
 def _install_stand_in():
@@ -242,8 +278,11 @@ def _accept_cpu_tensors():
         # the BatchNorm statistics' workspace (rows, 3, K) when ``stats``, else an empty tensor
         stats = kw.get("stats", a[6] if len(a) > 6 else False)  # (arguments left at their default are not passed)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return torch.empty((max(1, y.shape[0] * y.shape[2] * y.shape[3] // 64), 3, y.shape[1]) if stats else (0,),
-                           dtype=acc, device=x.device)
+        return torch.empty(
+            (max(1, y.shape[0] * y.shape[2] * y.shape[3] // 64), 3, y.shape[1]) if stats else (0,),
+            dtype=acc,
+            device=x.device,
+        )
 
     impls = {
         "conv2d_forward_cuda": conv_forward,
@@ -256,8 +295,9 @@ def _accept_cpu_tensors():
         "local_response_norm_backward_cuda": lambda g, x, *a: new(x.shape, x, cl(x)),
         "bn_finalize_cuda": lambda *a: None,
         "bn_apply_cuda": lambda *a: None,
-        "bn_backward_reduce_cuda": lambda g, out, y: torch.empty((64, 2, y.shape[1]), dtype=torch.float64
-                                                                  if y.dtype == torch.float64 else torch.float32),
+        "bn_backward_reduce_cuda": lambda g, out, y: torch.empty(
+            (64, 2, y.shape[1]), dtype=torch.float64 if y.dtype == torch.float64 else torch.float32
+        ),
         "bn_backward_coefficients_cuda": lambda *a: None,
         "bn_backward_dy_cuda": lambda *a: None,
     }
@@ -284,11 +324,19 @@ def _untimed_autotuning():
 # case: (calls per measured loop, whether the loop runs under torch.no_grad(), as a network's
 # forward in inference does: the context is entered once, not per layer)
 _LOOPS = {
-    "conv2d_inference": (50, False), "conv2d_fwd_bwd": (20, False), "nn.Conv2d_no_grad": (50, True),
-    "nn.Conv2d_grad": (50, False), "conv_bn_relu_eval": (20, False), "nn.ConvBNReLU2d_eval": (50, True),
-    "conv_bn_relu_train_step": (10, False), "residual_add_fwd": (50, False), "residual_add_fwd_bwd": (20, False),
-    "local_response_norm_fwd": (50, False), "local_response_norm_fwd_bwd": (20, False),
-    "resnet50_eval_batch32": (2, True), "resnet50_eval_batch1_64px": (5, True),
+    "conv2d_inference": (50, False),
+    "conv2d_fwd_bwd": (20, False),
+    "nn.Conv2d_no_grad": (50, True),
+    "nn.Conv2d_grad": (50, False),
+    "conv_bn_relu_eval": (20, False),
+    "nn.ConvBNReLU2d_eval": (50, True),
+    "conv_bn_relu_train_step": (10, False),
+    "residual_add_fwd": (50, False),
+    "residual_add_fwd_bwd": (20, False),
+    "local_response_norm_fwd": (50, False),
+    "local_response_norm_fwd_bwd": (20, False),
+    "resnet50_eval_batch32": (2, True),
+    "resnet50_eval_batch1_64px": (5, True),
 }
 
 
@@ -326,6 +374,7 @@ def _cases(backend: str, device: str = "cpu") -> dict:
         def call():
             y = F.conv2d(x, w, padding=1, backend=backend)
             torch.autograd.grad(y, (x, w), g)
+
         return call
 
     def module():
@@ -357,6 +406,7 @@ def _cases(backend: str, device: str = "cpu") -> dict:
         def call():
             y = m(x)
             torch.autograd.grad(y, [x, *params], g)
+
         return call
 
     def res_in(req=False):
@@ -375,6 +425,7 @@ def _cases(backend: str, device: str = "cpu") -> dict:
         def call():
             y = F.residual_add(x, s, backend=backend)
             torch.autograd.grad(y, (x, s), g)
+
         return call
 
     def lrn_in(req=False):
@@ -391,28 +442,40 @@ def _cases(backend: str, device: str = "cpu") -> dict:
         def call():
             y = F.local_response_norm(x, 5, alpha=5e-4, beta=0.75, k=2.0, backend=backend)
             torch.autograd.grad(y, (x,), g)
+
         return call
 
     def resnet50(n=32, size=224):
         from cnnkern import models
+
         m = models.resnet50().to(**bf, memory_format=cl).eval()
         x = torch.randn(n, 3, size, size, **bf).to(memory_format=cl)
 
         def call():
             with cnnkern.use_backend(backend):
                 return m(x)
+
         return call
 
-    return _with_loops({
-        "conv2d_inference": conv_inference, "conv2d_fwd_bwd": conv_fwd_bwd, "nn.Conv2d_no_grad": module,
-        "nn.Conv2d_grad": module, "conv_bn_relu_eval": cbr_eval, "nn.ConvBNReLU2d_eval": cbr_module_eval,
-        "conv_bn_relu_train_step": cbr_train_step, "residual_add_fwd": res_fwd, "residual_add_fwd_bwd": res_fwd_bwd,
-        "local_response_norm_fwd": lrn_fwd, "local_response_norm_fwd_bwd": lrn_fwd_bwd,
-        "resnet50_eval_batch32": resnet50,
-        # the same network's launches with little CPU computation around them (one 64x64 image:
-        # PyTorch's pooling and fc layers, which compute on the CPU here, are small)
-        "resnet50_eval_batch1_64px": lambda: resnet50(1, 64),
-    })
+    return _with_loops(
+        {
+            "conv2d_inference": conv_inference,
+            "conv2d_fwd_bwd": conv_fwd_bwd,
+            "nn.Conv2d_no_grad": module,
+            "nn.Conv2d_grad": module,
+            "conv_bn_relu_eval": cbr_eval,
+            "nn.ConvBNReLU2d_eval": cbr_module_eval,
+            "conv_bn_relu_train_step": cbr_train_step,
+            "residual_add_fwd": res_fwd,
+            "residual_add_fwd_bwd": res_fwd_bwd,
+            "local_response_norm_fwd": lrn_fwd,
+            "local_response_norm_fwd_bwd": lrn_fwd_bwd,
+            "resnet50_eval_batch32": resnet50,
+            # the same network's launches with little CPU computation around them (one 64x64 image:
+            # PyTorch's pooling and fc layers, which compute on the CPU here, are small)
+            "resnet50_eval_batch1_64px": lambda: resnet50(1, 64),
+        }
+    )
 
 
 def _pytorch_cases(device: str) -> dict:
@@ -441,13 +504,19 @@ def _pytorch_cases(device: str) -> dict:
 
     def cbr(train):
         def setup():
-            m = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1, bias=False), torch.nn.BatchNorm2d(64),
-                                    torch.nn.ReLU()).to(**bf, memory_format=cl).train(train)
+            m = (
+                torch.nn.Sequential(
+                    torch.nn.Conv2d(64, 64, 3, padding=1, bias=False), torch.nn.BatchNorm2d(64), torch.nn.ReLU()
+                )
+                .to(**bf, memory_format=cl)
+                .train(train)
+            )
             x = t(32, 64, 56, 56, req=train)
             if not train:
                 return lambda: m(x)
             g = t(32, 64, 56, 56)
             return lambda: torch.autograd.grad(m(x), [x, *m.parameters()], g)
+
         return setup
 
     def res(bwd):
@@ -457,6 +526,7 @@ def _pytorch_cases(device: str) -> dict:
                 return lambda: torch.relu(x + s)
             g = t(32, 256, 56, 56)
             return lambda: torch.autograd.grad(torch.relu(x + s), (x, s), g)
+
         return setup
 
     def lrn(bwd):
@@ -466,21 +536,32 @@ def _pytorch_cases(device: str) -> dict:
                 return lambda: TF.local_response_norm(x, 5, 5e-4, 0.75, 2.0)
             g = t(32, 96, 55, 55)
             return lambda: torch.autograd.grad(TF.local_response_norm(x, 5, 5e-4, 0.75, 2.0), (x,), g)
+
         return setup
 
     def resnet50(n=32, size=224):
         import torchvision
+
         m = torchvision.models.resnet50().to(**bf, memory_format=cl).eval()
         x = t(n, 3, size, size)
         return lambda: m(x)
 
-    return _with_loops({
-        "conv2d_inference": conv_inference, "conv2d_fwd_bwd": conv_fwd_bwd, "nn.Conv2d_no_grad": module,
-        "nn.Conv2d_grad": module, "nn.ConvBNReLU2d_eval": cbr(False), "conv_bn_relu_train_step": cbr(True),
-        "residual_add_fwd": res(False), "residual_add_fwd_bwd": res(True), "local_response_norm_fwd": lrn(False),
-        "local_response_norm_fwd_bwd": lrn(True), "resnet50_eval_batch32": resnet50,
-        "resnet50_eval_batch1_64px": lambda: resnet50(1, 64),
-    })
+    return _with_loops(
+        {
+            "conv2d_inference": conv_inference,
+            "conv2d_fwd_bwd": conv_fwd_bwd,
+            "nn.Conv2d_no_grad": module,
+            "nn.Conv2d_grad": module,
+            "nn.ConvBNReLU2d_eval": cbr(False),
+            "conv_bn_relu_train_step": cbr(True),
+            "residual_add_fwd": res(False),
+            "residual_add_fwd_bwd": res(True),
+            "local_response_norm_fwd": lrn(False),
+            "local_response_norm_fwd_bwd": lrn(True),
+            "resnet50_eval_batch32": resnet50,
+            "resnet50_eval_batch1_64px": lambda: resnet50(1, 64),
+        }
+    )
 
 
 # the GPU backends each case runs on (None: every case); with --device cuda also "pytorch"
@@ -525,8 +606,7 @@ def child(selected: list[str] | None, repeats: int, callgrind_loops: bool, out: 
     elif not torch.cuda.is_available():
         raise SystemExit("bench_host --device cuda: no CUDA device")
     torch.manual_seed(0)
-    result = {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
-              "cases": {}}
+    result = {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0], "cases": {}}
     loops = {}
     backends = dict(_BACKEND_CASES, **({"pytorch": None} if device == "cuda" else {}))
     for backend, only in backends.items():
@@ -582,9 +662,13 @@ def main(argv=None) -> int:
     p.add_argument("--callgrind", action="store_true", help="also count instructions per call with callgrind")
     p.add_argument("--repeats", type=int, default=5, help="wall-clock repeats (the minimum is reported)")
     p.add_argument("--json", help="write the results to this file")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu: the stand-in driver (no GPU needed); cuda: the real driver and CUDA tensors, in this "
-                        "process, with PyTorch's own layers beside (a GPU machine)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: the stand-in driver (no GPU needed); cuda: the real driver and CUDA tensors, in this "
+        "process, with PyTorch's own layers beside (a GPU machine)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--callgrind-loops", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)

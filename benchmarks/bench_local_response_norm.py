@@ -115,12 +115,19 @@ def _check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str)
     got, want = got.detach().float(), want.detach().float()
     err = ((got - want).norm() / want.norm()).item()
     if not err <= TOL[dtype]:  # `not <=`: a NaN fails too
-        raise harness.WrongResult(f"{OP} benchmark: {what} disagrees with the torch baseline (relative error "
-                             f"{err:.2e} > {TOL[dtype]:.0e}); not timing it.")
+        raise harness.WrongResult(
+            f"{OP} benchmark: {what} disagrees with the torch baseline (relative error "
+            f"{err:.2e} > {TOL[dtype]:.0e}); not timing it."
+        )
 
 
-def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False,
-        progress: bool = True, device: torch.device | str = "cuda") -> list[harness.Result]:
+def run(
+    providers=None,
+    dtypes=("bfloat16", "float16", "float32"),
+    quick: bool = False,
+    progress: bool = True,
+    device: torch.device | str = "cuda",
+) -> list[harness.Result]:
     """Time every case, dtype, direction and provider on the current CUDA device.
 
     Args:
@@ -146,53 +153,81 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
     for case in cases:
         fmt = torch.channels_last if case.channels_last else torch.contiguous_format
         for dtype in dts:
-            x = torch.randn(case.x_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
-            common = dict(op=OP, case=case.name, shape=case.shape, dtype=str(dtype).removeprefix("torch."),
-                          layout=case.layout)
-
-            # forward
-            nbytes = required_bytes(case.x_shape, x.element_size(), "fwd")
-            want = torch.nn.functional.local_response_norm(x.float(), SIZE, ALPHA, BETA, K)
-            for p in providers:
-                bar.set_postfix_str(f"{case.name} {case.layout} {common['dtype']} fwd {p}")
-                fn = _forward(p, x)
-                if p == "torch" or harness.verify(
-                        records, p, lambda: _check(fn(), want, dtype, f"{p} forward, {case.name} {case.layout} {dtype}"),
-                        direction="fwd", **common):
-                    harness.measure(records, fn, provider=p, direction="fwd", bytes=nbytes,
-                                    cudagraph=nbytes < CUDAGRAPH_BELOW_BYTES, **budget, **common)
-                bar.update()
-            del want
-
-            # forward + backward: a leaf that requires grad, one preallocated incoming gradient
-            nbytes = required_bytes(case.x_shape, x.element_size(), "fwd+bwd")
-            xg = x.detach().requires_grad_()
-            g = torch.randn(case.x_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
-            xr = x.detach().float().requires_grad_()
-            torch.nn.functional.local_response_norm(xr, SIZE, ALPHA, BETA, K).backward(g.float())
-            want_grad = xr.grad
-            del xr
-            for p in providers:
-                bar.set_postfix_str(f"{case.name} {case.layout} {common['dtype']} fwd+bwd {p}")
-                f = _forward(p, xg)
-
-                def step(f=f):
-                    f().backward(g)
-
-                def check():
-                    xg.grad = None  # the previous provider's timed runs left their gradient there
-                    step()
-                    if p != "torch":
-                        _check(xg.grad, want_grad, dtype, f"{p} grad x, {case.name} {case.layout} {dtype}")
-                    xg.grad = None
-
-                if harness.verify(records, p, check, direction="fwd+bwd", **common):
-                    harness.measure(records, step, provider=p, direction="fwd+bwd", bytes=nbytes, grad_to_none=[xg],
-                                    **budget, **common)
-                bar.update()
-            del x, xg, g, want_grad
+            _run_case(records, bar, providers, budget, case, dtype, fmt, device)
     bar.close()
     return records
+
+
+def _run_case(records, bar, providers, budget, case, dtype, fmt, device):
+    """One case and dtype: the forward, then forward+backward, of every provider."""
+    x = torch.randn(case.x_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    common = dict(op=OP, case=case.name, shape=case.shape, dtype=str(dtype).removeprefix("torch."), layout=case.layout)
+
+    # forward
+    _time_forward(records, bar, providers, budget, case, dtype, x, common)
+
+    # forward + backward: a leaf that requires grad, one preallocated incoming gradient
+    nbytes = required_bytes(case.x_shape, x.element_size(), "fwd+bwd")
+    xg = x.detach().requires_grad_()
+    g = torch.randn(case.x_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    xr = x.detach().float().requires_grad_()
+    torch.nn.functional.local_response_norm(xr, SIZE, ALPHA, BETA, K).backward(g.float())
+    want_grad = xr.grad
+    del xr
+    for p in providers:
+        bar.set_postfix_str(f"{case.name} {case.layout} {common['dtype']} fwd+bwd {p}")
+        f = _forward(p, xg)
+
+        def step(f=f):
+            f().backward(g)
+
+        def check(p=p, step=step):
+            xg.grad = None  # the previous provider's timed runs left their gradient there
+            step()
+            if p != "torch":
+                _check(xg.grad, want_grad, dtype, f"{p} grad x, {case.name} {case.layout} {dtype}")
+            xg.grad = None
+
+        if harness.verify(records, p, check, direction="fwd+bwd", **common):
+            harness.measure(
+                records,
+                step,
+                provider=p,
+                direction="fwd+bwd",
+                bytes=nbytes,
+                grad_to_none=[xg],
+                **budget,
+                **common,
+            )
+        bar.update()
+
+
+def _time_forward(records, bar, providers, budget, case, dtype, x, common):
+    """The forward of every provider, checked against PyTorch in fp32 (all but the baseline) and
+    timed; the fp32 reference is freed on return."""
+    nbytes = required_bytes(case.x_shape, x.element_size(), "fwd")
+    want = torch.nn.functional.local_response_norm(x.float(), SIZE, ALPHA, BETA, K)
+    for p in providers:
+        bar.set_postfix_str(f"{case.name} {case.layout} {common['dtype']} fwd {p}")
+        fn = _forward(p, x)
+        if p == "torch" or harness.verify(
+            records,
+            p,
+            lambda fn=fn, p=p: _check(fn(), want, dtype, f"{p} forward, {case.name} {case.layout} {dtype}"),
+            direction="fwd",
+            **common,
+        ):
+            harness.measure(
+                records,
+                fn,
+                provider=p,
+                direction="fwd",
+                bytes=nbytes,
+                cudagraph=nbytes < CUDAGRAPH_BELOW_BYTES,
+                **budget,
+                **common,
+            )
+        bar.update()
 
 
 def main(argv=None) -> int:

@@ -61,8 +61,11 @@ def _tv(name, **kw):
 NETWORKS = {
     "alexnet": (lambda b: models.alexnet(variant="torchvision", backend=b), lambda: _tv("alexnet"), (3, 224, 224)),
     "vgg16": (lambda b: models.vgg16(backend=b), lambda: _tv("vgg16"), (3, 224, 224)),
-    "googlenet": (lambda b: models.googlenet(variant="torchvision", backend=b),
-                  lambda: _tv("googlenet", aux_logits=False, init_weights=True), (3, 224, 224)),
+    "googlenet": (
+        lambda b: models.googlenet(variant="torchvision", backend=b),
+        lambda: _tv("googlenet", aux_logits=False, init_weights=True),
+        (3, 224, 224),
+    ),
     "resnet50": (lambda b: models.resnet50(backend=b), lambda: _tv("resnet50"), (3, 224, 224)),
 }
 
@@ -82,7 +85,7 @@ def suite_providers(backends=None, inductor: bool = True) -> list[str]:
 
 
 def _base(provider: str) -> str:
-    return provider[:-len(GRAPH)] if provider.endswith(GRAPH) else provider
+    return provider[: -len(GRAPH)] if provider.endswith(GRAPH) else provider
 
 
 def _backend_of(provider: str):
@@ -133,8 +136,14 @@ def _plan(providers, quick, networks, batches, train_batch):
     return providers, nets, batches, train_batch
 
 
-def cases(providers=None, dtypes=("bfloat16",), quick: bool = False, networks=None, batches=None,
-          train_batch: int = TRAIN_BATCH) -> list[tuple]:
+def cases(
+    providers=None,
+    dtypes=("bfloat16",),
+    quick: bool = False,
+    networks=None,
+    batches=None,
+    train_batch: int = TRAIN_BATCH,
+) -> list[tuple]:
     """``(network, mode, batch, dtype, provider)`` in the order :func:`run` times them; mode is
     "inference" or "train"."""
     providers, nets, batches, train_batch = _plan(providers, quick, networks, batches, train_batch)
@@ -148,8 +157,14 @@ def cases(providers=None, dtypes=("bfloat16",), quick: bool = False, networks=No
     return out
 
 
-def count(providers=None, dtypes=("bfloat16",), quick: bool = False, networks=None, batches=None,
-          train_batch: int = TRAIN_BATCH) -> int:
+def count(
+    providers=None,
+    dtypes=("bfloat16",),
+    quick: bool = False,
+    networks=None,
+    batches=None,
+    train_batch: int = TRAIN_BATCH,
+) -> int:
     """How many timings :func:`run` makes with these arguments (the suite's progress bar)."""
     return len(cases(providers, dtypes, quick, networks, batches, train_batch))
 
@@ -162,13 +177,22 @@ def _check(got, want, dname, what):
     got, want = _logits(got).detach().float(), _logits(want).detach().float()
     err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
     if not err <= TOL[dname]:  # `not <=`: NaN fails too
-        raise harness.WrongResult(f"{OP} benchmark: {what} differs from torchvision by {err:.2e} (relative norm); "
-                             "not timing it")
+        raise harness.WrongResult(
+            f"{OP} benchmark: {what} differs from torchvision by {err:.2e} (relative norm); not timing it"
+        )
 
 
-def run(providers=None, dtypes=("bfloat16",), quick: bool = False, progress: bool = True,
-        device: torch.device | str = "cuda", networks=None, batches=None, train_batch: int = TRAIN_BATCH,
-        table=None) -> list[harness.Result]:
+def run(
+    providers=None,
+    dtypes=("bfloat16",),
+    quick: bool = False,
+    progress: bool = True,
+    device: torch.device | str = "cuda",
+    networks=None,
+    batches=None,
+    train_batch: int = TRAIN_BATCH,
+    table=None,
+) -> list[harness.Result]:
     """Time inference and a training step of every network, dtype, batch and provider.
 
     Args:
@@ -192,87 +216,116 @@ def run(providers=None, dtypes=("bfloat16",), quick: bool = False, progress: boo
     bar = harness.progress_bar(len(todo), OP, progress)
     records = harness.new_records()
     for net in nets:
-        make_cnnkern, make_tv, size = table[net]
+        make_cnnkern, _, size = table[net]
         macs = summary(make_cnnkern(None), (1, *size)).macs  # per image, on the meta device
         for dname in dtypes:
-            dtype = getattr(torch, dname)
-            fmt = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
-            layout = "NCHW" if dtype == torch.float32 else "NHWC"
-            torch.manual_seed(0)
-            tv = make_tv()
-            state = tv.state_dict()
-
-            def build(p):
-                if p == harness.BASELINE:
-                    m = tv
-                elif p == harness.INDUCTOR:
-                    m = copy.deepcopy(tv)
-                elif p.endswith(GRAPH) and _base(p) in nets_of:
-                    return nets_of[_base(p)]  # the same module; the graph adds its own buffers
-                else:
-                    m = make_cnnkern(_backend_of(p))
-                    m.load_state_dict(state)
-                return m.to(device=device, dtype=dtype).to(memory_format=fmt)
-
-            nets_of = {}
-            for p in providers:
-                nets_of[p] = build(p)
-            run_of = {p: _Graphed(m) if p.endswith(GRAPH) else m for p, m in nets_of.items()}
-            if harness.INDUCTOR in providers:
-                run_of[harness.INDUCTOR] = harness.compile_reference(nets_of[harness.INDUCTOR], mode=COMPILE_MODE)
-
-            # inference
-            for m in nets_of.values():
-                m.eval()
-            with torch.no_grad():
-                for n in batches:
-                    x = torch.randn(n, *size, dtype=dtype, device=device).contiguous(memory_format=fmt)
-                    want = run_of[harness.BASELINE](x)
-                    common = dict(op=OP, case=f"{net} inference b{n}", shape=f"{n}x{'x'.join(map(str, size))}",
-                                  dtype=dname, layout=layout, direction="fwd", images=n, flops=2 * macs * n)
-                    ok = [p for p in providers if p == harness.BASELINE or harness.verify(
-                        records, p, lambda p=p: _check(run_of[p](x), want, dname,
-                                                       f"{p} {net} inference batch {n} {dname}"), **common)]
-                    del want
-                    for p in providers:
-                        bar.set_postfix_str(f"{net} inference b{n} {dname} {p}")
-                        if p in ok:
-                            harness.measure(records, lambda f=run_of[p]: f(x), provider=p, **budget, **common)
-                        bar.update()
-                    del x
-
-            # training step: forward, loss, backward, SGD step
-            if not train_batch:
-                continue
-            n = train_batch
-            x = torch.randn(n, *size, dtype=dtype, device=device).contiguous(memory_format=fmt)
-            with torch.no_grad():
-                nets_of[harness.BASELINE].eval()
-                classes = _logits(nets_of[harness.BASELINE](x[:1])).shape[1]
-            y = torch.randint(0, classes, (n,), device=device)
-            common = dict(op=OP, case=f"{net} train b{n}", shape=f"{n}x{'x'.join(map(str, size))}", dtype=dname,
-                          layout=layout, images=n, flops=3 * 2 * macs * n)
-            for p in providers:
-                if p.endswith(GRAPH):
-                    continue
-                model = nets_of[p]
-                model.train()
-                opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-                def step(f=run_of[p], opt=opt):
-                    opt.zero_grad(set_to_none=True)
-                    loss = torch.nn.functional.cross_entropy(_logits(f(x)).float(), y)
-                    loss.backward()
-                    opt.step()
-
-                bar.set_postfix_str(f"{net} train b{n} {dname} {p}")
-                harness.measure(records, step, provider=p, direction="train", **budget, **common)
-                bar.update()
-            del nets_of, run_of, x, y  # (the graphs, and their memory pools, go with run_of)
-            if device.type == "cuda":
+            _run_network(records, bar, providers, budget, device, net, table[net], macs, dname, batches, train_batch)
+            if device.type == "cuda":  # (the models and graphs, and their memory pools, went with its locals)
                 torch.cuda.empty_cache()
     bar.close()
     return records
+
+
+def _run_network(records, bar, providers, budget, device, net, entry, macs, dname, batches, train_batch):
+    """One network and dtype: inference at each batch size, then the training step (unless
+    ``train_batch`` is 0)."""
+    make_cnnkern, make_tv, size = entry
+    dtype = getattr(torch, dname)
+    fmt = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
+    layout = "NCHW" if dtype == torch.float32 else "NHWC"
+    torch.manual_seed(0)
+    tv = make_tv()
+    state = tv.state_dict()
+
+    def build(p):
+        if p == harness.BASELINE:
+            m = tv
+        elif p == harness.INDUCTOR:
+            m = copy.deepcopy(tv)
+        elif p.endswith(GRAPH) and _base(p) in nets_of:
+            return nets_of[_base(p)]  # the same module; the graph adds its own buffers
+        else:
+            m = make_cnnkern(_backend_of(p))
+            m.load_state_dict(state)
+        return m.to(device=device, dtype=dtype).to(memory_format=fmt)
+
+    nets_of = {}
+    for p in providers:
+        nets_of[p] = build(p)
+    run_of = {p: _Graphed(m) if p.endswith(GRAPH) else m for p, m in nets_of.items()}
+    if harness.INDUCTOR in providers:
+        run_of[harness.INDUCTOR] = harness.compile_reference(nets_of[harness.INDUCTOR], mode=COMPILE_MODE)
+
+    # inference
+    for m in nets_of.values():
+        m.eval()
+    with torch.no_grad():
+        for n in batches:
+            x = torch.randn(n, *size, dtype=dtype, device=device).contiguous(memory_format=fmt)
+            common = dict(
+                op=OP,
+                case=f"{net} inference b{n}",
+                shape=f"{n}x{'x'.join(map(str, size))}",
+                dtype=dname,
+                layout=layout,
+                direction="fwd",
+                images=n,
+                flops=2 * macs * n,
+            )
+            ok = _inference_checked(records, providers, run_of, x, dname, f"{net} inference batch {n} {dname}", common)
+            for p in providers:
+                bar.set_postfix_str(f"{net} inference b{n} {dname} {p}")
+                if p in ok:
+                    harness.measure(records, lambda f=run_of[p], x=x: f(x), provider=p, **budget, **common)
+                bar.update()
+            del x
+
+    # training step: forward, loss, backward, SGD step
+    if not train_batch:
+        return
+    n = train_batch
+    x = torch.randn(n, *size, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        nets_of[harness.BASELINE].eval()
+        classes = _logits(nets_of[harness.BASELINE](x[:1])).shape[1]
+    y = torch.randint(0, classes, (n,), device=device)
+    common = dict(
+        op=OP,
+        case=f"{net} train b{n}",
+        shape=f"{n}x{'x'.join(map(str, size))}",
+        dtype=dname,
+        layout=layout,
+        images=n,
+        flops=3 * 2 * macs * n,
+    )
+    for p in providers:
+        if p.endswith(GRAPH):
+            continue
+        model = nets_of[p]
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def step(f=run_of[p], opt=opt):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(_logits(f(x)).float(), y)
+            loss.backward()
+            opt.step()
+
+        bar.set_postfix_str(f"{net} train b{n} {dname} {p}")
+        harness.measure(records, step, provider=p, direction="train", **budget, **common)
+        bar.update()
+
+
+def _inference_checked(records, providers, run_of, x, dname, what, common) -> list[str]:
+    """The providers whose eval output on ``x`` agrees with the baseline's (the baseline always
+    does); the baseline's output is freed on return, before anything is timed."""
+    want = run_of[harness.BASELINE](x)
+    return [
+        p
+        for p in providers
+        if p == harness.BASELINE
+        or harness.verify(records, p, lambda p=p: _check(run_of[p](x), want, dname, f"{p} {what}"), **common)
+    ]
 
 
 def main(argv=None) -> int:

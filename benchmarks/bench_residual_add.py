@@ -127,6 +127,7 @@ def count(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool
 def _fwd_bwd(forward, grad: torch.Tensor):
     def step():
         forward().backward(grad)
+
     return step
 
 
@@ -135,12 +136,18 @@ def _check(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     try:
         torch.testing.assert_close(got, want)
     except AssertionError as exc:
-        raise harness.WrongResult(f"{OP} benchmark: {what} disagrees with the torch baseline; not timing it.\n"
-                                  f"{exc}") from None
+        raise harness.WrongResult(
+            f"{OP} benchmark: {what} disagrees with the torch baseline; not timing it.\n{exc}"
+        ) from None
 
 
-def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool = False,
-        progress: bool = True, device: torch.device | str = "cuda") -> list[harness.Result]:
+def run(
+    providers=None,
+    dtypes=("bfloat16", "float16", "float32"),
+    quick: bool = False,
+    progress: bool = True,
+    device: torch.device | str = "cuda",
+) -> list[harness.Result]:
     """Time every case, dtype, direction and provider on ``device``.
 
     Args:
@@ -167,57 +174,83 @@ def run(providers=None, dtypes=("bfloat16", "float16", "float32"), quick: bool =
     for case in cases:
         fmt = torch.channels_last if case.channels_last else torch.contiguous_format
         for dtype in dts:
-            x = torch.randn(case.x_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
-            s = torch.randn(case.shortcut_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
-            common = dict(op=OP, case=case.name, shape=case.shape, dtype=str(dtype).removeprefix("torch."),
-                          layout=case.layout)
-
-            # forward: every provider is checked against the baseline before any is timed
-            fns = {p: _forward(p, x, s, case) for p in providers}
-            want = fns["torch"]()
-            ok = [p for p in providers if p == harness.BASELINE or harness.verify(
-                records, p, lambda p=p: _check(fns[p](), want, f"{p} forward, {case.name} {case.layout} {dtype}"),
-                direction="fwd", **common)]
-            del want
-            nbytes = required_bytes(case.x_shape, case.shortcut_shape, x.element_size(), "fwd")
-            for p, fn in fns.items():
-                bar.set_postfix_str(f"{case.name} {case.layout} {common['dtype']} fwd {p}")
-                if p in ok:
-                    harness.measure(records, fn, provider=p, direction="fwd", bytes=nbytes,
-                                    cudagraph=nbytes < CUDAGRAPH_BELOW_BYTES, **budget, **common)
-                bar.update()
-
-            # forward + backward: leaves that require grad, one preallocated incoming gradient
-            xg, sg = x.detach().requires_grad_(), s.detach().requires_grad_()
-            g = torch.randn(case.x_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
-            steps = {p: _fwd_bwd(_forward(p, xg, sg, case), g) for p in providers}
-
-            def grads(p):
-                steps[p]()
-                got = (xg.grad, sg.grad)
-                xg.grad = sg.grad = None
-                return got
-
-            want = grads("torch")
-
-            def check(p):
-                got = grads(p)
-                _check(got[0], want[0], f"{p} grad x, {case.name} {case.layout} {dtype}")
-                _check(got[1], want[1], f"{p} grad shortcut, {case.name} {case.layout} {dtype}")
-
-            ok = [p for p in providers if p == harness.BASELINE or
-                  harness.verify(records, p, lambda p=p: check(p), direction="fwd+bwd", **common)]
-            del want
-            nbytes = required_bytes(case.x_shape, case.shortcut_shape, x.element_size(), "fwd+bwd")
-            for p, step in steps.items():
-                bar.set_postfix_str(f"{case.name} {case.layout} {common['dtype']} fwd+bwd {p}")
-                if p in ok:
-                    harness.measure(records, step, provider=p, direction="fwd+bwd", bytes=nbytes,
-                                    grad_to_none=[xg, sg], **budget, **common)
-                bar.update()
-            del x, s, xg, sg, g, fns, steps
+            _run_case(records, bar, providers, budget, case, dtype, fmt, device)
     bar.close()
     return records
+
+
+def _verified(records, providers, baseline, check, **fields) -> list[str]:
+    """The providers that pass ``check(p, want)``, ``want = baseline()`` (the baseline always
+    passes); ``want`` is freed on return, before anything is timed."""
+    want = baseline()
+    return [
+        p
+        for p in providers
+        if p == harness.BASELINE or harness.verify(records, p, lambda p=p: check(p, want), **fields)
+    ]
+
+
+def _run_case(records, bar, providers, budget, case, dtype, fmt, device):
+    """One case and dtype: the forward, then forward+backward, of every provider."""
+    x = torch.randn(case.x_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    s = torch.randn(case.shortcut_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    common = dict(op=OP, case=case.name, shape=case.shape, dtype=str(dtype).removeprefix("torch."), layout=case.layout)
+
+    # forward: every provider is checked against the baseline before any is timed
+    fns = {p: _forward(p, x, s, case) for p in providers}
+
+    def check_forward(p, want):
+        _check(fns[p](), want, f"{p} forward, {case.name} {case.layout} {dtype}")
+
+    ok = _verified(records, providers, fns["torch"], check_forward, direction="fwd", **common)
+    nbytes = required_bytes(case.x_shape, case.shortcut_shape, x.element_size(), "fwd")
+    for p, fn in fns.items():
+        bar.set_postfix_str(f"{case.name} {case.layout} {common['dtype']} fwd {p}")
+        if p in ok:
+            harness.measure(
+                records,
+                fn,
+                provider=p,
+                direction="fwd",
+                bytes=nbytes,
+                cudagraph=nbytes < CUDAGRAPH_BELOW_BYTES,
+                **budget,
+                **common,
+            )
+        bar.update()
+
+    # forward + backward: leaves that require grad, one preallocated incoming gradient
+    xg, sg = x.detach().requires_grad_(), s.detach().requires_grad_()
+    g = torch.randn(case.x_shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    steps = {p: _fwd_bwd(_forward(p, xg, sg, case), g) for p in providers}
+
+    def grads(p):
+        steps[p]()
+        got = (xg.grad, sg.grad)
+        xg.grad = sg.grad = None
+        return got
+
+    def check_grads(p, want):
+        got = grads(p)
+        _check(got[0], want[0], f"{p} grad x, {case.name} {case.layout} {dtype}")
+        _check(got[1], want[1], f"{p} grad shortcut, {case.name} {case.layout} {dtype}")
+
+    ok = _verified(records, providers, lambda: grads("torch"), check_grads, direction="fwd+bwd", **common)
+    nbytes = required_bytes(case.x_shape, case.shortcut_shape, x.element_size(), "fwd+bwd")
+    for p, step in steps.items():
+        bar.set_postfix_str(f"{case.name} {case.layout} {common['dtype']} fwd+bwd {p}")
+        if p in ok:
+            harness.measure(
+                records,
+                step,
+                provider=p,
+                direction="fwd+bwd",
+                bytes=nbytes,
+                grad_to_none=[xg, sg],
+                **budget,
+                **common,
+            )
+        bar.update()
 
 
 def main(argv=None) -> int:

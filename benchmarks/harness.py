@@ -51,7 +51,7 @@ BASELINE = "torch"  # PyTorch eager / cuDNN: the provider every speedup is measu
 # networks (bench_models) use plain "max-autotune", CUDA graphs included, as a user would.
 INDUCTOR = "inductor"
 INDUCTOR_MODE = "max-autotune-no-cudagraphs"
-WIDE_SPREAD = 0.1   # (p80 - p20) / median above this marks a timing as noisy
+WIDE_SPREAD = 0.1  # (p80 - p20) / median above this marks a timing as noisy
 # Benchmarks live in <repo>/benchmarks; realpath so that a symlinked package (cnnkern/benchmarks ->
 # ../benchmarks, used on machines where the package is not pip-installed) still finds the repo.
 HERE = os.path.dirname(os.path.realpath(__file__))
@@ -69,8 +69,14 @@ SCHEMA = 1
 _FORCE_GRAPH = False
 
 
-def time_fn(fn, *, warmup_ms: float = 25, rep_ms: float = 100, cudagraph: bool = False,
-            grad_to_none: list[torch.Tensor] | None = None) -> dict:
+def time_fn(
+    fn,
+    *,
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+    cudagraph: bool = False,
+    grad_to_none: list[torch.Tensor] | None = None,
+) -> dict:
     """GPU time of ``fn()`` in milliseconds.
 
     Args:
@@ -92,15 +98,22 @@ def time_fn(fn, *, warmup_ms: float = 25, rep_ms: float = 100, cudagraph: bool =
     # Only arguments that triton 3.6 (the GPU machine's) and 3.8 both accept.
     quantiles = [0.5, 0.2, 0.8]
     if (cudagraph or _FORCE_GRAPH) and hasattr(triton.testing, "do_bench_cudagraph"):
-        median, p20, p80 = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, grad_to_none=grad_to_none,
-                                                             quantiles=quantiles)
+        median, p20, p80 = triton.testing.do_bench_cudagraph(
+            fn, rep=rep_ms, grad_to_none=grad_to_none, quantiles=quantiles
+        )
         timer = "cudagraph"
     else:
-        median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
-                                                   quantiles=quantiles)
+        median, p20, p80 = triton.testing.do_bench(
+            fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=quantiles
+        )
         timer = "do_bench"
-    return {"median_ms": float(median), "p20_ms": float(p20), "p80_ms": float(p80),
-            "wide_spread": is_wide_spread(median, p20, p80), "timer": timer}
+    return {
+        "median_ms": float(median),
+        "p20_ms": float(p20),
+        "p80_ms": float(p80),
+        "wide_spread": is_wide_spread(median, p20, p80),
+        "timer": timer,
+    }
 
 
 def providers(op: str, requested=None, extra: tuple = (), inductor: bool = True) -> list[str]:
@@ -217,10 +230,12 @@ def git_commit(root: str = REPO_ROOT) -> str:
     if forced:
         return forced
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", root, "status", "--porcelain"], capture_output=True, text=True,
-                                timeout=30, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("-dirty" if status else "") if head else "unknown"
@@ -238,15 +253,19 @@ def environment() -> dict:
 
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     env = {"gpu_name": None, "sm_count": None, "compute_capability": None, "gpu_memory_GiB": None}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        env.update(gpu_name=props.name, sm_count=props.multi_processor_count,
-                   compute_capability=f"{props.major}.{props.minor}",
-                   gpu_memory_GiB=round(props.total_memory / 2**30, 1))
+        env.update(
+            gpu_name=props.name,
+            sm_count=props.multi_processor_count,
+            compute_capability=f"{props.major}.{props.minor}",
+            gpu_memory_GiB=round(props.total_memory / 2**30, 1),
+        )
     env.update(
         torch=torch.__version__,
         triton=triton_version,
@@ -280,11 +299,11 @@ class Result:
 
     op: str
     case: str
-    shape: str          # e.g. "32x256x56x56", or "x 128x32x16x16, s 128x16x32x32"
-    dtype: str          # "bfloat16" | "float16" | "float32"
-    layout: str         # "NCHW" | "NHWC" (channels_last)
-    provider: str       # "torch" (PyTorch eager / cuDNN) | "triton" | "cuda"
-    direction: str      # "fwd" | "fwd+bwd"
+    shape: str  # e.g. "32x256x56x56", or "x 128x32x16x16, s 128x16x32x32"
+    dtype: str  # "bfloat16" | "float16" | "float32"
+    layout: str  # "NCHW" | "NHWC" (channels_last)
+    provider: str  # "torch" (PyTorch eager / cuDNN) | "triton" | "cuda"
+    direction: str  # "fwd" | "fwd+bwd"
     median_ms: float
     p20_ms: float
     p80_ms: float
@@ -297,14 +316,20 @@ class Result:
     ceiling_fraction: float | None = None
     speedup: float | None = None
     speedup_inductor: float | None = None  # "inductor" median / this median, where it was measured
-    images: int | None = None               # whole networks: images per timed call (the batch)
+    images: int | None = None  # whole networks: images per timed call (the batch)
     images_per_s: float | None = None
 
     @classmethod
     def from_timing(cls, timing: dict, **fields) -> Result:
         """A record from :func:`time_fn`'s dict plus the descriptive fields."""
-        return cls(median_ms=timing["median_ms"], p20_ms=timing["p20_ms"], p80_ms=timing["p80_ms"],
-                   wide_spread=timing["wide_spread"], timer=timing["timer"], **fields)
+        return cls(
+            median_ms=timing["median_ms"],
+            p20_ms=timing["p20_ms"],
+            p80_ms=timing["p80_ms"],
+            wide_spread=timing["wide_spread"],
+            timer=timing["timer"],
+            **fields,
+        )
 
     def key(self) -> tuple:
         """What makes two records comparable: the same work, differing only in provider."""
@@ -379,10 +404,10 @@ class Records(list):
         self.failures: list[dict] = []
 
 
-_CURRENT: Records | None = None   # the running module's records (kept when it stops early)
-_DEADLINE: float | None = None    # time.monotonic() after which no check or timing starts
+_CURRENT: Records | None = None  # the running module's records (kept when it stops early)
+_DEADLINE: float | None = None  # time.monotonic() after which no check or timing starts
 _FAILURE_FIELDS = ("op", "case", "shape", "dtype", "layout", "direction")
-_clock = time.monotonic           # the time limit's clock (tests replace it)
+_clock = time.monotonic  # the time limit's clock (tests replace it)
 # a run resumed after a device fault (run_ops run_id=): _RUN (below), the op under way, holds
 # its timings made before the fault, by _ident, reused instead of timed again, and the providers
 # that faulted the device in it, not run again in it
@@ -394,10 +419,10 @@ def _ident(provider: str, fields: dict) -> tuple:
 
 # the hang watchdog (run_ops watchdog=True, in the worker process of `cnnkern bench`): a check or
 # timing that has not returned after hang_limit(provider, op) seconds is taken for a hung kernel
-HANG_S = 180.0           # a kernel check or timing: far more than any case takes, first compilation included
+HANG_S = 180.0  # a kernel check or timing: far more than any case takes, first compilation included
 HANG_COMPILE_S = 1800.0  # what compiles a lot inside one check: Inductor (max-autotune), and a whole
-                         # network, whose first pass compiles and autotunes every layer's kernels
-HANG_EXIT = 3            # the worker's exit status after the watchdog saved a hung op
+# network, whose first pass compiles and autotunes every layer's kernels
+HANG_EXIT = 3  # the worker's exit status after the watchdog saved a hung op
 _ACTIVE: tuple[str, str, dict, float] | None = None  # (provider, stage, fields, start) under way
 
 
@@ -436,26 +461,33 @@ def _device_usable() -> bool:
     try:
         torch.cuda.synchronize()
         return True
-    except Exception:  # noqa: BLE001 - any error here means the context is gone
+    except Exception:
         return False
 
 
 def describe_failure(f: dict) -> str:
     """One line for a ``failures`` entry: provider (stage) on case dtype direction: error."""
-    return (f"{f.get('provider')} ({f.get('stage')}) on {f.get('case')} {f.get('dtype')} {f.get('direction')}: "
-            f"{f.get('error')}")
+    return (
+        f"{f.get('provider')} ({f.get('stage')}) on {f.get('case')} {f.get('dtype')} {f.get('direction')}: "
+        f"{f.get('error')}"
+    )
 
 
 def _record_failure(records: Records, stage: str, provider: str, exc: BaseException, fields: dict) -> None:
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     text = text if len(text) <= 600 else text[:597] + "..."
-    failure = {**{k: fields[k] for k in _FAILURE_FIELDS if k in fields}, "provider": provider, "stage": stage,
-               "error": text}
+    failure = {
+        **{k: fields[k] for k in _FAILURE_FIELDS if k in fields},
+        "provider": provider,
+        "stage": stage,
+        "error": text,
+    }
     records.failures.append(failure)
     print(f"\n!! FAILED, not timed: {describe_failure(failure)}", file=sys.stderr, flush=True)
     if not _device_usable():
-        raise DeviceFault(f"the CUDA context is unusable after {provider} failed on {fields.get('case')}: "
-                          f"{text}", provider) from exc
+        raise DeviceFault(
+            f"the CUDA context is unusable after {provider} failed on {fields.get('case')}: {text}", provider
+        ) from exc
 
 
 def verify(records: Records, provider: str, check, **fields) -> bool:
@@ -475,13 +507,22 @@ def verify(records: Records, provider: str, check, **fields) -> bool:
         with _active(provider, "check", fields):
             check()
         return True
-    except Exception as exc:  # noqa: BLE001 - recorded, reported, and the suite goes on
+    except Exception as exc:
         _record_failure(records, "check", provider, exc, fields)
         return False
 
 
-def measure(records: Records, fn, *, provider: str, warmup_ms: float, rep_ms: float, cudagraph: bool = False,
-            grad_to_none=None, **fields) -> bool:
+def measure(
+    records: Records,
+    fn,
+    *,
+    provider: str,
+    warmup_ms: float,
+    rep_ms: float,
+    cudagraph: bool = False,
+    grad_to_none=None,
+    **fields,
+) -> bool:
     """Time ``fn`` (:func:`time_fn`) and append its :class:`Result` (``provider`` and ``fields``)
     to ``records``; True when it did. An error while timing is recorded as a failure instead
     (False). Raises :class:`TimeLimitReached` past the time limit (before timing), and
@@ -495,7 +536,7 @@ def measure(records: Records, fn, *, provider: str, warmup_ms: float, rep_ms: fl
     try:
         with _active(provider, "timing", fields):
             t = time_fn(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, cudagraph=cudagraph, grad_to_none=grad_to_none)
-    except Exception as exc:  # noqa: BLE001 - recorded, reported, and the suite goes on
+    except Exception as exc:
         _record_failure(records, "timing", provider, exc, fields)
         return False
     records.append(Result.from_timing(t, provider=provider, **fields))
@@ -506,7 +547,7 @@ def measure(records: Records, fn, *, provider: str, warmup_ms: float, rep_ms: fl
 # JSON results
 # ------------------------------------------------------------------------------------------------
 def slug(text: str) -> str:
-    """"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    """ "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
@@ -516,9 +557,18 @@ def default_out_dir(env: dict) -> str:
     return os.path.join(RESULTS_DIR, f"{slug(env.get('gpu_name') or 'no-gpu')}-{day}")
 
 
-def write_results(records: list[Result], env: dict, ceilings: dict | None, out_dir: str | None = None, *,
-                  op: str | None = None, failures: list[dict] | None = None, stopped: str | None = None,
-                  faulted: list[str] | None = None, resumed: list[str] | None = None) -> str:
+def write_results(
+    records: list[Result],
+    env: dict,
+    ceilings: dict | None,
+    out_dir: str | None = None,
+    *,
+    op: str | None = None,
+    failures: list[dict] | None = None,
+    stopped: str | None = None,
+    faulted: list[str] | None = None,
+    resumed: list[str] | None = None,
+) -> str:
     """Write one op's records, with ``env`` and ``ceilings``, to ``<out_dir>/<op>.json``.
 
     Args:
@@ -542,9 +592,17 @@ def write_results(records: list[Result], env: dict, ceilings: dict | None, out_d
     out_dir = out_dir or default_out_dir(env)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{op}.json")
-    data = {"schema": SCHEMA, "op": op, "env": env, "ceilings": ceilings,
-            "results": [dataclasses.asdict(r) for r in records], "failures": list(failures or []),
-            "stopped": stopped, "faulted": list(faulted or []), "resumed": list(resumed or [])}
+    data = {
+        "schema": SCHEMA,
+        "op": op,
+        "env": env,
+        "ceilings": ceilings,
+        "results": [dataclasses.asdict(r) for r in records],
+        "failures": list(failures or []),
+        "stopped": stopped,
+        "faulted": list(faulted or []),
+        "resumed": list(resumed or []),
+    }
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
@@ -593,8 +651,23 @@ def format_table(records) -> str:
     """
     records = [_as_result(r) for r in records]
     with_ind = any(r.speedup_inductor is not None for r in records)
-    head = ["case", "shape", "dtype", "layout", "dir", "provider", "median ms", "p20-p80 ms", "throughput",
-            "% ceil", "speedup"] + (["vs inductor"] if with_ind else []) + ["timer"]
+    head = (
+        [
+            "case",
+            "shape",
+            "dtype",
+            "layout",
+            "dir",
+            "provider",
+            "median ms",
+            "p20-p80 ms",
+            "throughput",
+            "% ceil",
+            "speedup",
+        ]
+        + (["vs inductor"] if with_ind else [])
+        + ["timer"]
+    )
     rows = [tuple(head)]
     prev = None
     spacer = []
@@ -611,7 +684,12 @@ def format_table(records) -> str:
         else:
             rate = "-"
         row = [
-            r.case, r.shape, _SHORT_DTYPE.get(r.dtype, r.dtype), r.layout, r.direction, r.provider,
+            r.case,
+            r.shape,
+            _SHORT_DTYPE.get(r.dtype, r.dtype),
+            r.layout,
+            r.direction,
+            r.provider,
             ("~" if r.wide_spread else "") + f"{r.median_ms:#.4g}",
             f"{r.p20_ms:#.4g}-{r.p80_ms:#.4g}",
             rate,
@@ -640,13 +718,17 @@ def format_table(records) -> str:
 def describe_run(data: dict) -> str:
     """One line naming the device, date, commit and ceilings of a results file's ``data``."""
     env, ceil = data.get("env", {}), data.get("ceilings") or {}
-    parts = [f"{env.get('gpu_name') or 'unknown GPU'}",
-             f"{env.get('timestamp_utc', '?')}",
-             f"commit {env.get('commit', 'unknown')}",
-             f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}"]
+    parts = [
+        f"{env.get('gpu_name') or 'unknown GPU'}",
+        f"{env.get('timestamp_utc', '?')}",
+        f"commit {env.get('commit', 'unknown')}",
+        f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}",
+    ]
     if ceil:
-        parts.append(f"ceilings: copy {ceil.get('copy_GBps', 0):.0f} GB/s, "
-                     f"bf16 matmul {ceil.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s")
+        parts.append(
+            f"ceilings: copy {ceil.get('copy_GBps', 0):.0f} GB/s, "
+            f"bf16 matmul {ceil.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s"
+        )
     return "; ".join(parts)
 
 
@@ -673,8 +755,11 @@ class _PlainProgress:
         now = self._time()
         if now - self.last >= 10 or self.n == self.total:
             eta = (now - self.start) / self.n * (self.total - self.n)
-            print(f"{self.desc}: {self.n}/{self.total}, ETA {int(eta) // 60}m{int(eta) % 60:02d}s  {self.postfix}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{self.desc}: {self.n}/{self.total}, ETA {int(eta) // 60}m{int(eta) % 60:02d}s  {self.postfix}",
+                file=sys.stderr,
+                flush=True,
+            )
             self.last = now
 
     def close(self) -> None:
@@ -744,13 +829,15 @@ def op_networks(op: str) -> set[str] | None:
     return None if nets is None else set(nets)
 
 
-def suite_plan(ops=None, *, dtypes=None, quick: bool = False, backends=None, inductor: bool | None = None,
-               nets=None, batches=None) -> list[tuple[str, dict, int]]:
+def suite_plan(
+    ops=None, *, dtypes=None, quick: bool = False, backends=None, inductor: bool | None = None, nets=None, batches=None
+) -> list[tuple[str, dict, int]]:
     """What :func:`run_ops` will run: ``(op, run keyword arguments, number of timings)`` per op.
 
     ``inductor`` None means on for a full run and off with ``quick`` (max-autotune compiles every
-    case, minutes per op); ``quick`` without ``dtypes`` means bf16 only. An op none of whose networks is in ``nets`` is left out. Needs no GPU
-    except for the provider lists (which backends are available here).
+    case, minutes per op); ``quick`` without ``dtypes`` means bf16 only. An op none of whose networks
+    is in ``nets`` is left out. Needs no GPU except for the provider lists (which backends are
+    available here).
     """
     ops = list(OPS) if ops is None else list(ops)
     unknown = [o for o in ops if o not in OPS]
@@ -766,9 +853,14 @@ def suite_plan(ops=None, *, dtypes=None, quick: bool = False, backends=None, ind
         used = op_networks(op)
         if nets and used is not None and not (used & set(nets)):
             continue
-        kwargs = {"quick": quick, "dtypes": tuple(dtypes) if dtypes else None,
-                  "networks": [n for n in nets if n in used] if nets and used is not None else None,
-                  "batches": tuple(batches) if batches else None, "backends": backends, "inductor": inductor}
+        kwargs = {
+            "quick": quick,
+            "dtypes": tuple(dtypes) if dtypes else None,
+            "networks": [n for n in nets if n in used] if nets and used is not None else None,
+            "batches": tuple(batches) if batches else None,
+            "backends": backends,
+            "inductor": inductor,
+        }
         if hasattr(module, "suite_providers"):  # bench_models: providers of its own
             kwargs["providers"] = module.suite_providers(backends, inductor)
         else:
@@ -799,8 +891,7 @@ class _OpRun:
     """One op's run in this process: what an earlier process of the run left of it, and how its
     JSON is written (by run_ops, or by the hang watchdog while the main thread is stuck)."""
 
-    def __init__(self, op: str, before: dict | None, later: list[str], env: dict, ceilings: dict,
-                 out_dir: str | None):
+    def __init__(self, op: str, before: dict | None, later: list[str], env: dict, ceilings: dict, out_dir: str | None):
         before = before or {}
         self.op, self.later, self.env, self.ceilings, self.out_dir = op, later, env, ceilings, out_dir
         self.prior = {_ident(r["provider"], r): _as_result(r) for r in before.get("results", [])}
@@ -821,8 +912,17 @@ class _OpRun:
         echo(format_table(records) if records else "(no timings)")
         for f in failures:
             echo(f"  FAILED, not timed: {describe_failure(f)}")
-        path = write_results(records, self.env, self.ceilings, self.out_dir, op=self.op, failures=failures,
-                             stopped=stopped, faulted=self.faulted, resumed=self.resumed)
+        path = write_results(
+            records,
+            self.env,
+            self.ceilings,
+            self.out_dir,
+            op=self.op,
+            failures=failures,
+            stopped=stopped,
+            faulted=self.faulted,
+            resumed=self.resumed,
+        )
         echo(f"wrote {path}")
         if stopped:
             echo(f"STOPPED: {stopped}")
@@ -849,10 +949,21 @@ def watchdog_tick(echo=print) -> bool:
     if _clock() - started <= limit:
         return False
     got = _current_records()
-    got.failures.append({**{k: fields[k] for k in _FAILURE_FIELDS if k in fields}, "provider": provider,
-                         "stage": stage, "error": f"hung: no result after {limit:.0f} s"})
-    run.save(got, run.fault(provider, f"{provider} did not finish its {stage} of {fields.get('case')} in "
-                                      f"{limit:.0f} s (a hung kernel?)"), echo=echo)
+    got.failures.append(
+        {
+            **{k: fields[k] for k in _FAILURE_FIELDS if k in fields},
+            "provider": provider,
+            "stage": stage,
+            "error": f"hung: no result after {limit:.0f} s",
+        }
+    )
+    run.save(
+        got,
+        run.fault(
+            provider, f"{provider} did not finish its {stage} of {fields.get('case')} in {limit:.0f} s (a hung kernel?)"
+        ),
+        echo=echo,
+    )
     return True
 
 
@@ -862,10 +973,23 @@ def _watch(stop: threading.Event, period: float = 5.0) -> None:
             os._exit(HANG_EXIT)  # the stuck main thread cannot be interrupted; the supervisor resumes
 
 
-def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None = None,
-            progress: bool = True, echo=print, backends=None, inductor: bool | None = None, nets=None,
-            batches=None, graph: bool = False, time_limit: float | None = None,
-            run_id: str | None = None, watchdog: bool = False) -> list[str]:
+def run_ops(
+    ops=None,
+    *,
+    dtypes=None,
+    quick: bool = False,
+    out_dir: str | None = None,
+    progress: bool = True,
+    echo=print,
+    backends=None,
+    inductor: bool | None = None,
+    nets=None,
+    batches=None,
+    graph: bool = False,
+    time_limit: float | None = None,
+    run_id: str | None = None,
+    watchdog: bool = False,
+) -> list[str]:
     """Measure the ceilings, run each op's benchmark module, print its table, write its JSON.
 
     Needs a CUDA device. Sets ``torch.backends.cudnn.benchmark = True`` for the baselines.
@@ -910,8 +1034,7 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
     t0 = _clock()
     if not torch.cuda.is_available():
         raise RuntimeError("run_ops needs a CUDA device")
-    plan = suite_plan(ops, dtypes=dtypes, quick=quick, backends=backends, inductor=inductor, nets=nets,
-                      batches=batches)
+    plan = suite_plan(ops, dtypes=dtypes, quick=quick, backends=backends, inductor=inductor, nets=nets, batches=batches)
     torch.backends.cudnn.benchmark = True
     earlier = {op: _resumed_state(out_dir, run_id, op) for op, _, _ in plan} if run_id and out_dir else {}
     first = next((d for d in earlier.values() if d), None)
@@ -919,12 +1042,13 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
         env, ceilings = first["env"], first.get("ceilings")
     else:
         env = environment()
-        env.update(inductor_mode=INDUCTOR_MODE, timer_mode="graph" if graph else "eager",
-                   run_id=run_id or new_run_id())
+        env.update(inductor_mode=INDUCTOR_MODE, timer_mode="graph" if graph else "eager", run_id=run_id or new_run_id())
         ceilings = None
-    echo(f"device: {env['gpu_name']} ({env['sm_count']} SMs, sm_{env['compute_capability'].replace('.', '')}); "
-         f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
-         f"commit {env['commit']}; cnnkern._C {'loaded' if env['extension_loaded'] else 'not loaded'}")
+    echo(
+        f"device: {env['gpu_name']} ({env['sm_count']} SMs, sm_{env['compute_capability'].replace('.', '')}); "
+        f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
+        f"commit {env['commit']}; cnnkern._C {'loaded' if env['extension_loaded'] else 'not loaded'}"
+    )
     todo = []
     paths = []
     for op, kwargs, count in plan:
@@ -934,8 +1058,10 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
             paths.append(os.path.join(out_dir, f"{op}.json"))
             continue
         todo.append((op, kwargs, count))
-        echo(f"  {op}: {count} timings; providers {', '.join(kwargs.get('providers', []))}"
-             + (f"; resumed after: {done['stopped']}" if done else ""))
+        echo(
+            f"  {op}: {count} timings; providers {', '.join(kwargs.get('providers', []))}"
+            + (f"; resumed after: {done['stopped']}" if done else "")
+        )
     if ceilings is None:
         echo("measuring ceilings (1 GiB bf16 copy, 8192^3 bf16 matmul) ...")
         ceilings = measure_ceilings()
@@ -951,22 +1077,27 @@ def run_ops(ops=None, *, dtypes=None, quick: bool = False, out_dir: str | None =
             module = importlib.import_module(OPS[op])
             _FORCE_GRAPH = graph and op != "models"
             _CURRENT = None
-            _RUN = run = _OpRun(op, earlier.get(op), [o for o, _, _ in todo[n + 1:]], env, ceilings, out_dir)
+            _RUN = run = _OpRun(op, earlier.get(op), [o for o, _, _ in todo[n + 1 :]], env, ceilings, out_dir)
             stopped = None
             try:
                 got = module.run(progress=progress, **{k: v for k, v in kwargs.items() if k != "progress"})
             except (TimeLimitReached, DeviceFault) as exc:
                 got = _current_records()
                 if isinstance(exc, TimeLimitReached):
-                    stopped = (f"time limit: {time_limit:g} s passed after {_clock() - t0:.0f} s, during this op "
-                               f"({len(got)} timings); not run: {', '.join(run.later) or 'nothing'}")
+                    stopped = (
+                        f"time limit: {time_limit:g} s passed after {_clock() - t0:.0f} s, during this op "
+                        f"({len(got)} timings); not run: {', '.join(run.later) or 'nothing'}"
+                    )
                 else:
                     stopped = run.fault(exc.provider, str(exc))
             except KeyboardInterrupt:  # SIGINT (a lease's end, Ctrl-C): keep what was measured
                 _RUN = None
-                run.save(_current_records(),
-                         f"interrupted after {_clock() - t0:.0f} s; not run: the rest of this op and "
-                         f"{', '.join(run.later) or 'nothing'}", echo=echo)
+                run.save(
+                    _current_records(),
+                    f"interrupted after {_clock() - t0:.0f} s; not run: the rest of this op and "
+                    f"{', '.join(run.later) or 'nothing'}",
+                    echo=echo,
+                )
                 raise
             _RUN = None
             paths.append(run.save(got, stopped, echo=echo))
@@ -1016,21 +1147,42 @@ def bench_main(op: str, argv=None) -> int:
     ap.add_argument("--dtypes", help="comma-separated, e.g. bfloat16,float16,float32")
     ap.add_argument("--quick", action="store_true", help="fewer cases, shorter timings")
     ap.add_argument("--backends", help="comma-separated cnnkern backends (default: every one with a kernel)")
-    ap.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
-                    help='time torch.compile(mode="max-autotune") of the reference too (default: on, off with --quick)')
+    ap.add_argument(
+        "--inductor",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help='time torch.compile(mode="max-autotune") of the reference too (default: on, off with --quick)',
+    )
     ap.add_argument("--out", help="directory for the JSON (default benchmarks/results/<gpu>-<date>)")
     ap.add_argument("--graph", action="store_true", help="time each case as a CUDA-graph replay (no host launch cost)")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--time-limit", type=float, metavar="SECONDS",
-                    help="start no timing after this many seconds; the JSON holds what was measured")
+    ap.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="start no timing after this many seconds; the JSON holds what was measured",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print(f"no CUDA GPU: the {op} benchmark needs one (nothing measured); "
-              "`cnnkern bench` shows the latest committed GPU results")
+        print(
+            f"no CUDA GPU: the {op} benchmark needs one (nothing measured); "
+            "`cnnkern bench` shows the latest committed GPU results"
+        )
         return 0
-    split = (lambda t: [v.strip() for v in t.split(",") if v.strip()] if t else None)  # noqa: E731
-    paths = run_ops([op], dtypes=split(args.dtypes), quick=args.quick, out_dir=args.out,
-                    progress=not args.no_progress, backends=split(args.backends), inductor=args.inductor,
-                    graph=args.graph, time_limit=args.time_limit)
+
+    def split(t):
+        return [v.strip() for v in t.split(",") if v.strip()] if t else None
+
+    paths = run_ops(
+        [op],
+        dtypes=split(args.dtypes),
+        quick=args.quick,
+        out_dir=args.out,
+        progress=not args.no_progress,
+        backends=split(args.backends),
+        inductor=args.inductor,
+        graph=args.graph,
+        time_limit=args.time_limit,
+    )
     status = run_status(paths)
     return 1 if status["failures"] or status["device_fault"] else 0

@@ -28,19 +28,32 @@ from . import harness
 REPORT = "report.md"
 ROOFLINE = "roofline.png"
 # How each op's baseline ("torch" provider) is called in the report.
-BASELINE_LABEL = {"conv2d": "cuDNN", "conv_bn_relu": "eager (cuDNN)", "residual_add": "eager",
-                  "local_response_norm": "eager", "models": "torchvision eager"}
+BASELINE_LABEL = {
+    "conv2d": "cuDNN",
+    "conv_bn_relu": "eager (cuDNN)",
+    "residual_add": "eager",
+    "local_response_norm": "eager",
+    "models": "torchvision eager",
+}
 OP_ORDER = ["conv2d", "conv_bn_relu", "residual_add", "local_response_norm", "models"]
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 _SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
 REGRESSION = 0.05
 # One colour per provider in every plot.
-COLORS = {"torch": "tab:orange", "triton": "tab:green", "cuda": "tab:blue", "inductor": "tab:red",
-          "cnnkern": "tab:purple", "compile": "tab:brown"}
+COLORS = {
+    "torch": "tab:orange",
+    "triton": "tab:green",
+    "cuda": "tab:blue",
+    "inductor": "tab:red",
+    "cnnkern": "tab:purple",
+    "compile": "tab:brown",
+}
 
 
 def _color(provider: str, i: int = 0) -> str:
-    return COLORS.get(provider, f"C{(i + 5) % 10}")  # --compare: a change beyond 5% whose p20-p80 bands do not overlap is real
+    return COLORS.get(
+        provider, f"C{(i + 5) % 10}"
+    )  # --compare: a change beyond 5% whose p20-p80 bands do not overlap is real
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,7 +86,7 @@ def records(data: dict) -> list[harness.Result]:
 
 
 def network_of(case: str) -> str:
-    """"resnet50 layer1.0.conv1 +bias+relu" -> "resnet50"; "large" -> "large"."""
+    """ "resnet50 layer1.0.conv1 +bias+relu" -> "resnet50"; "large" -> "large"."""
     return case.split()[0]
 
 
@@ -140,16 +153,30 @@ def summarize(recs) -> list[dict]:
             noisy[(r.op, network_of(r.case), r.dtype, r.layout, pass_of(r))] += 1
     out = []
     for (op, net, prov, dtype, layout, kind), rs in groups.items():
-        row = dict(op=op, network=net, provider=prov, dtype=dtype, layout=layout, kind=kind, n=len(rs),
-                   noisy=sum(r.wide_spread for r in rs), noisy_baseline=noisy[(op, net, dtype, layout, kind)])
+        row = dict(
+            op=op,
+            network=net,
+            provider=prov,
+            dtype=dtype,
+            layout=layout,
+            kind=kind,
+            n=len(rs),
+            noisy=sum(r.wide_spread for r in rs),
+            noisy_baseline=noisy[(op, net, dtype, layout, kind)],
+        )
         for tag, attr in (("torch", "speedup"), ("inductor", "speedup_inductor")):
             have = [r for r in rs if getattr(r, attr) is not None]
             if have:
                 worst = min(have, key=lambda r: getattr(r, attr))
                 best = max(have, key=lambda r: getattr(r, attr))
-                row[tag] = dict(geomean=geomean(getattr(r, attr) for r in have), n=len(have),
-                                worst=getattr(worst, attr), worst_case=worst.case,
-                                best=getattr(best, attr), best_case=best.case)
+                row[tag] = dict(
+                    geomean=geomean(getattr(r, attr) for r in have),
+                    n=len(have),
+                    worst=getattr(worst, attr),
+                    worst_case=worst.case,
+                    best=getattr(best, attr),
+                    best_case=best.case,
+                )
             else:
                 row[tag] = None
         out.append(row)
@@ -188,11 +215,12 @@ def _table(head, rows) -> list[str]:
 def environment_lines(data: dict) -> list[str]:
     env, ceil = data.get("env", {}), data.get("ceilings") or {}
     cudnn = env.get("cudnn")
+    extension = f"loaded ({env.get('extension_archs')})" if env.get("extension_loaded") else "not loaded"
     lines = [
         f"- device: **{env.get('gpu_name') or 'unknown'}** ({env.get('sm_count')} SMs, compute capability "
         f"{env.get('compute_capability')}, {env.get('gpu_memory_GiB')} GiB)",
         f"- software: torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, cuDNN {cudnn}, "
-        f"Python {env.get('python')}; cnnkern._C {'loaded (' + str(env.get('extension_archs')) + ')' if env.get('extension_loaded') else 'not loaded'}",
+        f"Python {env.get('python')}; cnnkern._C {extension}",
         f"- commit `{env.get('commit')}`, measured {env.get('timestamp_utc')} on host `{env.get('hostname')}`",
         f"- numerics: cudnn.benchmark={env.get('cudnn_benchmark')}, cudnn.allow_tf32={env.get('allow_tf32_cudnn')}, "
         f"matmul.allow_tf32={env.get('allow_tf32_matmul')}",
@@ -201,25 +229,50 @@ def environment_lines(data: dict) -> list[str]:
     if settings:  # (kernel pins, split-K, tuning: what makes this run differ from the defaults)
         lines.append("- cnnkern settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()))
     if ceil:
-        lines.append(f"- ceilings measured in the same run: device copy {ceil.get('copy_GBps', 0):,.0f} GB/s "
-                     f"(1 GiB bf16 copy_, read + write), bf16 matmul {ceil.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s "
-                     "(8192^3 torch.mm)")
+        lines.append(
+            f"- ceilings measured in the same run: device copy {ceil.get('copy_GBps', 0):,.0f} GB/s "
+            f"(1 GiB bf16 copy_, read + write), bf16 matmul {ceil.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s "
+            "(8192^3 torch.mm)"
+        )
     return lines
 
 
 def summary_table(rows) -> list[str]:
-    head = ["op", "network", "provider", "dtype", "layout", "pass", "layers", "geomean vs baseline",
-            "worst vs baseline (layer)", "best vs baseline", "geomean vs Inductor", "worst vs Inductor (layer)",
-            "noisy timings (provider / baseline)"]
+    head = [
+        "op",
+        "network",
+        "provider",
+        "dtype",
+        "layout",
+        "pass",
+        "layers",
+        "geomean vs baseline",
+        "worst vs baseline (layer)",
+        "best vs baseline",
+        "geomean vs Inductor",
+        "worst vs Inductor (layer)",
+        "noisy timings (provider / baseline)",
+    ]
     body = []
     for s in rows:
         t, i = s["torch"], s["inductor"]
-        body.append([
-            s["op"], s["network"], s["provider"], _SHORT.get(s["dtype"], s["dtype"]), s["layout"], s["kind"], s["n"],
-            _x(t and t["geomean"]), f"{_x(t['worst'])} ({layer_of(t['worst_case'])})" if t else "-",
-            _x(t and t["best"]), _x(i and i["geomean"]),
-            f"{_x(i['worst'])} ({layer_of(i['worst_case'])})" if i else "-",
-            f"{s['noisy']} / {s['noisy_baseline']}"])
+        body.append(
+            [
+                s["op"],
+                s["network"],
+                s["provider"],
+                _SHORT.get(s["dtype"], s["dtype"]),
+                s["layout"],
+                s["kind"],
+                s["n"],
+                _x(t and t["geomean"]),
+                f"{_x(t['worst'])} ({layer_of(t['worst_case'])})" if t else "-",
+                _x(t and t["best"]),
+                _x(i and i["geomean"]),
+                f"{_x(i['worst'])} ({layer_of(i['worst_case'])})" if i else "-",
+                f"{s['noisy']} / {s['noisy_baseline']}",
+            ]
+        )
     return _table(head, body)
 
 
@@ -238,17 +291,35 @@ def op_tables(op: str, recs) -> list[str]:
             continue
         ceiling = "% of matmul ceiling" if any(r.tflops is not None for r in mine) else "% of copy ceiling"
         out += ["", f"### {op}: {net}, {_SHORT.get(dtype, dtype)} {layout}, {kind}", ""]
-        head = ["layer", "shape", "provider", "median ms (p20-p80)", "throughput", ceiling,
-                f"{base_label} ms", f"vs {base_label}", "Inductor ms", "vs Inductor"]
+        head = [
+            "layer",
+            "shape",
+            "provider",
+            "median ms (p20-p80)",
+            "throughput",
+            ceiling,
+            f"{base_label} ms",
+            f"vs {base_label}",
+            "Inductor ms",
+            "vs Inductor",
+        ]
         rows = []
         for r in mine:
             b, i = base.get(r.case), ind.get(r.case)
-            rows.append([layer_of(r.case) if op != "models" else r.case.split(None, 1)[-1], r.shape, r.provider,
-                         _ms(r), _rate(r),
-                         "-" if r.ceiling_fraction is None else f"{100 * r.ceiling_fraction:.1f}%",
-                         _ms(b) if b else "-", _x(r.speedup),
-                         (_ms(i) if i else "-") if r.provider != harness.INDUCTOR else "-",
-                         _x(r.speedup_inductor) if r.provider != harness.INDUCTOR else "-"])
+            rows.append(
+                [
+                    layer_of(r.case) if op != "models" else r.case.split(None, 1)[-1],
+                    r.shape,
+                    r.provider,
+                    _ms(r),
+                    _rate(r),
+                    "-" if r.ceiling_fraction is None else f"{100 * r.ceiling_fraction:.1f}%",
+                    _ms(b) if b else "-",
+                    _x(r.speedup),
+                    (_ms(i) if i else "-") if r.provider != harness.INDUCTOR else "-",
+                    _x(r.speedup_inductor) if r.provider != harness.INDUCTOR else "-",
+                ]
+            )
         out += _table(head, rows)
     return out
 
@@ -263,9 +334,13 @@ def build_markdown(datas: list[dict], plots: list[str]) -> str:
     measured_ind = any(r.provider == harness.INDUCTOR for r in flat)
     noisy = sum(r.wide_spread for r in flat)
     day = (env.get("timestamp_utc") or "")[:10]
-    lines = [f"# cnnkern benchmark report: {env.get('gpu_name') or 'unknown GPU'}, {day}", "",
-             f"Generated by `cnnkern bench --report` from {', '.join(os.path.basename(d['_path']) for d in datas)} "
-             "(no figure on this page is computed from anything but those files).", ""]
+    lines = [
+        f"# cnnkern benchmark report: {env.get('gpu_name') or 'unknown GPU'}, {day}",
+        "",
+        f"Generated by `cnnkern bench --report` from {', '.join(os.path.basename(d['_path']) for d in datas)} "
+        "(no figure on this page is computed from anything but those files).",
+        "",
+    ]
     lines += environment_lines(first)
     commits = {d.get("env", {}).get("commit") for d in datas}
     if len(commits) > 1:
@@ -274,41 +349,67 @@ def build_markdown(datas: list[dict], plots: list[str]) -> str:
         if d.get("stopped"):
             lines.append(f"- **{d['op']} stopped early**: {d['stopped']}")
         for reason in d.get("resumed") or []:
-            lines.append(f"- **{d['op']} resumed in a fresh process** after: {reason} (timings made before it were "
-                         f"kept; left out of the rest of the op: {', '.join(d.get('faulted') or []) or 'nothing'})")
+            lines.append(
+                f"- **{d['op']} resumed in a fresh process** after: {reason} (timings made before it were "
+                f"kept; left out of the rest of the op: {', '.join(d.get('faulted') or []) or 'nothing'})"
+            )
     failures = [(d["op"], f) for d in datas for f in d.get("failures") or []]
     if failures:
-        lines.append(f"- **{len(failures)} provider failure(s)**: wrong results or errors, not timed (listed under "
-                     "Failures below)")
+        lines.append(
+            f"- **{len(failures)} provider failure(s)**: wrong results or errors, not timed (listed under "
+            "Failures below)"
+        )
     lines += [
         "",
-        ("**Timer: CUDA graphs** (`cnnkern bench --graph`): every per-op time is a CUDA-graph replay, the "
-         "kernels' GPU time without the host's launch cost, for every provider alike. " if env.get("timer_mode") == "graph"
-         else "") +
-        "Every time is the median of many runs (`triton.testing.do_bench`, L2 flushed; `graph` = one CUDA "
+        (
+            "**Timer: CUDA graphs** (`cnnkern bench --graph`): every per-op time is a CUDA-graph replay, the "
+            "kernels' GPU time without the host's launch cost, for every provider alike. "
+            if env.get("timer_mode") == "graph"
+            else ""
+        )
+        + "Every time is the median of many runs (`triton.testing.do_bench`, L2 flushed; `graph` = one CUDA "
         "graph for few-microsecond cases) with its p20-p80 spread in parentheses. `~` marks a spread wider "
         f"than {100 * harness.WIDE_SPREAD:.0f}% of the median (a noisy timing: read it with care); "
         f"{noisy} of the {len(flat)} timings here are noisy. Speedup = baseline median / this median "
         "(above 1: faster). The baseline is PyTorch with cudnn.benchmark=True, same dtype, layout and TF32 "
         "setting.",
         "",
-        ("Inductor (`torch.compile(mode=\"max-autotune\")` of the same PyTorch computation) was measured in this "
-         "run." if measured_ind else
-         "**Inductor was not measured in this run**: every 'vs Inductor' cell is empty (`cnnkern bench` without "
-         "`--quick`, or with `--inductor`, measures it)."),
+        (
+            'Inductor (`torch.compile(mode="max-autotune")` of the same PyTorch computation) was measured in this run.'
+            if measured_ind
+            else "**Inductor was not measured in this run**: every 'vs Inductor' cell is empty "
+            "(`cnnkern bench` without `--quick`, or with `--inductor`, measures it)."
+        ),
         "",
         "## Summary: geometric means and worst cases",
         "",
     ]
     lines += summary_table(summarize(flat))
     if failures:
-        lines += ["", "## Failures", "",
-                  "Each of these providers failed its correctness check against the baseline, or raised, on this "
-                  "case: it has no timing there.", ""]
-        lines += _table(["op", "case", "dtype", "layout", "dir", "provider", "stage", "error"],
-                        [[op, f.get("case", "?"), _SHORT.get(f.get("dtype"), f.get("dtype", "?")), f.get("layout", "?"),
-                          f.get("direction", "?"), f.get("provider", "?"), f.get("stage", "?"),
-                          f.get("error", "")] for op, f in failures])
+        lines += [
+            "",
+            "## Failures",
+            "",
+            "Each of these providers failed its correctness check against the baseline, or raised, on this "
+            "case: it has no timing there.",
+            "",
+        ]
+        lines += _table(
+            ["op", "case", "dtype", "layout", "dir", "provider", "stage", "error"],
+            [
+                [
+                    op,
+                    f.get("case", "?"),
+                    _SHORT.get(f.get("dtype"), f.get("dtype", "?")),
+                    f.get("layout", "?"),
+                    f.get("direction", "?"),
+                    f.get("provider", "?"),
+                    f.get("stage", "?"),
+                    f.get("error", ""),
+                ]
+                for op, f in failures
+            ],
+        )
     if plots:
         lines += ["", "## Plots", ""]
         for p in plots:
@@ -360,8 +461,9 @@ def plot_speedups(recs, network: str, path: str) -> str | None:
 
     keys = list(panels)
     heights = [max(1.6, 0.26 * len(panels[k]) + 1.0) for k in keys]
-    fig, axes = plt.subplots(len(keys), 1, figsize=(11, sum(heights)), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+    fig, axes = plt.subplots(
+        len(keys), 1, figsize=(11, sum(heights)), squeeze=False, gridspec_kw={"height_ratios": heights}
+    )
     for ax, key in zip(axes[:, 0], keys):
         rs = panels[key]
         provs = sorted({r.provider for r in rs})
@@ -371,16 +473,17 @@ def plot_speedups(recs, network: str, path: str) -> str | None:
         k = 0
         allx = []
         for p in provs:
-            for attr, hatch, label in (("speedup", None, f"{p} vs {BASELINE_LABEL.get(key[0], 'baseline')}"),
-                                       ("speedup_inductor", "//", f"{p} vs Inductor")):
+            for attr, hatch, label in (
+                ("speedup", None, f"{p} vs {BASELINE_LABEL.get(key[0], 'baseline')}"),
+                ("speedup_inductor", "//", f"{p} vs Inductor"),
+            ):
                 vals = {name(r.case): r for r in rs if r.provider == p and getattr(r, attr) is not None}
                 if not vals:
                     continue
                 ys = [i + (k - 0.5) * height - 0.4 + height for i, name in enumerate(layers) if name in vals]
                 xs = [getattr(vals[name], attr) for name in layers if name in vals]
                 edge = ["red" if vals[name].wide_spread else "none" for name in layers if name in vals]
-                ax.barh(ys, xs, height=height, hatch=hatch, label=label, edgecolor=edge, linewidth=1.2,
-                        color=_color(p))
+                ax.barh(ys, xs, height=height, hatch=hatch, label=label, edgecolor=edge, linewidth=1.2, color=_color(p))
                 for y, v in zip(ys, xs):
                     ax.text(v, y, f" {v:.2f}x", va="center", fontsize=6)
                 allx += xs
@@ -414,8 +517,11 @@ def plot_roofline(recs, ceilings: dict, path: str) -> str | None:
     every bf16/fp16 record with a FLOP count, under the measured roofline min(bf16 matmul rate,
     intensity x copy bandwidth). Right: the memory-bound ops' achieved fraction of the measured
     copy bandwidth. Returns ``path``, or None with nothing to plot."""
-    pts = [r for r in recs if r.tflops is not None and r.dtype in ("bfloat16", "float16") and intensity(r)
-           and r.op != "models"]
+    pts = [
+        r
+        for r in recs
+        if r.tflops is not None and r.dtype in ("bfloat16", "float16") and intensity(r) and r.op != "models"
+    ]
     bw = [r for r in recs if r.flops is None and r.gbps is not None and r.ceiling_fraction is not None]
     if not pts and not bw:
         return None
@@ -427,13 +533,25 @@ def plot_roofline(recs, ceilings: dict, path: str) -> str | None:
         lo, hi = min(ais) / 2, max(ais) * 2
         if copy_gbps and peak:
             xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
-            ax.plot(xs, [min(peak, x * copy_gbps / 1000) for x in xs], color="black", linewidth=1.5,
-                    label=f"measured roofline: {copy_gbps:,.0f} GB/s copy, {peak:.0f} TFLOP/s bf16 matmul")
+            ax.plot(
+                xs,
+                [min(peak, x * copy_gbps / 1000) for x in xs],
+                color="black",
+                linewidth=1.5,
+                label=f"measured roofline: {copy_gbps:,.0f} GB/s copy, {peak:.0f} TFLOP/s bf16 matmul",
+            )
         markers = {"conv2d": "o", "conv_bn_relu": "s"}
-        for (op, prov) in sorted({(r.op, r.provider) for r in pts}):
+        for op, prov in sorted({(r.op, r.provider) for r in pts}):
             sel = [r for r in pts if r.op == op and r.provider == prov]
-            ax.scatter([intensity(r) for r in sel], [r.tflops for r in sel], s=18, alpha=0.75, color=_color(prov),
-                       marker=markers.get(op, "^"), label=f"{op} {prov} ({len(sel)})")
+            ax.scatter(
+                [intensity(r) for r in sel],
+                [r.tflops for r in sel],
+                s=18,
+                alpha=0.75,
+                color=_color(prov),
+                marker=markers.get(op, "^"),
+                label=f"{op} {prov} ({len(sel)})",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("arithmetic intensity (FLOP / minimum bytes moved)")
@@ -444,16 +562,27 @@ def plot_roofline(recs, ceilings: dict, path: str) -> str | None:
     else:
         ax.set_axis_off()
     if bw:
-        labels = [f"{r.op.replace('local_response_norm', 'lrn')} {r.case} {r.layout} {_SHORT.get(r.dtype, r.dtype)} "
-                  f"{r.direction} [{r.provider}]" for r in bw]
+        labels = [
+            f"{r.op.replace('local_response_norm', 'lrn')} {r.case} {r.layout} {_SHORT.get(r.dtype, r.dtype)} "
+            f"{r.direction} [{r.provider}]"
+            for r in bw
+        ]
         vals = [100 * r.ceiling_fraction for r in bw]
-        bx.barh(range(len(bw)), vals, color=[_color(r.provider) for r in bw],
-                edgecolor=["black" if r.wide_spread else "none" for r in bw], linewidth=1.2)
+        bx.barh(
+            range(len(bw)),
+            vals,
+            color=[_color(r.provider) for r in bw],
+            edgecolor=["black" if r.wide_spread else "none" for r in bw],
+            linewidth=1.2,
+        )
         from matplotlib.patches import Patch
 
-        bx.legend(handles=[Patch(color=_color(p), label=p) for p in sorted({r.provider for r in bw})]
-                  + [Patch(facecolor="white", edgecolor="black", label="noisy (p20-p80 > 10%)")],
-                  fontsize=7, loc="lower right")
+        bx.legend(
+            handles=[Patch(color=_color(p), label=p) for p in sorted({r.provider for r in bw})]
+            + [Patch(facecolor="white", edgecolor="black", label="noisy (p20-p80 > 10%)")],
+            fontsize=7,
+            loc="lower right",
+        )
         bx.set_yticks(range(len(bw)))
         bx.set_yticklabels(labels, fontsize=6)
         bx.invert_yaxis()
@@ -523,6 +652,7 @@ def compare(a_path: str, b_path: str, threshold: float = REGRESSION) -> list[dic
     A's p80 (the bands do not overlap), "improvement" the other way round, "noise" when the change
     is beyond the threshold but the bands overlap, else "same". Sorted regressions first (largest
     slowdown first), then noise, same and improvements (largest speedup last)."""
+
     def index(path):
         out = {}
         for d in load(path):
@@ -561,19 +691,33 @@ def compare_text(a_path: str, b_path: str, threshold: float = REGRESSION) -> str
     only_b = len(set(_keys(b_path)) - {r["key"] for r in rows})
     if only_a or only_b:
         lines.append(f"not compared: {only_a} timings only in A, {only_b} only in B")
-    lines.append(f"{len(rows)} matching timings: {counts['regression']} regressions, {counts['improvement']} "
-                 f"improvements, {counts['noise']} changes within the noise, {counts['same']} unchanged "
-                 f"(threshold {100 * threshold:.0f}%, p20-p80 bands must not overlap)")
+    lines.append(
+        f"{len(rows)} matching timings: {counts['regression']} regressions, {counts['improvement']} "
+        f"improvements, {counts['noise']} changes within the noise, {counts['same']} unchanged "
+        f"(threshold {100 * threshold:.0f}%, p20-p80 bands must not overlap)"
+    )
     table = [("verdict", "op", "case", "dtype", "layout", "dir", "provider", "A ms", "B ms", "change")]
     for r in rows:
         op, case, dtype, layout, direction, prov = r["key"]
-        table.append((r["verdict"], op, case, _SHORT.get(dtype, dtype), layout, direction, prov,
-                      ("~" if r["a"].wide_spread else "") + f"{r['a'].median_ms:#.4g}",
-                      ("~" if r["b"].wide_spread else "") + f"{r['b'].median_ms:#.4g}", f"{100 * r['change']:+.1f}%"))
+        table.append(
+            (
+                r["verdict"],
+                op,
+                case,
+                _SHORT.get(dtype, dtype),
+                layout,
+                direction,
+                prov,
+                ("~" if r["a"].wide_spread else "") + f"{r['a'].median_ms:#.4g}",
+                ("~" if r["b"].wide_spread else "") + f"{r['b'].median_ms:#.4g}",
+                f"{100 * r['change']:+.1f}%",
+            )
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for n, row in enumerate(table):
-        lines.append("  ".join(c.rjust(w) if i >= 7 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                     .rstrip())
+        lines.append(
+            "  ".join(c.rjust(w) if i >= 7 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        )
         if n == 0:
             lines.append("-" * len(lines[-1]))
     return "\n".join(lines)
@@ -582,8 +726,9 @@ def compare_text(a_path: str, b_path: str, threshold: float = REGRESSION) -> str
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m cnnkern.benchmarks.report",
-                                 description="Build report.md and plots from a results directory.")
+    ap = argparse.ArgumentParser(
+        prog="python -m cnnkern.benchmarks.report", description="Build report.md and plots from a results directory."
+    )
     ap.add_argument("dir")
     ap.add_argument("--out", help="where to write (default: DIR)")
     args = ap.parse_args(argv)

@@ -8,7 +8,8 @@
 Backends: "auto" (default), "triton", "cuda", "torch"; see :func:`available_backends`.
 """
 
-from ._backend import (  # noqa: F401
+from . import functional, models, nn
+from ._backend import (
     BACKENDS,
     BackendUnavailableError,
     available_backends,
@@ -16,14 +17,21 @@ from ._backend import (  # noqa: F401
     set_backend,
     use_backend,
 )
-from . import functional, nn  # noqa: F401,E402
-from . import models  # noqa: F401,E402
-from .convert import convert  # noqa: E402
-from .summary import summary  # noqa: E402
+from .convert import convert
+from .summary import summary
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "available_backends", "get_backend", "set_backend",
-    "use_backend", "functional", "nn", "models", "convert", "summary",
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "functional",
+    "nn",
+    "models",
+    "convert",
+    "summary",
 ]

@@ -56,18 +56,22 @@ class BackendUnavailableError(RuntimeError):
 _C = None
 _C_ERROR: str | None = None
 try:
-    from cnnkern import _C  # noqa: F401  (registers torch.ops.cnnkern.*_cuda)
+    from cnnkern import _C
 except ImportError as exc:  # not built (no toolkit, CNNKERN_SKIP_CUDA_BUILD) or built for another torch
     _C = None
     here = os.path.dirname(os.path.abspath(__file__))
     built = [f for f in os.listdir(here) if f.startswith("_C") and f.endswith((".so", ".pyd"))]
     if built:
-        _C_ERROR = (f"cnnkern._C exists ({built[0]}) but failed to load: {exc}. It was probably built "
-                    "against another torch or Python; rebuild it: pip install --no-build-isolation --no-deps -e .")
+        _C_ERROR = (
+            f"cnnkern._C exists ({built[0]}) but failed to load: {exc}. It was probably built "
+            "against another torch or Python; rebuild it: pip install --no-build-isolation --no-deps -e ."
+        )
     else:
-        _C_ERROR = ("cnnkern._C is not built (no CUDA toolkit was found at build time, or "
-                    "CNNKERN_SKIP_CUDA_BUILD was set). Build it with a CUDA toolkit: "
-                    "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation --no-deps -e .")
+        _C_ERROR = (
+            "cnnkern._C is not built (no CUDA toolkit was found at build time, or "
+            "CNNKERN_SKIP_CUDA_BUILD was set). Build it with a CUDA toolkit: "
+            "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation --no-deps -e ."
+        )
 
 
 def has_extension() -> bool:
@@ -76,7 +80,9 @@ def has_extension() -> bool:
 
 
 # Looked up once, at import: torch.compile traces resolve() and cannot trace importlib.
-_TRITON_ERROR = None if importlib.util.find_spec("triton") is not None else "Triton is not installed: pip install triton"
+_TRITON_ERROR = (
+    None if importlib.util.find_spec("triton") is not None else "Triton is not installed: pip install triton"
+)
 
 
 def interpreter_enabled() -> bool:
@@ -100,7 +106,9 @@ def unavailable_reason(name: str, device: torch.device | str | None = None) -> s
     if isinstance(device, torch.device):
         dev = device
     else:
-        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = (
+            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
     if name == "triton":
         if _TRITON_ERROR:
             return _TRITON_ERROR
@@ -109,16 +117,20 @@ def unavailable_reason(name: str, device: torch.device | str | None = None) -> s
         if dev.type == "cpu":
             if interpreter_enabled():
                 return None
-            return ("the Triton backend got CPU tensors, and Triton runs on the CPU only under its "
-                    "interpreter: set TRITON_INTERPRET=1 before importing cnnkern, move the tensors to "
-                    "a CUDA device, or use backend='torch'")
+            return (
+                "the Triton backend got CPU tensors, and Triton runs on the CPU only under its "
+                "interpreter: set TRITON_INTERPRET=1 before importing cnnkern, move the tensors to "
+                "a CUDA device, or use backend='torch'"
+            )
         return f"the Triton backend does not support device type {dev.type!r}"
     # name == "cuda"
     if _C is None:
         return _C_ERROR
     if dev.type != "cuda":
-        return (f"the CUDA C++ backend needs CUDA tensors, got device {str(dev)!r}; move the tensors to "
-                "a CUDA device or use backend='torch' (or 'triton' under TRITON_INTERPRET=1)")
+        return (
+            f"the CUDA C++ backend needs CUDA tensors, got device {str(dev)!r}; move the tensors to "
+            "a CUDA device or use backend='torch' (or 'triton' under TRITON_INTERPRET=1)"
+        )
     if not torch.cuda.is_available():
         return "no CUDA device is available to PyTorch"
     return None

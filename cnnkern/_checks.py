@@ -21,8 +21,10 @@ def tensor(op: str, name: str, t, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be a floating-point tensor (float16, bfloat16, float32 or "
-                        f"float64), got dtype {_fmt_dtype(t.dtype)}")
+        raise TypeError(
+            f"{op}: {name} must be a floating-point tensor (float16, bfloat16, float32 or "
+            f"float64), got dtype {_fmt_dtype(t.dtype)}"
+        )
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D, got {t.dim()}-D with shape {tuple(t.shape)}")
 
@@ -33,8 +35,10 @@ def same_dtype_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch
         if t is None:
             continue
         if t.dtype != ref.dtype:
-            raise TypeError(f"{op}: {name} has dtype {_fmt_dtype(t.dtype)} but {ref_name} has dtype "
-                            f"{_fmt_dtype(ref.dtype)}; convert one of them (no implicit promotion)")
+            raise TypeError(
+                f"{op}: {name} has dtype {_fmt_dtype(t.dtype)} but {ref_name} has dtype "
+                f"{_fmt_dtype(ref.dtype)}; convert one of them (no implicit promotion)"
+            )
         if t.device != ref.device:
             raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
@@ -55,33 +59,47 @@ def option_a_stride(op: str, x: torch.Tensor, shortcut: torch.Tensor) -> int:
     n, c, h, w = x.shape
     ns, cs, hs, ws = shortcut.shape
     if ns != n:
-        raise ValueError(f"{op}: shortcut has batch size {ns} but x has {n} "
-                         f"(shortcut {tuple(shortcut.shape)}, x {tuple(x.shape)})")
+        raise ValueError(
+            f"{op}: shortcut has batch size {ns} but x has {n} (shortcut {tuple(shortcut.shape)}, x {tuple(x.shape)})"
+        )
     if cs > c:
-        raise ValueError(f"{op}: shortcut has {cs} channels, more than x's {c}: an option-A shortcut can "
-                         f"only be zero-padded up to x's channels (shortcut {tuple(shortcut.shape)}, "
-                         f"x {tuple(x.shape)}); use a projection (1x1 conv) shortcut instead")
+        raise ValueError(
+            f"{op}: shortcut has {cs} channels, more than x's {c}: an option-A shortcut can "
+            f"only be zero-padded up to x's channels (shortcut {tuple(shortcut.shape)}, "
+            f"x {tuple(x.shape)}); use a projection (1x1 conv) shortcut instead"
+        )
     if (hs, ws) == (h, w):
         return 1
     if h > 0 and w > 0:
         for s in range(2, max(hs, ws) + 1):
             if -(-hs // s) == h and -(-ws // s) == w:
                 return s
-    raise ValueError(f"{op}: no option-A stride maps the shortcut's spatial size {hs}x{ws} onto x's {h}x{w}: "
-                     f"need an integer s with ceil({hs}/s) == {h} and ceil({ws}/s) == {w} "
-                     f"(shortcut {tuple(shortcut.shape)}, x {tuple(x.shape)})")
+    raise ValueError(
+        f"{op}: no option-A stride maps the shortcut's spatial size {hs}x{ws} onto x's {h}x{w}: "
+        f"need an integer s with ceil({hs}/s) == {h} and ceil({ws}/s) == {w} "
+        f"(shortcut {tuple(shortcut.shape)}, x {tuple(x.shape)})"
+    )
 
 
 def _pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each >= minimum, as a pair."""
     if type(value) is int and value >= minimum:  # the common cases, on every call's host path
         return value, value
-    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int \
-            and value[0] >= minimum and value[1] >= minimum:
+    if (
+        type(value) is tuple
+        and len(value) == 2
+        and type(value[0]) is int
+        and type(value[1]) is int
+        and value[0] >= minimum
+        and value[1] >= minimum
+    ):
         return value
     vals = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    ok = isinstance(vals, (tuple, list)) and len(vals) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in vals)
+    ok = (
+        isinstance(vals, (tuple, list))
+        and len(vals) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in vals)
+    )
     if not ok:
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
     if min(vals) < minimum:
@@ -103,14 +121,19 @@ def conv_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias, stride, padd
     n, c, h, w = x.shape
     k, cg, r, s = weight.shape
     if c % groups or k % groups:
-        raise ValueError(f"{op}: groups={groups} must divide both the input channels ({c}) and the output "
-                         f"channels ({k}) (input {tuple(x.shape)}, weight {tuple(weight.shape)})")
+        raise ValueError(
+            f"{op}: groups={groups} must divide both the input channels ({c}) and the output "
+            f"channels ({k}) (input {tuple(x.shape)}, weight {tuple(weight.shape)})"
+        )
     if cg != c // groups:
-        raise ValueError(f"{op}: weight {tuple(weight.shape)} expects {cg * groups} input channels with "
-                         f"groups={groups}, but input {tuple(x.shape)} has {c}")
+        raise ValueError(
+            f"{op}: weight {tuple(weight.shape)} expects {cg * groups} input channels with "
+            f"groups={groups}, but input {tuple(x.shape)} has {c}"
+        )
     if bias is not None and bias.shape[0] != k:
-        raise ValueError(f"{op}: bias has {bias.shape[0]} elements but weight {tuple(weight.shape)} has {k} "
-                         "output channels")
+        raise ValueError(
+            f"{op}: bias has {bias.shape[0]} elements but weight {tuple(weight.shape)} has {k} output channels"
+        )
     if min(r, s) < 1:
         raise ValueError(f"{op}: weight {tuple(weight.shape)} has an empty kernel")
     stride = _pair(op, "stride", stride, 1)
@@ -120,8 +143,9 @@ def conv_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias, stride, padd
             pad = [0, 0, 0, 0]
         elif padding == "same":
             if stride != (1, 1):
-                raise ValueError(f"{op}: padding='same' is not supported for strided convolutions "
-                                 f"(stride={stride}), as in PyTorch")
+                raise ValueError(
+                    f"{op}: padding='same' is not supported for strided convolutions (stride={stride}), as in PyTorch"
+                )
             th, tw = dilation[0] * (r - 1), dilation[1] * (s - 1)
             pad = [th // 2, tw // 2, th - th // 2, tw - tw // 2]
         else:
@@ -131,9 +155,11 @@ def conv_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias, stride, padd
         pad = [ph, pw, ph, pw]
     eff_h, eff_w = dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1
     if eff_h > h + pad[0] + pad[2] or eff_w > w + pad[1] + pad[3]:
-        raise ValueError(f"{op}: the kernel ({eff_h}x{eff_w} with dilation {dilation}) is larger than the padded "
-                         f"input ({h + pad[0] + pad[2]}x{w + pad[1] + pad[3]}; input {tuple(x.shape)}, "
-                         f"padding {padding!r})")
+        raise ValueError(
+            f"{op}: the kernel ({eff_h}x{eff_w} with dilation {dilation}) is larger than the padded "
+            f"input ({h + pad[0] + pad[2]}x{w + pad[1] + pad[3]}; input {tuple(x.shape)}, "
+            f"padding {padding!r})"
+        )
     return list(stride), pad, list(dilation)
 
 
@@ -146,8 +172,10 @@ def residual(op: str, residual, x: torch.Tensor, out_shape, unbatched: bool):
     same_dtype_device(op, "input", x, residual=residual)
     want = tuple(out_shape[1:]) if unbatched else tuple(out_shape)
     if tuple(residual.shape) != want:
-        raise ValueError(f"{op}: residual must have the output's shape {want}, got {tuple(residual.shape)} "
-                         "(no broadcasting; an option-A shortcut goes through residual_add)")
+        raise ValueError(
+            f"{op}: residual must have the output's shape {want}, got {tuple(residual.shape)} "
+            "(no broadcasting; an option-A shortcut goes through residual_add)"
+        )
     return residual.unsqueeze(0) if unbatched else residual
 
 
@@ -170,13 +198,16 @@ def bn_args(op: str, x: torch.Tensor, channels: int, **tensors) -> None:
             continue
         tensor(op, name, t, ndim=1)
         if t.dtype not in allowed:
-            raise TypeError(f"{op}: {name} has dtype {_fmt_dtype(t.dtype)} but input has dtype {_fmt_dtype(x.dtype)}; "
-                            f"BatchNorm tensors must be {' or '.join(_fmt_dtype(d) for d in allowed)}")
+            raise TypeError(
+                f"{op}: {name} has dtype {_fmt_dtype(t.dtype)} but input has dtype {_fmt_dtype(x.dtype)}; "
+                f"BatchNorm tensors must be {' or '.join(_fmt_dtype(d) for d in allowed)}"
+            )
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but input is on {x.device}")
         if t.shape[0] != channels:
-            raise ValueError(f"{op}: {name} has {t.shape[0]} elements but the convolution has {channels} output "
-                             "channels")
+            raise ValueError(
+                f"{op}: {name} has {t.shape[0]} elements but the convolution has {channels} output channels"
+            )
 
 
 def lrn_args(op: str, input, size, alpha, beta, k) -> tuple[int, float, float, float]:
@@ -185,8 +216,9 @@ def lrn_args(op: str, input, size, alpha, beta, k) -> tuple[int, float, float, f
     (size, alpha, beta, k) as (int, float, float, float)."""
     tensor(op, "input", input)
     if input.dim() < 3:
-        raise ValueError(f"{op}: input must have 3 or more dimensions (N, C, *), got {input.dim()}-D with shape "
-                         f"{tuple(input.shape)}")
+        raise ValueError(
+            f"{op}: input must have 3 or more dimensions (N, C, *), got {input.dim()}-D with shape {tuple(input.shape)}"
+        )
     import numbers
 
     if not isinstance(size, numbers.Integral) or isinstance(size, bool):

@@ -88,13 +88,22 @@ def resource_usage(path: str) -> list[KernelResources]:
         m = re.match(r"\s*Function (\S+):", line)
         if m and i + 1 < len(lines):
             fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", lines[i + 1]))
-            rows.append(KernelResources(arch, m.group(1), int(fields.get("REG", 0)), int(fields.get("STACK", 0)),
-                                        int(fields.get("SHARED", 0)), int(fields.get("LOCAL", 0))))
+            rows.append(
+                KernelResources(
+                    arch,
+                    m.group(1),
+                    int(fields.get("REG", 0)),
+                    int(fields.get("STACK", 0)),
+                    int(fields.get("SHARED", 0)),
+                    int(fields.get("LOCAL", 0)),
+                )
+            )
     return rows
 
 
-def sass_opcodes(path: str, arch: str,
-                 prefixes=("HMMA", "HGMMA", "LDSM", "LDGSTS", "WARPGROUP", "FENCE")) -> dict[str, dict[str, int]]:
+def sass_opcodes(
+    path: str, arch: str, prefixes=("HMMA", "HGMMA", "LDSM", "LDGSTS", "WARPGROUP", "FENCE")
+) -> dict[str, dict[str, int]]:
     """Per kernel (mangled name) in ``path``'s ``arch`` machine code, how many instructions start
     with each of ``prefixes`` (full opcode with modifiers as the key, e.g. ``HMMA.16816.F32.BF16``):
     tensor-core MMAs (HMMA: mma.sync, HGMMA: wgmma), ldmatrix (LDSM), cp.async (LDGSTS), the
@@ -147,45 +156,147 @@ def _conv_specs():
     import triton.language as tl
 
     strides16 = ("sxn", "sxh", "sxw", "swk", "swr", "sws", "syn", "syp", "syq", "Cg", "Kg")
-    fwd = dict(R=3, S=3, IS_CL_X=True, HAS_BIAS=True, HAS_RES=False, RELU=True, STATS=False, SPLIT=False,
-               ACC=tl.float32, PREC="ieee")
+    fwd = dict(
+        R=3,
+        S=3,
+        IS_CL_X=True,
+        HAS_BIAS=True,
+        HAS_RES=False,
+        RELU=True,
+        STATS=False,
+        SPLIT=False,
+        ACC=tl.float32,
+        PREC="ieee",
+    )
     ws = {"ws_ptr": "fp32"}
     dgrad = dict(R=3, S=3, IS_CL_X=True, SPLIT=False, ACC=tl.float32, PREC="ieee")
     dgrad16 = ("sgn", "sgp", "sgq", "swk", "swr", "sws", "sxn", "sxh", "sxw", "Cg", "Kg")
     return [
-        TritonSpec("conv2d forward 3x3, bf16 NHWC", "conv2d", "_fwd_kernel", "bf16", fwd,
-                   ones=("sxc", "swc", "syk"), div16=strides16, gate=True, ptr_dtypes=ws),
-        TritonSpec("conv2d forward 3x3 + BatchNorm statistics, bf16 NHWC", "conv2d", "_fwd_kernel", "bf16",
-                   {**fwd, "STATS": True, "RELU": False}, ones=("sxc", "swc", "syk"), div16=strides16, gate=True,
-                   ptr_dtypes={**ws, "st_ptr": "fp32"}),
-        TritonSpec("conv2d forward 3x3 split-K partials, bf16 NHWC", "conv2d", "_fwd_kernel", "bf16",
-                   {**fwd, "SPLIT": True}, ones=("sxc", "swc", "syk"), div16=strides16, gate=True, ptr_dtypes=ws),
-        TritonSpec("conv2d forward 1x1 (GEMM), bf16 NHWC", "conv2d", "_fwd_1x1_kernel", "bf16",
-                   {**fwd, "R": 1, "S": 1}, ones=("sxc", "swc", "syk", "swr", "sws", "sh", "sw"), div16=strides16,
-                   gate=True, ptr_dtypes=ws),
-        TritonSpec("conv2d forward 1x1 + residual + ReLU, bf16 NHWC", "conv2d", "_fwd_1x1_kernel", "bf16",
-                   {**fwd, "R": 1, "S": 1, "HAS_RES": True}, ones=("sxc", "swc", "syk", "swr", "sws", "sh", "sw"),
-                   div16=strides16, gate=True, ptr_dtypes=ws),
-        TritonSpec("conv2d forward 7x7 C=3, bf16 NHWC", "conv2d", "_fwd_small_c_kernel", "bf16",
-                   {**fwd, "R": 7, "S": 7}, ones=("sxc", "swc", "syk"), div16=("sxn", "syn", "syp", "syq", "Kg"),
-                   gate=True, ptr_dtypes=ws),
-        TritonSpec("conv2d forward split-K sum + residual + ReLU, bf16 NHWC", "conv2d", "_fwd_split_sum_kernel",
-                   "bf16", dict(HAS_BIAS=True, HAS_RES=True, RELU=True, STATS=False, ACC=tl.float32), ones=("syk",),
-                   ptr_dtypes={**ws, "st_ptr": "fp32"}, configs=[({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 1)]),
-        TritonSpec("conv2d forward split-K sum + BatchNorm statistics, bf16 NHWC", "conv2d", "_fwd_split_sum_kernel",
-                   "bf16", dict(HAS_BIAS=False, HAS_RES=False, RELU=False, STATS=True, ACC=tl.float32), ones=("syk",),
-                   ptr_dtypes={**ws, "st_ptr": "fp32"}, configs=[({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 1)]),
-        TritonSpec("conv2d dgrad 3x3, bf16 NHWC", "conv2d", "_dgrad_kernel", "bf16", dgrad,
-                   ones=("sgk", "swc", "sxc"), div16=dgrad16, ptr_dtypes=ws),
-        TritonSpec("conv2d dgrad 3x3 split-K partials, bf16 NHWC", "conv2d", "_dgrad_kernel", "bf16",
-                   {**dgrad, "SPLIT": True}, ones=("sgk", "swc", "sxc"), div16=dgrad16, ptr_dtypes=ws),
-        TritonSpec("conv2d wgrad 3x3, bf16 NHWC", "conv2d", "_wgrad_kernel", "bf16",
-                   dict(R=3, S=3, WITH_BIAS=True, ACC=tl.float32, PREC="ieee"),
-                   ones=("sgk", "sxc"), div16=("sgn", "sgp", "sgq", "sxn", "sxh", "sxw", "Cg", "Kg", "K"),
-                   configs=[({"BLOCK_K": 64, "BLOCK_C": 64, "BLOCK_M": 64}, 4, 3)]),
-        TritonSpec("residual_add flat, bf16", "residual_add", "_flat_kernel", "bf16",
-                   dict(RELU_GRAD=False, RELU=True, ACC=tl.float32, INT64=False), div16=("numel",),
-                   configs=[({"BLOCK": 4096}, 8, 1)]),
+        TritonSpec(
+            "conv2d forward 3x3, bf16 NHWC",
+            "conv2d",
+            "_fwd_kernel",
+            "bf16",
+            fwd,
+            ones=("sxc", "swc", "syk"),
+            div16=strides16,
+            gate=True,
+            ptr_dtypes=ws,
+        ),
+        TritonSpec(
+            "conv2d forward 3x3 + BatchNorm statistics, bf16 NHWC",
+            "conv2d",
+            "_fwd_kernel",
+            "bf16",
+            {**fwd, "STATS": True, "RELU": False},
+            ones=("sxc", "swc", "syk"),
+            div16=strides16,
+            gate=True,
+            ptr_dtypes={**ws, "st_ptr": "fp32"},
+        ),
+        TritonSpec(
+            "conv2d forward 3x3 split-K partials, bf16 NHWC",
+            "conv2d",
+            "_fwd_kernel",
+            "bf16",
+            {**fwd, "SPLIT": True},
+            ones=("sxc", "swc", "syk"),
+            div16=strides16,
+            gate=True,
+            ptr_dtypes=ws,
+        ),
+        TritonSpec(
+            "conv2d forward 1x1 (GEMM), bf16 NHWC",
+            "conv2d",
+            "_fwd_1x1_kernel",
+            "bf16",
+            {**fwd, "R": 1, "S": 1},
+            ones=("sxc", "swc", "syk", "swr", "sws", "sh", "sw"),
+            div16=strides16,
+            gate=True,
+            ptr_dtypes=ws,
+        ),
+        TritonSpec(
+            "conv2d forward 1x1 + residual + ReLU, bf16 NHWC",
+            "conv2d",
+            "_fwd_1x1_kernel",
+            "bf16",
+            {**fwd, "R": 1, "S": 1, "HAS_RES": True},
+            ones=("sxc", "swc", "syk", "swr", "sws", "sh", "sw"),
+            div16=strides16,
+            gate=True,
+            ptr_dtypes=ws,
+        ),
+        TritonSpec(
+            "conv2d forward 7x7 C=3, bf16 NHWC",
+            "conv2d",
+            "_fwd_small_c_kernel",
+            "bf16",
+            {**fwd, "R": 7, "S": 7},
+            ones=("sxc", "swc", "syk"),
+            div16=("sxn", "syn", "syp", "syq", "Kg"),
+            gate=True,
+            ptr_dtypes=ws,
+        ),
+        TritonSpec(
+            "conv2d forward split-K sum + residual + ReLU, bf16 NHWC",
+            "conv2d",
+            "_fwd_split_sum_kernel",
+            "bf16",
+            dict(HAS_BIAS=True, HAS_RES=True, RELU=True, STATS=False, ACC=tl.float32),
+            ones=("syk",),
+            ptr_dtypes={**ws, "st_ptr": "fp32"},
+            configs=[({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 1)],
+        ),
+        TritonSpec(
+            "conv2d forward split-K sum + BatchNorm statistics, bf16 NHWC",
+            "conv2d",
+            "_fwd_split_sum_kernel",
+            "bf16",
+            dict(HAS_BIAS=False, HAS_RES=False, RELU=False, STATS=True, ACC=tl.float32),
+            ones=("syk",),
+            ptr_dtypes={**ws, "st_ptr": "fp32"},
+            configs=[({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 1)],
+        ),
+        TritonSpec(
+            "conv2d dgrad 3x3, bf16 NHWC",
+            "conv2d",
+            "_dgrad_kernel",
+            "bf16",
+            dgrad,
+            ones=("sgk", "swc", "sxc"),
+            div16=dgrad16,
+            ptr_dtypes=ws,
+        ),
+        TritonSpec(
+            "conv2d dgrad 3x3 split-K partials, bf16 NHWC",
+            "conv2d",
+            "_dgrad_kernel",
+            "bf16",
+            {**dgrad, "SPLIT": True},
+            ones=("sgk", "swc", "sxc"),
+            div16=dgrad16,
+            ptr_dtypes=ws,
+        ),
+        TritonSpec(
+            "conv2d wgrad 3x3, bf16 NHWC",
+            "conv2d",
+            "_wgrad_kernel",
+            "bf16",
+            dict(R=3, S=3, WITH_BIAS=True, ACC=tl.float32, PREC="ieee"),
+            ones=("sgk", "sxc"),
+            div16=("sgn", "sgp", "sgq", "sxn", "sxh", "sxw", "Cg", "Kg", "K"),
+            configs=[({"BLOCK_K": 64, "BLOCK_C": 64, "BLOCK_M": 64}, 4, 3)],
+        ),
+        TritonSpec(
+            "residual_add flat, bf16",
+            "residual_add",
+            "_flat_kernel",
+            "bf16",
+            dict(RELU_GRAD=False, RELU=True, ACC=tl.float32, INT64=False),
+            div16=("numel",),
+            configs=[({"BLOCK": 4096}, 8, 1)],
+        ),
     ]
 
 
@@ -195,10 +306,24 @@ def _lrn_specs():
     scalars = ("k_hi", "k_lo", "an_hi", "an_lo", "nb_hi", "nb_lo", "nb1_hi", "nb1_lo", "cf_hi", "cf_lo")
     # NCHW, fp32 accumulation; BLOCK/num_warps as kernels/local_response_norm.py's _block picks them
     return [
-        TritonSpec("local_response_norm forward, bf16 NCHW", "local_response_norm", "_fwd_kernel", "bf16",
-                   dict(X_FLAT=True, ACC=tl.float32), floats=scalars, configs=[({"BLOCK": 512}, 4, 1)]),
-        TritonSpec("local_response_norm backward, bf16 NCHW", "local_response_norm", "_bwd_kernel", "bf16",
-                   dict(X_FLAT=True, G_FLAT=True, ACC=tl.float32), floats=scalars, configs=[({"BLOCK": 256}, 4, 1)]),
+        TritonSpec(
+            "local_response_norm forward, bf16 NCHW",
+            "local_response_norm",
+            "_fwd_kernel",
+            "bf16",
+            dict(X_FLAT=True, ACC=tl.float32),
+            floats=scalars,
+            configs=[({"BLOCK": 512}, 4, 1)],
+        ),
+        TritonSpec(
+            "local_response_norm backward, bf16 NCHW",
+            "local_response_norm",
+            "_bwd_kernel",
+            "bf16",
+            dict(X_FLAT=True, G_FLAT=True, ACC=tl.float32),
+            floats=scalars,
+            configs=[({"BLOCK": 256}, 4, 1)],
+        ),
     ]
 
 
@@ -211,26 +336,71 @@ def _bn_specs():
     elementwise = [({"BLOCK": 2048}, 8, 1)]
     small = [({"BLOCK_R": 32, "BLOCK_K": 64}, 4, 1)]
     return [
-        TritonSpec("conv_bn_relu finalize, fp32 stats, bf16 params", "conv_bn_relu", "_finalize_kernel", "fp32",
-                   dict(HAS_GAMMA=True, HAS_BETA=True, ACC=tl.float32), floats=("eps",),
-                   ptr_dtypes={"gamma_ptr": bf16, "beta_ptr": bf16}, configs=small),
-        TritonSpec("conv_bn_relu finalize, fp64", "conv_bn_relu", "_finalize_kernel", "fp64",
-                   dict(HAS_GAMMA=True, HAS_BETA=False, ACC=tl.float64), floats=("eps",), configs=small),
-        TritonSpec("conv_bn_relu apply + ReLU, bf16 NHWC", "conv_bn_relu", "_apply_kernel", bf16,
-                   dict(CHANNELS_LAST=True, RELU=True, ACC=tl.float32),
-                   ptr_dtypes={"scale_ptr": "fp32", "shift_ptr": "fp32"}, configs=elementwise),
-        TritonSpec("conv_bn_relu backward reductions, bf16 NHWC", "conv_bn_relu", "_reduce_kernel", bf16,
-                   dict(CHANNELS_LAST=True, RELU=True, ACC=tl.float32), ptr_dtypes={"part_ptr": "fp32"},
-                   configs=[({"BLOCK_R": 64, "BLOCK_K": 32}, 4, 1)]),
-        TritonSpec("conv_bn_relu backward coefficients, bf16 params", "conv_bn_relu", "_coefficients_kernel", "fp32",
-                   dict(HAS_GAMMA=True, ACC=tl.float32),
-                   ptr_dtypes={"gamma_ptr": bf16, "sg_ptr": bf16, "sgx_ptr": bf16}, configs=small),
-        TritonSpec("conv_bn_relu backward dy, bf16 NHWC", "conv_bn_relu", "_dy_kernel", bf16,
-                   dict(CHANNELS_LAST=True, RELU=True, ACC=tl.float32),
-                   ptr_dtypes={"a_ptr": "fp32", "b_ptr": "fp32", "c_ptr": "fp32"}, configs=elementwise),
-        TritonSpec("conv2d wgrad split-K sum, bf16 weight", "conv2d", "_split_sum_kernel", bf16,
-                   dict(WITH_BIAS=True, ACC=tl.float32), ones=("s1",), ptr_dtypes={"ws_ptr": "fp32"},
-                   configs=[({"BLOCK": 1024}, 4, 1)]),
+        TritonSpec(
+            "conv_bn_relu finalize, fp32 stats, bf16 params",
+            "conv_bn_relu",
+            "_finalize_kernel",
+            "fp32",
+            dict(HAS_GAMMA=True, HAS_BETA=True, ACC=tl.float32),
+            floats=("eps",),
+            ptr_dtypes={"gamma_ptr": bf16, "beta_ptr": bf16},
+            configs=small,
+        ),
+        TritonSpec(
+            "conv_bn_relu finalize, fp64",
+            "conv_bn_relu",
+            "_finalize_kernel",
+            "fp64",
+            dict(HAS_GAMMA=True, HAS_BETA=False, ACC=tl.float64),
+            floats=("eps",),
+            configs=small,
+        ),
+        TritonSpec(
+            "conv_bn_relu apply + ReLU, bf16 NHWC",
+            "conv_bn_relu",
+            "_apply_kernel",
+            bf16,
+            dict(CHANNELS_LAST=True, RELU=True, ACC=tl.float32),
+            ptr_dtypes={"scale_ptr": "fp32", "shift_ptr": "fp32"},
+            configs=elementwise,
+        ),
+        TritonSpec(
+            "conv_bn_relu backward reductions, bf16 NHWC",
+            "conv_bn_relu",
+            "_reduce_kernel",
+            bf16,
+            dict(CHANNELS_LAST=True, RELU=True, ACC=tl.float32),
+            ptr_dtypes={"part_ptr": "fp32"},
+            configs=[({"BLOCK_R": 64, "BLOCK_K": 32}, 4, 1)],
+        ),
+        TritonSpec(
+            "conv_bn_relu backward coefficients, bf16 params",
+            "conv_bn_relu",
+            "_coefficients_kernel",
+            "fp32",
+            dict(HAS_GAMMA=True, ACC=tl.float32),
+            ptr_dtypes={"gamma_ptr": bf16, "sg_ptr": bf16, "sgx_ptr": bf16},
+            configs=small,
+        ),
+        TritonSpec(
+            "conv_bn_relu backward dy, bf16 NHWC",
+            "conv_bn_relu",
+            "_dy_kernel",
+            bf16,
+            dict(CHANNELS_LAST=True, RELU=True, ACC=tl.float32),
+            ptr_dtypes={"a_ptr": "fp32", "b_ptr": "fp32", "c_ptr": "fp32"},
+            configs=elementwise,
+        ),
+        TritonSpec(
+            "conv2d wgrad split-K sum, bf16 weight",
+            "conv2d",
+            "_split_sum_kernel",
+            bf16,
+            dict(WITH_BIAS=True, ACC=tl.float32),
+            ones=("s1",),
+            ptr_dtypes={"ws_ptr": "fp32"},
+            configs=[({"BLOCK": 1024}, 4, 1)],
+        ),
     ]
 
 
@@ -249,9 +419,14 @@ def variant_specs() -> list[TritonSpec]:
 
     import triton.language as tl
 
-    variants = [("fp16", "fp16", {"PREC": "ieee"}, True), ("fp32 TF32", "fp32", {"PREC": "tf32"}, True),
-                ("fp32", "fp32", {"PREC": "ieee"}, True), ("fp64", "fp64", {"ACC": tl.float64, "PREC": "ieee"}, True),
-                ("bf16", "bf16", {}, False), ("fp32 TF32", "fp32", {"PREC": "tf32"}, False)]
+    variants = [
+        ("fp16", "fp16", {"PREC": "ieee"}, True),
+        ("fp32 TF32", "fp32", {"PREC": "tf32"}, True),
+        ("fp32", "fp32", {"PREC": "ieee"}, True),
+        ("fp64", "fp64", {"ACC": tl.float64, "PREC": "ieee"}, True),
+        ("bf16", "bf16", {}, False),
+        ("fp32 TF32", "fp32", {"PREC": "tf32"}, False),
+    ]
     out = []
     for s in _conv_specs():
         if s.configs is not None or "bf16 NHWC" not in s.label:
@@ -261,10 +436,18 @@ def variant_specs() -> list[TritonSpec]:
             if "IS_CL_X" in const:
                 const["IS_CL_X"] = channels_last
             ptr = {k: ("fp64" if dtype == "fp64" and k == "ws_ptr" else v) for k, v in s.ptr_dtypes.items()}
-            out.append(dataclasses.replace(
-                s, label=s.label.replace("bf16 NHWC", f"{name} {'NHWC' if channels_last else 'NCHW'}"), dtype=dtype,
-                constexprs=const, ones=s.ones if channels_last else (), div16=s.div16 if channels_last else (),
-                ptr_dtypes=ptr, gate=s.gate and (dtype in ("fp16", "bf16") or const.get("PREC") == "tf32")))
+            out.append(
+                dataclasses.replace(
+                    s,
+                    label=s.label.replace("bf16 NHWC", f"{name} {'NHWC' if channels_last else 'NCHW'}"),
+                    dtype=dtype,
+                    constexprs=const,
+                    ones=s.ones if channels_last else (),
+                    div16=s.div16 if channels_last else (),
+                    ptr_dtypes=ptr,
+                    gate=s.gate and (dtype in ("fp16", "bf16") or const.get("PREC") == "tf32"),
+                )
+            )
     return out
 
 
@@ -282,8 +465,14 @@ def _triton_fn(spec: TritonSpec, arch: int):
     if configs is None:  # an Autotuner: the configurations it would time on sm_<arch> for this call
         pruned = obj.configs
         if hasattr(mod, "gpu_configs"):
-            pruned = mod.gpu_configs(pruned, kernel=spec.kernel, arch=arch, elem_bytes=_BYTES[spec.dtype],
-                                     smem_limit=_SMEM_OPTIN.get(arch), **spec.constexprs)
+            pruned = mod.gpu_configs(
+                pruned,
+                kernel=spec.kernel,
+                arch=arch,
+                elem_bytes=_BYTES[spec.dtype],
+                smem_limit=_SMEM_OPTIN.get(arch),
+                **spec.constexprs,
+            )
         configs = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in pruned]
         obj = obj.fn
     return obj, configs
@@ -297,9 +486,9 @@ class TritonReport:
     registers: int
     stack: int
     local: int
-    shared: int        # bytes of shared memory Triton allocates (pipelining buffers)
-    wgmma: int         # wgmma.mma_async instructions in the PTX (sm_90 tensor cores)
-    mma: int           # mma.sync instructions (sm_80 tensor cores)
+    shared: int  # bytes of shared memory Triton allocates (pipelining buffers)
+    wgmma: int  # wgmma.mma_async instructions in the PTX (sm_90 tensor cores)
+    mma: int  # mma.sync instructions (sm_80 tensor cores)
     gate: bool
 
     @property
@@ -321,18 +510,34 @@ def compile_triton(spec: TritonSpec, arch: int) -> list[TritonReport]:
     from cnnkern import kernels
 
     if kernels.INTERPRET:
-        raise RuntimeError("cnnkern.kernels was imported under TRITON_INTERPRET=1: the kernels are interpreted "
-                           "functions and cannot be compiled; run the inspection without TRITON_INTERPRET")
+        raise RuntimeError(
+            "cnnkern.kernels was imported under TRITON_INTERPRET=1: the kernels are interpreted "
+            "functions and cannot be compiled; run the inspection without TRITON_INTERPRET"
+        )
     fn, configs = _triton_fn(spec, arch)
     names = fn.arg_names
     reports = []
     for kwargs, warps, stages in configs:
         const = {**spec.constexprs, **kwargs, **{o: 1 for o in spec.ones}}
-        sig = {p: "constexpr" if p in const else (f"*{spec.ptr_dtypes.get(p, spec.dtype)}" if p.endswith("_ptr") else
-                                                  "fp32" if p in spec.floats else "i32") for p in names}
+        sig = {
+            p: "constexpr"
+            if p in const
+            else (
+                f"*{spec.ptr_dtypes.get(p, spec.dtype)}"
+                if p.endswith("_ptr")
+                else "fp32"
+                if p in spec.floats
+                else "i32"
+            )
+            for p in names
+        }
         div = [p for p in names if p not in const and (p.endswith("_ptr") or p in spec.div16)]
-        src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
-                        attrs={(names.index(p),): [["tt.divisibility", 16]] for p in div})
+        src = ASTSource(
+            fn=fn,
+            signature=sig,
+            constexprs={(names.index(k),): v for k, v in const.items()},
+            attrs={(names.index(p),): [["tt.divisibility", 16]] for p in div},
+        )
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
@@ -340,9 +545,20 @@ def compile_triton(spec: TritonSpec, arch: int) -> list[TritonReport]:
             res = resource_usage(f.name)[0]
         ptx = k.asm["ptx"]
         cfg = " ".join(f"{a}={b}" for a, b in kwargs.items()) + f" warps={warps} stages={stages}"
-        reports.append(TritonReport(spec.label, arch, cfg, res.registers, res.stack, res.local,
-                                    int(getattr(k.metadata, "shared", 0)), ptx.count("wgmma.mma_async"),
-                                    ptx.count("mma.sync"), spec.gate))
+        reports.append(
+            TritonReport(
+                spec.label,
+                arch,
+                cfg,
+                res.registers,
+                res.stack,
+                res.local,
+                int(getattr(k.metadata, "shared", 0)),
+                ptx.count("wgmma.mma_async"),
+                ptx.count("mma.sync"),
+                spec.gate,
+            )
+        )
     return reports
 
 
@@ -368,8 +584,17 @@ def report(archs=(90, 80), triton_kernels: bool = True, cuda_kernels: bool = Tru
         out["cuda"] = {
             "path": path,
             "code": embedded_code(path),
-            "kernels": [dict(arch=r.arch, name=_demangle(r.name), registers=r.registers, stack=r.stack,
-                             shared=r.shared, local=r.local) for r in resource_usage(path)],
+            "kernels": [
+                dict(
+                    arch=r.arch,
+                    name=_demangle(r.name),
+                    registers=r.registers,
+                    stack=r.stack,
+                    shared=r.shared,
+                    local=r.local,
+                )
+                for r in resource_usage(path)
+            ],
         }
     if triton_kernels:
         for spec in triton_specs():
@@ -378,8 +603,10 @@ def report(archs=(90, 80), triton_kernels: bool = True, cuda_kernels: bool = Tru
     if variants:
         for spec in variant_specs():
             for arch in archs:
-                out["variants"] += [dict(r.__dict__, ok=r.ok, fits=r.shared <= _SMEM_OPTIN.get(arch, r.shared))
-                                    for r in compile_triton(spec, arch)]
+                out["variants"] += [
+                    dict(r.__dict__, ok=r.ok, fits=r.shared <= _SMEM_OPTIN.get(arch, r.shared))
+                    for r in compile_triton(spec, arch)
+                ]
     return out
 
 
@@ -387,18 +614,27 @@ def main(argv=None) -> int:
     import argparse
     import json
 
-    ap = argparse.ArgumentParser(prog="cnnkern inspect", description=(
-        "Static inspection without a GPU: the ptxas resource usage of every CUDA C++ kernel in "
-        "cnnkern._C, and every Triton kernel compiled ahead of time for sm_90 and sm_80 (registers, "
-        "spills, shared memory, tensor-core instructions). Exits 1 if a kernel spills or a main "
-        "kernel does not use the architecture's tensor cores."))
+    ap = argparse.ArgumentParser(
+        prog="cnnkern inspect",
+        description=(
+            "Static inspection without a GPU: the ptxas resource usage of every CUDA C++ kernel in "
+            "cnnkern._C, and every Triton kernel compiled ahead of time for sm_90 and sm_80 (registers, "
+            "spills, shared memory, tensor-core instructions). Exits 1 if a kernel spills or a main "
+            "kernel does not use the architecture's tensor cores."
+        ),
+    )
     ap.add_argument("--arch", default="90,80", help="comma-separated SM versions for the Triton kernels")
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--no-cuda", action="store_true")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    ap.add_argument("--variants", action="store_true", help=(
-        "also compile the autotuned conv kernels in fp16, fp32 (TF32 and full), fp64 and NCHW: spills are "
-        "reported; a kept configuration over the architecture's shared memory is a problem"))
+    ap.add_argument(
+        "--variants",
+        action="store_true",
+        help=(
+            "also compile the autotuned conv kernels in fp16, fp32 (TF32 and full), fp64 and NCHW: spills are "
+            "reported; a kept configuration over the architecture's shared memory is a problem"
+        ),
+    )
     args = ap.parse_args(argv)
     data = report(tuple(int(a) for a in args.arch.split(",")), not args.no_triton, not args.no_cuda, args.variants)
     bad = [r for r in data["triton"] if not r["ok"]] + [r for r in data["variants"] if not r["fits"]]
@@ -417,21 +653,31 @@ def main(argv=None) -> int:
     elif not args.no_cuda:
         print(f"cnnkern._C: not loaded ({_backend._C_ERROR})" if _backend._C is None else "cuobjdump not found")
     if data["triton"]:
-        print(f"\nTriton kernels (compiled ahead of time; no GPU needed)\n"
-              f"  {'ok':2} {'arch':4} {'regs':>4} {'stack':>5} {'smem':>6} {'wgmma':>5} {'mma':>4}  kernel / config")
+        print(
+            f"\nTriton kernels (compiled ahead of time; no GPU needed)\n"
+            f"  {'ok':2} {'arch':4} {'regs':>4} {'stack':>5} {'smem':>6} {'wgmma':>5} {'mma':>4}  kernel / config"
+        )
         for r in data["triton"]:
-            print(f"  {'ok' if r['ok'] else '!!':2} sm{r['arch']:<2} {r['registers']:4d} {r['stack']:5d} {r['shared']:6d} "
-                  f"{r['wgmma']:5d} {r['mma']:4d}  {r['label']} [{r['config']}]")
+            print(
+                f"  {'ok' if r['ok'] else '!!':2} sm{r['arch']:<2} {r['registers']:4d} {r['stack']:5d} "
+                f"{r['shared']:6d} {r['wgmma']:5d} {r['mma']:4d}  {r['label']} [{r['config']}]"
+            )
     if data["variants"]:
-        print(f"\nOther dtypes and layouts of the autotuned conv kernels (spills reported, not problems)\n"
-              f"  {'ok':2} {'arch':4} {'regs':>4} {'stack':>5} {'smem':>6} {'wgmma':>5} {'mma':>4}  kernel / config")
+        print(
+            f"\nOther dtypes and layouts of the autotuned conv kernels (spills reported, not problems)\n"
+            f"  {'ok':2} {'arch':4} {'regs':>4} {'stack':>5} {'smem':>6} {'wgmma':>5} {'mma':>4}  kernel / config"
+        )
         for r in data["variants"]:
             mark = "ok" if r["ok"] else "~~" if r["fits"] else "!!"
-            print(f"  {mark:2} sm{r['arch']:<2} {r['registers']:4d} {r['stack']:5d} {r['shared']:6d} "
-                  f"{r['wgmma']:5d} {r['mma']:4d}  {r['label']} [{r['config']}]")
+            print(
+                f"  {mark:2} sm{r['arch']:<2} {r['registers']:4d} {r['stack']:5d} {r['shared']:6d} "
+                f"{r['wgmma']:5d} {r['mma']:4d}  {r['label']} [{r['config']}]"
+            )
         spilled = sum(not r["ok"] for r in data["variants"])
-        print(f"  {len(data['variants'])} configurations: {spilled} spill or miss the tensor cores (~~), "
-              f"{sum(not r['fits'] for r in data['variants'])} over the shared memory (!!)")
+        print(
+            f"  {len(data['variants'])} configurations: {spilled} spill or miss the tensor cores (~~), "
+            f"{sum(not r['fits'] for r in data['variants'])} over the shared memory (!!)"
+        )
     print(f"\n{len(bad)} problem(s)" if bad else "\nno spills; every main kernel uses the tensor cores")
     return 1 if bad else 0
 

@@ -53,8 +53,10 @@ class _Fallback:
     def __call__(self, reason: str) -> None:
         if not self.warned:
             self.warned = True
-            warnings.warn(f"cnnkern.convert: {self.name} runs relu(a + b) in PyTorch, not cnnkern's residual add: "
-                          f"{reason}", stacklevel=3)
+            warnings.warn(
+                f"cnnkern.convert: {self.name} runs relu(a + b) in PyTorch, not cnnkern's residual add: {reason}",
+                stacklevel=3,
+            )
 
 
 class ResidualReLU(cnn._NoScript, tnn.Module):
@@ -155,11 +157,19 @@ def _fuse(gm: fx.GraphModule, backend) -> int:
             plain[fused] = view
         count += 1
     if skipped:
-        warnings.warn("cnnkern.convert: left in PyTorch: " + ", ".join(skipped) + "; cnnkern's convolution "
-                      "supports padding_mode='zeros' only", stacklevel=3)
+        warnings.warn(
+            "cnnkern.convert: left in PyTorch: " + ", ".join(skipped) + "; cnnkern's convolution "
+            "supports padding_mode='zeros' only",
+            stacklevel=3,
+        )
     for node in list(graph.nodes):  # relu(a + b)
-        if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2 \
-                and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args):
+        if (
+            node.op == "call_function"
+            and node.target in (operator.add, torch.add)
+            and len(node.args) == 2
+            and not node.kwargs
+            and all(isinstance(a, fx.Node) for a in node.args)
+        ):
             relu = _only_user(node)
             if relu is None or not _is_relu(relu, modules) or relu.args[0] is not node:
                 continue
@@ -188,9 +198,15 @@ def _fuse(gm: fx.GraphModule, backend) -> int:
                         names["relu"] = relu.target
                     if shortcut_view is not None:
                         names["shortcut"] = shortcut_view.target
-                    join = cnn.FusedConv2d(view.conv, view.bn, act if act is not None else True,
-                                           shortcut=plain[shortcut_view] if shortcut_view is not None else None,
-                                           residual=True, backend=backend, names=names)
+                    join = cnn.FusedConv2d(
+                        view.conv,
+                        view.bn,
+                        act if act is not None else True,
+                        shortcut=plain[shortcut_view] if shortcut_view is not None else None,
+                        residual=True,
+                        backend=backend,
+                        names=names,
+                    )
                     target = branch.target
                     join._where = _Fallback(target)
                     gm.add_submodule(target, join)  # replaces the branch's view
@@ -257,8 +273,11 @@ def convert(model: tnn.Module, inplace: bool = False, backend: str | None = None
         try:
             gm = fx.symbolic_trace(model)
         except Exception as exc:  # data-dependent control flow and the like
-            warnings.warn(f"cnnkern.convert: torch.fx could not trace {type(model).__name__} ({exc}); falling back to "
-                          "module swaps (residual adds inside opaque forwards stay PyTorch's)", stacklevel=2)
+            warnings.warn(
+                f"cnnkern.convert: torch.fx could not trace {type(model).__name__} ({exc}); falling back to "
+                "module swaps (residual adds inside opaque forwards stay PyTorch's)",
+                stacklevel=2,
+            )
         else:
             _fuse(gm, backend)
             _swap_lrn(gm, backend)

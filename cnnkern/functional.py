@@ -24,7 +24,9 @@ _Tensor = torch.Tensor
 __all__ = ["conv2d", "conv_bn_relu", "residual_add", "local_response_norm"]
 
 
-def residual_add(x: torch.Tensor, shortcut: torch.Tensor, relu: bool = True, backend: str | None = None) -> torch.Tensor:
+def residual_add(
+    x: torch.Tensor, shortcut: torch.Tensor, relu: bool = True, backend: str | None = None
+) -> torch.Tensor:
     """ResNet's shortcut connection: ``relu(x + shortcut)`` (or the plain sum with ``relu=False``).
 
     Args:
@@ -51,8 +53,15 @@ def residual_add(x: torch.Tensor, shortcut: torch.Tensor, relu: bool = True, bac
     key = None
     if type(x) is _Tensor and _plan.eager():
         try:
-            key = ("residual_add", _plan.tkey(x), _plan.tkey(shortcut), type(relu), relu,
-                   backend or _backend.get_backend(), _plan.state())
+            key = (
+                "residual_add",
+                _plan.tkey(x),
+                _plan.tkey(shortcut),
+                type(relu),
+                relu,
+                backend or _backend.get_backend(),
+                _plan.state(),
+            )
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # the full path says what is wrong
             key = plan = None
@@ -75,9 +84,19 @@ def _residual_add(x, shortcut, relu, backend):
     return _plan.op_call(_ops.residual_add.residual_add, x, shortcut, stride, relu, name)
 
 
-def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
-           dilation=1, groups: int = 1, *, activation: str | None = None, residual: torch.Tensor | None = None,
-           backend: str | None = None) -> torch.Tensor:
+def conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """2-D convolution with the semantics of ``torch.nn.functional.conv2d``, plus an optional fused
     epilogue: ``activation(conv2d(input, weight, bias) + residual)``.
 
@@ -107,16 +126,31 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     key = None
     if type(input) is _Tensor and _plan.eager():
         try:
-            key = ("conv2d", _plan.tkey(input), _plan.tkey(weight), _plan.tkey(bias), _plan.tkey(residual), stride,
-                   padding, dilation, type(groups), groups, activation, backend or _backend.get_backend(),
-                   _plan.state())
+            key = (
+                "conv2d",
+                _plan.tkey(input),
+                _plan.tkey(weight),
+                _plan.tkey(bias),
+                _plan.tkey(residual),
+                stride,
+                padding,
+                dilation,
+                type(groups),
+                groups,
+                activation,
+                backend or _backend.get_backend(),
+                _plan.state(),
+            )
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # not tensors, unhashable arguments: the full path says what is wrong
             key = plan = None
         if plan is not None and (y := plan(input, weight, bias, residual)) is not None:
             return y
-    return _plan.run_and_plan(key, lambda: _conv2d(input, weight, bias, stride, padding, dilation, groups, activation,
-                                                   residual, backend), (input, weight, bias, residual))
+    return _plan.run_and_plan(
+        key,
+        lambda: _conv2d(input, weight, bias, stride, padding, dilation, groups, activation, residual, backend),
+        (input, weight, bias, residual),
+    )
 
 
 def _conv2d(input, weight, bias, stride, padding, dilation, groups, activation, residual, backend):
@@ -128,31 +162,60 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, activation, 
     stride_, pad, dilation_ = _checks.conv_args(op, x, weight, bias, stride, padding, dilation, groups)
     res = None
     if residual is not None:  # (the output's shape: only then, this is every call's host path)
-        res = _checks.residual(op, residual, x, _ops.conv2d.output_size(x.shape, weight.shape, stride_, pad,
-                                                                        dilation_), input.dim() == 3)
+        res = _checks.residual(
+            op, residual, x, _ops.conv2d.output_size(x.shape, weight.shape, stride_, pad, dilation_), input.dim() == 3
+        )
     name = _backend.resolve(op, backend, x.device)
     if name == "torch":
         y = reference.conv2d(x, weight, bias, stride, padding, dilation, groups, activation, res)
     else:
-        y = _plan.op_call(_ops.conv2d.conv2d, x, weight, bias, res, stride_, pad, dilation_, groups, activation == "relu",
-                                    _precision(x), name)
+        y = _plan.op_call(
+            _ops.conv2d.conv2d,
+            x,
+            weight,
+            bias,
+            res,
+            stride_,
+            pad,
+            dilation_,
+            groups,
+            activation == "relu",
+            _precision(x),
+            name,
+        )
     return y.squeeze(0) if input.dim() == 3 else y
 
 
 def _batched(op: str, input: torch.Tensor) -> torch.Tensor:
     _checks.tensor(op, "input", input)
     if input.dim() not in (3, 4):
-        raise ValueError(f"{op}: input must be 4-D (N, C, H, W) or 3-D (C, H, W), got {input.dim()}-D with shape "
-                         f"{tuple(input.shape)}")
+        raise ValueError(
+            f"{op}: input must be 4-D (N, C, H, W) or 3-D (C, H, W), got {input.dim()}-D with shape "
+            f"{tuple(input.shape)}"
+        )
     return input.unsqueeze(0) if input.dim() == 3 else input
 
 
-def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                 bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, training: bool = False,
-                 momentum: float | None = 0.1, eps: float = 1e-5, stride=1, padding=0, dilation=1, groups: int = 1,
-                 relu: bool = True, *, residual: torch.Tensor | None = None,
-                 backend: str | None = None) -> torch.Tensor:
+def conv_bn_relu(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    relu: bool = True,
+    *,
+    residual: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """``relu(batch_norm(conv2d(input, weight, bias), ...) + residual)`` with PyTorch's BatchNorm
     semantics.
 
@@ -180,38 +243,123 @@ def conv_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     convolution's backward kernels.
     """
     if type(input) is _Tensor and training is True and residual is None and _plan.eager():
-        return _conv_bn_relu_train(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, momentum, eps,
-                                   stride, padding, dilation, groups, relu, backend)
+        return _conv_bn_relu_train(
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            bn_weight,
+            bn_bias,
+            momentum,
+            eps,
+            stride,
+            padding,
+            dilation,
+            groups,
+            relu,
+            backend,
+        )
     key = None
     if type(input) is _Tensor and training is False and residual is None and running_mean is not None and _plan.eager():
         try:
             # (the weight's id: a plan keeps the weights folded from one layer's tensors, so layers of
             # one shape need keys of their own; the plan checks the tensors themselves)
-            key = ("conv_bn_relu", _plan.tkey(input), _plan.tkey(weight), id(weight), type(momentum), momentum,
-                   type(eps), eps, stride, padding, dilation, type(groups), groups, type(relu), relu,
-                   backend or _backend.get_backend(), _plan.state())
+            key = (
+                "conv_bn_relu",
+                _plan.tkey(input),
+                _plan.tkey(weight),
+                id(weight),
+                type(momentum),
+                momentum,
+                type(eps),
+                eps,
+                stride,
+                padding,
+                dilation,
+                type(groups),
+                groups,
+                type(relu),
+                relu,
+                backend or _backend.get_backend(),
+                _plan.state(),
+            )
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # the full path says what is wrong
             key = plan = None
         sources = (weight, bias, running_mean, running_var, bn_weight, bn_bias)
         if plan is not None and (y := plan(input, sources)) is not None:
             return y
-    return _plan.run_and_plan_folded(key, lambda: _conv_bn_relu(
-        input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, stride, padding,
-        dilation, groups, relu, residual, backend), input, (weight, bias, running_mean, running_var, bn_weight, bn_bias))
+    return _plan.run_and_plan_folded(
+        key,
+        lambda: _conv_bn_relu(
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            bn_weight,
+            bn_bias,
+            training,
+            momentum,
+            eps,
+            stride,
+            padding,
+            dilation,
+            groups,
+            relu,
+            residual,
+            backend,
+        ),
+        input,
+        (weight, bias, running_mean, running_var, bn_weight, bn_bias),
+    )
 
 
-def _conv_bn_relu_train(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, momentum, eps, stride,
-                        padding, dilation, groups, relu, backend):
+def _conv_bn_relu_train(
+    input,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    bn_weight,
+    bn_bias,
+    momentum,
+    eps,
+    stride,
+    padding,
+    dilation,
+    groups,
+    relu,
+    backend,
+):
     """conv_bn_relu in training (no residual): the convolution with its statistics and the
     normalisation planned as one op call (the momentum, which may change from call to call, is
     not part of the key), then the running statistics updated."""
     key = plan = outs = None
     try:
-        key = ("conv_bn_relu_train", _plan.tkey(input), _plan.tkey(weight), _plan.tkey(bias), _plan.tkey(running_mean),
-               _plan.tkey(running_var), _plan.tkey(bn_weight), _plan.tkey(bn_bias), type(momentum), type(eps), eps,
-               stride, padding, dilation, type(groups), groups, type(relu), relu, backend or _backend.get_backend(),
-               _plan.state())
+        key = (
+            "conv_bn_relu_train",
+            _plan.tkey(input),
+            _plan.tkey(weight),
+            _plan.tkey(bias),
+            _plan.tkey(running_mean),
+            _plan.tkey(running_var),
+            _plan.tkey(bn_weight),
+            _plan.tkey(bn_bias),
+            type(momentum),
+            type(eps),
+            eps,
+            stride,
+            padding,
+            dilation,
+            type(groups),
+            groups,
+            type(relu),
+            relu,
+            backend or _backend.get_backend(),
+            _plan.state(),
+        )
         plan = _plan.PLANS.get(key)
     except (AttributeError, TypeError):  # the full path says what is wrong
         key = None
@@ -219,71 +367,152 @@ def _conv_bn_relu_train(input, weight, bias, running_mean, running_var, bn_weigh
     if plan is not None:
         outs = plan(*tensors)
     if outs is None:
-        outs = _plan.run_and_plan(key, lambda: _conv_bn_relu(
-            input, weight, bias, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, stride, padding,
-            dilation, groups, relu, None, backend, update=False), tensors)
+        outs = _plan.run_and_plan(
+            key,
+            lambda: _conv_bn_relu(
+                input,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                bn_weight,
+                bn_bias,
+                True,
+                momentum,
+                eps,
+                stride,
+                padding,
+                dilation,
+                groups,
+                relu,
+                None,
+                backend,
+                update=False,
+            ),
+            tensors,
+        )
     if type(outs) is not tuple:  # (a path without the kernels' op: finished, statistics updated)
         return outs
     y, _, mean, _, var = outs
     if running_mean is not None:
         count = y.shape[-2] * y.shape[-1] * (y.shape[0] if y.dim() == 4 else 1)
-        _ops.conv_bn_relu.update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count,
-                                               float(momentum))
+        _ops.conv_bn_relu.update_running_stats(
+            running_mean, running_var, mean.detach(), var.detach(), count, float(momentum)
+        )
     return y
 
 
-def _conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, stride,
-                  padding, dilation, groups, relu, residual, backend, update=True):
+def _conv_bn_relu(
+    input,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    bn_weight,
+    bn_bias,
+    training,
+    momentum,
+    eps,
+    stride,
+    padding,
+    dilation,
+    groups,
+    relu,
+    residual,
+    backend,
+    update=True,
+):
     op = "conv_bn_relu"
     x = _batched(op, input)
     # the BatchNorm tensors keep their dtypes
     x, weight, bias, residual = _autocast.cast(op, x.device.type, x, weight, bias, residual)
     stride_, pad, dilation_ = _checks.conv_args(op, x, weight, bias, stride, padding, dilation, groups)
     k = weight.shape[0]
-    _checks.bn_args(op, x, k, running_mean=running_mean, running_var=running_var, bn_weight=bn_weight,
-                    bn_bias=bn_bias)
+    _checks.bn_args(op, x, k, running_mean=running_mean, running_var=running_var, bn_weight=bn_weight, bn_bias=bn_bias)
     _checks.flag(op, "training", training)
     _checks.flag(op, "relu", relu)
     _checks.real(op, "eps", eps)
     if momentum is not None:
         _checks.real(op, "momentum", momentum)
     if momentum is None:
-        raise ValueError(f"{op}: momentum=None (a cumulative moving average) needs the number of batches seen; "
-                         "use cnnkern.nn.ConvBNReLU2d, which tracks it, or pass momentum=1/num_batches")
+        raise ValueError(
+            f"{op}: momentum=None (a cumulative moving average) needs the number of batches seen; "
+            "use cnnkern.nn.ConvBNReLU2d, which tracks it, or pass momentum=1/num_batches"
+        )
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: running_mean and running_var must both be tensors or both be None")
     batch_stats = training or running_mean is None
-    shape = _ops.conv2d.output_size(x.shape, weight.shape, stride_, pad, dilation_) \
-        if batch_stats or residual is not None else None
+    shape = (
+        _ops.conv2d.output_size(x.shape, weight.shape, stride_, pad, dilation_)
+        if batch_stats or residual is not None
+        else None
+    )
     res = _checks.residual(op, residual, x, shape, input.dim() == 3)
     empty = False
     if batch_stats:
         _, _, p, q = shape
         if x.shape[0] * p * q == 1:  # PyTorch's rule; an empty batch is allowed (below)
-            raise ValueError(f"{op}: expected more than 1 value per channel when training, got output of "
-                             f"{x.shape[0] * p * q} value(s) per channel (input {tuple(input.shape)})")
+            raise ValueError(
+                f"{op}: expected more than 1 value per channel when training, got output of "
+                f"{x.shape[0] * p * q} value(s) per channel (input {tuple(input.shape)})"
+            )
         empty = x.shape[0] * p * q == 0
     name = _backend.resolve(op, backend, x.device)
     if empty and name != "torch":
         # An empty batch, as PyTorch's batch_norm treats it: an empty output, zero gradients for the
         # parameters, running statistics untouched. BatchNorm folded with neutral statistics gives
         # exactly that through the one convolution (no statistics of zero values are formed).
-        neutral = (torch.zeros(k, dtype=weight.dtype, device=x.device), torch.ones(k, dtype=weight.dtype, device=x.device))
+        neutral = (
+            torch.zeros(k, dtype=weight.dtype, device=x.device),
+            torch.ones(k, dtype=weight.dtype, device=x.device),
+        )
         w, b = fold_bn(weight, bias, *neutral, bn_weight, bn_bias, eps)
         y = _plan.op_call(_ops.conv2d.conv2d, x, w, b, res, stride_, pad, dilation_, groups, relu, _precision(x), name)
     elif name == "torch":
-        y = reference.conv_bn_relu(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, batch_stats,
-                                   momentum, eps, stride, padding, dilation, groups, relu, res)
+        y = reference.conv_bn_relu(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            bn_weight,
+            bn_bias,
+            batch_stats,
+            momentum,
+            eps,
+            stride,
+            padding,
+            dilation,
+            groups,
+            relu,
+            res,
+        )
     elif batch_stats:
-        outs = _plan.op_call(_ops.conv_bn_relu.conv_bn_relu_train, x, weight, bias, res, bn_weight, bn_bias,
-                             float(eps), stride_, pad, dilation_, groups, relu, _precision(x), name)
+        outs = _plan.op_call(
+            _ops.conv_bn_relu.conv_bn_relu_train,
+            x,
+            weight,
+            bias,
+            res,
+            bn_weight,
+            bn_bias,
+            float(eps),
+            stride_,
+            pad,
+            dilation_,
+            groups,
+            relu,
+            _precision(x),
+            name,
+        )
         if not update:  # the caller updates the running statistics (_conv_bn_relu_train)
             return outs if input.dim() == 4 else (outs[0].squeeze(0), *outs[1:])
         y, _, mean, _, var = outs
         if training and running_mean is not None:
             count = x.shape[0] * y.shape[2] * y.shape[3]
-            _ops.conv_bn_relu.bn_update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
-                                                      count, float(momentum))
+            _ops.conv_bn_relu.bn_update_running_stats(
+                running_mean, running_var, mean.detach(), var.detach(), count, float(momentum)
+            )
     else:
         w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
         y = _plan.op_call(_ops.conv2d.conv2d, x, w, b, res, stride_, pad, dilation_, groups, relu, _precision(x), name)
@@ -311,8 +540,15 @@ def _precision(x: torch.Tensor) -> str:
     return "tf32" if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32 else "ieee"
 
 
-def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, *,
-                        backend: str | None = None) -> torch.Tensor:
+def local_response_norm(
+    input: torch.Tensor,
+    size: int,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 1.0,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Local Response Normalization across channels, with exactly the semantics of
     ``torch.nn.functional.local_response_norm``::
 
@@ -345,8 +581,17 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
     key = None
     if type(input) is _Tensor and _plan.eager():
         try:
-            key = ("local_response_norm", _plan.tkey(input), type(size), size, alpha, beta, k,
-                   backend or _backend.get_backend(), _plan.state())
+            key = (
+                "local_response_norm",
+                _plan.tkey(input),
+                type(size),
+                size,
+                alpha,
+                beta,
+                k,
+                backend or _backend.get_backend(),
+                _plan.state(),
+            )
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # the full path says what is wrong
             key = plan = None
@@ -363,11 +608,11 @@ def _local_response_norm(input, size, alpha, beta, k, backend):
     if name == "torch":
         return reference.local_response_norm(input, size, alpha, beta, k)
     shape = input.shape
-    if input.dim() == 3:      # (N, C, L) -> (N, C, L, 1), a view
+    if input.dim() == 3:  # (N, C, L) -> (N, C, L, 1), a view
         x = input.unsqueeze(-1)
     elif input.dim() == 4:
         x = input
-    else:                     # (N, C, D1, ..., Dm) -> (N, C, D1*...*D(m-1), Dm), a view when the dims merge
+    else:  # (N, C, D1, ..., Dm) -> (N, C, D1*...*D(m-1), Dm), a view when the dims merge
         inner = 1
         for d in shape[2:-1]:
             inner *= d

@@ -8,8 +8,16 @@ from torch.fx import Proxy as _Proxy  # bound once: torch.fx is a lazily importe
 from . import _backend, _checks
 from . import functional as F
 
-__all__ = ["Conv2d", "ConvBNReLU2d", "FusedConv2d", "ResidualAdd", "Sequential", "conv_bn_forward", "fused_conv",
-           "LocalResponseNorm"]
+__all__ = [
+    "Conv2d",
+    "ConvBNReLU2d",
+    "FusedConv2d",
+    "ResidualAdd",
+    "Sequential",
+    "conv_bn_forward",
+    "fused_conv",
+    "LocalResponseNorm",
+]
 
 _mod = torch.nn.modules.module
 
@@ -17,8 +25,12 @@ _mod = torch.nn.modules.module
 def hooks_active(*modules) -> bool:
     """Whether any global module hook, or any forward (pre-)hook or backward (pre-)hook of one of
     ``modules`` (None entries skipped), is registered: then a fused chain runs its modules one by one."""
-    if _mod._global_forward_hooks or _mod._global_forward_pre_hooks or _mod._global_backward_hooks \
-            or _mod._global_backward_pre_hooks:
+    if (
+        _mod._global_forward_hooks
+        or _mod._global_forward_pre_hooks
+        or _mod._global_backward_hooks
+        or _mod._global_backward_pre_hooks
+    ):
         return True
     for m in modules:
         if m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
@@ -45,9 +57,11 @@ class _NoScript:
     """torch.jit.script cannot compile cnnkern's fusing modules: say so, and what works instead."""
 
     def __prepare_scriptable__(self):
-        raise TypeError(f"torch.jit.script does not support {type(self).__name__} (cnnkern's fused layers choose "
-                        "between a fused kernel and their member modules at run time); use torch.compile(model), "
-                        "torch.export.export(model, args) or torch.jit.trace(model, example) instead")
+        raise TypeError(
+            f"torch.jit.script does not support {type(self).__name__} (cnnkern's fused layers choose "
+            "between a fused kernel and their member modules at run time); use torch.compile(model), "
+            "torch.export.export(model, args) or torch.jit.trace(model, example) instead"
+        )
 
 
 class ResidualAdd(torch.nn.Module):
@@ -87,8 +101,9 @@ class LocalResponseNorm(torch.nn.LocalResponseNorm):
         backend: pin this layer to a backend (None: the current default).
     """
 
-    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, *,
-                 backend: str | None = None):
+    def __init__(
+        self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, *, backend: str | None = None
+    ):
         super().__init__(size, alpha, beta, k)
         self.backend = backend
 
@@ -115,23 +130,50 @@ class Conv2d(torch.nn.Conv2d):
     Only ``padding_mode="zeros"`` is supported; other modes raise ``ValueError``.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, padding_mode="zeros", device=None, dtype=None, *, activation=None, backend=None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=True,
+        padding_mode="zeros",
+        device=None,
+        dtype=None,
+        *,
+        activation=None,
+        backend=None,
+    ):
         if padding_mode != "zeros":
             raise ValueError(f"cnnkern.nn.Conv2d: padding_mode={padding_mode!r} is not supported, only 'zeros'")
         if activation not in (None, "relu"):
             raise ValueError(f"cnnkern.nn.Conv2d: activation must be None or 'relu', got {activation!r}")
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device, dtype)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
         self.activation = activation
         self.backend = backend
 
     @classmethod
     def from_torch(cls, conv: torch.nn.Conv2d, *, activation=None, backend=None) -> "Conv2d":
         """A cnnkern Conv2d sharing ``conv``'s parameters (no copy)."""
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                  conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
-                  activation=activation, backend=backend)
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device="meta",
+            activation=activation,
+            backend=backend,
+        )
         new.weight = conv.weight
         new.bias = conv.bias
         return new
@@ -145,8 +187,18 @@ class Conv2d(torch.nn.Conv2d):
         p = _proxy(input, residual)
         if p is not None:
             return _trace_as_leaf(self, p, (input,) if residual is None else (input, residual))
-        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups,
-                        activation=self.activation, residual=residual, backend=self.backend)
+        return F.conv2d(
+            input,
+            weight,
+            bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            activation=self.activation,
+            residual=residual,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -170,25 +222,46 @@ class ConvBNReLU2d(torch.nn.Module):
     one kernel with the ReLU in its epilogue.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=False, eps=1e-5, momentum=0.1, relu=True, *, backend=None, device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=False,
+        eps=1e-5,
+        momentum=0.1,
+        relu=True,
+        *,
+        backend=None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
-        self.conv = torch.nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                                    device=device, dtype=dtype)
+        self.conv = torch.nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device=device, dtype=dtype
+        )
         self.bn = torch.nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
         self.relu = relu
         self.backend = backend
 
     @classmethod
-    def from_modules(cls, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: bool = True, *,
-                     backend=None) -> "ConvBNReLU2d":
+    def from_modules(
+        cls, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: bool = True, *, backend=None
+    ) -> "ConvBNReLU2d":
         """A fused layer built on existing modules (their parameters and buffers are shared)."""
         if conv.padding_mode != "zeros":
-            raise ValueError(f"ConvBNReLU2d.from_modules: conv.padding_mode={conv.padding_mode!r} is not supported, "
-                             "only 'zeros'")
+            raise ValueError(
+                f"ConvBNReLU2d.from_modules: conv.padding_mode={conv.padding_mode!r} is not supported, only 'zeros'"
+            )
         if bn.num_features != conv.out_channels:
-            raise ValueError(f"ConvBNReLU2d.from_modules: bn has {bn.num_features} features but conv has "
-                             f"{conv.out_channels} output channels")
+            raise ValueError(
+                f"ConvBNReLU2d.from_modules: bn has {bn.num_features} features but conv has "
+                f"{conv.out_channels} output channels"
+            )
         new = cls.__new__(cls)
         torch.nn.Module.__init__(new)
         new.conv, new.bn, new.relu, new.backend = conv, bn, relu, backend
@@ -240,8 +313,14 @@ def _eval_weights(conv, bn):
     return cached[1], cached[2]
 
 
-def conv_bn_forward(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, x: torch.Tensor, relu: bool = True,
-                    backend: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+def conv_bn_forward(
+    conv: torch.nn.Conv2d,
+    bn: torch.nn.BatchNorm2d | None,
+    x: torch.Tensor,
+    relu: bool = True,
+    backend: str | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``[relu](bn(conv(x)) + residual)`` (``bn`` and ``residual`` may be None) on cnnkern's
     kernels, with exactly the module semantics of ``torch.nn.Conv2d`` and ``torch.nn.BatchNorm2d``
     (training flag, running statistics, ``momentum=None``, ``num_batches_tracked``,
@@ -249,8 +328,18 @@ def conv_bn_forward(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, x: t
     if conv.padding_mode != "zeros":
         raise ValueError(f"cnnkern: Conv2d with padding_mode={conv.padding_mode!r} is not supported, only 'zeros'")
     if bn is None:
-        return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
-                        activation="relu" if relu else None, residual=residual, backend=backend)
+        return F.conv2d(
+            x,
+            conv.weight,
+            conv.bias,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            activation="relu" if relu else None,
+            residual=residual,
+            backend=backend,
+        )
     if bn.training or bn.running_mean is None:
         momentum = bn.momentum
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -258,24 +347,76 @@ def conv_bn_forward(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, x: t
             if momentum is None:  # cumulative moving average, as torch.nn.BatchNorm2d
                 momentum = 1.0 / float(bn.num_batches_tracked)
         update = bn.training
-        return F.conv_bn_relu(x, conv.weight, conv.bias, bn.running_mean if update else None,
-                              bn.running_var if update else None, bn.weight, bn.bias, training=True,
-                              momentum=0.0 if momentum is None else momentum, eps=bn.eps, stride=conv.stride,
-                              padding=conv.padding, dilation=conv.dilation, groups=conv.groups, relu=relu,
-                              residual=residual, backend=backend)
+        return F.conv_bn_relu(
+            x,
+            conv.weight,
+            conv.bias,
+            bn.running_mean if update else None,
+            bn.running_var if update else None,
+            bn.weight,
+            bn.bias,
+            training=True,
+            momentum=0.0 if momentum is None else momentum,
+            eps=bn.eps,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            relu=relu,
+            residual=residual,
+            backend=backend,
+        )
     if residual is None:  # BatchNorm folded while its tensors are unchanged (cnnkern/ops/_plan.py: FoldPlan)
-        return F.conv_bn_relu(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                              training=False, eps=bn.eps, stride=conv.stride, padding=conv.padding,
-                              dilation=conv.dilation, groups=conv.groups, relu=relu, backend=backend)
+        return F.conv_bn_relu(
+            x,
+            conv.weight,
+            conv.bias,
+            bn.running_mean,
+            bn.running_var,
+            bn.weight,
+            bn.bias,
+            training=False,
+            eps=bn.eps,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            relu=relu,
+            backend=backend,
+        )
     if _backend.resolve("conv_bn_relu", backend, x.device) == "torch":
         # the reference keeps conv and BatchNorm apart (and so does cnnkern.summary's trace)
-        return F.conv_bn_relu(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                              training=False, eps=bn.eps, stride=conv.stride, padding=conv.padding,
-                              dilation=conv.dilation, groups=conv.groups, relu=relu, residual=residual,
-                              backend="torch")
+        return F.conv_bn_relu(
+            x,
+            conv.weight,
+            conv.bias,
+            bn.running_mean,
+            bn.running_var,
+            bn.weight,
+            bn.bias,
+            training=False,
+            eps=bn.eps,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            relu=relu,
+            residual=residual,
+            backend="torch",
+        )
     w, b = _eval_weights(conv, bn)
-    return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups,
-                    activation="relu" if relu else None, residual=residual, backend=backend)
+    return F.conv2d(
+        x,
+        w,
+        b,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        activation="relu" if relu else None,
+        residual=residual,
+        backend=backend,
+    )
 
 
 def _conv_out_shape(conv: torch.nn.Conv2d, x: torch.Tensor) -> tuple:
@@ -283,8 +424,10 @@ def _conv_out_shape(conv: torch.nn.Conv2d, x: torch.Tensor) -> tuple:
     if conv.padding == "same":
         return (x.shape[0], conv.out_channels, *x.shape[2:])
     pad = (0, 0) if conv.padding == "valid" else conv.padding
-    hw = [(x.shape[2 + i] + 2 * pad[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1) // conv.stride[i] + 1
-          for i in range(2)]
+    hw = [
+        (x.shape[2 + i] + 2 * pad[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1) // conv.stride[i] + 1
+        for i in range(2)
+    ]
     return (x.shape[0], conv.out_channels, *hw)
 
 
@@ -344,9 +487,14 @@ def fused_conv(x, residual, conv, bn=None, act=None, shortcut=None, join=None, r
     if residual is None:
         return conv_bn_forward(conv, bn, x, relu=relu, backend=backend)
     identity = residual if shortcut is None else shortcut(residual)
-    if isinstance(identity, torch.Tensor) and isinstance(x, torch.Tensor) and x.dim() == 4 \
-            and identity.dtype == x.dtype and identity.device == x.device \
-            and tuple(identity.shape) == _conv_out_shape(conv, x):
+    if (
+        isinstance(identity, torch.Tensor)
+        and isinstance(x, torch.Tensor)
+        and x.dim() == 4
+        and identity.dtype == x.dtype
+        and identity.device == x.device
+        and tuple(identity.shape) == _conv_out_shape(conv, x)
+    ):
         return conv_bn_forward(conv, bn, x, relu=relu, backend=backend, residual=identity)
     y = conv_bn_forward(conv, bn, x, relu=False, backend=backend)
     return join(y, identity) if join is not None else _add_relu(y, identity, relu, backend, where)
@@ -356,8 +504,9 @@ def _trace_fused(proxy, x, residual, members, relu, backend):
     """Under torch.fx symbolic tracing: a ``fused_conv`` call node whose modules are ``get_attr``
     nodes, so the traced module holds them under their own names and still runs cnnkern."""
     tracer = proxy.tracer
-    mods = tuple(None if m is None else tracer.create_proxy("get_attr", tracer.path_of_module(m), (), {})
-                 for m in members)
+    mods = tuple(
+        None if m is None else tracer.create_proxy("get_attr", tracer.path_of_module(m), (), {}) for m in members
+    )
     return tracer.create_proxy("call_function", fused_conv, (x, residual, *mods), {"relu": relu, "backend": backend})
 
 
@@ -379,14 +528,26 @@ class FusedConv2d(_NoScript, torch.nn.Module):
         where: called with a reason when a join falls back to PyTorch.
     """
 
-    def __init__(self, conv, bn=None, relu=None, *, shortcut=None, join=None, residual=False, backend=None,
-                 names=None, where=None):
+    def __init__(
+        self,
+        conv,
+        bn=None,
+        relu=None,
+        *,
+        shortcut=None,
+        join=None,
+        residual=False,
+        backend=None,
+        names=None,
+        where=None,
+    ):
         super().__init__()
         if not isinstance(conv, torch.nn.Conv2d) or conv.padding_mode != "zeros":
             raise ValueError(f"FusedConv2d: conv must be a zeros-padded torch.nn.Conv2d, got {conv!r}")
         if bn is not None and bn.num_features != conv.out_channels:
-            raise ValueError(f"FusedConv2d: bn has {bn.num_features} features but conv has {conv.out_channels} "
-                             "output channels")
+            raise ValueError(
+                f"FusedConv2d: bn has {bn.num_features} features but conv has {conv.out_channels} output channels"
+            )
         act = relu if isinstance(relu, torch.nn.Module) else None
         # a tuple, not attributes: Module.__setattr__ would register the members a second time
         self._members = (conv, bn, act, shortcut, join)
@@ -406,8 +567,13 @@ class FusedConv2d(_NoScript, torch.nn.Module):
         return fused_conv(x, residual, *self._members, relu=self.relu, backend=self.backend, where=self._where)
 
     def _get_name(self):
-        return "Conv" + ("BN" if self.bn is not None else "") + ("Add" if self.residual else "") + \
-            ("ReLU" if self.relu else "") + "2d"
+        return (
+            "Conv"
+            + ("BN" if self.bn is not None else "")
+            + ("Add" if self.residual else "")
+            + ("ReLU" if self.relu else "")
+            + "2d"
+        )
 
     def extra_repr(self) -> str:
         parts = []
@@ -465,7 +631,7 @@ class Sequential(_NoScript, torch.nn.Sequential):
     def extra_repr(self) -> str:
         names = list(self._modules)
         runs = []
-        for start, conv, bn, act, end in _chains(list(self._modules.values())):
+        for start, _conv, bn, act, end in _chains(list(self._modules.values())):
             kind = "Conv" + ("BN" if bn is not None else "") + ("ReLU" if act is not None else "") + "2d"
             runs.append(f"{kind}({', '.join(names[start:end])})")
         s = ("fused: " + ", ".join(runs)) if runs else ""

@@ -38,8 +38,24 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, acti
     return torch.relu(y) if activation == "relu" else y
 
 
-def conv_bn_relu(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, training=False, momentum=0.1,
-                 eps=1e-5, stride=1, padding=0, dilation=1, groups=1, relu=True, residual=None):
+def conv_bn_relu(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    bn_weight,
+    bn_bias,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    relu=True,
+    residual=None,
+):
     """``relu(batch_norm(conv2d(x)) + residual)`` (``residual`` None or a tensor of the output's
     shape) with PyTorch's BatchNorm semantics (running statistics updated in place in training)."""
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -49,8 +65,9 @@ def conv_bn_relu(x, weight, bias, running_mean, running_var, bn_weight, bn_bias,
     return torch.relu(y) if relu else y
 
 
-def local_response_norm(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
-                        k: float = 1.0) -> torch.Tensor:
+def local_response_norm(
+    x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0
+) -> torch.Tensor:
     """``torch.nn.functional.local_response_norm`` itself (alpha divided by size; the window
     holds size//2 channels before and (size-1)//2 after each channel). On the CPU, where
     PyTorch's avg_pool3d has no float16/bfloat16 kernel, 4-D+ half inputs compute in float32."""

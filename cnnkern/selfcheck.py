@@ -60,8 +60,11 @@ class Context:
 
     def backends(self, op: str) -> list[str]:
         """The GPU backends with a kernel for ``op`` that can run on this device."""
-        return [b for b in ("triton", "cuda")
-                if b in _backend.AUTO_ORDER.get(op, ()) and _backend.unavailable_reason(b, self.device) is None]
+        return [
+            b
+            for b in ("triton", "cuda")
+            if b in _backend.AUTO_ORDER.get(op, ()) and _backend.unavailable_reason(b, self.device) is None
+        ]
 
     def tol(self, dtype: torch.dtype, tf32: bool = False) -> float:
         """Relative-error-norm tolerance; ``tf32``: an fp32 matmul-like op that PyTorch would run
@@ -82,9 +85,11 @@ CHECKS: dict[str, list[Callable[[Context], Iterator[tuple[str, Thunk]]]]] = {}
 
 def register(op: str):
     """Decorator: add a check function for ``op`` to :data:`CHECKS`."""
+
     def deco(fn):
         CHECKS.setdefault(op, []).append(fn)
         return fn
+
     return deco
 
 
@@ -124,8 +129,12 @@ def _residual_add_checks(ctx: Context):
             for dtype in ctx.dtypes:
                 for cl in (False, True):
                     label = f"residual_add [{backend}] {name} {_SHORT[dtype]} {_layout_name(cl)}"
-                    yield label, lambda b=backend, xs=xs, ss=ss, st=stride, dt=dtype, cl=cl: \
-                        _residual_add_one(ctx, b, xs, ss or xs, st, dt, cl)
+                    yield (
+                        label,
+                        lambda b=backend, xs=xs, ss=ss, st=stride, dt=dtype, cl=cl: _residual_add_one(
+                            ctx, b, xs, ss or xs, st, dt, cl
+                        ),
+                    )
 
 
 def _residual_add_one(ctx, backend, x_shape, s_shape, stride, dtype, channels_last) -> Result:
@@ -142,8 +151,9 @@ def _residual_add_one(ctx, backend, x_shape, s_shape, stride, dtype, channels_la
         problems.append("output not channels_last for a channels_last x")
     if out.dtype != dtype:
         problems.append(f"output dtype {out.dtype}")
-    return Result(_errors({"out": (out, ref), "grad_x": (gx, rgx), "grad_shortcut": (gs, rgs)}), ctx.tol(dtype),
-                  problems)
+    return Result(
+        _errors({"out": (out, ref), "grad_x": (gx, rgx), "grad_shortcut": (gs, rgs)}), ctx.tol(dtype), problems
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,8 +161,17 @@ def _residual_add_one(ctx, backend, x_shape, s_shape, stride, dtype, channels_la
 # ------------------------------------------------------------------------------------------------
 # (label, x shape, out channels, kernel, stride, padding, activation, channels_last)
 _CONV_CASES = [  # (label, input, K, kernel, stride, padding, activation, residual, channels_last)
-    ("3x3 s2 p1 +bias +relu (ResNet stage entry; main kernel, strided dgrad)", (2, 16, 8, 8), 24, 3, 2, 1,
-     "relu", False, False),
+    (
+        "3x3 s2 p1 +bias +relu (ResNet stage entry; main kernel, strided dgrad)",
+        (2, 16, 8, 8),
+        24,
+        3,
+        2,
+        1,
+        "relu",
+        False,
+        False,
+    ),
     ("1x1 +bias (bottleneck; GEMM kernel)", (2, 32, 5, 5), 16, 1, 1, 0, None, False, True),
     ("1x1 +bias +residual +relu (a block's end; GEMM kernel)", (2, 32, 5, 5), 16, 1, 1, 0, "relu", True, True),
     ("3x3 C=3 +bias (VGG conv1_1; small-C kernel)", (2, 3, 6, 6), 8, 3, 1, 1, None, False, True),
@@ -220,10 +239,15 @@ def _conv_bn_relu_one(ctx, backend, dtype) -> Result:
     g = ctx.randn(tuple(out.shape), dtype)
     out.backward(g)
     (pre * (out.detach() > 0)).backward(g.double())
-    pairs = {"out": (out, pre.relu()), "grad_x": (x.grad, xr.grad), "grad_w": (ours.conv.weight.grad, ref[0].weight.grad),
-             "grad_gamma": (ours.bn.weight.grad, ref[1].weight.grad), "grad_beta": (ours.bn.bias.grad, ref[1].bias.grad),
-             "running_mean": (ours.bn.running_mean, ref[1].running_mean),
-             "running_var": (ours.bn.running_var, ref[1].running_var)}
+    pairs = {
+        "out": (out, pre.relu()),
+        "grad_x": (x.grad, xr.grad),
+        "grad_w": (ours.conv.weight.grad, ref[0].weight.grad),
+        "grad_gamma": (ours.bn.weight.grad, ref[1].weight.grad),
+        "grad_beta": (ours.bn.bias.grad, ref[1].bias.grad),
+        "running_mean": (ours.bn.running_mean, ref[1].running_mean),
+        "running_var": (ours.bn.running_var, ref[1].running_var),
+    }
     ours.eval()
     ref.eval()
     xe = ctx.randn((2, 16, 7, 7), dtype, channels_last=True)
@@ -297,8 +321,11 @@ def run(ops: list[str] | None = None, echo=print) -> tuple[int, int]:
     # The interpreter computes bf16 wrongly (a Triton limitation): bf16 is checked on GPUs only.
     dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if device.type == "cuda" else ())
     ctx = Context(device, dtypes)
-    where = "CPU tensors under Triton's interpreter" if device.type == "cpu" else \
-        f"CUDA tensors on {torch.cuda.get_device_name(device)}"
+    where = (
+        "CPU tensors under Triton's interpreter"
+        if device.type == "cpu"
+        else f"CUDA tensors on {torch.cuda.get_device_name(device)}"
+    )
     echo(f"cnnkern self-check: {', '.join(ops)} on {where}; reference: float64 PyTorch")
     if _backend.has_extension():
         echo(f"cnnkern._C: loaded (cuda_archs {getattr(_backend._C, 'cuda_archs', 'unknown')})")
@@ -325,8 +352,11 @@ def run(ops: list[str] | None = None, echo=print) -> tuple[int, int]:
                 else:
                     failed.append(label)
         if labels == 0:
-            reasons = "; ".join(f"{b}: {_backend.unavailable_reason(b, device)}" for b in ("triton", "cuda")
-                                if b in _backend.AUTO_ORDER.get(op, ()))
+            reasons = "; ".join(
+                f"{b}: {_backend.unavailable_reason(b, device)}"
+                for b in ("triton", "cuda")
+                if b in _backend.AUTO_ORDER.get(op, ())
+            )
             echo(f"FAIL  {op}: no backend with a kernel for it can run here ({reasons})")
             failed.append(op)
     total = passed + len(failed)

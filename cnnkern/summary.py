@@ -27,13 +27,13 @@ __all__ = ["LayerRow", "Summary", "summary", "conv_layers"]
 @dataclass
 class LayerRow:
     name: str
-    kind: str                  # conv | linear | batchnorm | maxpool | avgpool | lrn | residual_add | concat
+    kind: str  # conv | linear | batchnorm | maxpool | avgpool | lrn | residual_add | concat
     input_shape: tuple
     output_shape: tuple
-    params: int = 0            # weights + biases of this layer
-    weights: int = 0           # weights only (the seed's GoogLeNet and VGG tables count these)
+    params: int = 0  # weights + biases of this layer
+    weights: int = 0  # weights only (the seed's GoogLeNet and VGG tables count these)
     macs: int = 0
-    conv: dict | None = None   # conv rows: stride, padding, dilation, groups, kernel (for benchmarks)
+    conv: dict | None = None  # conv rows: stride, padding, dilation, groups, kernel (for benchmarks)
     # conv rows (conv_layers): the name of the first occurrence of this convolution whose output,
     # after its BatchNorm, is added to a shortcut of the same shape (a ResNet block's last
     # convolution, whose fused layer takes the shortcut), or None
@@ -89,9 +89,11 @@ class Summary:
             shape = "x".join(map(str, r.output_shape))
             lines.append(f"{r.name:{w}}  {r.kind:12} {shape:>20} {r.params:12,d} {r.macs:15,d} {r.activations:12,d}")
         lines.append(f"{'total':{w}}  {'':12} {'':>20} {self.params:12,d} {self.macs:15,d} {self.activations:12,d}")
-        lines.append(f"activation memory: {self.activations * self.dtype_bytes / 2**20:.1f} MiB "
-                     f"({self.dtype_bytes}-byte elements), parameters: {self.params * self.dtype_bytes / 2**20:.1f} MiB, "
-                     f"{self.macs / 1e9:.2f} GMACs")
+        lines.append(
+            f"activation memory: {self.activations * self.dtype_bytes / 2**20:.1f} MiB "
+            f"({self.dtype_bytes}-byte elements), parameters: {self.params * self.dtype_bytes / 2**20:.1f} MiB, "
+            f"{self.macs / 1e9:.2f} GMACs"
+        )
         return "\n".join(lines)
 
 
@@ -124,28 +126,54 @@ class _Recorder(TorchFunctionMode):
             get = lambda i, k, d: a[i] if len(a) > i else kwargs.get(k, d)  # noqa: E731
             n, k, p, q = out.shape
             macs = n * k * p * q * w.shape[1] * w.shape[2] * w.shape[3]
-            conv = dict(stride=_pair(get(3, "stride", 1)), padding=get(4, "padding", 0),
-                        dilation=_pair(get(5, "dilation", 1)), groups=get(6, "groups", 1), kernel=tuple(w.shape[2:]))
-            self.rows.append(LayerRow(self._name(w), "conv", tuple(x.shape), tuple(out.shape),
-                                      w.numel() + _numel(b), w.numel(), macs, conv))
+            conv = dict(
+                stride=_pair(get(3, "stride", 1)),
+                padding=get(4, "padding", 0),
+                dilation=_pair(get(5, "dilation", 1)),
+                groups=get(6, "groups", 1),
+                kernel=tuple(w.shape[2:]),
+            )
+            self.rows.append(
+                LayerRow(
+                    self._name(w),
+                    "conv",
+                    tuple(x.shape),
+                    tuple(out.shape),
+                    w.numel() + _numel(b),
+                    w.numel(),
+                    macs,
+                    conv,
+                )
+            )
         elif name == "linear":
             x, w = a[0], a[1]
             b = a[2] if len(a) > 2 else kwargs.get("bias")
             macs = (out.numel() // w.shape[0]) * w.numel()
-            self.rows.append(LayerRow(self._name(w), "linear", tuple(x.shape), tuple(out.shape),
-                                      w.numel() + _numel(b), w.numel(), macs))
+            self.rows.append(
+                LayerRow(
+                    self._name(w), "linear", tuple(x.shape), tuple(out.shape), w.numel() + _numel(b), w.numel(), macs
+                )
+            )
         elif name == "batch_norm":
             w = a[3] if len(a) > 3 else kwargs.get("weight")
             b = a[4] if len(a) > 4 else kwargs.get("bias")
-            self.rows.append(LayerRow(self._name(w), "batchnorm", tuple(a[0].shape), tuple(out.shape),
-                                      _numel(w) + _numel(b)))
-        elif name in ("max_pool2d", "_max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d",
-                      "local_response_norm"):
+            self.rows.append(
+                LayerRow(self._name(w), "batchnorm", tuple(a[0].shape), tuple(out.shape), _numel(w) + _numel(b))
+            )
+        elif name in (
+            "max_pool2d",
+            "_max_pool2d",
+            "max_pool2d_with_indices",
+            "avg_pool2d",
+            "adaptive_avg_pool2d",
+            "local_response_norm",
+        ):
             kind = "lrn" if name == "local_response_norm" else "avgpool" if "avg" in name else "maxpool"
             res = out[0] if isinstance(out, tuple) else out
             self.rows.append(LayerRow(self._name(), kind, tuple(a[0].shape), tuple(res.shape)))
-        elif name in ("add", "__add__") and len(a) == 2 and all(isinstance(t, torch.Tensor) and t.dim() == 4
-                                                                for t in a):
+        elif (
+            name in ("add", "__add__") and len(a) == 2 and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in a)
+        ):
             self.rows.append(LayerRow(self._name(), "residual_add", tuple(a[0].shape), tuple(out.shape)))
         elif name == "cat" and isinstance(a[0], (list, tuple)) and a[0] and a[0][0].dim() == 4:
             self.rows.append(LayerRow(self._name(), "concat", tuple(a[0][0].shape), tuple(out.shape)))
@@ -165,6 +193,7 @@ def summary(model: torch.nn.Module, input_size, dtype_bytes: int = 4) -> Summary
             names.setdefault(id(p), mname or pname)
     stack: list[str] = []
     paths = {id(m): n for n, m in net.named_modules()}
+
     def enter(m, inputs):
         stack.append(paths.get(id(m), stack[-1] if stack else "?"))
 
@@ -202,8 +231,14 @@ def conv_layers(model: torch.nn.Module, input_size, followed_by_bn: bool = False
         j = i + 2
         while j < len(rows) and ".downsample." in rows[j].name and ".downsample." not in r.name:
             j += 1
-        joins = bn and ".downsample." not in r.name and j < len(rows) and rows[j].kind == "residual_add" and \
-            rows[j].output_shape == r.output_shape and rows[j].input_shape == r.output_shape
+        joins = (
+            bn
+            and ".downsample." not in r.name
+            and j < len(rows)
+            and rows[j].kind == "residual_add"
+            and rows[j].output_shape == r.output_shape
+            and rows[j].input_shape == r.output_shape
+        )
         key = (r.input_shape, r.output_shape, tuple(sorted((k, str(v)) for k, v in r.conv.items())))
         if key not in seen:
             seen[key] = r

@@ -53,8 +53,8 @@ def _evaluate(model, x, y, batch, device) -> float:
     correct = 0
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            out = model(x[i:i + batch].to(device))
-            correct += (out.argmax(1).cpu() == y[i:i + batch]).sum().item()
+            out = model(x[i : i + batch].to(device))
+            correct += (out.argmax(1).cpu() == y[i : i + batch]).sum().item()
     model.train()
     return correct / max(len(x), 1)
 
@@ -95,17 +95,33 @@ def main(argv=None) -> int:
     model = _build(args, 10).to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None) \
-        if distributed else model
+    net = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
+        if distributed
+        else model
+    )
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    sampler = torch.utils.data.DistributedSampler(torch.utils.data.TensorDataset(train_x, train_y), world, rank,
-                                                  shuffle=True, seed=args.seed) if distributed else None
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_x, train_y), batch_size=args.batch,
-                                         shuffle=sampler is None, sampler=sampler, drop_last=True)
+    sampler = (
+        torch.utils.data.DistributedSampler(
+            torch.utils.data.TensorDataset(train_x, train_y), world, rank, shuffle=True, seed=args.seed
+        )
+        if distributed
+        else None
+    )
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(train_x, train_y),
+        batch_size=args.batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+    )
     if rank == 0:
-        print(f"cnnkern train: {args.net} on the digits ({len(train_x)} train / {len(test_x)} test, "
-              f"{args.size}x{args.size}), {world} process(es) on {device.type}, backend "
-              f"{_backend.get_backend()}, batch {args.batch} per process", flush=True)
+        print(
+            f"cnnkern train: {args.net} on the digits ({len(train_x)} train / {len(test_x)} test, "
+            f"{args.size}x{args.size}), {world} process(es) on {device.type}, backend "
+            f"{_backend.get_backend()}, batch {args.batch} per process",
+            flush=True,
+        )
     step = 0
     for epoch in range(args.epochs):
         if sampler is not None:
@@ -115,6 +131,7 @@ def main(argv=None) -> int:
         if rank == 0 and not args.no_progress:
             try:
                 from tqdm import tqdm
+
                 bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
             except ImportError:
                 pass
@@ -134,19 +151,35 @@ def main(argv=None) -> int:
                 break
         if rank == 0:
             acc = _evaluate(model, test_x, test_y, args.batch, device)
-            print(f"epoch {epoch + 1}: train loss {total_loss / max(seen, 1):.4f}, train acc "
-                  f"{correct / max(seen, 1):.3f} (rank 0's shard), test acc {acc:.3f}, {time.time() - t0:.1f} s",
-                  flush=True)
+            print(
+                f"epoch {epoch + 1}: train loss {total_loss / max(seen, 1):.4f}, train acc "
+                f"{correct / max(seen, 1):.3f} (rank 0's shard), test acc {acc:.3f}, {time.time() - t0:.1f} s",
+                flush=True,
+            )
             if args.log:
                 with open(args.log, "a") as f:
-                    f.write(json.dumps({"net": args.net, "depth": args.depth if args.net.startswith("cifar_") else None,
-                                        "seed": args.seed, "epoch": epoch + 1, "steps": step,
-                                        "train_loss": total_loss / max(seen, 1),
-                                        "train_error": 1 - correct / max(seen, 1), "test_error": 1 - acc,
-                                        "seconds": time.time() - t0, "backend": _backend.get_backend(),
-                                        "device": device.type}) + "\n")
-            torch.save({"net": args.net, "epoch": epoch + 1, "model": model.state_dict(),
-                        "optimizer": opt.state_dict()}, args.checkpoint)
+                    f.write(
+                        json.dumps(
+                            {
+                                "net": args.net,
+                                "depth": args.depth if args.net.startswith("cifar_") else None,
+                                "seed": args.seed,
+                                "epoch": epoch + 1,
+                                "steps": step,
+                                "train_loss": total_loss / max(seen, 1),
+                                "train_error": 1 - correct / max(seen, 1),
+                                "test_error": 1 - acc,
+                                "seconds": time.time() - t0,
+                                "backend": _backend.get_backend(),
+                                "device": device.type,
+                            }
+                        )
+                        + "\n"
+                    )
+            torch.save(
+                {"net": args.net, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()},
+                args.checkpoint,
+            )
         if args.max_steps and step >= args.max_steps:
             break
     if rank == 0:

@@ -31,8 +31,10 @@ def check_like(op: str, name: str, t, like, like_name: str) -> None:
     """``t`` (a tensor the kernel reads at ``like``'s offsets, e.g. a fused residual) has exactly
     ``like``'s shape and strides."""
     if t.shape != like.shape or t.stride() != like.stride():
-        raise ValueError(f"{op}: {name} {tuple(t.shape)} with strides {t.stride()} must have {like_name}'s shape "
-                         f"{tuple(like.shape)} and strides {like.stride()}")
+        raise ValueError(
+            f"{op}: {name} {tuple(t.shape)} with strides {t.stride()} must have {like_name}'s shape "
+            f"{tuple(like.shape)} and strides {like.stride()}"
+        )
 
-from . import conv2d, conv_bn_relu, residual_add  # noqa: E402,F401
-from . import local_response_norm  # noqa: E402,F401
+
+from . import conv2d, conv_bn_relu, local_response_norm, residual_add  # noqa: E402,F401

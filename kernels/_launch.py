@@ -28,8 +28,7 @@ _Tensor = torch.Tensor
 def signature(args, kwargs) -> tuple:
     """What a compiled kernel depends on: scalars by value, tensors by dtype and 16-byte alignment,
     and the keyword (constexpr) values."""
-    return (tuple((a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, _Tensor) else a for a in args),
-            *kwargs.values())
+    return (tuple((a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, _Tensor) else a for a in args), *kwargs.values())
 
 
 def hooks_active() -> bool:
@@ -56,11 +55,20 @@ class Plan:
         # signature) for such a kernel, so a plan can call it with the same arguments itself.
         utils = triton.runtime.driver.active.utils
         self.direct = None
-        if (getattr(run, "launch", None) is getattr(utils, "launch", False) and hasattr(run, "arg_annotations")
-                and not run.global_scratch_size and not run.profile_scratch_size
-                and not getattr(run, "gsan_enabled", False)):
-            self.direct = (run.launch, run.launch_cooperative_grid, run.launch_pdl, run.arg_annotations,
-                           run.kernel_signature)
+        if (
+            getattr(run, "launch", None) is getattr(utils, "launch", False)
+            and hasattr(run, "arg_annotations")
+            and not run.global_scratch_size
+            and not run.profile_scratch_size
+            and not getattr(run, "gsan_enabled", False)
+        ):
+            self.direct = (
+                run.launch,
+                run.launch_cooperative_grid,
+                run.launch_pdl,
+                run.arg_annotations,
+                run.kernel_signature,
+            )
         self.function = compiled.function
         self.metadata = compiled.packed_metadata
         self.grid = grid
@@ -76,11 +84,38 @@ class Plan:
         g = self.grid if grid is None else grid
         if self.direct is not None:
             c_launch, coop, pdl, ann, sig = self.direct
-            c_launch(g[0], g[1], g[2], self.get_stream(device), self.function, coop, pdl, self.metadata, None, None,
-                     None, None, None, ann, sig, (*args, *self.tail))
+            c_launch(
+                g[0],
+                g[1],
+                g[2],
+                self.get_stream(device),
+                self.function,
+                coop,
+                pdl,
+                self.metadata,
+                None,
+                None,
+                None,
+                None,
+                None,
+                ann,
+                sig,
+                (*args, *self.tail),
+            )
         else:
-            self.run(g[0], g[1], g[2], self.get_stream(device), self.function, self.metadata, None, None, None, *args,
-                     *self.tail)
+            self.run(
+                g[0],
+                g[1],
+                g[2],
+                self.get_stream(device),
+                self.function,
+                self.metadata,
+                None,
+                None,
+                None,
+                *args,
+                *self.tail,
+            )
         if RECORD is not None:
             RECORD.add(("launch", self, args, g))
         return True
@@ -115,11 +150,11 @@ def make_plan(jit_fn, compiled, args, kwargs, grid) -> Plan | None:
     if compiled is None or not hasattr(compiled, "packed_metadata"):
         return None
     params = jit_fn.params
-    if any(not p.is_constexpr for p in params[len(args):]):
+    if any(not p.is_constexpr for p in params[len(args) :]):
         return None
     named = dict(zip(jit_fn.arg_names, args))
     tail = []
-    for p in params[len(args):]:
+    for p in params[len(args) :]:
         if p.name in kwargs:
             value = kwargs[p.name]
         elif p.has_default:

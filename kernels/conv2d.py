@@ -58,8 +58,12 @@ def _configs(space, k_name="BLOCK_C", interpret=INTERPRET):
     reduction steps, and a wide one for full-width networks (hundreds of channels)."""
     if interpret:
         space = [(32, 32, 32 if k_name == "BLOCK_K" else 16, 4, 1), (32, 128, 128, 4, 1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, k_name: bk, "GROUP_M": 8 if not interpret else 4},
-                          num_warps=w, num_stages=st) for (bm, bn, bk, w, st) in space]
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, k_name: bk, "GROUP_M": 8 if not interpret else 4}, num_warps=w, num_stages=st
+        )
+        for (bm, bn, bk, w, st) in space
+    ]
 
 
 # Tiles that one Triton release compiles with register spills for one GPU (compute capability
@@ -68,17 +72,24 @@ def _configs(space, k_name="BLOCK_C", interpret=INTERPRET):
 # Triton 3.8 compiles every tile of the spaces below without spills.
 # A name with "+STATS" holds the tiles spilled in only with the BatchNorm statistics epilogue.
 _SPILLS = {
-    (3, 6): {"_fwd_kernel": {80: {(128, 64, 64, 4, 4), (128, 256, 64, 8, 3)}},
-             "_fwd_kernel+STATS": {90: {(128, 128, 32, 4, 4)}},
-             "_fwd_small_c_kernel": {90: {(64, 64, 64, 4, 4)}}},
+    (3, 6): {
+        "_fwd_kernel": {80: {(128, 64, 64, 4, 4), (128, 256, 64, 8, 3)}},
+        "_fwd_kernel+STATS": {90: {(128, 128, 32, 4, 4)}},
+        "_fwd_small_c_kernel": {90: {(64, 64, 64, 4, 4)}},
+    },
 }
 _TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2])
 
 
 def _tile(c):
     """(BLOCK_M, BLOCK_N, reduction block, warps, stages) of a triton.Config, as _configs takes it."""
-    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("BLOCK_C", c.kwargs.get("BLOCK_K")),
-            c.num_warps, c.num_stages)
+    return (
+        c.kwargs["BLOCK_M"],
+        c.kwargs["BLOCK_N"],
+        c.kwargs.get("BLOCK_C", c.kwargs.get("BLOCK_K")),
+        c.num_warps,
+        c.num_stages,
+    )
 
 
 def smem_bound(c, elem_bytes: int) -> int:
@@ -148,18 +159,32 @@ def _untimed(kernel_call, quantiles=None):
 
 def _tune(kernel: str) -> dict:
     """The autotuner's arguments of the convolution kernel named ``kernel``."""
-    return {"prune_configs_by": {"early_config_prune": functools.partial(_prune, kernel=kernel)},
-            **({"do_bench": _untimed} if INTERPRET else {})}
+    return {
+        "prune_configs_by": {"early_config_prune": functools.partial(_prune, kernel=kernel)},
+        **({"do_bench": _untimed} if INTERPRET else {}),
+    }
 
 
 # The spaces below keep only tiles that compile without spills for both sm_80 and sm_90 with
 # bf16/fp16 NHWC inputs and use wgmma on sm_90 (checked by `cnnkern inspect` and
 # tests/test_inspect.py). 128x128 and 128x64 tiles with 3-4 stages are the tensor-core sweet spot;
 # the 64-wide ones serve small-K and small-M layers (late ResNet stages, batch 1).
-_FWD_SPACE = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-              (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)]
-_GEMM_SPACE = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 8, 4),
-               (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)]
+_FWD_SPACE = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 32, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (128, 256, 64, 8, 3),
+]
+_GEMM_SPACE = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 8, 4),
+    (64, 64, 64, 4, 4),
+    (128, 256, 64, 8, 3),
+]
 _SMALL_C_SPACE = [(64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 8, 3)]
 _DGRAD_SPACE = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4)]
 _FWD_CONFIGS = _configs(_FWD_SPACE)
@@ -196,8 +221,29 @@ def _mma(a, b, acc, ACC: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, K, n, p, q, offs_k, mask_m, mask_k, syn, syk, syp, syq,
-              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr):
+def _epilogue(
+    acc,
+    b_ptr,
+    y_ptr,
+    r_ptr,
+    st_ptr,
+    pid_m,
+    K,
+    n,
+    p,
+    q,
+    offs_k,
+    mask_m,
+    mask_k,
+    syn,
+    syk,
+    syp,
+    syq,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+):
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(acc.dtype)
         acc = acc + bias[None, :]
@@ -241,16 +287,63 @@ def _out_tile(M, P, Q, Kg, splits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _fwd_end(acc, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr, j, splits, pid_m, M, Kg, offs_m, n, p, q, k_glob, mask_m,
-             mask_n, syn, syk, syp, syq, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-             STATS: tl.constexpr, SPLIT: tl.constexpr):
+def _fwd_end(
+    acc,
+    b_ptr,
+    y_ptr,
+    r_ptr,
+    st_ptr,
+    ws_ptr,
+    j,
+    splits,
+    pid_m,
+    M,
+    Kg,
+    offs_m,
+    n,
+    p,
+    q,
+    k_glob,
+    mask_m,
+    mask_n,
+    syn,
+    syk,
+    syp,
+    syq,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     # the forward kernels' last step: the split's partial sums, or the epilogue
     K = Kg * (tl.num_programs(1) // splits)
     if SPLIT:
         _store_partial(acc, ws_ptr, j, M, K, offs_m, k_glob, mask_m, mask_n)
     else:
-        _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, K, n, p, q, k_glob, mask_m, mask_n,
-                  syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
+        _epilogue(
+            acc,
+            b_ptr,
+            y_ptr,
+            r_ptr,
+            st_ptr,
+            pid_m,
+            K,
+            n,
+            p,
+            q,
+            k_glob,
+            mask_m,
+            mask_n,
+            syn,
+            syk,
+            syp,
+            syq,
+            HAS_BIAS,
+            HAS_RES,
+            RELU,
+            STATS,
+        )
 
 
 @triton.jit
@@ -271,22 +364,61 @@ def _store_partial(acc, ws_ptr, j, M, K, offs_m, k_glob, mask_m, mask_k):
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY, **_tune("_fwd_kernel"))
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
-                M, H, W, P, Q, Cg, Kg, splits,
-                sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
-                sh, sw, ph, pw, dh, dw,
-                R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, SPLIT: tl.constexpr,
-                ACC: tl.constexpr,
-                PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
-    g, j, pid_m, offs_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, splits, BLOCK_M, BLOCK_N,
-                                                                     GROUP_M)
+def _fwd_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    r_ptr,
+    st_ptr,
+    ws_ptr,
+    M,
+    H,
+    W,
+    P,
+    Q,
+    Cg,
+    Kg,
+    splits,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    swk,
+    swc,
+    swr,
+    sws,
+    syn,
+    syk,
+    syp,
+    syq,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    IS_CL_X: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    g, j, pid_m, offs_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, splits, BLOCK_M, BLOCK_N, GROUP_M)
     # the receptive field of row (n, p, q) starts at (ih0, iw0)
     ih0 = p * sh - ph
     iw0 = q * sw - pw
     x_row = x_ptr + n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc  # [BLOCK_M] pointers
-    w_col = w_ptr + k_glob.to(tl.int64) * swk                          # [BLOCK_N] pointers
+    w_col = w_ptr + k_glob.to(tl.int64) * swk  # [BLOCK_N] pointers
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     c_blocks = tl.cdiv(Cg, BLOCK_C)
@@ -301,35 +433,110 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
         inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < Cg
-        a = tl.load(x_row[:, None] + (ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
-                    mask=inside[:, None] & mask_c[None, :], other=0.0)
-        b = tl.load(w_col[None, :] + (offs_c * swc)[:, None] + (r * swr + s * sws),
-                    mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        a = tl.load(
+            x_row[:, None] + (ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
+            mask=inside[:, None] & mask_c[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_col[None, :] + (offs_c * swc)[:, None] + (r * swr + s * sws),
+            mask=mask_c[:, None] & mask_n[None, :],
+            other=0.0,
+        )
         acc = _mma(a, b, acc, ACC, PREC)
-    _fwd_end(acc, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr, j, splits, pid_m, M, Kg, offs_m, n, p, q, k_glob, mask_m,
-             mask_n, syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS, SPLIT)
+    _fwd_end(
+        acc,
+        b_ptr,
+        y_ptr,
+        r_ptr,
+        st_ptr,
+        ws_ptr,
+        j,
+        splits,
+        pid_m,
+        M,
+        Kg,
+        offs_m,
+        n,
+        p,
+        q,
+        k_glob,
+        mask_m,
+        mask_n,
+        syn,
+        syk,
+        syp,
+        syq,
+        HAS_BIAS,
+        HAS_RES,
+        RELU,
+        STATS,
+        SPLIT,
+    )
 
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=_FWD_KEY, **_tune("_fwd_1x1_kernel"))
 @triton.jit
-def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
-                    M, H, W, P, Q, Cg, Kg, splits,
-                    sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
-                    sh, sw, ph, pw, dh, dw,
-                    R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, SPLIT: tl.constexpr,
-                    ACC: tl.constexpr,
-                    PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
+def _fwd_1x1_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    r_ptr,
+    st_ptr,
+    ws_ptr,
+    M,
+    H,
+    W,
+    P,
+    Q,
+    Cg,
+    Kg,
+    splits,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    swk,
+    swc,
+    swr,
+    sws,
+    syn,
+    syk,
+    syp,
+    syq,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    IS_CL_X: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     # A 1x1 convolution without padding is a plain GEMM: row m = (n, p, q) reads the C channels
     # of input pixel (p*sh, q*sw), always inside the image. The launcher folds the stride into
     # sxh/sxw (sh = sw = 1 here), so the A and B tiles just advance by BLOCK_C channels per step.
-    g, j, pid_m, offs_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, splits, BLOCK_M, BLOCK_N,
-                                                                     GROUP_M)
+    g, j, pid_m, offs_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, splits, BLOCK_M, BLOCK_N, GROUP_M)
     first, last = _split_range(tl.cdiv(Cg, BLOCK_C), j, splits)
     offs_c = tl.arange(0, BLOCK_C)
-    a_ptrs = (x_ptr + (n.to(tl.int64) * sxn + p * sxh + q * sxw + (g * Cg).to(tl.int64) * sxc)[:, None]
-              + ((first * BLOCK_C + offs_c) * sxc)[None, :])
+    a_ptrs = (
+        x_ptr
+        + (n.to(tl.int64) * sxn + p * sxh + q * sxw + (g * Cg).to(tl.int64) * sxc)[:, None]
+        + ((first * BLOCK_C + offs_c) * sxc)[None, :]
+    )
     b_ptrs = w_ptr + (k_glob.to(tl.int64) * swk)[None, :] + ((first * BLOCK_C + offs_c) * swc)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for c0 in range(first * BLOCK_C, tl.minimum(last * BLOCK_C, Cg), BLOCK_C):
@@ -339,24 +546,89 @@ def _fwd_1x1_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
         acc = _mma(a, b, acc, ACC, PREC)
         a_ptrs += BLOCK_C * sxc
         b_ptrs += BLOCK_C * swc
-    _fwd_end(acc, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr, j, splits, pid_m, M, Kg, offs_m, n, p, q, k_glob, mask_m,
-             mask_n, syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS, SPLIT)
+    _fwd_end(
+        acc,
+        b_ptr,
+        y_ptr,
+        r_ptr,
+        st_ptr,
+        ws_ptr,
+        j,
+        splits,
+        pid_m,
+        M,
+        Kg,
+        offs_m,
+        n,
+        p,
+        q,
+        k_glob,
+        mask_m,
+        mask_n,
+        syn,
+        syk,
+        syp,
+        syq,
+        HAS_BIAS,
+        HAS_RES,
+        RELU,
+        STATS,
+        SPLIT,
+    )
 
 
 @triton.autotune(configs=_SMALL_C_CONFIGS, key=_FWD_KEY, **_tune("_fwd_small_c_kernel"))
 @triton.jit
-def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
-                        M, H, W, P, Q, Cg, Kg, splits,
-                        sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
-                        sh, sw, ph, pw, dh, dw,
-                        R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, SPLIT: tl.constexpr,
-                        ACC: tl.constexpr,
-                        PREC: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr):
-    g, j, pid_m, offs_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, splits, BLOCK_M, BLOCK_N,
-                                                                     GROUP_M)
+def _fwd_small_c_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    r_ptr,
+    st_ptr,
+    ws_ptr,
+    M,
+    H,
+    W,
+    P,
+    Q,
+    Cg,
+    Kg,
+    splits,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    swk,
+    swc,
+    swr,
+    sws,
+    syn,
+    syk,
+    syp,
+    syq,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    IS_CL_X: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    g, j, pid_m, offs_m, n, p, q, mask_m, mask_n, k_glob = _out_tile(M, P, Q, Kg, splits, BLOCK_M, BLOCK_N, GROUP_M)
     ih0 = p * sh - ph
     iw0 = q * sw - pw
     x_row = x_ptr + n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc
@@ -377,22 +649,85 @@ def _fwd_small_c_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr,
         iw = iw0[:, None] + (s * dw)[None, :]
         inside = mask_m[:, None] & mask_t[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         a = tl.load(x_row[:, None] + ih * sxh + iw * sxw + (c * sxc)[None, :], mask=inside, other=0.0)
-        b = tl.load(w_col[None, :] + (c * swc + r * swr + s * sws)[:, None],
-                    mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+        b = tl.load(
+            w_col[None, :] + (c * swc + r * swr + s * sws)[:, None], mask=mask_t[:, None] & mask_n[None, :], other=0.0
+        )
         acc = _mma(a, b, acc, ACC, PREC)
-    _fwd_end(acc, b_ptr, y_ptr, r_ptr, st_ptr, ws_ptr, j, splits, pid_m, M, Kg, offs_m, n, p, q, k_glob, mask_m,
-             mask_n, syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS, SPLIT)
+    _fwd_end(
+        acc,
+        b_ptr,
+        y_ptr,
+        r_ptr,
+        st_ptr,
+        ws_ptr,
+        j,
+        splits,
+        pid_m,
+        M,
+        Kg,
+        offs_m,
+        n,
+        p,
+        q,
+        k_glob,
+        mask_m,
+        mask_n,
+        syn,
+        syk,
+        syp,
+        syq,
+        HAS_BIAS,
+        HAS_RES,
+        RELU,
+        STATS,
+        SPLIT,
+    )
 
 
 @triton.autotune(configs=_DGRAD_CONFIGS, key=_DGRAD_KEY, **_tune("_dgrad_kernel"))
 @triton.jit
-def _dgrad_kernel(gy_ptr, w_ptr, gx_ptr, ws_ptr,
-                  M, H, W, P, Q, Cg, Kg, splits,
-                  sgn, sgk, sgp, sgq, swk, swc, swr, sws, sxn, sxc, sxh, sxw,
-                  sh, sw, ph, pw, dh, dw,
-                  R: tl.constexpr, S: tl.constexpr, IS_CL_X: tl.constexpr, SPLIT: tl.constexpr,
-                  ACC: tl.constexpr, PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
+def _dgrad_kernel(
+    gy_ptr,
+    w_ptr,
+    gx_ptr,
+    ws_ptr,
+    M,
+    H,
+    W,
+    P,
+    Q,
+    Cg,
+    Kg,
+    splits,
+    sgn,
+    sgk,
+    sgp,
+    sgq,
+    swk,
+    swc,
+    swr,
+    sws,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    IS_CL_X: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     # GEMM: rows m = input pixels (n, h, w) (M = N*H*W), columns c (Cg), reduction over (r, s, k)
     # in blocks of BLOCK_C output channels (the name is shared with the forward's configs); split
     # j of `splits` (program axis 1 = g * splits + j) takes its share of the reduction and stores
@@ -431,10 +766,16 @@ def _dgrad_kernel(gy_ptr, w_ptr, gx_ptr, ws_ptr,
         hit = mask_m & (hp >= 0) & (wq >= 0) & (hp % sh == 0) & (wq % sw == 0) & (p < P) & (q < Q)
         offs_k = k0 + tl.arange(0, BLOCK_C)
         mask_k = offs_k < Kg
-        a = tl.load(gy_row[:, None] + (p * sgp + q * sgq)[:, None] + offs_k[None, :] * sgk,
-                    mask=hit[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_col[None, :] + (offs_k.to(tl.int64) * swk)[:, None] + (r * swr + s * sws),
-                    mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+        a = tl.load(
+            gy_row[:, None] + (p * sgp + q * sgq)[:, None] + offs_k[None, :] * sgk,
+            mask=hit[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_col[None, :] + (offs_k.to(tl.int64) * swk)[:, None] + (r * swr + s * sws),
+            mask=mask_k[:, None] & mask_c[None, :],
+            other=0.0,
+        )
         acc = _mma(a, b, acc, ACC, PREC)
     if SPLIT:
         _store_partial(acc, ws_ptr, j, M, Cg * (tl.num_programs(1) // splits), offs_m, c_glob, mask_m, mask_c)
@@ -445,12 +786,44 @@ def _dgrad_kernel(gy_ptr, w_ptr, gx_ptr, ws_ptr,
 
 
 @triton.jit
-def _wgrad_kernel(gy_ptr, x_ptr, ws_ptr, wsb_ptr,
-                  M, H, W, P, Q, Cg, Kg, K, m_per_split, split_stride,
-                  sgn, sgk, sgp, sgq, sxn, sxc, sxh, sxw,
-                  sh, sw, ph, pw, dh, dw,
-                  R: tl.constexpr, S: tl.constexpr, WITH_BIAS: tl.constexpr, ACC: tl.constexpr,
-                  PREC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
+def _wgrad_kernel(
+    gy_ptr,
+    x_ptr,
+    ws_ptr,
+    wsb_ptr,
+    M,
+    H,
+    W,
+    P,
+    Q,
+    Cg,
+    Kg,
+    K,
+    m_per_split,
+    split_stride,
+    sgn,
+    sgk,
+    sgp,
+    sgq,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    WITH_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     # Program (tile of Kg x Cg, tap (r, s) of group g, split j) reduces output pixels
     # [j*m_per_split, (j+1)*m_per_split): acc[k, c] += sum_m gy[m, k] * x_at_tap[m, c].
     # Workspace: ws[j, g*Kg + k, c, r, s] (fp32/fp64, contiguous per split); wsb[j, g*Kg + k] for
@@ -486,12 +859,20 @@ def _wgrad_kernel(gy_ptr, x_ptr, ws_ptr, wsb_ptr,
         ih = p * sh - ph + r * dh
         iw = q * sw - pw + s * dw
         inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        gy = tl.load(gy_ptr + (n.to(tl.int64) * sgn + p * sgp + q * sgq)[:, None]
-                     + ((g * Kg + offs_k).to(tl.int64) * sgk)[None, :],
-                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)          # [BLOCK_M, BLOCK_K]
-        xv = tl.load(x_ptr + (n.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None]
-                     + ((g * Cg + offs_c).to(tl.int64) * sxc)[None, :],
-                     mask=inside[:, None] & mask_c[None, :], other=0.0)          # [BLOCK_M, BLOCK_C]
+        gy = tl.load(
+            gy_ptr
+            + (n.to(tl.int64) * sgn + p * sgp + q * sgq)[:, None]
+            + ((g * Kg + offs_k).to(tl.int64) * sgk)[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_K]
+        xv = tl.load(
+            x_ptr
+            + (n.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None]
+            + ((g * Cg + offs_c).to(tl.int64) * sxc)[None, :],
+            mask=inside[:, None] & mask_c[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_C]
         acc = _mma(tl.trans(gy), xv, acc, ACC, PREC)
         if WITH_BIAS:
             if do_bias:
@@ -505,8 +886,25 @@ def _wgrad_kernel(gy_ptr, x_ptr, ws_ptr, wsb_ptr,
 
 
 @triton.jit
-def _split_sum_kernel(ws_ptr, gw_ptr, gb_ptr, splits, split_stride, NW, K, Cg, R, S, s0, s1, s2, s3,
-                      WITH_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _split_sum_kernel(
+    ws_ptr,
+    gw_ptr,
+    gb_ptr,
+    splits,
+    split_stride,
+    NW,
+    K,
+    Cg,
+    R,
+    S,
+    s0,
+    s1,
+    s2,
+    s3,
+    WITH_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # gw[k, c, r, s] (any strides) = sum_j ws[j, e] for e = ((k*Cg + c)*R + r)*S + s < NW, and
     # gb[k] = sum_j ws[j, NW + k]; the splits are added in order j = 0, 1, ...: deterministic.
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -525,9 +923,29 @@ def _split_sum_kernel(ws_ptr, gw_ptr, gb_ptr, splits, split_stride, NW, K, Cg, R
 
 
 @triton.jit
-def _fwd_split_sum_kernel(ws_ptr, b_ptr, y_ptr, r_ptr, st_ptr, M, K, P, Q, splits, syn, syk, syp, syq,
-                          HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
-                          ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_split_sum_kernel(
+    ws_ptr,
+    b_ptr,
+    y_ptr,
+    r_ptr,
+    st_ptr,
+    M,
+    K,
+    P,
+    Q,
+    splits,
+    syn,
+    syk,
+    syp,
+    syq,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # The end of a split-K forward, one BLOCK_M x BLOCK_N tile of the (M, K) output per program:
     # the splits' partials ws[j, m, k] added in order j = 0, 1, ... (deterministic), then the
     # unsplit kernels' own epilogue (bias; the BatchNorm statistics of the tile, row block pid_m;
@@ -545,8 +963,29 @@ def _fwd_split_sum_kernel(ws_ptr, b_ptr, y_ptr, r_ptr, st_ptr, M, K, P, Q, split
         ptrs += M * K  # 64-bit pointer arithmetic
     n = offs_m // (P * Q)
     pq = offs_m % (P * Q)
-    _epilogue(acc, b_ptr, y_ptr, r_ptr, st_ptr, pid_m, K, n, pq // Q, pq % Q, offs_k, mask_m, mask_k,
-              syn, syk, syp, syq, HAS_BIAS, HAS_RES, RELU, STATS)
+    _epilogue(
+        acc,
+        b_ptr,
+        y_ptr,
+        r_ptr,
+        st_ptr,
+        pid_m,
+        K,
+        n,
+        pq // Q,
+        pq % Q,
+        offs_k,
+        mask_m,
+        mask_k,
+        syn,
+        syk,
+        syp,
+        syq,
+        HAS_BIAS,
+        HAS_RES,
+        RELU,
+        STATS,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,6 +1003,7 @@ def deterministic_config(configs, M: int, N: int, sms: int):
     every SM a tile (``sms``, the device's SM count), else the smallest tile; ties go to the
     earlier configuration in the list. The same shape on the same GPU model always gets the same
     tile, so results are bitwise equal across processes too."""
+
     def area(c):
         return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
 
@@ -624,8 +1064,10 @@ def _check_int32_extent(name: str, t: torch.Tensor) -> None:
         return  # dense: one item spans numel / N elements (the quick test, on every call's host path)
     per_item = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:])) + 1
     if per_item > _INT32_MAX:
-        raise ValueError(f"conv2d: one item of {name} spans {per_item} elements, more than 2^31-1; "
-                         "the Triton conv kernels index within an item in int32")
+        raise ValueError(
+            f"conv2d: one item of {name} spans {per_item} elements, more than 2^31-1; "
+            "the Triton conv kernels index within an item in int32"
+        )
 
 
 def _is_cl(t: torch.Tensor) -> bool:
@@ -667,16 +1109,47 @@ def _split_sum(ws, bias, y, residual, stats, relu: bool) -> None:
     partials ws (splits, M, K), in 32-row tiles (the rows of ``stats``: stats_rows)."""
     splits, M, K = ws.shape
     bm, bn = 32, 64
-    _fast.launch(_fwd_split_sum_kernel, (cdiv(M, bm), cdiv(K, bn)),
-                 ws, bias if bias is not None else y, y, residual if residual is not None else y,
-                 stats if stats is not None else y, M, K, y.shape[2], y.shape[3], splits, *y.stride(),
-                 HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats is not None,
-                 ACC=acc_type(ws.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    _fast.launch(
+        _fwd_split_sum_kernel,
+        (cdiv(M, bm), cdiv(K, bn)),
+        ws,
+        bias if bias is not None else y,
+        y,
+        residual if residual is not None else y,
+        stats if stats is not None else y,
+        M,
+        K,
+        y.shape[2],
+        y.shape[3],
+        splits,
+        *y.stride(),
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        RELU=relu,
+        STATS=stats is not None,
+        ACC=acc_type(ws.dtype),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=4,
+    )
 
 
-def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool, precision: str,
-                   kernel: str | None = None, stats: torch.Tensor | None = None,
-                   residual: torch.Tensor | None = None, splits: int | None = None) -> None:
+def conv2d_forward(
+    x,
+    w,
+    bias,
+    y,
+    stride,
+    padding,
+    dilation,
+    groups,
+    relu: bool,
+    precision: str,
+    kernel: str | None = None,
+    stats: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    splits: int | None = None,
+) -> None:
     """y = [relu](conv2d(x, w, bias) + residual) with ``padding = (top, left)`` (y's shape fixes
     the rest).
 
@@ -715,17 +1188,56 @@ def conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
     if splits < 1:
         raise ValueError(f"conv2d: splits must be >= 1, got {splits}")
     splits, ws = _split_workspace(splits, M, K, x)
-    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(Kg, meta["BLOCK_N"]),  # noqa: E731
-                         groups * splits)
+
+    def grid(meta):
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(Kg, meta["BLOCK_N"]), groups * splits)
+
     st = stats if stats is not None else y
     cl = _is_cl(x)
     key = (M, Kg, Cg, R, S, cl, residual is not None, stats is not None, splits, x.dtype, st.dtype)
     res = residual if residual is not None else y
-    _launch(fn, grid, key, x, w, bias if bias is not None else w, y, res, st, ws if ws is not None else y,
-            M, H, W, P, Q, Cg, Kg, splits, sxn, sxc, sxh, sxw, *w.stride(), *y.stride(), stride[0], stride[1],
-            padding[0], padding[1], dilation[0], dilation[1], R=R, S=S, IS_CL_X=cl, HAS_BIAS=bias is not None,
-            HAS_RES=residual is not None, RELU=relu, STATS=stats is not None, SPLIT=splits > 1, ACC=acc_type(x.dtype),
-            PREC=precision)
+    _launch(
+        fn,
+        grid,
+        key,
+        x,
+        w,
+        bias if bias is not None else w,
+        y,
+        res,
+        st,
+        ws if ws is not None else y,
+        M,
+        H,
+        W,
+        P,
+        Q,
+        Cg,
+        Kg,
+        splits,
+        sxn,
+        sxc,
+        sxh,
+        sxw,
+        *w.stride(),
+        *y.stride(),
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        dilation[0],
+        dilation[1],
+        R=R,
+        S=S,
+        IS_CL_X=cl,
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        RELU=relu,
+        STATS=stats is not None,
+        SPLIT=splits > 1,
+        ACC=acc_type(x.dtype),
+        PREC=precision,
+    )
     if ws is not None:
         _split_sum(ws, bias, y, residual, stats, relu)
 
@@ -749,8 +1261,9 @@ def dgrad_phases(stride, padding, dilation):
             yield a, b, r0, s0, (sh, sw), (1, 1), ((a + ph - r0) // sh, (b + pw - s0) // sw), (1, 1)
 
 
-def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precision: str,
-                          splits: int | None = None) -> None:
+def conv2d_backward_input(
+    gy, w, gx, stride, padding, dilation, groups, precision: str, splits: int | None = None
+) -> None:
     """grad_x (N, C, H, W, preallocated, any strides) from grad_y (N, K, P, Q) and w; a strided
     convolution's phase by phase (:func:`dgrad_phases`), each over only the taps that reach it.
     ``splits``: split-K of each phase's reduction (None: :func:`gemm_splits` chooses per phase;
@@ -784,13 +1297,44 @@ def conv2d_backward_input(gy, w, gx, stride, padding, dilation, groups, precisio
             gxv.zero_()
             continue
         n_split, ws = _split_workspace(
-            gemm_splits(M, Cg, groups, Rv * Sv * (K // groups), gx.device) if splits is None else splits, M, C, gx)
+            gemm_splits(M, Cg, groups, Rv * Sv * (K // groups), gx.device) if splits is None else splits, M, C, gx
+        )
         grid = lambda meta, M=M, n_split=n_split: (  # noqa: E731
-            cdiv(M, meta["BLOCK_M"]) * cdiv(Cg, meta["BLOCK_N"]), groups * n_split)
-        _launch(_dgrad_kernel, grid, (M, K // groups, Cg, Rv, Sv, cl, n_split, gy.dtype), gy, wv, gxv,
-                ws if ws is not None else gxv, M, Hv, Wv, P, Q, Cg, K // groups, n_split, *gy.stride(), *wv.stride(),
-                *gxv.stride(), st[0], st[1], pad[0], pad[1], dil[0], dil[1], R=Rv, S=Sv, IS_CL_X=cl,
-                SPLIT=n_split > 1, ACC=acc_type(gx.dtype), PREC=precision)
+            cdiv(M, meta["BLOCK_M"]) * cdiv(Cg, meta["BLOCK_N"]),
+            groups * n_split,
+        )
+        _launch(
+            _dgrad_kernel,
+            grid,
+            (M, K // groups, Cg, Rv, Sv, cl, n_split, gy.dtype),
+            gy,
+            wv,
+            gxv,
+            ws if ws is not None else gxv,
+            M,
+            Hv,
+            Wv,
+            P,
+            Q,
+            Cg,
+            K // groups,
+            n_split,
+            *gy.stride(),
+            *wv.stride(),
+            *gxv.stride(),
+            st[0],
+            st[1],
+            pad[0],
+            pad[1],
+            dil[0],
+            dil[1],
+            R=Rv,
+            S=Sv,
+            IS_CL_X=cl,
+            SPLIT=n_split > 1,
+            ACC=acc_type(gx.dtype),
+            PREC=precision,
+        )
         if ws is not None:  # rows (n, h, w) of the phase's view, written through its strides
             _split_sum(ws, None, gxv, None, None, False)
 
@@ -840,17 +1384,64 @@ def conv2d_backward_weight(gy, x, gw, gb, stride, padding, dilation, groups, pre
     ws = _fast.alloc((splits, split_stride), acc_dtype, x.device, zero=not M)
     if M:
         grid = (cdiv(Kg, BK) * cdiv(Cg, BC), groups * R * S, splits)
-        _fast.launch(_wgrad_kernel, grid, gy, x, ws, ws[:, nw:] if with_bias else ws, M, H, W, P, Q, Cg, Kg, K,
-                     m_per_split, split_stride, *gy.stride(), *x.stride(), stride[0], stride[1], padding[0],
-                     padding[1], dilation[0], dilation[1], R=R, S=S, WITH_BIAS=with_bias, ACC=acc_type(gw.dtype),
-                     PREC=precision, BLOCK_K=BK, BLOCK_C=BC, BLOCK_M=BM, num_warps=4,
-                     num_stages=1 if INTERPRET else 3)
+        _fast.launch(
+            _wgrad_kernel,
+            grid,
+            gy,
+            x,
+            ws,
+            ws[:, nw:] if with_bias else ws,
+            M,
+            H,
+            W,
+            P,
+            Q,
+            Cg,
+            Kg,
+            K,
+            m_per_split,
+            split_stride,
+            *gy.stride(),
+            *x.stride(),
+            stride[0],
+            stride[1],
+            padding[0],
+            padding[1],
+            dilation[0],
+            dilation[1],
+            R=R,
+            S=S,
+            WITH_BIAS=with_bias,
+            ACC=acc_type(gw.dtype),
+            PREC=precision,
+            BLOCK_K=BK,
+            BLOCK_C=BC,
+            BLOCK_M=BM,
+            num_warps=4,
+            num_stages=1 if INTERPRET else 3,
+        )
     total = split_stride
     if total:
         block = 1024
-        _fast.launch(_split_sum_kernel, (cdiv(total, block),), ws, gw, gb if with_bias else gw, splits,
-                     split_stride, nw, K, Cg, R, S, *gw.stride(), WITH_BIAS=with_bias, ACC=acc_type(gw.dtype),
-                     BLOCK=block, num_warps=4)
+        _fast.launch(
+            _split_sum_kernel,
+            (cdiv(total, block),),
+            ws,
+            gw,
+            gb if with_bias else gw,
+            splits,
+            split_stride,
+            nw,
+            K,
+            Cg,
+            R,
+            S,
+            *gw.stride(),
+            WITH_BIAS=with_bias,
+            ACC=acc_type(gw.dtype),
+            BLOCK=block,
+            num_warps=4,
+        )
 
 
 __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight"]

@@ -41,9 +41,21 @@ def _channel(offs, K, PQ, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _apply_kernel(y_ptr, r_ptr, out_ptr, scale_ptr, shift_ptr, numel, K, PQ,
-                  CHANNELS_LAST: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _apply_kernel(
+    y_ptr,
+    r_ptr,
+    out_ptr,
+    scale_ptr,
+    shift_ptr,
+    numel,
+    K,
+    PQ,
+    CHANNELS_LAST: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     c = _channel(offs, K, PQ, CHANNELS_LAST)
@@ -59,9 +71,21 @@ def _apply_kernel(y_ptr, r_ptr, out_ptr, scale_ptr, shift_ptr, numel, K, PQ,
 
 
 @triton.jit
-def _reduce_kernel(g_ptr, out_ptr, y_ptr, part_ptr, M, K, PQ, rows_per_prog,
-                   CHANNELS_LAST: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _reduce_kernel(
+    g_ptr,
+    out_ptr,
+    y_ptr,
+    part_ptr,
+    M,
+    K,
+    PQ,
+    rows_per_prog,
+    CHANNELS_LAST: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # Partial sums of g' and g'*y for a block of channels over a range of rows. NHWC: the tensor is
     # an (M, K) matrix, a program reduces rows [j*rows_per_prog, ...) of BLOCK_K columns. NCHW: it
     # is (N, K, PQ); program (j, kb) reduces image j's PQ pixels of BLOCK_K channels.
@@ -104,9 +128,24 @@ def _reduce_kernel(g_ptr, out_ptr, y_ptr, part_ptr, M, K, PQ, rows_per_prog,
 
 
 @triton.jit
-def _finalize_kernel(st_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, var_ptr, scale_ptr, shift_ptr, R, K, eps,
-                     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _finalize_kernel(
+    st_ptr,
+    gamma_ptr,
+    beta_ptr,
+    mean_ptr,
+    invstd_ptr,
+    var_ptr,
+    scale_ptr,
+    shift_ptr,
+    R,
+    K,
+    eps,
+    HAS_GAMMA: tl.constexpr,
+    HAS_BETA: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # stats: (R, 3, K) rows of (count, mean, M2). Two passes over the rows: the global mean, then
     # M2 = sum(M2_t + n_t (mean_t - mean)^2); a program owns BLOCK_K channels.
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -151,8 +190,24 @@ def _finalize_kernel(st_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, var_ptr,
 
 
 @triton.jit(do_not_specialize=["M"])  # M.to() below needs M as a runtime value, also when it is 1
-def _coefficients_kernel(part_ptr, mean_ptr, invstd_ptr, gamma_ptr, a_ptr, b_ptr, c_ptr, sg_ptr, sgx_ptr, R, K, M,
-                         HAS_GAMMA: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _coefficients_kernel(
+    part_ptr,
+    mean_ptr,
+    invstd_ptr,
+    gamma_ptr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    sg_ptr,
+    sgx_ptr,
+    R,
+    K,
+    M,
+    HAS_GAMMA: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # part: (R, 2, K) rows of (sum g', sum g' y). With xhat = (y - mean) * invstd:
     #   sum g' xhat = invstd (sum g' y - mean sum g'),  dy = a g' + b y + c with
     #   a = gamma invstd, b = -a invstd sgx / M, c = a (mean invstd sgx - sg) / M.
@@ -181,8 +236,22 @@ def _coefficients_kernel(part_ptr, mean_ptr, invstd_ptr, gamma_ptr, a_ptr, b_ptr
 
 
 @triton.jit
-def _dy_kernel(g_ptr, out_ptr, y_ptr, dy_ptr, a_ptr, b_ptr, c_ptr, numel, K, PQ,
-               CHANNELS_LAST: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _dy_kernel(
+    g_ptr,
+    out_ptr,
+    y_ptr,
+    dy_ptr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    numel,
+    K,
+    PQ,
+    CHANNELS_LAST: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     ch = _channel(offs, K, PQ, CHANNELS_LAST)
@@ -217,15 +286,34 @@ def bn_finalize(stats: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Ten
     outs = [_fast.alloc(K, stats.dtype, stats.device) for _ in range(5)]
     if K:
         block_k = 64
-        _fast.launch(_finalize_kernel, (cdiv(K, block_k),), stats, gamma if gamma is not None else stats,
-                                                      beta if beta is not None else stats, *outs, rows, K, eps,
-                                                      HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-                                                      ACC=acc_type(stats.dtype), BLOCK_R=32, BLOCK_K=block_k, num_warps=4)
+        _fast.launch(
+            _finalize_kernel,
+            (cdiv(K, block_k),),
+            stats,
+            gamma if gamma is not None else stats,
+            beta if beta is not None else stats,
+            *outs,
+            rows,
+            K,
+            eps,
+            HAS_GAMMA=gamma is not None,
+            HAS_BETA=beta is not None,
+            ACC=acc_type(stats.dtype),
+            BLOCK_R=32,
+            BLOCK_K=block_k,
+            num_warps=4,
+        )
     return tuple(outs)
 
 
-def bn_apply(y: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool,
-             residual: torch.Tensor | None = None) -> None:
+def bn_apply(
+    y: torch.Tensor,
+    out: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    relu: bool,
+    residual: torch.Tensor | None = None,
+) -> None:
     """out = [relu](y * scale[c] + shift[c] + residual); y, out and residual (or None) (N, K, P, Q)
     in one dense layout; scale and shift (K,) in the accumulation dtype (fp32, fp64 for fp64)."""
     numel = y.numel()
@@ -234,14 +322,34 @@ def bn_apply(y: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: tor
     if residual is not None:
         check_like("bn_apply", "residual", residual, y, "y")
     N, K, P, Q = y.shape
-    _fast.launch(_apply_kernel, (cdiv(numel, _BLOCK),), y, residual if residual is not None else y, out, scale, shift,
-                                                 numel, K, P * Q, CHANNELS_LAST=_layout(y),
-                                                 HAS_RES=residual is not None, RELU=relu, ACC=acc_type(scale.dtype),
-                                                 BLOCK=_BLOCK, num_warps=_WARPS)
+    _fast.launch(
+        _apply_kernel,
+        (cdiv(numel, _BLOCK),),
+        y,
+        residual if residual is not None else y,
+        out,
+        scale,
+        shift,
+        numel,
+        K,
+        P * Q,
+        CHANNELS_LAST=_layout(y),
+        HAS_RES=residual is not None,
+        RELU=relu,
+        ACC=acc_type(scale.dtype),
+        BLOCK=_BLOCK,
+        num_warps=_WARPS,
+    )
 
 
-def bn_backward_coefficients(part: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor | None,
-                             M: int, param_dtype: torch.dtype):
+def bn_backward_coefficients(
+    part: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor | None,
+    M: int,
+    param_dtype: torch.dtype,
+):
     """BatchNorm backward folded into per-channel coefficients, dy = a * g' + b * y + c, from the
     partial sums ``part`` (chunks, 2, K) of (sum g', sum g' * y) over the M values of each channel
     (added in chunk order: deterministic). Returns (a, b, c) in the accumulation dtype and
@@ -251,16 +359,40 @@ def bn_backward_coefficients(part: torch.Tensor, mean: torch.Tensor, invstd: tor
     sg, sgx = (_fast.alloc(K, param_dtype, part.device) for _ in range(2))
     if K:
         block_k = 64
-        _fast.launch(_coefficients_kernel, (cdiv(K, block_k),), part, mean, invstd, gamma if gamma is not None else mean,
-                                                         a, b, c, sg, sgx, chunks, K, M, HAS_GAMMA=gamma is not None,
-                                                         ACC=acc_type(part.dtype), BLOCK_R=32, BLOCK_K=block_k,
-                                                         num_warps=4)
+        _fast.launch(
+            _coefficients_kernel,
+            (cdiv(K, block_k),),
+            part,
+            mean,
+            invstd,
+            gamma if gamma is not None else mean,
+            a,
+            b,
+            c,
+            sg,
+            sgx,
+            chunks,
+            K,
+            M,
+            HAS_GAMMA=gamma is not None,
+            ACC=acc_type(part.dtype),
+            BLOCK_R=32,
+            BLOCK_K=block_k,
+            num_warps=4,
+        )
     return a, b, c, sg, sgx
 
 
-def bn_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, dy: torch.Tensor,
-                mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor | None,
-                param_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_backward(
+    grad: torch.Tensor,
+    out: torch.Tensor | None,
+    y: torch.Tensor,
+    dy: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor | None,
+    param_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchNorm (+ ReLU when ``out`` is given) backward in training mode.
 
     grad, out, y, dy: (N, K, P, Q) in one dense layout. mean, invstd: (K,) in the accumulation
@@ -281,14 +413,45 @@ def bn_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, d
         rows_per_prog, progs = PQ, N
     part = _fast.alloc((progs, 2, K), acc_t, y.device, zero=not M)  # every entry written when M > 0
     if M:
-        _fast.launch(_reduce_kernel, (progs, cdiv(K, block_k)), grad, out if out is not None else y, y, part, M, K, PQ,
-                                                         rows_per_prog, CHANNELS_LAST=cl, RELU=out is not None,
-                                                         ACC=acc, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+        _fast.launch(
+            _reduce_kernel,
+            (progs, cdiv(K, block_k)),
+            grad,
+            out if out is not None else y,
+            y,
+            part,
+            M,
+            K,
+            PQ,
+            rows_per_prog,
+            CHANNELS_LAST=cl,
+            RELU=out is not None,
+            ACC=acc,
+            BLOCK_R=block_r,
+            BLOCK_K=block_k,
+            num_warps=4,
+        )
     a, b, c, sg, sgx = bn_backward_coefficients(part, mean, invstd, gamma, M, param_dtype)
     if M:
-        _fast.launch(_dy_kernel, (cdiv(dy.numel(), _BLOCK),), grad, out if out is not None else y, y, dy, a, b, c, dy.numel(),
-                                                      K, PQ, CHANNELS_LAST=cl, RELU=out is not None, ACC=acc,
-                                                      BLOCK=_BLOCK, num_warps=_WARPS)
+        _fast.launch(
+            _dy_kernel,
+            (cdiv(dy.numel(), _BLOCK),),
+            grad,
+            out if out is not None else y,
+            y,
+            dy,
+            a,
+            b,
+            c,
+            dy.numel(),
+            K,
+            PQ,
+            CHANNELS_LAST=cl,
+            RELU=out is not None,
+            ACC=acc,
+            BLOCK=_BLOCK,
+            num_warps=_WARPS,
+        )
     return sg, sgx
 
 

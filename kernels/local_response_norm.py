@@ -125,10 +125,34 @@ def _spatial_offsets(s, W, sh, sw, FLAT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, y_ptr, C, HW, W, n_tiles, n_chunks, CH,
-                sxn, sxc, sxh, sxw, syn, syc, sys,
-                P, Q, k_hi, k_lo, an_hi, an_lo, nb_hi, nb_lo,
-                X_FLAT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _fwd_kernel(
+    x_ptr,
+    y_ptr,
+    C,
+    HW,
+    W,
+    n_tiles,
+    n_chunks,
+    CH,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    syn,
+    syc,
+    sys,
+    P,
+    Q,
+    k_hi,
+    k_lo,
+    an_hi,
+    an_lo,
+    nb_hi,
+    nb_lo,
+    X_FLAT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # Program (n, chunk, tile): spatial positions [tile*BLOCK, tile*BLOCK + BLOCK) of image n,
     # output channels [c0, c1) = [chunk*CH, chunk*CH + CH) (see _channel_chunk).
     pid = tl.program_id(0)
@@ -141,8 +165,8 @@ def _fwd_kernel(x_ptr, y_ptr, C, HW, W, n_tiles, n_chunks, CH,
     xb = x_ptr + n.to(tl.int64) * sxn + _spatial_offsets(s, W, sxh, sxw, X_FLAT)
     yb = y_ptr + n.to(tl.int64) * syn + s.to(tl.int64) * sys
     kk = _param(k_hi, k_lo, ACC)
-    an = _param(an_hi, an_lo, ACC)      # alpha / size
-    nb = _param(nb_hi, nb_lo, ACC)      # -beta
+    an = _param(an_hi, an_lo, ACC)  # alpha / size
+    nb = _param(nb_hi, nb_lo, ACC)  # -beta
     zero = tl.zeros([BLOCK], ACC)
     acc, comp = zero, zero
     n_nan = tl.zeros([BLOCK], tl.int32)
@@ -167,10 +191,44 @@ def _fwd_kernel(x_ptr, y_ptr, C, HW, W, n_tiles, n_chunks, CH,
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, g_ptr, gi_ptr, C, HW, W, n_tiles, n_chunks, CH,
-                sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, son, soc, sos,
-                P, Q, k_hi, k_lo, an_hi, an_lo, nb_hi, nb_lo, nb1_hi, nb1_lo, cf_hi, cf_lo,
-                X_FLAT: tl.constexpr, G_FLAT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _bwd_kernel(
+    x_ptr,
+    g_ptr,
+    gi_ptr,
+    C,
+    HW,
+    W,
+    n_tiles,
+    n_chunks,
+    CH,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    sgn,
+    sgc,
+    sgh,
+    sgw,
+    son,
+    soc,
+    sos,
+    P,
+    Q,
+    k_hi,
+    k_lo,
+    an_hi,
+    an_lo,
+    nb_hi,
+    nb_lo,
+    nb1_hi,
+    nb1_lo,
+    cf_hi,
+    cf_lo,
+    X_FLAT: tl.constexpr,
+    G_FLAT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # Step i finishes grad_in[i]. Three running sums of squares ("cursors") give scale at channel
     # i+P (lead: T[i+P] enters T's window sum), i (mid: grad_in[i]'s own term) and i-Q-1 (lag:
     # T[i-Q-1] leaves). With L = P+Q+1 the cursors' windows are [i, i+L-1], [i-P, i+Q] and
@@ -190,18 +248,18 @@ def _bwd_kernel(x_ptr, g_ptr, gi_ptr, C, HW, W, n_tiles, n_chunks, CH,
     gb = g_ptr + n64 * sgn + _spatial_offsets(s, W, sgh, sgw, G_FLAT)
     ob = gi_ptr + n64 * son + s.to(tl.int64) * sos
     kk = _param(k_hi, k_lo, ACC)
-    an = _param(an_hi, an_lo, ACC)      # alpha / size
-    nb = _param(nb_hi, nb_lo, ACC)      # -beta
-    nb1 = _param(nb1_hi, nb1_lo, ACC)   # -beta - 1
-    cf = _param(cf_hi, cf_lo, ACC)      # 2 * alpha * beta / size
+    an = _param(an_hi, an_lo, ACC)  # alpha / size
+    nb = _param(nb_hi, nb_lo, ACC)  # -beta
+    nb1 = _param(nb1_hi, nb1_lo, ACC)  # -beta - 1
+    cf = _param(cf_hi, cf_lo, ACC)  # 2 * alpha * beta / size
     L = P + Q + 1
     lo = tl.maximum(c0 - L, 0)
     zero = tl.zeros([BLOCK], ACC)
     izero = tl.zeros([BLOCK], tl.int32)
-    s_ld, c_ld, nn_ld, ni_ld = zero, zero, izero, izero   # lead cursor, channel i+P
-    s_md, c_md, nn_md, ni_md = zero, zero, izero, izero   # mid cursor, channel i
-    s_lg, c_lg, nn_lg, ni_lg = zero, zero, izero, izero   # lag cursor, channel i-Q-1
-    t_sum, t_comp = zero, zero                            # sum of T over [i-Q, i+P]
+    s_ld, c_ld, nn_ld, ni_ld = zero, zero, izero, izero  # lead cursor, channel i+P
+    s_md, c_md, nn_md, ni_md = zero, zero, izero, izero  # mid cursor, channel i
+    s_lg, c_lg, nn_lg, ni_lg = zero, zero, izero, izero  # lag cursor, channel i-Q-1
+    t_sum, t_comp = zero, zero  # sum of T over [i-Q, i+P]
     for i in range(lo + 1 - L, c1):
         # squares entering / leaving the cursors' windows (absent channels load 0)
         ch = i + L - 1
@@ -319,19 +377,24 @@ def _check_index_range(*tensors: torch.Tensor) -> None:
     for t in tensors:
         hw = t.shape[2] * t.shape[3]
         if hw + _MAX_BLOCK > _INT32_MAX:
-            raise ValueError(f"local_response_norm: H*W = {t.shape[2]}*{t.shape[3]} = {hw} spatial positions per "
-                             f"image; the Triton kernels index positions in int32 and take at most "
-                             f"{_INT32_MAX - _MAX_BLOCK} (input {tuple(t.shape)})")
+            raise ValueError(
+                f"local_response_norm: H*W = {t.shape[2]}*{t.shape[3]} = {hw} spatial positions per "
+                f"image; the Triton kernels index positions in int32 and take at most "
+                f"{_INT32_MAX - _MAX_BLOCK} (input {tuple(t.shape)})"
+            )
 
 
 def _check_grid(programs: int, shape) -> None:
     if programs > _INT32_MAX:
-        raise ValueError(f"local_response_norm: {programs} programs exceed the 2^31 - 1 a launch can have "
-                         f"(input {tuple(shape)}); split the batch")
+        raise ValueError(
+            f"local_response_norm: {programs} programs exceed the 2^31 - 1 a launch can have "
+            f"(input {tuple(shape)}); split the batch"
+        )
 
 
-def local_response_norm_forward(x: torch.Tensor, out: torch.Tensor, size: int, alpha: float, beta: float,
-                                k: float, chunk: int | None = None) -> None:
+def local_response_norm_forward(
+    x: torch.Tensor, out: torch.Tensor, size: int, alpha: float, beta: float, k: float, chunk: int | None = None
+) -> None:
     """out = LRN(x) across dim 1. x: (N, C, H, W), any strides; out: x's shape, dense NCHW or
     channels_last, x's dtype. ``chunk``: channels per program (default: :func:`_channel_chunk`)."""
     if out.numel() == 0:
@@ -346,14 +409,43 @@ def local_response_norm_forward(x: torch.Tensor, out: torch.Tensor, size: int, a
     ch = _channel_chunk(n * h * w, c, p + q + 1, _sm_count(x.device), chunk)
     n_chunks = cdiv(c, ch)
     _check_grid(n * n_chunks * n_tiles, x.shape)
-    _fast.launch(_fwd_kernel, (n * n_chunks * n_tiles,), 
-        x, out, c, h * w, w, n_tiles, n_chunks, ch, *x.stride(), syn, syc, sys_, p, q,
-        *_split(k), *_split(alpha / size), *_split(-beta),
-        X_FLAT=_flat(x), ACC=acc_type(x.dtype), BLOCK=block, num_warps=warps)
+    _fast.launch(
+        _fwd_kernel,
+        (n * n_chunks * n_tiles,),
+        x,
+        out,
+        c,
+        h * w,
+        w,
+        n_tiles,
+        n_chunks,
+        ch,
+        *x.stride(),
+        syn,
+        syc,
+        sys_,
+        p,
+        q,
+        *_split(k),
+        *_split(alpha / size),
+        *_split(-beta),
+        X_FLAT=_flat(x),
+        ACC=acc_type(x.dtype),
+        BLOCK=block,
+        num_warps=warps,
+    )
 
 
-def local_response_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, grad_in: torch.Tensor, size: int,
-                                 alpha: float, beta: float, k: float, chunk: int | None = None) -> None:
+def local_response_norm_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    grad_in: torch.Tensor,
+    size: int,
+    alpha: float,
+    beta: float,
+    k: float,
+    chunk: int | None = None,
+) -> None:
     """grad_in = d LRN(x) / dx applied to grad_out. grad_out, x: (N, C, H, W), any strides;
     grad_in: dense NCHW or channels_last. ``chunk``: channels per program (default:
     :func:`_channel_chunk`)."""
@@ -369,11 +461,36 @@ def local_response_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, grad_i
     ch = _channel_chunk(n * h * w, c, p + q + 1, _sm_count(x.device), chunk)
     n_chunks = cdiv(c, ch)
     _check_grid(n * n_chunks * n_tiles, x.shape)
-    _fast.launch(_bwd_kernel, (n * n_chunks * n_tiles,), 
-        x, grad_out, grad_in, c, h * w, w, n_tiles, n_chunks, ch, *x.stride(), *grad_out.stride(), son, soc, sos, p, q,
-        *_split(k), *_split(alpha / size), *_split(-beta), *_split(-beta - 1.0),
+    _fast.launch(
+        _bwd_kernel,
+        (n * n_chunks * n_tiles,),
+        x,
+        grad_out,
+        grad_in,
+        c,
+        h * w,
+        w,
+        n_tiles,
+        n_chunks,
+        ch,
+        *x.stride(),
+        *grad_out.stride(),
+        son,
+        soc,
+        sos,
+        p,
+        q,
+        *_split(k),
+        *_split(alpha / size),
+        *_split(-beta),
+        *_split(-beta - 1.0),
         *_split(2.0 * alpha * beta / size),
-        X_FLAT=_flat(x), G_FLAT=_flat(grad_out), ACC=acc_type(x.dtype), BLOCK=block, num_warps=warps)
+        X_FLAT=_flat(x),
+        G_FLAT=_flat(grad_out),
+        ACC=acc_type(x.dtype),
+        BLOCK=block,
+        num_warps=warps,
+    )
 
 
 __all__ = ["INTERPRET", "local_response_norm_forward", "local_response_norm_backward"]

@@ -30,8 +30,17 @@ _STRIDED_BLOCK, _STRIDED_WARPS = 1024, 4
 
 
 @triton.jit
-def _flat_kernel(a_ptr, b_ptr, out_ptr, numel, RELU_GRAD: tl.constexpr, RELU: tl.constexpr,
-                 ACC: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr):
+def _flat_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    numel,
+    RELU_GRAD: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INT64: tl.constexpr,
+):
     # RELU_GRAD=False: out = [relu](a + b)        (a = x, b = shortcut)
     # RELU_GRAD=True:  out = 0 if b <= 0 else a   (a = grad_out, b = out; threshold_backward)
     pid = tl.program_id(0)
@@ -62,7 +71,7 @@ def _decompose(e, C, H, W, CHANNELS_LAST: tl.constexpr):
         t = t // W
         h = t % H
         n = t // H
-    else:              # e = ((n*C + c)*H + h)*W + w
+    else:  # e = ((n*C + c)*H + h)*W + w
         w = e % W
         t = e // W
         h = t % H
@@ -73,10 +82,28 @@ def _decompose(e, C, H, W, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _strided_kernel(x_ptr, s_ptr, out_ptr, numel, C, H, W, Cs,
-                    sxn, sxc, sxh, sxw, ssn, ssc, ssh, ssw,
-                    CHANNELS_LAST: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _strided_kernel(
+    x_ptr,
+    s_ptr,
+    out_ptr,
+    numel,
+    C,
+    H,
+    W,
+    Cs,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    ssn,
+    ssc,
+    ssh,
+    ssw,
+    CHANNELS_LAST: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # ssh and ssw are the shortcut's H/W strides premultiplied by the option-A stride, so mapped
     # shortcut element (n, c, h, w) sits at n*ssn + c*ssc + h*ssh + w*ssw (valid for c < Cs).
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -91,15 +118,15 @@ def _strided_kernel(x_ptr, s_ptr, out_ptr, numel, C, H, W, Cs,
 
 
 @triton.jit
-def _shortcut_bwd_kernel(g_ptr, gs_ptr, numel, Cs, Hs, Ws, sgn, sgc, sgh, sgw, stride,
-                         CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+def _shortcut_bwd_kernel(
+    g_ptr, gs_ptr, numel, Cs, Hs, Ws, sgn, sgc, sgh, sgw, stride, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr
+):
     # gs[n, c, hs, ws] = g[n, c, hs/stride, ws/stride] where stride divides hs and ws, else 0.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     n, c, hs, ws = _decompose(offs, Cs, Hs, Ws, CHANNELS_LAST)
     hit = (hs % stride == 0) & (ws % stride == 0)
-    g = tl.load(g_ptr + (n * sgn + c * sgc + (hs // stride) * sgh + (ws // stride) * sgw),
-                mask=mask & hit, other=0.0)
+    g = tl.load(g_ptr + (n * sgn + c * sgc + (hs // stride) * sgh + (ws // stride) * sgw), mask=mask & hit, other=0.0)
     tl.store(gs_ptr + offs, g.to(gs_ptr.dtype.element_ty), mask=mask)
 
 
@@ -113,15 +140,30 @@ def _dense_channels_last(t: torch.Tensor, name: str) -> bool:
 
 
 def _same_dense(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.stride() == b.stride() and (
-        a.is_contiguous() or a.is_contiguous(memory_format=torch.channels_last))
+    return (
+        a.shape == b.shape
+        and a.stride() == b.stride()
+        and (a.is_contiguous() or a.is_contiguous(memory_format=torch.channels_last))
+    )
 
 
 def _launch_flat(a, b, out, relu_grad: bool, relu: bool) -> None:
     numel = out.numel()
     grid = (cdiv(numel, _FLAT_BLOCK),)
-    _fast.launch(_flat_kernel, grid, a, b, out, numel, RELU_GRAD=relu_grad, RELU=relu, ACC=acc_type(out.dtype), BLOCK=_FLAT_BLOCK,
-                       INT64=numel + _FLAT_BLOCK > _INT32_MAX, num_warps=_FLAT_WARPS)
+    _fast.launch(
+        _flat_kernel,
+        grid,
+        a,
+        b,
+        out,
+        numel,
+        RELU_GRAD=relu_grad,
+        RELU=relu,
+        ACC=acc_type(out.dtype),
+        BLOCK=_FLAT_BLOCK,
+        INT64=numel + _FLAT_BLOCK > _INT32_MAX,
+        num_warps=_FLAT_WARPS,
+    )
 
 
 def residual_add_forward(x: torch.Tensor, shortcut: torch.Tensor, out: torch.Tensor, stride: int, relu: bool) -> None:
@@ -140,16 +182,37 @@ def residual_add_forward(x: torch.Tensor, shortcut: torch.Tensor, out: torch.Ten
     ssn, ssc, ssh, ssw = shortcut.stride()
     numel = out.numel()
     grid = (cdiv(numel, _STRIDED_BLOCK),)
-    _fast.launch(_strided_kernel, grid, x, shortcut, out, numel, C, H, W, shortcut.shape[1], *x.stride(),
-                          ssn, ssc, ssh * stride, ssw * stride, CHANNELS_LAST=cl, RELU=relu, ACC=acc_type(out.dtype),
-                          BLOCK=_STRIDED_BLOCK, num_warps=_STRIDED_WARPS)
+    _fast.launch(
+        _strided_kernel,
+        grid,
+        x,
+        shortcut,
+        out,
+        numel,
+        C,
+        H,
+        W,
+        shortcut.shape[1],
+        *x.stride(),
+        ssn,
+        ssc,
+        ssh * stride,
+        ssw * stride,
+        CHANNELS_LAST=cl,
+        RELU=relu,
+        ACC=acc_type(out.dtype),
+        BLOCK=_STRIDED_BLOCK,
+        num_warps=_STRIDED_WARPS,
+    )
 
 
 def residual_add_backward(grad_out: torch.Tensor, out: torch.Tensor, grad_x: torch.Tensor) -> None:
     """grad_x = grad_out where out > 0, else 0. All three: one shape, one dense layout."""
     if not (_same_dense(grad_out, out) and _same_dense(grad_x, out)):
-        raise ValueError("residual_add_backward needs grad_out, out and grad_x in one dense layout, got strides "
-                         f"{tuple(grad_out.stride())}, {tuple(out.stride())}, {tuple(grad_x.stride())}")
+        raise ValueError(
+            "residual_add_backward needs grad_out, out and grad_x in one dense layout, got strides "
+            f"{tuple(grad_out.stride())}, {tuple(out.stride())}, {tuple(grad_x.stride())}"
+        )
     if out.numel():
         _launch_flat(grad_out, out, grad_x, relu_grad=True, relu=False)
 
@@ -163,8 +226,21 @@ def residual_add_shortcut_backward(grad: torch.Tensor, grad_shortcut: torch.Tens
     cl = _dense_channels_last(grad_shortcut, "grad_shortcut")
     _, Cs, Hs, Ws = grad_shortcut.shape
     grid = (cdiv(numel, _STRIDED_BLOCK),)
-    _fast.launch(_shortcut_bwd_kernel, grid, grad, grad_shortcut, numel, Cs, Hs, Ws, *grad.stride(), stride,
-                               CHANNELS_LAST=cl, BLOCK=_STRIDED_BLOCK, num_warps=_STRIDED_WARPS)
+    _fast.launch(
+        _shortcut_bwd_kernel,
+        grid,
+        grad,
+        grad_shortcut,
+        numel,
+        Cs,
+        Hs,
+        Ws,
+        *grad.stride(),
+        stride,
+        CHANNELS_LAST=cl,
+        BLOCK=_STRIDED_BLOCK,
+        num_warps=_STRIDED_WARPS,
+    )
 
 
 __all__ = ["INTERPRET", "residual_add_forward", "residual_add_backward", "residual_add_shortcut_backward"]

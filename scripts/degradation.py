@@ -31,9 +31,27 @@ from collections import defaultdict
 
 
 def _run(net: str, depth: int, seed: int, args, log: str, scratch: str) -> None:
-    cmd = [sys.executable, "-m", "cnnkern.train", net, "--depth", str(depth), "--epochs", str(args.epochs),
-           "--seed", str(seed), "--lr", str(args.lr), "--batch", str(args.batch), "--log", log, "--no-progress",
-           "--checkpoint", os.path.join(scratch, f"{net}{depth}-seed{seed}.pt")]  # checkpoints are not results
+    cmd = [
+        sys.executable,
+        "-m",
+        "cnnkern.train",
+        net,
+        "--depth",
+        str(depth),
+        "--epochs",
+        str(args.epochs),
+        "--seed",
+        str(seed),
+        "--lr",
+        str(args.lr),
+        "--batch",
+        str(args.batch),
+        "--log",
+        log,
+        "--no-progress",
+        "--checkpoint",
+        os.path.join(scratch, f"{net}{depth}-seed{seed}.pt"),
+    ]  # checkpoints are not results
     if args.backend:
         cmd += ["--backend", args.backend]
     if args.channels_last:
@@ -49,8 +67,10 @@ def _curves(rows):
         by[(r["net"], r["depth"])][r["seed"]][r["epoch"]] = r
     out = {}
     for key, seeds in by.items():
-        out[key] = {m: [[seeds[s][e][m] for e in sorted(seeds[s])] for s in sorted(seeds)]
-                    for m in ("train_error", "test_error")}
+        out[key] = {
+            m: [[seeds[s][e][m] for e in sorted(seeds[s])] for s in sorted(seeds)]
+            for m in ("train_error", "test_error")
+        }
     return out
 
 
@@ -62,6 +82,7 @@ def _final(curves, key, metric):
 
 def _plot(curves, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -74,10 +95,15 @@ def _plot(curves, path: str) -> None:
             epochs = list(range(1, n + 1))
             mean = [sum(r[i] for r in runs) / len(runs) for i in range(n)]
             label = f"{'plain' if net == 'cifar_plain' else 'ResNet'}-{depth}"
-            line, = ax.plot(epochs, [100 * v for v in mean], style[net], label=label)
+            (line,) = ax.plot(epochs, [100 * v for v in mean], style[net], label=label)
             if len(runs) > 1:
-                ax.fill_between(epochs, [100 * min(r[i] for r in runs) for i in range(n)],
-                                [100 * max(r[i] for r in runs) for i in range(n)], color=line.get_color(), alpha=0.15)
+                ax.fill_between(
+                    epochs,
+                    [100 * min(r[i] for r in runs) for i in range(n)],
+                    [100 * max(r[i] for r in runs) for i in range(n)],
+                    color=line.get_color(),
+                    alpha=0.15,
+                )
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{title} (%)")
         ax.set_title(title)
@@ -118,25 +144,37 @@ def main(argv=None) -> int:
     _plot(curves, os.path.join(args.out, "degradation.png"))
 
     lo, hi = min(depths), max(depths)
-    lines = ["# Degradation experiment (plain vs residual)", "",
-             f"Data: scikit-learn digits upsampled to 32x32 (1,500 train / 297 test), {args.epochs} epochs, "
-             f"SGD lr {args.lr} momentum 0.9, batch {args.batch}, seeds {args.seeds}; device "
-             f"{rows[0]['device']}, backend {rows[0]['backend']}; {platform.node() or 'host'}"
-             + (f", {time.time() - t0:.0f} s in all" if not args.report_only else "") + ".", "",
-             "Errors are the mean over seeds of the last 3 epochs (training error: of the running epoch).", "",
-             "| network | training error | test error |", "|---|---|---|"]
-    for (net, depth) in sorted(curves):
-        lines.append(f"| {'plain' if net == 'cifar_plain' else 'ResNet'}-{depth} | "
-                     f"{100 * _final(curves, (net, depth), 'train_error'):.2f}% | "
-                     f"{100 * _final(curves, (net, depth), 'test_error'):.2f}% |")
+    lines = [
+        "# Degradation experiment (plain vs residual)",
+        "",
+        f"Data: scikit-learn digits upsampled to 32x32 (1,500 train / 297 test), {args.epochs} epochs, "
+        f"SGD lr {args.lr} momentum 0.9, batch {args.batch}, seeds {args.seeds}; device "
+        f"{rows[0]['device']}, backend {rows[0]['backend']}; {platform.node() or 'host'}"
+        + (f", {time.time() - t0:.0f} s in all" if not args.report_only else "")
+        + ".",
+        "",
+        "Errors are the mean over seeds of the last 3 epochs (training error: of the running epoch).",
+        "",
+        "| network | training error | test error |",
+        "|---|---|---|",
+    ]
+    for net, depth in sorted(curves):
+        lines.append(
+            f"| {'plain' if net == 'cifar_plain' else 'ResNet'}-{depth} | "
+            f"{100 * _final(curves, (net, depth), 'train_error'):.2f}% | "
+            f"{100 * _final(curves, (net, depth), 'test_error'):.2f}% |"
+        )
     if len(depths) >= 2 and all((n, d) in curves for n in ("cifar_plain", "cifar_resnet") for d in (lo, hi)):
         p_lo, p_hi = (_final(curves, ("cifar_plain", d), "train_error") for d in (lo, hi))
         r_lo, r_hi = (_final(curves, ("cifar_resnet", d), "train_error") for d in (lo, hi))
-        lines += ["", f"Plain: {hi} layers {'HIGHER' if p_hi > p_lo else 'not higher'} training error than {lo} "
-                      f"({100 * p_hi:.2f}% vs {100 * p_lo:.2f}%): degradation "
-                      f"{'shown' if p_hi > p_lo else 'not shown'}.",
-                  f"Residual: {hi} layers {'higher' if r_hi > r_lo else 'lower or equal'} training error than {lo} "
-                  f"({100 * r_hi:.2f}% vs {100 * r_lo:.2f}%)."]
+        lines += [
+            "",
+            f"Plain: {hi} layers {'HIGHER' if p_hi > p_lo else 'not higher'} training error than {lo} "
+            f"({100 * p_hi:.2f}% vs {100 * p_lo:.2f}%): degradation "
+            f"{'shown' if p_hi > p_lo else 'not shown'}.",
+            f"Residual: {hi} layers {'higher' if r_hi > r_lo else 'lower or equal'} training error than {lo} "
+            f"({100 * r_hi:.2f}% vs {100 * r_lo:.2f}%).",
+        ]
     lines += ["", "![training and test error](degradation.png)", ""]
     with open(os.path.join(args.out, "degradation.md"), "w") as f:
         f.write("\n".join(lines))

@@ -76,8 +76,10 @@ def write(root: str = ROOT) -> dict:
     with open(key_path(root), "w") as f:
         json.dump(key, f, indent=1, sort_keys=True)
         f.write("\n")
-    print(f"prebuilt: {os.path.relpath(key_path(root), root)} written (torch {key['torch']}, "
-          f"Python {key['python']}, sources {key['sources'][:12]})")
+    print(
+        f"prebuilt: {os.path.relpath(key_path(root), root)} written (torch {key['torch']}, "
+        f"Python {key['python']}, sources {key['sources'][:12]})"
+    )
     return key
 
 

@@ -40,8 +40,9 @@ def _check(name, got, want, tol):
 
 def cases(backend, dtype, layout):
     """(name, function) pairs: each runs one op forward and backward and checks it."""
-    from cnnkern import functional as F
     import torch.nn.functional as TF
+
+    from cnnkern import functional as F
 
     # loose: the sanitizer judges memory accesses; these only catch a kernel that did nothing
     # (fp16 rounding and TF32 in the outputs; ReLU-mask flips near zero in the gradients)
@@ -54,32 +55,36 @@ def cases(backend, dtype, layout):
             b = torch.randn(8, device="cuda").to(dtype).requires_grad_()
             pre = TF.conv2d(x.float(), w.float(), b.float(), stride, padding, 1, groups)
             r = _make(tuple(pre.shape), dtype, layout) if residual else None
-            y = F.conv2d(x, w, b, stride=stride, padding=padding, groups=groups, activation="relu", residual=r,
-                         backend=backend)
+            y = F.conv2d(
+                x, w, b, stride=stride, padding=padding, groups=groups, activation="relu", residual=r, backend=backend
+            )
             ref = torch.relu(pre + r.float() if residual else pre)
             _check("out", y, ref, tol)
             gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
             rx, rw, rb = torch.autograd.grad(ref, (x, w, b), torch.ones_like(ref))
             for n_, a, r in (("grad x", gx, rx), ("grad w", gw, rw), ("grad b", gb, rb)):
                 _check(n_, a, r, gtol)
+
         return run
 
     def cbr(training, residual=False, c=16):
         def run():
             x = _make((2, c, 9, 9), dtype, layout)
-            w = (torch.randn(8, c, 3, 3, device="cuda") * 0.4 / c ** 0.5).to(dtype).requires_grad_()
+            w = (torch.randn(8, c, 3, 3, device="cuda") * 0.4 / c**0.5).to(dtype).requires_grad_()
             gamma = torch.rand(8, device="cuda").add(0.5).requires_grad_()
             beta = torch.randn(8, device="cuda", requires_grad=True)
             rm, rv = torch.zeros(8, device="cuda"), torch.ones(8, device="cuda")
             rm2, rv2 = rm.clone(), rv.clone()
             r = _make((2, 8, 9, 9), dtype, layout) if residual else None
-            y = F.conv_bn_relu(x, w, None, rm, rv, gamma, beta, training=training, padding=1, residual=r,
-                               backend=backend)
+            y = F.conv_bn_relu(
+                x, w, None, rm, rv, gamma, beta, training=training, padding=1, residual=r, backend=backend
+            )
             ref = TF.batch_norm(TF.conv2d(x.float(), w.float(), None, 1, 1), rm2, rv2, gamma, beta, training)
             ref = torch.relu(ref + r.float() if residual else ref)
             _check("out", y, ref, 3 * tol)
             got = torch.autograd.grad(y, (x, w, gamma, beta), torch.ones_like(y))
             assert all(torch.isfinite(g).all() for g in got)
+
         return run
 
     def lrn(size):
@@ -91,6 +96,7 @@ def cases(backend, dtype, layout):
             (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
             (r,) = torch.autograd.grad(ref, x, torch.ones_like(ref))
             _check("grad", g, r, 1e-2 if dtype == torch.float16 else 1e-4)
+
         return run
 
     def residual(option_a):
@@ -105,6 +111,7 @@ def cases(backend, dtype, layout):
             rx, rs = torch.autograd.grad(ref, (x, s), torch.ones_like(ref))
             _check("grad x", gx, rx, 1e-3)
             _check("grad s", gs, rs, 1e-3)
+
         return run
 
     return [
@@ -131,8 +138,12 @@ def cases(backend, dtype, layout):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", action="append", choices=["triton", "cuda"],
-                    help="backends to run (default: every available GPU backend)")
+    ap.add_argument(
+        "--backend",
+        action="append",
+        choices=["triton", "cuda"],
+        help="backends to run (default: every available GPU backend)",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("sanitize_run: no CUDA device", file=sys.stderr)

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("CNNKERN_POISON", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -21,7 +21,7 @@ HAS_CUDA = torch.cuda.is_available()
 # backends also checks the CUDA kernels. `scripts/dev test` runs the backend tests once more this way.
 EMULATE_CUDA = not HAS_CUDA and os.environ.get("CNNKERN_EMULATE_CUDA", "0") not in ("", "0")
 if EMULATE_CUDA:
-    import cuda_emulator  # noqa: E402
+    import cuda_emulator
 
     cuda_emulator.install()
 

@@ -38,7 +38,7 @@ CSRC = ROOT / "csrc"
 EMU = Path(__file__).resolve().parent / "cuemu"
 BUILD = ROOT / "build" / "cuemu"
 
-_CUDA_INCLUDE = re.compile(r'#include\s*<(cuda_runtime\.h|cuda_fp16\.h|cuda_bf16\.h|c10/cuda/[\w/]+\.h)>')
+_CUDA_INCLUDE = re.compile(r"#include\s*<(cuda_runtime\.h|cuda_fp16\.h|cuda_bf16\.h|c10/cuda/[\w/]+\.h)>")
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*)\s+(\w+)\s*\[\]\s*;")
 # (at the start of a line, so that comments that name __shared__ are left alone)
 _STATIC_SHARED = re.compile(r"(?m)^([ \t]*)__shared__\s+((?:__align__\(\d+\)\s+)?[\w:]+(?:\s*<[^<>;]*>)?)\s+([^;]+);")
@@ -72,10 +72,10 @@ def _rewrite_launches(src: str, name: str) -> str:
         if m.start() < pos:
             continue
         cfg_end = src.index(">>>", m.end())
-        cfg = _split_top(src[m.end():cfg_end])
+        cfg = _split_top(src[m.end() : cfg_end])
         if not 2 <= len(cfg) <= 4:
-            raise ValueError(f"{name}: a launch configuration of {len(cfg)} parts: {src[m.start():cfg_end + 3]}")
-        cfg += ["0", "nullptr"][len(cfg) - 2:]
+            raise ValueError(f"{name}: a launch configuration of {len(cfg)} parts: {src[m.start() : cfg_end + 3]}")
+        cfg += ["0", "nullptr"][len(cfg) - 2 :]
         i = cfg_end + 3
         while src[i].isspace():
             i += 1
@@ -90,9 +90,9 @@ def _rewrite_launches(src: str, name: str) -> str:
                 if depth == 0:
                     break
             j += 1
-        args = src[i + 1:j].strip()
+        args = src[i + 1 : j].strip()
         call = f"::cuemu::launch({m.group(1)}, {', '.join(cfg)}{', ' + args if args else ''})"
-        out.append(src[pos:m.start()])
+        out.append(src[pos : m.start()])
         out.append(call)
         pos = j + 1
     out.append(src[pos:])
@@ -106,15 +106,18 @@ def _static_shared(m: re.Match) -> str:
         if n is None:
             raise ValueError(f"static shared memory that is not an array of fixed size: {m.group(0)}")
         names.append(n.group(1))
-    return (f"{m.group(1)}static {m.group(2)} {m.group(3)};"
-            + "".join(f" ::cuemu::static_smem({n}, sizeof({n}));" for n in names))
+    return f"{m.group(1)}static {m.group(2)} {m.group(3)};" + "".join(
+        f" ::cuemu::static_smem({n}, sizeof({n}));" for n in names
+    )
 
 
 def rewrite(src: str, name: str) -> str:
     """The emulator's spelling of one csrc file (see the module docstring)."""
     s = _CUDA_INCLUDE.sub('#include "cuemu.h"', src)
     s = s.replace('#include "ptx.cuh"', '#include "cuemu_ptx.h"')
-    s = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::cuemu::dynamic_smem());", s)
+    s = _EXTERN_SHARED.sub(
+        lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::cuemu::dynamic_smem());", s
+    )
     s = _STATIC_SHARED.sub(_static_shared, s)
     s = _rewrite_launches(s, name)
     s = re.sub(r"TORCH_LIBRARY_IMPL\(\s*cnnkern\s*,\s*CUDA\s*,", "TORCH_LIBRARY_IMPL(cnnkern_emu, CPU,", s)
@@ -135,15 +138,16 @@ def schemas() -> str:
         if depth == 0:
             break
         j += 1
-    return "#include <torch/library.h>\n\nTORCH_LIBRARY(cnnkern_emu, m) " + src[i:j + 1] + "\n"
+    return "#include <torch/library.h>\n\nTORCH_LIBRARY(cnnkern_emu, m) " + src[i : j + 1] + "\n"
 
 
 def write_sources(dest: Path = BUILD / "src") -> list[Path]:
     """Write the rewritten sources (only files whose text changed, so ninja rebuilds only those)."""
     dest.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {"schemas.cpp": schemas()}
-    headers = sorted((CSRC / "cuda").glob("*.h")) + [p for p in sorted((CSRC / "cuda").glob("*.cuh"))
-                                                     if p.name != "ptx.cuh"]  # ptx.cuh: cuemu_ptx.h instead
+    headers = sorted((CSRC / "cuda").glob("*.h")) + [
+        p for p in sorted((CSRC / "cuda").glob("*.cuh")) if p.name != "ptx.cuh"
+    ]  # ptx.cuh: cuemu_ptx.h instead
     for p in [CSRC / "common.h", *headers]:
         files[p.name] = rewrite(p.read_text(), p.name)
     for p in sorted((CSRC / "cuda").glob("*.cu")):

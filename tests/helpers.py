@@ -53,22 +53,36 @@ def tol(dtype: torch.dtype, matmul: bool = False, device: torch.device | None = 
     return REL_TOL[dtype]
 
 
-def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output",
-                     matmul: bool = False, limit: float | None = None) -> None:
+def assert_rel_close(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype,
+    what: str = "output",
+    matmul: bool = False,
+    limit: float | None = None,
+) -> None:
     """Shape, finiteness (where the reference is finite) and relative error norm within
     ``limit`` (default ``tol(dtype, matmul, out.device)``)."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     finite = torch.isfinite(ref)
     bad = finite & ~torch.isfinite(out.detach().double())
-    assert not bad.any(), f"{what}: {int(bad.sum())} non-finite elements where the reference is finite " \
-                          f"(an unwritten, NaN-poisoned element?)"
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} non-finite elements where the reference is finite "
+        f"(an unwritten, NaN-poisoned element?)"
+    )
     err = rel_err(out, ref)
     limit = tol(dtype, matmul, out.device) if limit is None else limit
     assert err <= limit, f"{what}: relative error {err:.3e} > {limit:.1e} for {dtype}"
 
 
-def assert_as_close_as_pytorch(out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
-                               what: str = "output", cond: float = 1.0) -> None:
+def assert_as_close_as_pytorch(
+    out: torch.Tensor,
+    eager: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype,
+    what: str = "output",
+    cond: float = 1.0,
+) -> None:
     """``out`` within twice PyTorch eager's own error in the same dtype (``eager``, both against the
     float64 ``ref``), and never looser than needed: the floor is ``tol(dtype, matmul=True)`` times
     ``cond``, the result's condition (how much it amplifies relative rounding errors of its inputs,
@@ -78,8 +92,9 @@ def assert_as_close_as_pytorch(out: torch.Tensor, eager: torch.Tensor, ref: torc
     assert_rel_close(out, ref, dtype, what, limit=as_close_as_pytorch_limit(out, eager, ref, dtype, cond))
 
 
-def as_close_as_pytorch_limit(out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
-                              cond: float = 1.0) -> float:
+def as_close_as_pytorch_limit(
+    out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, cond: float = 1.0
+) -> float:
     """The relative error :func:`assert_as_close_as_pytorch` allows."""
     return max(tol(dtype, True, out.device) * cond, 2 * rel_err(eager, ref))
 
@@ -147,12 +162,31 @@ def wgmma_here(dtype) -> bool:
 def cuda_kernel_test(fn):
     """Marks a test that calls the CUDA C++ kernels directly: a `gpu` test that also runs on the
     emulator (`emulated`), skipped where neither CUDA nor the emulator, or cnnkern._C, is there."""
-    skip = pytest.mark.skipif(not (HAS_CUDA or EMULATED_CUDA) or _backend.unavailable_reason("cuda", DEVICE) is not None,
-                              reason="needs CUDA and cnnkern._C")
+    skip = pytest.mark.skipif(
+        not (HAS_CUDA or EMULATED_CUDA) or _backend.unavailable_reason("cuda", DEVICE) is not None,
+        reason="needs CUDA and cnnkern._C",
+    )
     return pytest.mark.gpu(pytest.mark.emulated(skip(fn)))
 
-__all__ = ["HAS_CUDA", "EMULATED_CUDA", "DEVICE", "cuda_kernel_test", "wgmma_here", "REL_TOL", "tol", "assert_as_close_as_pytorch", "ieee_fp32", "DTYPES", "LAYOUTS", "rel_err", "assert_rel_close", "make",
-           "backends_for", "cnnkern"]
+
+__all__ = [
+    "HAS_CUDA",
+    "EMULATED_CUDA",
+    "DEVICE",
+    "cuda_kernel_test",
+    "wgmma_here",
+    "REL_TOL",
+    "tol",
+    "assert_as_close_as_pytorch",
+    "ieee_fp32",
+    "DTYPES",
+    "LAYOUTS",
+    "rel_err",
+    "assert_rel_close",
+    "make",
+    "backends_for",
+    "cnnkern",
+]
 
 
 def merge_stats(stats: torch.Tensor):
@@ -175,8 +209,16 @@ def bench_cli_in_process(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
 
     def worker(argv, out_dir, run_id, time_left):
-        return cli.main([*argv, "--out", out_dir, "--run-id", run_id,
-                         *(["--time-limit", f"{time_left:.0f}"] if time_left is not None else [])])
+        return cli.main(
+            [
+                *argv,
+                "--out",
+                out_dir,
+                "--run-id",
+                run_id,
+                *(["--time-limit", f"{time_left:.0f}"] if time_left is not None else []),
+            ]
+        )
 
     monkeypatch.setattr(cli, "_run_worker", worker)
 
@@ -188,8 +230,16 @@ def write_run_json(out_dir, run_id: str, op: str, **fields) -> str:
 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(str(out_dir), f"{op}.json")
-    data = {"op": op, "env": {"run_id": run_id}, "results": [], "failures": [], "stopped": None, "faulted": [],
-            "resumed": [], **fields}
+    data = {
+        "op": op,
+        "env": {"run_id": run_id},
+        "results": [],
+        "failures": [],
+        "stopped": None,
+        "faulted": [],
+        "resumed": [],
+        **fields,
+    }
     with open(path, "w") as f:
         json.dump(data, f)
     return path
@@ -210,8 +260,10 @@ def randomise_bn(*models):
     named = [dict(m.named_modules()) for m in models]
     for name, mod in named[0].items():
         if isinstance(mod, torch.nn.BatchNorm2d):
-            vals = [torch.rand(mod.num_features, generator=gen) * s + o for s, o in ((0.2, -0.1), (1.0, 0.5),
-                                                                                     (1.0, 0.5), (0.2, -0.1))]
+            vals = [
+                torch.rand(mod.num_features, generator=gen) * s + o
+                for s, o in ((0.2, -0.1), (1.0, 0.5), (1.0, 0.5), (0.2, -0.1))
+            ]
             for nm in named:
                 bn = nm[name]
                 with torch.no_grad():

@@ -93,8 +93,19 @@ def test_conv_bn_relu_under_cpu_autocast(backend, training):
     if training:
         assert not torch.equal(rm, torch.zeros(8))  # updated in place, in fp32
     xr, wr = x.detach().half().double(), w.detach().half().double()
-    ref = reference.conv_bn_relu(xr, wr, None, torch.zeros(8, dtype=torch.float64), torch.ones(8, dtype=torch.float64),
-                                 gamma.detach().double(), beta.detach().double(), training, 0.1, 1e-5, padding=1)
+    ref = reference.conv_bn_relu(
+        xr,
+        wr,
+        None,
+        torch.zeros(8, dtype=torch.float64),
+        torch.ones(8, dtype=torch.float64),
+        gamma.detach().double(),
+        beta.detach().double(),
+        training,
+        0.1,
+        1e-5,
+        padding=1,
+    )
     assert_rel_close(y, ref, CPU_AMP, limit=3e-3)
     y.float().sum().backward()
     assert (x.grad.dtype, w.grad.dtype, gamma.grad.dtype, beta.grad.dtype) == (torch.float32,) * 4
@@ -127,8 +138,9 @@ def test_residual_add_promotes_under_cpu_autocast(backend):
     assert x.grad.dtype == torch.float16 and s.grad.dtype == torch.float32
 
 
-@pytest.mark.skipif("triton" not in cnnkern.available_backends() and DEVICE.type == "cpu",
-                    reason="needs the Triton interpreter")
+@pytest.mark.skipif(
+    "triton" not in cnnkern.available_backends() and DEVICE.type == "cpu", reason="needs the Triton interpreter"
+)
 def test_registered_kernels_cast_direct_op_calls():
     """torch.ops.cnnkern.* called directly (as torch.compile's graphs call them) cast too."""
     x, w = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3)
@@ -136,17 +148,34 @@ def test_registered_kernels_cast_direct_op_calls():
         y = torch.ops.cnnkern.conv2d(x, w, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, "ieee", "triton")
         z = torch.ops.cnnkern.local_response_norm(x.half(), 3, 1e-4, 0.75, 1.0, "triton")
         r = torch.ops.cnnkern.residual_add(x.half(), x, 1, True, "triton")
-        out = torch.ops.cnnkern.conv_bn_relu_train(x, w, None, None, torch.ones(8), torch.zeros(8), 1e-5, [1, 1],
-                                                   [1, 1, 1, 1], [1, 1], 1, True, "ieee", "triton")
+        out = torch.ops.cnnkern.conv_bn_relu_train(
+            x,
+            w,
+            None,
+            None,
+            torch.ones(8),
+            torch.zeros(8),
+            1e-5,
+            [1, 1],
+            [1, 1, 1, 1],
+            [1, 1],
+            1,
+            True,
+            "ieee",
+            "triton",
+        )
     assert y.dtype == CPU_AMP and z.dtype == torch.float32 and r.dtype == torch.float32
     assert out[0].dtype == CPU_AMP and out[2].dtype == torch.float32  # statistics stay fp32
     # outside autocast nothing is cast
-    assert torch.ops.cnnkern.conv2d(x, w, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, "ieee",
-                                    "triton").dtype == torch.float32
+    assert (
+        torch.ops.cnnkern.conv2d(x, w, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, "ieee", "triton").dtype
+        == torch.float32
+    )
 
 
-@pytest.mark.skipif("triton" not in cnnkern.available_backends() and DEVICE.type == "cpu",
-                    reason="needs the Triton interpreter")
+@pytest.mark.skipif(
+    "triton" not in cnnkern.available_backends() and DEVICE.type == "cpu", reason="needs the Triton interpreter"
+)
 def test_the_op_casts_under_autocast():
     """Called directly, the registered op casts its arguments itself (its Autocast kernel)."""
     from cnnkern.ops import conv2d as conv_ops
@@ -168,8 +197,11 @@ AMP_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _gpu_params(op):
-    return [p for p in backends_for(torch.device("cuda"), op)] if HAS_CUDA else \
-        [pytest.param("triton", marks=pytest.mark.gpu)]
+    return (
+        [p for p in backends_for(torch.device("cuda"), op)]
+        if HAS_CUDA
+        else [pytest.param("triton", marks=pytest.mark.gpu)]
+    )
 
 
 @pytest.mark.gpu
@@ -192,8 +224,13 @@ def test_gpu_conv2d_autocast_like_pytorch(backend, dtype):
 @pytest.mark.parametrize("backend", _gpu_params("conv_bn_relu"))
 def test_gpu_conv_bn_relu_autocast_like_pytorch(backend, dtype):
     ours = cnnkern.nn.ConvBNReLU2d(16, 32, 3, padding=1, backend=backend).cuda().train()
-    ref = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1, bias=False), torch.nn.BatchNorm2d(32),
-                              torch.nn.ReLU()).cuda().train()
+    ref = (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(16, 32, 3, padding=1, bias=False), torch.nn.BatchNorm2d(32), torch.nn.ReLU()
+        )
+        .cuda()
+        .train()
+    )
     ref.load_state_dict({k.replace("conv.", "0.").replace("bn.", "1."): v for k, v in ours.state_dict().items()})
     x = make((4, 16, 14, 14), torch.float32, "cuda", "channels_last")
     with torch.autocast("cuda", dtype=dtype):
@@ -234,8 +271,9 @@ def test_gpu_residual_add_autocast_like_pytorch(backend, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif("triton" not in cnnkern.available_backends() and DEVICE.type == "cpu",
-                    reason="needs the Triton interpreter")
+@pytest.mark.skipif(
+    "triton" not in cnnkern.available_backends() and DEVICE.type == "cpu", reason="needs the Triton interpreter"
+)
 def test_torch_compile_under_autocast_matches_eager():
     """torch.compile traces functional.py's casts and the ops' Autocast kernels alike."""
     torch._dynamo.reset()

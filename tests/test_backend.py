@@ -62,11 +62,11 @@ def test_auto_on_cuda_prefers_the_op_order_and_never_raises(monkeypatch):
     dev = torch.device("cuda")
     monkeypatch.setattr(_backend, "unavailable_reason", lambda name, device=None: None)
     assert _backend.resolve("residual_add", "auto", dev) == _backend.AUTO_ORDER["residual_add"][0]
-    monkeypatch.setattr(_backend, "unavailable_reason",
-                        lambda name, device=None: None if name in ("triton", "torch") else "absent")
+    monkeypatch.setattr(
+        _backend, "unavailable_reason", lambda name, device=None: None if name in ("triton", "torch") else "absent"
+    )
     assert _backend.resolve("residual_add", "auto", dev) == "triton"  # Triton when the extension is absent
-    monkeypatch.setattr(_backend, "unavailable_reason",
-                        lambda name, device=None: None if name == "torch" else "absent")
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name, device=None: None if name == "torch" else "absent")
     assert _backend.resolve("residual_add", "auto", dev) == "torch"
 
 

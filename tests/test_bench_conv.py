@@ -9,22 +9,24 @@ from cnnkern.benchmarks import bench_conv2d, bench_conv_bn_relu, harness
 
 def test_layer_lists_are_taken_from_the_networks():
     layers = bench_conv2d.network_layers()
-    nets = {(l.network, l.x_shape[0]) for l in layers}
+    nets = {(layer.network, layer.x_shape[0]) for layer in layers}
     assert {("resnet50", 1), ("resnet50", 32), ("vgg16", 32), ("googlenet", 32)} <= nets
-    r50 = [l for l in layers if l.network == "resnet50" and l.x_shape[0] == 32]
+    r50 = [layer for layer in layers if layer.network == "resnet50" and layer.x_shape[0] == 32]
     assert len(r50) == 23  # ResNet-50's distinct convolutions
     assert r50[0].name == "conv1" and r50[0].flops == 2 * 32 * 64 * 112 * 112 * 3 * 7 * 7
     fused = bench_conv2d.network_layers((32,), None, bench_conv_bn_relu.NETWORKS, followed_by_bn=True)
-    assert {l.network for l in fused} == {"resnet50", "vgg16_bn", "googlenet"}  # GoogLeNet's BasicConv2d has BN
-    assert all(l.x_shape[0] == 32 for l in fused)
+    assert {layer.network for layer in fused} == {"resnet50", "vgg16_bn", "googlenet"}  # GoogLeNet's BasicConv2d has BN
+    assert all(layer.x_shape[0] == 32 for layer in fused)
 
 
 def _tiny():
     # the last field is the MAC count N*K*P*Q*C*R*S
-    return [bench_conv2d.Layer("tiny", "conv", (2, 8, 6, 6), (16, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1,
-                               2 * 16 * 6 * 6 * 8 * 9),
-            bench_conv2d.Layer("tiny", "proj", (2, 16, 6, 6), (8, 16, 1, 1), (2, 2), (0, 0), (1, 1), 1,
-                               2 * 8 * 3 * 3 * 16)]
+    return [
+        bench_conv2d.Layer(
+            "tiny", "conv", (2, 8, 6, 6), (16, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1, 2 * 16 * 6 * 6 * 8 * 9
+        ),
+        bench_conv2d.Layer("tiny", "proj", (2, 16, 6, 6), (8, 16, 1, 1), (2, 2), (0, 0), (1, 1), 1, 2 * 8 * 3 * 3 * 16),
+    ]
 
 
 @pytest.fixture
@@ -58,17 +60,21 @@ def test_conv2d_refuses_a_wrong_kernel(fake_timer, monkeypatch):
     recs = bench_conv2d.run(providers=["triton"], dtypes=("float32",), progress=False, device="cpu", layers=_tiny())
     assert {r.provider for r in recs} == {"torch"} and len(recs) == 6  # 2 layers x 3 directions
     assert len(recs.failures) == 6
-    assert all(f["provider"] == "triton" and f["stage"] == "check" and "differs from cuDNN" in f["error"]
-               for f in recs.failures)
+    assert all(
+        f["provider"] == "triton" and f["stage"] == "check" and "differs from cuDNN" in f["error"]
+        for f in recs.failures
+    )
     assert {f["direction"] for f in recs.failures} == {"fwd", "fwd+bwd"}
 
 
 def test_conv_bn_relu_loop(fake_timer):
-    recs = bench_conv_bn_relu.run(providers=["triton"], dtypes=("float32",), progress=False, device="cpu",
-                                  layers=_tiny())
+    recs = bench_conv_bn_relu.run(
+        providers=["triton"], dtypes=("float32",), progress=False, device="cpu", layers=_tiny()
+    )
     assert len(recs) == 8  # 2 layers x (eval, train) x 2 providers
-    assert {(r.provider, r.direction) for r in recs} == {(p, d) for p in ("torch", "triton")
-                                                         for d in ("fwd", "fwd+bwd")}
+    assert {(r.provider, r.direction) for r in recs} == {
+        (p, d) for p in ("torch", "triton") for d in ("fwd", "fwd+bwd")
+    }
     assert torch.get_default_dtype() == torch.float32
 
 
@@ -78,16 +84,37 @@ def test_block_ends_are_timed_with_their_shortcut(fake_timer):
     fused = bench_conv2d.network_layers((32,), ["resnet50"], bench_conv_bn_relu.NETWORKS, followed_by_bn=True)
     # (layer1.0.downsample.0 has layer1.0.conv3's shape and runs after it, between bn3 and the add,
     # as in torchvision: one distinct layer; a projection shortcut itself never ends a block)
-    ends = {(l.name, l.shortcut) for l in fused if l.shortcut}
-    assert ends == {("layer1.0.conv3", "layer1.0.conv3"), ("layer2.0.conv3", "layer2.0.conv3"),
-                    ("layer3.0.conv3", "layer3.0.conv3"), ("layer4.0.conv3", "layer4.0.conv3")}, ends
-    layers = [bench_conv2d.Layer("tiny", "conv3", (2, 8, 6, 6), (16, 8, 1, 1), (1, 1), (0, 0), (1, 1), 1,
-                                 2 * 16 * 6 * 6 * 8, shortcut="conv3")]
-    recs = bench_conv_bn_relu.run(providers=["triton"], dtypes=("float32",), progress=False, device="cpu",
-                                  layers=layers)
+    ends = {(layer.name, layer.shortcut) for layer in fused if layer.shortcut}
+    assert ends == {
+        ("layer1.0.conv3", "layer1.0.conv3"),
+        ("layer2.0.conv3", "layer2.0.conv3"),
+        ("layer3.0.conv3", "layer3.0.conv3"),
+        ("layer4.0.conv3", "layer4.0.conv3"),
+    }, ends
+    layers = [
+        bench_conv2d.Layer(
+            "tiny",
+            "conv3",
+            (2, 8, 6, 6),
+            (16, 8, 1, 1),
+            (1, 1),
+            (0, 0),
+            (1, 1),
+            1,
+            2 * 16 * 6 * 6 * 8,
+            shortcut="conv3",
+        )
+    ]
+    recs = bench_conv_bn_relu.run(
+        providers=["triton"], dtypes=("float32",), progress=False, device="cpu", layers=layers
+    )
     assert not recs.failures
     assert {(r.case, r.provider, r.direction) for r in recs} == {
-        (c, p, d) for c in ("tiny conv3", "tiny conv3 + shortcut") for p in ("torch", "triton") for d in ("fwd", "fwd+bwd")}
+        (c, p, d)
+        for c in ("tiny conv3", "tiny conv3 + shortcut")
+        for p in ("torch", "triton")
+        for d in ("fwd", "fwd+bwd")
+    }
     assert bench_conv_bn_relu.count(providers=["triton"], dtypes=("float32",), layers=layers) == 8
 
 
@@ -106,8 +133,9 @@ def fake_compile(monkeypatch):
 
 
 def test_conv2d_loop_with_inductor(fake_timer, fake_compile):
-    recs = bench_conv2d.run(providers=["triton", "inductor"], dtypes=("float32",), progress=False, device="cpu",
-                            layers=_tiny()[:1])
+    recs = bench_conv2d.run(
+        providers=["triton", "inductor"], dtypes=("float32",), progress=False, device="cpu", layers=_tiny()[:1]
+    )
     assert len(recs) == 3 * 3  # 3 directions x (torch, triton, inductor)
     assert [r.provider for r in recs[:3]] == ["torch", "triton", "inductor"]
     assert len(fake_compile) == 3  # one compilation per layer and direction
@@ -117,9 +145,12 @@ def test_conv2d_loop_with_inductor(fake_timer, fake_compile):
 
 
 def test_conv_bn_relu_layouts_and_inductor(fake_timer, fake_compile):
-    recs = bench_conv_bn_relu.run(providers=["inductor"], dtypes=("float32",), progress=False, device="cpu",
-                                  layers=_tiny()[:1])
-    assert {(r.provider, r.direction) for r in recs} == {(p, d) for p in ("torch", "inductor") for d in ("fwd", "fwd+bwd")}
+    recs = bench_conv_bn_relu.run(
+        providers=["inductor"], dtypes=("float32",), progress=False, device="cpu", layers=_tiny()[:1]
+    )
+    assert {(r.provider, r.direction) for r in recs} == {
+        (p, d) for p in ("torch", "inductor") for d in ("fwd", "fwd+bwd")
+    }
     assert {r.layout for r in recs} == {"NCHW"}  # fp32 runs NCHW (TF32 on a GPU), bf16/fp16 channels_last
     assert len(fake_compile) == 1 and isinstance(fake_compile[0][0], torch.nn.Sequential)
 
@@ -162,12 +193,15 @@ def test_models_cases_and_records(fake_timer, fake_compile):
     from cnnkern.benchmarks import bench_models
 
     table = _tiny_nets()
-    kw = dict(providers=["torch", "triton", "inductor"], dtypes=("float32",), networks=["tiny"], batches=(1, 3),
-              train_batch=2)
+    kw = dict(
+        providers=["torch", "triton", "inductor"], dtypes=("float32",), networks=["tiny"], batches=(1, 3), train_batch=2
+    )
     recs = bench_models.run(progress=False, device="cpu", table=table, **kw)
     # (2 inference batches + 1 training step) x 3 providers, in the order cases() lists them
-    assert [(r.case, r.provider) for r in recs] == [(f"{net} {'inference' if mode == 'inference' else 'train'} b{n}", p)
-                                                    for net, mode, n, _, p in bench_models.cases(**kw)]
+    assert [(r.case, r.provider) for r in recs] == [
+        (f"{net} {'inference' if mode == 'inference' else 'train'} b{n}", p)
+        for net, mode, n, _, p in bench_models.cases(**kw)
+    ]
     assert len(recs) == bench_models.count(**kw) == 9
     assert fake_compile and fake_compile[0][1] == "max-autotune"  # whole networks: max-autotune with CUDA graphs
     macs = 8 * 6 * 6 * 3 * 9 + 8 * 10  # conv + linear, per image
@@ -195,11 +229,21 @@ def test_models_graph_provider_is_inference_only(fake_timer, monkeypatch):
             return self.model(x)
 
     monkeypatch.setattr(bench_models, "_Graphed", FakeGraphed)
-    kw = dict(providers=["torch", "triton", "triton+graph"], dtypes=("float32",), networks=["tiny"], batches=(2,),
-              train_batch=2)
+    kw = dict(
+        providers=["torch", "triton", "triton+graph"],
+        dtypes=("float32",),
+        networks=["tiny"],
+        batches=(2,),
+        train_batch=2,
+    )
     cases = bench_models.cases(**kw)
-    assert [(c[1], c[4]) for c in cases] == [("inference", "torch"), ("inference", "triton"),
-                                             ("inference", "triton+graph"), ("train", "torch"), ("train", "triton")]
+    assert [(c[1], c[4]) for c in cases] == [
+        ("inference", "torch"),
+        ("inference", "triton"),
+        ("inference", "triton+graph"),
+        ("train", "torch"),
+        ("train", "triton"),
+    ]
     recs = bench_models.run(progress=False, device="cpu", table=_tiny_nets(), **kw)
     assert [(r.case, r.provider) for r in recs] == [(f"tiny {m} b{n}", p) for _, m, n, _, p in cases]
     assert len(wrapped) == 1 and type(wrapped[0]).__name__ == "Mine"
@@ -230,8 +274,16 @@ def test_models_refuses_a_wrong_network(fake_timer):
         m.forward = lambda x: torch.zeros(x.shape[0], 10) + 1.0  # ignores its input
         return m
 
-    recs = bench_models.run(providers=["torch", "triton"], dtypes=("float32",), progress=False, device="cpu",
-                            table={"tiny": (broken, theirs, size)}, networks=["tiny"], batches=(2,), train_batch=0)
+    recs = bench_models.run(
+        providers=["torch", "triton"],
+        dtypes=("float32",),
+        progress=False,
+        device="cpu",
+        table={"tiny": (broken, theirs, size)},
+        networks=["tiny"],
+        batches=(2,),
+        train_batch=0,
+    )
     assert [r.provider for r in recs] == ["torch"]
     (f,) = recs.failures
     assert f["provider"] == "triton" and "differs from torchvision" in f["error"] and f["case"] == "tiny inference b2"

@@ -7,22 +7,49 @@ import re
 
 import pytest
 import torch
-
-from cnnkern.benchmarks import bench_residual_add, harness
 from helpers import bench_cli_in_process, write_run_json
 
-ENV_KEYS = {"gpu_name", "sm_count", "compute_capability", "gpu_memory_GiB", "torch", "triton", "cuda", "cudnn",
-            "python", "allow_tf32_matmul", "allow_tf32_cudnn", "cudnn_benchmark", "commit", "hostname",
-            "timestamp_utc", "extension_loaded", "extension_archs", "cnnkern_env"}
+from cnnkern.benchmarks import bench_residual_add, harness
+
+ENV_KEYS = {
+    "gpu_name",
+    "sm_count",
+    "compute_capability",
+    "gpu_memory_GiB",
+    "torch",
+    "triton",
+    "cuda",
+    "cudnn",
+    "python",
+    "allow_tf32_matmul",
+    "allow_tf32_cudnn",
+    "cudnn_benchmark",
+    "commit",
+    "hostname",
+    "timestamp_utc",
+    "extension_loaded",
+    "extension_archs",
+    "cnnkern_env",
+}
 
 
 def _rec(provider, median, case="c1", direction="fwd", p20=None, p80=None, nbytes=3 * 2**30):
-    return harness.Result(op="residual_add", case=case, shape="32x256x56x56", dtype="bfloat16", layout="NHWC",
-                          provider=provider, direction=direction, median_ms=median,
-                          p20_ms=median * 0.99 if p20 is None else p20, p80_ms=median * 1.01 if p80 is None else p80,
-                          wide_spread=harness.is_wide_spread(median, median * 0.99 if p20 is None else p20,
-                                                             median * 1.01 if p80 is None else p80),
-                          bytes=nbytes)
+    return harness.Result(
+        op="residual_add",
+        case=case,
+        shape="32x256x56x56",
+        dtype="bfloat16",
+        layout="NHWC",
+        provider=provider,
+        direction=direction,
+        median_ms=median,
+        p20_ms=median * 0.99 if p20 is None else p20,
+        p80_ms=median * 1.01 if p80 is None else p80,
+        wide_spread=harness.is_wide_spread(
+            median, median * 0.99 if p20 is None else p20, median * 1.01 if p80 is None else p80
+        ),
+        bytes=nbytes,
+    )
 
 
 def test_environment_has_every_key():
@@ -46,20 +73,35 @@ def test_git_commit_override(monkeypatch):
 
 def test_wide_spread_threshold():
     assert not harness.is_wide_spread(1.0, 0.96, 1.05)  # 9% band
-    assert harness.is_wide_spread(1.0, 0.90, 1.11)      # 21% band
+    assert harness.is_wide_spread(1.0, 0.90, 1.11)  # 21% band
 
 
 def test_finalize_derives_rates_fractions_and_speedups():
-    recs = [_rec("torch", 2.0), _rec("triton", 1.0), _rec("cuda", 0.8),
-            _rec("triton", 4.0, direction="fwd+bwd")]  # no baseline for this key: no speedup
+    recs = [
+        _rec("torch", 2.0),
+        _rec("triton", 1.0),
+        _rec("cuda", 0.8),
+        _rec("triton", 4.0, direction="fwd+bwd"),
+    ]  # no baseline for this key: no speedup
     harness.finalize(recs, {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 800.0})
     torch_r, triton_r, cuda_r, lone = recs
     assert triton_r.gbps == pytest.approx(3 * 2**30 / 1e6)  # bytes / (1 ms) in GB/s
     assert triton_r.ceiling_fraction == pytest.approx(triton_r.gbps / 3000.0)
     assert (torch_r.speedup, triton_r.speedup, cuda_r.speedup) == pytest.approx((1.0, 2.0, 2.5))
     assert lone.speedup is None
-    flop = harness.Result(op="conv2d", case="k", shape="s", dtype="bfloat16", layout="NHWC", provider="triton",
-                          direction="fwd", median_ms=2.0, p20_ms=2.0, p80_ms=2.0, flops=10**12)
+    flop = harness.Result(
+        op="conv2d",
+        case="k",
+        shape="s",
+        dtype="bfloat16",
+        layout="NHWC",
+        provider="triton",
+        direction="fwd",
+        median_ms=2.0,
+        p20_ms=2.0,
+        p80_ms=2.0,
+        flops=10**12,
+    )
     harness.finalize([flop], {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 800.0})
     assert flop.tflops == pytest.approx(500.0) and flop.ceiling_fraction == pytest.approx(500 / 800)
 
@@ -96,8 +138,10 @@ def test_write_results_refuses_mixed_ops(tmp_path):
 
 
 def test_format_table_lists_providers_and_marks_wide_spreads():
-    recs = harness.finalize([_rec("torch", 2.0), _rec("triton", 1.0, p20=0.8, p80=1.3), _rec("cuda", 0.9)],
-                            {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 800.0})
+    recs = harness.finalize(
+        [_rec("torch", 2.0), _rec("triton", 1.0, p20=0.8, p80=1.3), _rec("cuda", 0.9)],
+        {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 800.0},
+    )
     table = harness.format_table(recs)
     lines = table.splitlines()
     body = {line.split()[5]: line for line in lines[2:5]}  # provider column
@@ -161,13 +205,20 @@ def test_run_checks_then_times_every_provider_and_direction(monkeypatch):
     def fake_time(fn, *, cudagraph=False, grad_to_none=None, **budget):
         fn()
         calls.append((cudagraph, grad_to_none is not None))
-        return {"median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.2, "wide_spread": True,
-                "timer": "cudagraph" if cudagraph else "do_bench"}
+        return {
+            "median_ms": 1.0,
+            "p20_ms": 0.9,
+            "p80_ms": 1.2,
+            "wide_spread": True,
+            "timer": "cudagraph" if cudagraph else "do_bench",
+        }
 
     monkeypatch.setattr(harness, "time_fn", fake_time)
     recs = bench_residual_add.run(providers=["triton"], dtypes=("float32", "float16"), progress=False, device="cpu")
     assert len(recs) == 2 * 2 * 2 * 2  # cases x dtypes x directions x (torch, triton)
-    assert {(r.provider, r.direction) for r in recs} == {(p, d) for p in ("torch", "triton") for d in ("fwd", "fwd+bwd")}
+    assert {(r.provider, r.direction) for r in recs} == {
+        (p, d) for p in ("torch", "triton") for d in ("fwd", "fwd+bwd")
+    }
     # tiny forward cases use CUDA graphs; backward timings reset the leaves' gradients each run
     assert all(c == (True, False) for c, r in zip(calls, recs) if r.direction == "fwd")
     assert all(c == (False, True) for c, r in zip(calls, recs) if r.direction == "fwd+bwd")
@@ -180,13 +231,18 @@ def test_run_refuses_a_wrong_kernel(monkeypatch):
         pytest.skip("the CPU path of the loop")
     monkeypatch.setattr(bench_residual_add, "CASES", [bench_residual_add.Case("identity", (2, 8, 4, 4), None, True)])
     monkeypatch.setattr(bench_residual_add, "residual_add", lambda x, s, relu, backend: x + s)  # no ReLU
-    monkeypatch.setattr(harness, "time_fn", lambda fn, **kw: {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0,
-                                                              "wide_spread": False, "timer": "do_bench"})
+    monkeypatch.setattr(
+        harness,
+        "time_fn",
+        lambda fn, **kw: {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "wide_spread": False, "timer": "do_bench"},
+    )
     recs = bench_residual_add.run(providers=["triton"], dtypes=("float32",), progress=False, device="cpu")
     # the wrong kernel is not timed, forward or backward (ReLU's mask is missing from its gradient)
     assert {(r.provider, r.direction) for r in recs} == {("torch", "fwd"), ("torch", "fwd+bwd")}
     assert [(f["provider"], f["direction"], f["stage"]) for f in recs.failures] == [
-        ("triton", "fwd", "check"), ("triton", "fwd+bwd", "check")]
+        ("triton", "fwd", "check"),
+        ("triton", "fwd+bwd", "check"),
+    ]
     assert re.search("triton forward.*disagrees with the torch baseline", recs.failures[0]["error"])
     assert re.search("triton grad x.*disagrees with the torch baseline", recs.failures[1]["error"])
 
@@ -195,8 +251,12 @@ def test_run_refuses_a_wrong_kernel(monkeypatch):
 # the "inductor" provider and the suite plan
 # ------------------------------------------------------------------------------------------------
 # A fixed kernel table for the provider tests: conv without a CUDA C++ kernel, the rest with both.
-AUTO_ORDER = {"residual_add": ("cuda", "triton"), "local_response_norm": ("cuda", "triton"), "conv2d": ("triton",),
-              "conv_bn_relu": ("triton",)}
+AUTO_ORDER = {
+    "residual_add": ("cuda", "triton"),
+    "local_response_norm": ("cuda", "triton"),
+    "conv2d": ("triton",),
+    "conv_bn_relu": ("triton",),
+}
 
 
 @pytest.fixture
@@ -260,11 +320,20 @@ def test_residual_add_loop_times_the_inductor_provider(monkeypatch):
         return torch.compile(fn, backend="eager")  # Dynamo traces it; no Inductor code generation on CPU
 
     monkeypatch.setattr(harness, "compile_reference", fake_compile)
-    monkeypatch.setattr(harness, "time_fn", lambda fn, **kw: (fn(), {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0,
-                                                                      "wide_spread": False, "timer": "fake"})[1])
+    monkeypatch.setattr(
+        harness,
+        "time_fn",
+        lambda fn, **kw: (
+            fn(),
+            {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "wide_spread": False, "timer": "fake"},
+        )[1],
+    )
     Case = bench_residual_add.Case
-    monkeypatch.setattr(bench_residual_add, "CASES", [Case("identity", (2, 8, 4, 4), None, True),
-                                                      Case("option A", (2, 8, 3, 3), (2, 4, 6, 5), False, 2)])
+    monkeypatch.setattr(
+        bench_residual_add,
+        "CASES",
+        [Case("identity", (2, 8, 4, 4), None, True), Case("option A", (2, 8, 3, 3), (2, 4, 6, 5), False, 2)],
+    )
     recs = bench_residual_add.run(providers=["inductor"], dtypes=("float32",), progress=False, device="cpu")
     assert {r.provider for r in recs} == {"torch", "inductor"} and len(recs) == 2 * 2 * 2
     assert len(compiled) == 4  # one compilation per case and direction
@@ -282,18 +351,22 @@ def test_suite_plan(monkeypatch, kernel_table):
     monkeypatch.setattr(bench_conv_bn_relu, "network_layers", fake_layers)
     plan = {op: (kw, n) for op, kw, n in harness.suite_plan(quick=True)}
     assert list(plan) == list(harness.OPS)
-    for op, (kw, n) in plan.items():
-        assert "inductor" not in kw["providers"], op           # --quick leaves Inductor out
-        assert kw["dtypes"] == ("bfloat16",), op                # and runs bf16 only
-    assert plan["residual_add"] == ({"quick": True, "dtypes": ("bfloat16",),
-                                     "providers": ["torch", "cuda", "triton"]}, 3 * 2 * 3)
+    for op, (kw, _n) in plan.items():
+        assert "inductor" not in kw["providers"], op  # --quick leaves Inductor out
+        assert kw["dtypes"] == ("bfloat16",), op  # and runs bf16 only
+    assert plan["residual_add"] == (
+        {"quick": True, "dtypes": ("bfloat16",), "providers": ["torch", "cuda", "triton"]},
+        3 * 2 * 3,
+    )
     assert plan["conv2d"][1] == 23 * 2 * 2  # layers x (fwd, fwd+relu) x (torch, triton)
     assert plan["models"][0]["providers"] == ["torch", "cnnkern", "cnnkern+graph"]
-    full = {op: kw for op, kw, _ in harness.suite_plan(["conv2d", "models"], backends=["cuda"], nets=["resnet50"],
-                                                       batches=[8])}
-    assert full["conv2d"]["providers"] == ["torch", "inductor"]   # no CUDA C++ conv: only the peers
+    full = {
+        op: kw
+        for op, kw, _ in harness.suite_plan(["conv2d", "models"], backends=["cuda"], nets=["resnet50"], batches=[8])
+    }
+    assert full["conv2d"]["providers"] == ["torch", "inductor"]  # no CUDA C++ conv: only the peers
     assert full["conv2d"]["networks"] == ["resnet50"] and full["conv2d"]["batches"] == (8,)
-    assert full["models"]["providers"] == ["torch", "inductor"]    # cuda cannot run a whole network
+    assert full["models"]["providers"] == ["torch", "inductor"]  # cuda cannot run a whole network
     # --nets leaves out the ops that have no layer of those networks
     assert [op for op, _, _ in harness.suite_plan(nets=["alexnet"])] == ["conv2d", "local_response_norm", "models"]
     with pytest.raises(ValueError, match="no benchmark for nonesuch"):
@@ -305,10 +378,12 @@ def test_graph_mode_times_every_case_as_a_cuda_graph(monkeypatch):
     import triton.testing
 
     used = []
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: used.append("eager") or [1.0, 0.9, 1.1],
-                        raising=False)
-    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: used.append("graph") or [1.0, 0.9, 1.1],
-                        raising=False)
+    monkeypatch.setattr(
+        triton.testing, "do_bench", lambda fn, **kw: used.append("eager") or [1.0, 0.9, 1.1], raising=False
+    )
+    monkeypatch.setattr(
+        triton.testing, "do_bench_cudagraph", lambda fn, **kw: used.append("graph") or [1.0, 0.9, 1.1], raising=False
+    )
     assert harness.time_fn(lambda: None)["timer"] == "do_bench"
     monkeypatch.setattr(harness, "_FORCE_GRAPH", True)
     assert harness.time_fn(lambda: None)["timer"] == "cudagraph"
@@ -347,8 +422,11 @@ def test_verify_and_measure_record_failures_instead_of_raising(monkeypatch):
     assert [(f["provider"], f["stage"]) for f in recs.failures] == [("cuda", "check"), ("triton", "timing")]
     assert recs.failures[0]["error"] == "WrongResult: cuda fwd differs from cuDNN by 5.0e-01"
     assert recs.failures[1]["case"] == "resnet50 conv1" and "too many resources" in recs.failures[1]["error"]
-    monkeypatch.setattr(harness, "time_fn", lambda fn, **kw: {"median_ms": 2.0, "p20_ms": 1.9, "p80_ms": 2.1,
-                                                              "wide_spread": False, "timer": "do_bench"})
+    monkeypatch.setattr(
+        harness,
+        "time_fn",
+        lambda fn, **kw: {"median_ms": 2.0, "p20_ms": 1.9, "p80_ms": 2.1, "wide_spread": False, "timer": "do_bench"},
+    )
     assert harness.measure(recs, lambda: None, provider="triton", warmup_ms=1, rep_ms=1, flops=10, **common)
     (r,) = recs
     assert (r.provider, r.median_ms, r.flops, r.direction) == ("triton", 2.0, 10, "fwd")
@@ -367,11 +445,22 @@ def _fake_suite(monkeypatch, tmp_path, run):
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setattr(harness, "OPS", {"fake": "fake_bench", "fake2": "fake_bench2"})
     monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(harness, "environment", lambda: {"gpu_name": "Fake GPU", "sm_count": 1,
-                                                        "compute_capability": "9.0", "torch": "t", "triton": "t",
-                                                        "cuda": "c", "cudnn": 1, "commit": "abc",
-                                                        "timestamp_utc": "2026-12-01T00:00:00Z",
-                                                        "extension_loaded": False})
+    monkeypatch.setattr(
+        harness,
+        "environment",
+        lambda: {
+            "gpu_name": "Fake GPU",
+            "sm_count": 1,
+            "compute_capability": "9.0",
+            "torch": "t",
+            "triton": "t",
+            "cuda": "c",
+            "cudnn": 1,
+            "commit": "abc",
+            "timestamp_utc": "2026-12-01T00:00:00Z",
+            "extension_loaded": False,
+        },
+    )
     monkeypatch.setattr(harness.torch.backends.cudnn, "benchmark", False)  # run_ops sets it
     monkeypatch.setattr(harness, "measure_ceilings", lambda: {"copy_GBps": 1000.0, "bf16_matmul_TFLOPs": 500.0})
     monkeypatch.setattr(harness, "suite_providers", lambda op, backends, inductor: ["torch", "triton"])
@@ -383,18 +472,31 @@ def _fake_suite(monkeypatch, tmp_path, run):
         return {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "wide_spread": False, "timer": "do_bench"}
 
     monkeypatch.setattr(harness, "time_fn", fake_time)
-    return lambda **kw: harness.run_ops(["fake", "fake2"], out_dir=str(tmp_path), progress=False,
-                                        echo=lambda *a: None, **kw)
+    return lambda **kw: harness.run_ops(
+        ["fake", "fake2"], out_dir=str(tmp_path), progress=False, echo=lambda *a: None, **kw
+    )
 
 
 def _fake_run(n=4, op="fake"):
     def run(providers=None, **kw):
         recs = harness.new_records()
         for i in range(n):
-            harness.measure(recs, lambda: None, provider=providers[i % len(providers)], warmup_ms=1, rep_ms=1,
-                            op=op, case=f"case {i // 2}", shape="s", dtype="bfloat16", layout="NHWC",
-                            direction="fwd", flops=1)
+            harness.measure(
+                recs,
+                lambda: None,
+                provider=providers[i % len(providers)],
+                warmup_ms=1,
+                rep_ms=1,
+                op=op,
+                case=f"case {i // 2}",
+                shape="s",
+                dtype="bfloat16",
+                layout="NHWC",
+                direction="fwd",
+                flops=1,
+            )
         return recs
+
     return run
 
 
@@ -448,16 +550,24 @@ def test_run_ops_resumes_a_device_fault_in_a_fresh_process(monkeypatch, tmp_path
 
             ok = ["torch"] + (["triton"] if harness.verify(recs, "triton", check, **common) else [])
             for p in ok:
-                harness.measure(recs, lambda p=p, i=i: timed.append((p, i)), provider=p, warmup_ms=1, rep_ms=1,
-                                **common)
+                harness.measure(
+                    recs, lambda p=p, i=i: timed.append((p, i)), provider=p, warmup_ms=1, rep_ms=1, **common
+                )
         return recs
 
     suite = _fake_suite(monkeypatch, tmp_path, run)
-    monkeypatch.setattr(harness, "time_fn", lambda fn, **kw: (fn(), {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0,
-                                                                      "wide_spread": False, "timer": "do_bench"})[1])
+    monkeypatch.setattr(
+        harness,
+        "time_fn",
+        lambda fn, **kw: (
+            fn(),
+            {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "wide_spread": False, "timer": "do_bench"},
+        )[1],
+    )
     monkeypatch.setattr(harness, "_device_usable", lambda: usable[0])
-    (tmp_path / "fake2.json").write_text(json.dumps({"op": "fake2", "env": {"run_id": "an older run"},
-                                                     "results": [], "stopped": None}))
+    (tmp_path / "fake2.json").write_text(
+        json.dumps({"op": "fake2", "env": {"run_id": "an older run"}, "results": [], "stopped": None})
+    )
     paths = suite(run_id="r1")
     status = harness.run_status(paths)
     assert status["device_fault"] and status["faulted"] == ["fake: triton"] and timed == [("torch", 0), ("triton", 0)]
@@ -468,11 +578,17 @@ def test_run_ops_resumes_a_device_fault_in_a_fresh_process(monkeypatch, tmp_path
     timed.clear()
     paths = suite(run_id=run_id)
     assert paths == harness.run_paths(str(tmp_path), run_id) and [os.path.basename(p) for p in paths] == [
-        "fake.json", "fake2.json"]
+        "fake.json",
+        "fake2.json",
+    ]
     assert timed == [("torch", 1), ("torch", 2)]  # case 0 reused; triton not run again in this op
     data = json.load(open(paths[0]))
-    assert [(r["provider"], r["case"]) for r in data["results"]] == [("torch", "c0"), ("triton", "c0"),
-                                                                     ("torch", "c1"), ("torch", "c2")]
+    assert [(r["provider"], r["case"]) for r in data["results"]] == [
+        ("torch", "c0"),
+        ("triton", "c0"),
+        ("torch", "c1"),
+        ("torch", "c2"),
+    ]
     assert data["stopped"] is None and data["faulted"] == ["triton"] and data["env"]["run_id"] == run_id
     assert len(data["failures"]) == 1 and "illegal memory access" in data["failures"][0]["error"]
     assert len(data["resumed"]) == 1 and data["resumed"][0].startswith("device fault: the CUDA context is unusable")
@@ -553,8 +669,15 @@ def test_bench_cli_resumes_a_faulted_run(monkeypatch, tmp_path, capsys):
 
     def worker(argv, out_dir, run_id, left):  # first a fault, then the resumed worker finishes
         calls.append((argv, out_dir, run_id, left))
-        write_run_json(out_dir, run_id, "conv2d", stopped=None if len(calls) > 1 else fault, faulted=["cuda"],
-                       resumed=[fault] if len(calls) > 1 else [], failures=failure)
+        write_run_json(
+            out_dir,
+            run_id,
+            "conv2d",
+            stopped=None if len(calls) > 1 else fault,
+            faulted=["cuda"],
+            resumed=[fault] if len(calls) > 1 else [],
+            failures=failure,
+        )
         return harness.HANG_EXIT if len(calls) == 1 else 0
 
     monkeypatch.setattr(cli, "_run_worker", worker)
@@ -567,8 +690,15 @@ def test_bench_cli_resumes_a_faulted_run(monkeypatch, tmp_path, capsys):
     assert "device faults after failures of conv2d: cuda: the run went on in fresh processes" in out
 
     calls.clear()  # a resumed worker that gets no further is not started again and again
-    monkeypatch.setattr(cli, "_run_worker", lambda *a: calls.append(a) or write_run_json(
-        a[1], a[2], "conv2d", stopped=fault, faulted=["cuda"], failures=failure) and 0)
+    monkeypatch.setattr(
+        cli,
+        "_run_worker",
+        lambda *a: (
+            calls.append(a)
+            or write_run_json(a[1], a[2], "conv2d", stopped=fault, faulted=["cuda"], failures=failure)
+            and 0
+        ),
+    )
     assert cli.main(args) == 1
     assert len(calls) == 2 and "got no further: not resumed again" in capsys.readouterr().out
     calls.clear()  # too little of the time limit left
@@ -592,8 +722,18 @@ def test_run_worker_runs_the_same_command_in_a_new_process(monkeypatch):
 
     monkeypatch.setattr(cli.subprocess, "Popen", FakeProc)
     assert cli._run_worker(["bench", "--quick"], "/out", "r9", 100.4) == 0
-    assert seen["cmd"][1:] == ["-m", "cnnkern.cli", "bench", "--quick", "--out", "/out", "--run-id", "r9",
-                               "--time-limit", "100"]
+    assert seen["cmd"][1:] == [
+        "-m",
+        "cnnkern.cli",
+        "bench",
+        "--quick",
+        "--out",
+        "/out",
+        "--run-id",
+        "r9",
+        "--time-limit",
+        "100",
+    ]
     assert seen["timeout"] == 100.4 + cli.GRACE_S
     cli._run_worker(["bench"], "/out", "r9", None)
     assert "--time-limit" not in seen["cmd"] and seen["timeout"] is None
@@ -604,8 +744,17 @@ def test_report_lists_failures_and_early_stops(monkeypatch, tmp_path):
 
     def run(providers=None, **kw):
         recs = _fake_run(2)(providers)
-        harness.verify(recs, "triton", lambda: (_ for _ in ()).throw(harness.WrongResult("off by 10%")),
-                       op="fake", case="case 1", shape="s", dtype="bfloat16", layout="NHWC", direction="fwd")
+        harness.verify(
+            recs,
+            "triton",
+            lambda: (_ for _ in ()).throw(harness.WrongResult("off by 10%")),
+            op="fake",
+            case="case 1",
+            shape="s",
+            dtype="bfloat16",
+            layout="NHWC",
+            direction="fwd",
+        )
         return recs
 
     paths = _fake_suite(monkeypatch, tmp_path, run)(time_limit=35)
@@ -647,6 +796,7 @@ def test_lrn_loop_checks_times_and_records_a_wrong_kernel(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("the CPU path of the loop")
     monkeypatch.setattr(lrn, "CASES", [lrn.Case("tiny", (2, 8, 3, 3), False), lrn.Case("tiny", (2, 8, 3, 3), True)])
+
     def fake_time(fn, **kw):
         fn()
         return {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "wide_spread": False, "timer": "do_bench"}

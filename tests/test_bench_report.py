@@ -29,8 +29,11 @@ def test_geomean_and_worst_case_match_the_json():
     # Independently of the report code: the speedups of triton's plain forward on ResNet-50 from the raw medians.
     raw = _committed("conv2d")["results"]
     base = {r["case"]: r["median_ms"] for r in raw if r["provider"] == "torch"}
-    mine = {r["case"]: base[r["case"]] / r["median_ms"] for r in raw
-            if r["provider"] == "triton" and not r["case"].endswith("+bias+relu")}
+    mine = {
+        r["case"]: base[r["case"]] / r["median_ms"]
+        for r in raw
+        if r["provider"] == "triton" and not r["case"].endswith("+bias+relu")
+    }
     assert len(mine) == 23
     want_geo = math.exp(sum(math.log(v) for v in mine.values()) / len(mine))
     worst_case = min(mine, key=mine.get)
@@ -42,8 +45,9 @@ def test_geomean_and_worst_case_match_the_json():
     assert row["torch"]["worst_case"] == worst_case and row["torch"]["worst"] == pytest.approx(mine[worst_case])
     assert row["torch"]["best"] == pytest.approx(max(mine.values()))
     assert row["inductor"] is None  # not measured in that run
-    assert row["noisy"] == sum(r["wide_spread"] for r in raw if r["provider"] == "triton"
-                               and not r["case"].endswith("+bias+relu"))
+    assert row["noisy"] == sum(
+        r["wide_spread"] for r in raw if r["provider"] == "triton" and not r["case"].endswith("+bias+relu")
+    )
     # the fused epilogue is its own pass, not mixed into the plain forward
     assert {r["kind"] for r in rows} == {"fwd", "fwd+bias+relu"}
 
@@ -68,8 +72,9 @@ def test_report_page_and_plots(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| layer3.1.conv1 |"))
     assert "~0.3108" in row and "0.06x" in row and "1.5%" in row
     # the summary row of residual add on the large tensor, Triton forward
-    assert any(line.startswith("| residual_add | large | triton | bf16 | NHWC | fwd | 1 | 1.65x") for line in
-               text.splitlines())
+    assert any(
+        line.startswith("| residual_add | large | triton | bf16 | NHWC | fwd | 1 | 1.65x") for line in text.splitlines()
+    )
     # the committed report holds the same tables and figures as the one this code builds (its
     # wording may change without rewriting old results): every row of numbers in one is in the other
     committed = open(os.path.join(COMMITTED, "report.md")).read()
@@ -81,19 +86,36 @@ def test_report_page_and_plots(tmp_path):
 
 
 def _rec(case, provider, median, spread=0.01, direction="fwd", op="conv2d"):
-    return harness.Result(op=op, case=case, shape="N32 C64 56x56 K64 3x3/1", dtype="bfloat16", layout="NHWC",
-                          provider=provider, direction=direction, median_ms=median, p20_ms=median * (1 - spread),
-                          p80_ms=median * (1 + spread), wide_spread=harness.is_wide_spread(
-                              median, median * (1 - spread), median * (1 + spread)), flops=2 * 32 * 64 * 56 * 56 * 64 * 9)
+    return harness.Result(
+        op=op,
+        case=case,
+        shape="N32 C64 56x56 K64 3x3/1",
+        dtype="bfloat16",
+        layout="NHWC",
+        provider=provider,
+        direction=direction,
+        median_ms=median,
+        p20_ms=median * (1 - spread),
+        p80_ms=median * (1 + spread),
+        wide_spread=harness.is_wide_spread(median, median * (1 - spread), median * (1 + spread)),
+        flops=2 * 32 * 64 * 56 * 56 * 64 * 9,
+    )
 
 
 def test_summary_against_inductor():
-    recs = harness.finalize([
-        _rec("resnet50 a", "torch", 1.0), _rec("resnet50 a", "triton", 0.5), _rec("resnet50 a", "inductor", 0.8),
-        _rec("resnet50 b", "torch", 1.0), _rec("resnet50 b", "triton", 2.0), _rec("resnet50 b", "inductor", 1.0),
-    ], CEILINGS)
+    recs = harness.finalize(
+        [
+            _rec("resnet50 a", "torch", 1.0),
+            _rec("resnet50 a", "triton", 0.5),
+            _rec("resnet50 a", "inductor", 0.8),
+            _rec("resnet50 b", "torch", 1.0),
+            _rec("resnet50 b", "triton", 2.0),
+            _rec("resnet50 b", "inductor", 1.0),
+        ],
+        CEILINGS,
+    )
     (tri,) = [r for r in report.summarize(recs) if r["provider"] == "triton"]
-    assert tri["torch"]["geomean"] == pytest.approx(1.0)          # sqrt(2 * 0.5)
+    assert tri["torch"]["geomean"] == pytest.approx(1.0)  # sqrt(2 * 0.5)
     assert tri["torch"]["worst_case"] == "resnet50 b"
     assert tri["inductor"]["geomean"] == pytest.approx(math.sqrt(1.6 * 0.5))
     assert tri["inductor"]["worst"] == pytest.approx(0.5) and tri["inductor"]["worst_case"] == "resnet50 b"
@@ -131,14 +153,30 @@ def _write_run(path, meds, stamp):
 
 
 def test_compare_puts_regressions_first(tmp_path):
-    a = _write_run(tmp_path / "a", {("net slow", "triton"): (1.0, 0.01), ("net slower", "triton"): (1.0, 0.01),
-                                    ("net noisy", "triton"): (1.0, 0.2), ("net same", "triton"): (1.0, 0.01),
-                                    ("net faster", "triton"): (1.0, 0.01), ("net gone", "triton"): (1.0, 0.01)},
-                   "2026-01-01T00:00:00Z")
-    b = _write_run(tmp_path / "b", {("net slow", "triton"): (1.2, 0.01), ("net slower", "triton"): (1.5, 0.01),
-                                    ("net noisy", "triton"): (1.15, 0.2), ("net same", "triton"): (1.02, 0.01),
-                                    ("net faster", "triton"): (0.5, 0.01), ("net new", "triton"): (1.0, 0.01)},
-                   "2026-02-01T00:00:00Z")
+    a = _write_run(
+        tmp_path / "a",
+        {
+            ("net slow", "triton"): (1.0, 0.01),
+            ("net slower", "triton"): (1.0, 0.01),
+            ("net noisy", "triton"): (1.0, 0.2),
+            ("net same", "triton"): (1.0, 0.01),
+            ("net faster", "triton"): (1.0, 0.01),
+            ("net gone", "triton"): (1.0, 0.01),
+        },
+        "2026-01-01T00:00:00Z",
+    )
+    b = _write_run(
+        tmp_path / "b",
+        {
+            ("net slow", "triton"): (1.2, 0.01),
+            ("net slower", "triton"): (1.5, 0.01),
+            ("net noisy", "triton"): (1.15, 0.2),
+            ("net same", "triton"): (1.02, 0.01),
+            ("net faster", "triton"): (0.5, 0.01),
+            ("net new", "triton"): (1.0, 0.01),
+        },
+        "2026-02-01T00:00:00Z",
+    )
     rows = report.compare(a, b)
     assert [r["key"][1] for r in rows] == ["net slower", "net slow", "net noisy", "net same", "net faster"]
     assert [r["verdict"] for r in rows] == ["regression", "regression", "noise", "same", "improvement"]

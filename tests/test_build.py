@@ -60,7 +60,9 @@ def test_no_kernel_spills_or_uses_a_stack():
     names = {k for r in conv for k in kinds if k in r.name}
     assert names == set(kinds), names
     wgmma_fwd = [r for r in conv if re.search(r"\dwgmma_kernelI(?:\w+E|f)Li\dELi\d+E", r.name) and r.arch == "sm_90a"]
-    assert len(wgmma_fwd) == 18 and max(r.registers for r in wgmma_fwd) <= 168, [(r.name, r.registers) for r in wgmma_fwd]
+    assert len(wgmma_fwd) == 18 and max(r.registers for r in wgmma_fwd) <= 168, [
+        (r.name, r.registers) for r in wgmma_fwd
+    ]
     tf32 = [r for r in conv if re.search(r"\digemm_kernelIfLi128ELi128ELi2ELb[01]E", r.name)]
     assert len(tf32) == 4 and max(r.registers for r in tf32) <= 144, tf32
     rest = [r for r in conv if r not in wgmma_fwd + tf32]
@@ -96,13 +98,21 @@ def test_conv_cuda_ops_are_registered_with_their_schemas(op):
 
 @needs_ext
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-tensor error")
-@pytest.mark.parametrize("op,args", [
-    ("conv2d_forward_cuda", lambda x, w: (x, w, None, torch.empty(1, 4, 3, 3), [1, 1], [0, 0], [1, 1], 1, False, "auto")),
-    ("conv2d_backward_input_cuda", lambda x, w: (torch.randn(1, 4, 3, 3), w, x, [1, 1], [0, 0], [1, 1], 1, "auto")),
-    ("conv2d_backward_weight_cuda", lambda x, w: (torch.randn(1, 4, 3, 3), x, w, torch.empty(0), [1, 1], [0, 0],
-                                                  [1, 1], 1)),
-    ("bn_apply_cuda", lambda x, w: (x, x, torch.ones(2), torch.zeros(2), True)),
-])
+@pytest.mark.parametrize(
+    "op,args",
+    [
+        (
+            "conv2d_forward_cuda",
+            lambda x, w: (x, w, None, torch.empty(1, 4, 3, 3), [1, 1], [0, 0], [1, 1], 1, False, "auto"),
+        ),
+        ("conv2d_backward_input_cuda", lambda x, w: (torch.randn(1, 4, 3, 3), w, x, [1, 1], [0, 0], [1, 1], 1, "auto")),
+        (
+            "conv2d_backward_weight_cuda",
+            lambda x, w: (torch.randn(1, 4, 3, 3), x, w, torch.empty(0), [1, 1], [0, 0], [1, 1], 1),
+        ),
+        ("bn_apply_cuda", lambda x, w: (x, x, torch.ones(2), torch.zeros(2), True)),
+    ],
+)
 def test_conv_cuda_ops_with_cpu_tensors_are_a_clear_error(op, args):
     x, w = torch.randn(1, 2, 5, 5), torch.randn(4, 2, 3, 3)
     with pytest.raises(NotImplementedError, match=op):
@@ -146,8 +156,9 @@ def test_setup_without_toolkit_says_so_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CUDA_HOME"}
     env["CUDA_HOME"] = str(tmp_path / "no-cuda")  # a toolkit location with no nvcc
     env["PATH"] = "/usr/bin:/bin"
-    res = subprocess.run([sys.executable, "setup.py", "--name"], capture_output=True, text=True, cwd=ROOT,
-                         env=env, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "setup.py", "--name"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("cnnkern setup:")]
     assert len(lines) == 1 and "no CUDA toolkit found" in lines[0], res.stderr
@@ -203,8 +214,9 @@ def test_wgmma_kernels_are_warpgroup_mma_only_on_sm90a(arch):
             assert not any(k.startswith(("HGMMA", "HMMA", "LDGSTS")) for k in ops), (name, ops)
             continue
         kind = kinds[m.group(1) or m.group(2)]
-        assert {k: v for k, v in ops.items() if k.startswith(("HGMMA", "HMMA"))} == \
-            {f"HGMMA.64x{m.group(4)}x{kind}": 4}, (name, ops)
+        assert {k: v for k, v in ops.items() if k.startswith(("HGMMA", "HMMA"))} == {
+            f"HGMMA.64x{m.group(4)}x{kind}": 4
+        }, (name, ops)
         assert ops.get("WARPGROUP.ARRIVE", 0) >= 1 and ops.get("WARPGROUP.DEPBAR.LE", 0) >= 2, (name, ops)
         assert ops.get("FENCE.VIEW.ASYNC.S", 0) >= 1 and any(k.startswith("LDGSTS") for k in ops), (name, ops)
     assert found == 18, found  # 3 dtypes x 3 tiles x (forward, grad-input)
@@ -246,8 +258,10 @@ def test_wgmma_weight_gradient_kernels(arch):
             assert not any(k.startswith(("HGMMA", "HMMA", "LDGSTS")) for k in ops), (name, ops)
             continue
         kind = "F32.BF16" if "BFloat16" in name else "F32"
-        assert {k: v for k, v in ops.items() if k.startswith(("HGMMA", "HMMA"))} == {f"HGMMA.64x64x16.{kind}": 4}, \
-            (name, ops)
+        assert {k: v for k, v in ops.items() if k.startswith(("HGMMA", "HMMA"))} == {f"HGMMA.64x64x16.{kind}": 4}, (
+            name,
+            ops,
+        )
         assert not any(k.startswith("LDSM") for k in ops), (name, ops)
         assert ops.get("WARPGROUP.ARRIVE", 0) >= 1 and ops.get("WARPGROUP.DEPBAR.LE", 0) >= 2, (name, ops)
         assert ops.get("FENCE.VIEW.ASYNC.S", 0) >= 1 and any(k.startswith("LDGSTS") for k in ops), (name, ops)

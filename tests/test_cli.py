@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from helpers import bench_cli_in_process, write_run_json
 
 from cnnkern import cli
 from cnnkern.benchmarks import harness
-from helpers import bench_cli_in_process, write_run_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,8 +23,9 @@ def _cnnkern(*args, timeout=300):
     # The command must set up the interpreter itself, whatever the test harness put in the environment.
     for var in ("TRITON_INTERPRET", "CNNKERN_POISON"):
         env.pop(var, None)
-    return subprocess.run([sys.executable, "-m", "cnnkern.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cnnkern.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _checks(out):
@@ -64,16 +65,43 @@ def test_bench_rejects_unknown_op_and_dtype():
 
 
 def test_bench_shows_the_latest_committed_results(tmp_path, monkeypatch, capsys):
-    env = dict(harness.environment(), gpu_name="NVIDIA H100 80GB HBM3", timestamp_utc="2025-03-04T05:06:07Z",
-               commit="0123abc")
+    env = dict(
+        harness.environment(), gpu_name="NVIDIA H100 80GB HBM3", timestamp_utc="2025-03-04T05:06:07Z", commit="0123abc"
+    )
     ceilings = {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 800.0}
-    recs = [harness.Result(op="residual_add", case="large", shape="64x256x64x64", dtype="bfloat16", layout="NCHW",
-                           provider=p, direction="fwd", median_ms=t, p20_ms=t, p80_ms=t, bytes=3 << 27)
-            for p, t in (("torch", 0.2), ("triton", 0.14))]
-    failure = {"op": "residual_add", "case": "large", "dtype": "bfloat16", "direction": "fwd+bwd", "provider": "cuda",
-               "stage": "check", "error": "WrongResult: grad x disagrees"}
-    harness.write_results(harness.finalize(recs, ceilings), env, ceilings, str(tmp_path / "h100-2025-03-04"),
-                          failures=[failure], stopped="time limit: 60 s passed after 61 s")
+    recs = [
+        harness.Result(
+            op="residual_add",
+            case="large",
+            shape="64x256x64x64",
+            dtype="bfloat16",
+            layout="NCHW",
+            provider=p,
+            direction="fwd",
+            median_ms=t,
+            p20_ms=t,
+            p80_ms=t,
+            bytes=3 << 27,
+        )
+        for p, t in (("torch", 0.2), ("triton", 0.14))
+    ]
+    failure = {
+        "op": "residual_add",
+        "case": "large",
+        "dtype": "bfloat16",
+        "direction": "fwd+bwd",
+        "provider": "cuda",
+        "stage": "check",
+        "error": "WrongResult: grad x disagrees",
+    }
+    harness.write_results(
+        harness.finalize(recs, ceilings),
+        env,
+        ceilings,
+        str(tmp_path / "h100-2025-03-04"),
+        failures=[failure],
+        stopped="time limit: 60 s passed after 61 s",
+    )
     monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
     monkeypatch.setattr(cli, "_selfcheck", lambda ops: 0)  # covered by the tests above
     assert cli.main(["bench"]) == 0
@@ -98,14 +126,46 @@ def test_bench_options_reach_the_suite(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setattr(harness, "run_ops", fake_run_ops)
     monkeypatch.setattr(report, "build", lambda d: seen.setdefault("report", d) and [f"{d}/report.md"])
-    assert cli.main(["bench", "--ops", "conv2d,models", "--nets", "resnet50,vgg16", "--dtypes", "bfloat16",
-                     "--batch", "1,32", "--backends", "triton", "--no-inductor", "--quick", "--out", str(tmp_path),
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--ops",
+                "conv2d,models",
+                "--nets",
+                "resnet50,vgg16",
+                "--dtypes",
+                "bfloat16",
+                "--batch",
+                "1,32",
+                "--backends",
+                "triton",
+                "--no-inductor",
+                "--quick",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     run_id = seen.pop("run_id")
     assert re.fullmatch(r"\d{8}T\d{6}Z-\d+", run_id)
-    assert seen == dict(ops=["conv2d", "models"], nets=["resnet50", "vgg16"], dtypes=["bfloat16"], batches=[1, 32],
-                        backends=["triton"], inductor=False, quick=True, out_dir=str(tmp_path), progress=False,
-                        graph=False, time_limit=None, watchdog=True, report=str(tmp_path))
+    assert seen == dict(
+        ops=["conv2d", "models"],
+        nets=["resnet50", "vgg16"],
+        dtypes=["bfloat16"],
+        batches=[1, 32],
+        backends=["triton"],
+        inductor=False,
+        quick=True,
+        out_dir=str(tmp_path),
+        progress=False,
+        graph=False,
+        time_limit=None,
+        watchdog=True,
+        report=str(tmp_path),
+    )
     assert f"report: {tmp_path}/report.md" in capsys.readouterr().out
     seen.clear()
     assert cli.main(["bench"]) == 0
@@ -114,13 +174,16 @@ def test_bench_options_reach_the_suite(monkeypatch, capsys, tmp_path):
     assert cli.main(["bench", "--inductor", "--quick"]) == 0 and seen["inductor"] is True
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--nets", "lenet"], "unknown network(s) lenet"),
-    (["--batch", "0"], "--batch takes positive integers"),
-    (["--batch", "32,x"], "--batch takes positive integers"),
-    (["--backends", "opencl"], "unknown backend(s) opencl"),
-    (["--dtypes", "float8"], "unknown dtype(s) float8"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--nets", "lenet"], "unknown network(s) lenet"),
+        (["--batch", "0"], "--batch takes positive integers"),
+        (["--batch", "32,x"], "--batch takes positive integers"),
+        (["--backends", "opencl"], "unknown backend(s) opencl"),
+        (["--dtypes", "float8"], "unknown dtype(s) float8"),
+    ],
+)
 def test_bench_rejects_bad_options(args, message, capsys):
     assert cli.main(["bench", *args]) == 2
     assert message in capsys.readouterr().err
@@ -129,17 +192,36 @@ def test_bench_rejects_bad_options(args, message, capsys):
 def _run_dir(path, stamp, medians):
     env = dict(harness.environment(), gpu_name="NVIDIA H100 80GB HBM3", timestamp_utc=stamp, commit="0123abc")
     ceilings = {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 800.0}
-    recs = [harness.Result(op="residual_add", case=case, shape="64x256x64x64", dtype="bfloat16", layout="NCHW",
-                           provider=p, direction="fwd", median_ms=t, p20_ms=t * 0.99, p80_ms=t * 1.01, bytes=3 << 27)
-            for (case, p), t in medians.items()]
+    recs = [
+        harness.Result(
+            op="residual_add",
+            case=case,
+            shape="64x256x64x64",
+            dtype="bfloat16",
+            layout="NCHW",
+            provider=p,
+            direction="fwd",
+            median_ms=t,
+            p20_ms=t * 0.99,
+            p80_ms=t * 1.01,
+            bytes=3 << 27,
+        )
+        for (case, p), t in medians.items()
+    ]
     return harness.write_results(harness.finalize(recs, ceilings), env, ceilings, str(path))
 
 
 def test_bench_report_and_compare(tmp_path, capsys):
-    a = _run_dir(tmp_path / "a", "2026-01-01T00:00:00Z", {("large", "torch"): 0.2, ("large", "triton"): 0.14,
-                                                          ("resnet50 conv2_x", "triton"): 0.05})
-    b = _run_dir(tmp_path / "b", "2026-02-01T00:00:00Z", {("large", "torch"): 0.2, ("large", "triton"): 0.10,
-                                                          ("resnet50 conv2_x", "triton"): 0.07})
+    a = _run_dir(
+        tmp_path / "a",
+        "2026-01-01T00:00:00Z",
+        {("large", "torch"): 0.2, ("large", "triton"): 0.14, ("resnet50 conv2_x", "triton"): 0.05},
+    )
+    b = _run_dir(
+        tmp_path / "b",
+        "2026-02-01T00:00:00Z",
+        {("large", "torch"): 0.2, ("large", "triton"): 0.10, ("resnet50 conv2_x", "triton"): 0.07},
+    )
     assert cli.main(["bench", "--report", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out.split()
     assert out[0] == str(tmp_path / "a" / "report.md") and (tmp_path / "a" / "report.md").exists()
@@ -148,8 +230,11 @@ def test_bench_report_and_compare(tmp_path, capsys):
     assert "no benchmark results" in capsys.readouterr().err
 
     assert cli.main(["bench", "--compare", a, b]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines()
-             if line.startswith(("regression", "improvement", "same", "noise"))]
+    lines = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith(("regression", "improvement", "same", "noise"))
+    ]
     assert lines[0].startswith("regression") and "resnet50 conv2_x" in lines[0] and "+40.0%" in lines[0]
     assert lines[-1].startswith("improvement") and "large" in lines[-1]
 

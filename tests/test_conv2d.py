@@ -7,8 +7,19 @@ import os
 
 import pytest
 import torch
-from helpers import (DEVICE, EMULATED_CUDA, HAS_CUDA, LAYOUTS, assert_rel_close, backends_for, cuda_kernel_test,
-                     ieee_fp32, make, merge_stats, wgmma_here)
+from helpers import (
+    DEVICE,
+    EMULATED_CUDA,
+    HAS_CUDA,
+    LAYOUTS,
+    assert_rel_close,
+    backends_for,
+    cuda_kernel_test,
+    ieee_fp32,
+    make,
+    merge_stats,
+    wgmma_here,
+)
 
 import cnnkern
 from cnnkern import functional as F
@@ -16,20 +27,20 @@ from cnnkern.ops._common import cuda_ops
 
 # name: (input shape, out channels, kernel, stride, padding, dilation, groups) -- why it is here
 FAMILIES = {
-    "alexnet_11x11s4": ((1, 3, 19, 19), 8, 11, 4, 2, 1, 1),       # AlexNet CONV1, C=3: small-C kernel
-    "first_7x7s2": ((2, 3, 12, 11), 8, 7, 2, 3, 1, 1),            # GoogLeNet/ResNet conv1, C=3, odd W
-    "vgg_first_3x3": ((2, 3, 6, 6), 8, 3, 1, 1, 1, 1),            # VGG conv1_1, C=3
-    "5x5s1p2": ((2, 16, 7, 7), 12, 5, 1, 2, 1, 1),                # GoogLeNet 5x5 branch, AlexNet CONV2
-    "3x3s1p1": ((2, 16, 7, 7), 24, 3, 1, 1, 1, 1),                # VGG / ResNet body
-    "3x3s2p1": ((2, 16, 8, 8), 24, 3, 2, 1, 1, 1),                # ResNet stage entry (B/C, v1.5)
-    "1x1s1": ((2, 32, 5, 5), 16, 1, 1, 0, 1, 1),                  # bottleneck / Inception reduce: a GEMM
-    "1x1s2": ((2, 32, 8, 8), 16, 1, 2, 0, 1, 1),                  # ResNet projection shortcut
-    "odd_3x3": ((1, 17, 9, 7), 19, 3, 1, 1, 1, 1),                # channel counts off every block size
-    "dilated": ((1, 16, 9, 9), 8, 3, 1, 2, 2, 1),                 # dilation 2
-    "groups2": ((2, 16, 6, 6), 8, 3, 1, 1, 1, 2),                 # AlexNet's two-GPU split
+    "alexnet_11x11s4": ((1, 3, 19, 19), 8, 11, 4, 2, 1, 1),  # AlexNet CONV1, C=3: small-C kernel
+    "first_7x7s2": ((2, 3, 12, 11), 8, 7, 2, 3, 1, 1),  # GoogLeNet/ResNet conv1, C=3, odd W
+    "vgg_first_3x3": ((2, 3, 6, 6), 8, 3, 1, 1, 1, 1),  # VGG conv1_1, C=3
+    "5x5s1p2": ((2, 16, 7, 7), 12, 5, 1, 2, 1, 1),  # GoogLeNet 5x5 branch, AlexNet CONV2
+    "3x3s1p1": ((2, 16, 7, 7), 24, 3, 1, 1, 1, 1),  # VGG / ResNet body
+    "3x3s2p1": ((2, 16, 8, 8), 24, 3, 2, 1, 1, 1),  # ResNet stage entry (B/C, v1.5)
+    "1x1s1": ((2, 32, 5, 5), 16, 1, 1, 0, 1, 1),  # bottleneck / Inception reduce: a GEMM
+    "1x1s2": ((2, 32, 8, 8), 16, 1, 2, 0, 1, 1),  # ResNet projection shortcut
+    "odd_3x3": ((1, 17, 9, 7), 19, 3, 1, 1, 1, 1),  # channel counts off every block size
+    "dilated": ((1, 16, 9, 9), 8, 3, 1, 2, 2, 1),  # dilation 2
+    "groups2": ((2, 16, 6, 6), 8, 3, 1, 1, 1, 2),  # AlexNet's two-GPU split
     "groups4": ((2, 16, 6, 5), 8, 3, 2, 1, 1, 4),
-    "rect": ((2, 8, 6, 9), 8, (3, 5), (2, 1), (1, 2), 1, 1),      # non-square kernel, stride, padding
-    "same_even": ((1, 8, 6, 6), 8, 4, 1, "same", 1, 1),           # asymmetric "same" padding
+    "rect": ((2, 8, 6, 9), 8, (3, 5), (2, 1), (1, 2), 1, 1),  # non-square kernel, stride, padding
+    "same_even": ((1, 8, 6, 6), 8, 4, 1, "same", 1, 1),  # asymmetric "same" padding
 }
 BACKENDS = backends_for(DEVICE, "conv2d")
 GRAD_DTYPES = [torch.float32, torch.float16, torch.float64]
@@ -113,8 +124,13 @@ def test_fused_residual(backend, family, res_layout, activation):
     with ieee_fp32():
         x, w, b, kw = _inputs(family, torch.float32, "channels_last", requires_grad=True)
         shape = cnnkern.reference.conv2d(x.detach(), w.detach(), None, **kw).shape
-        r = make(tuple(shape), torch.float32, DEVICE, "channels_last" if res_layout == "same" else "contiguous",
-                 requires_grad=True)
+        r = make(
+            tuple(shape),
+            torch.float32,
+            DEVICE,
+            "channels_last" if res_layout == "same" else "contiguous",
+            requires_grad=True,
+        )
         out = F.conv2d(x, w, b, **kw, activation=activation, residual=r, backend=backend)
         g = make(tuple(out.shape), torch.float32, DEVICE)
         grads = torch.autograd.grad(out, (x, w, b, r), g)
@@ -138,8 +154,9 @@ def test_fused_residual_dtypes_and_module(backend, dtype):
     with torch.no_grad():
         conv.weight.mul_((16 * 9) ** -0.5)
         out = conv(x, r)
-    ref = cnnkern.reference.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1,
-                                   activation="relu", residual=r.double())
+    ref = cnnkern.reference.conv2d(
+        x.double(), conv.weight.double(), conv.bias.double(), padding=1, activation="relu", residual=r.double()
+    )
     assert out.dtype == dtype
     assert_rel_close(out, ref, dtype, matmul=True)
 
@@ -155,8 +172,9 @@ def test_every_forward_kernel_on_the_same_layer(kernel, family):
     from cnnkern.kernels import conv2d as kc
 
     x, w, b, kw = _inputs(family, torch.float32, "channels_last")
-    stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
-                                                 kw["groups"])
+    stride, pad, dil = cnnkern._checks.conv_args(
+        "t", x, w, b, kw["stride"], kw["padding"], kw["dilation"], kw["groups"]
+    )
     _, _, _, ref = _ref(x, w, b, kw)
     y = torch.full(ref.shape, float("nan"), dtype=x.dtype, device=DEVICE)
     kc.conv2d_forward(x, w, b, y, stride, pad[:2], dil, kw["groups"], False, "ieee", kernel=kernel)
@@ -176,14 +194,17 @@ def test_forward_split_k(kernel, dtype):
     family = {"small_c": "first_7x7s2", "main": "groups4", "1x1": "1x1s2"}[kernel]
     for layout, splits in (("channels_last", 3), ("contiguous", 2), ("channels_last", 50)):
         x, w, b, kw = _inputs(family, dtype, layout)
-        stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
-                                                     kw["groups"])
+        stride, pad, dil = cnnkern._checks.conv_args(
+            "t", x, w, b, kw["stride"], kw["padding"], kw["dilation"], kw["groups"]
+        )
         _, _, _, ref = _ref(x, w, b, kw)
         r = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(
-            memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+            memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        )
         y = torch.full_like(r, float("nan"))
-        kc.conv2d_forward(x, w, b, y, stride, pad[:2], dil, kw["groups"], True, "ieee", kernel=kernel,
-                          residual=r, splits=splits)
+        kc.conv2d_forward(
+            x, w, b, y, stride, pad[:2], dil, kw["groups"], True, "ieee", kernel=kernel, residual=r, splits=splits
+        )
         assert not y.isnan().any(), (layout, splits)
         assert_rel_close(y, (ref.double() + r.double()).relu(), dtype)
     with pytest.raises(ValueError, match="splits must be >= 1"):
@@ -203,17 +224,20 @@ def test_forward_split_k_statistics(kernel, dtype):
 
     family = {"small_c": "first_7x7s2", "main": "groups4", "1x1": "1x1s2"}[kernel]
     x, w, b, kw = _inputs(family, dtype, "channels_last")
-    stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
-                                                 kw["groups"])
+    stride, pad, dil = cnnkern._checks.conv_args(
+        "t", x, w, b, kw["stride"], kw["padding"], kw["dilation"], kw["groups"]
+    )
     _, _, _, ref = _ref(x, w, b, kw)
     K, M = ref.shape[1], ref.numel() // ref.shape[1]
     want = ref.double().transpose(0, 1).reshape(K, M)
     for splits in (1, 3):
         y = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=torch.channels_last
+        )
         st = torch.zeros(kc.stats_rows(M), 3, K, dtype=dtype, device=DEVICE)
-        kc.conv2d_forward(x, w, b, y, stride, pad[:2], dil, kw["groups"], False, "ieee", kernel=kernel, stats=st,
-                          splits=splits)
+        kc.conv2d_forward(
+            x, w, b, y, stride, pad[:2], dil, kw["groups"], False, "ieee", kernel=kernel, stats=st, splits=splits
+        )
         assert not y.isnan().any(), splits
         assert_rel_close(y, ref, dtype)
         cnt, mu, var = merge_stats(st)
@@ -234,11 +258,13 @@ def test_backward_input_split_k(family, dtype):
 
     for layout, splits in (("channels_last", 3), ("contiguous", 2), ("channels_last", 50), ("contiguous", None)):
         x, w, b, kw = _inputs(family, dtype, layout, requires_grad=True)
-        stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
-                                                     kw["groups"])
+        stride, pad, dil = cnnkern._checks.conv_args(
+            "t", x, w, b, kw["stride"], kw["padding"], kw["dilation"], kw["groups"]
+        )
         xr, _, _, ref = _ref(x, w, b, kw)
         g = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(
-            memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+            memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        )
         (want,) = torch.autograd.grad(ref, xr, g.double())
         gx = torch.full_like(x, float("nan"))
         kc.conv2d_backward_input(g, w.detach(), gx, stride, pad[:2], dil, kw["groups"], "ieee", splits=splits)
@@ -317,8 +343,9 @@ OPCHECK_BACKENDS = [p for p in backends_for(DEVICE, "conv2d") if p.values[0] != 
 @pytest.mark.parametrize("family", ["3x3s2p1", "first_7x7s2", "same_even"])
 def test_opcheck(family, backend):
     x, w, b, kw = _inputs(family, torch.float32, "channels_last", requires_grad=True)
-    stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
-                                                 kw["groups"])
+    stride, pad, dil = cnnkern._checks.conv_args(
+        "t", x, w, b, kw["stride"], kw["padding"], kw["dilation"], kw["groups"]
+    )
     ops = torch.ops.cnnkern
     args = (x, w, b, None, stride, pad, dil, kw["groups"], True, "ieee", backend)
     torch.library.opcheck(ops.conv2d.default, args)
@@ -327,10 +354,14 @@ def test_opcheck(family, backend):
     res = torch.randn(y.shape, device=DEVICE, requires_grad=True)
     torch.library.opcheck(ops.conv2d.default, (x, w, b, res, *args[4:]))
     g = torch.randn_like(y)
-    torch.library.opcheck(ops.conv2d_backward_input.default,
-                          (g, w.detach(), list(x.shape), stride, pad, dil, kw["groups"], True, "ieee", backend))
-    torch.library.opcheck(ops.conv2d_backward_weight.default,
-                          (g, x.detach(), list(w.shape), stride, pad, dil, kw["groups"], True, True, "ieee", backend))
+    torch.library.opcheck(
+        ops.conv2d_backward_input.default,
+        (g, w.detach(), list(x.shape), stride, pad, dil, kw["groups"], True, "ieee", backend),
+    )
+    torch.library.opcheck(
+        ops.conv2d_backward_weight.default,
+        (g, x.detach(), list(w.shape), stride, pad, dil, kw["groups"], True, True, "ieee", backend),
+    )
 
 
 @pytest.mark.slow
@@ -349,8 +380,12 @@ def test_torch_compile_fullgraph_resnet_block():
     torch._dynamo.reset()
     m = Block().to(DEVICE)
     x = make((2, 8, 5, 5), torch.float32, DEVICE, "channels_last")
-    want = torch.relu(m.conv2._conv_forward(torch.relu(m.conv1._conv_forward(x, m.conv1.weight, m.conv1.bias)),
-                                            m.conv2.weight, m.conv2.bias) + x)
+    want = torch.relu(
+        m.conv2._conv_forward(
+            torch.relu(m.conv1._conv_forward(x, m.conv1.weight, m.conv1.bias)), m.conv2.weight, m.conv2.bias
+        )
+        + x
+    )
     got = torch.compile(m, fullgraph=True)(x)
     assert_rel_close(got, want.double(), torch.float32, matmul=True)
 
@@ -367,8 +402,13 @@ BAD = [
     (_t(1, 4, 5, 5).int(), _t(8, 4, 3, 3), {}, TypeError, "input must be a floating-point tensor"),
     (_t(4, 5), _t(8, 4, 3, 3), {}, ValueError, "input must be 4-D (N, C, H, W) or 3-D (C, H, W), got 2-D"),
     (_t(1, 4, 5, 5), _t(8, 4, 3), {}, ValueError, "weight must be 4-D, got 3-D"),
-    (_t(1, 4, 5, 5), _t(8, 4, 3, 3, dtype=torch.float64), {}, TypeError,
-     "weight has dtype float64 but input has dtype float32"),
+    (
+        _t(1, 4, 5, 5),
+        _t(8, 4, 3, 3, dtype=torch.float64),
+        {},
+        TypeError,
+        "weight has dtype float64 but input has dtype float32",
+    ),
     (_t(1, 4, 5, 5), _t(8, 3, 3, 3), {}, ValueError, "expects 3 input channels with groups=1, but input"),
     (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"bias": _t(7)}, ValueError, "bias has 7 elements but weight"),
     (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"bias": _t(8, 1)}, ValueError, "bias must be 1-D, got 2-D"),
@@ -379,19 +419,44 @@ BAD = [
     (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"padding": -1}, ValueError, "padding must be non-negative, got -1"),
     (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"padding": (1, 2, 3)}, TypeError, "padding must be an int or a pair"),
     (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"padding": "full"}, ValueError, "padding must be an int, a pair, 'same'"),
-    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"padding": "same", "stride": 2}, ValueError,
-     "padding='same' is not supported for strided"),
+    (
+        _t(1, 4, 5, 5),
+        _t(8, 4, 3, 3),
+        {"padding": "same", "stride": 2},
+        ValueError,
+        "padding='same' is not supported for strided",
+    ),
     (_t(1, 4, 2, 2), _t(8, 4, 5, 5), {}, ValueError, "is larger than the padded input (2x2"),
     (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"activation": "gelu"}, ValueError, "activation must be None or 'relu'"),
-    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"residual": _t(1, 8, 5, 5)}, ValueError,
-     "residual must have the output's shape (1, 8, 3, 3), got (1, 8, 5, 5)"),
-    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"residual": _t(8, 3, 3)}, ValueError,
-     "residual must have the output's shape (1, 8, 3, 3), got (8, 3, 3)"),
-    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"residual": _t(1, 8, 3, 3, dtype=torch.float64)}, TypeError,
-     "residual has dtype float64 but input has dtype float32"),
+    (
+        _t(1, 4, 5, 5),
+        _t(8, 4, 3, 3),
+        {"residual": _t(1, 8, 5, 5)},
+        ValueError,
+        "residual must have the output's shape (1, 8, 3, 3), got (1, 8, 5, 5)",
+    ),
+    (
+        _t(1, 4, 5, 5),
+        _t(8, 4, 3, 3),
+        {"residual": _t(8, 3, 3)},
+        ValueError,
+        "residual must have the output's shape (1, 8, 3, 3), got (8, 3, 3)",
+    ),
+    (
+        _t(1, 4, 5, 5),
+        _t(8, 4, 3, 3),
+        {"residual": _t(1, 8, 3, 3, dtype=torch.float64)},
+        TypeError,
+        "residual has dtype float64 but input has dtype float32",
+    ),
     (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"residual": [1.0]}, TypeError, "residual must be a torch.Tensor"),
-    (_t(1, 4, 5, 5), _t(8, 4, 3, 3), {"backend": "cuda"}, cnnkern.BackendUnavailableError,
-     "backend 'cuda' is unavailable"),
+    (
+        _t(1, 4, 5, 5),
+        _t(8, 4, 3, 3),
+        {"backend": "cuda"},
+        cnnkern.BackendUnavailableError,
+        "backend 'cuda' is unavailable",
+    ),
 ]
 
 
@@ -422,6 +487,7 @@ def test_gpu_16bit_channels_last_vs_cudnn(family, dtype, backend):
     _, _, _, ref = _ref(x, w, b, kw)
     # no worse than cuDNN's own error against float64, within a small factor
     from helpers import rel_err
+
     assert rel_err(ours, ref) <= 2 * rel_err(cudnn, ref) + 1e-4
 
 
@@ -432,6 +498,7 @@ def test_gpu_tf32_follows_cudnn_setting(family):
     x, w, b, kw = _inputs(family, torch.float32, "contiguous")
     _, _, _, ref = _ref(x, w, b, kw)
     from helpers import rel_err
+
     old = torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32 = True
@@ -450,13 +517,13 @@ def test_gpu_tf32_follows_cudnn_setting(family):
 # ------------------------------------------------------------------------------------------------
 GPU_LAYERS = {
     **FAMILIES,
-    "resnet_3x3_c64": ((4, 64, 28, 28), 64, 3, 1, 1, 1, 1),        # 128x64 tiles (K <= 64)
-    "vgg_3x3_c128": ((2, 128, 30, 30), 136, 3, 1, 1, 1, 1),        # K off the 128 tile
-    "stage_entry_3x3s2": ((3, 96, 23, 23), 128, 3, 2, 1, 1, 1),    # strided gather, odd sizes
-    "bottleneck_1x1": ((2, 256, 14, 14), 520, 1, 1, 0, 1, 1),      # a plain GEMM, many k-tiles
-    "projection_1x1s2": ((2, 200, 15, 15), 48, 1, 2, 0, 1, 1),     # 1x1 stride 2, C = 25*8
-    "googlenet_5x5": ((2, 24, 13, 13), 40, 5, 1, 2, 1, 1),         # 24 channels: chunks of 8
-    "grouped_8": ((2, 64, 12, 12), 64, 3, 1, 1, 1, 4),             # 16 channels per group
+    "resnet_3x3_c64": ((4, 64, 28, 28), 64, 3, 1, 1, 1, 1),  # 128x64 tiles (K <= 64)
+    "vgg_3x3_c128": ((2, 128, 30, 30), 136, 3, 1, 1, 1, 1),  # K off the 128 tile
+    "stage_entry_3x3s2": ((3, 96, 23, 23), 128, 3, 2, 1, 1, 1),  # strided gather, odd sizes
+    "bottleneck_1x1": ((2, 256, 14, 14), 520, 1, 1, 0, 1, 1),  # a plain GEMM, many k-tiles
+    "projection_1x1s2": ((2, 200, 15, 15), 48, 1, 2, 0, 1, 1),  # 1x1 stride 2, C = 25*8
+    "googlenet_5x5": ((2, 24, 13, 13), 40, 5, 1, 2, 1, 1),  # 24 channels: chunks of 8
+    "grouped_8": ((2, 64, 12, 12), 64, 3, 1, 1, 1, 4),  # 16 channels per group
     "dilated_big": ((1, 32, 20, 20), 32, 3, 1, 3, 3, 1),
     # the strided grad-input phase by phase: a stride larger than the filter (a phase no tap
     # reaches), a 5x5 filter whose phases take 3 or 2 taps, a stride of (2, 1)
@@ -485,8 +552,12 @@ def test_cuda_conv_algo_env_is_checked():
     assert r.returncode != 0 and "torch.Size([1, 2, 2, 2])" in r.stdout, r.stderr
     assert "CNNKERN_CUDA_CONV_ALGO must be one of auto, direct, igemm, wgmma, tune, got 'mma'" in r.stderr
     env["CNNKERN_CUDA_CONV_ALGO"] = "igemm"
-    r = subprocess.run([sys.executable, "-c", "import cnnkern.ops.conv2d as c; print(c.CUDA_ALGO)"], env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", "import cnnkern.ops.conv2d as c; print(c.CUDA_ALGO)"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and r.stdout.strip() == "igemm", r.stderr
 
 
@@ -503,8 +574,12 @@ def test_conv_split_k_env(monkeypatch):
     assert r.returncode != 0 and "torch.Size([1, 2, 2, 2])" in r.stdout, r.stderr
     assert "CNNKERN_CONV_SPLIT_K must be 'auto' or 'off', got 'no'" in r.stderr
     env["CNNKERN_CONV_SPLIT_K"] = "off"
-    r = subprocess.run([sys.executable, "-c", "import cnnkern.ops.conv2d as c; print(c.CUDA_SPLIT_K, c.TRITON_SPLITS)"],
-                       env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", "import cnnkern.ops.conv2d as c; print(c.CUDA_SPLIT_K, c.TRITON_SPLITS)"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and r.stdout.split() == ["1", "1"], r.stderr
     if cnnkern._backend.unavailable_reason("triton", DEVICE):
         return
@@ -538,15 +613,20 @@ def _raw_cuda(x, w, b, kw, relu, algo, tf32=False, residual=None, split_k=1, til
     NaN-filled outputs (every element must be written); ``split_k``: the implicit GEMM's
     (1: unsplit, the epilogue in the kernel; 0: the op's own choice); ``tile``: its tile (-1: the
     op's choice)."""
-    stride, pad, dil = cnnkern._checks.conv_args("t", x, w, b, kw["stride"], kw["padding"], kw["dilation"],
-                                                 kw["groups"])
+    stride, pad, dil = cnnkern._checks.conv_args(
+        "t", x, w, b, kw["stride"], kw["padding"], kw["dilation"], kw["groups"]
+    )
     shape = cnnkern.ops.conv2d.output_size(x.shape, w.shape, stride, pad, dil)
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+    fmt = (
+        torch.channels_last
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         else torch.contiguous_format
+    )
     y = torch.full(shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
     res = residual(shape, fmt) if residual is not None else None
-    cuda_ops().conv2d_forward_cuda(x, w, b, y, stride, pad[:2], dil, kw["groups"], relu, algo, False, tf32, res,
-                                   split_k, tile)
+    cuda_ops().conv2d_forward_cuda(
+        x, w, b, y, stride, pad[:2], dil, kw["groups"], relu, algo, False, tf32, res, split_k, tile
+    )
     if residual is not None:
         return y, res
     g = torch.randn_like(y)
@@ -579,6 +659,7 @@ def test_gpu_cuda_kernels_pinned(layer, layout, dtype, algo):
     assert not torch.isnan(y).any() and not torch.isnan(gx).any()
     if tf32:  # TF32 keeps 10 mantissa bits: the same bound as the Triton TF32 test
         from helpers import rel_err
+
         assert rel_err(y, ref.relu()) < 3e-3 and rel_err(gx, rgx) < 3e-3
         return
     assert_rel_close(y, ref.relu(), dtype, matmul=True)
@@ -607,6 +688,7 @@ def test_gpu_cuda_tiles_pinned(layer, tile, algo):
     (rgx,) = torch.autograd.grad(ref, xr, g.double())
     assert_rel_close(y, ref.relu(), dtype, matmul=True)
     assert_rel_close(gx, rgx, dtype, "grad input", matmul=True)
+
 
 @cuda_kernel_test
 @pytest.mark.parametrize("algo", ["direct", "igemm", "wgmma"])
@@ -648,11 +730,11 @@ def test_gpu_cuda_wgrad_splits_pinned(layer, algo):
         assert per_split >= groups and per_split == int(per_split), blocks
         assert all(b - blocks[1] == per_split * (n - 1) for n, b in blocks.items()), blocks
     for op in ("conv2d_backward_weight_cuda", "conv2d_backward_weight_splits_cuda"):
-        args = (g, x, w, torch.empty(0, dtype=dtype, device=DEVICE)) if op == "conv2d_backward_weight_cuda" else (
-            g, x, w)
+        args = (
+            (g, x, w, torch.empty(0, dtype=dtype, device=DEVICE)) if op == "conv2d_backward_weight_cuda" else (g, x, w)
+        )
         with pytest.raises(RuntimeError, match=r"splits must be >= 0 \(0: choose\), got -1"):
             getattr(cuda_ops(), op)(*args, *geom, algo, False, -1)
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -675,6 +757,7 @@ def _fwd_bwd(x, w, b, kw, g=None):
 def tuning(monkeypatch):
     """CNNKERN_CUDA_CONV_ALGO=tune for one test, starting from no choices."""
     from cnnkern.ops import conv2d as C
+
     monkeypatch.setattr(C, "CUDA_ALGO", "tune")
     monkeypatch.setattr(C, "TUNER", cnnkern.ops._tune.Tuner("test"))
     return C.TUNER
@@ -685,19 +768,25 @@ def test_cuda_tune_keeps_the_fastest(tuning, monkeypatch):
     """The first call of a layer times each candidate (here with made-up times, in the order of the
     candidate list) for the forward, grad-input and grad-weight, and returns the winner's result:
     the same bits as that configuration pinned; later calls launch the winners without timing."""
-    from cnnkern.ops import _tune, conv2d as C
+    from cnnkern.ops import _tune
+    from cnnkern.ops import conv2d as C
+
     x, w, b, kw = _tuned_layer()
     gemm = C._gemm_candidates(x, False, 2 * 5 * 5)
     algos = ["direct", "igemm"] + (["wgmma"] if wgmma_here(x.dtype) else [])
     assert gemm[0] == ("direct", 0, -1) and len(gemm) == 1 + 6 * (len(algos) - 1)
     assert {a for a, _, _ in gemm} == set(algos) and {t for _, _, t in gemm[1:]} == {0, 1, 2}
-    wgrad = C._wgrad_candidates(torch.empty(2, 40, 5, 5, dtype=x.dtype, device=DEVICE), x, w, [2, 2], [1, 1],
-                                [1, 1], 1, False)
+    wgrad = C._wgrad_candidates(
+        torch.empty(2, 40, 5, 5, dtype=x.dtype, device=DEVICE), x, w, [2, 2], [1, 1], [1, 1], 1, False
+    )
     assert [a for a, _ in wgrad] == [a for a in algos for _ in range(2)]  # (50 pixels: 1 split chosen, or 2)
     assert {n for _, n in wgrad} == {1, 2}
     want = {"fwd": gemm[2], "dgrad": gemm[-1], "wgrad": ("igemm", 2)}  # (not the last timed of the forward)
-    times = iter([1.0 - 0.5 * (c == want["fwd"]) for c in gemm] + [1.0 - 0.5 * (c == want["dgrad"]) for c in gemm] +
-                 [1.0 - 0.5 * (c == want["wgrad"]) for c in wgrad])
+    times = iter(
+        [1.0 - 0.5 * (c == want["fwd"]) for c in gemm]
+        + [1.0 - 0.5 * (c == want["dgrad"]) for c in gemm]
+        + [1.0 - 0.5 * (c == want["wgrad"]) for c in wgrad]
+    )
     calls = []
 
     def fake_measure(run, device):  # nothing runs while timing: the result is the winner's own launch
@@ -713,11 +802,13 @@ def test_cuda_tune_keeps_the_fastest(tuning, monkeypatch):
     # the pinned configurations give the same bits
     stride, pad, dil = [2, 2], [1, 1], [1, 1]
     y_pin = torch.empty_like(y)
-    cuda_ops().conv2d_forward_cuda(x, w, b, y_pin, stride, pad, dil, 1, False, want["fwd"][0], False, False, None,
-                                   *want["fwd"][1:])
+    cuda_ops().conv2d_forward_cuda(
+        x, w, b, y_pin, stride, pad, dil, 1, False, want["fwd"][0], False, False, None, *want["fwd"][1:]
+    )
     gx_pin = torch.empty_like(x)
-    cuda_ops().conv2d_backward_input_cuda(g, w, gx_pin, stride, pad, dil, 1, want["dgrad"][0], False,
-                                          *want["dgrad"][1:])
+    cuda_ops().conv2d_backward_input_cuda(
+        g, w, gx_pin, stride, pad, dil, 1, want["dgrad"][0], False, *want["dgrad"][1:]
+    )
     gw_pin, gb_pin = torch.empty_like(w), torch.empty_like(b)
     cuda_ops().conv2d_backward_weight_cuda(g, x, gw_pin, gb_pin, stride, pad, dil, 1, "igemm", False, 2)
     for got, pinned in ((y, y_pin), (gx, gx_pin), (gw, gw_pin), (gb, gb_pin)):
@@ -745,6 +836,7 @@ def test_cuda_tune_skips_a_candidate_out_of_memory(tuning, monkeypatch):
     """A candidate that runs out of memory while timed is left out (the others still race); when
     every one does, the error is raised and nothing is kept."""
     from cnnkern.ops import _tune
+
     x, w, b, kw = _tuned_layer()
     seen = []
 
@@ -760,6 +852,7 @@ def test_cuda_tune_skips_a_candidate_out_of_memory(tuning, monkeypatch):
     times = tuning.timings[key]
     assert len(times) == len(seen) // 2 and choice == min(times, key=times.get)
     assert not torch.isnan(y).any()
+
     def out_of_memory(run, device):
         raise torch.OutOfMemoryError("test")
 
@@ -779,14 +872,16 @@ def test_cuda_tune_times_on_this_device(tuning):
     assert len(tuning.timings) == 3
     for key, t in tuning.timings.items():
         assert all(v > 0 for v in t.values()) and tuning.choices[key] == min(t, key=t.get), (key, t)
-    args = (torch.zeros(40, device=DEVICE), torch.ones(40, device=DEVICE), torch.ones(40, device=DEVICE),
-            torch.zeros(40, device=DEVICE))
-    out = F.conv_bn_relu(x.detach(), w.detach(), None, *[a.clone() for a in args], training=True, **kw,
-                         backend="cuda")
+    args = (
+        torch.zeros(40, device=DEVICE),
+        torch.ones(40, device=DEVICE),
+        torch.ones(40, device=DEVICE),
+        torch.zeros(40, device=DEVICE),
+    )
+    out = F.conv_bn_relu(x.detach(), w.detach(), None, *[a.clone() for a in args], training=True, **kw, backend="cuda")
     assert [k[-3:] for k in tuning.choices if k[0] == "fwd"] == [(False, False, False), (False, True, False)]
     cnnkern.ops.conv2d.CUDA_ALGO = "auto"
-    want = F.conv_bn_relu(x.detach(), w.detach(), None, *[a.clone() for a in args], training=True, **kw,
-                          backend="cuda")
+    want = F.conv_bn_relu(x.detach(), w.detach(), None, *[a.clone() for a in args], training=True, **kw, backend="cuda")
     assert_rel_close(out, want, x.dtype, matmul=True)
 
 
@@ -821,6 +916,7 @@ def test_cuda_tune_is_off_under_deterministic_algorithms(tuning, monkeypatch):
 # CNNKERN_TUNE_CACHE: the tuned choices in a file that later processes start from
 def _cache_tuner(path, build="build a"):
     from cnnkern.ops import _tune
+
     return _tune.Tuner("test", _tune.TuneCache(str(path), lambda: {"extension": build}))
 
 
@@ -831,6 +927,7 @@ _CANDIDATES = [("direct", 0, -1), ("igemm", 0, 1), ("igemm", 1, 2), ("wgmma", 0,
 def _race(tuner, monkeypatch, times, key=_KEY, candidates=_CANDIDATES):
     """tuner.run on made-up times (None: timing is an error); returns (launched choices, times taken)."""
     from cnnkern.ops import _tune
+
     taken, launched = [], []
 
     def fake_measure(run, device):
@@ -929,6 +1026,7 @@ def test_tune_cache_keeps_what_concurrent_processes_write(tmp_path):
     import subprocess
     import sys
     import time
+
     path, go = tmp_path / "tune.json", tmp_path / "go"
     starts = (0, 1000)
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(s), str(go)]) for s in starts]
@@ -946,14 +1044,15 @@ def test_tune_cache_keeps_what_concurrent_processes_write(tmp_path):
 def test_cuda_tune_cache_gives_the_same_kernels_later(tuning, tmp_path, monkeypatch):
     """The conv's forward, grad-input and grad-weight tuned with a cache file: a later tuner (a new
     process) on the file times nothing and returns the same bits."""
-    from cnnkern.ops import _tune, conv2d as C
+    from cnnkern.ops import _tune
+    from cnnkern.ops import conv2d as C
+
     path = str(tmp_path / "tune.json")
     monkeypatch.setattr(C, "TUNER", _tune.Tuner("conv", _tune.TuneCache(path, C._build_fingerprint)))
     x, w, b, kw = _tuned_layer()
     first, g = _fwd_bwd(x, w, b, kw)
     chosen = dict(C.TUNER.choices)
-    assert len(chosen) == 3 and set(json.loads(open(path).read())["tuners"]["conv"]) == set(
-        map(_tune._text, chosen))
+    assert len(chosen) == 3 and set(json.loads(open(path).read())["tuners"]["conv"]) == set(map(_tune._text, chosen))
 
     def no_timing(run, device):
         raise AssertionError("a recorded layer was timed")
@@ -981,11 +1080,15 @@ def test_cuda_tile_argument_is_checked(op):
         else:
             cuda_ops().conv2d_backward_input_cuda(y, w, x, *geom, algo, False, 1, tile)
 
-    with pytest.raises(RuntimeError, match=r"tile must be -1 \(chosen by the layer's size\), 0 \(128x128\), "
-                                           r"1 \(64x128\) or 2 \(128x64\), got 3"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"tile must be -1 \(chosen by the layer's size\), 0 \(128x128\), "
+        r"1 \(64x128\) or 2 \(128x64\), got 3",
+    ):
         call("igemm", 3)
-    with pytest.raises(RuntimeError, match="tile=0 pins a tile of the tensor-core kernels, but this call runs the "
-                                           "direct kernel"):
+    with pytest.raises(
+        RuntimeError, match="tile=0 pins a tile of the tensor-core kernels, but this call runs the direct kernel"
+    ):
         call("direct", 0)
     call("igemm", 2)  # (a valid pin runs)
 
@@ -1021,16 +1124,17 @@ def test_gpu_cuda_kernels_pinned_residual(layer, layout, dtype, algo):
     assert not torch.isnan(y).any()
     if tf32:
         from helpers import rel_err
+
         assert rel_err(y, ref) < 3e-3
         return
     assert_rel_close(y, ref, dtype, matmul=True)
 
 
 SPLIT_LAYERS = {  # few output tiles, long reductions: where split-K applies
-    "last_stage_3x3": ((1, 64, 7, 7), 72, 3, 1, 1, 1, 1),     # 49 rows, K = 72: a column tail
-    "stride2_3x3": ((1, 32, 9, 9), 40, 3, 2, 1, 1, 1),        # strided gather; phased grad-input
-    "grouped": ((1, 32, 6, 6), 32, 3, 1, 1, 1, 2),           # splits x groups blocks in z
-    "first_3ch_7x7s2": ((1, 3, 15, 15), 16, 7, 2, 3, 1, 1),   # zero-padded channels, split
+    "last_stage_3x3": ((1, 64, 7, 7), 72, 3, 1, 1, 1, 1),  # 49 rows, K = 72: a column tail
+    "stride2_3x3": ((1, 32, 9, 9), 40, 3, 2, 1, 1, 1),  # strided gather; phased grad-input
+    "grouped": ((1, 32, 6, 6), 32, 3, 1, 1, 1, 2),  # splits x groups blocks in z
+    "first_3ch_7x7s2": ((1, 3, 15, 15), 16, 7, 2, 3, 1, 1),  # zero-padded channels, split
 }
 
 
@@ -1058,16 +1162,27 @@ def test_gpu_cuda_split_k(layer, dtype, algo):
         with ieee_fp32():
             y, g, gx = _raw_cuda(x, w, b, kw, relu=True, algo=algo, tf32=tf32, split_k=split_k)
             y1, _, _ = _raw_cuda(x, w, b, kw, relu=True, algo=algo, tf32=tf32, split_k=1)
-            yr, r = _raw_cuda(x, w, b, kw, relu=True, algo=algo, tf32=tf32, split_k=split_k,
-                              residual=lambda shape, fmt: make(tuple(shape), dtype, DEVICE).contiguous(
-                                  memory_format=fmt))
+            yr, r = _raw_cuda(
+                x,
+                w,
+                b,
+                kw,
+                relu=True,
+                algo=algo,
+                tf32=tf32,
+                split_k=split_k,
+                residual=lambda shape, fmt: make(tuple(shape), dtype, DEVICE).contiguous(memory_format=fmt),
+            )
         xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
         ref = torch.nn.functional.conv2d(xr, wr, br, **kw)
         (rgx,) = torch.autograd.grad(ref, xr, g.double())
         assert not (y.isnan().any() or gx.isnan().any() or yr.isnan().any()), (layout, split_k)
         bound = 3e-3 if tf32 else 2e-2 if dtype == torch.bfloat16 else 3e-3
-        for got, want, what in ((y, ref.relu(), "output"), (gx, rgx, "grad input"),
-                                (yr, (ref + r.double()).relu(), "output + residual")):
+        for got, want, what in (
+            (y, ref.relu(), "output"),
+            (gx, rgx, "grad input"),
+            (yr, (ref + r.double()).relu(), "output + residual"),
+        ):
             assert rel_err(got, want) < bound, (layout, split_k, what, rel_err(got, want))
         assert rel_err(y, y1) < bound / 4, (layout, split_k, rel_err(y, y1))
 
@@ -1109,10 +1224,25 @@ def test_gpu_cuda_split_k_statistics(layer, dtype, algo):
     got = {}
     for split_k in (1, 3):
         y = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=torch.channels_last
+        )
         with ieee_fp32():
-            st = cuda_ops().conv2d_forward_cuda(x, w, b, y, [stride] * 2, [pad] * 2, [dil] * 2, groups, False, algo,
-                                                True, dtype == torch.float32, None, split_k)
+            st = cuda_ops().conv2d_forward_cuda(
+                x,
+                w,
+                b,
+                y,
+                [stride] * 2,
+                [pad] * 2,
+                [dil] * 2,
+                groups,
+                False,
+                algo,
+                True,
+                dtype == torch.float32,
+                None,
+                split_k,
+            )
         assert not y.isnan().any(), split_k
         assert rel_err(y, ref) < bound, (split_k, rel_err(y, ref))
         cnt, mu, var = merge_stats(st)
@@ -1146,8 +1276,9 @@ def test_gpu_cuda_pinned_kernel_refuses_what_it_cannot_run():
     with pytest.raises(RuntimeError, match="algo='igemm' \\(the tensor-core grad-weight\\) needs fp16/bf16"):
         cuda_ops().conv2d_backward_weight_cuda(*args, "igemm")  # fp32 without tf32
     with pytest.raises(RuntimeError, match="algo='wgmma' \\(the tensor-core grad-weight\\) needs fp16/bf16"):
-        cuda_ops().conv2d_backward_weight_cuda(y.double(), x.double(), torch.empty_like(w).double(), *args[3:],
-                                               "wgmma", True)  # fp64
+        cuda_ops().conv2d_backward_weight_cuda(
+            y.double(), x.double(), torch.empty_like(w).double(), *args[3:], "wgmma", True
+        )  # fp64
 
 
 @cuda_kernel_test
@@ -1213,16 +1344,16 @@ def test_gpu_cuda_weight_grad_is_bitwise_reproducible(layer, dtype):
 # the tensor-core grad-weight's edges: o and j tiles with tails (64 x 128 tiles), taps of one
 # channel chunk, strided and dilated gathers, groups, split slices that end mid-step
 WGRAD_TC_LAYERS = {
-    "tails_3x3": ((2, 24, 9, 9), 40, 3, 1, 1, 1, 1),        # K = 40 < 64, J = 216 = 128 + 88
+    "tails_3x3": ((2, 24, 9, 9), 40, 3, 1, 1, 1, 1),  # K = 40 < 64, J = 216 = 128 + 88
     "projection_1x1s2": ((2, 64, 7, 7), 72, 1, 2, 0, 1, 1),  # K = 72 = 64 + 8
     "dilated": ((1, 16, 10, 10), 8, 3, 1, 2, 2, 1),
-    "groups2": ((2, 32, 6, 6), 16, 3, 2, 1, 1, 2),            # 16 in, 8 out per group
-    "first_big": ((1, 8, 33, 33), 16, 7, 2, 3, 1, 1),         # many pixels per split
-    "long_split": ((2, 8, 40, 40), 8, 3, 1, 1, 1, 1),         # 400 pixels a split: every stage refilled
+    "groups2": ((2, 32, 6, 6), 16, 3, 2, 1, 1, 2),  # 16 in, 8 out per group
+    "first_big": ((1, 8, 33, 33), 16, 7, 2, 3, 1, 1),  # many pixels per split
+    "long_split": ((2, 8, 40, 40), 8, 3, 1, 1, 1, 1),  # 400 pixels a split: every stage refilled
     # channels per group off whole 16-byte chunks: run zero-padded (3 -> 8 or 4; 19 -> 24 or 20)
     "first_3ch_7x7s2": ((2, 3, 15, 13), 16, 7, 2, 3, 1, 1),
     "odd_channels": ((1, 17, 9, 7), 19, 3, 1, 1, 1, 1),
-    "groups_padded": ((2, 12, 6, 6), 6, 3, 1, 1, 1, 2),       # 6 in, 3 out per group ("auto": SIMT)
+    "groups_padded": ((2, 12, 6, 6), 6, 3, 1, 1, 1, 2),  # 6 in, 3 out per group ("auto": SIMT)
 }
 
 
@@ -1258,6 +1389,7 @@ def test_gpu_cuda_tensor_core_weight_grad(layer, dtype, algo):
         ref = torch.nn.grad.conv2d_weight(x.double(), w_shape, g.double(), stride, pad, dil, groups)
         if tf32 and not simt:  # TF32 keeps 10 mantissa bits; the bias gradient is an exact fp32 sum
             from helpers import rel_err
+
             assert not torch.isnan(gw).any() and 1e-6 < rel_err(gw, ref) < 3e-3, (layout, rel_err(gw, ref))
             assert_rel_close(gb, g.double().sum((0, 2, 3)), dtype, f"grad bias ({layout})", matmul=True)
             continue
@@ -1284,7 +1416,8 @@ def test_gpu_cuda_tf32_weight_grad_is_the_rounding_only(layer):
     shape = cnnkern.ops.conv2d.output_size(x.shape, w_shape, [stride] * 2, [pad] * 4, [dil] * 2)
     g = tf32_values(make(tuple(shape), torch.float32, DEVICE, "channels_last"))
     gw = torch.full(w_shape, float("nan"), device=DEVICE)
-    cuda_ops().conv2d_backward_weight_cuda(g, x, gw, torch.empty(0, device=DEVICE), [stride] * 2, [pad] * 2,
-                                           [dil] * 2, groups, "igemm", True)
+    cuda_ops().conv2d_backward_weight_cuda(
+        g, x, gw, torch.empty(0, device=DEVICE), [stride] * 2, [pad] * 2, [dil] * 2, groups, "igemm", True
+    )
     ref = torch.nn.grad.conv2d_weight(x.double(), w_shape, g.double(), stride, pad, dil, groups)
     assert rel_err(gw, ref) < 1e-5, rel_err(gw, ref)

@@ -6,8 +6,20 @@ import copy
 
 import pytest
 import torch
-from helpers import (DEVICE, EMULATED_CUDA, HAS_CUDA, REL_TOL, assert_as_close_as_pytorch, assert_rel_close,
-                     backends_for, cuda_kernel_test, ieee_fp32, make, merge_stats, rel_err)
+from helpers import (
+    DEVICE,
+    EMULATED_CUDA,
+    HAS_CUDA,
+    REL_TOL,
+    assert_as_close_as_pytorch,
+    assert_rel_close,
+    backends_for,
+    cuda_kernel_test,
+    ieee_fp32,
+    make,
+    merge_stats,
+    rel_err,
+)
 from test_conv2d import FAMILIES
 
 import cnnkern
@@ -20,15 +32,17 @@ FUSED_FAMILIES = ["3x3s1p1", "3x3s2p1", "1x1s1", "1x1s2", "first_7x7s2", "groups
 
 def _pair(family, dtype, relu=True, momentum=0.1, backend=None):
     xs, k, ks, stride, pad, dil, groups = FAMILIES[family]
-    ours = cnnkern.nn.ConvBNReLU2d(xs[1], k, ks, stride, pad, dil, groups, bias=False, momentum=momentum, relu=relu,
-                                   backend=backend).to(DEVICE)
+    ours = cnnkern.nn.ConvBNReLU2d(
+        xs[1], k, ks, stride, pad, dil, groups, bias=False, momentum=momentum, relu=relu, backend=backend
+    ).to(DEVICE)
     with torch.no_grad():  # non-trivial affine parameters and running statistics
         ours.bn.weight.uniform_(0.5, 1.5)
         ours.bn.bias.uniform_(-0.5, 0.5)
         ours.bn.running_mean.uniform_(-0.2, 0.2)
         ours.bn.running_var.uniform_(0.5, 1.5)
-    ref = torch.nn.Sequential(copy.deepcopy(ours.conv), copy.deepcopy(ours.bn),
-                              torch.nn.ReLU() if relu else torch.nn.Identity()).double()
+    ref = torch.nn.Sequential(
+        copy.deepcopy(ours.conv), copy.deepcopy(ours.bn), torch.nn.ReLU() if relu else torch.nn.Identity()
+    ).double()
     ours = ours.to(dtype)
     return ours, ref, xs
 
@@ -62,7 +76,7 @@ def _train_steps_in(backend, family, dtype, layout, relu, momentum, steps):
         xe = x.detach().clone().requires_grad_()
         out, base = ours(x), eager(xe)
         pre = ref[1](ref[0](xr))  # the reference before its ReLU
-        close = lambda a, e, r, what: assert_as_close_as_pytorch(a, e, r, dtype, f"step {step} {what}")  # noqa: E731
+        close = lambda a, e, r, what, step=step: assert_as_close_as_pytorch(a, e, r, dtype, f"step {step} {what}")  # noqa: E731
         close(out, base, pre.relu() if relu else pre, "output")
         # The gradients are compared given our forward's ReLU decisions: an element whose exact
         # pre-activation lies within rounding of zero may land on either side in fp16/bf16 (in
@@ -190,8 +204,14 @@ def test_eval_fold_is_cached_and_never_stale():
 
 def test_state_dict_matches_torchvision_basicconv2d_and_from_modules():
     m = cnnkern.nn.ConvBNReLU2d(16, 32, 3, padding=1)
-    assert list(m.state_dict()) == ["conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
-                                    "bn.num_batches_tracked"]
+    assert list(m.state_dict()) == [
+        "conv.weight",
+        "bn.weight",
+        "bn.bias",
+        "bn.running_mean",
+        "bn.running_var",
+        "bn.num_batches_tracked",
+    ]
     conv, bn = torch.nn.Conv2d(16, 32, 3, padding=1, bias=False), torch.nn.BatchNorm2d(32)
     fused = cnnkern.nn.ConvBNReLU2d.from_modules(conv, bn, relu=False)
     assert fused.conv.weight is conv.weight and fused.bn.running_mean is bn.running_mean
@@ -222,8 +242,10 @@ def test_opcheck(backend):
     torch.library.opcheck(ops.conv_bn_relu_train.default, (x, w, None, res, *args[4:]))
     out, y, mean, invstd, var = ops.conv_bn_relu_train(*args)
     g = torch.randn_like(out)
-    torch.library.opcheck(ops.conv_bn_relu_backward.default,
-                          (g, out.detach(), y.detach(), mean.detach(), invstd.detach(), gamma.detach(), backend))
+    torch.library.opcheck(
+        ops.conv_bn_relu_backward.default,
+        (g, out.detach(), y.detach(), mean.detach(), invstd.detach(), gamma.detach(), backend),
+    )
     rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
     torch.library.opcheck(ops.bn_update_running_stats.default, (rm, rv, mean.detach(), var.detach(), 50, 0.1))
 
@@ -250,8 +272,16 @@ def test_bad_input(kwargs, exc, msg):
     args = dict(running_mean=_t(8), running_var=_t(8).abs(), bn_weight=_t(8), bn_bias=_t(8))
     args.update(kwargs)
     with pytest.raises(exc) as info:
-        F.conv_bn_relu(_t(2, 4, 5, 5), _t(8, 4, 3, 3), None, args.pop("running_mean"), args.pop("running_var"),
-                       args.pop("bn_weight"), args.pop("bn_bias"), **args)
+        F.conv_bn_relu(
+            _t(2, 4, 5, 5),
+            _t(8, 4, 3, 3),
+            None,
+            args.pop("running_mean"),
+            args.pop("running_var"),
+            args.pop("bn_weight"),
+            args.pop("bn_bias"),
+            **args,
+        )
     assert msg in str(info.value)
 
 
@@ -273,7 +303,9 @@ def test_gpu_bf16_training_steps(family, backend):
 @cuda_kernel_test
 @pytest.mark.parametrize("algo", ["direct", "igemm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("shape", [((4, 64, 9, 9), 72, 3, 1, 1), ((3, 32, 15, 15), 40, 1, 2, 0), ((2, 3, 17, 17), 8, 7, 2, 3)])
+@pytest.mark.parametrize(
+    "shape", [((4, 64, 9, 9), 72, 3, 1, 1), ((3, 32, 15, 15), 40, 1, 2, 0), ((2, 3, 17, 17), 8, 7, 2, 3)]
+)
 def test_gpu_cuda_conv_statistics_epilogue(shape, dtype, algo):
     """The CUDA convolution's per-block (count, mean, M2), merged, equal the batch mean and biased
     variance of the output it wrote, for each forward kernel (the implicit GEMM also on the
@@ -284,10 +316,12 @@ def test_gpu_cuda_conv_statistics_epilogue(shape, dtype, algo):
     x = make(xs, dtype, DEVICE, "channels_last")
     w = make((k, xs[1], ks, ks), dtype, DEVICE) * (xs[1] * ks * ks) ** -0.5
     b = torch.randn(k, dtype=dtype, device=DEVICE) + 3.0  # a mean far from zero
-    y = torch.full(output_size(x.shape, w.shape, [stride] * 2, [pad] * 4, [1, 1]), float("nan"), dtype=dtype,
-                   device=DEVICE).contiguous(memory_format=torch.channels_last)
-    stats = cuda_ops().conv2d_forward_cuda(x, w, b, y, [stride] * 2, [pad] * 2, [1, 1], 1, False, algo, True,
-                                                  dtype == torch.float32)
+    y = torch.full(
+        output_size(x.shape, w.shape, [stride] * 2, [pad] * 4, [1, 1]), float("nan"), dtype=dtype, device=DEVICE
+    ).contiguous(memory_format=torch.channels_last)
+    stats = cuda_ops().conv2d_forward_cuda(
+        x, w, b, y, [stride] * 2, [pad] * 2, [1, 1], 1, False, algo, True, dtype == torch.float32
+    )
     count, mean, var = merge_stats(stats)
     ref = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), stride=stride, padding=pad)
     assert torch.all(count == y.numel() // k)
@@ -306,12 +340,14 @@ def test_gpu_cuda_conv_statistics_epilogue(shape, dtype, algo):
 KERNEL_BACKENDS = [p for p in BACKENDS if p.values[0] != "torch"]
 # (acc dtype, parameter dtype): bf16 parameters only on a GPU (the interpreter's bf16 is unreliable)
 FINALIZE_DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.float16), (torch.float64, torch.float64)] + (
-    [(torch.float32, torch.bfloat16)] if torch.cuda.is_available() else [])
+    [(torch.float32, torch.bfloat16)] if torch.cuda.is_available() else []
+)
 
 
 def _finalize(backend, stats, gamma, beta, eps):
     if backend == "triton":
         from cnnkern.kernels import conv_bn_relu as kb
+
         return kb.bn_finalize(stats, gamma, beta, eps)
     k = stats.shape[2]
     outs = [torch.full((k,), float("nan"), dtype=stats.dtype, device=stats.device) for _ in range(5)]
@@ -322,6 +358,7 @@ def _finalize(backend, stats, gamma, beta, eps):
 def _coefficients(backend, part, mean, invstd, gamma, m, pdt):
     if backend == "triton":
         from cnnkern.kernels import conv_bn_relu as kb
+
         return kb.bn_backward_coefficients(part, mean, invstd, gamma, m, pdt)
     k = part.shape[2]
     outs = [torch.full((k,), float("nan"), dtype=d, device=part.device) for d in [part.dtype] * 3 + [pdt] * 2]
@@ -347,8 +384,13 @@ def test_bn_finalize_kernel(backend, acc, pdt, rows, k, affine):
     invstd_r = (var_r + eps).rsqrt()
     scale_r = invstd_r * (gamma.double() if affine else 1.0)
     shift_r = (beta.double() if affine else 0.0) - mean_r * scale_r
-    for got, want, what in [(mean, mean_r, "mean"), (var, var_r, "var"), (invstd, invstd_r, "invstd"),
-                            (scale, scale_r, "scale"), (shift, shift_r, "shift")]:
+    for got, want, what in [
+        (mean, mean_r, "mean"),
+        (var, var_r, "var"),
+        (invstd, invstd_r, "invstd"),
+        (scale, scale_r, "scale"),
+        (shift, shift_r, "shift"),
+    ]:
         assert got.dtype == acc and got.shape == (k,)
         assert rel_err(got, want) < (1e-12 if acc == torch.float64 else 1e-5), what
     again = _finalize(backend, stats, gamma, beta, eps)
@@ -373,8 +415,13 @@ def test_bn_backward_coefficients_kernel(backend, acc, pdt, rows, k, affine):
     b_r = -a_r * inv * sgx_r / m
     c_r = a_r * (md * inv * sgx_r - sg_r) / m
     tol_acc = 1e-12 if acc == torch.float64 else 1e-5
-    for got, want, dt, what in [(a, a_r, acc, "a"), (b, b_r, acc, "b"), (c, c_r, acc, "c"), (sg, sg_r, pdt, "sg"),
-                                (sgx, sgx_r, pdt, "sgx")]:
+    for got, want, dt, what in [
+        (a, a_r, acc, "a"),
+        (b, b_r, acc, "b"),
+        (c, c_r, acc, "c"),
+        (sg, sg_r, pdt, "sg"),
+        (sgx, sgx_r, pdt, "sgx"),
+    ]:
         assert got.dtype == dt and got.shape == (k,), what
         assert rel_err(got, want) < max(tol_acc, REL_TOL[dt]), what
 

@@ -33,8 +33,9 @@ def test_eval_outputs_keys_and_shared_parameters(name):
     fused = [m for m in conv.modules() if isinstance(m, cnn.FusedConv2d)]
     joins = sum(m.residual for m in fused)  # conv-BN + shortcut + ReLU in one layer
     assert len(fused) == n_convs  # every convolution rewritten, one fused layer each
-    assert not any(n.op == "call_module" and isinstance(conv.get_submodule(n.target), torch.nn.Conv2d)
-                   for n in conv.graph.nodes)
+    assert not any(
+        n.op == "call_module" and isinstance(conv.get_submodule(n.target), torch.nn.Conv2d) for n in conv.graph.nodes
+    )
     if name.startswith("resnet"):  # every block ends in its last conv-BN, the shortcut added in its kernel
         blocks = sum(len(getattr(ref, f"layer{i}")) for i in range(1, 5))
         assert joins == blocks and not any(isinstance(m, ResidualReLU) for m in conv.modules())
@@ -48,6 +49,7 @@ def test_eval_outputs_keys_and_shared_parameters(name):
 def test_residual_join_falls_back_where_the_shortcut_does_not_fit():
     """relu(bn(conv(x)) + s) with an option-A shortcut s (subsampled, fewer channels): the fused
     layer cannot take it, so the join runs as cnnkern's residual add, with the same result."""
+
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -92,8 +94,17 @@ def test_converted_resnet18_on_triton():
 
 
 def test_lrn_and_sequential_chains():
-    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.LocalResponseNorm(3),
-                              torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8)).double().eval()
+    ref = (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.LocalResponseNorm(3),
+            torch.nn.Conv2d(8, 8, 1),
+            torch.nn.BatchNorm2d(8),
+        )
+        .double()
+        .eval()
+    )
     conv = cnnkern.convert(ref)
     assert isinstance(conv.get_submodule("2"), cnn.LocalResponseNorm)
     assert sum(isinstance(m, cnn.FusedConv2d) for m in conv.modules()) == 2
@@ -106,8 +117,7 @@ def test_lrn_and_sequential_chains():
 class _DataDependent(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
-                                        torch.nn.ReLU())
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
         self.head = torch.nn.Conv2d(8, 4, 1)
 
     def forward(self, x):

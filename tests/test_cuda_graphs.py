@@ -28,8 +28,11 @@ def _base(op):
 def _params():
     out = []
     for op in OPS:
-        for p in (backends_for(torch.device("cuda"), _base(op)) if HAS_CUDA else
-                  [pytest.param("triton", marks=pytest.mark.gpu)]):
+        for p in (
+            backends_for(torch.device("cuda"), _base(op))
+            if HAS_CUDA
+            else [pytest.param("triton", marks=pytest.mark.gpu)]
+        ):
             out.append(pytest.param(op, p.values[0], marks=p.marks, id=f"{op}-{p.values[0]}"))
     return out
 
@@ -50,17 +53,31 @@ class _Case:
         self.g = torch.randn(4, 16, 10, 10, device=dev, dtype=dtype)
 
     def leaves(self):
-        return {"conv2d": (self.x, self.w, self.b), "conv_bn_relu_train": (self.x, self.w, self.gamma, self.beta),
-                "conv_bn_relu_eval": (self.x, self.w, self.gamma, self.beta), "local_response_norm": (self.x,),
-                "residual_add": (self.x, self.s)}[self.op]
+        return {
+            "conv2d": (self.x, self.w, self.b),
+            "conv_bn_relu_train": (self.x, self.w, self.gamma, self.beta),
+            "conv_bn_relu_eval": (self.x, self.w, self.gamma, self.beta),
+            "local_response_norm": (self.x,),
+            "residual_add": (self.x, self.s),
+        }[self.op]
 
     def forward(self):
         be = self.backend
         if self.op == "conv2d":
             return F.conv2d(self.x, self.w, self.b, padding=1, activation="relu", backend=be)
         if self.op.startswith("conv_bn_relu"):
-            return F.conv_bn_relu(self.x, self.w, None, self.rm, self.rv, self.gamma, self.beta,
-                                  training=self.op.endswith("train"), padding=1, backend=be)
+            return F.conv_bn_relu(
+                self.x,
+                self.w,
+                None,
+                self.rm,
+                self.rv,
+                self.gamma,
+                self.beta,
+                training=self.op.endswith("train"),
+                padding=1,
+                backend=be,
+            )
         if self.op == "local_response_norm":
             return F.local_response_norm(self.x, 5, alpha=1e-2, k=2.0, backend=be)
         return F.residual_add(self.x, self.s, backend=be)
@@ -105,8 +122,9 @@ def test_runs_on_the_current_stream(op, backend):
         done = torch.cuda.Event()
         done.record(side)
     done.synchronize()
-    torch.testing.assert_close(out, want_out, rtol=0, atol=0) if backend != "torch" else \
-        torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0) if backend != "torch" else torch.testing.assert_close(
+        out, want_out
+    )
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3)
 
@@ -159,7 +177,6 @@ NETWORKS = ("resnet18", "resnet50 option A", "alexnet (paper)", "vgg11-bn", "goo
 
 def _network(name, backend):
     import cnnkern
-
     from benchmarks.host.check_capture import networks  # (the same list the CPU capture check runs)
 
     make, size = networks()[name]

@@ -3,14 +3,15 @@ exists to catch. Each test runs a small kernel with a deliberate bug (tests/cuem
 checks that the emulator reports it, and that the fixed kernel passes. The CUDA C++ kernels of
 cnnkern run on the emulator in `scripts/dev test-emulated` (CNNKERN_EMULATE_CUDA=1)."""
 
+import cuda_emulator
 import pytest
 import torch
 
-import cuda_emulator
-
 pytestmark = [
-    pytest.mark.skipif(cuda_emulator.available() is not None,
-                       reason=f"cannot build the CUDA emulator here: {cuda_emulator.available()}"),
+    pytest.mark.skipif(
+        cuda_emulator.available() is not None,
+        reason=f"cannot build the CUDA emulator here: {cuda_emulator.available()}",
+    ),
     # a GPU session runs the kernels for real and has no time to spend building the emulator
     pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the CUDA kernels run on it"),
 ]
@@ -90,8 +91,10 @@ TORCH_LIBRARY_IMPL(cnnkern, CUDA, m) { if (x.is_cuda()) {} }"""
     with pytest.raises(ValueError, match="CUDA syntax the emulator does not rewrite"):
         cuda_emulator.rewrite('asm volatile("bar.sync 0;");', "t.cu")
     out = cuda_emulator.rewrite("  __shared__ __align__(16) A s_x[8][32], s_y[4];", "t.cu")
-    assert out == ("  static __align__(16) A s_x[8][32], s_y[4]; ::cuemu::static_smem(s_x, sizeof(s_x));"
-                   " ::cuemu::static_smem(s_y, sizeof(s_y));")
+    assert out == (
+        "  static __align__(16) A s_x[8][32], s_y[4]; ::cuemu::static_smem(s_x, sizeof(s_x));"
+        " ::cuemu::static_smem(s_y, sizeof(s_y));"
+    )
     with pytest.raises(ValueError, match="not an array of fixed size"):
         cuda_emulator.rewrite("__shared__ float v;", "t.cu")
 
@@ -154,8 +157,9 @@ def test_tensor_core_kernels_read_shared_memory_without_bank_conflicts(emu, dtyp
     emu.conv2d_forward_cuda(x, w, None, y, [1, 1], [1, 1], [1, 1], 1, False, "igemm", False, tf32)
     gx = torch.empty_like(x)
     emu.conv2d_backward_input_cuda(y, w, gx, [1, 1], [1, 1], [1, 1], 1, "igemm", tf32)
-    emu.conv2d_backward_weight_cuda(y, x, torch.empty_like(w), torch.empty(0, dtype=dtype), [1, 1], [1, 1],
-                                    [1, 1], 1, "igemm", tf32)
+    emu.conv2d_backward_weight_cuda(
+        y, x, torch.empty_like(w), torch.empty(0, dtype=dtype), [1, 1], [1, 1], [1, 1], 1, "igemm", tf32
+    )
     phases, extra, _, _, words, word_extra, _ = emu.cuemu_stats()
     assert phases > 0 and extra == 0, (phases, extra)
     assert word_extra == 0 and (words > 0) == tf32, (words, word_extra)
@@ -184,12 +188,15 @@ def test_auto_takes_wgmma_on_sm90_and_mma_sync_elsewhere(emu, cc, monkeypatch):
         # the grad-weight: 16-bit on wgmma or mma.sync alike; TF32 on mma.sync; fp32 without TF32
         # on the SIMT kernel
         for tf32_wgrad in sorted({tf32, False}):
-            emu.conv2d_backward_weight_cuda(y, x, torch.empty_like(w), torch.empty(0, dtype=dtype), [1, 1], [1, 1],
-                                            [1, 1], 1, "auto", tf32_wgrad)
+            emu.conv2d_backward_weight_cuda(
+                y, x, torch.empty_like(w), torch.empty(0, dtype=dtype), [1, 1], [1, 1], [1, 1], 1, "auto", tf32_wgrad
+            )
             _, _, mma, wgmma, *_ = emu.cuemu_stats()
             sixteen = dtype != torch.float32
-            assert (wgmma > 0, mma > 0) == (on_wgmma and sixteen, not (on_wgmma and sixteen) and (sixteen or tf32_wgrad)), \
-                (dtype, tf32_wgrad, mma, wgmma)
+            assert (wgmma > 0, mma > 0) == (
+                on_wgmma and sixteen,
+                not (on_wgmma and sixteen) and (sixteen or tf32_wgrad),
+            ), (dtype, tf32_wgrad, mma, wgmma)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
@@ -210,8 +217,9 @@ def test_small_channel_layers_run_zero_padded_on_tensor_cores(emu, dtype):
         emu.cuemu_stats()
         emu.conv2d_forward_cuda(x, w, None, y, [2, 2], [3, 3], [1, 1], groups, False, "auto", False, tf32)
         _, _, mma, wgmma, *_ = emu.cuemu_stats()
-        emu.conv2d_backward_weight_cuda(y, x, torch.empty_like(w), torch.empty(0, dtype=dtype), [2, 2], [3, 3],
-                                        [1, 1], groups, "auto", tf32)
+        emu.conv2d_backward_weight_cuda(
+            y, x, torch.empty_like(w), torch.empty(0, dtype=dtype), [2, 2], [3, 3], [1, 1], groups, "auto", tf32
+        )
         _, _, wmma, wwgmma, *_ = emu.cuemu_stats()
         return mma + wgmma, wmma + wwgmma
 
@@ -236,8 +244,9 @@ def test_auto_splits_a_gemm_that_leaves_the_sms_idle(emu, cc, monkeypatch):
 
     def run(split_k, stats=False):
         y = torch.full((1, 256, 7, 7), float("nan")).contiguous(memory_format=torch.channels_last)
-        st = emu.conv2d_forward_cuda(x, w, None, y, [1, 1], [1, 1], [1, 1], 1, False, "auto", stats, True, None,
-                                     split_k)
+        st = emu.conv2d_forward_cuda(
+            x, w, None, y, [1, 1], [1, 1], [1, 1], 1, False, "auto", stats, True, None, split_k
+        )
         gx = torch.full_like(x, float("nan"))
         emu.conv2d_backward_input_cuda(g, w, gx, [1, 1], [1, 1], [1, 1], 1, "auto", True, split_k)
         return y, gx, st
@@ -262,7 +271,8 @@ def test_strided_grad_input_computes_only_the_taps_that_reach_each_phase(emu, al
     for size, stride in ((16, 2), (8, 1)):
         gy = torch.randn(2, 64, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
         gx = torch.full((2, 64, size, size), float("nan"), dtype=torch.float16).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=torch.channels_last
+        )
         emu.cuemu_stats()
         emu.conv2d_backward_input_cuda(gy, w, gx, [stride] * 2, [0, 0], [1, 1], 1, algo, False)
         _, _, mma, wgmma, *_ = emu.cuemu_stats()

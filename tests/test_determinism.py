@@ -49,19 +49,28 @@ def deterministic():
 
 def test_no_kernel_uses_atomics():
     """Every Triton and CUDA C++ kernel reduces in a fixed order (or is listed as nondeterministic)."""
-    pattern = re.compile(r"\batomic\w*\s*\(|\btl\.atomic_|\batomicAdd|\batomicCAS|\bred\.global|\batom\.")  # PTX red/atom too
-    files = sorted((ROOT / "kernels").glob("*.py")) + sorted((ROOT / "csrc").rglob("*.cu")) + sorted(
-        (ROOT / "csrc").rglob("*.cuh")) + sorted((ROOT / "csrc").rglob("*.h"))
+    pattern = re.compile(
+        r"\batomic\w*\s*\(|\btl\.atomic_|\batomicAdd|\batomicCAS|\bred\.global|\batom\."
+    )  # PTX red/atom too
+    files = (
+        sorted((ROOT / "kernels").glob("*.py"))
+        + sorted((ROOT / "csrc").rglob("*.cu"))
+        + sorted((ROOT / "csrc").rglob("*.cuh"))
+        + sorted((ROOT / "csrc").rglob("*.h"))
+    )
     assert any(f.suffix == ".py" for f in files)
     found = {str(f.relative_to(ROOT)) for f in files if pattern.search(f.read_text())}
-    assert found <= set(NONDETERMINISTIC), f"atomics in {sorted(found - set(NONDETERMINISTIC))}: add a " \
-                                           "deterministic path or make the op raise in deterministic mode"
+    assert found <= set(NONDETERMINISTIC), (
+        f"atomics in {sorted(found - set(NONDETERMINISTIC))}: add a "
+        "deterministic path or make the op raise in deterministic mode"
+    )
 
 
 def _run(op, backend, inputs):
     """One forward and backward of ``op``: (output, gradients..., state...)."""
-    x, w, b, gamma, beta, rm, rv, s, g = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None
-                                          else None for t in inputs]
+    x, w, b, gamma, beta, rm, rv, s, g = [
+        t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in inputs
+    ]
     if op == "conv2d":
         out = F.conv2d(x, w, b, stride=2, padding=1, activation="relu", backend=backend)
         leaves, state = (x, w, b), ()
@@ -127,14 +136,17 @@ def test_deterministic_mode_picks_conv_tiles_by_shape_not_by_timing(monkeypatch,
 
     from cnnkern.kernels import conv2d as k
 
-    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}) for bm, bn in [(128, 128), (128, 64), (64, 128), (64, 64),
-                                                                        (128, 256)]]
+    cfgs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn})
+        for bm, bn in [(128, 128), (128, 64), (64, 128), (64, 64), (128, 256)]
+    ]
     pick = lambda M, N, sms: (lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))(  # noqa: E731
-        k.deterministic_config(cfgs, M, N, sms))
-    assert pick(100352, 256, 132) == (128, 256)   # plenty of tiles: the largest
-    assert pick(6272, 256, 132) == (128, 64)      # 49 or 98 larger tiles would leave SMs idle; a tie: list order
-    assert pick(1568, 512, 132) == (64, 64)       # only the smallest tile gives every SM one
-    assert pick(1568, 64, 132) == (64, 64)        # nothing fills the GPU: the smallest
+        k.deterministic_config(cfgs, M, N, sms)
+    )
+    assert pick(100352, 256, 132) == (128, 256)  # plenty of tiles: the largest
+    assert pick(6272, 256, 132) == (128, 64)  # 49 or 98 larger tiles would leave SMs idle; a tie: list order
+    assert pick(1568, 512, 132) == (64, 64)  # only the smallest tile gives every SM one
+    assert pick(1568, 64, 132) == (64, 64)  # nothing fills the GPU: the smallest
     assert pick(1568, 64, 132) == pick(1568, 64, 132)
 
     def no_autotune(*a, **kw):

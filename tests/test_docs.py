@@ -43,8 +43,9 @@ def _python_blocks():
             elif fence is not None and line.strip() == "```":
                 lang, start, above = fence
                 if lang == "python":
-                    out.append((os.path.relpath(page, ROOT), start, "\n".join(body) + "\n",
-                                bool(_NO_TEST.search(above))))
+                    out.append(
+                        (os.path.relpath(page, ROOT), start, "\n".join(body) + "\n", bool(_NO_TEST.search(above)))
+                    )
                 fence = None
             elif fence is not None:
                 body.append(line)

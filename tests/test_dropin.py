@@ -25,8 +25,11 @@ NETS = {
     "alexnet": (lambda: M.alexnet(variant="torchvision"), lambda: tv.models.alexnet(), (1, 3, 64, 64)),
     "vgg16": (lambda: M.vgg16(), lambda: tv.models.vgg16(), (1, 3, 32, 32)),
     "vgg16_bn": (lambda: M.vgg16(batch_norm=True), lambda: tv.models.vgg16_bn(), (1, 3, 32, 32)),
-    "googlenet": (lambda: M.googlenet(), lambda: tv.models.GoogLeNet(aux_logits=False, transform_input=False,
-                                                                     init_weights=True), (1, 3, 32, 32)),
+    "googlenet": (
+        lambda: M.googlenet(),
+        lambda: tv.models.GoogLeNet(aux_logits=False, transform_input=False, init_weights=True),
+        (1, 3, 32, 32),
+    ),
     "googlenet_paper": (lambda: M.googlenet(variant="paper", num_classes=10), None, (1, 3, 32, 32)),
     "resnet18": (lambda: M.resnet18(), lambda: tv.models.resnet18(), (1, 3, 32, 32)),
     "resnet18_paper": (lambda: M.resnet18(variant="paper"), lambda: tv.models.resnet18(), (1, 3, 32, 32)),
@@ -57,10 +60,14 @@ def _record(model, x, names=None):
     for n, m in model.named_modules():
         if not n or (names is not None and n not in names):
             continue
-        handles.append(m.register_forward_pre_hook(
-            lambda m, a, n=n: log.append((n, "pre", tuple(a[0].shape) if a and torch.is_tensor(a[0]) else None))))
-        handles.append(m.register_forward_hook(
-            lambda m, a, o, n=n: log.append((n, "out", tuple(o.shape), o.detach().clone()))))
+        handles.append(
+            m.register_forward_pre_hook(
+                lambda m, a, n=n: log.append((n, "pre", tuple(a[0].shape) if a and torch.is_tensor(a[0]) else None))
+            )
+        )
+        handles.append(
+            m.register_forward_hook(lambda m, a, o, n=n: log.append((n, "out", tuple(o.shape), o.detach().clone())))
+        )
     try:
         with torch.no_grad(), cnnkern.use_backend("torch"):
             out = model(x)
@@ -152,8 +159,8 @@ def test_full_backward_hooks_match_torchvision():
         log = []
         for n, m in model.named_modules():
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-                m.register_full_backward_hook(lambda m, gi, go, n=n: log.append((n, go[0].clone())))
-                m.register_full_backward_pre_hook(lambda m, go, n=n: log.append((n + ":pre", go[0].clone())))
+                m.register_full_backward_hook(lambda m, gi, go, n=n, log=log: log.append((n, go[0].clone())))
+                m.register_full_backward_pre_hook(lambda m, go, n=n, log=log: log.append((n + ":pre", go[0].clone())))
         with cnnkern.use_backend("torch"):
             model(x.repeat(2, 1, 1, 1)).square().sum().backward()
         res.append(log)
@@ -173,8 +180,9 @@ def test_alexnet_paper_conv_shapes_by_hook():
     assert shapes == [(96, 55, 55), (256, 27, 27), (384, 13, 13), (384, 13, 13), (256, 13, 13)]
 
 
-@pytest.mark.parametrize("factory,gmacs", [(M.resnet18, 1.8), (M.resnet34, 3.6), (M.resnet50, 3.8),
-                                           (M.resnet101, 7.6), (M.resnet152, 11.3)])
+@pytest.mark.parametrize(
+    "factory,gmacs", [(M.resnet18, 1.8), (M.resnet34, 3.6), (M.resnet50, 3.8), (M.resnet101, 7.6), (M.resnet152, 11.3)]
+)
 def test_resnet_multiply_adds_counted_by_hooks(factory, gmacs):
     """The seed's table (He et al., Table 1) at 224x224, counted from the hooks' outputs: conv
     K*Cg*R*S*P*Q plus the fc layer. The counts are 1.814, 3.664, 3.858, 7.570 and 11.282 G: the
@@ -189,6 +197,7 @@ def test_resnet_multiply_adds_counted_by_hooks(factory, gmacs):
             macs.append(k * cg * r * s * o.shape[2] * o.shape[3])
         else:
             macs.append(m.in_features * m.out_features)
+
     for m in model.modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             m.register_forward_hook(count)
@@ -211,16 +220,19 @@ def test_symbolic_trace_runs_cnnkern_and_matches(name):
     ours, ref, x = _pair(name)
     gm = torch.fx.symbolic_trace(ours)
     assert _runs_cnnkern(gm)
-    assert not any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.Conv2d)
-                   for n in gm.graph.nodes)
+    assert not any(
+        n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.Conv2d) for n in gm.graph.nodes
+    )
     with torch.no_grad(), cnnkern.use_backend("torch"):
         assert rel_err(gm(x), ours(x)) < 1e-12
     assert set(gm.state_dict()) <= set(ours.state_dict())
 
 
 FEATURES = {
-    "resnet18": {"layer2": "l2", "layer4": "l4"}, "resnet50": {"layer1": "l1", "layer3": "l3"},
-    "vgg16_bn": {"features": "f", "classifier.1": "c"}, "alexnet": {"features": "f", "avgpool": "p"},
+    "resnet18": {"layer2": "l2", "layer4": "l4"},
+    "resnet50": {"layer1": "l1", "layer3": "l3"},
+    "vgg16_bn": {"features": "f", "classifier.1": "c"},
+    "alexnet": {"features": "f", "avgpool": "p"},
     "googlenet": {"inception3b": "i3", "inception4e": "i4", "avgpool": "p"},
 }
 
@@ -286,7 +298,7 @@ def _plumbing_checks(model, x):
         assert f32(x.float()).dtype == torch.float32 and rel_err(f32(x.float()), want) < 1e-4
         params = {n: p * 2 for n, p in model.named_parameters()}
         scaled = copy.deepcopy(model)
-        for n, p in scaled.named_parameters():
+        for p in scaled.parameters():
             p.mul_(2)
         assert rel_err(torch.func.functional_call(model, params, (x,)), scaled(x)) < 1e-12
         traced = torch.jit.trace(model, (x,), check_trace=False)
@@ -344,8 +356,11 @@ def test_converted_model_hooks_match_the_original(name):
     assert rel_err(y, y_ref) < 1e-12
     views = {n for n, m in conv.named_modules() if isinstance(m, cnn.FusedConv2d)}
     assert views and views.isdisjoint(leaves)
-    assert "(conv1_fused): ConvBNReLU2d(conv=conv1, bn=bn1, relu=relu)" in repr(conv) if name == "resnet18" else \
-        "(0_fused): ConvReLU2d(conv=features.0, relu=features.1)" in repr(conv)
+    assert (
+        "(conv1_fused): ConvBNReLU2d(conv=conv1, bn=bn1, relu=relu)" in repr(conv)
+        if name == "resnet18"
+        else "(0_fused): ConvReLU2d(conv=features.0, relu=features.1)" in repr(conv)
+    )
 
 
 def test_converted_model_traces_and_extracts_features():
@@ -388,14 +403,16 @@ def test_convert_warns_instead_of_falling_back_in_silence(monkeypatch):
 
     def bug(*a, **k):
         raise ValueError("a bug")
+
     monkeypatch.setattr(cnnkern.functional, "residual_add", bug)
     with torch.no_grad(), pytest.raises(ValueError, match="a bug"):
         join(x, x)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(cnnkern._backend.unavailable_reason("triton", torch.device("cpu")) is not None,
-                    reason="Triton unavailable")
+@pytest.mark.skipif(
+    cnnkern._backend.unavailable_reason("triton", torch.device("cpu")) is not None, reason="Triton unavailable"
+)
 def test_hooks_on_triton_kernels():
     """The Triton kernels (interpreter on CPU): hooked chains run their modules, the rest fuse."""
     model = M.cifar_resnet(20).double().eval()
@@ -412,15 +429,18 @@ def test_hooks_on_triton_kernels():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(cnnkern._backend.unavailable_reason("triton", torch.device("cpu")) is not None,
-                    reason="Triton unavailable")
+@pytest.mark.skipif(
+    cnnkern._backend.unavailable_reason("triton", torch.device("cpu")) is not None, reason="Triton unavailable"
+)
 @pytest.mark.parametrize("name", ["alexnet-paper", "vgg11-bn", "googlenet-paper"])
 def test_hooks_on_triton_kernels_in_every_family(name):
     """The other families on the Triton kernels (interpreter on CPU, the smallest inputs the
     networks take): the output and a hooked convolution's output as on the torch backend."""
-    make, size = {"alexnet-paper": (lambda: M.alexnet(variant="paper", num_classes=10), 67),
-                  "vgg11-bn": (lambda: M.vgg11(batch_norm=True, num_classes=10), 32),
-                  "googlenet-paper": (lambda: M.googlenet(variant="paper", num_classes=10), 32)}[name]
+    make, size = {
+        "alexnet-paper": (lambda: M.alexnet(variant="paper", num_classes=10), 67),
+        "vgg11-bn": (lambda: M.vgg11(batch_norm=True, num_classes=10), 32),
+        "googlenet-paper": (lambda: M.googlenet(variant="paper", num_classes=10), 32),
+    }[name]
     model = make().double().eval()
     randomise_bn(model)
     x = torch.randn(1, 3, size, size, dtype=torch.float64)
@@ -460,6 +480,7 @@ def test_jit_script_of_a_converted_model_names_the_alternatives():
 def _layouts(c=4):
     """(name, tensor) inputs whose layouts PyTorch decides between NCHW and channels_last,
     including the ambiguous ones (one channel, 1x1 pixels, one item, size-1 dims with odd strides)."""
+
     def t(*shape, cl=False):
         x = torch.randn(*shape, device=DEVICE, dtype=torch.float32)
         return x.to(memory_format=torch.channels_last) if cl else x
@@ -467,13 +488,17 @@ def _layouts(c=4):
     odd = torch.randn(2 * 7 * 25, device=DEVICE).as_strided((2, 1, 5, 5), (175, 3, 5, 1))  # C == 1, stride 3
     spread = torch.randn(2 * 25 * 9, device=DEVICE).as_strided((2, 1, 5, 5), (225, 7, 45, 9))  # C == 1, strided
     return [
-        ("nchw", t(2, c, 5, 5)), ("channels_last", t(2, c, 5, 5, cl=True)),
-        ("one channel", t(2, 1, 6, 6)), ("one channel, channels_last", t(2, 1, 6, 6, cl=True)),
-        ("1x1 pixels", t(2, c, 1, 1)), ("1x1 pixels, channels_last", t(2, c, 1, 1, cl=True)),
+        ("nchw", t(2, c, 5, 5)),
+        ("channels_last", t(2, c, 5, 5, cl=True)),
+        ("one channel", t(2, 1, 6, 6)),
+        ("one channel, channels_last", t(2, 1, 6, 6, cl=True)),
+        ("1x1 pixels", t(2, c, 1, 1)),
+        ("1x1 pixels, channels_last", t(2, c, 1, 1, cl=True)),
         ("one item, channels_last", t(1, c, 5, 5, cl=True)),
         ("channels_last sliced in width", t(2, c, 5, 10, cl=True)[..., ::2]),
         ("nchw sliced in channels", t(2, 2 * c, 5, 5)[:, ::2]),
-        ("one channel, odd stride", odd), ("one channel, spread out", spread),
+        ("one channel, odd stride", odd),
+        ("one channel, spread out", spread),
     ]
 
 
@@ -503,13 +528,18 @@ def test_output_layouts_follow_pytorch(case, backend):
     for w_layout in (w, w.to(memory_format=torch.channels_last)):
         checks = {
             "conv2d": (TF.conv2d(x, w_layout, padding=1), F.conv2d(x, w_layout, padding=1, backend=backend)),
-            "conv_bn_relu": (TF.relu(TF.batch_norm(TF.conv2d(x, w_layout, padding=1), rm, rv)),
-                             F.conv_bn_relu(x, w_layout, None, rm, rv, None, None, padding=1, backend=backend)),
+            "conv_bn_relu": (
+                TF.relu(TF.batch_norm(TF.conv2d(x, w_layout, padding=1), rm, rv)),
+                F.conv_bn_relu(x, w_layout, None, rm, rv, None, None, padding=1, backend=backend),
+            ),
         }
         for op, (want, got) in checks.items():
             assert _same_layout(got, want), (case, op, got.stride(), want.stride())
-    for s in (torch.randn(x.shape, device=x.device), torch.randn(x.shape, device=x.device).to(
-            memory_format=torch.channels_last), x.clone()):
+    for s in (
+        torch.randn(x.shape, device=x.device),
+        torch.randn(x.shape, device=x.device).to(memory_format=torch.channels_last),
+        x.clone(),
+    ):
         for relu in (True, False):
             want = torch.relu(x + s) if relu else x + s
             got = F.residual_add(x, s, relu=relu, backend=backend)
@@ -531,8 +561,10 @@ def test_output_layout_rule_is_suggest_memory_format():
         perm = torch.randperm(4, generator=gen).tolist()
         base = torch.empty([shape[i] for i in perm]).permute(*[perm.index(i) for i in range(4)])
         steps = [int(v) for v in torch.randint(1, 3, (4,), generator=gen)]
-        for t in (base, torch.empty([s * k for s, k in zip(shape, steps)])[::steps[0], ::steps[1], ::steps[2],
-                                                                             ::steps[3]]):
+        for t in (
+            base,
+            torch.empty([s * k for s, k in zip(shape, steps)])[:: steps[0], :: steps[1], :: steps[2], :: steps[3]],
+        ):
             assert output_channels_last(t) == (suggest_memory_format(t) == torch.channels_last), (t.shape, t.stride())
     for _, t in _layouts():
         assert output_channels_last(t) == (suggest_memory_format(t) == torch.channels_last), (t.shape, t.stride())

@@ -24,7 +24,8 @@ def stub(tmp_path):
     STUB_PREBUILT_RC (default 1: none usable), the bench prints its arguments; everything
     else (the scripts' small probes) runs on the real interpreter."""
     path = tmp_path / "python"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         #!/usr/bin/env bash
         case "$*" in
           *"-m pytest"*) echo "stub pytest $*"; trap 'echo "stub pytest: SIGINT"; exit 2' INT; sleep 60 & wait ;;
@@ -34,7 +35,8 @@ def stub(tmp_path):
           *"cnnkern.cli bench"*) echo "stub bench split_k=${{CNNKERN_CONV_SPLIT_K:-auto}} $*"; exit 0 ;;
           *) exec {sys.executable} "$@" ;;
         esac
-        """))
+        """)
+    )
     path.chmod(0o755)
     return str(path)
 
@@ -57,8 +59,9 @@ def test_steps_run_in_the_order_given_with_time_caps(stub, tmp_path):
     status = _summary(out)
     assert status["build"] == "ok" and status["importable"] == "ok"
     assert (status["bench-quick"], status["pytest-cuda-conv"], status["bench-mma"]) == ("ok", "TIMEOUT", "ok")
-    order = [ln.split()[0] for ln in open(os.path.join(out, "summary.txt")).read().splitlines()[1:]
-             if ln.startswith("  ")]
+    order = [
+        ln.split()[0] for ln in open(os.path.join(out, "summary.txt")).read().splitlines()[1:] if ln.startswith("  ")
+    ]
     assert order[-3:] == ["bench-quick", "pytest-cuda-conv", "bench-mma"]
     log = open(os.path.join(out, "pytest-cuda-conv.log")).read()
     assert "stub pytest: SIGINT" in log and "time share of 3 s used up" in log  # pytest got to write its XML
@@ -99,8 +102,16 @@ def test_lease_script_packs_one_archive(stub, tmp_path):
     assert r.returncode == 2 and "usage" in r.stderr
     archive = tmp_path / "lease.tgz"
     # (a deadline far from reach and no minimum share: a loaded machine does not skip a step)
-    r = _run(LEASE, [str(archive)], stub, DEADLINE_S="300", RESERVE_S="2", STEP_MIN_S="1",
-             STEPS="bench-quick pytest-cuda-conv:2", CNNKERN_GIT_COMMIT="abc1234")
+    r = _run(
+        LEASE,
+        [str(archive)],
+        stub,
+        DEADLINE_S="300",
+        RESERVE_S="2",
+        STEP_MIN_S="1",
+        STEPS="bench-quick pytest-cuda-conv:2",
+        CNNKERN_GIT_COMMIT="abc1234",
+    )
     assert archive.exists(), r.stdout + r.stderr
     with tarfile.open(archive) as tar:
         names = tar.getnames()
@@ -136,6 +147,7 @@ def test_the_build_step_uses_a_carried_extension_only_when_its_key_matches(stub,
 
 def _prebuilt():
     from helpers import load_script
+
     return load_script("prebuilt")
 
 
@@ -143,6 +155,7 @@ def test_prebuilt_key_catches_other_sources_torch_or_binary(tmp_path, monkeypatc
     """The key of a carried extension: it matches only the tree, torch and binary it was written
     for, and a matching binary must still load (this one is not an extension: it fails there)."""
     import torch
+
     pb = _prebuilt()
     root = str(tmp_path)
     (tmp_path / "csrc" / "cuda").mkdir(parents=True)

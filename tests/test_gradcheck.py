@@ -45,17 +45,31 @@ def _cases(backend):
         "conv2d": (lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1, backend=backend), (x, w, b), True),
         "conv2d-groups-dilation-relu": (
             lambda x, w: F.conv2d(x, w, padding=1, dilation=2, groups=2, activation="relu", backend=backend),
-            (xg, wg), True),
+            (xg, wg),
+            True,
+        ),
         "conv_bn_relu-train": (
-            lambda x, w, g, bt: F.conv_bn_relu(x, w, None, None, None, g, bt, training=True, padding=1, relu=False,
-                                               backend=backend), (x, w, gamma, beta), not kernel),
+            lambda x, w, g, bt: F.conv_bn_relu(
+                x, w, None, None, None, g, bt, training=True, padding=1, relu=False, backend=backend
+            ),
+            (x, w, gamma, beta),
+            not kernel,
+        ),
         "conv_bn_relu-eval": (
             lambda x, w, b, g, bt: F.conv_bn_relu(x, w, b, rm, rv, g, bt, training=False, padding=1, backend=backend),
-            (x, w, b, gamma, beta), True),
-        "local_response_norm": (lambda x: F.local_response_norm(x, 3, alpha=0.5, k=1.5, backend=backend),
-                                (_r(1, 5, 2, 2),), not kernel),
-        "local_response_norm-even-size": (lambda x: F.local_response_norm(x, 4, alpha=0.5, backend=backend),
-                                          (_r(1, 5, 2, 1),), not kernel),
+            (x, w, b, gamma, beta),
+            True,
+        ),
+        "local_response_norm": (
+            lambda x: F.local_response_norm(x, 3, alpha=0.5, k=1.5, backend=backend),
+            (_r(1, 5, 2, 2),),
+            not kernel,
+        ),
+        "local_response_norm-even-size": (
+            lambda x: F.local_response_norm(x, 4, alpha=0.5, backend=backend),
+            (_r(1, 5, 2, 1),),
+            not kernel,
+        ),
         "residual_add-identity": (lambda a, s: F.residual_add(a, s, backend=backend), (xs, _r(1, 4, 2, 3)), True),
         "residual_add-option-a": (lambda a, s: F.residual_add(a, s, backend=backend), (xs, ss), True),
         "residual_add-no-relu": (lambda a, s: F.residual_add(a, s, relu=False, backend=backend), (xs, ss), True),
@@ -93,7 +107,10 @@ def test_gradgradcheck_or_clear_error(name, backend):
     # what gradgradcheck would do first: differentiate the gradient
     out = fn(*inputs)
     grads = torch.autograd.grad(out, inputs, torch.randn_like(out), create_graph=True)
-    with pytest.raises(RuntimeError, match=r"Trying to backward through cnnkern\.(conv_bn_relu_backward|"
-                                           r"local_response_norm_backward)\.default but no "
-                                           r"autograd formula was registered"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"Trying to backward through cnnkern\.(conv_bn_relu_backward|"
+        r"local_response_norm_backward)\.default but no "
+        r"autograd formula was registered",
+    ):
         sum(g.sum() for g in grads).backward()

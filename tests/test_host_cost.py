@@ -23,8 +23,10 @@ import pytest
 
 from benchmarks import bench_host
 
-pytestmark = pytest.mark.skipif(os.path.exists("/proc/driver/nvidia"),
-                                reason="a real NVIDIA driver is present: the stand-in driver never loads there")
+pytestmark = pytest.mark.skipif(
+    os.path.exists("/proc/driver/nvidia"),
+    reason="a real NVIDIA driver is present: the stand-in driver never loads there",
+)
 
 
 def _run_check(module: str) -> list[str]:
@@ -33,8 +35,14 @@ def _run_check(module: str) -> list[str]:
     try:
         stub = os.path.join(work, "stub")
         bench_host.build_stub(stub)
-        proc = subprocess.run([sys.executable, "-m", module], env=bench_host._child_env(stub), cwd=bench_host.ROOT,
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, "-m", module],
+            env=bench_host._child_env(stub),
+            cwd=bench_host.ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

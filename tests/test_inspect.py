@@ -16,8 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def report():
     # a fresh process without the interpreter: interpreted kernels cannot be compiled
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "cnnkern._inspect", "--json"], capture_output=True, text=True,
-                         cwd=ROOT, env=env, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "cnnkern._inspect", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
     assert res.stdout, res.stderr
     return res.returncode, json.loads(res.stdout)
 
@@ -40,14 +46,23 @@ def test_main_bf16_conv_kernel_uses_wgmma_on_hopper(report):
 def test_every_kernel_and_arch_was_compiled(report):
     _, data = report
     labels = {r["label"] for r in data["triton"]}
-    assert {"conv2d forward 3x3, bf16 NHWC", "conv2d forward 1x1 (GEMM), bf16 NHWC", "conv2d dgrad 3x3, bf16 NHWC",
-            "conv2d wgrad 3x3, bf16 NHWC", "conv2d wgrad split-K sum, bf16 weight",
-            "conv2d forward 3x3 split-K partials, bf16 NHWC", "conv2d forward split-K sum + residual + ReLU, bf16 NHWC",
-            "conv2d forward split-K sum + BatchNorm statistics, bf16 NHWC",
-            "conv2d dgrad 3x3 split-K partials, bf16 NHWC",
-            "conv_bn_relu finalize, fp32 stats, bf16 params", "conv_bn_relu finalize, fp64",
-            "conv_bn_relu backward coefficients, bf16 params", "conv_bn_relu apply + ReLU, bf16 NHWC",
-            "conv_bn_relu backward reductions, bf16 NHWC", "conv_bn_relu backward dy, bf16 NHWC"} <= labels
+    assert {
+        "conv2d forward 3x3, bf16 NHWC",
+        "conv2d forward 1x1 (GEMM), bf16 NHWC",
+        "conv2d dgrad 3x3, bf16 NHWC",
+        "conv2d wgrad 3x3, bf16 NHWC",
+        "conv2d wgrad split-K sum, bf16 weight",
+        "conv2d forward 3x3 split-K partials, bf16 NHWC",
+        "conv2d forward split-K sum + residual + ReLU, bf16 NHWC",
+        "conv2d forward split-K sum + BatchNorm statistics, bf16 NHWC",
+        "conv2d dgrad 3x3 split-K partials, bf16 NHWC",
+        "conv_bn_relu finalize, fp32 stats, bf16 params",
+        "conv_bn_relu finalize, fp64",
+        "conv_bn_relu backward coefficients, bf16 params",
+        "conv_bn_relu apply + ReLU, bf16 NHWC",
+        "conv_bn_relu backward reductions, bf16 NHWC",
+        "conv_bn_relu backward dy, bf16 NHWC",
+    } <= labels
     assert {r["arch"] for r in data["triton"]} == {80, 90}
     sm80_main = [r for r in data["triton"] if r["arch"] == 80 and r["label"].startswith("conv2d forward 3x3")]
     assert all(r["mma"] > 0 for r in sm80_main)
@@ -57,8 +72,10 @@ def _small_c_configs():
     import triton
 
     tiles = [(64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 8, 3)]
-    return tiles, [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-                   for (m, n, k, w, s) in tiles]
+    return tiles, [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for (m, n, k, w, s) in tiles
+    ]
 
 
 def test_tiles_a_triton_release_spills_in_are_left_out_for_that_kernel_and_arch_only(monkeypatch):
@@ -91,8 +108,9 @@ def test_prune_leaves_out_the_spilling_tiles_of_this_gpu(monkeypatch):
     named = {"x_ptr": torch.empty(1, device="cuda"), "Cg": 3, "Kg": 64}
     pruned = conv2d._prune(configs, named, kernel="_fwd_small_c_kernel", HAS_RES=False, SPLIT=False)
     smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
-    assert pruned == conv2d.gpu_configs(configs, kernel="_fwd_small_c_kernel", arch=major * 10 + minor,
-                                        elem_bytes=4, smem_limit=smem)
+    assert pruned == conv2d.gpu_configs(
+        configs, kernel="_fwd_small_c_kernel", arch=major * 10 + minor, elem_bytes=4, smem_limit=smem
+    )
     assert len(pruned) == (2 if (major, minor) == (9, 0) else 3)
 
 
@@ -105,8 +123,10 @@ def test_tiles_whose_pipeline_cannot_fit_in_shared_memory_are_left_out():
     from cnnkern.kernels import conv2d
 
     tiles = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_C": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-               for (m, n, k, w, s) in tiles]
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_C": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for (m, n, k, w, s) in tiles
+    ]
 
     def kept(**kw):
         return [conv2d._tile(c) for c in conv2d.gpu_configs(configs, **kw)]
@@ -154,8 +174,16 @@ def test_the_deterministic_tile_fits_in_shared_memory(dtype_bytes, smem):
     can give a block; from the pruned GPU space it is a tile that fits (H100: 227 KiB, A100: 163)."""
     from cnnkern.kernels import conv2d
 
-    configs = conv2d.gpu_configs(conv2d._configs(conv2d._FWD_SPACE, interpret=False), kernel="_fwd_kernel", arch=90,
-                                 elem_bytes=dtype_bytes, smem_limit=smem, HAS_RES=False, SPLIT=False, STATS=False)
+    configs = conv2d.gpu_configs(
+        conv2d._configs(conv2d._FWD_SPACE, interpret=False),
+        kernel="_fwd_kernel",
+        arch=90,
+        elem_bytes=dtype_bytes,
+        smem_limit=smem,
+        HAS_RES=False,
+        SPLIT=False,
+        STATS=False,
+    )
     cfg = conv2d.deterministic_config(configs, 32 * 56 * 56, 64, 132)
     assert conv2d.smem_bound(cfg, dtype_bytes) <= smem, cfg
     unpruned = conv2d.deterministic_config(conv2d._configs(conv2d._FWD_SPACE, interpret=False), 32 * 56 * 56, 64, 132)

@@ -43,26 +43,30 @@ class _Recorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.calls.append((grid, args, kwargs))
+
         return launch
 
 
 def _kernels():
     from cnnkern.kernels import conv2d, conv_bn_relu, local_response_norm, residual_add
+
     return conv2d, conv_bn_relu, local_response_norm, residual_add
 
 
 # ------------------------------------------------------------------------------------------------
 # CPU: refusals and int64 switches, on meta tensors
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("numel,int64", [(2**20, False), (INT32_MAX - 4096, False), (INT32_MAX - 4095, True),
-                                         (2**31 + 5, True), (3 * 2**31, True)])
+@pytest.mark.parametrize(
+    "numel,int64",
+    [(2**20, False), (INT32_MAX - 4096, False), (INT32_MAX - 4095, True), (2**31 + 5, True), (3 * 2**31, True)],
+)
 def test_residual_flat_kernel_switches_to_int64(monkeypatch, numel, int64):
     _, _, _, kr = _kernels()
     rec = _Recorder()
     monkeypatch.setattr(kr, "_flat_kernel", rec)
     a = torch.empty(numel, device=META, dtype=torch.float16)
     kr._launch_flat(a, a, a, relu_grad=False, relu=True)
-    (grid, args, kwargs), = rec.calls
+    ((grid, args, kwargs),) = rec.calls
     assert kwargs["INT64"] is int64
     assert grid == (-(-numel // kwargs["BLOCK"]),)
     assert grid[0] <= INT32_MAX
@@ -110,7 +114,7 @@ def test_lrn_accepts_large_batches_and_the_largest_image(monkeypatch):
     x = torch.empty(3 * 2**10, 64, 256, 128, device=META)
     assert x.numel() == 3 * 2**31
     kl.local_response_norm_forward(x, torch.empty_like(x), 5, 1e-4, 0.75, 1.0)
-    (grid, args, _), = rec.calls
+    ((grid, args, _),) = rec.calls
     assert 0 < grid[0] <= INT32_MAX
     kl._check_index_range(torch.empty(1, 1, 1, INT32_MAX - 4096, device=META))
 
@@ -149,6 +153,7 @@ def test_cuda_kernels_index_in_int64():
     and LRN's launchers pass int64 sizes and strides, their loops run over int64 items, and LRN
     refuses C >= 2^29 before launch."""
     import pathlib
+
     root = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
     res = (root / "residual_add.cu").read_text()
     assert "int64_t numel" in res and "for (int64_t i = " in res
@@ -239,8 +244,9 @@ def test_gpu_conv2d_batch_over_2_31_elements(backend, _free_cuda_memory):
     ref_last = torch.nn.functional.conv2d(x[-1:].detach().float(), w.detach().float())
     torch.testing.assert_close(y[-1:].float(), ref_last, rtol=2e-2, atol=2e-2)
     gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
-    torch.testing.assert_close(gx[-1].float(), w.detach().float().sum(0).view(16, 1, 1).expand(16, 128, 128),
-                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        gx[-1].float(), w.detach().float().sum(0).view(16, 1, 1).expand(16, 128, 128), rtol=1e-2, atol=1e-2
+    )
     want_gw = x.detach().float().sum(dim=(0, 2, 3)).view(1, 16, 1, 1).expand(16, 16, 1, 1)
     torch.testing.assert_close(gw.float(), want_gw, rtol=1e-2, atol=1e-2 * float(want_gw.abs().max()))
 

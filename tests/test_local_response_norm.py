@@ -68,7 +68,9 @@ def test_forward(backend, dtype, layout, size):
         tol = 1e-12 if dtype == torch.float64 else 2e-6
         torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
     if backend != "torch":
-        assert out.is_contiguous(memory_format=torch.channels_last) if layout == "channels_last" else out.is_contiguous()
+        assert (
+            out.is_contiguous(memory_format=torch.channels_last) if layout == "channels_last" else out.is_contiguous()
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -137,7 +139,9 @@ def test_expanded_grad_and_mixed_layouts(backend):
     assert_rel_close(x.grad, _ref_grad(x, ones, 3, 1.0, 0.75, 1.0), torch.float32, "grad input")
 
 
-@pytest.mark.skipif(cnnkern._backend.unavailable_reason("triton", DEVICE) is not None, reason="needs the Triton backend")
+@pytest.mark.skipif(
+    cnnkern._backend.unavailable_reason("triton", DEVICE) is not None, reason="needs the Triton backend"
+)
 @pytest.mark.parametrize("size", [2, 5])
 def test_channel_chunks(size):
     """Few positions and many channels split the channel walk into chunks, each re-entering the

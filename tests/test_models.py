@@ -28,10 +28,14 @@ TORCHVISION_PAIRS = {
     "vgg16": (lambda: M.vgg16(), lambda: tv.models.vgg16()),
     "vgg16_bn": (lambda: M.vgg16(batch_norm=True), lambda: tv.models.vgg16_bn()),
     "vgg19_bn": (lambda: M.vgg19(batch_norm=True), lambda: tv.models.vgg19_bn()),
-    "googlenet": (lambda: M.googlenet(), lambda: tv.models.GoogLeNet(aux_logits=False, transform_input=False,
-                                                                     init_weights=True)),
-    "googlenet_aux": (lambda: M.googlenet(aux_logits=True),
-                      lambda: tv.models.GoogLeNet(aux_logits=True, transform_input=False, init_weights=True)),
+    "googlenet": (
+        lambda: M.googlenet(),
+        lambda: tv.models.GoogLeNet(aux_logits=False, transform_input=False, init_weights=True),
+    ),
+    "googlenet_aux": (
+        lambda: M.googlenet(aux_logits=True),
+        lambda: tv.models.GoogLeNet(aux_logits=True, transform_input=False, init_weights=True),
+    ),
 }
 
 
@@ -59,8 +63,10 @@ def test_torchvision_resnet50_loads_into_the_paper_variant():
 
 def _stage_shapes(model, x):
     shapes = {}
-    hooks = [getattr(model, n).register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape)))
-             for n in ("maxpool", "layer1", "layer2", "layer3", "layer4")]
+    hooks = [
+        getattr(model, n).register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape)))
+        for n in ("maxpool", "layer1", "layer2", "layer3", "layer4")
+    ]
     with cnnkern.use_backend("torch"), torch.no_grad():
         out = model(x)
     for h in hooks:
@@ -95,8 +101,9 @@ def test_blocks_add_their_shortcut_in_their_last_fused_layer(monkeypatch):
     layer's kernel; only option A's subsampled, zero-padded shortcuts take the residual add."""
     calls = []
     real = cnnkern.nn.ResidualAdd.forward
-    monkeypatch.setattr(cnnkern.nn.ResidualAdd, "forward",
-                        lambda self, x, s: calls.append(tuple(s.shape)) or real(self, x, s))
+    monkeypatch.setattr(
+        cnnkern.nn.ResidualAdd, "forward", lambda self, x, s: calls.append(tuple(s.shape)) or real(self, x, s)
+    )
     with torch.no_grad(), cnnkern.use_backend("torch"):
         for net in (M.resnet18(num_classes=10), M.resnet50(num_classes=10), M.resnet18(num_classes=10, shortcut="C")):
             net.eval()(torch.randn(1, 3, 32, 32))
@@ -123,8 +130,7 @@ def test_cifar_networks_match_the_paper(depth, params_m):
 def test_vgg16_matches_the_seed_parameter_table():
     model = M.vgg16()
     convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
-    want = [1728, 36864, 73728, 147456, 294912, 589824, 589824, 1179648, 2359296, 2359296, 2359296, 2359296,
-            2359296]
+    want = [1728, 36864, 73728, 147456, 294912, 589824, 589824, 1179648, 2359296, 2359296, 2359296, 2359296, 2359296]
     assert [c.weight.numel() for c in convs] == want
     fcs = [m.weight.numel() for m in model.classifier if isinstance(m, torch.nn.Linear)]
     assert fcs == [102760448, 16777216, 4096000]

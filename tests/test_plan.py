@@ -9,11 +9,11 @@ Triton replays' launch arguments under the stand-in driver (tests/test_host_cost
 
 import pytest
 import torch
+from conftest import EMULATE_CUDA, HAS_CUDA
+from helpers import rel_err
 
 from cnnkern import functional as F
 from cnnkern.ops import _common, _plan
-from conftest import EMULATE_CUDA, HAS_CUDA
-from helpers import rel_err
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 BACKENDS = ["triton", "cuda"] if HAS_CUDA else ["cuda"] if EMULATE_CUDA else []
@@ -41,24 +41,36 @@ def _f64(t):
 
 
 CASES = {
-    "conv bias relu": (lambda a, b: F.conv2d(*a, padding=1, activation="relu", backend=b),
-                       lambda a: F.conv2d(*a, padding=1, activation="relu", backend="torch"),
-                       lambda g: (_t(2, 8, 6, 6, grad=g), _t(12, 8, 3, 3, grad=g) * 0.2, _t(12, grad=g, cl=False))),
-    "conv 1x1 residual relu": (lambda a, b: F.conv2d(*a[:2], activation="relu", residual=a[2], backend=b),
-                               lambda a: F.conv2d(*a[:2], activation="relu", residual=a[2], backend="torch"),
-                               lambda g: (_t(2, 8, 5, 5, grad=g), _t(12, 8, 1, 1, grad=g) * 0.3,
-                                          _t(2, 12, 5, 5, grad=g))),
-    "conv stride 2 groups": (lambda a, b: F.conv2d(*a, stride=2, padding=1, groups=2, backend=b),
-                             lambda a: F.conv2d(*a, stride=2, padding=1, groups=2, backend="torch"),
-                             lambda g: (_t(2, 8, 7, 7, grad=g, cl=False), _t(6, 4, 3, 3, grad=g, cl=False))),
-    "residual add": (lambda a, b: F.residual_add(*a, backend=b), lambda a: F.residual_add(*a, backend="torch"),
-                     lambda g: (_t(2, 8, 4, 4, grad=g), _t(2, 8, 4, 4, grad=g))),
-    "residual add option A": (lambda a, b: F.residual_add(*a, relu=False, backend=b),
-                              lambda a: F.residual_add(*a, relu=False, backend="torch"),
-                              lambda g: (_t(2, 8, 4, 4, grad=g), _t(2, 4, 8, 8, grad=g))),
-    "local response norm": (lambda a, b: F.local_response_norm(*a, 5, 1e-2, 0.75, 2.0, backend=b),
-                            lambda a: F.local_response_norm(*a, 5, 1e-2, 0.75, 2.0, backend="torch"),
-                            lambda g: (_t(2, 9, 5, 5, grad=g),)),
+    "conv bias relu": (
+        lambda a, b: F.conv2d(*a, padding=1, activation="relu", backend=b),
+        lambda a: F.conv2d(*a, padding=1, activation="relu", backend="torch"),
+        lambda g: (_t(2, 8, 6, 6, grad=g), _t(12, 8, 3, 3, grad=g) * 0.2, _t(12, grad=g, cl=False)),
+    ),
+    "conv 1x1 residual relu": (
+        lambda a, b: F.conv2d(*a[:2], activation="relu", residual=a[2], backend=b),
+        lambda a: F.conv2d(*a[:2], activation="relu", residual=a[2], backend="torch"),
+        lambda g: (_t(2, 8, 5, 5, grad=g), _t(12, 8, 1, 1, grad=g) * 0.3, _t(2, 12, 5, 5, grad=g)),
+    ),
+    "conv stride 2 groups": (
+        lambda a, b: F.conv2d(*a, stride=2, padding=1, groups=2, backend=b),
+        lambda a: F.conv2d(*a, stride=2, padding=1, groups=2, backend="torch"),
+        lambda g: (_t(2, 8, 7, 7, grad=g, cl=False), _t(6, 4, 3, 3, grad=g, cl=False)),
+    ),
+    "residual add": (
+        lambda a, b: F.residual_add(*a, backend=b),
+        lambda a: F.residual_add(*a, backend="torch"),
+        lambda g: (_t(2, 8, 4, 4, grad=g), _t(2, 8, 4, 4, grad=g)),
+    ),
+    "residual add option A": (
+        lambda a, b: F.residual_add(*a, relu=False, backend=b),
+        lambda a: F.residual_add(*a, relu=False, backend="torch"),
+        lambda g: (_t(2, 8, 4, 4, grad=g), _t(2, 4, 8, 8, grad=g)),
+    ),
+    "local response norm": (
+        lambda a, b: F.local_response_norm(*a, 5, 1e-2, 0.75, 2.0, backend=b),
+        lambda a: F.local_response_norm(*a, 5, 1e-2, 0.75, 2.0, backend="torch"),
+        lambda g: (_t(2, 9, 5, 5, grad=g),),
+    ),
 }
 
 
@@ -102,8 +114,12 @@ def test_folded_batchnorm_follows_its_tensors(planning, backend):
     if backend not in BACKENDS:
         pytest.skip(f"backend {backend!r} does not run compiled kernels here")
     w = _t(12, 8, 3, 3) * 0.2
-    bn = [torch.randn(12, device=DEVICE), torch.rand(12, device=DEVICE) + 0.5, torch.randn(12, device=DEVICE),
-          torch.randn(12, device=DEVICE)]
+    bn = [
+        torch.randn(12, device=DEVICE),
+        torch.rand(12, device=DEVICE) + 0.5,
+        torch.randn(12, device=DEVICE),
+        torch.randn(12, device=DEVICE),
+    ]
 
     def call(x, w, bn):
         return F.conv_bn_relu(x, w, None, *bn, training=False, padding=1, backend=backend)
@@ -122,6 +138,7 @@ def test_folded_batchnorm_follows_its_tensors(planning, backend):
         elif change == "weight":
             w = w.clone().neg_()
         check(_t(2, 8, 6, 6), w, bn)
+
     def plans_of(w):  # (a plan per layer: the key holds the weight's id)
         return [p for p in planning.PLANS.values() if p is not None and p.refs[0]() is w]
 
@@ -138,8 +155,9 @@ def test_folded_batchnorm_follows_its_tensors(planning, backend):
     # tensors that change on every call: the key is left unplanned after its plan went unused
     for _ in range(3):
         check(_t(2, 8, 6, 6), w, [t.clone() for t in bn])
-    assert [plan for key, plan in planning.PLANS.items() if key[-2] == backend and key[1][1][0] == 2
-            and key[3] == id(w)] == [None]
+    assert [
+        plan for key, plan in planning.PLANS.items() if key[-2] == backend and key[1][1][0] == 2 and key[3] == id(w)
+    ] == [None]
 
 
 @pytest.mark.gpu
@@ -161,11 +179,22 @@ def test_replayed_training_steps_match_the_reference(planning, backend, grad):
     for step in range(5):
         momentum = 1.0 / (step + 1)
         x = _t(2, 8, 6, 6, grad=grad)
-        y = F.conv_bn_relu(x, w, None, *stats, gamma, beta, training=True, momentum=momentum, padding=1,
-                           backend=backend)
+        y = F.conv_bn_relu(
+            x, w, None, *stats, gamma, beta, training=True, momentum=momentum, padding=1, backend=backend
+        )
         args64 = [_f64(t) for t in (x, w, gamma, beta)]
-        want = F.conv_bn_relu(args64[0], args64[1], None, *stats64, args64[2], args64[3], training=True,
-                              momentum=momentum, padding=1, backend="torch")
+        want = F.conv_bn_relu(
+            args64[0],
+            args64[1],
+            None,
+            *stats64,
+            args64[2],
+            args64[3],
+            training=True,
+            momentum=momentum,
+            padding=1,
+            backend="torch",
+        )
         assert rel_err(y, want) < TOL
         for got, exp in zip(stats, stats64):
             assert rel_err(got, exp) < TOL

@@ -18,8 +18,22 @@ import os
 
 import pytest
 import torch
-from helpers import (DEVICE, EMULATED_CUDA, HAS_CUDA, REL_TOL, as_close_as_pytorch_limit, assert_as_close_as_pytorch,
-                     assert_rel_close, backends_for, cuda_kernel_test, ieee_fp32, make, merge_stats, tol, wgmma_here)
+from helpers import (
+    DEVICE,
+    EMULATED_CUDA,
+    HAS_CUDA,
+    REL_TOL,
+    as_close_as_pytorch_limit,
+    assert_as_close_as_pytorch,
+    assert_rel_close,
+    backends_for,
+    cuda_kernel_test,
+    ieee_fp32,
+    make,
+    merge_stats,
+    tol,
+    wgmma_here,
+)
 
 from cnnkern import _checks, reference
 from cnnkern import functional as F
@@ -34,10 +48,10 @@ from hypothesis import strategies as st  # noqa: E402
 FUZZ = int(os.environ.get("CNNKERN_FUZZ", "0"))
 settings.register_profile(
     "cnnkern",
-    deadline=None,            # the interpreter's first call of a kernel compiles nothing but is slow
-    derandomize=FUZZ == 0,    # examples depend only on the test: reproducible in CI
-    database=None,            # no example database: nothing persists between runs
-    print_blob=True,          # a failure prints @reproduce_failure(...) to replay it exactly
+    deadline=None,  # the interpreter's first call of a kernel compiles nothing but is slow
+    derandomize=FUZZ == 0,  # examples depend only on the test: reproducible in CI
+    database=None,  # no example database: nothing persists between runs
+    print_blob=True,  # a failure prints @reproduce_failure(...) to replay it exactly
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
 )
 PROFILE = settings.get_profile("cnnkern")
@@ -93,19 +107,27 @@ def conv_configs(draw, max_groups=3, max_c=3):
     h = max(1, dilation[0] * (r - 1) + 1 - 2 * pad[0]) + draw(st.integers(0, 4))
     w = max(1, dilation[1] * (s - 1) + 1 - 2 * pad[1]) + draw(st.integers(0, 4))
     n = draw(st.integers(1, 2))
-    return dict(x=(n, c, h, w), w=(k, c // groups, r, s), stride=stride, padding=padding, dilation=dilation,
-                groups=groups)
+    return dict(
+        x=(n, c, h, w), w=(k, c // groups, r, s), stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
 
 
 @pytest.mark.parametrize("backend", _gpu_backends("conv2d"))
 @settings(PROFILE, max_examples=_examples(40))
-@given(cfg=conv_configs(), dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
-       has_bias=st.booleans(), relu=st.booleans(), seed=SEEDS)
+@given(
+    cfg=conv_configs(),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(LAYOUTS),
+    has_bias=st.booleans(),
+    relu=st.booleans(),
+    seed=SEEDS,
+)
 def test_conv2d(backend, cfg, dtype, layout, has_bias, relu, seed):
     torch.manual_seed(seed)
     x = _make(cfg["x"], dtype, layout)
-    w = make(cfg["w"], dtype, DEVICE, "channels_last" if layout == "channels_last" else "contiguous",
-             requires_grad=True)
+    w = make(
+        cfg["w"], dtype, DEVICE, "channels_last" if layout == "channels_last" else "contiguous", requires_grad=True
+    )
     b = torch.randn(cfg["w"][0], dtype=dtype, device=DEVICE, requires_grad=True) if has_bias else None
     kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=cfg["groups"])
     act = "relu" if relu else None
@@ -141,8 +163,11 @@ def _conv_limits(x, w, b, res, g, kw, dtype, base, refs, tf32=False):
     absolute values are the same convolution, with ``|b|`` and ``|res|`` (a residual added in the
     epilogue), and its gradients for ``|g|`` in absolute values."""
     ya, gxa, gwa = _abs_conv(x, w, kw, g.double().abs())
-    ya = ya + (0 if b is None else b.detach().double().abs().view(1, -1, 1, 1)) \
+    ya = (
+        ya
+        + (0 if b is None else b.detach().double().abs().view(1, -1, 1, 1))
         + (0 if res is None else res.double().abs())
+    )
     k, cg, r, s = w.shape
     n_, _, p, q = ya.shape
     u = _unit_roundoff(dtype)
@@ -165,39 +190,61 @@ def _conv_limits(x, w, b, res, g, kw, dtype, base, refs, tf32=False):
 # steps to split). Triton through its launchers; CUDA C++ through the raw ops, on the implicit
 # GEMM pinned (16-bit: channels zero-padded where needed).
 SPLIT_BACKENDS = [p for p in _gpu_backends("conv2d") if p.values[0] in ("triton", "cuda")]  # (with their skips)
-SPLIT_DTYPES = {"triton": [torch.float32, torch.float64],
-                "cuda": [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])}
+SPLIT_DTYPES = {
+    "triton": [torch.float32, torch.float64],
+    "cuda": [torch.float16] + ([torch.bfloat16] if HAS_CUDA else []),
+}
 
 
-def _split_conv(backend, x, w, b, y, stride, pad, dil, groups, relu, stats, res, splits, algo="igemm", tf32=False,
-                tile=-1):
+def _split_conv(
+    backend, x, w, b, y, stride, pad, dil, groups, relu, stats, res, splits, algo="igemm", tf32=False, tile=-1
+):
     """y = the split forward (returns the statistics rows, or None); CUDA: on the kernel ``algo``
     with ``tile`` (-1: the op's choice)."""
     if backend == "triton":
         from cnnkern.kernels import conv2d as kc
-        st_ = torch.zeros(kc.stats_rows(y.numel() // y.shape[1]), 3, y.shape[1], dtype=torch.float64
-                          if x.dtype == torch.float64 else torch.float32, device=DEVICE) if stats else None
+
+        st_ = (
+            torch.zeros(
+                kc.stats_rows(y.numel() // y.shape[1]),
+                3,
+                y.shape[1],
+                dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                device=DEVICE,
+            )
+            if stats
+            else None
+        )
         kc.conv2d_forward(x, w, b, y, stride, pad, dil, groups, relu, "ieee", stats=st_, residual=res, splits=splits)
         return st_
-    st_ = cuda_ops().conv2d_forward_cuda(x, w, b, y, list(stride), list(pad), list(dil), groups, relu, algo, stats,
-                                         tf32, res, splits, tile)
+    st_ = cuda_ops().conv2d_forward_cuda(
+        x, w, b, y, list(stride), list(pad), list(dil), groups, relu, algo, stats, tf32, res, splits, tile
+    )
     return st_ if stats else None
 
 
 def _split_dgrad(backend, g, w, gx, stride, pad, dil, groups, splits, algo="igemm", tf32=False, tile=-1):
     if backend == "triton":
         from cnnkern.kernels import conv2d as kc
+
         kc.conv2d_backward_input(g, w, gx, stride, pad, dil, groups, "ieee", splits=splits)
     else:
-        cuda_ops().conv2d_backward_input_cuda(g, w, gx, list(stride), list(pad), list(dil), groups, algo, tf32,
-                                              splits, tile)
+        cuda_ops().conv2d_backward_input_cuda(
+            g, w, gx, list(stride), list(pad), list(dil), groups, algo, tf32, splits, tile
+        )
 
 
 @pytest.mark.parametrize("backend", SPLIT_BACKENDS)
 @settings(PROFILE, max_examples=_examples(25))
-@given(cfg=conv_configs(max_c=40), data=st.data(), layout=st.sampled_from(["contiguous", "channels_last"]),
-       splits=st.integers(2, 9), mode=st.sampled_from(["relu", "residual", "stats"]), has_bias=st.booleans(),
-       seed=SEEDS)
+@given(
+    cfg=conv_configs(max_c=40),
+    data=st.data(),
+    layout=st.sampled_from(["contiguous", "channels_last"]),
+    splits=st.integers(2, 9),
+    mode=st.sampled_from(["relu", "residual", "stats"]),
+    has_bias=st.booleans(),
+    seed=SEEDS,
+)
 def test_conv2d_split_k(backend, cfg, data, layout, splits, mode, has_bias, seed):
     torch.manual_seed(seed)
     dtype = data.draw(st.sampled_from(SPLIT_DTYPES[backend]), label="dtype")
@@ -209,10 +256,12 @@ def test_conv2d_split_k(backend, cfg, data, layout, splits, mode, has_bias, seed
     ref = reference.conv2d(x.double(), w.double(), None if b is None else b.double(), **kw)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     y = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
-    res = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt) \
-        if mode == "residual" else None
-    st_ = _split_conv(backend, x, w, b, y, stride, pad[:2], dil, cfg["groups"], mode != "stats", mode == "stats", res,
-                      splits)
+    res = (
+        torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt) if mode == "residual" else None
+    )
+    st_ = _split_conv(
+        backend, x, w, b, y, stride, pad[:2], dil, cfg["groups"], mode != "stats", mode == "stats", res, splits
+    )
     want = ref if res is None else ref + res.double()
     assert_rel_close(y, want if mode == "stats" else want.relu(), dtype, "output", matmul=True)
     if mode == "stats":
@@ -240,11 +289,19 @@ TC_DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 @cuda_kernel_test
 @settings(PROFILE, max_examples=_examples(25))
-@given(cfg=conv_configs(max_groups=2, max_c=40), data=st.data(),
-       layout=st.sampled_from(["contiguous", "channels_last"]), algo=st.sampled_from(["igemm", "wgmma"]),
-       tf32=st.booleans(), split=st.sampled_from([0, 1]), tile=st.sampled_from([-1, 0, 1, 2]),
-       wgrad_splits=st.sampled_from([0, 1, 3, 1 << 20]), has_bias=st.booleans(),
-       mode=st.sampled_from(["relu", "residual", "stats"]), seed=SEEDS)
+@given(
+    cfg=conv_configs(max_groups=2, max_c=40),
+    data=st.data(),
+    layout=st.sampled_from(["contiguous", "channels_last"]),
+    algo=st.sampled_from(["igemm", "wgmma"]),
+    tf32=st.booleans(),
+    split=st.sampled_from([0, 1]),
+    tile=st.sampled_from([-1, 0, 1, 2]),
+    wgrad_splits=st.sampled_from([0, 1, 3, 1 << 20]),
+    has_bias=st.booleans(),
+    mode=st.sampled_from(["relu", "residual", "stats"]),
+    seed=SEEDS,
+)
 def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, tile, wgrad_splits, has_bias, mode, seed):
     torch.manual_seed(seed)
     dtype = torch.float32 if tf32 else data.draw(st.sampled_from(TC_DTYPES), label="dtype")
@@ -264,10 +321,12 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, tile, wg
     ref = reference.conv2d(xr, wr, br, **kw)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     y = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
-    res = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt) \
-        if mode == "residual" else None
-    st_ = _split_conv("cuda", x, w, b, y, stride, pad[:2], dil, groups, mode != "stats", mode == "stats", res, split,
-                      algo, tf32, tile)
+    res = (
+        torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt) if mode == "residual" else None
+    )
+    st_ = _split_conv(
+        "cuda", x, w, b, y, stride, pad[:2], dil, groups, mode != "stats", mode == "stats", res, split, algo, tf32, tile
+    )
     g = torch.randn(ref.shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
     gxr, gwr, *gbr = torch.autograd.grad(ref, [t for t in (xr, wr, br) if t is not None], g.double())
     want = ref.detach() + (0 if res is None else res.double())
@@ -283,8 +342,9 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, tile, wg
             ya = 2.0**-9 * _abs_conv(x, w, kw)
             mlim = max(limit, float(ya.mean(dims).norm()) / (float(want.mean(dims).norm()) or 1.0))
             dev = (want - want.mean(dims, keepdim=True)).abs()
-            vlim = max(limit, 2 * float((dev * ya).mean(dims).norm()) / (float(want.var(dims, unbiased=False).norm())
-                                                                         or 1.0))
+            vlim = max(
+                limit, 2 * float((dev * ya).mean(dims).norm()) / (float(want.var(dims, unbiased=False).norm()) or 1.0)
+            )
         assert_rel_close(mean, want.mean(dims), dtype, "mean", limit=mlim)
         assert_rel_close(var, want.var(dims, unbiased=False), dtype, "variance", limit=vlim)
     gx = torch.full_like(x, float("nan"))
@@ -295,8 +355,9 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, tile, wg
         assert (wgmma > 0) == (algo == "wgmma") and (mma > 0) == (algo == "igemm"), (algo, tf32, mma, wgmma)
     gw = torch.full_like(w, float("nan"))
     gb = torch.full_like(b, float("nan")) if b is not None else torch.empty(0, dtype=dtype, device=DEVICE)
-    cuda_ops().conv2d_backward_weight_cuda(g, x, gw, gb, list(stride), list(pad[:2]), list(dil), groups,
-                                           "igemm" if tf32 else algo, tf32, wgrad_splits)
+    cuda_ops().conv2d_backward_weight_cuda(
+        g, x, gw, gb, list(stride), list(pad[:2]), list(dil), groups, "igemm" if tf32 else algo, tf32, wgrad_splits
+    )
     assert_rel_close(gw, gwr, dtype, "grad weight", limit=limits[2])
     if b is not None:  # (an fp32 sum of the gradient, also with TF32)
         assert_rel_close(gb, gbr[0], dtype, "grad bias", limit=limits[3])
@@ -311,11 +372,19 @@ def test_conv2d_cuda_tensor_cores(cfg, data, layout, algo, tf32, split, tile, wg
 # padded ones included), and the kept one's results must be right.
 @cuda_kernel_test
 @settings(PROFILE, max_examples=_examples(12))
-@given(cfg=conv_configs(max_groups=3, max_c=20), data=st.data(), layout=st.sampled_from(LAYOUTS),
-       tf32=st.booleans(), has_bias=st.booleans(), relu=st.booleans(), seed=SEEDS)
+@given(
+    cfg=conv_configs(max_groups=3, max_c=20),
+    data=st.data(),
+    layout=st.sampled_from(LAYOUTS),
+    tf32=st.booleans(),
+    has_bias=st.booleans(),
+    relu=st.booleans(),
+    seed=SEEDS,
+)
 def test_conv2d_cuda_tuned(cfg, data, layout, tf32, has_bias, relu, seed):
     from cnnkern.ops import _tune
     from cnnkern.ops import conv2d as C
+
     torch.manual_seed(seed)
     dtype = torch.float32 if tf32 else data.draw(st.sampled_from(TC_DTYPES), label="dtype")
     relu = relu and not tf32  # (a TF32 rounding that flips a mask element is not a kernel error)
@@ -328,8 +397,9 @@ def test_conv2d_cuda_tuned(cfg, data, layout, tf32, has_bias, relu, seed):
     saved = C.CUDA_ALGO, C.TUNER
     C.CUDA_ALGO, C.TUNER = "tune", _tune.Tuner("property test")
     try:
-        out = C.conv2d(x, w, b, None, list(stride), list(pad), list(dil), groups, relu,
-                            "tf32" if tf32 else "ieee", "cuda")
+        out = C.conv2d(
+            x, w, b, None, list(stride), list(pad), list(dil), groups, relu, "tf32" if tf32 else "ieee", "cuda"
+        )
         g = torch.randn_like(out)
         got = _grads(out, (x, w, b), g)
         kinds = {key[0] for key in C.TUNER.choices}
@@ -369,12 +439,25 @@ def _unit_roundoff(dtype):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", _gpu_backends("conv_bn_relu"))
 @settings(PROFILE, max_examples=_examples(30))
-@given(cfg=conv_configs(max_groups=2), dtype=st.sampled_from([torch.float32, torch.float64]),
-       layout=st.sampled_from(LAYOUTS), training=st.booleans(), relu=st.booleans(), has_bias=st.booleans(),
-       seed=SEEDS)
+@given(
+    cfg=conv_configs(max_groups=2),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    layout=st.sampled_from(LAYOUTS),
+    training=st.booleans(),
+    relu=st.booleans(),
+    has_bias=st.booleans(),
+    seed=SEEDS,
+)
 # (the layer on which torch 2.14.1's oneDNN convolution segfaults: see _eager_conv)
-@example(cfg=dict(x=(1, 4, 7, 1), w=(6, 2, 3, 1), stride=(1, 2), padding=(1, 1), dilation=(2, 2), groups=2),
-         dtype=torch.float32, layout="channels_last", training=False, relu=False, has_bias=True, seed=2170)
+@example(
+    cfg=dict(x=(1, 4, 7, 1), w=(6, 2, 3, 1), stride=(1, 2), padding=(1, 1), dilation=(2, 2), groups=2),
+    dtype=torch.float32,
+    layout="channels_last",
+    training=False,
+    relu=False,
+    has_bias=True,
+    seed=2170,
+)
 def test_conv_bn_relu(backend, cfg, dtype, layout, training, relu, has_bias, seed):
     torch.manual_seed(seed)
     k = cfg["w"][0]
@@ -403,18 +486,20 @@ def test_conv_bn_relu(backend, cfg, dtype, layout, training, relu, has_bias, see
     y64 = reference.conv2d(x.detach().double(), w.detach().double(), None if b is None else b.detach().double(), **kw)
     rs_bounds = _running_stat_bounds(y64, x, w, b, rm_r, rv_r, 0.3, dtype, kw) if training else (0.0, 0.0)
     with ieee_fp32():
-        out = F.conv_bn_relu(x, w, b, rm, rv, gamma, beta, training=training, momentum=0.3, eps=1e-3,
-                             relu=relu, backend=backend, **kw)
+        out = F.conv_bn_relu(
+            x, w, b, rm, rv, gamma, beta, training=training, momentum=0.3, eps=1e-3, relu=relu, backend=backend, **kw
+        )
         with _eager_conv():
-            eager = reference.conv_bn_relu(*eagers[:3], rm_e, rv_e, *eagers[3:], training, 0.3, 1e-3, relu=relu,
-                                           **kw)
+            eager = reference.conv_bn_relu(*eagers[:3], rm_e, rv_e, *eagers[3:], training, 0.3, 1e-3, relu=relu, **kw)
     ref = reference.conv_bn_relu(*refs[:3], rm_r, rv_r, *refs[3:], training, 0.3, 1e-3, relu=relu, **kw)
     g = torch.randn_like(ref).to(dtype)
     cond = _bn_conditions(y64, x, w, gamma, beta, rm_r, rv_r, g, training, relu, kw)
     assert_as_close_as_pytorch(out, eager, ref, dtype, cond=cond["output"])
     # (a running mean near zero is a difference of larger values: PyTorch's own error, or a bound)
-    for name, got_, e, r, bound in (("running_mean", rm, rm_e, rm_r, rs_bounds[0]),
-                                    ("running_var", rv, rv_e, rv_r, rs_bounds[1])):
+    for name, got_, e, r, bound in (
+        ("running_mean", rm, rm_e, rm_r, rs_bounds[0]),
+        ("running_var", rv, rv_e, rv_r, rs_bounds[1]),
+    ):
         lim = max(as_close_as_pytorch_limit(got_, e, r, dtype), bound / (float(r.norm()) or 1.0))
         assert_rel_close(got_, r, dtype, name, limit=lim)
     with ieee_fp32():
@@ -502,8 +587,15 @@ def _bn_conditions(y, x, w, gamma, beta, rm, rv, g, training, relu, kw):
         bound = (gd.abs() * (y.abs() + rm.abs().view(view)) / (rv + 1e-3).sqrt().view(view)).sum(dims)
         # (the conv bias's gradient: the sum of dL/dy = g gamma / std, which may cancel too)
         bias = gd.abs().sum(dims) * gam.abs() / (rv + 1e-3).sqrt()
-        return {**out, "output": 1.0, "dy": 1.0, "input": 0.0, "weight": 0.0, "bn_weight": float(bound.norm()),
-                "bias": float(bias.norm())}
+        return {
+            **out,
+            "output": 1.0,
+            "dy": 1.0,
+            "input": 0.0,
+            "weight": 0.0,
+            "bn_weight": float(bound.norm()),
+            "bias": float(bias.norm()),
+        }
     z = torch.nn.functional.batch_norm(y, None, None, gam, beta.detach().double(), True, 0.0, 1e-3)
     gm = gd * (z > 0) if relu else gd
     mean, std = y.mean(dims), (y.var(dims, unbiased=False) + 1e-3).sqrt()
@@ -512,8 +604,14 @@ def _bn_conditions(y, x, w, gamma, beta, rm, rv, g, training, relu, kw):
     dy = gm.abs() + gm.mean(dims).abs().view(view) + yhat.abs() * (gm * yhat).abs().mean(dims).view(view)
     dy = amp**2 * dy * (gam / std).view(view)
     _, gx, gw = _abs_conv(x, w, kw, dy)
-    return {**out, "output": amp, "dy": amp * max(1.0, float((gam / std).max())), "input": float(gx.norm()),
-            "weight": float(gw.norm()), "bn_weight": float((amp * (gd.abs() * yhat.abs()).sum(dims)).norm())}
+    return {
+        **out,
+        "output": amp,
+        "dy": amp * max(1.0, float((gam / std).max())),
+        "input": float(gx.norm()),
+        "weight": float(gw.norm()),
+        "bn_weight": float((amp * (gd.abs() * yhat.abs()).sum(dims)).norm()),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -539,8 +637,15 @@ def _lrn_input(shape, layout, dtype):
 
 @pytest.mark.parametrize("backend", _gpu_backends("local_response_norm"))
 @settings(PROFILE, max_examples=_examples(40))
-@given(inp=lrn_inputs(), dtype=st.sampled_from(DTYPES), size=st.integers(1, 7),
-       alpha=st.floats(1e-4, 1.0), beta=st.floats(0.5, 1.0), k=st.floats(0.5, 2.0), seed=SEEDS)
+@given(
+    inp=lrn_inputs(),
+    dtype=st.sampled_from(DTYPES),
+    size=st.integers(1, 7),
+    alpha=st.floats(1e-4, 1.0),
+    beta=st.floats(0.5, 1.0),
+    k=st.floats(0.5, 2.0),
+    seed=SEEDS,
+)
 def test_local_response_norm(backend, inp, dtype, size, alpha, beta, k, seed):
     torch.manual_seed(seed)
     shape, layout = inp
@@ -568,7 +673,7 @@ def _lrn_grad_bound(x, g, size, alpha, beta, k):
 
     def window_sum(t, before, after):
         t = torch.nn.functional.pad(t, (0, 0, before, after))
-        return sum(t[:, i:i + c] for i in range(before + after + 1))
+        return sum(t[:, i : i + c] for i in range(before + after + 1))
 
     s = k + alpha / size * window_sum(xf * xf, size // 2, (size - 1) // 2)
     # (a superset of the windows that hold i: the bound may only grow)
@@ -593,8 +698,14 @@ def residual_shapes(draw):
 
 @pytest.mark.parametrize("backend", _gpu_backends("residual_add"))
 @settings(PROFILE, max_examples=_examples(60))
-@given(shapes=residual_shapes(), dtype=st.sampled_from(DTYPES), lx=st.sampled_from(LAYOUTS),
-       ls=st.sampled_from(LAYOUTS), relu=st.booleans(), seed=SEEDS)
+@given(
+    shapes=residual_shapes(),
+    dtype=st.sampled_from(DTYPES),
+    lx=st.sampled_from(LAYOUTS),
+    ls=st.sampled_from(LAYOUTS),
+    relu=st.booleans(),
+    seed=SEEDS,
+)
 def test_residual_add(backend, shapes, dtype, lx, ls, relu, seed):
     torch.manual_seed(seed)
     xs, ss = shapes

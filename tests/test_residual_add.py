@@ -11,12 +11,12 @@ from cnnkern import reference
 
 # (x shape, shortcut shape): why each is here
 CASES = {
-    "identity": ((2, 8, 6, 5), (2, 8, 6, 5)),                # the common block end; odd W
-    "optA_s2": ((2, 16, 4, 4), (2, 8, 8, 8)),                # CIFAR ResNet stage change: C x2, H/2
-    "optA_odd": ((2, 12, 4, 3), (2, 5, 7, 5)),               # odd sizes: ceil(7/2)=4, ceil(5/2)=3
-    "optA_s1": ((1, 16, 5, 5), (1, 6, 5, 5)),                # channel padding only
-    "optA_s3": ((2, 8, 3, 3), (2, 8, 9, 9)),                 # stride 3, no channel padding
-    "cl_vec": ((2, 32, 3, 3), (2, 16, 6, 6)),                # NHWC runs long enough to vectorise
+    "identity": ((2, 8, 6, 5), (2, 8, 6, 5)),  # the common block end; odd W
+    "optA_s2": ((2, 16, 4, 4), (2, 8, 8, 8)),  # CIFAR ResNet stage change: C x2, H/2
+    "optA_odd": ((2, 12, 4, 3), (2, 5, 7, 5)),  # odd sizes: ceil(7/2)=4, ceil(5/2)=3
+    "optA_s1": ((1, 16, 5, 5), (1, 6, 5, 5)),  # channel padding only
+    "optA_s3": ((2, 8, 3, 3), (2, 8, 9, 9)),  # stride 3, no channel padding
+    "cl_vec": ((2, 32, 3, 3), (2, 16, 6, 6)),  # NHWC runs long enough to vectorise
 }
 BACKENDS = backends_for(DEVICE)
 
@@ -202,8 +202,13 @@ BAD = [
     (_t(1, 2, 2, 2), _t(1, 2, 2, 2).long(), {}, TypeError, "shortcut must be a floating-point tensor"),
     (_t(2, 2, 2), _t(2, 2, 2), {}, ValueError, "x must be 4-D, got 3-D with shape (2, 2, 2)"),
     (_t(1, 2, 2, 2), _t(1, 2, 2, 2, 1), {}, ValueError, "shortcut must be 4-D, got 5-D"),
-    (_t(1, 2, 2, 2), _t(1, 2, 2, 2, dtype=torch.float16), {}, TypeError,
-     "shortcut has dtype float16 but x has dtype float32"),
+    (
+        _t(1, 2, 2, 2),
+        _t(1, 2, 2, 2, dtype=torch.float16),
+        {},
+        TypeError,
+        "shortcut has dtype float16 but x has dtype float32",
+    ),
     (_t(1, 2, 2, 2), _t(1, 2, 2, 2, device="meta"), {}, ValueError, "shortcut is on meta but x is on cpu"),
     (_t(2, 4, 2, 2), _t(3, 4, 2, 2), {}, ValueError, "shortcut has batch size 3 but x has 2"),
     (_t(1, 4, 2, 2), _t(1, 8, 4, 4), {}, ValueError, "shortcut has 8 channels, more than x's 4"),

@@ -14,10 +14,10 @@ def test_vgg16_per_layer_memory_and_params_match_the_seed():
     convs = [r for r in s.rows if r.kind == "conv"]
     pools = [r for r in s.rows if r.kind == "maxpool"]
     # the seed's "memory" column: output elements of each layer
-    assert [r.activations for r in convs] == [224 * 224 * 64] * 2 + [112 * 112 * 128] * 2 + [56 * 56 * 256] * 3 + \
-        [28 * 28 * 512] * 3 + [14 * 14 * 512] * 3
-    assert [r.activations for r in pools] == [112 * 112 * 64, 56 * 56 * 128, 28 * 28 * 256, 14 * 14 * 512,
-                                              7 * 7 * 512]
+    assert [r.activations for r in convs] == [224 * 224 * 64] * 2 + [112 * 112 * 128] * 2 + [56 * 56 * 256] * 3 + [
+        28 * 28 * 512
+    ] * 3 + [14 * 14 * 512] * 3
+    assert [r.activations for r in pools] == [112 * 112 * 64, 56 * 56 * 128, 28 * 28 * 256, 14 * 14 * 512, 7 * 7 * 512]
     assert [r.weights for r in convs][:4] == [1728, 36864, 73728, 147456]
     fcs = [r for r in s.rows if r.kind == "linear"]
     assert [r.weights for r in fcs] == [102760448, 16777216, 4096000]
@@ -28,8 +28,14 @@ def test_vgg16_per_layer_memory_and_params_match_the_seed():
 
 # GoogLeNet (seed table): row -> (params in K = 1024 weights, ops in 10^6 multiply-accumulates)
 SEED_GOOGLENET = {
-    "inception3a": (159, 128), "inception3b": (380, 304), "inception4a": (364, 73), "inception4b": (437, 88),
-    "inception4d": (580, 119), "inception4e": (840, 170), "inception5b": (1388, 71), "fc": (1000, 1),
+    "inception3a": (159, 128),
+    "inception3b": (380, 304),
+    "inception4a": (364, 73),
+    "inception4b": (437, 88),
+    "inception4d": (580, 119),
+    "inception4e": (840, 170),
+    "inception5b": (1388, 71),
+    "fc": (1000, 1),
 }
 
 
@@ -50,8 +56,9 @@ def test_googlenet_rows_match_the_seed():
     assert round(rows["inception5a"].weights / 1024) == 1018
 
 
-@pytest.mark.parametrize("factory,gflops", [(M.resnet18, 1.8), (M.resnet34, 3.6), (M.resnet50, 3.8),
-                                            (M.resnet101, 7.6), (M.resnet152, 11.3)])
+@pytest.mark.parametrize(
+    "factory,gflops", [(M.resnet18, 1.8), (M.resnet34, 3.6), (M.resnet50, 3.8), (M.resnet101, 7.6), (M.resnet152, 11.3)]
+)
 def test_resnet_flops_row(factory, gflops):
     # The seed's FLOPs row counts multiply-adds of the paper's design (a bottleneck's stride on its
     # first 1x1). torchvision's v1.5 (stride on the 3x3) costs ~0.23 G more for ResNet-50/101/152.
@@ -88,10 +95,21 @@ def test_summary_leaves_the_model_alone():
 def test_alexnet_output_sizes_match_the_seed():
     rows = [r for r in summary(M.alexnet(), (1, 3, 227, 227)).rows if r.kind != "avgpool"]
     # the seed's table: CONV1, POOL1, NORM1, CONV2, POOL2, NORM2, CONV3, CONV4, CONV5, POOL3, FC6-8
-    want = [("conv", (96, 55, 55)), ("maxpool", (96, 27, 27)), ("lrn", (96, 27, 27)), ("conv", (256, 27, 27)),
-            ("maxpool", (256, 13, 13)), ("lrn", (256, 13, 13)), ("conv", (384, 13, 13)), ("conv", (384, 13, 13)),
-            ("conv", (256, 13, 13)), ("maxpool", (256, 6, 6)), ("linear", (4096,)), ("linear", (4096,)),
-            ("linear", (1000,))]
+    want = [
+        ("conv", (96, 55, 55)),
+        ("maxpool", (96, 27, 27)),
+        ("lrn", (96, 27, 27)),
+        ("conv", (256, 27, 27)),
+        ("maxpool", (256, 13, 13)),
+        ("lrn", (256, 13, 13)),
+        ("conv", (384, 13, 13)),
+        ("conv", (384, 13, 13)),
+        ("conv", (256, 13, 13)),
+        ("maxpool", (256, 6, 6)),
+        ("linear", (4096,)),
+        ("linear", (4096,)),
+        ("linear", (1000,)),
+    ]
     assert [(r.kind, r.output_shape[1:]) for r in rows] == want
 
 

@@ -17,10 +17,10 @@ def _run(args, tmp_path, nproc=None):
     ck = tmp_path / "ck.pt"
     cmd = [sys.executable, "-m", "cnnkern.train", *args, "--checkpoint", str(ck), "--no-progress"]
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               *cmd[1:]]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout, torch.load(ck, weights_only=False)
 
@@ -37,8 +37,24 @@ def test_training_learns_and_checkpoints(tmp_path):
     import json
 
     log = tmp_path / "log.jsonl"
-    out, ck = _run(["cifar_resnet", "--depth", "20", "--epochs", "3", "--size", "16", "--backend", "torch",
-                    "--seed", "3", "--log", str(log)], tmp_path)
+    out, ck = _run(
+        [
+            "cifar_resnet",
+            "--depth",
+            "20",
+            "--epochs",
+            "3",
+            "--size",
+            "16",
+            "--backend",
+            "torch",
+            "--seed",
+            "3",
+            "--log",
+            str(log),
+        ],
+        tmp_path,
+    )
     accs = [float(line.split("test acc ")[1].split(",")[0]) for line in out.splitlines() if "test acc" in line]
     assert len(accs) == 3 and accs[-1] > 0.6  # ten classes: chance is 0.1
     assert ck["epoch"] == 3 and "conv1.weight" in ck["model"] and "state" in ck["optimizer"]
@@ -48,7 +64,10 @@ def test_training_learns_and_checkpoints(tmp_path):
 
 
 def test_ddp_two_cpu_processes_on_gloo(tmp_path):
-    out, ck = _run(["cifar_plain", "--depth", "20", "--epochs", "1", "--max-steps", "3", "--size", "16",
-                    "--backend", "torch"], tmp_path, nproc=2)
+    out, ck = _run(
+        ["cifar_plain", "--depth", "20", "--epochs", "1", "--max-steps", "3", "--size", "16", "--backend", "torch"],
+        tmp_path,
+        nproc=2,
+    )
     assert "2 process(es) on cpu" in out and "epoch 1:" in out
     assert ck["epoch"] == 1

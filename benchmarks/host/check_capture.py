@@ -23,8 +23,20 @@ import sys
 from benchmarks import bench_host
 
 # aten operations that read a tensor's values on the host
-HOST_READS = ("_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "allclose", "masked_select",
-              "_assert_async", "unique", "_unique2", "bincount", "repeat_interleave")
+HOST_READS = (
+    "_local_scalar_dense",
+    "item",
+    "nonzero",
+    "is_nonzero",
+    "equal",
+    "allclose",
+    "masked_select",
+    "_assert_async",
+    "unique",
+    "_unique2",
+    "bincount",
+    "repeat_interleave",
+)
 
 
 def networks() -> dict:
@@ -79,16 +91,17 @@ def main() -> int:
         for name, (make, size) in nets.items():
             model = make().to(bf, memory_format=cl)
             x = torch.randn(2, 3, size, size, dtype=bf).to(memory_format=cl)
-            steps = {"eval forward": lambda: model.eval()(x)}
+            steps = {"eval forward": lambda model=model, x=x: model.eval()(x)}
             if name in ("resnet18", "cifar resnet20"):
-                def train_step():
+
+                def train_step(model=model, x=x):
                     model.train()
                     loss = model(x).float().sum()
                     loss.backward()
+
                 steps["training step"] = train_step
             for what, step in steps.items():
-                with torch.no_grad() if what == "eval forward" else torch.enable_grad(), \
-                        cnnkern.use_backend(backend):
+                with torch.no_grad() if what == "eval forward" else torch.enable_grad(), cnnkern.use_backend(backend):
                     for _ in range(2):
                         step()
                     with HostReads() as mode:
@@ -100,8 +113,10 @@ def main() -> int:
                 findings += [f"{loads} module loads"] if loads else []
                 findings += [f"{n_syncs} synchronisations"] if n_syncs else []
                 bad += bool(findings)
-                print(f"{'ok' if not findings else 'FOUND'}: {name}, {what} [{backend}]"
-                      + (": " + "; ".join(findings) if findings else ""))
+                print(
+                    f"{'ok' if not findings else 'FOUND'}: {name}, {what} [{backend}]"
+                    + (": " + "; ".join(findings) if findings else "")
+                )
     return 1 if bad else 0
 
 

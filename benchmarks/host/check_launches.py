@@ -22,6 +22,7 @@ def _record(real):
     def launch(*a):
         LOG.append(a)
         return real(*a)
+
     return launch
 
 
@@ -82,28 +83,45 @@ def main() -> int:
         "conv 3x3 bias relu": (lambda: F.conv2d(x, w, b, padding=1, activation="relu", backend="triton"), (x, w, b)),
         "conv 3x3 stride 2": (lambda: F.conv2d(x, w, stride=2, padding=1, backend="triton"), (x, w)),
         "conv 1x1 stride 2": (lambda: F.conv2d(x, w1, stride=2, backend="triton"), (x, w1)),
-        "conv 1x1 residual relu": (lambda: F.conv2d(x, w1, activation="relu", residual=res, backend="triton"),
-                                   (x, w1, res)),
+        "conv 1x1 residual relu": (
+            lambda: F.conv2d(x, w1, activation="relu", residual=res, backend="triton"),
+            (x, w1, res),
+        ),
         "conv small C": (lambda: F.conv2d(xs, t(16, 3, 7, 7), stride=2, padding=3, backend="triton"), (xs,)),
         "conv fp32 NCHW groups": (lambda: F.conv2d(xn, wn, padding=1, groups=4, backend="triton"), (xn, wn)),
         "residual add": (lambda: F.residual_add(r1, r2, backend="triton"), (r1, r2)),
         "residual add option A": (lambda: F.residual_add(r1, rs, backend="triton"), (r1, rs)),
         "local response norm": (lambda: F.local_response_norm(lx, 5, 5e-4, 0.75, 2.0, backend="triton"), (lx,)),
-        "conv forward + backward": (lambda: torch.autograd.grad(
-            F.conv2d(xg, wg, stride=2, padding=1, backend="triton"), (xg, wg), gy), (xg, wg, gy)),
-        "conv bias relu forward + backward": (lambda: torch.autograd.grad(
-            F.conv2d(xg, wg, bg, padding=1, activation="relu", backend="triton"), (xg, wg, bg), gy1),
-            (xg, wg, bg, gy1)),
-        "conv forward + input gradient": (lambda: torch.autograd.grad(
-            F.conv2d(xg, w, padding=1, backend="triton"), (xg,), gy1), (xg, w, gy1)),
-        "residual add forward + backward": (lambda: torch.autograd.grad(
-            F.residual_add(rg1, rg2, backend="triton"), (rg1, rg2), r1), (rg1, rg2, r1)),
-        "residual add option A forward + backward": (lambda: torch.autograd.grad(
-            F.residual_add(rg1, rgs, relu=False, backend="triton"), (rg1, rgs), r1), (rg1, rgs, r1)),
-        "local response norm backward": (lambda: torch.autograd.grad(
-            F.local_response_norm(lg, 5, 5e-4, 0.75, 2.0, backend="triton"), (lg,), lgy), (lg, lgy)),
-        "conv-BN-ReLU training step": (lambda: torch.autograd.grad(
-            cbr(xg).sum(), [xg, *cbr.parameters()]), (xg, *cbr.parameters())),
+        "conv forward + backward": (
+            lambda: torch.autograd.grad(F.conv2d(xg, wg, stride=2, padding=1, backend="triton"), (xg, wg), gy),
+            (xg, wg, gy),
+        ),
+        "conv bias relu forward + backward": (
+            lambda: torch.autograd.grad(
+                F.conv2d(xg, wg, bg, padding=1, activation="relu", backend="triton"), (xg, wg, bg), gy1
+            ),
+            (xg, wg, bg, gy1),
+        ),
+        "conv forward + input gradient": (
+            lambda: torch.autograd.grad(F.conv2d(xg, w, padding=1, backend="triton"), (xg,), gy1),
+            (xg, w, gy1),
+        ),
+        "residual add forward + backward": (
+            lambda: torch.autograd.grad(F.residual_add(rg1, rg2, backend="triton"), (rg1, rg2), r1),
+            (rg1, rg2, r1),
+        ),
+        "residual add option A forward + backward": (
+            lambda: torch.autograd.grad(F.residual_add(rg1, rgs, relu=False, backend="triton"), (rg1, rgs), r1),
+            (rg1, rgs, r1),
+        ),
+        "local response norm backward": (
+            lambda: torch.autograd.grad(F.local_response_norm(lg, 5, 5e-4, 0.75, 2.0, backend="triton"), (lg,), lgy),
+            (lg, lgy),
+        ),
+        "conv-BN-ReLU training step": (
+            lambda: torch.autograd.grad(cbr(xg).sum(), [xg, *cbr.parameters()]),
+            (xg, *cbr.parameters()),
+        ),
     }
     hook = lambda *a, **k: None  # noqa: E731
     bad = 0

@@ -4,9 +4,39 @@ torchvision wherever torchvision has the network, so its state_dicts load with `
 
 from .alexnet import AlexNet, alexnet
 from .googlenet import GoogLeNet, GoogLeNetOutputs, googlenet
-from .resnet import (ResNet, cifar_plain, cifar_resnet, plain18, plain34, resnet18, resnet34, resnet50, resnet101,
-                     resnet152)
+from .resnet import (
+    ResNet,
+    cifar_plain,
+    cifar_resnet,
+    plain18,
+    plain34,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+)
 from .vgg import VGG, vgg11, vgg13, vgg16, vgg19
 
-__all__ = ["AlexNet", "alexnet", "GoogLeNet", "GoogLeNetOutputs", "googlenet", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101",
-           "resnet152", "plain18", "plain34", "cifar_resnet", "cifar_plain", "VGG", "vgg11", "vgg13", "vgg16", "vgg19"]
+__all__ = [
+    "AlexNet",
+    "alexnet",
+    "GoogLeNet",
+    "GoogLeNetOutputs",
+    "googlenet",
+    "ResNet",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "plain18",
+    "plain34",
+    "cifar_resnet",
+    "cifar_plain",
+    "VGG",
+    "vgg11",
+    "vgg13",
+    "vgg16",
+    "vgg19",
+]

@@ -32,25 +32,47 @@ class AlexNet(cnn._NoScript, nn.Module):
         if variant == "paper":
             lrn = lambda: cnn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0, backend=backend)  # noqa: E731
             layers = [
-                nn.Conv2d(3, 96, 11, stride=4, padding=0), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2), lrn(),
-                nn.Conv2d(96, 256, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2), lrn(),
-                nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True),
-                nn.Conv2d(384, 384, 3, padding=1), nn.ReLU(inplace=True),
-                nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+                nn.Conv2d(3, 96, 11, stride=4, padding=0),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2),
+                lrn(),
+                nn.Conv2d(96, 256, 5, padding=2),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2),
+                lrn(),
+                nn.Conv2d(256, 384, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(384, 384, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(384, 256, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2),
             ]
         else:
             layers = [
-                nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-                nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-                nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
-                nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
-                nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+                nn.Conv2d(3, 64, 11, stride=4, padding=2),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2),
+                nn.Conv2d(64, 192, 5, padding=2),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2),
+                nn.Conv2d(192, 384, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(384, 256, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(256, 256, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2),
             ]
         self.features = cnn.Sequential(*layers, backend=backend)
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = nn.Sequential(
-            nn.Dropout(dropout), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
-            nn.Dropout(dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(256 * 6 * 6, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
             nn.Linear(4096, num_classes),
         )
 

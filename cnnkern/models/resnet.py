@@ -22,8 +22,20 @@ from torch import nn
 
 from .. import nn as cnn
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-           "plain18", "plain34", "cifar_resnet", "cifar_plain"]
+__all__ = [
+    "ResNet",
+    "BasicBlock",
+    "Bottleneck",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "plain18",
+    "plain34",
+    "cifar_resnet",
+    "cifar_plain",
+]
 
 
 def _conv(cin, cout, k, stride=1):
@@ -43,8 +55,20 @@ class _Fused(cnn._NoScript):
         mods = {k: getattr(self, v, None) for k, v in names.items()}
         if not residual:
             mods["shortcut"] = mods["join"] = None
-        setattr(self, name, cnn.FusedConv2d(mods["conv"], mods["bn"], mods["relu"], shortcut=mods["shortcut"],
-                                            join=mods["join"], residual=residual, backend=backend, names=names))
+        setattr(
+            self,
+            name,
+            cnn.FusedConv2d(
+                mods["conv"],
+                mods["bn"],
+                mods["relu"],
+                shortcut=mods["shortcut"],
+                join=mods["join"],
+                residual=residual,
+                backend=backend,
+                names=names,
+            ),
+        )
 
 
 class BasicBlock(_Fused, nn.Module):
@@ -119,8 +143,9 @@ class ResNet(_Fused, nn.Module):
             three stages of 16/32/64 channels, as in the paper's CIFAR-10 experiments).
     """
 
-    def __init__(self, block, layers, num_classes=1000, shortcut="B", variant="torchvision", backend=None,
-                 stem="imagenet"):
+    def __init__(
+        self, block, layers, num_classes=1000, shortcut="B", variant="torchvision", backend=None, stem="imagenet"
+    ):
         super().__init__()
         if shortcut not in ("A", "B", "C", None):
             raise ValueError(f"ResNet: shortcut must be 'A', 'B', 'C' or None (plain), got {shortcut!r}")

@@ -21,8 +21,14 @@ CFGS = {
 
 
 class VGG(cnn._NoScript, nn.Module):
-    def __init__(self, depth: int, num_classes: int = 1000, batch_norm: bool = False, dropout: float = 0.5,
-                 backend: str | None = None):
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int = 1000,
+        batch_norm: bool = False,
+        dropout: float = 0.5,
+        backend: str | None = None,
+    ):
         super().__init__()
         if depth not in CFGS:
             raise ValueError(f"VGG: depth must be one of {sorted(CFGS)}, got {depth!r}")
@@ -39,8 +45,12 @@ class VGG(cnn._NoScript, nn.Module):
         self.features = cnn.Sequential(*layers, backend=backend)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = nn.Sequential(
-            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(dropout),
-            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(dropout),
+            nn.Linear(512 * 7 * 7, 4096),
+            nn.ReLU(True),
+            nn.Dropout(dropout),
+            nn.Linear(4096, 4096),
+            nn.ReLU(True),
+            nn.Dropout(dropout),
             nn.Linear(4096, num_classes),
         )
         for m in self.modules():  # torchvision's initialisation

@@ -5,8 +5,6 @@ implementations below attach to.
 """
 
 from .. import _backend  # noqa: F401  (loads cnnkern._C before any registration)
-from . import conv2d, conv_bn_relu, residual_add  # noqa: F401
-from . import local_response_norm  # noqa: F401
-from . import _autocast  # noqa: E402
+from . import _autocast, conv2d, conv_bn_relu, local_response_norm, residual_add  # noqa: F401
 
 _autocast.register()  # Autocast kernels on the forward ops (after they exist)

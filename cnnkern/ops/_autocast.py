@@ -41,7 +41,7 @@ import torch
 # op name -> (policy, positions of the tensor arguments the policy applies to, in the
 # torch.library op's schema order; functional.py passes its tensors in the same order)
 POLICY: dict[str, tuple[str, tuple[int, ...]]] = {
-    "conv2d": ("lower", (0, 1, 2, 3)),        # input, weight, bias, residual
+    "conv2d": ("lower", (0, 1, 2, 3)),  # input, weight, bias, residual
     "conv_bn_relu": ("lower", (0, 1, 2, 3)),  # the same; the BatchNorm tensors keep their dtypes
     "local_response_norm": ("fp32", (0,)),
     "residual_add": ("promote", (0, 1)),
@@ -70,8 +70,12 @@ def enabled(device_type: str) -> bool:
 
 def _eligible(t, device_type: str) -> bool:
     # autocast's rule: floating tensors on the autocast device, never float64
-    return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == device_type
-            and t.dtype != torch.float64)
+    return (
+        isinstance(t, torch.Tensor)
+        and t.is_floating_point()
+        and t.device.type == device_type
+        and t.dtype != torch.float64
+    )
 
 
 def target_dtype(op: str, device_type: str, tensors) -> torch.dtype | None:
@@ -102,8 +106,11 @@ def cast(op: str, device_type: str, *tensors):
     policy, _ = POLICY[op]
     out = []
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.dtype != dtype and (
-                _eligible(t, device_type) if policy != "promote" else t.is_floating_point()):
+        if (
+            isinstance(t, torch.Tensor)
+            and t.dtype != dtype
+            and (_eligible(t, device_type) if policy != "promote" else t.is_floating_point())
+        ):
             t = t.to(dtype)
         out.append(t)
     return tuple(out)

@@ -210,10 +210,14 @@ class _RecordingOps:
 
         def call(*args):
             out = packet(*args)
-            if RECORD is not None and (out is None or isinstance(out, torch.Tensor) or (
-                    type(out) is tuple and all(isinstance(t, torch.Tensor) for t in out))):
+            if RECORD is not None and (
+                out is None
+                or isinstance(out, torch.Tensor)
+                or (type(out) is tuple and all(isinstance(t, torch.Tensor) for t in out))
+            ):
                 RECORD.add(("call", op, args, out))
             return out
+
         return call
 
 

@@ -54,9 +54,13 @@ def eager() -> bool:
     """Whether this call may be planned or replayed: plain eager mode (no torch.compile, torch
     function or dispatch mode, functorch transform or autocast). Triton's launch hooks are
     checked by the plan itself."""
-    return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-                or torch._C._are_functorch_transforms_active() or torch._C._is_any_autocast_enabled()
-                or _dispatch_modes())
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._is_any_autocast_enabled()
+        or _dispatch_modes()
+    )
 
 
 def tkey(t):
@@ -105,14 +109,30 @@ class Replay:
             b = pool[base]
             pool.append(_as_strided(b, size, stride, b.storage_offset() + delta))
         for step in self.steps:
-            if step[0] == 0:    # Triton's C launcher itself (kernels/_launch.py: Plan.direct)
+            if step[0] == 0:  # Triton's C launcher itself (kernels/_launch.py: Plan.direct)
                 _, c_launch, g0, g1, g2, fn, coop, pdl, meta, ann, sig, pick, tail = step
-                c_launch(g0, g1, g2, stream, fn, coop, pdl, meta, None, None, None, None, None, ann, sig,
-                         (*pick(pool), *tail))
+                c_launch(
+                    g0,
+                    g1,
+                    g2,
+                    stream,
+                    fn,
+                    coop,
+                    pdl,
+                    meta,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    ann,
+                    sig,
+                    (*pick(pool), *tail),
+                )
             elif step[0] == 1:  # Triton's launcher object
                 _, run, g0, g1, g2, fn, meta, pick, tail = step
                 run(g0, g1, g2, stream, fn, meta, None, None, None, *pick(pool), *tail)
-            else:               # a CUDA C++ op: (2, op, args with pool indices, number of tensors it returns)
+            else:  # a CUDA C++ op: (2, op, args with pool indices, number of tensors it returns)
                 _, op, spec, n_out = step
                 out = op(*[pool[v] if is_t else v for is_t, v in spec])
                 if n_out == 1:
@@ -162,8 +182,9 @@ def build(recorded, inputs, outputs):
                 index[id(t)] = len(pool)
                 pool.append(t)
                 allocs.append((tuple(t.shape), t.stride(), t.dtype, t.device, e[2]))
-    made_by_calls = {id(t) for e in work if e[0] == "call" for t in
-                     ((e[3],) if isinstance(e[3], _Tensor) else e[3] or ())}
+    made_by_calls = {
+        id(t) for e in work if e[0] == "call" for t in ((e[3],) if isinstance(e[3], _Tensor) else e[3] or ())
+    }
     views = []
     n_bases = len(pool)  # the inputs and the allocations: what a view may be a view of
 
@@ -205,11 +226,27 @@ def build(recorded, inputs, outputs):
             first = first or plan
             if plan.direct is not None:
                 c_launch, coop, pdl, ann, sig = plan.direct
-                steps.append((0, c_launch, grid[0], grid[1], grid[2], plan.function, coop, pdl, plan.metadata, ann,
-                              sig, pick, tail + plan.tail))
+                steps.append(
+                    (
+                        0,
+                        c_launch,
+                        grid[0],
+                        grid[1],
+                        grid[2],
+                        plan.function,
+                        coop,
+                        pdl,
+                        plan.metadata,
+                        ann,
+                        sig,
+                        pick,
+                        tail + plan.tail,
+                    )
+                )
             else:
-                steps.append((1, plan.run, grid[0], grid[1], grid[2], plan.function, plan.metadata, pick,
-                              tail + plan.tail))
+                steps.append(
+                    (1, plan.run, grid[0], grid[1], grid[2], plan.function, plan.metadata, pick, tail + plan.tail)
+                )
         else:
             _, op, args, out = e
             spec = []
@@ -424,14 +461,15 @@ class FoldPlan:
             if t is None:
                 if ref is not None:
                     return None
-            elif ref is None or ref() is not t or t._version != version or (t.requires_grad and torch.is_grad_enabled()):
+            elif (
+                ref is None or ref() is not t or t._version != version or (t.requires_grad and torch.is_grad_enabled())
+            ):
                 return None
         pool = self.replay((x, self.weight, self.bias))
         if pool is None:
             return None
         self.used = True
         return pool[self.out]
-
 
 
 def run_and_plan_folded(key, full, x, sources):
@@ -445,8 +483,7 @@ def run_and_plan_folded(key, full, x, sources):
         PLANS[key] = None
         return full()
     out, recorded = _recorded(full)
-    if recorded is None or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                            for t in (x, *sources))):
+    if recorded is None or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *sources))):
         return out  # (a fold that autograd records is not kept)
     ops = [e for e in recorded if e[0] == "op"]
     plan = None
@@ -475,9 +512,13 @@ def _shared_fold(sources, refs, versions, weight, bias):
     same values in the same layout)."""
     ident = tuple(id(t) for t in sources)
     kept = _FOLDS.get(ident)
-    if (kept is not None and kept[1] == versions and kept[2].shape == weight.shape
-            and kept[2].stride() == weight.stride()
-            and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(kept[0], sources))):
+    if (
+        kept is not None
+        and kept[1] == versions
+        and kept[2].shape == weight.shape
+        and kept[2].stride() == weight.stride()
+        and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(kept[0], sources))
+    ):
         return kept[2], kept[3]
     if kept is None and sources[0] is not None:
         weakref.finalize(sources[0], _FOLDS.pop, ident, None)  # forgotten with the convolution's weight

@@ -179,8 +179,12 @@ class TuneCache:
     def _warn(self, what: str, exc: Exception) -> None:
         if not self._warned:
             self._warned = True
-            warnings.warn(f"CNNKERN_TUNE_CACHE={self.path}: cannot {what} it ({exc}); tuned choices are kept for "
-                          "this process only", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"CNNKERN_TUNE_CACHE={self.path}: cannot {what} it ({exc}); tuned choices are kept for "
+                "this process only",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _read(self) -> dict[str, dict]:
         """The file's entries for this build ({} for a missing file or another build's)."""
@@ -192,8 +196,12 @@ class TuneCache:
         if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("tuners"), dict):
             raise ValueError("not a cnnkern tuning cache of format 1")
         if data.get("fingerprint") != self.fingerprint():
-            log.info("%s: written by another build (%s, here %s); not used", self.path, data.get("fingerprint"),
-                     self.fingerprint())
+            log.info(
+                "%s: written by another build (%s, here %s); not used",
+                self.path,
+                data.get("fingerprint"),
+                self.fingerprint(),
+            )
             return {}
         return data["tuners"]
 
@@ -252,8 +260,14 @@ class Tuner:
         self.choices: dict[Hashable, Any] = {}
         self.timings: dict[Hashable, dict[Any, float]] = {}
 
-    def run(self, key: Hashable, candidates: Callable[[], Sequence[Any]], launch: Callable[[Any], Any], default: Any,
-            device: torch.device) -> Any:
+    def run(
+        self,
+        key: Hashable,
+        candidates: Callable[[], Sequence[Any]],
+        launch: Callable[[Any], Any],
+        default: Any,
+        device: torch.device,
+    ) -> Any:
         """``launch(choice)`` with the key's winner, timing each of ``candidates()`` first if the
         key is new, neither chosen in this process nor recorded in the cache (``default`` instead
         under deterministic algorithms, and when a capture forbids timing). Returns the last

@@ -30,6 +30,7 @@ from ._common import cuda_ops, in_layout, new_output, output_channels_last, regi
 
 def _kernels():
     from cnnkern.kernels import conv2d as k  # on first use: see cnnkern/ops/residual_add.py
+
     return k
 
 
@@ -92,8 +93,11 @@ def _build_fingerprint() -> dict:
     """What built the CUDA kernels, for CNNKERN_TUNE_CACHE: the digest of the compiled extension
     (its kernels and their launch choices) and the versions of torch and CUDA."""
     ext = getattr(sys.modules.get("cnnkern._C"), "__file__", None)
-    return {"extension": _tune.file_digest(ext) if ext else None, "torch": torch.__version__,
-            "cuda": torch.version.cuda}
+    return {
+        "extension": _tune.file_digest(ext) if ext else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
 
 
 TUNER = _tune.Tuner("cnnkern conv2d (cuda)", _tune.cache_from_env(_build_fingerprint))
@@ -135,8 +139,17 @@ def cuda_forward(x, w, bias, y, stride, padding, dilation, groups, relu, stats, 
         algo, split_k, tile = c
         return cuda_ops().conv2d_forward_cuda(*args, algo, stats, tf32, residual, split_k, tile)
 
-    key = ("fwd", *map(_tune.tensor_key, (x, w, bias, y, residual)), tuple(stride), tuple(padding[:2]),
-           tuple(dilation), groups, relu, stats, tf32)
+    key = (
+        "fwd",
+        *map(_tune.tensor_key, (x, w, bias, y, residual)),
+        tuple(stride),
+        tuple(padding[:2]),
+        tuple(dilation),
+        groups,
+        relu,
+        stats,
+        tf32,
+    )
     rows = y.shape[0] * y.shape[2] * y.shape[3]
     return TUNER.run(key, lambda: _gemm_candidates(x, tf32, rows), launch, ("auto", CUDA_SPLIT_K, -1), x.device)
 
@@ -152,8 +165,15 @@ def cuda_backward_input(grad, w, gx, stride, padding, dilation, groups, tf32) ->
         algo, split_k, tile = c
         cuda_ops().conv2d_backward_input_cuda(*args, algo, tf32, split_k, tile)
 
-    key = ("dgrad", *map(_tune.tensor_key, (grad, w, gx)), tuple(stride), tuple(padding[:2]), tuple(dilation),
-           groups, tf32)
+    key = (
+        "dgrad",
+        *map(_tune.tensor_key, (grad, w, gx)),
+        tuple(stride),
+        tuple(padding[:2]),
+        tuple(dilation),
+        groups,
+        tf32,
+    )
     rows = gx.shape[0] * gx.shape[2] * gx.shape[3]
     TUNER.run(key, lambda: _gemm_candidates(grad, tf32, rows), launch, ("auto", CUDA_SPLIT_K, -1), grad.device)
 
@@ -172,8 +192,11 @@ def _wgrad_candidates(grad, x, gw, stride, padding, dilation, groups, tf32) -> l
     out = []
     for algo in algos:
         chosen = cuda_ops().conv2d_backward_weight_splits_cuda(*geom, algo, tf32)
-        counts = {chosen} | {cuda_ops().conv2d_backward_weight_splits_cuda(*geom, algo, tf32, n)
-                             for n in (chosen // 2, 2 * chosen) if n > 0}
+        counts = {chosen} | {
+            cuda_ops().conv2d_backward_weight_splits_cuda(*geom, algo, tf32, n)
+            for n in (chosen // 2, 2 * chosen)
+            if n > 0
+        }
         out += [(algo, n) for n in sorted(counts)]
     return out
 
@@ -190,19 +213,41 @@ def cuda_backward_weight(grad, x, gw, gb, stride, padding, dilation, groups, tf3
         algo, splits = c
         cuda_ops().conv2d_backward_weight_cuda(*args, algo, tf32, splits)
 
-    key = ("wgrad", *map(_tune.tensor_key, (grad, x, gw, gb)), tuple(stride), tuple(padding[:2]), tuple(dilation),
-           groups, tf32)
-    TUNER.run(key, lambda: _wgrad_candidates(grad, x, gw, stride, padding, dilation, groups, tf32), launch,
-              ("auto", 0), grad.device)
+    key = (
+        "wgrad",
+        *map(_tune.tensor_key, (grad, x, gw, gb)),
+        tuple(stride),
+        tuple(padding[:2]),
+        tuple(dilation),
+        groups,
+        tf32,
+    )
+    TUNER.run(
+        key,
+        lambda: _wgrad_candidates(grad, x, gw, stride, padding, dilation, groups, tf32),
+        launch,
+        ("auto", 0),
+        grad.device,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
 @custom_op("cnnkern::conv2d", mutates_args=())
-def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-           stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool, precision: str,
-           backend: str) -> torch.Tensor:
+def conv2d(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    relu: bool,
+    precision: str,
+    backend: str,
+) -> torch.Tensor:
     _check_backend(backend)
     cl = _y_channels_last(x, w)
     y = new_output(output_size(x.shape, w.shape, stride, padding, dilation), x, cl)
@@ -211,8 +256,20 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual
     if backend == "cuda":
         cuda_forward(x, w, bias, y, stride, padding, dilation, groups, relu, False, precision == "tf32", residual)
     else:
-        _kernels().conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, relu, precision,
-                                  residual=residual, splits=TRITON_SPLITS)
+        _kernels().conv2d_forward(
+            x,
+            w,
+            bias,
+            y,
+            stride,
+            padding[:2],
+            dilation,
+            groups,
+            relu,
+            precision,
+            residual=residual,
+            splits=TRITON_SPLITS,
+        )
     return y
 
 
@@ -225,16 +282,26 @@ def _(x, w, bias, residual, stride, padding, dilation, groups, relu, precision, 
 # backward ops
 # ---------------------------------------------------------------------------------------------
 @custom_op("cnnkern::conv2d_backward_input", mutates_args=())
-def conv2d_backward_input(grad: torch.Tensor, w: torch.Tensor, input_size: list[int], stride: list[int],
-                          padding: list[int], dilation: list[int], groups: int, channels_last: bool,
-                          precision: str, backend: str) -> torch.Tensor:
+def conv2d_backward_input(
+    grad: torch.Tensor,
+    w: torch.Tensor,
+    input_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    channels_last: bool,
+    precision: str,
+    backend: str,
+) -> torch.Tensor:
     _check_backend(backend)
     gx = new_output(input_size, grad, channels_last)
     if backend == "cuda":
         cuda_backward_input(grad, w, gx, stride, padding, dilation, groups, precision == "tf32")
     else:
-        _kernels().conv2d_backward_input(grad, w, gx, stride, padding[:2], dilation, groups, precision,
-                                         splits=TRITON_SPLITS)
+        _kernels().conv2d_backward_input(
+            grad, w, gx, stride, padding[:2], dilation, groups, precision, splits=TRITON_SPLITS
+        )
     return gx
 
 
@@ -244,17 +311,28 @@ def _(grad, w, input_size, stride, padding, dilation, groups, channels_last, pre
 
 
 @custom_op("cnnkern::conv2d_backward_weight", mutates_args=())
-def conv2d_backward_weight(grad: torch.Tensor, x: torch.Tensor, weight_size: list[int], stride: list[int],
-                           padding: list[int], dilation: list[int], groups: int, bias: bool,
-                           channels_last: bool, precision: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def conv2d_backward_weight(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    bias: bool,
+    channels_last: bool,
+    precision: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     _check_backend(backend)
     gw = new_output(weight_size, grad, channels_last)
     gb = new_output([weight_size[0] if bias else 0], grad, False)
     if backend == "cuda":
         cuda_backward_weight(grad, x, gw, gb, stride, padding, dilation, groups, precision == "tf32")
     else:
-        _kernels().conv2d_backward_weight(grad, x, gw, gb if bias else None, stride, padding[:2], dilation, groups,
-                                          precision)
+        _kernels().conv2d_backward_weight(
+            grad, x, gw, gb if bias else None, stride, padding[:2], dilation, groups, precision
+        )
     return gw, gb
 
 
@@ -282,15 +360,28 @@ def _backward(ctx, grad):
         # The fused ReLU's derivative: grad where y > 0. cnnkern::residual_add_backward is exactly
         # that elementwise kernel (PyTorch's threshold_backward), so it is reused here.
         from .residual_add import residual_add_backward
+
         grad = residual_add_backward(grad, y, ctx.backend)
     g_res = grad if ctx.needs_input_grad[3] else None  # the residual's gradient: the masked one itself
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
-        gx = conv2d_backward_input(grad, w, list(x.shape), stride, padding, dilation, groups, ctx.x_cl,
-                                   ctx.precision, ctx.backend)
+        gx = conv2d_backward_input(
+            grad, w, list(x.shape), stride, padding, dilation, groups, ctx.x_cl, ctx.precision, ctx.backend
+        )
     if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-        gw, gb = conv2d_backward_weight(grad, x, list(w.shape), stride, padding, dilation, groups, ctx.has_bias,
-                                        ctx.w_cl, ctx.precision, ctx.backend)
+        gw, gb = conv2d_backward_weight(
+            grad,
+            x,
+            list(w.shape),
+            stride,
+            padding,
+            dilation,
+            groups,
+            ctx.has_bias,
+            ctx.w_cl,
+            ctx.precision,
+            ctx.backend,
+        )
         gw = gw if ctx.needs_input_grad[1] else None
         gb = gb if ctx.has_bias and ctx.needs_input_grad[2] else None
     return gx, gw, gb, g_res, None, None, None, None, None, None, None
@@ -318,8 +409,19 @@ def _dgrad_backward(ctx, ggx):
     if ctx.needs_input_grad[0]:
         d_grad = conv2d(ggx, w, None, None, stride, padding, dilation, groups, False, precision, backend)
     if ctx.needs_input_grad[1]:
-        d_w, _ = conv2d_backward_weight(grad, ggx, list(w.shape), stride, padding, dilation, groups, False,
-                                        output_channels_last(w), precision, backend)
+        d_w, _ = conv2d_backward_weight(
+            grad,
+            ggx,
+            list(w.shape),
+            stride,
+            padding,
+            dilation,
+            groups,
+            False,
+            output_channels_last(w),
+            precision,
+            backend,
+        )
     return d_grad, d_w, None, None, None, None, None, None, None, None
 
 
@@ -337,8 +439,9 @@ def _wgrad_backward(ctx, ggw, ggb):
         bias = ggb if ggb is not None and ggb.numel() else None
         d_grad = conv2d(x, ggw, bias, None, stride, padding, dilation, groups, False, precision, backend)
     if ctx.needs_input_grad[1]:
-        d_x = conv2d_backward_input(grad, ggw, list(x.shape), stride, padding, dilation, groups,
-                                    output_channels_last(x), precision, backend)
+        d_x = conv2d_backward_input(
+            grad, ggw, list(x.shape), stride, padding, dilation, groups, output_channels_last(x), precision, backend
+        )
     return d_grad, d_x, None, None, None, None, None, None, None, None, None
 
 

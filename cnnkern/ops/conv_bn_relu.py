@@ -24,13 +24,21 @@ import torch
 from torch.library import custom_op
 
 from ._common import cuda_ops, in_layout, new_output, new_workspace, record_miss, register_autograd
-from .conv2d import (TRITON_SPLITS, _check_backend, _y_channels_last, conv2d_backward_input, conv2d_backward_weight,
-                     cuda_forward, output_size)
+from .conv2d import (
+    TRITON_SPLITS,
+    _check_backend,
+    _y_channels_last,
+    conv2d_backward_input,
+    conv2d_backward_weight,
+    cuda_forward,
+    output_size,
+)
 
 
 def _kernels():
     from cnnkern.kernels import conv2d as kc
     from cnnkern.kernels import conv_bn_relu as kb  # on first use: see cnnkern/ops/residual_add.py
+
     return kc, kb
 
 
@@ -39,10 +47,22 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 @custom_op("cnnkern::conv_bn_relu_train", mutates_args=())
-def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-                       bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, eps: float, stride: list[int], padding: list[int],
-                       dilation: list[int], groups: int, relu: bool, precision: str,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def conv_bn_relu_train(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    eps: float,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    relu: bool,
+    precision: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backend(backend)
     kc, kb = _kernels()
     shape = output_size(x.shape, w.shape, stride, padding, dilation)
@@ -56,8 +76,9 @@ def conv_bn_relu_train(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
             stats = new_workspace((0, 3, k), acc_t, x.device, zero=True)
     else:
         stats = new_workspace((kc.stats_rows(n_ * p * q), 3, k), acc_t, x.device, zero=True)
-        kc.conv2d_forward(x, w, bias, y, stride, padding[:2], dilation, groups, False, precision, stats=stats,
-                          splits=TRITON_SPLITS)
+        kc.conv2d_forward(
+            x, w, bias, y, stride, padding[:2], dilation, groups, False, precision, stats=stats, splits=TRITON_SPLITS
+        )
     out = new_output(shape, x, cl)
     if residual is not None:  # the apply pass reads it through y's layout
         residual = in_layout(residual, cl)
@@ -79,8 +100,14 @@ def _(x, w, bias, residual, bn_weight, bn_bias, eps, stride, padding, dilation, 
     return new_output(shape, x, cl), new_output(shape, x, cl), stat, stat.clone(), stat.clone()
 
 
-def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-                         var: torch.Tensor, count: int, momentum: float) -> None:
+def update_running_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float,
+) -> None:
     """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance
     (PyTorch's in-place ops: what the op below runs, and what a replayed training call runs
     after its plan, cnnkern/functional.py)."""
@@ -90,8 +117,14 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, 
 
 
 @custom_op("cnnkern::bn_update_running_stats", mutates_args=("running_mean", "running_var"))
-def bn_update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-                            var: torch.Tensor, count: int, momentum: float) -> None:
+def bn_update_running_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float,
+) -> None:
     update_running_stats(running_mean, running_var, mean, var, count, momentum)
 
 
@@ -101,9 +134,15 @@ def _(running_mean, running_var, mean, var, count, momentum):
 
 
 @custom_op("cnnkern::conv_bn_relu_backward", mutates_args=())
-def conv_bn_relu_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, mean: torch.Tensor,
-                          invstd: torch.Tensor, bn_weight: torch.Tensor | None,
-                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def conv_bn_relu_backward(
+    grad: torch.Tensor,
+    out: torch.Tensor | None,
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backend(backend)
     _, kb = _kernels()
     cl = _y_channels_last(y, y)
@@ -115,8 +154,9 @@ def conv_bn_relu_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch
         part = cuda_ops().bn_backward_reduce_cuda(grad, out, y)
         a, b, c = (new_workspace(k, mean.dtype, y.device) for _ in range(3))
         sg, sgx = (new_workspace(k, pdt, y.device) for _ in range(2))
-        cuda_ops().bn_backward_coefficients_cuda(part, mean, invstd, bn_weight, y.numel() // max(k, 1),
-                                                 a, b, c, sg, sgx)
+        cuda_ops().bn_backward_coefficients_cuda(
+            part, mean, invstd, bn_weight, y.numel() // max(k, 1), a, b, c, sg, sgx
+        )
         cuda_ops().bn_backward_dy_cuda(grad, out, y, dy, a, b, c)
     else:
         sg, sgx = kb.bn_backward(grad, out, y, dy, mean, invstd, bn_weight, pdt)
@@ -150,20 +190,40 @@ def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_invstd, _grad_var):
         g_res = grad_out
         if out is not None:
             from .residual_add import residual_add_backward  # threshold_backward, as in conv2d's ReLU
+
             g_res = residual_add_backward(grad_out, out, ctx.backend)
         grad_out, out = g_res, None
     dy, dgamma, dbeta = conv_bn_relu_backward(grad_out, out, y, mean, invstd, bn_weight, ctx.backend)
     gx = gw = gb = None
     if need[0]:
-        gx = conv2d_backward_input(dy, w, list(x.shape), stride, padding, dilation, groups, ctx.layouts[0],
-                                   ctx.precision, ctx.backend)
+        gx = conv2d_backward_input(
+            dy, w, list(x.shape), stride, padding, dilation, groups, ctx.layouts[0], ctx.precision, ctx.backend
+        )
     if need[1] or (has_bias and need[2]):
-        gw, gb = conv2d_backward_weight(dy, x, list(w.shape), stride, padding, dilation, groups, has_bias,
-                                        ctx.layouts[1], ctx.precision, ctx.backend)
+        gw, gb = conv2d_backward_weight(
+            dy,
+            x,
+            list(w.shape),
+            stride,
+            padding,
+            dilation,
+            groups,
+            has_bias,
+            ctx.layouts[1],
+            ctx.precision,
+            ctx.backend,
+        )
         gw = gw if need[1] else None
         gb = gb if has_bias and need[2] else None
-    return (gx, gw, gb, g_res, dgamma if has_gamma and need[4] else None,
-            dbeta if has_beta and need[5] else None, *([None] * 8))
+    return (
+        gx,
+        gw,
+        gb,
+        g_res,
+        dgamma if has_gamma and need[4] else None,
+        dbeta if has_beta and need[5] else None,
+        *([None] * 8),
+    )
 
 
 register_autograd(conv_bn_relu_train, _backward, _setup_context)

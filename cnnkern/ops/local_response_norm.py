@@ -23,12 +23,13 @@ import torch
 from torch.library import custom_op
 
 from .. import _backend
-from ._common import cuda_ops, elementwise_channels_last, new_output, nchw_strides, register_autograd
+from ._common import cuda_ops, elementwise_channels_last, nchw_strides, new_output, register_autograd
 
 
 def _kernels():
     # Imported on first use: Triton decides interpreter vs GPU when a kernel is defined.
     from cnnkern.kernels import local_response_norm as k
+
     return k
 
 
@@ -39,8 +40,7 @@ def _like(x: torch.Tensor) -> torch.Tensor:
 
 
 @custom_op("cnnkern::local_response_norm", mutates_args=())
-def local_response_norm(x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
-                        backend: str) -> torch.Tensor:
+def local_response_norm(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, backend: str) -> torch.Tensor:
     if backend == "cuda":
         return cuda_ops().local_response_norm_cuda(x, size, alpha, beta, k)
     out = _like(x)
@@ -54,8 +54,9 @@ def _(x, size, alpha, beta, k, backend):
 
 
 @custom_op("cnnkern::local_response_norm_backward", mutates_args=())
-def local_response_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, size: int, alpha: float, beta: float,
-                                 k: float, backend: str) -> torch.Tensor:
+def local_response_norm_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, size: int, alpha: float, beta: float, k: float, backend: str
+) -> torch.Tensor:
     if backend == "cuda":
         return cuda_ops().local_response_norm_backward_cuda(grad_out, x, size, alpha, beta, k)
     grad_in = _like(x)
@@ -90,6 +91,7 @@ register_autograd(local_response_norm, _backward, _setup_context)
 # fake implementations of the CUDA C++ ops (their schemas come from cnnkern._C)
 # ---------------------------------------------------------------------------------------------
 if _backend.has_extension():
+
     @torch.library.register_fake("cnnkern::local_response_norm_cuda")
     def _(x, size, alpha, beta, k):
         return _like(x)

@@ -21,13 +21,21 @@ import torch
 from torch.library import custom_op
 
 from .. import _backend
-from ._common import (cuda_ops, elementwise_channels_last, in_layout, new_output, output_channels_last, register_autograd,
-                      unary_channels_last)
+from ._common import (
+    cuda_ops,
+    elementwise_channels_last,
+    in_layout,
+    new_output,
+    output_channels_last,
+    register_autograd,
+    unary_channels_last,
+)
 
 
 def _kernels():
     # Imported on first use: Triton decides interpreter vs GPU when a kernel is defined.
     from cnnkern.kernels import residual_add as k
+
     return k
 
 
@@ -82,8 +90,9 @@ def _(grad_out, out, backend):
 
 
 @custom_op("cnnkern::residual_add_shortcut_backward", mutates_args=())
-def residual_add_shortcut_backward(grad: torch.Tensor, shortcut_size: list[int], stride: int,
-                                   channels_last: bool, backend: str) -> torch.Tensor:
+def residual_add_shortcut_backward(
+    grad: torch.Tensor, shortcut_size: list[int], stride: int, channels_last: bool, backend: str
+) -> torch.Tensor:
     if backend == "cuda":
         return cuda_ops().residual_add_shortcut_backward_cuda(grad, shortcut_size, stride, channels_last)
     grad_shortcut = _shortcut_output(grad, shortcut_size, channels_last)
@@ -116,8 +125,13 @@ def _backward(ctx, grad):
     grad_x = grad_sum if ctx.needs_input_grad[0] else None
     grad_shortcut = None
     if ctx.needs_input_grad[1]:
-        grad_shortcut = grad_sum if ctx.identity else residual_add_shortcut_backward(
-            grad_sum, ctx.shortcut_size, ctx.stride, ctx.shortcut_channels_last, ctx.backend)
+        grad_shortcut = (
+            grad_sum
+            if ctx.identity
+            else residual_add_shortcut_backward(
+                grad_sum, ctx.shortcut_size, ctx.stride, ctx.shortcut_channels_last, ctx.backend
+            )
+        )
     return grad_x, grad_shortcut, None, None, None
 
 
@@ -151,8 +165,9 @@ def _shortcut_bwd_setup(ctx, inputs, output):
 def _shortcut_bwd_backward(ctx, gg):
     # The adjoint of the adjoint is A itself: A(gg) = residual_add(zeros, gg) without ReLU.
     dtype, device, cl = ctx.like
-    zeros = torch.empty(ctx.grad_shape, dtype=dtype, device=device,
-                        memory_format=torch.channels_last if cl else torch.contiguous_format).zero_()
+    zeros = torch.empty(
+        ctx.grad_shape, dtype=dtype, device=device, memory_format=torch.channels_last if cl else torch.contiguous_format
+    ).zero_()
     return residual_add(zeros, gg, ctx.stride, False, ctx.backend), None, None, None, None
 
 
@@ -163,6 +178,7 @@ register_autograd(residual_add_shortcut_backward, _shortcut_bwd_backward, _short
 # fake implementations of the CUDA C++ ops (their schemas come from cnnkern._C)
 # ---------------------------------------------------------------------------------------------
 if _backend.has_extension():
+
     @torch.library.register_fake("cnnkern::residual_add_cuda")
     def _(x, shortcut, stride, relu):
         return new_output(x.shape, x, out_channels_last(x, shortcut, relu))
