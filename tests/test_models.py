@@ -11,6 +11,7 @@ from helpers import DEVICE, randomise_bn, rel_err
 
 import cnnkern
 from cnnkern import models as M
+from cnnkern.models.resnet import BasicBlock, Bottleneck
 
 tv = pytest.importorskip("torchvision")
 
@@ -155,12 +156,19 @@ def test_googlenet_variants():
 # the networks on the Triton kernels (and the CUDA C++ ones where they can run: a GPU, or the
 # emulator), training mode, forward + backward, against the torch backend
 # ------------------------------------------------------------------------------------------------
-SMALL = {  # as small as each architecture allows (training BatchNorm needs > 1 value per channel)
+# As small as each architecture allows (training BatchNorm needs > 1 value per channel). The
+# ResNets and VGG keep every kind of layer of their family (each block type, shortcut and stage
+# width) with fewer repeats: [2, 1, 1, 1] blocks per stage (two in the first stage, for an
+# identity shortcut) and VGG-11 for VGG-16. The full networks run in the GPU tests and benchmarks.
+SMALL = {
     "alexnet_paper": (M.alexnet, (2, 3, 67, 67)),  # LRN with the paper's constants; 67: POOL3 still 1x1
-    "cifar_resnet20": (lambda: M.cifar_resnet(20), (2, 3, 16, 16)),  # option A shortcuts
-    "resnet18": (M.resnet18, (2, 3, 32, 32)),
-    "resnet50": (M.resnet50, (2, 3, 32, 32)),
-    "vgg16_bn": (lambda: M.vgg16(batch_norm=True), (2, 3, 32, 32)),
+    "cifar_resnet_211": (  # option A shortcuts
+        lambda: M.ResNet(BasicBlock, [2, 1, 1], 10, "A", "paper", stem="cifar"),
+        (2, 3, 16, 16),
+    ),
+    "resnet_basic_2111": (lambda: M.ResNet(BasicBlock, [2, 1, 1, 1]), (2, 3, 32, 32)),  # ResNet-18's blocks
+    "resnet_bottleneck_2111": (lambda: M.ResNet(Bottleneck, [2, 1, 1, 1]), (2, 3, 32, 32)),  # ResNet-50's
+    "vgg11_bn": (lambda: M.vgg11(batch_norm=True), (2, 3, 32, 32)),
     "googlenet": (M.googlenet, (2, 3, 32, 32)),
 }
 
