@@ -38,6 +38,25 @@ def hooks_active(*modules) -> bool:
     return False
 
 
+_ABSENT = object()
+
+
+def _member(module: torch.nn.Module, name: str):
+    """``module.<name>`` for a registered parameter, buffer or submodule, read from the dictionary
+    where ``Module.__getattr__`` finds it. The plain attribute read reaches ``__getattr__`` only
+    after a failed instance lookup, which on Python 3.11 builds an AttributeError (about 7,000
+    instructions a read). Any other name (a parametrization's property, a plain attribute) is
+    read with getattr."""
+    v = module._parameters.get(name, _ABSENT)
+    if v is _ABSENT:
+        v = module._buffers.get(name, _ABSENT)
+        if v is _ABSENT:
+            v = module._modules.get(name, _ABSENT)
+            if v is _ABSENT:
+                return getattr(module, name)
+    return v
+
+
 def _proxy(*args):
     """The first torch.fx Proxy among ``args`` (symbolic tracing), else None."""
     for a in args:
@@ -181,7 +200,7 @@ class Conv2d(torch.nn.Conv2d):
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``activation(conv(input) + residual)``; ``residual`` (None, or the output's shape) is
         added in the convolution's epilogue."""
-        return self._conv_forward(input, self.weight, self.bias, residual)
+        return self._conv_forward(input, _member(self, "weight"), _member(self, "bias"), residual)
 
     def _conv_forward(self, input, weight, bias, residual=None):
         p = _proxy(input, residual)
@@ -274,11 +293,12 @@ class ConvBNReLU2d(torch.nn.Module):
         p = _proxy(x, residual)
         if p is not None:
             return _trace_as_leaf(self, p, (x,) if residual is None else (x, residual))
-        if hooks_active(self.conv, self.bn):
-            y = self.bn(self.conv(x))
+        conv, bn = _member(self, "conv"), _member(self, "bn")
+        if hooks_active(conv, bn):
+            y = bn(conv(x))
             y = y if residual is None else y + residual
             return torch.relu(y) if self.relu else y
-        return conv_bn_forward(self.conv, self.bn, x, relu=self.relu, backend=self.backend, residual=residual)
+        return conv_bn_forward(conv, bn, x, relu=self.relu, backend=self.backend, residual=residual)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}" + (f", backend={self.backend!r}" if self.backend else "")
@@ -292,7 +312,8 @@ _FOLD_ATTR = "_cnnkern_folded"  # plain attribute on the BatchNorm module: (key,
 
 
 def _fold_key(conv, bn):
-    ts = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    ts = [_member(conv, "weight"), _member(conv, "bias"), _member(bn, "weight"), _member(bn, "bias")]
+    ts += [_member(bn, "running_mean"), _member(bn, "running_var")]
     return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in ts), bn.eps
 
 
@@ -300,7 +321,8 @@ def _eval_weights(conv, bn):
     """BatchNorm folded into conv's weight and bias. Cached on the BatchNorm module while no
     parameter or statistic changes (any in-place change bumps a version counter); recomputed,
     differentiably, whenever autograd records or torch.compile traces."""
-    args = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    args = (_member(conv, "weight"), _member(conv, "bias"), _member(bn, "running_mean"), _member(bn, "running_var"))
+    args += (_member(bn, "weight"), _member(bn, "bias"), bn.eps)
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
     if recording or torch.compiler.is_compiling():
         return F.fold_bn(*args)
@@ -327,11 +349,12 @@ def conv_bn_forward(
     ``track_running_stats=False``); the residual is added by the kernel that applies the ReLU."""
     if conv.padding_mode != "zeros":
         raise ValueError(f"cnnkern: Conv2d with padding_mode={conv.padding_mode!r} is not supported, only 'zeros'")
+    weight, bias = _member(conv, "weight"), _member(conv, "bias")
     if bn is None:
         return F.conv2d(
             x,
-            conv.weight,
-            conv.bias,
+            weight,
+            bias,
             conv.stride,
             conv.padding,
             conv.dilation,
@@ -340,21 +363,24 @@ def conv_bn_forward(
             residual=residual,
             backend=backend,
         )
-    if bn.training or bn.running_mean is None:
+    mean, var = _member(bn, "running_mean"), _member(bn, "running_var")
+    gamma, beta = _member(bn, "weight"), _member(bn, "bias")
+    if bn.training or mean is None:
         momentum = bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
+        tracked = _member(bn, "num_batches_tracked")
+        if bn.training and bn.track_running_stats and tracked is not None:
+            tracked.add_(1)
             if momentum is None:  # cumulative moving average, as torch.nn.BatchNorm2d
-                momentum = 1.0 / float(bn.num_batches_tracked)
+                momentum = 1.0 / float(tracked)
         update = bn.training
         return F.conv_bn_relu(
             x,
-            conv.weight,
-            conv.bias,
-            bn.running_mean if update else None,
-            bn.running_var if update else None,
-            bn.weight,
-            bn.bias,
+            weight,
+            bias,
+            mean if update else None,
+            var if update else None,
+            gamma,
+            beta,
             training=True,
             momentum=0.0 if momentum is None else momentum,
             eps=bn.eps,
@@ -369,12 +395,12 @@ def conv_bn_forward(
     if residual is None:  # BatchNorm folded while its tensors are unchanged (cnnkern/ops/_plan.py: FoldPlan)
         return F.conv_bn_relu(
             x,
-            conv.weight,
-            conv.bias,
-            bn.running_mean,
-            bn.running_var,
-            bn.weight,
-            bn.bias,
+            weight,
+            bias,
+            mean,
+            var,
+            gamma,
+            beta,
             training=False,
             eps=bn.eps,
             stride=conv.stride,
@@ -388,12 +414,12 @@ def conv_bn_forward(
         # the reference keeps conv and BatchNorm apart (and so does cnnkern.summary's trace)
         return F.conv_bn_relu(
             x,
-            conv.weight,
-            conv.bias,
-            bn.running_mean,
-            bn.running_var,
-            bn.weight,
-            bn.bias,
+            weight,
+            bias,
+            mean,
+            var,
+            gamma,
+            beta,
             training=False,
             eps=bn.eps,
             stride=conv.stride,

@@ -27,6 +27,14 @@ def acc_type(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def sm_count(device, interpreted: int) -> int:
+    """The number of SMs of ``device``'s GPU; under the interpreter, ``interpreted``: the count a
+    launcher's grid and split choices assume on the CPU, given by each launcher with its reason."""
+    if INTERPRET:
+        return interpreted
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def check_like(op: str, name: str, t, like, like_name: str) -> None:
     """``t`` (a tensor the kernel reads at ``like``'s offsets, e.g. a fused residual) has exactly
     ``like``'s shape and strides."""

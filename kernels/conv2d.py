@@ -42,11 +42,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, acc_type, cdiv, check_like
+from . import INTERPRET, acc_type, cdiv, check_like, sm_count
 from . import _launch as _fast
 from .residual_add import _decompose  # linear index of a dense 4-D tensor -> its 4 indices
 
 _INT32_MAX = 2**31 - 1
+
+# The SM count the interpreter assumes: few, so that the tests' small layers take the split-K paths.
+_INTERPRETED_SMS = 4
 
 
 def _configs(space, k_name="BLOCK_C", interpret=INTERPRET):
@@ -1018,10 +1021,6 @@ def deterministic_config(configs, M: int, N: int, sms: int):
     return next(c for c in configs if area(c) == least)
 
 
-def _sm_count(device) -> int:
-    return 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _launch(kernel, grid, key, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` for an autotuned kernel. The configuration is chosen once
     per ``key`` (the autotune key's values and the tensor arguments' dtypes, as Triton's own cache
@@ -1044,7 +1043,8 @@ def _launch(kernel, grid, key, *args, **kwargs) -> None:
             prune = getattr(kernel, "early_config_prune", None)
             if prune is not None:
                 configs = prune(configs, named, **kwargs)
-            cfg = deterministic_config(configs, named["M"], named[_GEMM_N[kernel]], _sm_count(args[0].device))
+            sms = sm_count(args[0].device, _INTERPRETED_SMS)
+            cfg = deterministic_config(configs, named["M"], named[_GEMM_N[kernel]], sms)
             cfg = _TUNED[(kernel, key, det)] = cfg.all_kwargs()
         else:
             _fast.record_miss(again=True)
@@ -1087,7 +1087,7 @@ def gemm_splits(M: int, Kg: int, groups: int, reduction: int, device: torch.devi
     64x64 (a small image, batch 1: ResNet-50's last stage at batch 1 makes 8 of them for 132 SMs,
     each reducing over 4,608 values), splits its reduction into up to 32 slices of at least four
     64-element steps, until the programs fill the SMs once; 1 otherwise."""
-    sms = _sm_count(device)
+    sms = sm_count(device, _INTERPRETED_SMS)
     tiles = cdiv(M, 64) * cdiv(Kg, 64) * groups
     if 2 * tiles > sms:
         return 1

@@ -54,10 +54,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, acc_type, cdiv
+from . import INTERPRET, acc_type, cdiv, sm_count
 from . import _launch as _fast
 
 _INT32_MAX = 2**31 - 1
+# The SM count the interpreter assumes: an H100's, so that CPU runs split channels as a GPU run would.
+_INTERPRETED_SMS = 132
 
 
 def _fp32(v: float) -> float:
@@ -328,12 +330,6 @@ def _block(hw: int, channels_last: bool, backward: bool, fp64: bool) -> tuple[in
     return best, best // (32 * per_thread)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # the interpreter: an H100's count, so that CPU runs split channels as a GPU run would
-
-
 def _channel_chunk(positions: int, channels: int, span: int, sms: int, chunk: int | None) -> int:
     """Channels per program (per thread in the CUDA kernel): a walk over all C channels of a
     position is one long serial chain, and N*H*W positions can be too few chains to keep DRAM
@@ -406,7 +402,7 @@ def local_response_norm_forward(
     block, warps = _block(h * w, cl, backward=False, fp64=x.dtype == torch.float64)
     n_tiles = cdiv(h * w, block)
     p, q = _window_halves(size, c)
-    ch = _channel_chunk(n * h * w, c, p + q + 1, _sm_count(x.device), chunk)
+    ch = _channel_chunk(n * h * w, c, p + q + 1, sm_count(x.device, _INTERPRETED_SMS), chunk)
     n_chunks = cdiv(c, ch)
     _check_grid(n * n_chunks * n_tiles, x.shape)
     _fast.launch(
@@ -458,7 +454,7 @@ def local_response_norm_backward(
     block, warps = _block(h * w, cl, backward=True, fp64=x.dtype == torch.float64)
     n_tiles = cdiv(h * w, block)
     p, q = _window_halves(size, c)
-    ch = _channel_chunk(n * h * w, c, p + q + 1, _sm_count(x.device), chunk)
+    ch = _channel_chunk(n * h * w, c, p + q + 1, sm_count(x.device, _INTERPRETED_SMS), chunk)
     n_chunks = cdiv(c, ch)
     _check_grid(n * n_chunks * n_tiles, x.shape)
     _fast.launch(

@@ -279,7 +279,7 @@ def test_split_k_choice(monkeypatch):
     with a short reduction (147 values) not at all; never more than 32."""
     from cnnkern.kernels import conv2d as kc
 
-    monkeypatch.setattr(kc, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(kc, "sm_count", lambda device, interpreted: 132)
     assert kc.gemm_splits(49, 512, 1, 4608, "cuda") == 16
     assert kc.gemm_splits(32 * 49, 512, 1, 4608, "cuda") == 1
     assert kc.gemm_splits(12544, 64, 1, 147, "cuda") == 1
