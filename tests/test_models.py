@@ -159,7 +159,8 @@ def test_googlenet_variants():
 # As small as each architecture allows (training BatchNorm needs > 1 value per channel). The
 # ResNets and VGG keep every kind of layer of their family (each block type, shortcut and stage
 # width) with fewer repeats: [2, 1, 1, 1] blocks per stage (two in the first stage, for an
-# identity shortcut) and VGG-11 for VGG-16. The full networks run in the GPU tests and benchmarks.
+# identity shortcut) and VGG-11 for VGG-16. On a GPU the full networks run in the capture tests
+# (tests/test_cuda_graphs.py) and the network benchmarks.
 SMALL = {
     "alexnet_paper": (M.alexnet, (2, 3, 67, 67)),  # LRN with the paper's constants; 67: POOL3 still 1x1
     "cifar_resnet_211": (  # option A shortcuts
