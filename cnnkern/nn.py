@@ -392,26 +392,10 @@ def conv_bn_forward(
             residual=residual,
             backend=backend,
         )
-    if residual is None:  # BatchNorm folded while its tensors are unchanged (cnnkern/ops/_plan.py: FoldPlan)
-        return F.conv_bn_relu(
-            x,
-            weight,
-            bias,
-            mean,
-            var,
-            gamma,
-            beta,
-            training=False,
-            eps=bn.eps,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            relu=relu,
-            backend=backend,
-        )
-    if _backend.resolve("conv_bn_relu", backend, x.device) == "torch":
-        # the reference keeps conv and BatchNorm apart (and so does cnnkern.summary's trace)
+    # Without a residual, BatchNorm is folded while its tensors are unchanged (cnnkern/ops/_plan.py:
+    # FoldPlan); the torch reference keeps conv and BatchNorm apart (and so does cnnkern.summary's
+    # trace). Otherwise the fold is cached here and the residual added in the conv's epilogue.
+    if residual is None or _backend.resolve("conv_bn_relu", backend, x.device) == "torch":
         return F.conv_bn_relu(
             x,
             weight,
@@ -428,7 +412,7 @@ def conv_bn_forward(
             groups=conv.groups,
             relu=relu,
             residual=residual,
-            backend="torch",
+            backend=backend,
         )
     w, b = _eval_weights(conv, bn)
     return F.conv2d(

@@ -162,14 +162,14 @@ def test_googlenet_variants():
 # identity shortcut) and VGG-11 for VGG-16. On a GPU the full networks run in the capture tests
 # (tests/test_cuda_graphs.py) and the network benchmarks.
 SMALL = {
-    "alexnet_paper": (M.alexnet, (2, 3, 67, 67)),  # LRN with the paper's constants; 67: POOL3 still 1x1
+    "alexnet_paper": (M.alexnet, (1, 3, 67, 67)),  # LRN with the paper's constants; 67: POOL3 still 1x1; no BN
     "cifar_resnet_211": (  # option A shortcuts
         lambda: M.ResNet(BasicBlock, [2, 1, 1], 10, "A", "paper", stem="cifar"),
         (2, 3, 16, 16),
     ),
     "resnet_basic_2111": (lambda: M.ResNet(BasicBlock, [2, 1, 1, 1]), (2, 3, 32, 32)),  # ResNet-18's blocks
     "resnet_bottleneck_2111": (lambda: M.ResNet(Bottleneck, [2, 1, 1, 1]), (2, 3, 32, 32)),  # ResNet-50's
-    "vgg11_bn": (lambda: M.vgg11(batch_norm=True), (2, 3, 32, 32)),
+    "vgg11_bn": (lambda: M.vgg11(batch_norm=True), (1, 3, 32, 32)),  # its last BatchNorm sees 2x2
     "googlenet": (M.googlenet, (2, 3, 32, 32)),
 }
 
