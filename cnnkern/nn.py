@@ -311,22 +311,16 @@ class ConvBNReLU2d(torch.nn.Module):
 _FOLD_ATTR = "_cnnkern_folded"  # plain attribute on the BatchNorm module: (key, weight, bias)
 
 
-def _fold_key(conv, bn):
-    ts = [_member(conv, "weight"), _member(conv, "bias"), _member(bn, "weight"), _member(bn, "bias")]
-    ts += [_member(bn, "running_mean"), _member(bn, "running_var")]
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in ts), bn.eps
-
-
-def _eval_weights(conv, bn):
-    """BatchNorm folded into conv's weight and bias. Cached on the BatchNorm module while no
-    parameter or statistic changes (any in-place change bumps a version counter); recomputed,
-    differentiably, whenever autograd records or torch.compile traces."""
-    args = (_member(conv, "weight"), _member(conv, "bias"), _member(bn, "running_mean"), _member(bn, "running_var"))
-    args += (_member(bn, "weight"), _member(bn, "bias"), bn.eps)
-    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
+def _eval_weights(bn, weight, bias, mean, var, gamma, beta):
+    """BatchNorm (``bn``'s tensors given) folded into the conv's ``weight`` and ``bias``. Cached on
+    the BatchNorm module while no parameter or statistic changes (any in-place change bumps a
+    version counter); recomputed, differentiably, whenever autograd records or torch.compile traces."""
+    tensors = (weight, bias, mean, var, gamma, beta)
+    args = (*tensors, bn.eps)
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if recording or torch.compiler.is_compiling():
         return F.fold_bn(*args)
-    key = _fold_key(conv, bn)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors), bn.eps
     cached = bn.__dict__.get(_FOLD_ATTR)
     if cached is None or cached[0] != key:
         with torch.no_grad():
@@ -414,7 +408,7 @@ def conv_bn_forward(
             residual=residual,
             backend=backend,
         )
-    w, b = _eval_weights(conv, bn)
+    w, b = _eval_weights(bn, weight, bias, mean, var, gamma, beta)
     return F.conv2d(
         x,
         w,
