@@ -100,8 +100,9 @@ class BasicBlock(_Fused, nn.Module):
             self.join = cnn.ResidualAdd(relu=True, backend=backend)
 
     def forward(self, x):
-        out = self.fused1(x)
-        return self.fused2(out, x) if self.shortcut is not None else self.fused2(out)
+        m = self._modules  # (what ``self.fused1`` reads, without Module.__getattr__: nn._member says why)
+        out = m["fused1"](x)
+        return m["fused2"](out, x) if self.shortcut is not None else m["fused2"](out)
 
 
 class Bottleneck(BasicBlock):
@@ -125,8 +126,9 @@ class Bottleneck(BasicBlock):
         self._fuse("fused3", "conv3", "bn3", residual=shortcut is not None, backend=backend)
 
     def forward(self, x):
-        out = self.fused2(self.fused1(x))
-        return self.fused3(out, x) if self.shortcut is not None else self.fused3(out)
+        m = self._modules
+        out = m["fused2"](m["fused1"](x))
+        return m["fused3"](out, x) if self.shortcut is not None else m["fused3"](out)
 
 
 class ResNet(_Fused, nn.Module):

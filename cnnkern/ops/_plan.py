@@ -40,6 +40,7 @@ _as_strided = torch.as_strided
 # what torch.utils._python_dispatch._get_current_dispatch_mode() reads, without its Python frame
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _allow_tf32 = torch._C._get_cudnn_allow_tf32  # torch.backends.cudnn.allow_tf32
+_deterministic = torch._C._get_deterministic_algorithms  # torch.are_deterministic_algorithms_enabled()
 PLANS: dict = {}  # call key -> OpPlan, GradPlan or FoldPlan, or None for a key whose calls cannot be planned
 MAX_PLANS = 4096  # a process that makes more keys (every input shape a new one) starts again from none
 
@@ -72,7 +73,7 @@ def tkey(t):
 
 def state() -> tuple:
     """The global state every op's route reads: grad mode, deterministic mode, TF32."""
-    return torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled(), _allow_tf32()
+    return torch.is_grad_enabled(), _deterministic(), _allow_tf32()
 
 
 def _pick(idx):
@@ -87,20 +88,24 @@ class Replay:
     """The recorded work of one call: ``replay(tensors)`` runs it with the call's tensors and
     returns the pool (the tensors, then every tensor the work made), or None when it may not run
     now: Triton's launch hooks are installed, or the current device is not the one its kernels
-    were loaded on (the caller runs the route instead)."""
+    were loaded on (the caller runs the route instead). ``stream()`` says the same beforehand:
+    the stream to launch on (None for work without Triton launches), or False."""
 
     __slots__ = ("allocs", "views", "steps", "outs", "kernel_device", "get_device", "get_stream", "hooks_active")
 
-    def ready(self) -> bool:
-        return self.get_device is None or (self.get_device() == self.kernel_device and not self.hooks_active())
+    def stream(self):
+        if self.get_device is None:
+            return None
+        device = self.get_device()
+        if device != self.kernel_device or self.hooks_active():
+            return False
+        return self.get_stream(device)
 
-    def __call__(self, tensors):
-        stream = None
-        if self.get_device is not None:
-            device = self.get_device()
-            if device != self.kernel_device or self.hooks_active():
+    def __call__(self, tensors, stream=False):
+        if stream is False:
+            stream = self.stream()
+            if stream is False:
                 return None
-            stream = self.get_stream(device)
         pool = [*tensors]
         for shape, strides, dtype, device, zero in self.allocs:
             t = _empty_strided(shape, strides, dtype=dtype, device=device)
@@ -316,9 +321,10 @@ class GradPlan:
     __slots__ = ("fwd", "out", "saves", "attrs", "backward", "needs", "grad_of", "bwd")
 
     def __call__(self, *tensors):
-        if not self.fwd.ready():
+        stream = self.fwd.stream()
+        if stream is False:
             return None
-        return _Replayed.apply(self, *tensors)
+        return _Replayed.apply(self, stream, *tensors)
 
     def formula(self, saved, grads, record: bool):
         """The call tensors' gradients from the op's own backward formula (through the ops),
@@ -347,8 +353,8 @@ class _Replayed(torch.autograd.Function):
     """A planned call of an op under autograd: the forward and backward replayed."""
 
     @staticmethod
-    def forward(ctx, plan, *tensors):
-        pool = plan.fwd(tensors)
+    def forward(ctx, plan, stream, *tensors):
+        pool = plan.fwd(tensors, stream)
         ctx.plan = plan
         ctx.save_for_backward(*[None if i is None else pool[i] for i in plan.saves])
         if plan.out is not None:
@@ -361,14 +367,14 @@ class _Replayed(torch.autograd.Function):
         plan = ctx.plan
         saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the formula through the ops, which are differentiable
-            return None, *plan.formula(saved, grads, False)
+            return None, None, *plan.formula(saved, grads, False)
         replay = plan.bwd.get(tuple(map(_grad_key, grads)), _RETRY)
         if replay is not None and replay is not _RETRY:
             pool = replay((*saved, *grads))
             if pool is not None:
-                return None, *[None if i is None else pool[i] for i in replay.outs]
+                return None, None, *[None if i is None else pool[i] for i in replay.outs]
         record = replay is _RETRY and _recording_ok()
-        return None, *plan.formula(saved, grads, record)
+        return None, None, *plan.formula(saved, grads, record)
 
 
 def _recording_ok() -> bool:
