@@ -2,7 +2,8 @@
 
 The Triton kernels (``kernels/``) are pure Python and are installed as ``cnnkern.kernels``.
 The CUDA C++ kernels (``csrc/``) are compiled into the extension ``cnnkern._C`` whenever a CUDA
-toolkit is found, also on machines without a GPU, for sm_80 and sm_90a plus sm_90 PTX.
+toolkit is found, also on machines without a GPU, for sm_80 and sm_90a plus sm_90 PTX. The host
+side of warm calls (``csrc/host/``) is compiled into ``cnnkern._host`` with torch's C++ API alone.
 
 Build without build isolation, after torch is installed (otherwise pip downloads a second torch
 into the isolated build environment)::
@@ -10,7 +11,7 @@ into the isolated build environment)::
     pip install --no-build-isolation --no-deps -e .
 
 Environment:
-    CNNKERN_SKIP_CUDA_BUILD=1   build no extension (the "cuda" backend is then unavailable)
+    CNNKERN_SKIP_CUDA_BUILD=1   build no extension (neither _C, so no "cuda" backend, nor _host)
     CUDA_HOME                   the toolkit; when unset, /usr/local/cuda is used if it exists
     MAX_JOBS                    parallel nvcc jobs (ninja); defaults to the number of cores
     CNNKERN_NVCC_THREADS        nvcc --threads (each file's GPU targets in parallel; 0: one per target)
@@ -68,24 +69,33 @@ def _nvcc_threads():
 def _extensions():
     if os.environ.get("CNNKERN_SKIP_CUDA_BUILD", "0") not in ("", "0"):
         _say(
-            "CNNKERN_SKIP_CUDA_BUILD is set: not compiling cnnkern._C (one already built in place, "
-            "cnnkern/_C*.so, is still used; without it the 'cuda' backend is unavailable)."
+            "CNNKERN_SKIP_CUDA_BUILD is set: not compiling cnnkern._C or cnnkern._host (ones already "
+            "built in place, cnnkern/_C*.so and cnnkern/_host*.so, are still used; without _C the "
+            "'cuda' backend is unavailable, without _host warm calls run their host work in Python)."
         )
         return [], {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         _say(
-            "torch is not installed in the build environment: building no CUDA extension "
+            "torch is not installed in the build environment: building no extension "
             "(install torch first and build with --no-build-isolation)."
         )
         return [], {}
+    # the host side of warm calls (csrc/host/): torch's C++ API only, built with or without CUDA
+    host = CppExtension(
+        name="cnnkern._host",
+        sources=sorted(glob.glob("csrc/host/*.cpp")),
+        extra_compile_args={"cxx": ["-O2", "-std=c++20"]},
+        py_limited_api=False,
+    )
+    build = {"build_ext": BuildExtension.with_options(use_ninja=True)}
     if _find_nvcc() is None:
         _say(
             "no CUDA toolkit found (no nvcc in CUDA_HOME or on PATH): building no CUDA extension; "
             "the 'cuda' backend will be unavailable."
         )
-        return [], {}
+        return [host], build
 
     sources = ["csrc/cnnkern.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
     ext = CUDAExtension(
@@ -98,7 +108,7 @@ def _extensions():
         },
         py_limited_api=False,
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [host, ext], build
 
 
 ext_modules, cmdclass = _extensions()

@@ -55,12 +55,10 @@ def residual_add(
         try:
             key = (
                 "residual_add",
-                _plan.tkey(x),
-                _plan.tkey(shortcut),
+                _plan.tensors_key(x, shortcut),
                 type(relu),
                 relu,
                 backend or _backend.get_backend(),
-                _plan.state(),
             )
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # the full path says what is wrong
@@ -128,10 +126,7 @@ def conv2d(
         try:
             key = (
                 "conv2d",
-                _plan.tkey(input),
-                _plan.tkey(weight),
-                _plan.tkey(bias),
-                _plan.tkey(residual),
+                _plan.tensors_key(input, weight, bias, residual),
                 stride,
                 padding,
                 dilation,
@@ -139,7 +134,6 @@ def conv2d(
                 groups,
                 activation,
                 backend or _backend.get_backend(),
-                _plan.state(),
             )
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # not tensors, unhashable arguments: the full path says what is wrong
@@ -267,8 +261,7 @@ def conv_bn_relu(
             # one shape need keys of their own; the plan checks the tensors themselves)
             key = (
                 "conv_bn_relu",
-                _plan.tkey(input),
-                _plan.tkey(weight),
+                _plan.tensors_key(input, weight),
                 id(weight),
                 type(momentum),
                 momentum,
@@ -282,7 +275,6 @@ def conv_bn_relu(
                 type(relu),
                 relu,
                 backend or _backend.get_backend(),
-                _plan.state(),
             )
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # the full path says what is wrong
@@ -340,13 +332,7 @@ def _conv_bn_relu_train(
     try:
         key = (
             "conv_bn_relu_train",
-            _plan.tkey(input),
-            _plan.tkey(weight),
-            _plan.tkey(bias),
-            _plan.tkey(running_mean),
-            _plan.tkey(running_var),
-            _plan.tkey(bn_weight),
-            _plan.tkey(bn_bias),
+            _plan.tensors_key(input, weight, bias, running_mean, running_var, bn_weight, bn_bias),
             type(momentum),
             type(eps),
             eps,
@@ -358,7 +344,6 @@ def _conv_bn_relu_train(
             type(relu),
             relu,
             backend or _backend.get_backend(),
-            _plan.state(),
         )
         plan = _plan.PLANS.get(key)
     except (AttributeError, TypeError):  # the full path says what is wrong
@@ -583,14 +568,13 @@ def local_response_norm(
         try:
             key = (
                 "local_response_norm",
-                _plan.tkey(input),
+                _plan.tensors_key(input),
                 type(size),
                 size,
                 alpha,
                 beta,
                 k,
                 backend or _backend.get_backend(),
-                _plan.state(),
             )
             plan = _plan.PLANS.get(key)
         except (AttributeError, TypeError):  # the full path says what is wrong

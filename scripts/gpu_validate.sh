@@ -200,7 +200,7 @@ build() {
 # mapped by setup.py's package_dir: a plain PYTHONPATH does not see them. An offline editable
 # install maps them; where that fails (no wheel package, old pip), symlinks inside the tree do.
 importable() {
-  local probe='import cnnkern, cnnkern.kernels, cnnkern.benchmarks.harness, cnnkern.cli; print("cnnkern from", cnnkern.__file__, "| _C loaded:", cnnkern._backend.has_extension())'
+  local probe='import cnnkern, cnnkern.kernels, cnnkern.benchmarks.harness, cnnkern.cli; print("cnnkern from", cnnkern.__file__, "| _C loaded:", cnnkern._backend.has_extension(), "| _host loaded:", cnnkern.ops._plan._host is not None)'
   echo "== offline editable install"
   if CNNKERN_SKIP_CUDA_BUILD=1 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . \
       && (cd / && "$PY" -c "$probe"); then

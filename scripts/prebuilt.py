@@ -6,7 +6,8 @@ stack (requirements-device.txt: Python 3.12, torch 2.11.0+cu130; `scripts/dev
 device-setup`) and send the .so and its key along with the working tree.
 scripts/gpu_validate.sh uses it instead of compiling when this script's check passes:
 
-    python scripts/prebuilt.py write   # after a build: the key of cnnkern/_C<suffix>.so, beside it
+    python scripts/prebuilt.py write   # after a build: the key of cnnkern/_C<suffix>.so and
+                                       # cnnkern/_host<suffix>.so, beside the first
     python scripts/prebuilt.py check   # exit 0: that extension was built from these sources, for
                                        # this Python, torch and processor, and it loads; else 1
 
@@ -28,9 +29,12 @@ import sysconfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def extension_path(root: str = ROOT) -> str:
-    """cnnkern/_C with this interpreter's extension suffix (e.g. .cpython-312-x86_64-linux-gnu.so)."""
-    return os.path.join(root, "cnnkern", "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+NAMES = ("_C", "_host")  # the CUDA C++ kernels, the host side of warm calls: one build makes both
+
+
+def extension_path(root: str = ROOT, name: str = "_C") -> str:
+    """cnnkern/<name> with this interpreter's extension suffix (e.g. .cpython-312-x86_64-linux-gnu.so)."""
+    return os.path.join(root, "cnnkern", name + sysconfig.get_config_var("EXT_SUFFIX"))
 
 
 def key_path(root: str = ROOT) -> str:
@@ -65,13 +69,15 @@ def current_key(root: str = ROOT) -> dict:
         "torch": torch.__version__,
         "machine": platform.machine(),
         "extension": _sha256_file(extension_path(root)),
+        "host": _sha256_file(extension_path(root, "_host")),
     }
 
 
 def write(root: str = ROOT) -> dict:
-    so = extension_path(root)
-    if not os.path.exists(so):
-        raise SystemExit(f"prebuilt: no extension to describe: {so} does not exist (build it first)")
+    for name in NAMES:
+        so = extension_path(root, name)
+        if not os.path.exists(so):
+            raise SystemExit(f"prebuilt: no extension to describe: {so} does not exist (build it first)")
     key = current_key(root)
     with open(key_path(root), "w") as f:
         json.dump(key, f, indent=1, sort_keys=True)
@@ -84,10 +90,12 @@ def write(root: str = ROOT) -> dict:
 
 
 def check(root: str = ROOT) -> tuple[bool, str]:
-    """(usable, why): whether the extension in place matches its key here and loads."""
+    """(usable, why): whether the extensions in place match their key here and load."""
     so, kp = extension_path(root), key_path(root)
-    if not os.path.exists(so) or not os.path.exists(kp):
-        return False, f"no prebuilt extension ({os.path.relpath(so, root)} with its key)"
+    for name in NAMES:
+        path = extension_path(root, name)
+        if not os.path.exists(path) or not os.path.exists(kp):
+            return False, f"no prebuilt extension ({os.path.relpath(path, root)} with its key)"
     try:
         with open(kp) as f:
             recorded = json.load(f)
@@ -101,11 +109,12 @@ def check(root: str = ROOT) -> tuple[bool, str]:
     # step): its symbols resolve against this torch and its operators register
     import importlib.util
 
-    try:
-        spec = importlib.util.spec_from_file_location("cnnkern._C", so)
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    except ImportError as exc:
-        return False, f"prebuilt extension does not load: {exc}"
+    for name in NAMES:
+        try:
+            spec = importlib.util.spec_from_file_location(f"cnnkern.{name}", extension_path(root, name))
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        except ImportError as exc:
+            return False, f"prebuilt extension does not load: {exc}"
     return True, f"prebuilt extension {os.path.relpath(so, root)} matches this tree and machine and loads"
 
 

@@ -163,8 +163,9 @@ def test_prebuilt_key_catches_other_sources_torch_or_binary(tmp_path, monkeypatc
     (tmp_path / "setup.py").write_text("flags = ['-O3']\n")
     (tmp_path / "csrc" / "cuda" / "a.cu").write_text("__global__ void k() {}\n")
     so = pb.extension_path(root)
-    with open(so, "wb") as f:
-        f.write(b"not an ELF file")
+    for name in pb.NAMES:
+        with open(pb.extension_path(root, name), "wb") as f:
+            f.write(b"not an ELF file")
     assert pb.check(root) == (False, f"no prebuilt extension ({os.path.relpath(so, root)} with its key)")
     pb.write(root)
     ok, why = pb.check(root)

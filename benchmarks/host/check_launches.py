@@ -5,7 +5,7 @@ Run by tests/test_host_cost.py in a child process that benchmarks/bench_host.py 
 call: warm it (plans made), record the launches of one warm call, then install a Triton launch
 hook (which sends every launch through Triton's own JIT path) and record the same call again.
 The two records must match launch for launch: grid, function, flags, metadata, signature, and
-every argument (tensors by shape, strides, dtype and whether they are one of the call's inputs).
+every argument (tensors by memory address: which of the call's inputs, or which other buffer).
 Prints one line per call and exits non-zero on a mismatch.
 """
 
@@ -26,24 +26,59 @@ def _record(real):
     return launch
 
 
-def _norm(records, inputs):
-    """The launches with each tensor named by what it is: the call's input i ("in", i), or the
-    j-th other memory address the launches touch, in order of first use ("t", j), so that a
-    launch given the wrong tensor of the same shape (an input for another, one workspace for
-    another) differs."""
+def _norm(records, inputs, pointers):
+    """The launches with each tensor argument named by its memory address: the call's input i
+    ("in", i), or the j-th other address the launches touch, in order of first use ("t", j), so
+    that a launch given the wrong tensor (an input for another, one workspace for another)
+    differs. ``pointers[k]`` holds the argument places of launch k that take a tensor on Triton's
+    own path; a planned call's replay passes the same tensors there as device addresses (ints)."""
     import torch
 
     names = {t.data_ptr(): ("in", i) for i, t in enumerate(inputs)}
     out = []
-    for a in records:
+    for a, places in zip(records, pointers):
         args = []
-        for v in a[15]:
-            if isinstance(v, torch.Tensor):
-                name = names.setdefault(v.data_ptr(), ("t", len(names)))
-                v = (tuple(v.shape), v.stride(), v.dtype, name)
+        for i, v in enumerate(a[15]):
+            if i in places:
+                address = v.data_ptr() if isinstance(v, torch.Tensor) else v
+                v = ("pointer", names.setdefault(address, ("t", len(names))))
+            elif isinstance(v, torch.Tensor):
+                v = ("unexpected tensor", tuple(v.shape))
             args.append(v)
         out.append((a[0], a[1], a[2], a[4], a[5], a[6], a[7], id(a[13]), bytes(a[14]), tuple(args)))
     return out
+
+
+def _tensor_places(records):
+    import torch
+
+    return [{i for i, v in enumerate(a[15]) if isinstance(v, torch.Tensor)} for a in records]
+
+
+def _keep_replayed_buffers():
+    """Keep every tensor a planned call's replay makes alive until LOG is cleared: the replay
+    passes its launches addresses, so LOG alone does not hold the buffers, and a buffer freed
+    within the call could lend its address to a later one (then one name would mean two). A
+    replay in C++ (cnnkern._host) makes its tensors in C++: its pool, which it returns, is kept."""
+    from cnnkern.ops import _plan
+
+    allocate = _plan._empty_strided
+
+    def empty_strided(*a, **k):
+        t = allocate(*a, **k)
+        LOG.append(t)
+        return t
+
+    _plan._empty_strided = empty_strided
+    run = _plan.Replay.__call__
+
+    def replay(self, *a, **k):
+        pool = run(self, *a, **k)
+        if pool is not None:
+            LOG.append(pool)
+        return pool
+
+    _plan.Replay.__call__ = replay
 
 
 def main() -> int:
@@ -123,24 +158,39 @@ def main() -> int:
             (xg, *cbr.parameters()),
         ),
     }
+    _keep_replayed_buffers()
     hook = lambda *a, **k: None  # noqa: E731
     bad = 0
-    for name, (call, inputs) in calls.items():
-        for _ in range(3):
+    from cnnkern.ops import _plan
+
+    # the replays in C++ (cnnkern._host, where built) and in Python: the plans made again for each
+    executors = [("C++", _plan._host), ("Python", None)] if _plan._host is not None else [("Python", None)]
+    for executor, host in executors:
+        _plan._host = host
+        _plan.PLANS.clear()
+        for name, (call, inputs) in calls.items():
+            for _ in range(3):
+                call()
+            LOG.clear()
             call()
-        LOG.clear()
-        call()
-        fast = _norm(LOG, inputs)
-        triton.knobs.runtime.launch_enter_hook.add(hook)
-        LOG.clear()
-        call()
-        slow = _norm(LOG, inputs)
-        triton.knobs.runtime.launch_enter_hook.remove(hook)
-        ok = fast == slow and len(fast) > 0
-        bad += not ok
-        print(f"{'ok' if ok else 'MISMATCH'}: {name}: {len(fast)} launches direct, {len(slow)} through Triton")
-        if not ok:
-            print("  direct:", fast, "\n  triton:", slow)
+            fast_log = [a for a in LOG if type(a) is tuple]
+            fast_pools = list(LOG)
+            triton.knobs.runtime.launch_enter_hook.add(hook)
+            LOG.clear()
+            call()
+            slow_log = [a for a in LOG if type(a) is tuple]
+            triton.knobs.runtime.launch_enter_hook.remove(hook)
+            places = _tensor_places(slow_log)
+            fast, slow = _norm(fast_log, inputs, places), _norm(slow_log, inputs, places)
+            replayed = sum(type(a) is list for a in fast_pools)  # the warm call's replays (a pool each)
+            ok = fast == slow and len(fast) > 0 and len(fast_log) == len(slow_log) and replayed > 0
+            bad += not ok
+            print(
+                f"{'ok' if ok else 'MISMATCH'}: {name} ({executor} replay): {len(fast)} launches direct "
+                f"({replayed} replays), {len(slow)} through Triton"
+            )
+            if not ok:
+                print("  direct:", fast, "\n  triton:", slow)
     return 1 if bad else 0
 
 

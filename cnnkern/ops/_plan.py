@@ -27,12 +27,30 @@ through Triton's own path, PyTorch tensor work outside the kernels, a tensor mad
 from __future__ import annotations
 
 import operator
+import os
 import sys
+import warnings
 import weakref
 
 import torch
 
 from . import _common
+
+# The host side in C++ (csrc/host/host.cpp): the keys' tensor part and the replays, each one call.
+# Where it is not built, the same work runs in Python (tkey, state, Replay.__call__).
+try:
+    from cnnkern import _host
+except ImportError as exc:
+    _host = None
+    _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if any(f.startswith("_host") and f.endswith((".so", ".pyd")) for f in os.listdir(_here)):
+        warnings.warn(
+            f"cnnkern._host exists but failed to load ({exc}): warm calls run their host work in Python. "
+            "Rebuild it: pip install --no-build-isolation --no-deps -e .",
+            stacklevel=2,
+        )
+else:
+    _host.set_tensor_types(torch.Tensor, torch.nn.Parameter)
 
 _Tensor = torch.Tensor
 _empty_strided = torch.empty_strided
@@ -64,16 +82,32 @@ def eager() -> bool:
     )
 
 
+_PLANNED_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def tkey(t):
-    """The part of a call key that a tensor argument (or None) contributes."""
+    """The part of a call key that a tensor argument (or None) contributes: its class (a plain
+    tensor or a Parameter; TypeError for any other object), shape, strides, dtype, device,
+    ``requires_grad`` and 16-byte alignment."""
     if t is None:
         return None
+    if type(t) not in _PLANNED_TYPES:
+        raise TypeError("not a plain tensor")
     return type(t), t.shape, t.stride(), t.dtype, t.device, t.requires_grad, t.data_ptr() & 15
 
 
 def state() -> tuple:
     """The global state every op's route reads: grad mode, deterministic mode, TF32."""
     return torch.is_grad_enabled(), _deterministic(), _allow_tf32()
+
+
+def tensors_key(*tensors):
+    """The part of a call key that its tensor arguments (each a tensor or None) and the global
+    state contribute (:func:`tkey` of each, then :func:`state`); TypeError for an argument that
+    is not a plain tensor or None. One C++ call where cnnkern._host is built."""
+    if _host is not None:
+        return _host.tensors_key(*tensors)
+    return (*map(tkey, tensors), state())
 
 
 def _pick(idx):
@@ -91,7 +125,17 @@ class Replay:
     were loaded on (the caller runs the route instead). ``stream()`` says the same beforehand:
     the stream to launch on (None for work without Triton launches), or False."""
 
-    __slots__ = ("allocs", "views", "steps", "outs", "kernel_device", "get_device", "get_stream", "hooks_active")
+    __slots__ = (
+        "allocs",
+        "views",
+        "steps",
+        "outs",
+        "program",
+        "kernel_device",
+        "get_device",
+        "get_stream",
+        "hooks_active",
+    )
 
     def stream(self):
         if self.get_device is None:
@@ -106,6 +150,8 @@ class Replay:
             stream = self.stream()
             if stream is False:
                 return None
+        if self.program is not None:  # the same work, in C++
+            return self.program(tensors, stream)
         pool = [*tensors]
         for shape, strides, dtype, device, zero in self.allocs:
             t = _empty_strided(shape, strides, dtype=dtype, device=device)
@@ -216,6 +262,7 @@ def build(recorded, inputs, outputs):
             if isinstance(a, _Tensor) and id(a) not in made_by_calls and place(a) is None:
                 return None
     steps = []
+    native = []  # the same steps for cnnkern._host.Program
     first = None
     for e in work:
         if e[0] == "launch":
@@ -248,10 +295,29 @@ def build(recorded, inputs, outputs):
                         tail + plan.tail,
                     )
                 )
+                head = (
+                    grid[0],
+                    grid[1],
+                    grid[2],
+                    plan.function,
+                    coop,
+                    pdl,
+                    plan.metadata,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    ann,
+                    sig,
+                )
+                native.append((0, c_launch, head, tuple(idx), tail + plan.tail))
             else:
                 steps.append(
                     (1, plan.run, grid[0], grid[1], grid[2], plan.function, plan.metadata, pick, tail + plan.tail)
                 )
+                head = (grid[0], grid[1], grid[2], plan.function, plan.metadata, None, None, None)
+                native.append((1, plan.run, head, tuple(idx), tail + plan.tail))
         else:
             _, op, args, out = e
             spec = []
@@ -272,6 +338,7 @@ def build(recorded, inputs, outputs):
                 index[id(t)] = len(pool)
                 pool.append(t)
             steps.append((2, op, tuple(spec), 1 if isinstance(out, _Tensor) else len(made)))
+            native.append(steps[-1])
     outs = []
     for t in outputs:
         i = None if t is None else index.get(id(t))
@@ -280,6 +347,7 @@ def build(recorded, inputs, outputs):
         outs.append(i)
     r = Replay()
     r.allocs, r.views, r.steps, r.outs = tuple(allocs), tuple(views), tuple(steps), tuple(outs)
+    r.program = None if _host is None else _host.Program(r.allocs, r.views, native)
     r.kernel_device = r.get_device = r.get_stream = r.hooks_active = None
     if first is not None:
         launch = sys.modules["cnnkern.kernels._launch"]

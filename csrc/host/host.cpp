@@ -1,0 +1,263 @@
+// cnnkern._host: the host side of a planned call (cnnkern/ops/_plan.py) in C++.
+//
+// A warm eager call is a key lookup, then the replay of the work recorded on its first call:
+// allocations, views, Triton launches and CUDA C++ op calls. Both are what every warm call pays
+// for on the CPU, and in Python they cost more than the launches themselves: a tensor's part of
+// a key (shape, strides, dtype, device, requires_grad, alignment) is about 6,000 instructions
+// read attribute by attribute, an allocation through torch.empty_strided's argument parser
+// about 8,000. Here the key is one call and a replay is one call.
+//
+// Built without CUDA (torch's C++ API only), so that it exists wherever cnnkern is built;
+// cnnkern/ops/_plan.py runs the same work in Python where this module is missing.
+
+#include <torch/extension.h>
+
+#include <ATen/Context.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+PyObject* g_tensor_type = nullptr;     // torch.Tensor
+PyObject* g_parameter_type = nullptr;  // torch.nn.Parameter
+
+void put(std::string& buf, int64_t v) { buf.append(reinterpret_cast<const char*>(&v), sizeof v); }
+
+// The address of a tensor's first element (0 for a tensor without storage or memory, as meta
+// tensors), without data_ptr()'s checks, which throw for those.
+uintptr_t address(const at::Tensor& t) {
+  if (!t.has_storage()) return 0;
+  const void* base = t.storage().data();
+  if (base == nullptr) return 0;
+  return reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(t.storage_offset() * t.itemsize());
+}
+
+// What a planned call's key holds of its tensor arguments (each a tensor or None) and of the
+// global state the ops read, as bytes: per tensor its class (torch.Tensor or Parameter; any other
+// class is not planned), sizes, strides, dtype, device, requires_grad and 16-byte alignment; then
+// grad mode, deterministic mode and cuDNN's TF32 flag. TypeError for an argument that is neither.
+py::bytes tensors_key(py::args args) {
+  std::string buf;
+  buf.reserve(32 + 8 * 14 * args.size());
+  for (auto item : args) {
+    PyObject* obj = item.ptr();
+    if (obj == Py_None) {
+      put(buf, -1);
+      continue;
+    }
+    PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(obj));
+    if (type != g_tensor_type && type != g_parameter_type) {
+      throw py::type_error("not a plain tensor");
+    }
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    put(buf, type == g_tensor_type ? 0 : 1);
+    put(buf, t.dim());
+    for (int64_t s : t.sizes()) put(buf, s);
+    for (int64_t s : t.strides()) put(buf, s);
+    put(buf, static_cast<int64_t>(t.scalar_type()));
+    put(buf, static_cast<int64_t>(t.device().type()));
+    put(buf, t.device().index());
+    put(buf, t.requires_grad());
+    put(buf, static_cast<int64_t>(address(t) & 15));
+  }
+  put(buf, c10::GradMode::is_enabled());
+  put(buf, at::globalContext().deterministicAlgorithms());
+  put(buf, at::globalContext().allowTF32CuDNN());
+  return py::bytes(buf);
+}
+
+struct Alloc {
+  std::vector<int64_t> sizes, strides;
+  at::TensorOptions options;
+  bool zero;
+};
+
+struct View {
+  int64_t base;
+  std::vector<int64_t> sizes, strides;
+  int64_t delta;
+};
+
+// One step of the recorded work.
+//   kind 0: Triton's C launcher:  fn(g0, g1, g2, stream, function, coop, pdl, metadata,
+//           None x5, annotations, signature, (*pointers, *tail))
+//   kind 1: Triton's launcher object: fn(g0, g1, g2, stream, function, metadata, None x3,
+//           *pointers, *tail)
+//   kind 2: a CUDA C++ op: fn(*arguments), each a pool tensor or a constant; it returns n_out
+//           tensors, added to the pool.
+// Kinds 0 and 1 hold their fixed arguments in `head` (the stream's place left empty) and take
+// their tensors as device addresses, which Triton's launchers accept as they are.
+struct Step {
+  int kind = 0;
+  py::object fn;
+  std::vector<py::object> head;
+  std::vector<int64_t> tensors;  // pool places of the kernel's tensor arguments (kinds 0, 1)
+  py::tuple tail;                // the kernel's other arguments (kinds 0, 1)
+  std::vector<std::pair<bool, py::object>> spec;  // kind 2: (is a pool place, place or constant)
+  int64_t n_out = 0;
+};
+
+std::vector<int64_t> int_list(py::handle h) {
+  std::vector<int64_t> v;
+  for (auto x : h) v.push_back(x.cast<int64_t>());
+  return v;
+}
+
+class Program {
+ public:
+  // allocs: ((sizes, strides, dtype, device, zero), ...); views: ((base, sizes, strides, delta), ...);
+  // steps: (0 | 1, fn, head, tensor places, tail) or (2, op, ((is_place, value), ...), n_out).
+  Program(py::sequence allocs, py::sequence views, py::sequence steps) {
+    for (auto a : allocs) {
+      auto t = a.cast<py::tuple>();
+      Alloc al;
+      al.sizes = int_list(t[0]);
+      al.strides = int_list(t[1]);
+      al.options = at::TensorOptions().dtype(t[2].cast<at::ScalarType>()).device(t[3].cast<at::Device>());
+      al.zero = t[4].cast<bool>();
+      allocs_.push_back(std::move(al));
+    }
+    for (auto v : views) {
+      auto t = v.cast<py::tuple>();
+      views_.push_back(View{t[0].cast<int64_t>(), int_list(t[1]), int_list(t[2]), t[3].cast<int64_t>()});
+    }
+    for (auto s : steps) {
+      auto t = s.cast<py::tuple>();
+      Step st;
+      st.kind = t[0].cast<int>();
+      st.fn = py::reinterpret_borrow<py::object>(t[1]);
+      if (st.kind == 2) {
+        for (auto e : t[2]) {
+          auto pair = e.cast<py::tuple>();
+          st.spec.emplace_back(pair[0].cast<bool>(), py::reinterpret_borrow<py::object>(pair[1]));
+        }
+        st.n_out = t[3].cast<int64_t>();
+      } else {
+        for (auto h : t[2]) st.head.push_back(py::reinterpret_borrow<py::object>(h));
+        st.tensors = int_list(t[3]);
+        st.tail = t[4].cast<py::tuple>();
+      }
+      steps_.push_back(std::move(st));
+    }
+  }
+
+  // The work run with the call's tensors (a tuple of tensors or None) on `stream`: the pool, a
+  // list of the tensors, then every tensor the work made, in the order the Python replay makes them.
+  py::list run(py::tuple tensors, py::object stream) const {
+    const Py_ssize_t n_in = PyTuple_GET_SIZE(tensors.ptr());
+    std::vector<at::Tensor> pool;
+    pool.reserve(n_in + allocs_.size() + views_.size() + 4);
+    for (Py_ssize_t i = 0; i < n_in; ++i) {
+      PyObject* obj = PyTuple_GET_ITEM(tensors.ptr(), i);
+      pool.push_back(obj == Py_None ? at::Tensor() : THPVariable_Unpack(obj));
+    }
+    for (const Alloc& a : allocs_) {
+      at::Tensor t = at::empty_strided(a.sizes, a.strides, a.options);
+      if (a.zero) t.zero_();
+      pool.push_back(std::move(t));
+    }
+    for (const View& v : views_) {
+      const at::Tensor& b = pool[v.base];
+      pool.push_back(b.as_strided(v.sizes, v.strides, b.storage_offset() + v.delta));
+    }
+    for (const Step& s : steps_) {
+      if (s.kind == 2) {
+        call_op(s, pool);
+        continue;
+      }
+      const Py_ssize_t n_head = static_cast<Py_ssize_t>(s.head.size());
+      const Py_ssize_t n_kernel = static_cast<Py_ssize_t>(s.tensors.size()) + PyTuple_GET_SIZE(s.tail.ptr());
+      // kind 0: the head with the stream in place 3, then one tuple of the kernel's arguments;
+      // kind 1: the same, the kernel's arguments spread
+      const Py_ssize_t n = s.kind == 0 ? n_head + 1 + 1 : n_head + 1 + n_kernel;
+      py::tuple args(n);
+      Py_ssize_t k = 0;
+      for (Py_ssize_t i = 0; i < n_head; ++i) {
+        if (i == 3) PyTuple_SET_ITEM(args.ptr(), k++, stream.inc_ref().ptr());
+        PyTuple_SET_ITEM(args.ptr(), k++, s.head[i].inc_ref().ptr());
+      }
+      py::tuple kernel_args;
+      PyObject* dst = args.ptr();
+      Py_ssize_t at = k;
+      if (s.kind == 0) {
+        kernel_args = py::tuple(n_kernel);
+        dst = kernel_args.ptr();
+        at = 0;
+      }
+      for (int64_t place : s.tensors) {
+        PyObject* address = PyLong_FromVoidPtr(pool[place].data_ptr());
+        if (address == nullptr) throw py::error_already_set();
+        PyTuple_SET_ITEM(dst, at++, address);
+      }
+      for (auto h : s.tail) PyTuple_SET_ITEM(dst, at++, py::reinterpret_borrow<py::object>(h).inc_ref().ptr());
+      if (s.kind == 0) PyTuple_SET_ITEM(args.ptr(), k, kernel_args.release().ptr());
+      PyObject* r = PyObject_Call(s.fn.ptr(), args.ptr(), nullptr);
+      if (r == nullptr) throw py::error_already_set();
+      Py_DECREF(r);
+    }
+    py::list out(pool.size());
+    for (size_t i = 0; i < pool.size(); ++i) {
+      PyObject* obj = i < static_cast<size_t>(n_in) ? PyTuple_GET_ITEM(tensors.ptr(), i) : nullptr;
+      if (obj != nullptr) {
+        Py_INCREF(obj);
+      } else {
+        obj = pool[i].defined() ? THPVariable_Wrap(pool[i]) : (Py_INCREF(Py_None), Py_None);
+        if (obj == nullptr) throw py::error_already_set();
+      }
+      PyList_SET_ITEM(out.ptr(), i, obj);
+    }
+    return out;
+  }
+
+ private:
+  static void call_op(const Step& s, std::vector<at::Tensor>& pool) {
+    py::tuple args(s.spec.size());
+    for (size_t i = 0; i < s.spec.size(); ++i) {
+      const auto& [is_place, value] = s.spec[i];
+      PyObject* obj;
+      if (is_place) {
+        const at::Tensor& t = pool[value.cast<int64_t>()];
+        obj = t.defined() ? THPVariable_Wrap(t) : (Py_INCREF(Py_None), Py_None);
+        if (obj == nullptr) throw py::error_already_set();
+      } else {
+        obj = value.inc_ref().ptr();
+      }
+      PyTuple_SET_ITEM(args.ptr(), i, obj);
+    }
+    PyObject* r = PyObject_Call(s.fn.ptr(), args.ptr(), nullptr);
+    if (r == nullptr) throw py::error_already_set();
+    py::object result = py::reinterpret_steal<py::object>(r);
+    if (s.n_out == 1) {
+      pool.push_back(THPVariable_Unpack(result.ptr()));
+    } else if (s.n_out > 1) {
+      for (auto h : result) pool.push_back(THPVariable_Unpack(h.ptr()));
+    }
+  }
+
+  std::vector<Alloc> allocs_;
+  std::vector<View> views_;
+  std::vector<Step> steps_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_host, m) {
+  m.doc() = "The host side of cnnkern's planned calls: keys and replays (cnnkern/ops/_plan.py).";
+  m.def(
+      "set_tensor_types",
+      [](py::object tensor, py::object parameter) {
+        g_tensor_type = tensor.inc_ref().ptr();
+        g_parameter_type = parameter.inc_ref().ptr();
+      },
+      "The two tensor classes tensors_key plans for: torch.Tensor and torch.nn.Parameter.");
+  m.def("tensors_key", &tensors_key, "A planned call's key of its tensor arguments and the global state.");
+  py::class_<Program>(m, "Program")
+      .def(py::init<py::sequence, py::sequence, py::sequence>())
+      .def("__call__", &Program::run);
+}
