@@ -32,11 +32,13 @@ def signature(args, kwargs) -> tuple:
 
 
 def hooks_active() -> bool:
+    """Whether a Triton launch hook is installed: a hook chain (Triton >= 3.7) with calls in it,
+    or a hook function (Triton 3.6)."""
     rt = knobs.runtime
-    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):
-            return True
-    return False
+    enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+    return bool(
+        (enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True))
+    )
 
 
 class Plan:

@@ -55,6 +55,11 @@ else:
 _Tensor = torch.Tensor
 _empty_strided = torch.empty_strided
 _as_strided = torch.as_strided
+# what eager() reads (torch.compile recognises torch.compiler.is_compiling by the function itself)
+_is_compiling = torch.compiler.is_compiling
+_torch_function_modes = torch._C._is_torch_function_mode_enabled
+_functorch_transforms = torch._C._are_functorch_transforms_active
+_autocast = torch._C._is_any_autocast_enabled
 # what torch.utils._python_dispatch._get_current_dispatch_mode() reads, without its Python frame
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _allow_tf32 = torch._C._get_cudnn_allow_tf32  # torch.backends.cudnn.allow_tf32
@@ -74,11 +79,7 @@ def eager() -> bool:
     function or dispatch mode, functorch transform or autocast). Triton's launch hooks are
     checked by the plan itself."""
     return not (
-        torch.compiler.is_compiling()
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._are_functorch_transforms_active()
-        or torch._C._is_any_autocast_enabled()
-        or _dispatch_modes()
+        _is_compiling() or _torch_function_modes() or _functorch_transforms() or _autocast() or _dispatch_modes()
     )
 
 
@@ -347,7 +348,7 @@ def build(recorded, inputs, outputs):
         outs.append(i)
     r = Replay()
     r.allocs, r.views, r.steps, r.outs = tuple(allocs), tuple(views), tuple(steps), tuple(outs)
-    r.program = None if _host is None else _host.Program(r.allocs, r.views, native)
+    r.program = None if _host is None else _host.bind(_host.Program(r.allocs, r.views, native))
     r.kernel_device = r.get_device = r.get_stream = r.hooks_active = None
     if first is not None:
         launch = sys.modules["cnnkern.kernels._launch"]
@@ -384,15 +385,19 @@ class _Ctx:
 
 class GradPlan:
     """A call of one registered op that needs autograd: ``plan(*tensors)`` is its output (through
-    :class:`_Replayed`), or None (run the route)."""
+    :class:`_Replayed`), or None (run the route). The replays and the formula's gradients are
+    those of the call's tensors that are not None (``present`` picks them; a call key fixes
+    which are None): autograd is passed no more arguments than it needs."""
 
-    __slots__ = ("fwd", "out", "saves", "attrs", "backward", "needs", "grad_of", "bwd")
+    __slots__ = ("fwd", "out", "saves", "attrs", "backward", "needs", "grad_of", "bwd", "present")
 
     def __call__(self, *tensors):
         stream = self.fwd.stream()
         if stream is False:
             return None
-        return _Replayed.apply(self, stream, *tensors)
+        if self.present is not None:
+            tensors = self.present(tensors)
+        return _Replayed.apply((self, stream), *tensors)
 
     def formula(self, saved, grads, record: bool):
         """The call tensors' gradients from the op's own backward formula (through the ops),
@@ -407,7 +412,10 @@ class GradPlan:
         out = [None if i is None else op_grads[i] for i in self.grad_of]
         replay = _RETRY if recorded is None else build(recorded, (*saved, *grads), out)
         if replay is not _RETRY:
-            self.bwd[tuple(map(_grad_key, grads))] = replay
+            try:
+                self.bwd[_grads_key(grads)] = replay
+            except TypeError:  # (a gradient of a tensor subclass: not replayed)
+                pass
         return out
 
 
@@ -417,11 +425,20 @@ def _grad_key(g):
     return None if g is None else (type(g), g.stride(), g.data_ptr() & 15)
 
 
+def _grads_key(grads):
+    """The key of a backward replay: what it depends on of the incoming gradients (one C++ call
+    where cnnkern._host is built; TypeError for a gradient that is not a plain tensor)."""
+    if _host is not None:
+        return _host.tensors_key(*grads)
+    return tuple(map(_grad_key, grads))
+
+
 class _Replayed(torch.autograd.Function):
     """A planned call of an op under autograd: the forward and backward replayed."""
 
     @staticmethod
-    def forward(ctx, plan, stream, *tensors):
+    def forward(ctx, plan_and_stream, *tensors):
+        plan, stream = plan_and_stream
         pool = plan.fwd(tensors, stream)
         ctx.plan = plan
         ctx.save_for_backward(*[None if i is None else pool[i] for i in plan.saves])
@@ -435,14 +452,17 @@ class _Replayed(torch.autograd.Function):
         plan = ctx.plan
         saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the formula through the ops, which are differentiable
-            return None, None, *plan.formula(saved, grads, False)
-        replay = plan.bwd.get(tuple(map(_grad_key, grads)), _RETRY)
+            return None, *plan.formula(saved, grads, False)
+        try:
+            replay = plan.bwd.get(_grads_key(grads), _RETRY)
+        except TypeError:  # (a gradient of a tensor subclass)
+            replay = None
         if replay is not None and replay is not _RETRY:
             pool = replay((*saved, *grads))
             if pool is not None:
-                return None, None, *[None if i is None else pool[i] for i in replay.outs]
+                return None, *[None if i is None else pool[i] for i in replay.outs]
         record = replay is _RETRY and _recording_ok()
-        return None, None, *plan.formula(saved, grads, record)
+        return None, *plan.formula(saved, grads, record)
 
 
 def _recording_ok() -> bool:
@@ -456,7 +476,10 @@ def _grad_plan(recorded, tensors, out):
     if len(ops) != 1 or ops[0][3] is not out or not hasattr(ops[0][1], "formulas"):
         return None
     _, op, args, _ = ops[0]
-    position = {id(t): j for j, t in enumerate(tensors) if t is not None}
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    full = len(present) == len(tensors)
+    tensors = tuple(tensors[i] for i in present)
+    position = {id(t): j for j, t in enumerate(tensors)}
     if any(isinstance(a, _Tensor) and id(a) not in position for a in args):
         return None  # the op got a tensor the call did not pass (a cast, a copy)
     outputs = (out,) if isinstance(out, _Tensor) else out
@@ -483,8 +506,9 @@ def _grad_plan(recorded, tensors, out):
     plan.out = fwd.outs[0] if isinstance(out, _Tensor) else None
     plan.attrs = {k: v for k, v in vars(ctx).items() if k not in ("needs_input_grad", "saved_tensors")}
     arg_of = {id(a): i for i, a in enumerate(args) if isinstance(a, _Tensor)}
-    plan.grad_of = tuple(None if t is None else arg_of.get(id(t)) for t in tensors)
+    plan.grad_of = tuple(arg_of.get(id(t)) for t in tensors)
     plan.bwd = {}
+    plan.present = None if full else _pick(present)
     return plan
 
 

@@ -14,6 +14,7 @@
 
 #include <ATen/Context.h>
 #include <c10/core/GradMode.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstring>
@@ -42,18 +43,22 @@ uintptr_t address(const at::Tensor& t) {
 // global state the ops read, as bytes: per tensor its class (torch.Tensor or Parameter; any other
 // class is not planned), sizes, strides, dtype, device, requires_grad and 16-byte alignment; then
 // grad mode, deterministic mode and cuDNN's TF32 flag. TypeError for an argument that is neither.
-py::bytes tensors_key(py::args args) {
+// (The two calls made on every warm call, this one and a program's run, are plain CPython fast
+// calls: pybind11's dispatch would cost them about a thousand instructions each.)
+PyObject* tensors_key(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
   std::string buf;
-  buf.reserve(32 + 8 * 14 * args.size());
-  for (auto item : args) {
-    PyObject* obj = item.ptr();
+  buf.reserve(32 + 8 * 14 * nargs);
+  for (Py_ssize_t a = 0; a < nargs; ++a) {
+    PyObject* obj = args[a];
     if (obj == Py_None) {
       put(buf, -1);
       continue;
     }
     PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(obj));
     if (type != g_tensor_type && type != g_parameter_type) {
-      throw py::type_error("not a plain tensor");
+      PyErr_SetString(PyExc_TypeError, "not a plain tensor");
+      return nullptr;
     }
     const at::Tensor& t = THPVariable_Unpack(obj);
     put(buf, type == g_tensor_type ? 0 : 1);
@@ -69,7 +74,8 @@ py::bytes tensors_key(py::args args) {
   put(buf, c10::GradMode::is_enabled());
   put(buf, at::globalContext().deterministicAlgorithms());
   put(buf, at::globalContext().allowTF32CuDNN());
-  return py::bytes(buf);
+  return PyBytes_FromStringAndSize(buf.data(), static_cast<Py_ssize_t>(buf.size()));
+  END_HANDLE_TH_ERRORS
 }
 
 struct Alloc {
@@ -245,6 +251,25 @@ class Program {
   std::vector<Step> steps_;
 };
 
+// program.run(tensors, stream), bound to one program (bind()): a fast call on the warm path.
+PyObject* run_bound(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 2 || !PyTuple_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "a program runs with (tensors: tuple, stream)");
+    return nullptr;
+  }
+  const Program& program = py::cast<const Program&>(py::handle(self));
+  return program.run(py::reinterpret_borrow<py::tuple>(args[0]), py::reinterpret_borrow<py::object>(args[1]))
+      .release()
+      .ptr();
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef g_tensors_key_def = {"tensors_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&tensors_key)),
+                                 METH_FASTCALL, "A planned call's key of its tensor arguments and the global state."};
+PyMethodDef g_run_def = {"run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&run_bound)), METH_FASTCALL,
+                         "Run the program: (tensors, stream) -> the pool."};
+
 }  // namespace
 
 PYBIND11_MODULE(_host, m) {
@@ -256,8 +281,15 @@ PYBIND11_MODULE(_host, m) {
         g_parameter_type = parameter.inc_ref().ptr();
       },
       "The two tensor classes tensors_key plans for: torch.Tensor and torch.nn.Parameter.");
-  m.def("tensors_key", &tensors_key, "A planned call's key of its tensor arguments and the global state.");
+  m.add_object("tensors_key", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&g_tensors_key_def, nullptr, nullptr)));
   py::class_<Program>(m, "Program")
       .def(py::init<py::sequence, py::sequence, py::sequence>())
       .def("__call__", &Program::run);
+  m.def(
+      "bind",
+      [](py::object program) {
+        py::cast<const Program&>(program);  // (TypeError for anything else)
+        return py::reinterpret_steal<py::object>(PyCFunction_NewEx(&g_run_def, program.ptr(), nullptr));
+      },
+      "program.run as a fast call: bind(program)(tensors, stream) -> the pool.");
 }
