@@ -239,10 +239,14 @@ class Program {
     PyObject* r = PyObject_Call(s.fn.ptr(), args.ptr(), nullptr);
     if (r == nullptr) throw py::error_already_set();
     py::object result = py::reinterpret_steal<py::object>(r);
+    auto add = [&pool](PyObject* t) {
+      if (!THPVariable_Check(t)) throw py::type_error("a replayed CUDA C++ op returned something other than tensors");
+      pool.push_back(THPVariable_Unpack(t));
+    };
     if (s.n_out == 1) {
-      pool.push_back(THPVariable_Unpack(result.ptr()));
+      add(result.ptr());
     } else if (s.n_out > 1) {
-      for (auto h : result) pool.push_back(THPVariable_Unpack(h.ptr()));
+      for (auto h : result) add(h.ptr());
     }
   }
 
