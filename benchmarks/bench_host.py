@@ -77,17 +77,16 @@ TARGETS = {
 BUDGETS = {
     "conv2d_inference[triton]": 80_000,
     "nn.Conv2d_no_grad[triton]": 100_000,
+    "conv2d_fwd_bwd[triton]": 300_000,
     "residual_add_fwd[triton]": 60_000,
     "local_response_norm_fwd[triton]": 60_000,
     "conv_bn_relu_eval[triton]": 100_000,
-    "nn.ConvBNReLU2d_eval[triton]": 130_000,
-    # targets not met (docs/performance.md says why): torch.autograd.grad's own work is about 200k
-    # of a forward+backward, and a training step adds autograd over three parameters and the
-    # running-statistics update (PyTorch operations)
-    "conv2d_fwd_bwd[triton]": 375_000,
-    "conv_bn_relu_train_step[triton]": 870_000,
-    "conv2d_inference[cuda]": 125_000,
-    "conv2d_fwd_bwd[cuda]": 470_000,
+    "nn.ConvBNReLU2d_eval[triton]": 110_000,
+    # the target not met (docs/performance.md says why): a training step adds autograd over three
+    # parameters, eighteen allocations and the running-statistics update (PyTorch operations)
+    "conv_bn_relu_train_step[triton]": 700_000,
+    "conv2d_inference[cuda]": 100_000,
+    "conv2d_fwd_bwd[cuda]": 430_000,
 }
 
 
