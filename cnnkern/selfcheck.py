@@ -331,6 +331,12 @@ def run(ops: list[str] | None = None, echo=print) -> tuple[int, int]:
         echo(f"cnnkern._C: loaded (cuda_archs {getattr(_backend._C, 'cuda_archs', 'unknown')})")
     else:
         echo(f"cnnkern._C: not loaded: {_backend._C_ERROR}")
+    from cnnkern.ops import _plan
+
+    if _plan._host is not None:
+        echo("cnnkern._host: loaded (warm calls' keys and replays in C++)")
+    else:
+        echo("cnnkern._host: not loaded: warm calls run their host work in Python (build the package to compile it)")
     torch.manual_seed(0)
     passed, failed = 0, []
     for op in ops:
