@@ -161,29 +161,12 @@ class Replay:
             b = pool[base]
             pool.append(_as_strided(b, size, stride, b.storage_offset() + delta))
         for step in self.steps:
-            if step[0] == 0:  # Triton's C launcher itself (kernels/_launch.py: Plan.direct)
-                _, c_launch, g0, g1, g2, fn, coop, pdl, meta, ann, sig, pick, tail = step
-                c_launch(
-                    g0,
-                    g1,
-                    g2,
-                    stream,
-                    fn,
-                    coop,
-                    pdl,
-                    meta,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    ann,
-                    sig,
-                    (*pick(pool), *tail),
-                )
-            elif step[0] == 1:  # Triton's launcher object
-                _, run, g0, g1, g2, fn, meta, pick, tail = step
-                run(g0, g1, g2, stream, fn, meta, None, None, None, *pick(pool), *tail)
+            if step[0] == 0:  # the C launcher: the stream fourth, the kernel's arguments in one tuple
+                _, fn, head, _, tail, pick = step
+                fn(head[0], head[1], head[2], stream, *head[3:], (*pick(pool), *tail))
+            elif step[0] == 1:  # the launcher object: the kernel's arguments spread
+                _, fn, head, _, tail, pick = step
+                fn(head[0], head[1], head[2], stream, *head[3:], *pick(pool), *tail)
             else:  # a CUDA C++ op: (2, op, args with pool indices, number of tensors it returns)
                 _, op, spec, n_out = step
                 out = op(*[pool[v] if is_t else v for is_t, v in spec])
@@ -262,8 +245,7 @@ def build(recorded, inputs, outputs):
         for a in e[2]:
             if isinstance(a, _Tensor) and id(a) not in made_by_calls and place(a) is None:
                 return None
-    steps = []
-    native = []  # the same steps for cnnkern._host.Program
+    steps = []  # (0 | 1, launcher, its fixed arguments, tensor places, tail, picker) or (2, op, spec, n_out)
     first = None
     for e in work:
         if e[0] == "launch":
@@ -275,50 +257,15 @@ def build(recorded, inputs, outputs):
             idx = [index.get(id(a)) for a in args[:k]]
             if None in idx:
                 return None
-            pick = _pick(idx)
             first = first or plan
-            if plan.direct is not None:
+            g = (grid[0], grid[1], grid[2])
+            if plan.direct is not None:  # Triton's C launcher itself (kernels/_launch.py: Plan.direct)
                 c_launch, coop, pdl, ann, sig = plan.direct
-                steps.append(
-                    (
-                        0,
-                        c_launch,
-                        grid[0],
-                        grid[1],
-                        grid[2],
-                        plan.function,
-                        coop,
-                        pdl,
-                        plan.metadata,
-                        ann,
-                        sig,
-                        pick,
-                        tail + plan.tail,
-                    )
-                )
-                head = (
-                    grid[0],
-                    grid[1],
-                    grid[2],
-                    plan.function,
-                    coop,
-                    pdl,
-                    plan.metadata,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    ann,
-                    sig,
-                )
-                native.append((0, c_launch, head, tuple(idx), tail + plan.tail))
-            else:
-                steps.append(
-                    (1, plan.run, grid[0], grid[1], grid[2], plan.function, plan.metadata, pick, tail + plan.tail)
-                )
-                head = (grid[0], grid[1], grid[2], plan.function, plan.metadata, None, None, None)
-                native.append((1, plan.run, head, tuple(idx), tail + plan.tail))
+                head = (*g, plan.function, coop, pdl, plan.metadata, None, None, None, None, None, ann, sig)
+                steps.append((0, c_launch, head, tuple(idx), tail + plan.tail, _pick(idx)))
+            else:  # Triton's launcher object
+                head = (*g, plan.function, plan.metadata, None, None, None)
+                steps.append((1, plan.run, head, tuple(idx), tail + plan.tail, _pick(idx)))
         else:
             _, op, args, out = e
             spec = []
@@ -339,7 +286,6 @@ def build(recorded, inputs, outputs):
                 index[id(t)] = len(pool)
                 pool.append(t)
             steps.append((2, op, tuple(spec), 1 if isinstance(out, _Tensor) else len(made)))
-            native.append(steps[-1])
     outs = []
     for t in outputs:
         i = None if t is None else index.get(id(t))
@@ -348,7 +294,7 @@ def build(recorded, inputs, outputs):
         outs.append(i)
     r = Replay()
     r.allocs, r.views, r.steps, r.outs = tuple(allocs), tuple(views), tuple(steps), tuple(outs)
-    r.program = None if _host is None else _host.bind(_host.Program(r.allocs, r.views, native))
+    r.program = None if _host is None else _host.bind(_host.Program(r.allocs, r.views, r.steps))
     r.kernel_device = r.get_device = r.get_stream = r.hooks_active = None
     if first is not None:
         launch = sys.modules["cnnkern.kernels._launch"]

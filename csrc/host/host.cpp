@@ -118,7 +118,8 @@ std::vector<int64_t> int_list(py::handle h) {
 class Program {
  public:
   // allocs: ((sizes, strides, dtype, device, zero), ...); views: ((base, sizes, strides, delta), ...);
-  // steps: (0 | 1, fn, head, tensor places, tail) or (2, op, ((is_place, value), ...), n_out).
+  // steps: (0 | 1, fn, head, tensor places, tail, ...) or (2, op, ((is_place, value), ...), n_out)
+  // (cnnkern/ops/_plan.py: build; the Python replay keeps a picker after the tail).
   Program(py::sequence allocs, py::sequence views, py::sequence steps) {
     for (auto a : allocs) {
       auto t = a.cast<py::tuple>();
