@@ -78,6 +78,12 @@ PyObject* tensors_key(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
   END_HANDLE_TH_ERRORS
 }
 
+// A TypeError raised from inside a fast call (HANDLE_TH_ERRORS passes a set Python error on).
+[[noreturn]] void type_error(const char* message) {
+  PyErr_SetString(PyExc_TypeError, message);
+  throw py::error_already_set();
+}
+
 struct Alloc {
   std::vector<int64_t> sizes, strides;
   at::TensorOptions options;
@@ -162,6 +168,7 @@ class Program {
     pool.reserve(n_in + allocs_.size() + views_.size() + 4);
     for (Py_ssize_t i = 0; i < n_in; ++i) {
       PyObject* obj = PyTuple_GET_ITEM(tensors.ptr(), i);
+      if (obj != Py_None && !THPVariable_Check(obj)) type_error("a program runs with tensors or None");
       pool.push_back(obj == Py_None ? at::Tensor() : THPVariable_Unpack(obj));
     }
     for (const Alloc& a : allocs_) {
@@ -241,7 +248,7 @@ class Program {
     if (r == nullptr) throw py::error_already_set();
     py::object result = py::reinterpret_steal<py::object>(r);
     auto add = [&pool](PyObject* t) {
-      if (!THPVariable_Check(t)) throw py::type_error("a replayed CUDA C++ op returned something other than tensors");
+      if (!THPVariable_Check(t)) type_error("a replayed CUDA C++ op returned something other than tensors");
       pool.push_back(THPVariable_Unpack(t));
     };
     if (s.n_out == 1) {
@@ -293,7 +300,7 @@ PYBIND11_MODULE(_host, m) {
   m.def(
       "bind",
       [](py::object program) {
-        py::cast<const Program&>(program);  // (TypeError for anything else)
+        if (!py::isinstance<Program>(program)) type_error("bind takes a Program");
         return py::reinterpret_steal<py::object>(PyCFunction_NewEx(&g_run_def, program.ptr(), nullptr));
       },
       "program.run as a fast call: bind(program)(tensors, stream) -> the pool.");

@@ -1,0 +1,92 @@
+"""cnnkern._host (csrc/host/host.cpp), the C++ half of warm calls: keys and replays on the CPU.
+
+What a replayed Triton launch passes is checked under the stand-in driver
+(benchmarks/host/check_launches.py, tests/test_host_cost.py) and what replays compute on the CUDA
+emulator and GPUs (tests/test_plan.py); here, the key's contents and a program's allocations,
+views, op steps and errors, with plain CPU tensors.
+"""
+
+import pytest
+import torch
+
+from cnnkern.ops import _plan
+
+host = _plan._host
+pytestmark = pytest.mark.skipif(host is None, reason="cnnkern._host is not built")
+
+
+def _cl(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype).to(memory_format=torch.channels_last)
+
+
+def test_key_tells_apart_what_a_plan_depends_on():
+    x = _cl(2, 8, 5, 5)
+    key = host.tensors_key(x, None)
+    assert key == host.tensors_key(_cl(2, 8, 5, 5), None)  # another tensor, the same description
+    others = [
+        (_cl(2, 8, 5, 6), None),  # shape
+        (x.contiguous(), None),  # strides
+        (_cl(2, 8, 5, 5, dtype=torch.float64), None),  # dtype
+        (x.detach().requires_grad_(), None),  # requires_grad
+        (torch.nn.Parameter(x, requires_grad=False), None),  # class
+        (None, x),  # which argument is None
+        (x,),  # how many arguments
+    ]
+    for args in others:
+        assert host.tensors_key(*args) != key, args
+    with torch.no_grad():  # the global state
+        assert host.tensors_key(x, None) != key
+    assert host.tensors_key(torch.empty(3, device="meta")) != host.tensors_key(torch.empty(3))
+    base = torch.randn(401)  # 16-byte alignment: the same shape and strides, 4 bytes apart
+    assert host.tensors_key(base[:400].view(2, 8, 5, 5)) != host.tensors_key(base[1:].view(2, 8, 5, 5))
+
+
+@pytest.mark.parametrize("arg", [3, "x", torch.Size([2])])
+def test_key_refuses_other_objects(arg):
+    with pytest.raises(TypeError):
+        host.tensors_key(arg)
+
+
+def test_key_refuses_tensor_subclasses_as_the_python_key_does(monkeypatch):
+    class Sub(torch.Tensor):
+        pass
+
+    t = torch.ones(2).as_subclass(Sub)
+    with pytest.raises(TypeError):
+        host.tensors_key(t)
+    monkeypatch.setattr(_plan, "_host", None)
+    with pytest.raises(TypeError):
+        _plan.tensors_key(t)
+
+
+def test_program_allocates_views_and_calls_its_ops():
+    x = torch.randn(4, 6)
+    allocs = (
+        ((2, 3, 4), (12, 1, 3), torch.float32, torch.device("cpu"), False),
+        ((5,), (1,), torch.float64, torch.device("cpu"), True),
+    )
+    views = ((2, (3, 2), (1, 3), 4),)  # a view of the first allocation (pool place 2), 4 elements in
+    # an op step: torch.add(pool[0], pool[0]) appended to the pool
+    steps = ((2, torch.add, ((True, 0), (True, 0)), 1),)
+    run = host.bind(host.Program(allocs, views, steps))
+    pool = run((x, None), None)
+    assert len(pool) == 6 and pool[0] is x and pool[1] is None
+    assert pool[2].shape == (2, 3, 4) and pool[2].stride() == (12, 1, 3) and pool[2].dtype == torch.float32
+    assert pool[3].dtype == torch.float64 and torch.equal(pool[3], torch.zeros(5, dtype=torch.float64))
+    assert pool[4].data_ptr() == pool[2].data_ptr() + 4 * 4 and pool[4].stride() == (1, 3)
+    assert torch.equal(pool[5], 2 * x)
+    again = run((x, None), None)
+    assert again[2].data_ptr() != pool[2].data_ptr()  # every run allocates its own
+
+
+def test_program_errors_are_python_errors():
+    run = host.bind(host.Program((), (), ((2, lambda t: 7, ((True, 0),), 1),)))
+    with pytest.raises(TypeError, match="tensors or None"):
+        run((3,), None)
+    with pytest.raises(TypeError, match="other than tensors"):
+        run((torch.ones(1),), None)
+    failing = host.bind(host.Program((), (), ((2, lambda t: 1 / 0, ((True, 0),), 1),)))
+    with pytest.raises(ZeroDivisionError):
+        failing((torch.ones(1),), None)
+    with pytest.raises(TypeError):
+        host.bind(3)
