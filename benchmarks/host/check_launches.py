@@ -58,18 +58,10 @@ def _tensor_places(records):
 def _keep_replayed_buffers():
     """Keep every tensor a planned call's replay makes alive until LOG is cleared: the replay
     passes its launches addresses, so LOG alone does not hold the buffers, and a buffer freed
-    within the call could lend its address to a later one (then one name would mean two). A
-    replay in C++ (cnnkern._host) makes its tensors in C++: its pool, which it returns, is kept."""
+    within the call could lend its address to a later one (then one name would mean two). The
+    pool a replay returns (C++ or Python) holds all of them."""
     from cnnkern.ops import _plan
 
-    allocate = _plan._empty_strided
-
-    def empty_strided(*a, **k):
-        t = allocate(*a, **k)
-        LOG.append(t)
-        return t
-
-    _plan._empty_strided = empty_strided
     run = _plan.Replay.__call__
 
     def replay(self, *a, **k):

@@ -359,24 +359,10 @@ class GradPlan:
         replay = _RETRY if recorded is None else build(recorded, (*saved, *grads), out)
         if replay is not _RETRY:
             try:
-                self.bwd[_grads_key(grads)] = replay
+                self.bwd[tensors_key(*grads)] = replay  # (the gradients' key)
             except TypeError:  # (a gradient of a tensor subclass: not replayed)
                 pass
         return out
-
-
-def _grad_key(g):
-    """What a backward replay depends on of an incoming gradient: its type, strides and 16-byte
-    alignment (autograd gives it the output's shape, dtype and device)."""
-    return None if g is None else (type(g), g.stride(), g.data_ptr() & 15)
-
-
-def _grads_key(grads):
-    """The key of a backward replay: what it depends on of the incoming gradients (one C++ call
-    where cnnkern._host is built; TypeError for a gradient that is not a plain tensor)."""
-    if _host is not None:
-        return _host.tensors_key(*grads)
-    return tuple(map(_grad_key, grads))
 
 
 class _Replayed(torch.autograd.Function):
@@ -400,7 +386,7 @@ class _Replayed(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: the formula through the ops, which are differentiable
             return None, *plan.formula(saved, grads, False)
         try:
-            replay = plan.bwd.get(_grads_key(grads), _RETRY)
+            replay = plan.bwd.get(tensors_key(*grads), _RETRY)
         except TypeError:  # (a gradient of a tensor subclass)
             replay = None
         if replay is not None and replay is not _RETRY:

@@ -295,8 +295,7 @@ PYBIND11_MODULE(_host, m) {
       "The two tensor classes tensors_key plans for: torch.Tensor and torch.nn.Parameter.");
   m.add_object("tensors_key", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&g_tensors_key_def, nullptr, nullptr)));
   py::class_<Program>(m, "Program")
-      .def(py::init<py::sequence, py::sequence, py::sequence>())
-      .def("__call__", &Program::run);
+      .def(py::init<py::sequence, py::sequence, py::sequence>());
   m.def(
       "bind",
       [](py::object program) {
