@@ -185,6 +185,10 @@ def main(argv=None) -> int:
     if rank == 0:
         print(f"checkpoint: {args.checkpoint}", flush=True)
     if distributed:
+        # Leave together, with DDP's reducer (which holds the process group) released first: a rank that
+        # tore its group down while rank 0 still evaluated and saved could abort in gloo's teardown.
+        del net
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
