@@ -83,8 +83,8 @@ BUDGETS = {
     "conv_bn_relu_eval[triton]": 100_000,
     "nn.ConvBNReLU2d_eval[triton]": 110_000,
     # the target not met (docs/performance.md says why): a training step adds autograd over three
-    # parameters, eighteen allocations and the running-statistics update (PyTorch operations)
-    "conv_bn_relu_train_step[triton]": 700_000,
+    # parameters, eighteen allocations and ten launches through Triton's launcher
+    "conv_bn_relu_train_step[triton]": 600_000,
     "conv2d_inference[cuda]": 100_000,
     "conv2d_fwd_bwd[cuda]": 430_000,
 }

@@ -349,8 +349,10 @@ def _conv_bn_relu_train(
     except (AttributeError, TypeError):  # the full path says what is wrong
         key = None
     tensors = (input, weight, bias, bn_weight, bn_bias)
+    name = None  # the backend the statistics came from, which updates the running ones
     if plan is not None:
         outs = plan(*tensors)
+        name = plan.backend
     if outs is None:
         outs = _plan.run_and_plan(
             key,
@@ -380,11 +382,29 @@ def _conv_bn_relu_train(
         return outs
     y, _, mean, _, var = outs
     if running_mean is not None:
+        if name is None:
+            name = _backend.resolve("conv_bn_relu", backend, input.device)
         count = y.shape[-2] * y.shape[-1] * (y.shape[0] if y.dim() == 4 else 1)
-        _ops.conv_bn_relu.update_running_stats(
-            running_mean, running_var, mean.detach(), var.detach(), count, float(momentum)
-        )
+        _update_running(running_mean, running_var, mean, var, count, momentum, name)  # (not differentiable)
     return y
+
+
+def _update_running(running_mean, running_var, mean, var, count, momentum, backend):
+    """The running statistics updated in place from a training call's batch statistics (one
+    launch), planned like an op call: the momentum and the variance's count / (count - 1) are the
+    call's scalars, passed to the replayed launch on every call (the momentum may change from
+    call to call: a cumulative average)."""
+    # two new float objects: a plan finds a call's scalars by identity (cnnkern/ops/_plan.py: build)
+    args = (running_mean, running_var, mean, var, float(momentum) * 1.0, count / (count - 1))
+    key = plan = None
+    try:
+        key = ("bn_update_running", _plan.tensors_key(running_mean, running_var, mean, var), backend)
+        plan = _plan.PLANS.get(key)
+    except TypeError:  # (a tensor subclass: the kernel launched without a plan)
+        key = None
+    if plan is not None and plan(*args) is not None:
+        return
+    _plan.run_and_plan(key, lambda: _ops.conv_bn_relu.update_running_stats(*args, backend), args)
 
 
 def _conv_bn_relu(
@@ -496,7 +516,7 @@ def _conv_bn_relu(
         if training and running_mean is not None:
             count = x.shape[0] * y.shape[2] * y.shape[3]
             _ops.conv_bn_relu.bn_update_running_stats(
-                running_mean, running_var, mean.detach(), var.detach(), count, float(momentum)
+                running_mean, running_var, mean.detach(), var.detach(), count, float(momentum), name
             )
     else:
         w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)

@@ -3,15 +3,16 @@
 ``kernel[grid](*args)`` costs tens of microseconds of host time on every call: Triton binds the
 arguments, computes their specialization key, looks the compiled kernel up, builds launch
 metadata, and an autotuned kernel first goes through the autotuner. All of that depends only on
-what this module calls a call's *signature*: every scalar argument's value, every tensor's dtype
-and 16-byte alignment (what Triton specializes on), and the constexpr keyword arguments. So a
-:class:`Plan` is made once per signature, through Triton's own path, and later calls with the
-same signature launch its compiled kernel directly (``CompiledKernel.run``, Triton's C launcher).
+what this module calls a call's *signature*: every integer and bool argument's value, every
+tensor's dtype and 16-byte alignment (what Triton specializes on), and the constexpr keyword
+arguments; a float argument only by its type. So a :class:`Plan` is made once per signature,
+through Triton's own path, and later calls with the same signature launch its compiled kernel
+directly (``CompiledKernel.run``, Triton's C launcher).
 
-A signature holds exact values, so a plan is never reused for a call that Triton would have
-compiled differently. The direct launch is skipped, and Triton's own path taken, under the
-interpreter, while Triton's launch hooks are installed (profilers), and for a kernel whose
-constexpr parameters do not all follow its runtime ones.
+A signature holds exact values wherever Triton specializes, so a plan is never reused for a
+call that Triton would have compiled differently. The direct launch is skipped, and Triton's
+own path taken, under the interpreter, while Triton's launch hooks are installed (profilers),
+and for a kernel whose constexpr parameters do not all follow its runtime ones.
 """
 
 from __future__ import annotations
@@ -26,9 +27,16 @@ _Tensor = torch.Tensor
 
 
 def signature(args, kwargs) -> tuple:
-    """What a compiled kernel depends on: scalars by value, tensors by dtype and 16-byte alignment,
-    and the keyword (constexpr) values."""
-    return (tuple((a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, _Tensor) else a for a in args), *kwargs.values())
+    """What a compiled kernel depends on: tensors by dtype and 16-byte alignment, floats by type
+    (Triton never specializes a float argument on its value), other scalars by value, and the
+    keyword (constexpr) values."""
+    return (
+        tuple(
+            (a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, _Tensor) else float if type(a) is float else a
+            for a in args
+        ),
+        *kwargs.values(),
+    )
 
 
 def hooks_active() -> bool:

@@ -8,6 +8,8 @@ This module holds the rest:
   al.'s merge into the batch mean and biased variance, the inverse std, and BatchNorm folded into
   scale = gamma * invstd and shift = beta - mean * scale (tiny tensors: rows x K; one launch
   instead of a dozen small PyTorch ops, whose host time would dominate a 20-100 us layer).
+* ``_running_stats_kernel``: the running mean and variance updated in place from the batch
+  statistics, one launch (instead of five PyTorch ops) with the momentum a runtime argument.
 * ``_apply_kernel``: out = [relu](y * scale[c] + shift[c] [+ residual]), one read of y (and of
   the residual), one write.
 * ``_reduce_kernel``: the two BatchNorm-backward reductions in one pass over (grad, y):
@@ -189,6 +191,35 @@ def _finalize_kernel(
     tl.store(shift_ptr + offs_k, shift, mask=mask_k)
 
 
+@triton.jit
+def _running_stats_kernel(
+    rmean_ptr,
+    rvar_ptr,
+    mean_ptr,
+    var_ptr,
+    momentum: tl.float64,
+    unbias: tl.float64,
+    K,
+    stride_rm,
+    stride_rv,
+    ACC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # running = running + momentum * (batch - running), the variance's batch value unbiased
+    # (var * count / (count - 1)); computed in ACC, rounded once to the running statistics' dtype
+    offs = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    w = tl.full((), momentum, ACC)  # (a Python float under the interpreter: exact in fp64 either way)
+    rm = tl.load(rmean_ptr + offs * stride_rm, mask=mask, other=0.0)
+    rv = tl.load(rvar_ptr + offs * stride_rv, mask=mask, other=0.0)
+    m = tl.load(mean_ptr + offs, mask=mask, other=0.0).to(ACC)
+    v = tl.load(var_ptr + offs, mask=mask, other=0.0).to(ACC) * tl.full((), unbias, ACC)
+    new_m = rm.to(ACC) + w * (m - rm.to(ACC))
+    new_v = rv.to(ACC) + w * (v - rv.to(ACC))
+    tl.store(rmean_ptr + offs * stride_rm, new_m.to(rm.dtype), mask=mask)
+    tl.store(rvar_ptr + offs * stride_rv, new_v.to(rv.dtype), mask=mask)
+
+
 @triton.jit(do_not_specialize=["M"])  # M.to() below needs M as a runtime value, also when it is 1
 def _coefficients_kernel(
     part_ptr,
@@ -304,6 +335,48 @@ def bn_finalize(stats: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Ten
             num_warps=4,
         )
     return tuple(outs)
+
+
+def bn_update_running(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    momentum: float,
+    unbias: float,
+) -> None:
+    """The running statistics updated in place, PyTorch's rule: running = (1 - momentum) * running
+    + momentum * batch, with the unbiased batch variance var * unbias (count / (count - 1)).
+    ``mean`` and ``var`` (K,) contiguous in the accumulation dtype; the running statistics (K,)
+    of any float dtype and stride. One launch; ``momentum`` and ``unbias`` are runtime arguments
+    (fp64), passed on as given, so a changing momentum (a cumulative average) reuses the
+    compiled kernel and a planned call passes its own."""
+    K = mean.shape[0]
+    if K == 0:
+        return
+    sm, sv = running_mean.stride(0), running_var.stride(0)
+    if K > 1 and not (sm and sv):
+        raise RuntimeError(
+            f"bn_update_running: running_{'mean' if not sm else 'var'} has stride 0: more than one of its "
+            "elements refers to a single memory location (clone() it first)"
+        )
+    dtypes = (running_mean.dtype, running_var.dtype, mean.dtype)
+    _fast.launch(
+        _running_stats_kernel,
+        (cdiv(K, 128),),
+        running_mean,
+        running_var,
+        mean,
+        var,
+        momentum,
+        unbias,
+        K,
+        sm,
+        sv,
+        ACC=tl.float64 if torch.float64 in dtypes else tl.float32,
+        BLOCK_K=128,
+        num_warps=4,
+    )
 
 
 def bn_apply(
@@ -455,4 +528,4 @@ def bn_backward(
     return sg, sgx
 
 
-__all__ = ["bn_finalize", "bn_apply", "bn_backward", "bn_backward_coefficients"]
+__all__ = ["bn_finalize", "bn_update_running", "bn_apply", "bn_backward", "bn_backward_coefficients"]

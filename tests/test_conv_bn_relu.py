@@ -247,7 +247,7 @@ def test_opcheck(backend):
         (g, out.detach(), y.detach(), mean.detach(), invstd.detach(), gamma.detach(), backend),
     )
     rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
-    torch.library.opcheck(ops.bn_update_running_stats.default, (rm, rv, mean.detach(), var.detach(), 50, 0.1))
+    torch.library.opcheck(ops.bn_update_running_stats.default, (rm, rv, mean.detach(), var.detach(), 50, 0.1, backend))
 
 
 def _t(*shape):
@@ -424,6 +424,61 @@ def test_bn_backward_coefficients_kernel(backend, acc, pdt, rows, k, affine):
     ]:
         assert got.dtype == dt and got.shape == (k,), what
         assert rel_err(got, want) < max(tol_acc, REL_TOL[dt]), what
+
+
+# (statistics dtype, running_mean dtype, running_var dtype); bf16 running statistics only on a GPU
+RUNNING_DTYPES = [
+    (torch.float32, torch.float32, torch.float32),
+    (torch.float32, torch.float16, torch.float32),
+    (torch.float64, torch.float64, torch.float64),
+] + ([(torch.float32, torch.bfloat16, torch.bfloat16)] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("acc,dm,dv", RUNNING_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("k,stride", [(1, 1), (70, 1), (129, 3)])
+def test_bn_update_running_kernel(backend, acc, dm, dv, k, stride):
+    """running += momentum * (batch - running), the batch variance unbiased, in place, for running
+    statistics of any float dtype and stride; a new momentum on every call (a cumulative average)
+    reuses the one kernel; the elements between strided ones are left alone."""
+    from cnnkern.ops.conv_bn_relu import update_running_stats
+
+    g = torch.Generator().manual_seed(k * 10 + stride)
+    base_m = torch.randn(k * stride, generator=g, dtype=torch.float64)
+    base_v = torch.rand(k * stride, generator=g, dtype=torch.float64) + 0.5
+    rm_buf, rv_buf = base_m.to(dm).to(DEVICE), base_v.to(dv).to(DEVICE)
+    rm, rv = rm_buf[::stride], rv_buf[::stride]
+    want_m, want_v = rm.double().cpu().clone(), rv.double().cpu().clone()
+    count = 37
+    for step in range(1, 4):
+        mean = torch.randn(k, generator=g, dtype=acc).to(DEVICE)
+        var = (torch.rand(k, generator=g, dtype=acc) + 0.1).to(DEVICE)
+        momentum = 1.0 / step if step > 1 else 0.1
+        update_running_stats(rm, rv, mean, var, momentum, count / (count - 1), backend)
+        want_m = want_m + momentum * (mean.double().cpu() - want_m)
+        want_v = want_v + momentum * (var.double().cpu() * count / (count - 1) - want_v)
+        assert rm.dtype == dm and rv.dtype == dv
+        for got, want, dt, what in [(rm, want_m, dm, "running_mean"), (rv, want_v, dv, "running_var")]:
+            tol = 1e-13 if dt == torch.float64 else 4 * REL_TOL[dt] if dt != torch.float32 else 1e-6
+            assert rel_err(got, want) < tol, f"step {step} {what}"
+            want.copy_(got.double().cpu())  # each step from what the last one stored, as PyTorch's
+    if stride > 1:  # the elements in between are untouched
+        keep = torch.ones(k * stride, dtype=torch.bool)
+        keep[::stride] = False
+        assert torch.equal(rm_buf.cpu()[keep], base_m.to(dm)[keep])
+        assert torch.equal(rv_buf.cpu()[keep], base_v.to(dv)[keep])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_bn_update_running_refuses_stride_zero(backend):
+    from cnnkern.ops.conv_bn_relu import update_running_stats
+
+    stats = torch.zeros(4, device=DEVICE)
+    shared = torch.zeros(1, device=DEVICE).expand(4)
+    with pytest.raises(RuntimeError, match="running_mean has stride 0"):
+        update_running_stats(shared, stats.clone(), stats, stats, 0.1, 1.1, backend)
+    with pytest.raises(RuntimeError, match="running_var has stride 0"):
+        update_running_stats(stats.clone(), shared, stats, stats, 0.1, 1.1, backend)
 
 
 @cuda_kernel_test

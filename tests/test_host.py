@@ -81,7 +81,7 @@ def test_program_allocates_views_and_calls_its_ops():
 
 def test_program_errors_are_python_errors():
     run = host.bind(host.Program((), (), ((2, lambda t: 7, ((True, 0),), 1),)))
-    with pytest.raises(TypeError, match="tensors or None"):
+    with pytest.raises(TypeError, match="tensors, floats or None"):
         run((3,), None)
     with pytest.raises(TypeError, match="other than tensors"):
         run((torch.ones(1),), None)
@@ -90,3 +90,19 @@ def test_program_errors_are_python_errors():
         failing((torch.ones(1),), None)
     with pytest.raises(TypeError):
         host.bind(3)
+
+
+def test_program_passes_a_calls_scalars_as_they_are():
+    """A float among a program's inputs (a call's scalar, e.g. a momentum) reaches the launches
+    and op calls that use it as the float itself, a tensor as its device address or itself."""
+    seen = []
+    x = torch.arange(4.0)
+    steps = (
+        (1, lambda *a: seen.append(a), (1, 2, 3, "fn", "meta", None, None, None), (0, 1), ("tail",), None),
+        (2, lambda t, s: t * s, ((True, 0), (True, 1)), 1),
+    )
+    run = host.bind(host.Program((), (), steps))
+    for momentum in (0.25, 0.5):
+        pool = run((x, momentum), 7)
+        assert seen[-1] == (1, 2, 3, 7, "fn", "meta", None, None, None, x.data_ptr(), momentum, "tail")
+        assert pool[1] is momentum and torch.equal(pool[2], x * momentum)

@@ -213,9 +213,12 @@ def test_replayed_training_steps_match_the_reference(planning, backend, grad):
             exp = torch.autograd.grad(want, args64[:3], g.double())
             for a, e in zip(got, exp):
                 assert rel_err(a, e) < TOL
-    plans = [p for key, p in planning.PLANS.items() if p is not None]
-    assert len(plans) == 1
+    plans = {key[0]: p for key, p in planning.PLANS.items() if p is not None}
+    assert set(plans) == {"conv_bn_relu_train", "bn_update_running"}
+    train, update = plans["conv_bn_relu_train"], plans["bn_update_running"]
     if grad:
-        assert isinstance(plans[0], _plan.GradPlan) and plans[0].bwd and kinds[-1] == "_ReplayedBackward", kinds
+        assert isinstance(train, _plan.GradPlan) and train.bwd and kinds[-1] == "_ReplayedBackward", kinds
     else:
-        assert isinstance(plans[0], _plan.OpPlan)
+        assert isinstance(train, _plan.OpPlan)
+    # the update, one launch, replayed with each call's momentum (the statistics above match)
+    assert isinstance(update, _plan.OpPlan) and len(update.replay.steps) == 1 and train.backend == backend

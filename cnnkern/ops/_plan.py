@@ -185,9 +185,11 @@ def _storage(t: _Tensor) -> int:
 
 
 def build(recorded, inputs, outputs):
-    """The :class:`Replay` of ``recorded`` (a Recording) run with ``inputs`` (tensors or None),
-    with ``outputs`` as its outputs; ``_RETRY`` when the work missed (compiled or tuned this
-    time: the next call records again), None when it cannot be replayed."""
+    """The :class:`Replay` of ``recorded`` (a Recording) run with ``inputs`` (tensors, None, or
+    floats: the call's scalars, which its launches and op calls take as they are; each must be
+    an object of its own, so that it is found by identity), with ``outputs`` as its outputs;
+    ``_RETRY`` when the work missed (compiled or tuned this time: the next call records again),
+    None when it cannot be replayed."""
     if any(e[0] == "never" for e in recorded):
         return None
     if recorded.spoilt or any(e[0] == "miss" for e in recorded):
@@ -195,7 +197,7 @@ def build(recorded, inputs, outputs):
     work = [e for e in recorded if e[0] in ("launch", "call")]
     if not work:
         return None
-    index: dict[int, int] = {}  # id(tensor) -> its place in the pool
+    index: dict[int, int] = {}  # id(tensor or scalar) -> its place in the pool
     pool: list = []
     for t in inputs:
         if t is not None:
@@ -203,6 +205,7 @@ def build(recorded, inputs, outputs):
                 return None
             index[id(t)] = len(pool)
         pool.append(t)
+    scalars = {id(t) for t in inputs if type(t) is float}
     # what the work and the outputs use: by identity, or (a view) through a storage
     used = [a for e in work for a in e[2] if isinstance(a, _Tensor)] + [t for t in outputs if t is not None]
     used_ids = {id(t) for t in used}
@@ -250,9 +253,10 @@ def build(recorded, inputs, outputs):
     for e in work:
         if e[0] == "launch":
             _, plan, args, grid = e
-            k = next((i for i, a in enumerate(args) if not isinstance(a, _Tensor)), len(args))  # tensors lead
+            # the tensors and the call's scalars lead
+            k = next((i for i, a in enumerate(args) if not (isinstance(a, _Tensor) or id(a) in scalars)), len(args))
             tail = tuple(args[k:])
-            if any(isinstance(a, _Tensor) for a in tail):
+            if any(isinstance(a, _Tensor) or id(a) in scalars for a in tail):
                 return None
             idx = [index.get(id(a)) for a in args[:k]]
             if None in idx:
@@ -270,7 +274,7 @@ def build(recorded, inputs, outputs):
             _, op, args, out = e
             spec = []
             for a in args:
-                if isinstance(a, _Tensor):
+                if isinstance(a, _Tensor) or id(a) in scalars:
                     i = index.get(id(a))
                     if i is None:
                         return None
@@ -304,12 +308,14 @@ def build(recorded, inputs, outputs):
 
 
 class OpPlan:
-    """A call that needs no autograd: ``plan(*tensors)`` is its output, or None (run the route)."""
+    """A call that needs no autograd: ``plan(*tensors)`` is its output, or None (run the route).
+    ``backend``: the backend its op ran (every cnnkern op's last argument)."""
 
-    __slots__ = ("replay", "out", "outs")
+    __slots__ = ("replay", "out", "outs", "backend")
 
-    def __init__(self, replay: Replay, single: bool):
+    def __init__(self, replay: Replay, single: bool, backend: str | None):
         self.replay, self.out, self.outs = replay, replay.outs[0] if single else None, replay.outs
+        self.backend = backend
 
     def __call__(self, *tensors):
         pool = self.replay(tensors)
@@ -328,14 +334,35 @@ class _Ctx:
     def save_for_backward(self, *tensors):
         self.saved_tensors = tensors
 
+    def mark_non_differentiable(self, *tensors):
+        self.non_differentiable = tensors
+
 
 class GradPlan:
     """A call of one registered op that needs autograd: ``plan(*tensors)`` is its output (through
     :class:`_Replayed`), or None (run the route). The replays and the formula's gradients are
     those of the call's tensors that are not None (``present`` picks them; a call key fixes
-    which are None): autograd is passed no more arguments than it needs."""
+    which are None): autograd is passed no more arguments than it needs, and returns no more
+    outputs either: only the differentiable ones (``aux`` picks them from the pool, where the
+    op's ``setup_context`` marks others non-differentiable; those come back beside autograd, and
+    ``grads`` puts None in their place for the formula). ``backend``: the backend its op ran
+    (every cnnkern op's last argument)."""
 
-    __slots__ = ("fwd", "out", "saves", "attrs", "backward", "needs", "grad_of", "bwd", "present")
+    __slots__ = (
+        "fwd",
+        "out",
+        "saves",
+        "attrs",
+        "backward",
+        "needs",
+        "grad_of",
+        "bwd",
+        "present",
+        "backend",
+        "diff",
+        "aux",
+        "outs",
+    )
 
     def __call__(self, *tensors):
         stream = self.fwd.stream()
@@ -343,7 +370,18 @@ class GradPlan:
             return None
         if self.present is not None:
             tensors = self.present(tensors)
-        return _Replayed.apply((self, stream), *tensors)
+        if self.aux is None:
+            return _Replayed.apply((self, stream, None), *tensors)
+        box = []
+        _Replayed.apply((self, stream, box), *tensors)  # (the outputs autograd returns are the pool's tensors)
+        return self.outs(box[0])
+
+    def grads(self, grads):
+        """The gradients of all the op's outputs, given those of the differentiable ones."""
+        full = [None] * len(self.fwd.outs)
+        for i, g in zip(self.diff, grads):
+            full[i] = g
+        return full
 
     def formula(self, saved, grads, record: bool):
         """The call tensors' gradients from the op's own backward formula (through the ops),
@@ -369,20 +407,25 @@ class _Replayed(torch.autograd.Function):
     """A planned call of an op under autograd: the forward and backward replayed."""
 
     @staticmethod
-    def forward(ctx, plan_and_stream, *tensors):
-        plan, stream = plan_and_stream
+    def forward(ctx, plan_stream_box, *tensors):
+        plan, stream, box = plan_stream_box
         pool = plan.fwd(tensors, stream)
         ctx.plan = plan
         ctx.save_for_backward(*[None if i is None else pool[i] for i in plan.saves])
         if plan.out is not None:
             return pool[plan.out]
         ctx.set_materialize_grads(False)  # (the gradients of outputs a formula ignores stay None)
+        if box is not None:  # the non-differentiable outputs beside autograd
+            box.append(pool)
+            return plan.aux(pool)
         return tuple(pool[i] for i in plan.fwd.outs)
 
     @staticmethod
     def backward(ctx, *grads):
         plan = ctx.plan
         saved = ctx.saved_tensors
+        if plan.aux is not None:
+            grads = plan.grads(grads)
         if torch.is_grad_enabled():  # create_graph: the formula through the ops, which are differentiable
             return None, *plan.formula(saved, grads, False)
         try:
@@ -436,11 +479,23 @@ def _grad_plan(recorded, tensors, out):
     plan = GradPlan()
     plan.fwd, plan.saves, plan.backward, plan.needs = fwd, tuple(saves), backward, needs
     plan.out = fwd.outs[0] if isinstance(out, _Tensor) else None
-    plan.attrs = {k: v for k, v in vars(ctx).items() if k not in ("needs_input_grad", "saved_tensors")}
+    plan.attrs = {
+        k: v for k, v in vars(ctx).items() if k not in ("needs_input_grad", "saved_tensors", "non_differentiable")
+    }
     arg_of = {id(a): i for i, a in enumerate(args) if isinstance(a, _Tensor)}
     plan.grad_of = tuple(arg_of.get(id(t)) for t in tensors)
     plan.bwd = {}
     plan.present = None if full else _pick(present)
+    plan.backend = args[-1]
+    plan.aux = plan.diff = plan.outs = None
+    non_diff = {id(t) for t in getattr(ctx, "non_differentiable", ())}
+    if plan.out is None and non_diff:  # autograd returns only the differentiable outputs
+        plan.diff = tuple(i for i, t in enumerate(outputs) if id(t) not in non_diff)
+        if not plan.diff:
+            return None
+        places = [fwd.outs[i] for i in plan.diff]
+        plan.aux = _pick(places) if len(places) > 1 else operator.itemgetter(places[0])
+        plan.outs = _pick(fwd.outs)
     return plan
 
 
@@ -457,22 +512,25 @@ def _recorded(full):
 
 
 def run_and_plan(key, full, tensors):
-    """``full()`` (the op's route, returning its output), recorded into a plan for ``key`` when
-    the call may be replayed. A key that has a plan reaches here only when the plan declined
-    (launch hooks, another current device)."""
+    """``full()`` (the op's route, returning its output: a tensor, a tuple of tensors, or None for
+    work done in place), recorded into a plan for ``key`` when the call may be replayed with
+    ``tensors`` (tensors, None, or the call's float scalars: see :func:`build`). A key that has
+    a plan reaches here only when the plan declined (launch hooks, another current device)."""
     if key is None or key in PLANS or not _recording_ok():
         return full()
     out, recorded = _recorded(full)
     if recorded is None:
         return out
     single = isinstance(out, _Tensor)
-    if not single and not (type(out) is tuple and all(isinstance(t, _Tensor) for t in out)):
+    if not single and not (out is None or (type(out) is tuple and all(isinstance(t, _Tensor) for t in out))):
         plan = None
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        plan = _grad_plan(recorded, tensors, out)
+    elif torch.is_grad_enabled() and any(isinstance(t, _Tensor) and t.requires_grad for t in tensors):
+        plan = _grad_plan(recorded, tensors, out) if out is not None else None
     else:
-        replay = build(recorded, tensors, (out,) if single else out)
-        plan = OpPlan(replay, single) if isinstance(replay, Replay) else replay
+        replay = build(recorded, tensors, (out,) if single else out or ())
+        ops = [e for e in recorded if e[0] == "op"]
+        backend = ops[0][2][-1] if len(ops) == 1 else None
+        plan = OpPlan(replay, single, backend) if isinstance(replay, Replay) else replay
     if plan is not _RETRY:
         _keep(key, plan)
     return out

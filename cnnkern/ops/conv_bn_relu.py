@@ -10,9 +10,9 @@ Ops (``cnnkern`` namespace; conv arguments as in cnnkern/ops/conv2d.py):
   its per-tile statistics (no second pass over y), the statistics are merged into the batch mean
   and biased variance, and one pass writes out = [relu](BN(y) + residual). ``y``, ``mean`` and ``invstd`` are
   kept for the backward.
-* ``bn_update_running_stats(running_mean!, running_var!, mean, var, count, momentum)``: the
-  in-place running-statistics update (unbiased variance, PyTorch's rule). A separate op because
-  an op that mutates its inputs cannot carry an autograd formula.
+* ``bn_update_running_stats(running_mean!, running_var!, mean, var, count, momentum, backend)``:
+  the in-place running-statistics update (unbiased variance, PyTorch's rule), one kernel launch.
+  A separate op because an op that mutates its inputs cannot carry an autograd formula.
 * ``conv_bn_relu_backward(grad, out?, y, mean, invstd, bn_weight?, backend) -> (dy, dgamma, dbeta)``:
   ReLU mask and BatchNorm backward (both reductions in one pass); the convolution's own backward
   ops then turn dy into the input, weight and bias gradients.
@@ -105,31 +105,20 @@ def update_running_stats(
     running_var: torch.Tensor,
     mean: torch.Tensor,
     var: torch.Tensor,
-    count: int,
     momentum: float,
+    unbias: float,
+    backend: str,
 ) -> None:
     """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance
-    (PyTorch's in-place ops: what the op below runs, and what a replayed training call runs
-    after its plan, cnnkern/functional.py)."""
-    record_miss(again=False)  # not a plan's to replay
-    running_mean.lerp_(_cast(mean, running_mean.dtype), momentum)
-    running_var.lerp_(_cast(var * (count / (count - 1)), running_var.dtype), momentum)
-
-
-# Each floating dtype's own cast method: ``t.to(dtype)``'s argument parser, which tries the
-# overloads of ``to`` in turn, costs about 6,000 instructions more a call.
-_CASTS = {
-    torch.bfloat16: torch.Tensor.bfloat16,
-    torch.float16: torch.Tensor.half,
-    torch.float32: torch.Tensor.float,
-    torch.float64: torch.Tensor.double,
-}
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``."""
-    cast = _CASTS.get(dtype)
-    return t.to(dtype) if cast is None else cast(t)
+    var * unbias (count / (count - 1)): one launch of the backend's kernel, ``momentum`` and
+    ``unbias`` passed on as given (a planned update passes its own: cnnkern/functional.py).
+    ``mean`` and ``var`` are the training op's (K,) statistics; the running ones any float
+    dtype and stride."""
+    if backend == "cuda":
+        cuda_ops().bn_update_running_cuda(running_mean, running_var, mean, var, unbias, momentum)
+    else:
+        _check_backend(backend)
+        _kernels()[1].bn_update_running(running_mean, running_var, mean, var, momentum, unbias)
 
 
 @custom_op("cnnkern::bn_update_running_stats", mutates_args=("running_mean", "running_var"))
@@ -140,12 +129,14 @@ def bn_update_running_stats(
     var: torch.Tensor,
     count: int,
     momentum: float,
+    backend: str,
 ) -> None:
-    update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    record_miss(again=False)  # a route's plan would keep this momentum: the route that calls the op is not planned
+    update_running_stats(running_mean, running_var, mean, var, momentum, count / (count - 1), backend)
 
 
 @bn_update_running_stats.register_fake
-def _(running_mean, running_var, mean, var, count, momentum):
+def _(running_mean, running_var, mean, var, count, momentum, backend):
     return None
 
 
@@ -188,7 +179,8 @@ def _(grad, out, y, mean, invstd, bn_weight, backend):
 
 def _setup_context(ctx, inputs, output):
     x, w, bias, residual, bn_weight, bn_bias, eps, stride, padding, dilation, groups, relu, precision, backend = inputs
-    out, y, mean, invstd, _ = output
+    out, y, mean, invstd, var = output
+    ctx.mark_non_differentiable(y, mean, invstd, var)  # (what the backward keeps, and the statistics)
     ctx.save_for_backward(x, w, y, out if relu else None, mean, invstd, bn_weight)
     ctx.conv = (stride, padding, dilation, groups)
     ctx.has = (bias is not None, bn_weight is not None, bn_bias is not None)

@@ -5,7 +5,8 @@
 //             (conv2d_forward_cuda with stats=True); bn_finalize_cuda merges them (Chan et al.)
 //             into the batch mean and variance and folds BN into per-channel scale/shift, in one
 //             launch; bn_apply_cuda writes out = [relu](y * scale[c] + shift[c] [+ residual]) in one
-//             pass.
+//             pass; bn_update_running_cuda updates the running mean and variance in place (one
+//             launch, the momentum an argument).
 //   backward  bn_backward_reduce_cuda: one pass over (grad, out, y) gives, per chunk of rows and
 //             channel, sum g' and sum g' * y with g' = grad masked by the ReLU (out > 0);
 //             bn_backward_coefficients_cuda adds the chunks in order and folds the BN backward
@@ -229,6 +230,20 @@ __global__ void coefficients_kernel(const A* __restrict__ part, const A* __restr
   }
 }
 
+// running = running + momentum * (batch - running), the variance's batch value unbiased (var *
+// unbias); in A, rounded once to the running statistics' dtypes (RM, RV); any stride.
+template <typename A, typename RM, typename RV>
+__global__ void running_stats_kernel(RM* __restrict__ rm, RV* __restrict__ rv, const A* __restrict__ mean,
+                                     const A* __restrict__ var, int64_t K, int64_t stride_m, int64_t stride_v,
+                                     double momentum, double unbias) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= K) return;
+  const A w = static_cast<A>(momentum);
+  const A old_m = static_cast<A>(rm[k * stride_m]), old_v = static_cast<A>(rv[k * stride_v]);
+  rm[k * stride_m] = static_cast<RM>(old_m + w * (mean[k] - old_m));
+  rv[k * stride_v] = static_cast<RV>(old_v + w * (var[k] * static_cast<A>(unbias) - old_v));
+}
+
 // The layout all the tensors share: true for channels_last, false for NCHW; anything else is an error.
 bool dense_layout(const char* op, const at::Tensor& ref, std::initializer_list<const at::Tensor*> others) {
   TORCH_CHECK(ref.dim() == 4, "cnnkern ", op, ": expects 4-D tensors, got ", ref.sizes());
@@ -391,6 +406,41 @@ void bn_finalize_cuda(const at::Tensor& stats, const std::optional<at::Tensor>& 
   });
 }
 
+void bn_update_running_cuda(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                            const at::Tensor& var, double unbias, double momentum) {
+  const char* op = "bn_update_running (cuda)";
+  const int64_t K = mean.numel();
+  const auto acc = mean.scalar_type();
+  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "cnnkern ", op, ": mean must be float32 or float64, got ", acc);
+  check_channel_vec(op, mean, K, acc, "mean");
+  check_channel_vec(op, var, K, acc, "var");
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&running_mean, "running_mean"},
+                                {&running_var, "running_var"}}) {
+    CNNKERN_CHECK_CUDA(*t, name);
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == K && at::isFloatingType(t->scalar_type()), "cnnkern ", op, ": ", name,
+                " must be a floating (", K, ",) vector, got ", t->sizes(), " ", t->scalar_type());
+    TORCH_CHECK(K <= 1 || t->stride(0) != 0, "cnnkern ", op, ": ", name,
+                " has stride 0: more than one of its elements refers to a single memory location (clone() it first)");
+  }
+  if (K == 0) return;
+  TORCH_CHECK((K + 127) / 128 < (int64_t{1} << 31), "cnnkern ", op, ": too many channels (", K, ")");
+  const c10::cuda::CUDAGuard guard(mean.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(acc, "bn_update_running_cuda", [&] {
+    using A = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "bn_update_running_m", [&] {
+      using RM = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_var.scalar_type(), "bn_update_running_v", [&] {
+        using RV = scalar_t;
+        running_stats_kernel<A, RM, RV><<<static_cast<unsigned>((K + 127) / 128), 128, 0, stream>>>(
+            running_mean.mutable_data_ptr<RM>(), running_var.mutable_data_ptr<RV>(), mean.const_data_ptr<A>(),
+            var.const_data_ptr<A>(), K, running_mean.stride(0), running_var.stride(0), momentum, unbias);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+}
+
 void bn_backward_coefficients_cuda(const at::Tensor& part, const at::Tensor& mean, const at::Tensor& invstd,
                                    const std::optional<at::Tensor>& gamma, int64_t count, const at::Tensor& a,
                                    const at::Tensor& b, const at::Tensor& c, const at::Tensor& sg,
@@ -431,6 +481,7 @@ void bn_backward_coefficients_cuda(const at::Tensor& part, const at::Tensor& mea
 
 TORCH_LIBRARY_IMPL(cnnkern, CUDA, m) {
   m.impl("bn_finalize_cuda", &cnnkern::bn_finalize_cuda);
+  m.impl("bn_update_running_cuda", &cnnkern::bn_update_running_cuda);
   m.impl("bn_backward_coefficients_cuda", &cnnkern::bn_backward_coefficients_cuda);
   m.impl("bn_apply_cuda", &cnnkern::bn_apply_cuda);
   m.impl("bn_backward_reduce_cuda", &cnnkern::bn_backward_reduce_cuda);

@@ -160,17 +160,24 @@ class Program {
     }
   }
 
-  // The work run with the call's tensors (a tuple of tensors or None) on `stream`: the pool, a
-  // list of the tensors, then every tensor the work made, in the order the Python replay makes them.
+  // The work run with the call's tensors (a tuple of tensors, None or floats: a call's scalars,
+  // which the steps pass on as they are) on `stream`: the pool, a list of the call's objects, then
+  // every tensor the work made, in the order the Python replay makes them.
   py::list run(py::tuple tensors, py::object stream) const {
     const Py_ssize_t n_in = PyTuple_GET_SIZE(tensors.ptr());
     std::vector<at::Tensor> pool;
     pool.reserve(n_in + allocs_.size() + views_.size() + 4);
     for (Py_ssize_t i = 0; i < n_in; ++i) {
       PyObject* obj = PyTuple_GET_ITEM(tensors.ptr(), i);
-      if (obj != Py_None && !THPVariable_Check(obj)) type_error("a program runs with tensors or None");
-      pool.push_back(obj == Py_None ? at::Tensor() : THPVariable_Unpack(obj));
+      const bool tensor = THPVariable_Check(obj);
+      if (!tensor && obj != Py_None && !PyFloat_Check(obj)) type_error("a program runs with tensors, floats or None");
+      pool.push_back(tensor ? THPVariable_Unpack(obj) : at::Tensor());
     }
+    // a step's argument at `place`: the input object itself where the pool holds no tensor there
+    // (a call's scalar), else the tensor's device address (launches) or the tensor (op calls)
+    auto input = [&](int64_t place) -> PyObject* {
+      return place < n_in && !pool[place].defined() ? PyTuple_GET_ITEM(tensors.ptr(), place) : nullptr;
+    };
     for (const Alloc& a : allocs_) {
       at::Tensor t = at::empty_strided(a.sizes, a.strides, a.options);
       if (a.zero) t.zero_();
@@ -182,7 +189,7 @@ class Program {
     }
     for (const Step& s : steps_) {
       if (s.kind == 2) {
-        call_op(s, pool);
+        call_op(s, pool, input);
         continue;
       }
       const Py_ssize_t n_head = static_cast<Py_ssize_t>(s.head.size());
@@ -205,9 +212,14 @@ class Program {
         at = 0;
       }
       for (int64_t place : s.tensors) {
-        PyObject* address = PyLong_FromVoidPtr(pool[place].data_ptr());
-        if (address == nullptr) throw py::error_already_set();
-        PyTuple_SET_ITEM(dst, at++, address);
+        PyObject* arg = input(place);
+        if (arg != nullptr) {
+          Py_INCREF(arg);
+        } else {
+          arg = PyLong_FromVoidPtr(pool[place].data_ptr());
+          if (arg == nullptr) throw py::error_already_set();
+        }
+        PyTuple_SET_ITEM(dst, at++, arg);
       }
       for (auto h : s.tail) PyTuple_SET_ITEM(dst, at++, py::reinterpret_borrow<py::object>(h).inc_ref().ptr());
       if (s.kind == 0) PyTuple_SET_ITEM(args.ptr(), k, kernel_args.release().ptr());
@@ -230,14 +242,17 @@ class Program {
   }
 
  private:
-  static void call_op(const Step& s, std::vector<at::Tensor>& pool) {
+  template <typename Input>
+  static void call_op(const Step& s, std::vector<at::Tensor>& pool, const Input& input) {
     py::tuple args(s.spec.size());
     for (size_t i = 0; i < s.spec.size(); ++i) {
       const auto& [is_place, value] = s.spec[i];
       PyObject* obj;
       if (is_place) {
-        const at::Tensor& t = pool[value.cast<int64_t>()];
-        obj = t.defined() ? THPVariable_Wrap(t) : (Py_INCREF(Py_None), Py_None);
+        const int64_t place = value.cast<int64_t>();
+        const at::Tensor& t = pool[place];
+        PyObject* given = input(place);
+        obj = given != nullptr ? (Py_INCREF(given), given) : t.defined() ? THPVariable_Wrap(t) : (Py_INCREF(Py_None), Py_None);
         if (obj == nullptr) throw py::error_already_set();
       } else {
         obj = value.inc_ref().ptr();
