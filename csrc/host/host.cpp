@@ -169,9 +169,13 @@ class Program {
     pool.reserve(n_in + allocs_.size() + views_.size() + 4);
     for (Py_ssize_t i = 0; i < n_in; ++i) {
       PyObject* obj = PyTuple_GET_ITEM(tensors.ptr(), i);
-      const bool tensor = THPVariable_Check(obj);
-      if (!tensor && obj != Py_None && !PyFloat_Check(obj)) type_error("a program runs with tensors, floats or None");
-      pool.push_back(tensor ? THPVariable_Unpack(obj) : at::Tensor());
+      // (None and floats first: THPVariable_Check of another object is a full isinstance check)
+      if (obj == Py_None || PyFloat_Check(obj)) {
+        pool.emplace_back();
+        continue;
+      }
+      if (!THPVariable_Check(obj)) type_error("a program runs with tensors, floats or None");
+      pool.push_back(THPVariable_Unpack(obj));
     }
     // a step's argument at `place`: the input object itself where the pool holds no tensor there
     // (a call's scalar), else the tensor's device address (launches) or the tensor (op calls)
