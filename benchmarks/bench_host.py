@@ -323,6 +323,7 @@ def _accept_cpu_tensors():
         "local_response_norm_cuda": lambda x, *a: new(x.shape, x, cl(x)),
         "local_response_norm_backward_cuda": lambda g, x, *a: new(x.shape, x, cl(x)),
         "bn_finalize_cuda": lambda *a: None,
+        "bn_update_running_cuda": lambda *a: None,
         "bn_apply_cuda": lambda *a: None,
         "bn_backward_reduce_cuda": lambda g, out, y: torch.empty(
             (64, 2, y.shape[1]), dtype=torch.float64 if y.dtype == torch.float64 else torch.float32
