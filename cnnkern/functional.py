@@ -516,7 +516,7 @@ def _conv_bn_relu(
         if training and running_mean is not None:
             count = x.shape[0] * y.shape[2] * y.shape[3]
             _ops.conv_bn_relu.bn_update_running_stats(
-                running_mean, running_var, mean.detach(), var.detach(), count, float(momentum), name
+                running_mean, running_var, mean, var, count, float(momentum), name
             )
     else:
         w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)

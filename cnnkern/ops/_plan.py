@@ -343,9 +343,9 @@ class GradPlan:
     :class:`_Replayed`), or None (run the route). The replays and the formula's gradients are
     those of the call's tensors that are not None (``present`` picks them; a call key fixes
     which are None): autograd is passed no more arguments than it needs, and returns no more
-    outputs either: only the differentiable ones (``aux`` picks them from the pool, where the
-    op's ``setup_context`` marks others non-differentiable; those come back beside autograd, and
-    ``grads`` puts None in their place for the formula). ``backend``: the backend its op ran
+    outputs either: only the differentiable ones (``returns`` picks them from the pool, where
+    the op's ``setup_context`` marks others non-differentiable; those come back beside autograd,
+    and ``grads`` puts None in their place for the formula). ``backend``: the backend its op ran
     (every cnnkern op's last argument)."""
 
     __slots__ = (
@@ -360,7 +360,7 @@ class GradPlan:
         "present",
         "backend",
         "diff",
-        "aux",
+        "returns",
         "outs",
     )
 
@@ -370,7 +370,7 @@ class GradPlan:
             return None
         if self.present is not None:
             tensors = self.present(tensors)
-        if self.aux is None:
+        if self.returns is None:
             return _Replayed.apply((self, stream, None), *tensors)
         box = []
         _Replayed.apply((self, stream, box), *tensors)  # (the outputs autograd returns are the pool's tensors)
@@ -417,14 +417,14 @@ class _Replayed(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # (the gradients of outputs a formula ignores stay None)
         if box is not None:  # the non-differentiable outputs beside autograd
             box.append(pool)
-            return plan.aux(pool)
+            return plan.returns(pool)
         return tuple(pool[i] for i in plan.fwd.outs)
 
     @staticmethod
     def backward(ctx, *grads):
         plan = ctx.plan
         saved = ctx.saved_tensors
-        if plan.aux is not None:
+        if plan.returns is not None:
             grads = plan.grads(grads)
         if torch.is_grad_enabled():  # create_graph: the formula through the ops, which are differentiable
             return None, *plan.formula(saved, grads, False)
@@ -487,14 +487,14 @@ def _grad_plan(recorded, tensors, out):
     plan.bwd = {}
     plan.present = None if full else _pick(present)
     plan.backend = args[-1]
-    plan.aux = plan.diff = plan.outs = None
+    plan.returns = plan.diff = plan.outs = None
     non_diff = {id(t) for t in getattr(ctx, "non_differentiable", ())}
     if plan.out is None and non_diff:  # autograd returns only the differentiable outputs
         plan.diff = tuple(i for i, t in enumerate(outputs) if id(t) not in non_diff)
         if not plan.diff:
             return None
         places = [fwd.outs[i] for i in plan.diff]
-        plan.aux = _pick(places) if len(places) > 1 else operator.itemgetter(places[0])
+        plan.returns = _pick(places) if len(places) > 1 else operator.itemgetter(places[0])
         plan.outs = _pick(fwd.outs)
     return plan
 
