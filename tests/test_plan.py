@@ -7,6 +7,8 @@ nothing is planned (the launches are not direct); benchmarks/host/check_launches
 Triton replays' launch arguments under the stand-in driver (tests/test_host_cost.py).
 """
 
+import copy
+
 import pytest
 import torch
 from conftest import EMULATE_CUDA, HAS_CUDA
@@ -171,6 +173,29 @@ def test_folded_batchnorm_follows_its_tensors(planning, backend):
 @pytest.mark.gpu
 @pytest.mark.emulated
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_folded_batchnorm_sees_the_training_updates(planning, backend):
+    """A layer alternating between training steps that change only its running statistics (a
+    frozen layer, BatchNorm recalibration) and eval calls: each eval call folds the statistics
+    the training steps left, replayed or not."""
+    if backend not in BACKENDS:
+        pytest.skip(f"backend {backend!r} does not run compiled kernels here")
+    from cnnkern import nn as cnn
+
+    layer = cnn.ConvBNReLU2d(8, 12, 3, padding=1, backend=backend).to(DEVICE, memory_format=torch.channels_last)
+    ref = copy.deepcopy(torch.nn.Sequential(layer.conv, layer.bn, torch.nn.ReLU())).double()
+    with torch.no_grad():
+        for _ in range(4):
+            for mode in (False, True, True, True):
+                layer.train(mode), ref.train(mode)
+                x = _t(2, 8, 6, 6)
+                y, want = layer(x), ref(x.double())
+                assert rel_err(y, want) < TOL, mode
+                assert rel_err(layer.bn.running_mean, ref[1].running_mean) < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.emulated
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
 def test_replayed_training_steps_match_the_reference(planning, backend, grad):
     """conv_bn_relu in training, replayed: output, gradients, and the running statistics, which
@@ -187,9 +212,12 @@ def test_replayed_training_steps_match_the_reference(planning, backend, grad):
     for step in range(5):
         momentum = 1.0 / (step + 1)
         x = _t(2, 8, 6, 6, grad=grad)
+        versions = [t._version for t in stats]
         y = F.conv_bn_relu(
             x, w, None, *stats, gamma, beta, training=True, momentum=momentum, padding=1, backend=backend
         )
+        # updated in place, as PyTorch's in-place ops update: each version bumped, replayed or not
+        assert all(t._version > v for t, v in zip(stats, versions)), step
         args64 = [_f64(t) for t in (x, w, gamma, beta)]
         want = F.conv_bn_relu(
             args64[0],

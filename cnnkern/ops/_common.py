@@ -137,6 +137,15 @@ def new_workspace(shape, dtype: torch.dtype, device, zero: bool = False) -> torc
     return t
 
 
+def changed_in_place(*tensors: torch.Tensor) -> None:
+    """Bump the version counters of tensors a kernel wrote in place, as PyTorch's in-place ops do
+    (a folded BatchNorm, autograd's saved-tensor check and torch.compile's guards read them), and
+    record it: a replay bumps them too."""
+    torch._C._increment_version(tensors)
+    if RECORD is not None:
+        RECORD.add(("dirty", tensors))
+
+
 def in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``t`` (4-D) itself if it already has exactly the strides :func:`new_output` would give it
     (dense NCHW or channels_last), else a copy that does."""
@@ -152,11 +161,12 @@ def in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 class Recording(list):
     """The work of one call, in order, as a plan needs it: ``("launch", plan, args, grid)`` from the
-    Triton launchers (kernels/_launch.py), ``("alloc", tensor, zeroed)`` for each output or
-    workspace, ``("call", op, args, result)`` for each CUDA C++ op, ``("op", op, args, result)``
-    for the registered op the call ran, ``("miss",)`` for a compilation or a timing that the next
-    call will not repeat, and ``("never",)`` for work a plan cannot replay. Entries
-    from another thread than the recording one (which would interleave) spoil the recording."""
+        Triton launchers (kernels/_launch.py), ``("alloc", tensor, zeroed)`` for each output or
+        workspace, ``("call", op, args, result)`` for each CUDA C++ op, ``("op", op, args, result)``
+        for the registered op the call ran, ``("dirty", tensors)`` for inputs written in place (their
+    versions bumped), ``("miss",)`` for a compilation or a timing that the next
+        call will not repeat, and ``("never",)`` for work a plan cannot replay. Entries
+        from another thread than the recording one (which would interleave) spoil the recording."""
 
     def __init__(self):
         super().__init__()

@@ -55,6 +55,7 @@ else:
 _Tensor = torch.Tensor
 _empty_strided = torch.empty_strided
 _as_strided = torch.as_strided
+_increment_version = torch._C._increment_version
 # what eager() reads (torch.compile recognises torch.compiler.is_compiling by the function itself)
 _is_compiling = torch.compiler.is_compiling
 _torch_function_modes = torch._C._is_torch_function_mode_enabled
@@ -130,6 +131,7 @@ class Replay:
         "allocs",
         "views",
         "steps",
+        "dirty",
         "outs",
         "program",
         "kernel_device",
@@ -174,6 +176,8 @@ class Replay:
                     pool.append(out)
                 elif n_out:
                     pool.extend(out)
+        if self.dirty:  # inputs the work wrote in place: their versions bumped, as the route bumps them
+            _increment_version([pool[i] for i in self.dirty])
         return pool
 
 
@@ -206,6 +210,14 @@ def build(recorded, inputs, outputs):
             index[id(t)] = len(pool)
         pool.append(t)
     scalars = {id(t) for t in inputs if type(t) is float}
+    dirty = []  # the places of the inputs the work writes in place
+    for e in recorded:
+        if e[0] == "dirty":
+            for t in e[1]:
+                i = index.get(id(t))
+                if i is None or id(t) in scalars:
+                    return None  # (a tensor the call did not pass)
+                dirty.append(i)
     # what the work and the outputs use: by identity, or (a view) through a storage
     used = [a for e in work for a in e[2] if isinstance(a, _Tensor)] + [t for t in outputs if t is not None]
     used_ids = {id(t) for t in used}
@@ -297,8 +309,8 @@ def build(recorded, inputs, outputs):
             return None
         outs.append(i)
     r = Replay()
-    r.allocs, r.views, r.steps, r.outs = tuple(allocs), tuple(views), tuple(steps), tuple(outs)
-    r.program = None if _host is None else _host.bind(_host.Program(r.allocs, r.views, r.steps))
+    r.allocs, r.views, r.steps, r.dirty, r.outs = tuple(allocs), tuple(views), tuple(steps), tuple(dirty), tuple(outs)
+    r.program = None if _host is None else _host.bind(_host.Program(r.allocs, r.views, r.steps, r.dirty))
     r.kernel_device = r.get_device = r.get_stream = r.hooks_active = None
     if first is not None:
         launch = sys.modules["cnnkern.kernels._launch"]

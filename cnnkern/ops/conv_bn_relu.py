@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op
 
-from ._common import cuda_ops, in_layout, new_output, new_workspace, record_miss, register_autograd
+from ._common import changed_in_place, cuda_ops, in_layout, new_output, new_workspace, record_miss, register_autograd
 from .conv2d import (
     TRITON_SPLITS,
     _check_backend,
@@ -113,12 +113,13 @@ def update_running_stats(
     var * unbias (count / (count - 1)): one launch of the backend's kernel, ``momentum`` and
     ``unbias`` passed on as given (a planned update passes its own: cnnkern/functional.py).
     ``mean`` and ``var`` are the training op's (K,) statistics; the running ones any float
-    dtype and stride."""
+    dtype and stride. Their versions are bumped, as an in-place PyTorch op bumps them."""
     if backend == "cuda":
         cuda_ops().bn_update_running_cuda(running_mean, running_var, mean, var, unbias, momentum)
     else:
         _check_backend(backend)
         _kernels()[1].bn_update_running(running_mean, running_var, mean, var, momentum, unbias)
+    changed_in_place(running_mean, running_var)
 
 
 @custom_op("cnnkern::bn_update_running_stats", mutates_args=("running_mean", "running_var"))

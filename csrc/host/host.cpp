@@ -124,9 +124,11 @@ std::vector<int64_t> int_list(py::handle h) {
 class Program {
  public:
   // allocs: ((sizes, strides, dtype, device, zero), ...); views: ((base, sizes, strides, delta), ...);
-  // steps: (0 | 1, fn, head, tensor places, tail, ...) or (2, op, ((is_place, value), ...), n_out)
-  // (cnnkern/ops/_plan.py: build; the Python replay keeps a picker after the tail).
-  Program(py::sequence allocs, py::sequence views, py::sequence steps) {
+  // steps: (0 | 1, fn, head, tensor places, tail, ...) or (2, op, ((is_place, value), ...), n_out);
+  // dirty: the places of the inputs the steps write in place (cnnkern/ops/_plan.py: build; the
+  // Python replay keeps a picker after the tail).
+  Program(py::sequence allocs, py::sequence views, py::sequence steps, py::sequence dirty) {
+    dirty_ = int_list(dirty);
     for (auto a : allocs) {
       auto t = a.cast<py::tuple>();
       Alloc al;
@@ -231,6 +233,10 @@ class Program {
       if (r == nullptr) throw py::error_already_set();
       Py_DECREF(r);
     }
+    // inputs written in place: their versions bumped, as PyTorch's in-place ops (and the route) do
+    for (int64_t place : dirty_) {
+      if (!pool[place].is_inference()) torch::autograd::impl::bump_version(pool[place]);
+    }
     py::list out(pool.size());
     for (size_t i = 0; i < pool.size(); ++i) {
       PyObject* obj = i < static_cast<size_t>(n_in) ? PyTuple_GET_ITEM(tensors.ptr(), i) : nullptr;
@@ -280,6 +286,7 @@ class Program {
   std::vector<Alloc> allocs_;
   std::vector<View> views_;
   std::vector<Step> steps_;
+  std::vector<int64_t> dirty_;
 };
 
 // program.run(tensors, stream), bound to one program (bind()): a fast call on the warm path.
@@ -314,7 +321,8 @@ PYBIND11_MODULE(_host, m) {
       "The two tensor classes tensors_key plans for: torch.Tensor and torch.nn.Parameter.");
   m.add_object("tensors_key", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&g_tensors_key_def, nullptr, nullptr)));
   py::class_<Program>(m, "Program")
-      .def(py::init<py::sequence, py::sequence, py::sequence>());
+      .def(py::init<py::sequence, py::sequence, py::sequence, py::sequence>(), py::arg("allocs"), py::arg("views"),
+           py::arg("steps"), py::arg("dirty") = py::tuple());
   m.def(
       "bind",
       [](py::object program) {
