@@ -161,12 +161,12 @@ def in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 class Recording(list):
     """The work of one call, in order, as a plan needs it: ``("launch", plan, args, grid)`` from the
-        Triton launchers (kernels/_launch.py), ``("alloc", tensor, zeroed)`` for each output or
-        workspace, ``("call", op, args, result)`` for each CUDA C++ op, ``("op", op, args, result)``
-        for the registered op the call ran, ``("dirty", tensors)`` for inputs written in place (their
-    versions bumped), ``("miss",)`` for a compilation or a timing that the next
-        call will not repeat, and ``("never",)`` for work a plan cannot replay. Entries
-        from another thread than the recording one (which would interleave) spoil the recording."""
+    Triton launchers (kernels/_launch.py), ``("alloc", tensor, zeroed)`` for each output or
+    workspace, ``("call", op, args, result)`` for each CUDA C++ op, ``("op", op, args, result)``
+    for the registered op the call ran, ``("dirty", tensors)`` for inputs written in place (their
+    versions bumped), ``("miss",)`` for a compilation or a timing that the next call will not
+    repeat, and ``("never",)`` for work a plan cannot replay. Entries from another thread than
+    the recording one (which would interleave) spoil the recording."""
 
     def __init__(self):
         super().__init__()
