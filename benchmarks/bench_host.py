@@ -82,9 +82,7 @@ BUDGETS = {
     "local_response_norm_fwd[triton]": 60_000,
     "conv_bn_relu_eval[triton]": 100_000,
     "nn.ConvBNReLU2d_eval[triton]": 110_000,
-    # the target not met (docs/performance.md says why): a training step adds autograd over three
-    # parameters, eighteen allocations and ten launches through Triton's launcher
-    "conv_bn_relu_train_step[triton]": 600_000,
+    "conv_bn_relu_train_step[triton]": 500_000,
     "conv2d_inference[cuda]": 100_000,
     "conv2d_fwd_bwd[cuda]": 430_000,
 }

@@ -325,11 +325,16 @@ def _conv_bn_relu_train(
     relu,
     backend,
 ):
-    """conv_bn_relu in training (no residual): the convolution with its statistics and the
-    normalisation planned as one op call (the momentum, which may change from call to call, is
-    not part of the key), then the running statistics updated."""
-    key = plan = outs = None
+    """conv_bn_relu in training (no residual): the convolution with its statistics, the
+    normalisation and the running statistics' update planned as one op call. The momentum, which
+    may change from call to call (a cumulative average), is the call's scalar: not part of the
+    key, passed to the replayed update as it is."""
+    key = plan = None
+    # a new float object: a plan finds a call's scalar by identity (cnnkern/ops/_plan.py: build)
+    m = float(momentum) * 1.0 if running_mean is not None and type(momentum) in (float, int) else None
     try:
+        if running_mean is not None and m is None:
+            raise TypeError  # (a momentum of another type: a plan would keep its value)
         key = (
             "conv_bn_relu_train",
             _plan.tensors_key(input, weight, bias, running_mean, running_var, bn_weight, bn_bias),
@@ -348,63 +353,45 @@ def _conv_bn_relu_train(
         plan = _plan.PLANS.get(key)
     except (AttributeError, TypeError):  # the full path says what is wrong
         key = None
-    tensors = (input, weight, bias, bn_weight, bn_bias)
-    name = None  # the backend the statistics came from, which updates the running ones
+    tensors = (input, weight, bias, bn_weight, bn_bias, running_mean, running_var, m)
     if plan is not None:
         outs = plan(*tensors)
-        name = plan.backend
-    if outs is None:
-        outs = _plan.run_and_plan(
-            key,
-            lambda: _conv_bn_relu(
-                input,
-                weight,
-                bias,
-                running_mean,
-                running_var,
-                bn_weight,
-                bn_bias,
-                True,
-                momentum,
-                eps,
-                stride,
-                padding,
-                dilation,
-                groups,
-                relu,
-                None,
-                backend,
-                update=False,
-            ),
-            tensors,
+        if outs is not None:
+            return outs[0]
+
+    def full():
+        outs = _conv_bn_relu(
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            bn_weight,
+            bn_bias,
+            True,
+            momentum,
+            eps,
+            stride,
+            padding,
+            dilation,
+            groups,
+            relu,
+            None,
+            backend,
+            update=False,
         )
-    if type(outs) is not tuple:  # (a path without the kernels' op: finished, statistics updated)
-        return outs
-    y, _, mean, _, var = outs
-    if running_mean is not None:
-        if name is None:
+        if type(outs) is tuple and running_mean is not None:  # (other paths update the statistics themselves)
+            y, _, mean, _, var = outs
+            count = y.shape[-2] * y.shape[-1] * (y.shape[0] if y.dim() == 4 else 1)
             name = _backend.resolve("conv_bn_relu", backend, input.device)
-        count = y.shape[-2] * y.shape[-1] * (y.shape[0] if y.dim() == 4 else 1)
-        _update_running(running_mean, running_var, mean, var, count, momentum, name)  # (not differentiable)
-    return y
+            momentum_ = float(momentum) if m is None else m
+            _ops.conv_bn_relu.update_running_stats(
+                running_mean, running_var, mean, var, momentum_, count / (count - 1), name
+            )
+        return outs
 
-
-def _update_running(running_mean, running_var, mean, var, count, momentum, backend):
-    """The running statistics updated in place from a training call's batch statistics (one
-    launch), planned like an op call: the momentum and the variance's count / (count - 1) are the
-    call's scalars, passed to the replayed launch on every call (the momentum may change from
-    call to call: a cumulative average)."""
-    # two new float objects: a plan finds a call's scalars by identity (cnnkern/ops/_plan.py: build)
-    args = (running_mean, running_var, mean, var, float(momentum) * 1.0, count / (count - 1))
-    key = plan = None
-    try:
-        key = ("bn_update_running", _plan.tensors_key(running_mean, running_var, mean, var), backend)
-        plan = _plan.PLANS.get(key)
-    except TypeError:  # (a tensor subclass: the kernel launched without a plan)
-        key = None
-    if plan is not None and plan(*args) is not None:
-        return
-    _plan.run_and_plan(key, lambda: _ops.conv_bn_relu.update_running_stats(*args, backend), args)
+    outs = _plan.run_and_plan(key, full, tensors)
+    return outs[0] if type(outs) is tuple else outs
 
 
 def _conv_bn_relu(

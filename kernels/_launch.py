@@ -55,7 +55,7 @@ class Plan:
     returns True, or returns False, launching nothing, when the current device is not the one
     the kernel was loaded on (then Triton's own path loads it there)."""
 
-    __slots__ = ("run", "direct", "function", "metadata", "grid", "tail", "device", "get_device", "get_stream")
+    __slots__ = ("run", "direct", "types", "function", "metadata", "grid", "tail", "device", "get_device", "get_stream")
 
     def __init__(self, compiled, grid, tail):
         self.run = run = compiled.run  # Triton's launcher (the compiled kernel is loaded by now)
@@ -79,6 +79,11 @@ class Plan:
                 run.arg_annotations,
                 run.kernel_signature,
             )
+        # the type of each parameter ("constexpr" for one compiled in, a specialised 1 among them):
+        # what a replay in C++ needs to pack the arguments itself (cnnkern/ops/_plan.py: native)
+        src = getattr(compiled, "src", None)
+        types = tuple(getattr(src, "signature", {}).values())
+        self.types = types if self.direct is not None and all(type(t) is str for t in types) else None
         self.function = compiled.function
         self.metadata = compiled.packed_metadata
         self.grid = grid

@@ -106,3 +106,60 @@ def test_program_passes_a_calls_scalars_as_they_are():
         pool = run((x, momentum), 7)
         assert seen[-1] == (1, 2, 3, 7, "fn", "meta", None, None, None, x.data_ptr(), momentum, "tail")
         assert pool[1] is momentum and torch.equal(pool[2], x * momentum)
+
+
+def test_program_bumps_the_versions_of_its_dirty_inputs():
+    """Inputs a program's work writes in place (running statistics) have their versions bumped on
+    every run, as PyTorch's in-place ops bump them; a tensor made in inference mode has none."""
+    x, y = torch.zeros(3), torch.zeros(3)
+    run = host.bind(host.Program((), (), (), (0,)))
+    before = (x._version, y._version)
+    run((x, y), None)
+    run((x, y), None)
+    assert (x._version, y._version) == (before[0] + 2, before[1])
+    with torch.inference_mode():
+        z = torch.zeros(3)
+    run((z, y), None)  # (no version to bump, and no error)
+
+
+def _fake_plan(types, sig, metadata=(4, 1, 1024), coop=False, pdl=False):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        types=types, metadata=metadata, function=0x1234, direct=("launch", coop, pdl, "annotations", bytes(sig))
+    )
+
+
+def test_native_launch_packs_parameters_as_tritons_launcher():
+    """A replayed Triton launch made in C++ gets its parameters packed here as Triton's C launcher
+    packs them: 8 bytes a parameter, each scalar in its type's bytes, constexprs left out, the two
+    scratch pointers null at the end; the tensors and the call's floats patched in on each run.
+    (benchmarks/host/check_launches.py compares whole launches with Triton's under the stand-in.)"""
+    import struct
+
+    types = ("*fp32", "fp64", "i32", "constexpr", "fp32", "i64", "*fp32", "i1", "u8")
+    sig = [1, 13, 4, 12, 5, 1, 4, 6]
+    plan = _fake_plan(types, sig)
+    tail = (-3, 1, 0.5, 2**40 + 5, None, True, 300)
+    native = _plan._native(plan, (7, 2, 1), (0, 1), tail, {1})
+    slots = [
+        bytes(8),  # the tensor: patched
+        bytes(8),  # the call's float: patched
+        (2**32 - 3).to_bytes(4, "little"),
+        struct.pack("<f", 0.5),
+        (2**40 + 5).to_bytes(8, "little"),
+        bytes(8),  # a null pointer
+        (1).to_bytes(4, "little"),
+        (300 & 255).to_bytes(1, "little"),
+        bytes(8),
+        bytes(8),  # Triton's scratch pointers
+    ]
+    assert native == (0x1234, 7, 2, 1, 128, 1024, b"".join(s.ljust(8, b"\0") for s in slots), ((0, 0, 0), (1, 1, 2)))
+    # what Triton's launcher must launch itself
+    assert _plan._native(_fake_plan(types, sig, metadata=(4, 2, 1024)), (7, 2, 1), (0, 1), tail, {1}) is None
+    assert _plan._native(_fake_plan(types, sig, pdl=True), (7, 2, 1), (0, 1), tail, {1}) is None
+    assert _plan._native(_fake_plan(types, sig[:-1] + [8]), (7, 2, 1), (0, 1), tail, {1}) is None
+    half = ("*fp16", "fp16")
+    assert _plan._native(_fake_plan(half, [1, 10]), (1, 1, 1), (0,), (1.0,), set()) is None
+    assert _plan._native(plan, (7, 2, 1), (0, 1), tail, {0, 1}) is None  # a float where a pointer goes
+    assert _plan._native(_fake_plan(None, sig), (7, 2, 1), (0, 1), tail, {1}) is None

@@ -242,11 +242,17 @@ def test_replayed_training_steps_match_the_reference(planning, backend, grad):
             for a, e in zip(got, exp):
                 assert rel_err(a, e) < TOL
     plans = {key[0]: p for key, p in planning.PLANS.items() if p is not None}
-    assert set(plans) == {"conv_bn_relu_train", "bn_update_running"}
-    train, update = plans["conv_bn_relu_train"], plans["bn_update_running"]
+    assert set(plans) == {"conv_bn_relu_train"}
+    train = plans["conv_bn_relu_train"]
     if grad:
         assert isinstance(train, _plan.GradPlan) and train.bwd and kinds[-1] == "_ReplayedBackward", kinds
+        replay = train.fwd
     else:
         assert isinstance(train, _plan.OpPlan)
-    # the update, one launch, replayed with each call's momentum (the statistics above match)
-    assert isinstance(update, _plan.OpPlan) and len(update.replay.steps) == 1 and train.backend == backend
+        replay = train.replay
+    # the update replayed in the same plan, the last step, with each call's momentum (the
+    # statistics above match): the statistics' places are the plan's dirty inputs
+    assert train.backend == backend and len(replay.dirty) == 2
+    last = replay.steps[-1]
+    update_places = last[3] if last[0] != 2 else [v for is_place, v in last[2] if is_place]
+    assert set(replay.dirty) <= set(update_places)

@@ -1,21 +1,27 @@
-"""Checks, under the stand-in driver, that a warm call's direct launches (kernels/_launch.py and
-cnnkern/ops/_plan.py) pass Triton's C launcher exactly what Triton's own path passes.
+"""Checks, under the stand-in driver, that a warm call's launches (kernels/_launch.py and
+cnnkern/ops/_plan.py: replays in C++, which launch through the driver themselves, and in Python,
+through Triton's C launcher) give the driver exactly what Triton's own path gives it.
 
 Run by tests/test_host_cost.py in a child process that benchmarks/bench_host.py prepares. For each
-call: warm it (plans made), record the launches of one warm call, then install a Triton launch
-hook (which sends every launch through Triton's own JIT path) and record the same call again.
-The two records must match launch for launch: grid, function, flags, metadata, signature, and
-every argument (tensors by memory address: which of the call's inputs, or which other buffer).
-Prints one line per call and exits non-zero on a mismatch.
+call: warm it (plans made), record the driver's launches of one warm call, then install a Triton
+launch hook (which sends every launch through Triton's own JIT path and its launcher) and record
+the same call again. The two records must match launch for launch: function, grid, block, shared
+memory, stream, launch attributes, and every parameter's bytes (as many as its type takes), a
+pointer named by what it points to (which of the call's inputs, or which other buffer). Prints
+one line per call and exits non-zero on a mismatch.
 """
 
 from __future__ import annotations
 
+import ctypes
 import sys
 
 from benchmarks import bench_host
 
-LOG: list = []
+LOG: list = []  # the pools of the replays (their buffers kept alive), and the calls of Triton's C launcher
+
+# the bytes of a parameter of each type Triton's C launcher packs (its signature bytes: 1 a pointer)
+_SIZES = {1: 8, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 2, 8: 4, 9: 8, 10: 2, 11: 2, 12: 4, 13: 8}
 
 
 def _record(real):
@@ -26,55 +32,86 @@ def _record(real):
     return launch
 
 
-def _norm(records, inputs, pointers):
-    """The launches with each tensor argument named by its memory address: the call's input i
-    ("in", i), or the j-th other address the launches touch, in order of first use ("t", j), so
-    that a launch given the wrong tensor (an input for another, one workspace for another)
-    differs. ``pointers[k]`` holds the argument places of launch k that take a tensor on Triton's
-    own path; a planned call's replay passes the same tensors there as device addresses (ints)."""
-    import torch
+class _Driver:
+    """The stand-in driver's launch record: each launch's function, grid, block, shared memory,
+    stream, number of launch attributes and parameters (those of the functions given sizes)."""
 
+    def __init__(self, lib):
+        self.lib = lib
+        lib.cnnkern_stub_recorded.restype = ctypes.c_ulong
+        lib.cnnkern_stub_recorded.argtypes = [ctypes.POINTER(ctypes.POINTER(ctypes.c_ulonglong))]
+        lib.cnnkern_stub_param_sizes.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]
+        self.pointers: dict = {}  # function -> its pointer parameters' places
+
+    def know(self, plans) -> None:
+        """Give the driver the parameter sizes of the kernels of ``plans`` (kernels/_launch.py)."""
+        for plan in plans:
+            if plan.direct is None or plan.function in self.pointers:
+                continue
+            sig = list(plan.direct[4]) + [1, 1]  # (Triton's two scratch pointers)
+            sizes = bytes(_SIZES[t] for t in sig)
+            if self.lib.cnnkern_stub_param_sizes(plan.function, len(sizes), sizes) != 0:
+                raise SystemExit("check_launches: the stand-in driver keeps no more kernels")
+            self.pointers[plan.function] = {i for i, t in enumerate(sig) if t == 1}
+
+    def start(self) -> None:
+        self.lib.cnnkern_stub_record(1)
+
+    def stop(self) -> list:
+        words = ctypes.POINTER(ctypes.c_ulonglong)()
+        n = self.lib.cnnkern_stub_recorded(ctypes.byref(words))
+        self.lib.cnnkern_stub_record(0)
+        if n == 0:
+            return []
+        w, out, i = words[:n], [], 0
+        while i < n:
+            count = w[i + 10]
+            out.append((tuple(w[i : i + 10]), tuple(w[i + 11 : i + 11 + count])))
+            i += 11 + count
+        return out
+
+
+def _norm(launches, inputs, pointers):
+    """The launches with each pointer parameter named by its address: the call's input i
+    ("in", i), null, or the j-th other address the launches pass, in order of first use ("t", j),
+    so that a launch given the wrong tensor (an input for another, one workspace for another)
+    differs."""
     names = {t.data_ptr(): ("in", i) for i, t in enumerate(inputs)}
+    names[0] = ("null",)
     out = []
-    for a, places in zip(records, pointers):
-        args = []
-        for i, v in enumerate(a[15]):
-            if i in places:
-                address = v.data_ptr() if isinstance(v, torch.Tensor) else v
-                v = ("pointer", names.setdefault(address, ("t", len(names))))
-            elif isinstance(v, torch.Tensor):
-                v = ("unexpected tensor", tuple(v.shape))
-            args.append(v)
-        out.append((a[0], a[1], a[2], a[4], a[5], a[6], a[7], id(a[13]), bytes(a[14]), tuple(args)))
+    for config, params in launches:
+        places = pointers.get(config[0], set())
+        named = tuple(
+            ("pointer", names.setdefault(v, ("t", len(names)))) if k in places else v for k, v in enumerate(params)
+        )
+        out.append((config, named))
     return out
 
 
-def _tensor_places(records):
-    import torch
-
-    return [{i for i, v in enumerate(a[15]) if isinstance(v, torch.Tensor)} for a in records]
-
-
-def _keep_replayed_buffers():
+def _keep_replayed_buffers(lib):
     """Keep every tensor a planned call's replay makes alive until LOG is cleared: the replay
-    passes its launches addresses, so LOG alone does not hold the buffers, and a buffer freed
-    within the call could lend its address to a later one (then one name would mean two). The
-    pool a replay returns (C++ or Python) holds all of them."""
+    passes its launches addresses, so the record alone does not hold the buffers, and a buffer
+    freed within the call could lend its address to a later one (then one name would mean two).
+    The pool a replay returns (C++ or Python) holds all of them. Each replay's entry says how
+    many launches it made, and how many of them through Triton's C launcher."""
     from cnnkern.ops import _plan
 
     run = _plan.Replay.__call__
 
     def replay(self, *a, **k):
+        before, logged = lib.cnnkern_stub_launches(), len(LOG)
         pool = run(self, *a, **k)
         if pool is not None:
-            LOG.append(pool)
+            through = sum(type(e) is tuple for e in LOG[logged:])
+            LOG.append({"pool": pool, "launches": lib.cnnkern_stub_launches() - before, "c_launcher": through})
         return pool
 
     _plan.Replay.__call__ = replay
 
 
 def main() -> int:
-    bench_host._install_stand_in()
+    lib = bench_host._install_stand_in()
+    driver = _Driver(lib)
     import triton
 
     utils = triton.runtime.driver.active.utils
@@ -149,10 +186,15 @@ def main() -> int:
             lambda: torch.autograd.grad(cbr(xg).sum(), [xg, *cbr.parameters()]),
             (xg, *cbr.parameters()),
         ),
+        "conv-BN-ReLU training step, dense gradient": (
+            lambda: torch.autograd.grad(cbr(xg), [xg, *cbr.parameters()], gy1),
+            (xg, *cbr.parameters(), gy1),
+        ),
     }
-    _keep_replayed_buffers()
+    _keep_replayed_buffers(lib)
     hook = lambda *a, **k: None  # noqa: E731
     bad = 0
+    from cnnkern.kernels import _launch
     from cnnkern.ops import _plan
 
     # the replays in C++ (cnnkern._host, where built) and in Python: the plans made again for each
@@ -163,26 +205,33 @@ def main() -> int:
         for name, (call, inputs) in calls.items():
             for _ in range(3):
                 call()
+            driver.know(_launch.PLANS.values())
             LOG.clear()
+            driver.start()
             call()
-            fast_log = [a for a in LOG if type(a) is tuple]
-            fast_pools = list(LOG)
+            fast = driver.stop()
+            replays = [e for e in LOG if type(e) is dict]  # the warm call's replays
+            in_replays = sum(e["launches"] for e in replays)
+            through = sum(e["c_launcher"] for e in replays)  # replayed launches through Triton's C launcher
             triton.knobs.runtime.launch_enter_hook.add(hook)
-            LOG.clear()
+            driver.start()
             call()
-            slow_log = [a for a in LOG if type(a) is tuple]
+            slow = driver.stop()
             triton.knobs.runtime.launch_enter_hook.remove(hook)
-            places = _tensor_places(slow_log)
-            fast, slow = _norm(fast_log, inputs, places), _norm(slow_log, inputs, places)
-            replayed = sum(type(a) is list for a in fast_pools)  # the warm call's replays (a pool each)
-            ok = fast == slow and len(fast) > 0 and len(fast_log) == len(slow_log) and replayed > 0
+            fast_n, slow_n = _norm(fast, inputs, driver.pointers), _norm(slow, inputs, driver.pointers)
+            # the C++ replays launch through the driver themselves where Triton's launcher is its C
+            # function (Triton >= 3.7), the Python ones through that C function
+            direct = all(p.direct is not None for p in _launch.PLANS.values())
+            want = 0 if executor == "C++" and direct else in_replays
+            ok = fast_n == slow_n and len(fast) > 0 and replays and through == want
             bad += not ok
             print(
-                f"{'ok' if ok else 'MISMATCH'}: {name} ({executor} replay): {len(fast)} launches direct "
-                f"({replayed} replays), {len(slow)} through Triton"
+                f"{'ok' if ok else 'MISMATCH'}: {name} ({executor} replay): {len(fast)} launches, {in_replays} "
+                f"replayed ({len(replays)} replays; {in_replays - through} by the replay itself), "
+                f"{len(slow)} through Triton"
             )
             if not ok:
-                print("  direct:", fast, "\n  triton:", slow)
+                print("  replay:", fast_n, "\n  triton:", slow_n)
     return 1 if bad else 0
 
 

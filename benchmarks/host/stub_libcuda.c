@@ -2,8 +2,11 @@
  *
  * It defines the driver entry points that Triton's launcher and runtime call (cuda.h's own
  * prototypes, so the versioned names match). Every call succeeds; a kernel launch runs nothing
- * and only counts itself (cnnkern_stub_launches). The device it reports is H100-like: compute
- * capability 9.0, 132 SMs, 227 KiB of shared memory per block.
+ * and only counts itself (cnnkern_stub_launches), and, while recording is on, keeps what the
+ * driver would have been given (cnnkern_stub_record): benchmarks/host/check_launches.py compares
+ * the launches of cnnkern's replays with Triton's own. Each function looked up gets a handle of
+ * its own. The device it reports is H100-like: compute capability 9.0, 132 SMs, 227 KiB of
+ * shared memory per block.
  *
  * It refuses to load on a machine with an NVIDIA GPU driver (/proc/driver/nvidia), so it can never
  * shadow a real driver. benchmarks/bench_host.py builds it with gcc and loads it in a child process
@@ -22,7 +25,9 @@
 #endif
 
 static unsigned long long launches;
-static int fake_object;  /* the address handed out as context, module and function */
+static int fake_object;  /* the address handed out as context and module */
+static char functions[1 << 16];  /* a function's handle: an address in here, one per lookup */
+static unsigned long functions_used;
 
 __attribute__((constructor)) static void refuse_real_gpu(void) {
   if (access("/proc/driver/nvidia", F_OK) == 0) {
@@ -97,7 +102,7 @@ CUresult CUDAAPI cuModuleLoadData(CUmodule *m, const void *image) {
 CUresult CUDAAPI cuModuleUnload(CUmodule m) { (void)m; return CUDA_SUCCESS; }
 CUresult CUDAAPI cuModuleGetFunction(CUfunction *f, CUmodule m, const char *name) {
   (void)m; (void)name;
-  *f = (CUfunction)&fake_object;
+  *f = (CUfunction)&functions[functions_used++ % sizeof functions];
   return CUDA_SUCCESS;
 }
 CUresult CUDAAPI cuFuncGetAttribute(int *pi, CUfunction_attribute attrib, CUfunction f) {
@@ -132,17 +137,81 @@ CUresult CUDAAPI cuOccupancyMaxActiveClusters(int *n, CUfunction f, const CUlaun
   return CUDA_SUCCESS;
 }
 
+/* The launch record. A record is, as 64-bit words: function, grid x, y, z, block x, y, z, shared
+ * memory bytes, stream, the number of launch attributes, then the parameters, each read with the
+ * size cnnkern_stub_param_sizes gave for the function (none for a function it was not given). */
+#define RECORD_WORDS (1 << 16)
+#define MAX_PARAMS 64
+#define MAX_SIZED 4096
+static int recording;
+static unsigned long long record[RECORD_WORDS];
+static unsigned long record_used, record_lost;
+static struct {
+  CUfunction f;
+  int n;
+  unsigned char size[MAX_PARAMS];
+} sized[MAX_SIZED];
+static int n_sized;
+
+void cnnkern_stub_record(int on) {
+  recording = on;
+  record_used = record_lost = 0;
+}
+unsigned long cnnkern_stub_recorded(const unsigned long long **words) {
+  *words = record;
+  return record_lost ? 0 : record_used;
+}
+int cnnkern_stub_param_sizes(CUfunction f, int n, const unsigned char *sizes) {
+  if (n > MAX_PARAMS) return -1;
+  int i = 0;
+  while (i < n_sized && sized[i].f != f) i++;
+  if (i == n_sized) {
+    if (n_sized == MAX_SIZED) return -1;
+    n_sized++;
+  }
+  sized[i].f = f;
+  sized[i].n = n;
+  memcpy(sized[i].size, sizes, (size_t)n);
+  return 0;
+}
+
+static void keep(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                 unsigned smem, CUstream stream, unsigned n_attrs, void **params) {
+  int s = 0;
+  while (s < n_sized && sized[s].f != f) s++;
+  int n = s < n_sized ? sized[s].n : 0;
+  if (record_used + 11 + (unsigned long)n > RECORD_WORDS) {
+    record_lost = 1;
+    return;
+  }
+  unsigned long long *r = &record[record_used];
+  r[0] = (unsigned long long)(size_t)f;
+  r[1] = gx, r[2] = gy, r[3] = gz, r[4] = bx, r[5] = by, r[6] = bz, r[7] = smem;
+  r[8] = (unsigned long long)(size_t)stream;
+  r[9] = n_attrs;
+  r[10] = (unsigned long long)n;
+  for (int i = 0; i < n; i++) {
+    unsigned long long v = 0;
+    memcpy(&v, params[i], sized[s].size[i]);
+    r[11 + i] = v;
+  }
+  record_used += 11 + (unsigned long)n;
+}
+
 CUresult CUDAAPI cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {
-  (void)config; (void)f; (void)params; (void)extra;
+  (void)extra;
   launches++;
+  if (recording)
+    keep(f, config->gridDimX, config->gridDimY, config->gridDimZ, config->blockDimX, config->blockDimY,
+         config->blockDimZ, config->sharedMemBytes, config->hStream, config->numAttrs, params);
   return CUDA_SUCCESS;
 }
 CUresult CUDAAPI cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
                                 unsigned int by, unsigned int bz, unsigned int smem, CUstream stream, void **params,
                                 void **extra) {
-  (void)f; (void)gx; (void)gy; (void)gz; (void)bx; (void)by; (void)bz; (void)smem; (void)stream; (void)params;
   (void)extra;
   launches++;
+  if (recording) keep(f, gx, gy, gz, bx, by, bz, smem, stream, 0, params);
   return CUDA_SUCCESS;
 }
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import operator
 import os
+import struct
 import sys
 import warnings
 import weakref
@@ -164,10 +165,10 @@ class Replay:
             pool.append(_as_strided(b, size, stride, b.storage_offset() + delta))
         for step in self.steps:
             if step[0] == 0:  # the C launcher: the stream fourth, the kernel's arguments in one tuple
-                _, fn, head, _, tail, pick = step
+                fn, head, tail, pick = step[1], step[2], step[4], step[5]
                 fn(head[0], head[1], head[2], stream, *head[3:], (*pick(pool), *tail))
             elif step[0] == 1:  # the launcher object: the kernel's arguments spread
-                _, fn, head, _, tail, pick = step
+                fn, head, tail, pick = step[1], step[2], step[4], step[5]
                 fn(head[0], head[1], head[2], stream, *head[3:], *pick(pool), *tail)
             else:  # a CUDA C++ op: (2, op, args with pool indices, number of tensors it returns)
                 _, op, spec, n_out = step
@@ -186,6 +187,77 @@ _RETRY = object()
 
 def _storage(t: _Tensor) -> int:
     return t.untyped_storage().data_ptr()
+
+
+# Triton's C launcher (Triton >= 3.7): the extractor of each parameter type, as its signature
+# bytes name them, and the bytes a scalar of the type takes ("*..." pointers: 1, 8 bytes)
+_EXTRACTORS = {
+    "i1": (4, 4),
+    "i8": (2, 1),
+    "i16": (3, 2),
+    "i32": (4, 4),
+    "i64": (5, 8),
+    "u1": (8, 4),
+    "u8": (6, 1),
+    "u16": (7, 2),
+    "u32": (8, 4),
+    "u64": (9, 8),
+    "fp32": (12, 4),
+    "fp64": (13, 8),
+}
+
+
+def _native(plan, grid, places, tail, scalar_places):
+    """A launch that cnnkern._host makes through the driver itself (cuLaunchKernel), its
+    parameters packed here as Triton's C launcher packs them: (function, grid x, y, z, threads
+    per block, shared memory bytes, the parameters (8 bytes each, constants in place, then
+    Triton's two scratch pointers, null), ((parameter, pool place, 0: a tensor's address | 1:
+    a call's float as fp32 | 2: as fp64), ...)). None where Triton's C launcher must launch it:
+    launch attributes (clusters, cooperative grid, PDL, oversized shared memory), types it packs
+    otherwise (fp16, bf16, descriptors, tuples), or a signature that differs from its own."""
+    types = plan.types
+    if types is None or len(types) != len(places) + len(tail):
+        return None
+    num_warps, num_ctas, shared = plan.metadata
+    _, coop, pdl, _, sig = plan.direct
+    if num_ctas != 1 or coop or pdl or shared > 228 * 1024:
+        return None
+    slots, patches, extractors = [], [], []
+    for i, ty in enumerate(types):
+        if ty == "constexpr":
+            continue
+        pointer = ty.startswith("*")
+        if not pointer and ty not in _EXTRACTORS:
+            return None
+        extractors.append(1 if pointer else _EXTRACTORS[ty][0])
+        if i < len(places):
+            place = places[i]
+            if place in scalar_places:
+                if ty not in ("fp32", "fp64"):
+                    return None
+                kind = 1 if ty == "fp32" else 2
+            elif pointer:
+                kind = 0
+            else:
+                return None
+            patches.append((len(slots), place, kind))
+            slots.append(bytes(8))
+            continue
+        v = tail[i - len(places)]
+        if pointer and (v is None or type(v) is int):
+            b = (v or 0).to_bytes(8, "little")
+        elif ty in ("fp32", "fp64") and type(v) in (float, int):
+            b = struct.pack("<f" if ty == "fp32" else "<d", float(v))
+        elif not pointer and ty[0] in "iu" and type(v) in (int, bool):
+            n = _EXTRACTORS[ty][1]
+            b = (int(v) & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+        else:
+            return None
+        slots.append(b.ljust(8, b"\0"))
+    if extractors != list(sig) or len(slots) > 62:
+        return None
+    slots += [bytes(8)] * 2
+    return (plan.function, *grid, 32 * num_warps, shared, b"".join(slots), tuple(patches))
 
 
 def build(recorded, inputs, outputs):
@@ -260,7 +332,10 @@ def build(recorded, inputs, outputs):
         for a in e[2]:
             if isinstance(a, _Tensor) and id(a) not in made_by_calls and place(a) is None:
                 return None
-    steps = []  # (0 | 1, launcher, its fixed arguments, tensor places, tail, picker) or (2, op, spec, n_out)
+    scalar_places = {index[i] for i in scalars}
+    # (0, C launcher, its fixed arguments, tensor places, tail, picker, native launch or None),
+    # (1, launcher object, its fixed arguments, tensor places, tail, picker), (2, op, spec, n_out)
+    steps = []
     first = None
     for e in work:
         if e[0] == "launch":
@@ -278,7 +353,9 @@ def build(recorded, inputs, outputs):
             if plan.direct is not None:  # Triton's C launcher itself (kernels/_launch.py: Plan.direct)
                 c_launch, coop, pdl, ann, sig = plan.direct
                 head = (*g, plan.function, coop, pdl, plan.metadata, None, None, None, None, None, ann, sig)
-                steps.append((0, c_launch, head, tuple(idx), tail + plan.tail, _pick(idx)))
+                tail = tail + plan.tail
+                native = _native(plan, g, idx, tail, scalar_places)
+                steps.append((0, c_launch, head, tuple(idx), tail, _pick(idx), native))
             else:  # Triton's launcher object
                 head = (*g, plan.function, plan.metadata, None, None, None)
                 steps.append((1, plan.run, head, tuple(idx), tail + plan.tail, _pick(idx)))

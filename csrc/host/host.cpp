@@ -17,6 +17,8 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <dlfcn.h>
+
 #include <cstring>
 #include <string>
 #include <vector>
@@ -84,6 +86,50 @@ PyObject* tensors_key(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
   throw py::error_already_set();
 }
 
+// The CUDA driver's launch entry points, looked up in libcuda.so.1 (the library Triton's launcher
+// opens, by the same name) the first time a program with a native launch is made; null where
+// there is none. The types are the driver API's, spelled without cuda.h (this module builds
+// without the CUDA toolkit): CUresult is an int, CUcontext, CUfunction and CUstream pointers.
+struct Driver {
+  using LaunchKernel = int (*)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*,
+                               void**, void**);
+  using CtxGetCurrent = int (*)(void**);
+  using GetErrorString = int (*)(int, const char**);
+  LaunchKernel launch = nullptr;
+  CtxGetCurrent ctx_get_current = nullptr;
+  GetErrorString error_string = nullptr;
+
+  static const Driver& get() {
+    static const Driver driver = [] {
+      Driver d;
+      void* lib = dlopen("libcuda.so.1", RTLD_LAZY);
+      if (lib != nullptr) {
+        d.launch = reinterpret_cast<LaunchKernel>(dlsym(lib, "cuLaunchKernel"));
+        d.ctx_get_current = reinterpret_cast<CtxGetCurrent>(dlsym(lib, "cuCtxGetCurrent"));
+        d.error_string = reinterpret_cast<GetErrorString>(dlsym(lib, "cuGetErrorString"));
+        if (d.ctx_get_current == nullptr || d.error_string == nullptr) d.launch = nullptr;
+      }
+      return d;
+    }();
+    return driver;
+  }
+};
+
+// A Triton kernel's launch made here, through the driver, with its parameters packed as Triton's
+// C launcher packs them (cnnkern/ops/_plan.py: _native): 8 bytes per parameter, the constants in
+// place; each patch writes a pool tensor's address or a call's float into its parameter.
+struct Native {
+  static constexpr size_t kMaxParams = 64;
+  struct Patch {
+    int64_t param, place, kind;  // kind 0: a tensor's address; 1: a float as fp32; 2: as fp64
+  };
+  void* function = nullptr;
+  unsigned grid[3] = {0, 0, 0};
+  unsigned threads = 0, shared = 0;
+  std::vector<uint64_t> params;
+  std::vector<Patch> patches;
+};
+
 struct Alloc {
   std::vector<int64_t> sizes, strides;
   at::TensorOptions options;
@@ -113,6 +159,8 @@ struct Step {
   py::tuple tail;                // the kernel's other arguments (kinds 0, 1)
   std::vector<std::pair<bool, py::object>> spec;  // kind 2: (is a pool place, place or constant)
   int64_t n_out = 0;
+  bool native = false;  // kind 0: launched here (`launch`) where the driver allows
+  Native launch;
 };
 
 std::vector<int64_t> int_list(py::handle h) {
@@ -157,6 +205,23 @@ class Program {
         for (auto h : t[2]) st.head.push_back(py::reinterpret_borrow<py::object>(h));
         st.tensors = int_list(t[3]);
         st.tail = t[4].cast<py::tuple>();
+        if (st.kind == 0 && t.size() > 6 && !t[6].is_none() && Driver::get().launch != nullptr) {
+          auto d = t[6].cast<py::tuple>();
+          Native& n = st.launch;
+          n.function = reinterpret_cast<void*>(d[0].cast<uintptr_t>());
+          for (int i = 0; i < 3; ++i) n.grid[i] = d[1 + i].cast<unsigned>();
+          n.threads = d[4].cast<unsigned>();
+          n.shared = d[5].cast<unsigned>();
+          std::string bytes = d[6].cast<std::string>();
+          n.params.resize(bytes.size() / 8);
+          std::memcpy(n.params.data(), bytes.data(), n.params.size() * 8);
+          for (auto h : d[7]) {
+            auto p = h.cast<py::tuple>();
+            n.patches.push_back({p[0].cast<int64_t>(), p[1].cast<int64_t>(), p[2].cast<int64_t>()});
+          }
+          st.native = n.params.size() <= Native::kMaxParams && bytes.size() % 8 == 0;
+          any_native_ = any_native_ || st.native;
+        }
       }
       steps_.push_back(std::move(st));
     }
@@ -193,7 +258,52 @@ class Program {
       const at::Tensor& b = pool[v.base];
       pool.push_back(b.as_strided(v.sizes, v.strides, b.storage_offset() + v.delta));
     }
+    // Native launches: on the stream the call gives, in the current context (where there is
+    // none, Triton's launcher makes one current, so it launches), without the GIL, as Triton's
+    // launcher launches; a call's floats read before it is released.
+    bool native = false;
+    void* cu_stream = nullptr;
+    std::vector<double> scalars;
+    if (any_native_) {
+      void* ctx = nullptr;
+      native = Driver::get().ctx_get_current(&ctx) == 0 && ctx != nullptr;
+      if (native) {
+        cu_stream = PyLong_AsVoidPtr(stream.ptr());
+        if (cu_stream == nullptr && PyErr_Occurred()) throw py::error_already_set();
+        scalars.resize(n_in);
+        for (Py_ssize_t i = 0; i < n_in; ++i) {
+          PyObject* obj = PyTuple_GET_ITEM(tensors.ptr(), i);
+          if (PyFloat_Check(obj)) scalars[i] = PyFloat_AS_DOUBLE(obj);
+        }
+      }
+    }
+    PyThreadState* released = nullptr;
+    auto hold_gil = [&released] {
+      if (released != nullptr) {
+        PyEval_RestoreThread(released);
+        released = nullptr;
+      }
+    };
     for (const Step& s : steps_) {
+      if (native && s.native) {
+        if (released == nullptr) released = PyEval_SaveThread();
+        int rc;
+        try {
+          rc = launch(s.launch, pool, scalars, cu_stream);
+        } catch (...) {  // (a tensor without storage: data_ptr() throws)
+          hold_gil();
+          throw;
+        }
+        if (rc != 0) {
+          hold_gil();
+          const char* what = nullptr;
+          Driver::get().error_string(rc, &what);
+          throw std::runtime_error(std::string("cnnkern: a replayed kernel launch failed: CUDA error ") +
+                                   std::to_string(rc) + " (" + (what != nullptr ? what : "unknown") + ")");
+        }
+        continue;
+      }
+      hold_gil();
       if (s.kind == 2) {
         call_op(s, pool, input);
         continue;
@@ -233,6 +343,7 @@ class Program {
       if (r == nullptr) throw py::error_already_set();
       Py_DECREF(r);
     }
+    hold_gil();
     // inputs written in place: their versions bumped, as PyTorch's in-place ops (and the route) do
     for (int64_t place : dirty_) {
       if (!pool[place].is_inference()) torch::autograd::impl::bump_version(pool[place]);
@@ -252,6 +363,33 @@ class Program {
   }
 
  private:
+  // cuLaunchKernel with the step's parameters, its patches applied; the driver's result
+  static int launch(const Native& n, const std::vector<at::Tensor>& pool, const std::vector<double>& scalars,
+                    void* stream) {
+    if (static_cast<uint64_t>(n.grid[0]) * n.grid[1] * n.grid[2] == 0) return 0;  // (as Triton's launcher)
+    uint64_t values[Native::kMaxParams];
+    void* params[Native::kMaxParams];
+    const size_t count = n.params.size();
+    std::memcpy(values, n.params.data(), count * 8);
+    for (const Native::Patch& p : n.patches) {
+      uint64_t v = 0;
+      if (p.kind == 0) {
+        v = reinterpret_cast<uintptr_t>(pool[p.place].data_ptr());
+      } else if (p.kind == 1) {
+        const float f = static_cast<float>(scalars[p.place]);
+        uint32_t bits;
+        std::memcpy(&bits, &f, 4);
+        v = bits;
+      } else {
+        std::memcpy(&v, &scalars[p.place], 8);
+      }
+      values[p.param] = v;
+    }
+    for (size_t i = 0; i < count; ++i) params[i] = &values[i];
+    return Driver::get().launch(n.function, n.grid[0], n.grid[1], n.grid[2], n.threads, 1, 1, n.shared, stream,
+                                params, nullptr);
+  }
+
   template <typename Input>
   static void call_op(const Step& s, std::vector<at::Tensor>& pool, const Input& input) {
     py::tuple args(s.spec.size());
@@ -287,6 +425,7 @@ class Program {
   std::vector<View> views_;
   std::vector<Step> steps_;
   std::vector<int64_t> dirty_;
+  bool any_native_ = false;
 };
 
 // program.run(tensors, stream), bound to one program (bind()): a fast call on the warm path.
