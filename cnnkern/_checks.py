@@ -210,6 +210,26 @@ def bn_args(op: str, x: torch.Tensor, channels: int, **tensors) -> None:
             )
 
 
+def batch_count(op: str, num_batches_tracked, running_mean) -> None:
+    """``num_batches_tracked``: None, or an int64 tensor of one element on the running statistics'
+    device, given with them (it counts their updates)."""
+    if num_batches_tracked is None:
+        return
+    if not isinstance(num_batches_tracked, torch.Tensor):
+        raise TypeError(f"{op}: num_batches_tracked must be a torch.Tensor, got {type(num_batches_tracked).__name__}")
+    if num_batches_tracked.dtype != torch.int64 or num_batches_tracked.numel() != 1:
+        raise TypeError(
+            f"{op}: num_batches_tracked must be an int64 tensor of one element, got "
+            f"{_fmt_dtype(num_batches_tracked.dtype)} of shape {tuple(num_batches_tracked.shape)}"
+        )
+    if running_mean is None:
+        raise ValueError(f"{op}: num_batches_tracked counts the running statistics' updates: give running_mean too")
+    if num_batches_tracked.device != running_mean.device:
+        raise ValueError(
+            f"{op}: num_batches_tracked is on {num_batches_tracked.device} but running_mean is on {running_mean.device}"
+        )
+
+
 def lrn_args(op: str, input, size, alpha, beta, k) -> tuple[int, float, float, float]:
     """Local Response Normalization: ``input`` a floating tensor of 3 or more dimensions, ``size``
     a positive int, ``alpha``, ``beta``, ``k`` real numbers (any value PyTorch accepts). Returns

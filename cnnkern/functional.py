@@ -208,6 +208,7 @@ def conv_bn_relu(
     relu: bool = True,
     *,
     residual: torch.Tensor | None = None,
+    num_batches_tracked: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """``relu(batch_norm(conv2d(input, weight, bias), ...) + residual)`` with PyTorch's BatchNorm
@@ -228,6 +229,9 @@ def conv_bn_relu(
         residual: None, or a tensor of the output's shape (no broadcasting), dtype and device, any
             layout: a ResNet block's shortcut, added after BatchNorm and before the ReLU, in the
             kernel that applies them (no separate residual add). Differentiable.
+        num_batches_tracked: None, or ``torch.nn.BatchNorm2d``'s batch count (an int64 tensor of
+            one element), incremented in place with each training update of the running
+            statistics, by the kernel that updates them (as the module increments it).
         backend: "auto" | "triton" | "cuda" | "torch", or None for the default.
 
     Eval runs one convolution with BatchNorm folded into its weights and bias and the residual
@@ -252,6 +256,7 @@ def conv_bn_relu(
             dilation,
             groups,
             relu,
+            num_batches_tracked,
             backend,
         )
     key = None
@@ -302,6 +307,7 @@ def conv_bn_relu(
             relu,
             residual,
             backend,
+            tracked=num_batches_tracked,
         ),
         input,
         (weight, bias, running_mean, running_var, bn_weight, bn_bias),
@@ -323,12 +329,13 @@ def _conv_bn_relu_train(
     dilation,
     groups,
     relu,
+    tracked,
     backend,
 ):
     """conv_bn_relu in training (no residual): the convolution with its statistics, the
-    normalisation and the running statistics' update planned as one op call. The momentum, which
-    may change from call to call (a cumulative average), is the call's scalar: not part of the
-    key, passed to the replayed update as it is."""
+    normalisation and the running statistics' update (with the batch count's increment) planned
+    as one op call. The momentum, which may change from call to call (a cumulative average), is
+    the call's scalar: not part of the key, passed to the replayed update as it is."""
     key = plan = None
     # a new float object: a plan finds a call's scalar by identity (cnnkern/ops/_plan.py: build)
     m = float(momentum) * 1.0 if running_mean is not None and type(momentum) in (float, int) else None
@@ -337,7 +344,7 @@ def _conv_bn_relu_train(
             raise TypeError  # (a momentum of another type: a plan would keep its value)
         key = (
             "conv_bn_relu_train",
-            _plan.tensors_key(input, weight, bias, running_mean, running_var, bn_weight, bn_bias),
+            _plan.tensors_key(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, tracked),
             type(momentum),
             type(eps),
             eps,
@@ -353,7 +360,7 @@ def _conv_bn_relu_train(
         plan = _plan.PLANS.get(key)
     except (AttributeError, TypeError):  # the full path says what is wrong
         key = None
-    tensors = (input, weight, bias, bn_weight, bn_bias, running_mean, running_var, m)
+    tensors = (input, weight, bias, bn_weight, bn_bias, running_mean, running_var, tracked, m)
     if plan is not None:
         outs = plan(*tensors)
         if outs is not None:
@@ -379,6 +386,7 @@ def _conv_bn_relu_train(
             None,
             backend,
             update=False,
+            tracked=tracked,
         )
         if type(outs) is tuple and running_mean is not None:  # (other paths update the statistics themselves)
             y, _, mean, _, var = outs
@@ -386,7 +394,7 @@ def _conv_bn_relu_train(
             name = _backend.resolve("conv_bn_relu", backend, input.device)
             momentum_ = float(momentum) if m is None else m
             _ops.conv_bn_relu.update_running_stats(
-                running_mean, running_var, mean, var, momentum_, count / (count - 1), name
+                running_mean, running_var, mean, var, momentum_, count / (count - 1), name, tracked
             )
         return outs
 
@@ -413,6 +421,7 @@ def _conv_bn_relu(
     residual,
     backend,
     update=True,
+    tracked=None,
 ):
     op = "conv_bn_relu"
     x = _batched(op, input)
@@ -433,6 +442,8 @@ def _conv_bn_relu(
         )
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: running_mean and running_var must both be tensors or both be None")
+    _checks.batch_count(op, tracked, running_mean)
+    counted = tracked is not None and training  # (the update kernel counts, where it runs)
     batch_stats = training or running_mean is None
     shape = (
         _ops.conv2d.output_size(x.shape, weight.shape, stride_, pad, dilation_)
@@ -460,6 +471,8 @@ def _conv_bn_relu(
         )
         w, b = fold_bn(weight, bias, *neutral, bn_weight, bn_bias, eps)
         y = _plan.op_call(_ops.conv2d.conv2d, x, w, b, res, stride_, pad, dilation_, groups, relu, _precision(x), name)
+        if counted:
+            _count_batch(tracked)
     elif name == "torch":
         y = reference.conv_bn_relu(
             x,
@@ -479,6 +492,8 @@ def _conv_bn_relu(
             relu,
             res,
         )
+        if counted:
+            _count_batch(tracked)
     elif batch_stats:
         outs = _plan.op_call(
             _ops.conv_bn_relu.conv_bn_relu_train,
@@ -503,12 +518,19 @@ def _conv_bn_relu(
         if training and running_mean is not None:
             count = x.shape[0] * y.shape[2] * y.shape[3]
             _ops.conv_bn_relu.bn_update_running_stats(
-                running_mean, running_var, mean, var, count, float(momentum), name
+                running_mean, running_var, mean, var, count, float(momentum), name, tracked
             )
     else:
         w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
         y = _plan.op_call(_ops.conv2d.conv2d, x, w, b, res, stride_, pad, dilation_, groups, relu, _precision(x), name)
     return y.squeeze(0) if input.dim() == 3 else y
+
+
+def _count_batch(tracked):
+    """The batch count incremented where no update kernel runs (the torch backend, an empty
+    batch): a PyTorch op, which a plan cannot replay."""
+    _ops._common.record_miss(again=False)
+    tracked.add_(1)
 
 
 def fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):

@@ -362,11 +362,15 @@ def conv_bn_forward(
     if bn.training or mean is None:
         momentum = bn.momentum
         tracked = _member(bn, "num_batches_tracked")
-        if bn.training and bn.track_running_stats and tracked is not None:
-            tracked.add_(1)
-            if momentum is None:  # cumulative moving average, as torch.nn.BatchNorm2d
-                momentum = 1.0 / float(tracked)
         update = bn.training
+        if not (update and bn.track_running_stats):
+            tracked = None
+        if tracked is not None:  # incremented by the kernel that updates the running statistics
+            if momentum is None:  # cumulative moving average, as torch.nn.BatchNorm2d (after the increment)
+                momentum = 1.0 / (float(tracked) + 1.0)
+            if mean is None:  # (no running statistics to update: counted here, as the module counts)
+                tracked.add_(1)
+                tracked = None
         return F.conv_bn_relu(
             x,
             weight,
@@ -384,6 +388,7 @@ def conv_bn_forward(
             groups=conv.groups,
             relu=relu,
             residual=residual,
+            num_batches_tracked=tracked,
             backend=backend,
         )
     # Without a residual, BatchNorm is folded while its tensors are unchanged (cnnkern/ops/_plan.py:

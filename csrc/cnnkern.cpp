@@ -55,9 +55,10 @@ TORCH_LIBRARY_FRAGMENT(cnnkern, m) {
   m.def("bn_finalize_cuda(Tensor stats, Tensor? gamma, Tensor? beta, float eps, Tensor(a!) mean, Tensor(b!) invstd, "
         "Tensor(c!) var, Tensor(d!) scale, Tensor(e!) shift) -> ()");
   // running statistics (K,), any float dtype and stride, updated in place: running += momentum *
-  // (batch - running), with the batch variance var * unbias; mean, var: contiguous fp32 or fp64
+  // (batch - running), with the batch variance var * unbias; mean, var: contiguous fp32 or fp64;
+  // num_batches_tracked (an int64 scalar), where given, incremented by one
   m.def("bn_update_running_cuda(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
-        "float unbias, float momentum) -> ()");
+        "float unbias, float momentum, Tensor(c!)? num_batches_tracked=None) -> ()");
   // out = [relu](y * scale + shift + residual); residual: y's layout, or None
   m.def("bn_apply_cuda(Tensor y, Tensor(a!) out, Tensor scale, Tensor shift, bool relu, Tensor? residual=None) -> ()");
   // per chunk of rows: (sum g', sum g' * y) with g' = grad masked by out > 0 when out is given

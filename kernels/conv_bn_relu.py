@@ -9,7 +9,8 @@ This module holds the rest:
   scale = gamma * invstd and shift = beta - mean * scale (tiny tensors: rows x K; one launch
   instead of a dozen small PyTorch ops, whose host time would dominate a 20-100 us layer).
 * ``_running_stats_kernel``: the running mean and variance updated in place from the batch
-  statistics, one launch (instead of five PyTorch ops) with the momentum a runtime argument.
+  statistics, and the batch count incremented, one launch (instead of six PyTorch ops) with the
+  momentum a runtime argument.
 * ``_apply_kernel``: out = [relu](y * scale[c] + shift[c] [+ residual]), one read of y (and of
   the residual), one write.
 * ``_reduce_kernel``: the two BatchNorm-backward reductions in one pass over (grad, y):
@@ -197,16 +198,22 @@ def _running_stats_kernel(
     rvar_ptr,
     mean_ptr,
     var_ptr,
+    tracked_ptr,
     momentum: tl.float64,
     unbias: tl.float64,
     K,
     stride_rm,
     stride_rv,
+    HAS_TRACKED: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     # running = running + momentum * (batch - running), the variance's batch value unbiased
-    # (var * count / (count - 1)); computed in ACC, rounded once to the running statistics' dtype
+    # (var * count / (count - 1)); computed in ACC, rounded once to the running statistics' dtype;
+    # the batch count (int64), where given, incremented by the first program
+    if HAS_TRACKED:
+        if tl.program_id(0) == 0:
+            tl.store(tracked_ptr, tl.load(tracked_ptr) + 1)
     offs = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = offs < K
     w = tl.full((), momentum, ACC)  # (a Python float under the interpreter: exact in fp64 either way)
@@ -344,21 +351,31 @@ def bn_update_running(
     var: torch.Tensor,
     momentum: float,
     unbias: float,
+    num_batches_tracked: torch.Tensor | None = None,
 ) -> None:
     """The running statistics updated in place, PyTorch's rule: running = (1 - momentum) * running
-    + momentum * batch, with the unbiased batch variance var * unbias (count / (count - 1)).
+    + momentum * batch, with the unbiased batch variance var * unbias (count / (count - 1)), and
+    ``num_batches_tracked`` (an int64 scalar tensor), where given, incremented by one.
     ``mean`` and ``var`` (K,) contiguous in the accumulation dtype; the running statistics (K,)
     of any float dtype and stride. One launch; ``momentum`` and ``unbias`` are runtime arguments
     (fp64), passed on as given, so a changing momentum (a cumulative average) reuses the
     compiled kernel and a planned call passes its own."""
     K = mean.shape[0]
     if K == 0:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
         return
     sm, sv = running_mean.stride(0), running_var.stride(0)
     if K > 1 and not (sm and sv):
         raise RuntimeError(
             f"bn_update_running: running_{'mean' if not sm else 'var'} has stride 0: more than one of its "
             "elements refers to a single memory location (clone() it first)"
+        )
+    tracked = num_batches_tracked is not None
+    if tracked and (num_batches_tracked.dtype != torch.int64 or num_batches_tracked.numel() != 1):
+        raise ValueError(
+            "bn_update_running: num_batches_tracked must be an int64 tensor of one element, got "
+            f"{num_batches_tracked.dtype} of shape {tuple(num_batches_tracked.shape)}"
         )
     dtypes = (running_mean.dtype, running_var.dtype, mean.dtype)
     _fast.launch(
@@ -368,11 +385,13 @@ def bn_update_running(
         running_var,
         mean,
         var,
+        num_batches_tracked if tracked else running_mean,
         momentum,
         unbias,
         K,
         sm,
         sv,
+        HAS_TRACKED=tracked,
         ACC=tl.float64 if torch.float64 in dtypes else tl.float32,
         BLOCK_K=128,
         num_warps=4,

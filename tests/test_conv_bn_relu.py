@@ -248,6 +248,9 @@ def test_opcheck(backend):
     )
     rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
     torch.library.opcheck(ops.bn_update_running_stats.default, (rm, rv, mean.detach(), var.detach(), 50, 0.1, backend))
+    tracked = torch.tensor(3, device=DEVICE)
+    stats = (rm, rv, mean.detach(), var.detach(), 50, 0.1, backend, tracked)
+    torch.library.opcheck(ops.bn_update_running_stats.default, stats)
 
 
 def _t(*shape):
@@ -261,6 +264,16 @@ BAD = [
     ({"bn_bias": _t(8).long()}, TypeError, "bn_bias must be a floating-point tensor"),
     ({"momentum": None}, ValueError, "momentum=None (a cumulative moving average) needs the number of batches"),
     ({"training": 1}, TypeError, "training must be a bool, got int"),
+    (
+        {"num_batches_tracked": torch.tensor(1.0), "training": True},
+        TypeError,
+        "num_batches_tracked must be an int64 tensor of one element, got float32",
+    ),
+    (
+        {"num_batches_tracked": torch.tensor(1), "running_mean": None, "running_var": None, "training": True},
+        ValueError,
+        "num_batches_tracked counts the running statistics' updates",
+    ),
     ({"backend": "cuda"}, cnnkern.BackendUnavailableError, "backend 'cuda' is unavailable"),
 ]
 
@@ -440,7 +453,8 @@ RUNNING_DTYPES = [
 def test_bn_update_running_kernel(backend, acc, dm, dv, k, stride):
     """running += momentum * (batch - running), the batch variance unbiased, in place, for running
     statistics of any float dtype and stride; a new momentum on every call (a cumulative average)
-    reuses the one kernel; the elements between strided ones are left alone."""
+    reuses the one kernel; the elements between strided ones are left alone; the batch count,
+    where given, incremented by one with each update (versions bumped, as in-place ops bump them)."""
     from cnnkern.ops.conv_bn_relu import update_running_stats
 
     g = torch.Generator().manual_seed(k * 10 + stride)
@@ -450,11 +464,16 @@ def test_bn_update_running_kernel(backend, acc, dm, dv, k, stride):
     rm, rv = rm_buf[::stride], rv_buf[::stride]
     want_m, want_v = rm.double().cpu().clone(), rv.double().cpu().clone()
     count = 37
+    tracked = torch.tensor(5, device=DEVICE)
     for step in range(1, 4):
         mean = torch.randn(k, generator=g, dtype=acc).to(DEVICE)
         var = (torch.rand(k, generator=g, dtype=acc) + 0.1).to(DEVICE)
         momentum = 1.0 / step if step > 1 else 0.1
-        update_running_stats(rm, rv, mean, var, momentum, count / (count - 1), backend)
+        versions = rm._version, rv._version, tracked._version
+        update_running_stats(rm, rv, mean, var, momentum, count / (count - 1), backend, tracked if step > 1 else None)
+        assert int(tracked) == 5 + (step - 1) and tracked.dtype == torch.int64
+        assert rm._version > versions[0] and rv._version > versions[1]
+        assert (tracked._version > versions[2]) == (step > 1)
         want_m = want_m + momentum * (mean.double().cpu() - want_m)
         want_v = want_v + momentum * (var.double().cpu() * count / (count - 1) - want_v)
         assert rm.dtype == dm and rv.dtype == dv
@@ -479,6 +498,9 @@ def test_bn_update_running_refuses_stride_zero(backend):
         update_running_stats(shared, stats.clone(), stats, stats, 0.1, 1.1, backend)
     with pytest.raises(RuntimeError, match="running_var has stride 0"):
         update_running_stats(stats.clone(), shared, stats, stats, 0.1, 1.1, backend)
+    for bad in (torch.tensor(1.0, device=DEVICE), torch.zeros(2, dtype=torch.int64, device=DEVICE)):
+        with pytest.raises((ValueError, RuntimeError), match="num_batches_tracked must be an int64 tensor of one"):
+            update_running_stats(stats.clone(), stats.clone(), stats, stats, 0.1, 1.1, backend, bad)
 
 
 @cuda_kernel_test

@@ -10,8 +10,9 @@ Ops (``cnnkern`` namespace; conv arguments as in cnnkern/ops/conv2d.py):
   its per-tile statistics (no second pass over y), the statistics are merged into the batch mean
   and biased variance, and one pass writes out = [relu](BN(y) + residual). ``y``, ``mean`` and ``invstd`` are
   kept for the backward.
-* ``bn_update_running_stats(running_mean!, running_var!, mean, var, count, momentum, backend)``:
-  the in-place running-statistics update (unbiased variance, PyTorch's rule), one kernel launch.
+* ``bn_update_running_stats(running_mean!, running_var!, mean, var, count, momentum, backend,
+  num_batches_tracked!?)``: the in-place running-statistics update (unbiased variance, PyTorch's
+  rule) and the batch count's increment, one kernel launch.
   A separate op because an op that mutates its inputs cannot carry an autograd formula.
 * ``conv_bn_relu_backward(grad, out?, y, mean, invstd, bn_weight?, backend) -> (dy, dgamma, dbeta)``:
   ReLU mask and BatchNorm backward (both reductions in one pass); the convolution's own backward
@@ -108,21 +109,26 @@ def update_running_stats(
     momentum: float,
     unbias: float,
     backend: str,
+    num_batches_tracked: torch.Tensor | None = None,
 ) -> None:
     """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance
-    var * unbias (count / (count - 1)): one launch of the backend's kernel, ``momentum`` and
-    ``unbias`` passed on as given (a planned update passes its own: cnnkern/functional.py).
-    ``mean`` and ``var`` are the training op's (K,) statistics; the running ones any float
-    dtype and stride. Their versions are bumped, as an in-place PyTorch op bumps them."""
+    var * unbias (count / (count - 1)), and ``num_batches_tracked`` (int64, one element), where
+    given, incremented: one launch of the backend's kernel, ``momentum`` and ``unbias`` passed on
+    as given (a planned update passes its own: cnnkern/functional.py). ``mean`` and ``var`` are
+    the training op's (K,) statistics; the running ones any float dtype and stride. Their
+    versions are bumped, as an in-place PyTorch op bumps them."""
     if backend == "cuda":
-        cuda_ops().bn_update_running_cuda(running_mean, running_var, mean, var, unbias, momentum)
+        cuda_ops().bn_update_running_cuda(running_mean, running_var, mean, var, unbias, momentum, num_batches_tracked)
     else:
         _check_backend(backend)
-        _kernels()[1].bn_update_running(running_mean, running_var, mean, var, momentum, unbias)
-    changed_in_place(running_mean, running_var)
+        _kernels()[1].bn_update_running(running_mean, running_var, mean, var, momentum, unbias, num_batches_tracked)
+    if num_batches_tracked is None:
+        changed_in_place(running_mean, running_var)
+    else:
+        changed_in_place(running_mean, running_var, num_batches_tracked)
 
 
-@custom_op("cnnkern::bn_update_running_stats", mutates_args=("running_mean", "running_var"))
+@custom_op("cnnkern::bn_update_running_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def bn_update_running_stats(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
@@ -131,13 +137,16 @@ def bn_update_running_stats(
     count: int,
     momentum: float,
     backend: str,
+    num_batches_tracked: torch.Tensor | None = None,
 ) -> None:
     record_miss(again=False)  # a route's plan would keep this momentum: the route that calls the op is not planned
-    update_running_stats(running_mean, running_var, mean, var, momentum, count / (count - 1), backend)
+    update_running_stats(
+        running_mean, running_var, mean, var, momentum, count / (count - 1), backend, num_batches_tracked
+    )
 
 
 @bn_update_running_stats.register_fake
-def _(running_mean, running_var, mean, var, count, momentum, backend):
+def _(running_mean, running_var, mean, var, count, momentum, backend, num_batches_tracked=None):
     return None
 
 

@@ -5,8 +5,8 @@
 //             (conv2d_forward_cuda with stats=True); bn_finalize_cuda merges them (Chan et al.)
 //             into the batch mean and variance and folds BN into per-channel scale/shift, in one
 //             launch; bn_apply_cuda writes out = [relu](y * scale[c] + shift[c] [+ residual]) in one
-//             pass; bn_update_running_cuda updates the running mean and variance in place (one
-//             launch, the momentum an argument).
+//             pass; bn_update_running_cuda updates the running mean and variance in place and
+//             increments the batch count (one launch, the momentum an argument).
 //   backward  bn_backward_reduce_cuda: one pass over (grad, out, y) gives, per chunk of rows and
 //             channel, sum g' and sum g' * y with g' = grad masked by the ReLU (out > 0);
 //             bn_backward_coefficients_cuda adds the chunks in order and folds the BN backward
@@ -235,8 +235,9 @@ __global__ void coefficients_kernel(const A* __restrict__ part, const A* __restr
 template <typename A, typename RM, typename RV>
 __global__ void running_stats_kernel(RM* __restrict__ rm, RV* __restrict__ rv, const A* __restrict__ mean,
                                      const A* __restrict__ var, int64_t K, int64_t stride_m, int64_t stride_v,
-                                     double momentum, double unbias) {
+                                     double momentum, double unbias, int64_t* __restrict__ tracked) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (tracked != nullptr && k == 0) *tracked += 1;  // the batch count, where given
   if (k >= K) return;
   const A w = static_cast<A>(momentum);
   const A old_m = static_cast<A>(rm[k * stride_m]), old_v = static_cast<A>(rv[k * stride_v]);
@@ -407,7 +408,8 @@ void bn_finalize_cuda(const at::Tensor& stats, const std::optional<at::Tensor>& 
 }
 
 void bn_update_running_cuda(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
-                            const at::Tensor& var, double unbias, double momentum) {
+                            const at::Tensor& var, double unbias, double momentum,
+                            const std::optional<at::Tensor>& num_batches_tracked) {
   const char* op = "bn_update_running (cuda)";
   const int64_t K = mean.numel();
   const auto acc = mean.scalar_type();
@@ -422,7 +424,17 @@ void bn_update_running_cuda(const at::Tensor& running_mean, const at::Tensor& ru
     TORCH_CHECK(K <= 1 || t->stride(0) != 0, "cnnkern ", op, ": ", name,
                 " has stride 0: more than one of its elements refers to a single memory location (clone() it first)");
   }
-  if (K == 0) return;
+  if (num_batches_tracked.has_value()) {
+    const at::Tensor& t = *num_batches_tracked;
+    CNNKERN_CHECK_CUDA(t, "num_batches_tracked");
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1, "cnnkern ", op,
+                ": num_batches_tracked must be an int64 tensor of one element, got ", t.scalar_type(), " of shape ",
+                t.sizes());
+  }
+  if (K == 0) {
+    if (num_batches_tracked.has_value()) num_batches_tracked->add_(1);
+    return;
+  }
   TORCH_CHECK((K + 127) / 128 < (int64_t{1} << 31), "cnnkern ", op, ": too many channels (", K, ")");
   const c10::cuda::CUDAGuard guard(mean.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -434,7 +446,8 @@ void bn_update_running_cuda(const at::Tensor& running_mean, const at::Tensor& ru
         using RV = scalar_t;
         running_stats_kernel<A, RM, RV><<<static_cast<unsigned>((K + 127) / 128), 128, 0, stream>>>(
             running_mean.mutable_data_ptr<RM>(), running_var.mutable_data_ptr<RV>(), mean.const_data_ptr<A>(),
-            var.const_data_ptr<A>(), K, running_mean.stride(0), running_var.stride(0), momentum, unbias);
+            var.const_data_ptr<A>(), K, running_mean.stride(0), running_var.stride(0), momentum, unbias,
+            num_batches_tracked.has_value() ? num_batches_tracked->mutable_data_ptr<int64_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
