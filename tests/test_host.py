@@ -163,3 +163,15 @@ def test_native_launch_packs_parameters_as_tritons_launcher():
     assert _plan._native(_fake_plan(half, [1, 10]), (1, 1, 1), (0,), (1.0,), set()) is None
     assert _plan._native(plan, (7, 2, 1), (0, 1), tail, {0, 1}) is None  # a float where a pointer goes
     assert _plan._native(_fake_plan(None, sig), (7, 2, 1), (0, 1), tail, {1}) is None
+
+
+def test_program_returns_the_inputs_and_the_places_it_keeps():
+    """A program made with ``keep`` returns its inputs and the tensors at those places (a plan's
+    outputs), None elsewhere: its workspaces are freed without a Python object made for each."""
+    x = torch.randn(3)
+    allocs = (((3,), (1,), torch.float32, torch.device("cpu"), True),) * 2
+    steps = ((2, torch.add, ((True, 0), (True, 1)), 1),)
+    pool = host.bind(host.Program(allocs, (), steps, (), (3,)))((x,), None)
+    assert pool[0] is x and pool[1] is None and pool[2] is None and torch.equal(pool[3], x)
+    every = host.bind(host.Program(allocs, (), steps, (), None))((x,), None)
+    assert all(isinstance(t, torch.Tensor) for t in every) and len(every) == 4

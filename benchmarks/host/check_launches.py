@@ -96,6 +96,7 @@ def _keep_replayed_buffers(lib):
     many launches it made, and how many of them through Triton's C launcher."""
     from cnnkern.ops import _plan
 
+    _plan.KEEP_POOL = True  # (the C++ replays return every tensor they make)
     run = _plan.Replay.__call__
 
     def replay(self, *a, **k):

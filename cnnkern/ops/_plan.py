@@ -123,7 +123,8 @@ def _pick(idx):
 
 class Replay:
     """The recorded work of one call: ``replay(tensors)`` runs it with the call's tensors and
-    returns the pool (the tensors, then every tensor the work made), or None when it may not run
+    returns the pool (the tensors, then every tensor the work made; in C++, None in the places
+    other than its outputs, which are freed as the replay ends), or None when it may not run
     now: Triton's launch hooks are installed, or the current device is not the one its kernels
     were loaded on (the caller runs the route instead). ``stream()`` says the same beforehand:
     the stream to launch on (None for work without Triton launches), or False."""
@@ -260,6 +261,11 @@ def _native(plan, grid, places, tail, scalar_places):
     return (plan.function, *grid, 32 * num_warps, shared, b"".join(slots), tuple(patches))
 
 
+# Whether a replay in C++ returns every tensor it made (benchmarks/host/check_launches.py keeps
+# them alive, so that no two buffers of one call share an address), not only its outputs.
+KEEP_POOL = False
+
+
 def build(recorded, inputs, outputs):
     """The :class:`Replay` of ``recorded`` (a Recording) run with ``inputs`` (tensors, None, or
     floats: the call's scalars, which its launches and op calls take as they are; each must be
@@ -387,7 +393,9 @@ def build(recorded, inputs, outputs):
         outs.append(i)
     r = Replay()
     r.allocs, r.views, r.steps, r.dirty, r.outs = tuple(allocs), tuple(views), tuple(steps), tuple(dirty), tuple(outs)
-    r.program = None if _host is None else _host.bind(_host.Program(r.allocs, r.views, r.steps, r.dirty))
+    # the C++ program returns the inputs and the outputs (what a plan saves is among them)
+    keep = None if KEEP_POOL else [i for i in r.outs if i is not None]
+    r.program = None if _host is None else _host.bind(_host.Program(r.allocs, r.views, r.steps, r.dirty, keep))
     r.kernel_device = r.get_device = r.get_stream = r.hooks_active = None
     if first is not None:
         launch = sys.modules["cnnkern.kernels._launch"]
@@ -429,10 +437,12 @@ class _Ctx:
 
 class GradPlan:
     """A call of one registered op that needs autograd: ``plan(*tensors)`` is its output (through
-    :class:`_Replayed`), or None (run the route). The replays and the formula's gradients are
-    those of the call's tensors that are not None (``present`` picks them; a call key fixes
-    which are None): autograd is passed no more arguments than it needs, and returns no more
-    outputs either: only the differentiable ones (``returns`` picks them from the pool, where
+    :class:`_Replayed`), or None (run the route). The replays take the call's inputs that are
+    not None (``present`` picks them; a call key fixes which are None); autograd is passed only
+    those that are the op's tensor arguments (``through`` picks them; the others, running
+    statistics updated in place and scalars, reach the replay beside it), and the formula's
+    gradients are theirs: autograd is passed no more arguments than it needs, and returns no
+    more outputs either: only the differentiable ones (``returns`` picks them from the pool, where
     the op's ``setup_context`` marks others non-differentiable; those come back beside autograd,
     and ``grads`` puts None in their place for the formula). ``backend``: the backend its op ran
     (every cnnkern op's last argument)."""
@@ -447,6 +457,7 @@ class GradPlan:
         "grad_of",
         "bwd",
         "present",
+        "through",
         "backend",
         "diff",
         "returns",
@@ -459,10 +470,11 @@ class GradPlan:
             return None
         if self.present is not None:
             tensors = self.present(tensors)
+        through = tensors if self.through is None else self.through(tensors)
         if self.returns is None:
-            return _Replayed.apply((self, stream, None), *tensors)
+            return _Replayed.apply((self, stream, None, tensors), *through)
         box = []
-        _Replayed.apply((self, stream, box), *tensors)  # (the outputs autograd returns are the pool's tensors)
+        _Replayed.apply((self, stream, box, tensors), *through)  # (the outputs autograd returns are the pool's tensors)
         return self.outs(box[0])
 
     def grads(self, grads):
@@ -496,8 +508,8 @@ class _Replayed(torch.autograd.Function):
     """A planned call of an op under autograd: the forward and backward replayed."""
 
     @staticmethod
-    def forward(ctx, plan_stream_box, *tensors):
-        plan, stream, box = plan_stream_box
+    def forward(ctx, call, *through):
+        plan, stream, box, tensors = call  # (``through``: those of ``tensors`` autograd sees)
         pool = plan.fwd(tensors, stream)
         ctx.plan = plan
         ctx.save_for_backward(*[None if i is None else pool[i] for i in plan.saves])
@@ -572,7 +584,11 @@ def _grad_plan(recorded, tensors, out):
         k: v for k, v in vars(ctx).items() if k not in ("needs_input_grad", "saved_tensors", "non_differentiable")
     }
     arg_of = {id(a): i for i, a in enumerate(args) if isinstance(a, _Tensor)}
-    plan.grad_of = tuple(arg_of.get(id(t)) for t in tensors)
+    # autograd sees only the op's tensor arguments; the call's other inputs (running statistics
+    # updated in place, scalars) reach the replay beside it: each argument costs autograd
+    through = [j for j, t in enumerate(tensors) if isinstance(t, _Tensor) and id(t) in arg_of]
+    plan.through = None if len(through) == len(tensors) else _pick(through)
+    plan.grad_of = tuple(arg_of[id(tensors[j])] for j in through)
     plan.bwd = {}
     plan.present = None if full else _pick(present)
     plan.backend = args[-1]

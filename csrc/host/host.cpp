@@ -175,8 +175,16 @@ class Program {
   // steps: (0 | 1, fn, head, tensor places, tail, ...) or (2, op, ((is_place, value), ...), n_out);
   // dirty: the places of the inputs the steps write in place (cnnkern/ops/_plan.py: build; the
   // Python replay keeps a picker after the tail).
-  Program(py::sequence allocs, py::sequence views, py::sequence steps, py::sequence dirty) {
+  // keep: the places the run returns as tensors besides the inputs (its outputs), or None for all
+  Program(py::sequence allocs, py::sequence views, py::sequence steps, py::sequence dirty, py::object keep) {
     dirty_ = int_list(dirty);
+    keep_all_ = keep.is_none();
+    if (!keep_all_) {
+      for (int64_t place : int_list(keep)) {
+        if (place >= static_cast<int64_t>(keep_.size())) keep_.resize(place + 1, false);
+        keep_[place] = true;
+      }
+    }
     for (auto a : allocs) {
       auto t = a.cast<py::tuple>();
       Alloc al;
@@ -229,7 +237,8 @@ class Program {
 
   // The work run with the call's tensors (a tuple of tensors, None or floats: a call's scalars,
   // which the steps pass on as they are) on `stream`: the pool, a list of the call's objects, then
-  // every tensor the work made, in the order the Python replay makes them.
+  // every tensor the work made (None in the places not kept), in the order the Python replay
+  // makes them.
   py::list run(py::tuple tensors, py::object stream) const {
     const Py_ssize_t n_in = PyTuple_GET_SIZE(tensors.ptr());
     std::vector<at::Tensor> pool;
@@ -354,7 +363,9 @@ class Program {
       if (obj != nullptr) {
         Py_INCREF(obj);
       } else {
-        obj = pool[i].defined() ? THPVariable_Wrap(pool[i]) : (Py_INCREF(Py_None), Py_None);
+        // (a workspace is freed here, without a Python object made for it and dropped)
+        const bool kept = keep_all_ || (i < keep_.size() && keep_[i]);
+        obj = kept && pool[i].defined() ? THPVariable_Wrap(pool[i]) : (Py_INCREF(Py_None), Py_None);
         if (obj == nullptr) throw py::error_already_set();
       }
       PyList_SET_ITEM(out.ptr(), i, obj);
@@ -425,6 +436,8 @@ class Program {
   std::vector<View> views_;
   std::vector<Step> steps_;
   std::vector<int64_t> dirty_;
+  std::vector<bool> keep_;
+  bool keep_all_ = true;
   bool any_native_ = false;
 };
 
@@ -460,8 +473,8 @@ PYBIND11_MODULE(_host, m) {
       "The two tensor classes tensors_key plans for: torch.Tensor and torch.nn.Parameter.");
   m.add_object("tensors_key", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&g_tensors_key_def, nullptr, nullptr)));
   py::class_<Program>(m, "Program")
-      .def(py::init<py::sequence, py::sequence, py::sequence, py::sequence>(), py::arg("allocs"), py::arg("views"),
-           py::arg("steps"), py::arg("dirty") = py::tuple());
+      .def(py::init<py::sequence, py::sequence, py::sequence, py::sequence, py::object>(), py::arg("allocs"),
+           py::arg("views"), py::arg("steps"), py::arg("dirty") = py::tuple(), py::arg("keep") = py::none());
   m.def(
       "bind",
       [](py::object program) {
