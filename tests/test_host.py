@@ -163,6 +163,7 @@ def test_native_launch_packs_parameters_as_tritons_launcher():
     assert _plan._native(_fake_plan(half, [1, 10]), (1, 1, 1), (0,), (1.0,), set()) is None
     assert _plan._native(plan, (7, 2, 1), (0, 1), tail, {0, 1}) is None  # a float where a pointer goes
     assert _plan._native(_fake_plan(None, sig), (7, 2, 1), (0, 1), tail, {1}) is None
+    assert _plan._native(_fake_plan(types, sig, metadata=(4, 1)), (7, 2, 1), (0, 1), tail, {1}) is None
 
 
 def test_program_returns_the_inputs_and_the_places_it_keeps():

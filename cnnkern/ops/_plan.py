@@ -216,10 +216,12 @@ def _native(plan, grid, places, tail, scalar_places):
     a call's float as fp32 | 2: as fp64), ...)). None where Triton's C launcher must launch it:
     launch attributes (clusters, cooperative grid, PDL, oversized shared memory), types it packs
     otherwise (fp16, bf16, descriptors, tuples), or a signature that differs from its own."""
-    types = plan.types
+    types, metadata = plan.types, plan.metadata
     if types is None or len(types) != len(places) + len(tail):
         return None
-    num_warps, num_ctas, shared = plan.metadata
+    if not (type(metadata) is tuple and len(metadata) == 3 and all(type(v) is int for v in metadata)):
+        return None  # (Triton's (num_warps, num_ctas, shared memory), packed otherwise)
+    num_warps, num_ctas, shared = metadata
     _, coop, pdl, _, sig = plan.direct
     if num_ctas != 1 or coop or pdl or shared > 228 * 1024:
         return None
