@@ -137,10 +137,11 @@ def new_workspace(shape, dtype: torch.dtype, device, zero: bool = False) -> torc
     return t
 
 
-def changed_in_place(*tensors: torch.Tensor) -> None:
-    """Bump the version counters of tensors a kernel wrote in place, as PyTorch's in-place ops do
-    (a folded BatchNorm, autograd's saved-tensor check and torch.compile's guards read them), and
-    record it: a replay bumps them too."""
+def changed_in_place(*tensors: torch.Tensor | None) -> None:
+    """Bump the version counters of tensors a kernel wrote in place (None: no tensor), as
+    PyTorch's in-place ops do (a folded BatchNorm, autograd's saved-tensor check and
+    torch.compile's guards read them), and record it: a replay bumps them too."""
+    tensors = tuple(t for t in tensors if t is not None)
     torch._C._increment_version(tensors)
     if RECORD is not None:
         RECORD.add(("dirty", tensors))

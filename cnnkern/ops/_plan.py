@@ -407,14 +407,12 @@ def build(recorded, inputs, outputs):
 
 
 class OpPlan:
-    """A call that needs no autograd: ``plan(*tensors)`` is its output, or None (run the route).
-    ``backend``: the backend its op ran (every cnnkern op's last argument)."""
+    """A call that needs no autograd: ``plan(*tensors)`` is its output, or None (run the route)."""
 
-    __slots__ = ("replay", "out", "outs", "backend")
+    __slots__ = ("replay", "out", "outs")
 
-    def __init__(self, replay: Replay, single: bool, backend: str | None):
+    def __init__(self, replay: Replay, single: bool):
         self.replay, self.out, self.outs = replay, replay.outs[0] if single else None, replay.outs
-        self.backend = backend
 
     def __call__(self, *tensors):
         pool = self.replay(tensors)
@@ -446,8 +444,7 @@ class GradPlan:
     gradients are theirs: autograd is passed no more arguments than it needs, and returns no
     more outputs either: only the differentiable ones (``returns`` picks them from the pool, where
     the op's ``setup_context`` marks others non-differentiable; those come back beside autograd,
-    and ``grads`` puts None in their place for the formula). ``backend``: the backend its op ran
-    (every cnnkern op's last argument)."""
+    and ``grads`` puts None in their place for the formula)."""
 
     __slots__ = (
         "fwd",
@@ -460,7 +457,6 @@ class GradPlan:
         "bwd",
         "present",
         "through",
-        "backend",
         "diff",
         "returns",
         "outs",
@@ -593,7 +589,6 @@ def _grad_plan(recorded, tensors, out):
     plan.grad_of = tuple(arg_of[id(tensors[j])] for j in through)
     plan.bwd = {}
     plan.present = None if full else _pick(present)
-    plan.backend = args[-1]
     plan.returns = plan.diff = plan.outs = None
     non_diff = {id(t) for t in getattr(ctx, "non_differentiable", ())}
     if plan.out is None and non_diff:  # autograd returns only the differentiable outputs
@@ -619,25 +614,23 @@ def _recorded(full):
 
 
 def run_and_plan(key, full, tensors):
-    """``full()`` (the op's route, returning its output: a tensor, a tuple of tensors, or None for
-    work done in place), recorded into a plan for ``key`` when the call may be replayed with
-    ``tensors`` (tensors, None, or the call's float scalars: see :func:`build`). A key that has
-    a plan reaches here only when the plan declined (launch hooks, another current device)."""
+    """``full()`` (the op's route, returning its output: a tensor or a tuple of tensors), recorded
+    into a plan for ``key`` when the call may be replayed with ``tensors`` (tensors, None, or the
+    call's float scalars: see :func:`build`). A key that has a plan reaches here only when the
+    plan declined (launch hooks, another current device)."""
     if key is None or key in PLANS or not _recording_ok():
         return full()
     out, recorded = _recorded(full)
     if recorded is None:
         return out
     single = isinstance(out, _Tensor)
-    if not single and not (out is None or (type(out) is tuple and all(isinstance(t, _Tensor) for t in out))):
+    if not single and not (type(out) is tuple and all(isinstance(t, _Tensor) for t in out)):
         plan = None
     elif torch.is_grad_enabled() and any(isinstance(t, _Tensor) and t.requires_grad for t in tensors):
-        plan = _grad_plan(recorded, tensors, out) if out is not None else None
+        plan = _grad_plan(recorded, tensors, out)
     else:
-        replay = build(recorded, tensors, (out,) if single else out or ())
-        ops = [e for e in recorded if e[0] == "op"]
-        backend = ops[0][2][-1] if len(ops) == 1 else None
-        plan = OpPlan(replay, single, backend) if isinstance(replay, Replay) else replay
+        replay = build(recorded, tensors, (out,) if single else out)
+        plan = OpPlan(replay, single) if isinstance(replay, Replay) else replay
     if plan is not _RETRY:
         _keep(key, plan)
     return out

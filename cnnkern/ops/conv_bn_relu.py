@@ -122,10 +122,7 @@ def update_running_stats(
     else:
         _check_backend(backend)
         _kernels()[1].bn_update_running(running_mean, running_var, mean, var, momentum, unbias, num_batches_tracked)
-    if num_batches_tracked is None:
-        changed_in_place(running_mean, running_var)
-    else:
-        changed_in_place(running_mean, running_var, num_batches_tracked)
+    changed_in_place(running_mean, running_var, num_batches_tracked)
 
 
 @custom_op("cnnkern::bn_update_running_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
