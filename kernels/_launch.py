@@ -49,13 +49,39 @@ def hooks_active() -> bool:
     )
 
 
+def _generated_launcher(run) -> bool:
+    """Whether ``run`` is Triton 3.6's launcher object with its generated C function called as
+    it is (no scratch memory to allocate, no tensor descriptors to expand)."""
+    return (
+        type(run).__name__ == "CudaLauncher"
+        and type(getattr(run, "launch", None)).__name__ == "builtin_function_or_method"
+        and not getattr(run, "global_scratch_size", 1)
+        and not getattr(run, "profile_scratch_size", 1)
+        and hasattr(run, "launch_cooperative_grid")
+        and hasattr(run, "launch_pdl")
+    )
+
+
 class Plan:
     """One compiled kernel with its launch grid and constexpr tail, for one call signature:
     ``plan(args)`` launches it on the current stream with the call's runtime arguments and
     returns True, or returns False, launching nothing, when the current device is not the one
     the kernel was loaded on (then Triton's own path loads it there)."""
 
-    __slots__ = ("run", "direct", "types", "function", "metadata", "grid", "tail", "device", "get_device", "get_stream")
+    __slots__ = (
+        "run",
+        "direct",
+        "types",
+        "flags",
+        "codes",
+        "function",
+        "metadata",
+        "grid",
+        "tail",
+        "device",
+        "get_device",
+        "get_stream",
+    )
 
     def __init__(self, compiled, grid, tail):
         self.run = run = compiled.run  # Triton's launcher (the compiled kernel is loaded by now)
@@ -79,11 +105,21 @@ class Plan:
                 run.arg_annotations,
                 run.kernel_signature,
             )
-        # the type of each parameter ("constexpr" for one compiled in, a specialised 1 among them):
-        # what a replay in C++ needs to pack the arguments itself (cnnkern/ops/_plan.py: native)
+        # What a replay in C++ needs to pack the arguments itself and launch through the driver
+        # (cnnkern/ops/_plan.py: _native), for a launcher whose packing it can repeat: Triton >=
+        # 3.7's C function above, or Triton 3.6's launcher generated for the kernel, where it
+        # needs no scratch memory and takes no tensor descriptors. ``types``: the type of each
+        # parameter ("constexpr" for one compiled in, a specialised 1 among them); ``flags``:
+        # (cooperative grid, PDL); ``codes``: Triton >= 3.7's extractor code of each runtime
+        # parameter (None for Triton 3.6, whose launcher is generated from ``types`` alone).
+        self.flags = self.codes = None
+        if self.direct is not None:
+            self.flags, self.codes = (run.launch_cooperative_grid, run.launch_pdl), run.kernel_signature
+        elif _generated_launcher(run):
+            self.flags = (run.launch_cooperative_grid, run.launch_pdl)
         src = getattr(compiled, "src", None)
         types = tuple(getattr(src, "signature", {}).values())
-        self.types = types if self.direct is not None and all(type(t) is str for t in types) else None
+        self.types = types if self.flags is not None and all(type(t) is str for t in types) else None
         self.function = compiled.function
         self.metadata = compiled.packed_metadata
         self.grid = grid

@@ -125,15 +125,14 @@ def test_program_bumps_the_versions_of_its_dirty_inputs():
 def _fake_plan(types, sig, metadata=(4, 1, 1024), coop=False, pdl=False):
     from types import SimpleNamespace
 
-    return SimpleNamespace(
-        types=types, metadata=metadata, function=0x1234, direct=("launch", coop, pdl, "annotations", bytes(sig))
-    )
+    return SimpleNamespace(types=types, metadata=metadata, function=0x1234, flags=(coop, pdl), codes=sig)
 
 
 def test_native_launch_packs_parameters_as_tritons_launcher():
     """A replayed Triton launch made in C++ gets its parameters packed here as Triton's C launcher
     packs them: 8 bytes a parameter, each scalar in its type's bytes, constexprs left out, the two
     scratch pointers null at the end; the tensors and the call's floats patched in on each run.
+    The same for Triton 3.6's generated launcher (no extractor codes to match).
     (benchmarks/host/check_launches.py compares whole launches with Triton's under the stand-in.)"""
     import struct
 
@@ -155,6 +154,7 @@ def test_native_launch_packs_parameters_as_tritons_launcher():
         bytes(8),  # Triton's scratch pointers
     ]
     assert native == (0x1234, 7, 2, 1, 128, 1024, b"".join(s.ljust(8, b"\0") for s in slots), ((0, 0, 0), (1, 1, 2)))
+    assert _plan._native(_fake_plan(types, None), (7, 2, 1), (0, 1), tail, {1}) == native  # (Triton 3.6)
     # what Triton's launcher must launch itself
     assert _plan._native(_fake_plan(types, sig, metadata=(4, 2, 1024)), (7, 2, 1), (0, 1), tail, {1}) is None
     assert _plan._native(_fake_plan(types, sig, pdl=True), (7, 2, 1), (0, 1), tail, {1}) is None

@@ -20,8 +20,22 @@ from benchmarks import bench_host
 
 LOG: list = []  # the pools of the replays (their buffers kept alive), and the calls of Triton's C launcher
 
-# the bytes of a parameter of each type Triton's C launcher packs (its signature bytes: 1 a pointer)
+# the bytes of a parameter of each type Triton's C launcher packs: by Triton >= 3.7's signature
+# bytes (1 a pointer), and by Triton 3.6's types (its launcher holds each in its C type)
 _SIZES = {1: 8, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 2, 8: 4, 9: 8, 10: 2, 11: 2, 12: 4, 13: 8}
+_TYPE_SIZES = {"i1": 1, "i8": 1, "i16": 2, "i32": 4, "i64": 8, "u1": 1, "u8": 1, "u16": 2, "u32": 4, "u64": 8}
+_TYPE_SIZES.update({"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8})
+
+
+def _param_sizes(plan) -> list | None:
+    """The bytes of each parameter the launcher of ``plan`` (kernels/_launch.py) passes the
+    driver, Triton's two scratch pointers last; None where they are not known."""
+    if plan.codes is not None:
+        return [_SIZES[c] for c in plan.codes] + [8, 8]
+    runtime = [t for t in plan.types or () if t != "constexpr"]
+    if plan.types is None or any(t not in _TYPE_SIZES and not t.startswith("*") for t in runtime):
+        return None
+    return [8 if t.startswith("*") else _TYPE_SIZES[t] for t in runtime] + [8, 8]
 
 
 def _record(real):
@@ -46,13 +60,13 @@ class _Driver:
     def know(self, plans) -> None:
         """Give the driver the parameter sizes of the kernels of ``plans`` (kernels/_launch.py)."""
         for plan in plans:
-            if plan.direct is None or plan.function in self.pointers:
+            sizes = _param_sizes(plan)
+            if sizes is None or plan.function in self.pointers:
                 continue
-            sig = list(plan.direct[4]) + [1, 1]  # (Triton's two scratch pointers)
-            sizes = bytes(_SIZES[t] for t in sig)
-            if self.lib.cnnkern_stub_param_sizes(plan.function, len(sizes), sizes) != 0:
+            if self.lib.cnnkern_stub_param_sizes(plan.function, len(sizes), bytes(sizes)) != 0:
                 raise SystemExit("check_launches: the stand-in driver keeps no more kernels")
-            self.pointers[plan.function] = {i for i, t in enumerate(sig) if t == 1}
+            runtime = [t for t in plan.types if t != "constexpr"] + ["*", "*"]
+            self.pointers[plan.function] = {i for i, t in enumerate(runtime) if t.startswith("*")}
 
     def start(self) -> None:
         self.lib.cnnkern_stub_record(1)
@@ -110,13 +124,30 @@ def _keep_replayed_buffers(lib):
     _plan.Replay.__call__ = replay
 
 
+def _hook(runtime, hook, on: bool) -> None:
+    """Install (``on``) or remove ``hook`` as Triton's launch-enter hook: one of a hook chain in
+    Triton >= 3.7, the hook function in Triton 3.6."""
+    chain = runtime.launch_enter_hook
+    if hasattr(chain, "add"):
+        (chain.add if on else chain.remove)(hook)
+    else:
+        runtime.launch_enter_hook = hook if on else None
+
+
 def main() -> int:
     lib = bench_host._install_stand_in()
     driver = _Driver(lib)
     import triton
 
+    # before any kernel loads: every launcher records its calls (Triton >= 3.7: the C function
+    # every launcher object calls; Triton 3.6: the launcher objects themselves)
     utils = triton.runtime.driver.active.utils
-    utils.launch = _record(utils.launch)  # before any kernel loads: every launcher takes the recorder
+    if hasattr(utils, "launch"):
+        utils.launch = _record(utils.launch)
+    else:
+        from triton.backends.nvidia import driver as nvidia
+
+        nvidia.CudaLauncher.__call__ = _record(nvidia.CudaLauncher.__call__)
     import torch
 
     import cnnkern
@@ -214,16 +245,16 @@ def main() -> int:
             replays = [e for e in LOG if type(e) is dict]  # the warm call's replays
             in_replays = sum(e["launches"] for e in replays)
             through = sum(e["c_launcher"] for e in replays)  # replayed launches through Triton's C launcher
-            triton.knobs.runtime.launch_enter_hook.add(hook)
+            _hook(triton.knobs.runtime, hook, True)
             driver.start()
             call()
             slow = driver.stop()
-            triton.knobs.runtime.launch_enter_hook.remove(hook)
+            _hook(triton.knobs.runtime, hook, False)
             fast_n, slow_n = _norm(fast, inputs, driver.pointers), _norm(slow, inputs, driver.pointers)
-            # the C++ replays launch through the driver themselves where Triton's launcher is its C
-            # function (Triton >= 3.7), the Python ones through that C function
-            direct = all(p.direct is not None for p in _launch.PLANS.values())
-            want = 0 if executor == "C++" and direct else in_replays
+            # the C++ replays launch through the driver themselves where they can repeat Triton's
+            # launcher's packing (kernels/_launch.py: Plan.types), the Python ones through Triton's
+            native = all(p.types is not None for p in _launch.PLANS.values())
+            want = 0 if executor == "C++" and native else in_replays
             ok = fast_n == slow_n and len(fast) > 0 and replays and through == want
             bad += not ok
             print(

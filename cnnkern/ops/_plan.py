@@ -190,8 +190,10 @@ def _storage(t: _Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-# Triton's C launcher (Triton >= 3.7): the extractor of each parameter type, as its signature
-# bytes name them, and the bytes a scalar of the type takes ("*..." pointers: 1, 8 bytes)
+# Triton's C launcher: the extractor of each parameter type, as Triton >= 3.7's signature bytes
+# name it, and the bytes a scalar of the type takes ("*..." pointers: 1, 8 bytes). Triton 3.6's
+# generated launcher holds each parameter in its C type: as many bytes, or fewer (i1 and u1 in one
+# byte, a 0 or 1 in the first of the four packed here).
 _EXTRACTORS = {
     "i1": (4, 4),
     "i8": (2, 1),
@@ -222,7 +224,7 @@ def _native(plan, grid, places, tail, scalar_places):
     if not (type(metadata) is tuple and len(metadata) == 3 and all(type(v) is int for v in metadata)):
         return None  # (Triton's (num_warps, num_ctas, shared memory), packed otherwise)
     num_warps, num_ctas, shared = metadata
-    _, coop, pdl, _, sig = plan.direct
+    coop, pdl = plan.flags
     if num_ctas != 1 or coop or pdl or shared > 228 * 1024:
         return None
     slots, patches, extractors = [], [], []
@@ -257,7 +259,7 @@ def _native(plan, grid, places, tail, scalar_places):
         else:
             return None
         slots.append(b.ljust(8, b"\0"))
-    if extractors != list(sig) or len(slots) > 62:
+    if (plan.codes is not None and extractors != list(plan.codes)) or len(slots) > 62:
         return None
     slots += [bytes(8)] * 2
     return (plan.function, *grid, 32 * num_warps, shared, b"".join(slots), tuple(patches))
@@ -342,7 +344,8 @@ def build(recorded, inputs, outputs):
                 return None
     scalar_places = {index[i] for i in scalars}
     # (0, C launcher, its fixed arguments, tensor places, tail, picker, native launch or None),
-    # (1, launcher object, its fixed arguments, tensor places, tail, picker), (2, op, spec, n_out)
+    # (1, launcher object, its fixed arguments, tensor places, tail, picker, native launch or None),
+    # (2, op, spec, n_out)
     steps = []
     first = None
     for e in work:
@@ -366,7 +369,9 @@ def build(recorded, inputs, outputs):
                 steps.append((0, c_launch, head, tuple(idx), tail, _pick(idx), native))
             else:  # Triton's launcher object
                 head = (*g, plan.function, plan.metadata, None, None, None)
-                steps.append((1, plan.run, head, tuple(idx), tail + plan.tail, _pick(idx)))
+                tail = tail + plan.tail
+                native = _native(plan, g, idx, tail, scalar_places)
+                steps.append((1, plan.run, head, tuple(idx), tail, _pick(idx), native))
         else:
             _, op, args, out = e
             spec = []

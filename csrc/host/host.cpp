@@ -150,7 +150,9 @@ struct View {
 //   kind 2: a CUDA C++ op: fn(*arguments), each a pool tensor or a constant; it returns n_out
 //           tensors, added to the pool.
 // Kinds 0 and 1 hold their fixed arguments in `head` (the stream's place left empty) and take
-// their tensors as device addresses, which Triton's launchers accept as they are.
+// their tensors as device addresses, which Triton's launchers accept as they are; where their
+// parameters were packed for the driver (`launch`), a replay in a current context launches them
+// here instead.
 struct Step {
   int kind = 0;
   py::object fn;
@@ -159,7 +161,7 @@ struct Step {
   py::tuple tail;                // the kernel's other arguments (kinds 0, 1)
   std::vector<std::pair<bool, py::object>> spec;  // kind 2: (is a pool place, place or constant)
   int64_t n_out = 0;
-  bool native = false;  // kind 0: launched here (`launch`) where the driver allows
+  bool native = false;  // kinds 0, 1: launched here (`launch`) where the driver allows
   Native launch;
 };
 
@@ -213,7 +215,7 @@ class Program {
         for (auto h : t[2]) st.head.push_back(py::reinterpret_borrow<py::object>(h));
         st.tensors = int_list(t[3]);
         st.tail = t[4].cast<py::tuple>();
-        if (st.kind == 0 && t.size() > 6 && !t[6].is_none() && Driver::get().launch != nullptr) {
+        if (t.size() > 6 && !t[6].is_none() && Driver::get().launch != nullptr) {
           auto d = t[6].cast<py::tuple>();
           Native& n = st.launch;
           n.function = reinterpret_cast<void*>(d[0].cast<uintptr_t>());
