@@ -27,15 +27,20 @@ _TYPE_SIZES = {"i1": 1, "i8": 1, "i16": 2, "i32": 4, "i64": 8, "u1": 1, "u8": 1,
 _TYPE_SIZES.update({"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8})
 
 
-def _param_sizes(plan) -> list | None:
+def _params(plan) -> tuple[list, set] | None:
     """The bytes of each parameter the launcher of ``plan`` (kernels/_launch.py) passes the
-    driver, Triton's two scratch pointers last; None where they are not known."""
+    driver, Triton's two scratch pointers last, and the places of the pointers among them; None
+    where they are not known."""
     if plan.codes is not None:
-        return [_SIZES[c] for c in plan.codes] + [8, 8]
-    runtime = [t for t in plan.types or () if t != "constexpr"]
-    if plan.types is None or any(t not in _TYPE_SIZES and not t.startswith("*") for t in runtime):
+        codes = [*plan.codes, 1, 1]
+        return [_SIZES[c] for c in codes], {i for i, c in enumerate(codes) if c == 1}
+    if plan.types is None:
         return None
-    return [8 if t.startswith("*") else _TYPE_SIZES[t] for t in runtime] + [8, 8]
+    runtime = [t for t in plan.types if t != "constexpr"] + ["*", "*"]
+    if any(t not in _TYPE_SIZES and not t.startswith("*") for t in runtime):
+        return None
+    sizes = [8 if t.startswith("*") else _TYPE_SIZES[t] for t in runtime]
+    return sizes, {i for i, t in enumerate(runtime) if t.startswith("*")}
 
 
 def _record(real):
@@ -60,13 +65,13 @@ class _Driver:
     def know(self, plans) -> None:
         """Give the driver the parameter sizes of the kernels of ``plans`` (kernels/_launch.py)."""
         for plan in plans:
-            sizes = _param_sizes(plan)
-            if sizes is None or plan.function in self.pointers:
+            params = _params(plan)
+            if params is None or plan.function in self.pointers:
                 continue
+            sizes, pointers = params
             if self.lib.cnnkern_stub_param_sizes(plan.function, len(sizes), bytes(sizes)) != 0:
                 raise SystemExit("check_launches: the stand-in driver keeps no more kernels")
-            runtime = [t for t in plan.types if t != "constexpr"] + ["*", "*"]
-            self.pointers[plan.function] = {i for i, t in enumerate(runtime) if t.startswith("*")}
+            self.pointers[plan.function] = pointers
 
     def start(self) -> None:
         self.lib.cnnkern_stub_record(1)
