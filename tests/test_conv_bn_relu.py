@@ -247,7 +247,9 @@ def test_opcheck(backend):
         (g, out.detach(), y.detach(), mean.detach(), invstd.detach(), gamma.detach(), backend),
     )
     rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
-    torch.library.opcheck(ops.bn_update_running_stats.default, (rm, rv, mean.detach(), var.detach(), 50, 0.1, backend))
+    torch.library.opcheck(
+        ops.bn_update_running_stats.default, (rm, rv, mean.detach(), var.detach(), 50, 0.1, backend, None)
+    )
     tracked = torch.tensor(3, device=DEVICE)
     stats = (rm, rv, mean.detach(), var.detach(), 50, 0.1, backend, tracked)
     torch.library.opcheck(ops.bn_update_running_stats.default, stats)

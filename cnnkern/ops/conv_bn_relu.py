@@ -134,8 +134,11 @@ def bn_update_running_stats(
     count: int,
     momentum: float,
     backend: str,
-    num_batches_tracked: torch.Tensor | None = None,
+    num_batches_tracked: torch.Tensor | None,
 ) -> None:
+    # (``num_batches_tracked`` has no default: torch 2.11's version bump of a custom op's mutated
+    # arguments indexes every one of them in the call's arguments, from which the dispatcher drops
+    # a trailing argument equal to its default)
     record_miss(again=False)  # a route's plan would keep this momentum: the route that calls the op is not planned
     update_running_stats(
         running_mean, running_var, mean, var, momentum, count / (count - 1), backend, num_batches_tracked
@@ -143,7 +146,7 @@ def bn_update_running_stats(
 
 
 @bn_update_running_stats.register_fake
-def _(running_mean, running_var, mean, var, count, momentum, backend, num_batches_tracked=None):
+def _(running_mean, running_var, mean, var, count, momentum, backend, num_batches_tracked):
     return None
 
 
