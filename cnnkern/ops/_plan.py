@@ -361,16 +361,14 @@ def build(recorded, inputs, outputs):
                 return None
             first = first or plan
             g = (grid[0], grid[1], grid[2])
+            tail = tail + plan.tail
+            native = _native(plan, g, idx, tail, scalar_places)
             if plan.direct is not None:  # Triton's C launcher itself (kernels/_launch.py: Plan.direct)
                 c_launch, coop, pdl, ann, sig = plan.direct
                 head = (*g, plan.function, coop, pdl, plan.metadata, None, None, None, None, None, ann, sig)
-                tail = tail + plan.tail
-                native = _native(plan, g, idx, tail, scalar_places)
                 steps.append((0, c_launch, head, tuple(idx), tail, _pick(idx), native))
             else:  # Triton's launcher object
                 head = (*g, plan.function, plan.metadata, None, None, None)
-                tail = tail + plan.tail
-                native = _native(plan, g, idx, tail, scalar_places)
                 steps.append((1, plan.run, head, tuple(idx), tail, _pick(idx), native))
         else:
             _, op, args, out = e
